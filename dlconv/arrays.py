@@ -1,0 +1,88 @@
+"""Where an array lives, and the checks every array passes before any kernel launch.
+
+Policy (the same for every backend):
+
+* dtype: float32 only.  float64, float16 and integer arrays are **rejected** with a
+  TypeError rather than converted: a silent cast would hide a copy (and, for float16,
+  a precision change) from the caller.  Convert with ``x.astype(np.float32)``.
+* layout: C-contiguous only.  A strided view is rejected with a ValueError (use
+  ``np.ascontiguousarray``); the kernels index the flat buffer directly.
+* host arrays: ``numpy.ndarray`` or anything ``np.asarray`` turns into one without a
+  copy of a different dtype (e.g. a TensorFlow CPU tensor).
+* device arrays: Numba device arrays, anything with ``__cuda_array_interface__``, or a
+  CUDA ``__dlpack__`` capsule (torch, CuPy).  They stay on the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: DLPack device types that are CUDA memory (kDLCUDA, kDLCUDAHost, kDLCUDAManaged).
+_DLPACK_CUDA = (2, 3, 13)
+
+
+def is_cuda_array(a) -> bool:
+    """True for objects living in CUDA memory (no import of numba or torch needed)."""
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    dev = getattr(a, "__dlpack_device__", None)
+    if dev is not None and not isinstance(a, np.ndarray):
+        try:
+            return int(dev()[0]) in _DLPACK_CUDA
+        except Exception:  # a broken __dlpack_device__ is simply "not CUDA"
+            return False
+    return False
+
+
+def _check(name: str, shape, dtype, contiguous: bool, rank=None):
+    if rank is not None and len(shape) != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(shape)}")
+    if np.dtype(dtype) != np.float32:
+        raise TypeError(f"{name} must be float32, got {np.dtype(dtype)} "
+                        f"(dlconv does not convert silently; use {name}.astype(np.float32))")
+    if not contiguous:
+        raise ValueError(f"{name} must be C-contiguous (got a strided view of shape "
+                         f"{tuple(shape)}); use np.ascontiguousarray({name})")
+
+
+def host_array(a, name: str, rank=None) -> np.ndarray:
+    """Validate a host array → the same buffer as a float32 C-contiguous ndarray."""
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if not isinstance(a, np.ndarray):
+        if not hasattr(a, "__array__") and not hasattr(a, "__array_interface__"):
+            raise TypeError(f"{name} must be a NumPy array or array-like, got {type(a).__name__}")
+        a = np.asarray(a)
+    _check(name, a.shape, a.dtype, a.flags.c_contiguous, rank)
+    return a
+
+
+def device_array(a, name: str, rank=None):
+    """Validate a CUDA array → a Numba device array viewing the same memory (no copy)."""
+    from numba import cuda
+
+    if not cuda.is_cuda_array(a):
+        if hasattr(a, "__dlpack__"):
+            a = cuda.from_dlpack(a) if hasattr(cuda, "from_dlpack") else _from_dlpack(a)
+        else:
+            raise TypeError(f"{name} is not a CUDA array")
+    else:
+        a = cuda.as_cuda_array(a)
+    _check(name, a.shape, a.dtype, a.is_c_contiguous(), rank)
+    return a
+
+
+def _from_dlpack(a):  # pragma: no cover - only reached with a DLPack-only CUDA object
+    raise TypeError("this numba-cuda version cannot import DLPack; pass an object with "
+                    "__cuda_array_interface__ (torch and CuPy tensors have it)")
+
+
+def same_place(named) -> bool:
+    """True if all given (name, array) pairs are on the device; ValueError if mixed."""
+    where = {name: is_cuda_array(a) for name, a in named if a is not None}
+    if len(set(where.values())) > 1:
+        dev = [n for n, d in where.items() if d]
+        host = [n for n, d in where.items() if not d]
+        raise ValueError(f"arrays must all be on the host or all on a CUDA device: "
+                         f"{', '.join(dev)} on the device, {', '.join(host)} on the host")
+    return any(where.values())

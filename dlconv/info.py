@@ -1,0 +1,122 @@
+"""What this installation has: versions, compiled extensions, GPUs, usable backends.
+
+``dlconv info`` prints it; :func:`info` returns it as a dict.  Nothing here raises
+because an optional piece is missing: a missing piece is reported with the reason.
+TensorFlow's and Keras' versions are read from package metadata, so this does not
+import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+from importlib import metadata
+
+PACKAGES = ("tensorflow", "keras", "numba", "numba-cuda", "numpy", "pybind11")
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _extension(name: str) -> dict:
+    try:
+        mod = importlib.import_module(name)
+    except ImportError as exc:
+        return {"built": False, "why": str(exc)}
+    out = {"built": True, "file": getattr(mod, "__file__", "?")}
+    build_info = getattr(mod, "build_info", None)
+    if build_info is not None:
+        out.update(build_info())
+    return out
+
+
+def _numba_gpus() -> dict:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return {"available": True, "simulator": True, "gpus": ["CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"]}
+    try:
+        from numba import cuda
+    except Exception as exc:
+        return {"available": False, "why": f"numba.cuda does not import: {exc}", "gpus": []}
+    try:
+        if not cuda.is_available():
+            return {"available": False, "why": "no CUDA driver or GPU visible to Numba", "gpus": []}
+        gpus = []
+        for d in cuda.list_devices():
+            name = d.name.decode() if isinstance(d.name, bytes) else str(d.name)
+            gpus.append(f"{d.id}: {name} (cc {d.compute_capability[0]}.{d.compute_capability[1]})")
+        return {"available": True, "gpus": gpus}
+    except Exception as exc:
+        return {"available": False, "why": str(exc), "gpus": []}
+
+
+def info() -> dict:
+    """Everything ``dlconv info`` prints, as a JSON-serialisable dict."""
+    from . import __version__, backends
+
+    cuda_ext = _extension("dlconv._C_cuda")
+    if cuda_ext.get("built"):
+        try:
+            from dlconv import _C_cuda
+            cuda_ext["gpus"] = _C_cuda.devices()
+        except Exception as exc:
+            cuda_ext["gpus_error"] = str(exc)
+    avail = backends.available()
+    return {
+        "dlconv": __version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "versions": {p: _version(p) for p in PACKAGES},
+        "extensions": {"dlconv._C": _extension("dlconv._C"), "dlconv._C_cuda": cuda_ext},
+        "numba_cuda": _numba_gpus(),
+        "backends": {name: {"cpu": {"usable": a["cpu"][0], "why": a["cpu"][1]},
+                            "cuda": {"usable": a["cuda"][0], "why": a["cuda"][1]},
+                            "variants": a.get("variants", []),
+                            "cuda_variants": a.get("cuda_variants", [])}
+                     for name, a in avail.items()},
+    }
+
+
+def format_info(d: dict) -> str:
+    lines = [f"dlconv {d['dlconv']} on Python {d['python']} ({d['machine']})", "", "versions:"]
+    lines += [f"  {k:<11} {v}" for k, v in d["versions"].items()]
+    lines += ["", "compiled extensions:"]
+    for name, e in d["extensions"].items():
+        if not e.get("built"):
+            lines.append(f"  {name:<15} not built: {e.get('why')}")
+            continue
+        extra = {k: v for k, v in e.items() if k not in ("built", "file", "gpus", "gpus_error")}
+        lines.append(f"  {name:<15} built  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
+        if "gpus" in e:
+            gpus = e["gpus"]
+            lines.append(f"  {'':<15} GPUs seen: " + (", ".join(map(str, gpus)) if gpus else "none"))
+        if "gpus_error" in e:
+            lines.append(f"  {'':<15} GPUs seen: none ({e['gpus_error']})")
+    nc = d["numba_cuda"]
+    lines += ["", "GPUs seen by Numba: " + (", ".join(nc["gpus"]) if nc["gpus"] else f"none ({nc.get('why')})")]
+    lines += ["", "backends:"]
+    for name, b in d["backends"].items():
+        for side in ("cpu", "cuda"):
+            s = b[side]
+            mark = "yes" if s["usable"] else "no "
+            lines.append(f"  {name:<10} {side:<5} {mark}  {s['why']}")
+        if b["variants"]:
+            lines.append(f"  {'':<10} conv variants (CPU): {', '.join(b['variants'])}")
+        if b["cuda_variants"] and b["cuda"]["usable"]:
+            lines.append(f"  {'':<10} conv variants (CUDA): {', '.join(b['cuda_variants'])}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args) -> int:
+    d = info()
+    print(json.dumps(d, indent=2) if args.json else format_info(d))
+    return 0

@@ -1,0 +1,199 @@
+"""The framework-free op API: ``conv2d``, ``dense`` and their backward passes.
+
+No TensorFlow on this path.  Each function
+
+1. checks its arrays (:mod:`dlconv.arrays`: float32, C-contiguous, rank, where they live),
+2. resolves the geometry ONCE with :mod:`dlconv.shapes` (or takes a ``geometry=`` the
+   caller resolved already) and checks every shape against it,
+3. hands both to a backend from :mod:`dlconv.backends`, which picks its CUDA kernels for
+   CUDA arrays and its CPU kernels for NumPy arrays.
+
+NumPy in → NumPy out.  CUDA arrays in (Numba device arrays, or any object with
+``__cuda_array_interface__`` or a CUDA ``__dlpack__``, e.g. torch or CuPy tensors) →
+Numba device array out, with no host round trip; ``stream=`` (a Numba stream) launches on
+the caller's stream.  An empty batch returns an empty result of the right shape without
+launching anything.
+
+Backward functions (used by :mod:`dlconv.layers`, usable directly):
+
+``conv2d_backward_data(dy, w, x_shape, ...)``   → dL/dx
+``conv2d_backward_filter(x, dy, w_shape, ...)`` → (dL/dw, dL/db)
+``dense_backward(x, w, dy, y, activation)``     → (dL/dx, dL/dw, dL/db)
+``activation_backward(dy, y, activation)``      → dL/dz (from the activation's output y)
+
+The conv backward functions take the gradient with respect to the convolution's *linear*
+output z; apply :func:`activation_backward` first when the forward fused an activation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from . import activations as _act
+from . import arrays as _arr
+from . import backends as _backends
+from .shapes import ConvGeometry, conv_geometry, dense_geometry
+
+__all__ = ["conv2d", "conv2d_backward_data", "conv2d_backward_filter", "dense", "dense_backward",
+           "softmax", "activation_backward", "DEFAULT_BACKEND"]
+
+DEFAULT_BACKEND = "numba"
+
+
+def _resolve_backend(backend, on_device: bool):
+    if backend is None or backend == "auto":
+        return _backends.auto(on_device)
+    b = _backends.get(backend)
+    b.require(on_device)
+    return b
+
+
+def _prepare(named, ranks):
+    """Validate every (name, array) pair; → (on_device, list of arrays)."""
+    on_device = _arr.same_place(named)
+    conv = _arr.device_array if on_device else _arr.host_array
+    out = [None if a is None else conv(a, name, rank=ranks[name]) for name, a in named]
+    return on_device, out
+
+
+def _check_shape(name, arr, expected):
+    if tuple(arr.shape) != tuple(expected):
+        raise ValueError(f"{name} has shape {tuple(arr.shape)}, expected {tuple(expected)}")
+
+
+def _empty(shape, on_device, stream=None):
+    if on_device:
+        from numba import cuda
+        return cuda.device_array(shape, dtype=np.float32, stream=stream or 0)
+    return np.zeros(shape, np.float32)
+
+
+def _geometry(geometry: Optional[ConvGeometry], x_shape, w_shape, strides, padding, dilation):
+    if geometry is None:
+        return conv_geometry(x_shape, w_shape, strides, padding, dilation)
+    if not isinstance(geometry, ConvGeometry):
+        raise TypeError(f"geometry must be a dlconv.shapes.ConvGeometry, got {type(geometry).__name__}")
+    if x_shape is not None and tuple(x_shape) != geometry.x_shape:
+        raise ValueError(f"x has shape {tuple(x_shape)} but geometry expects {geometry.x_shape}")
+    if tuple(w_shape) != geometry.w_shape:
+        raise ValueError(f"w has shape {tuple(w_shape)} but geometry expects {geometry.w_shape}")
+    return geometry
+
+
+# ----------------------------------------------------------------------------- conv2d
+def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None,
+           backend=DEFAULT_BACKEND, variant=None, stream=None, geometry=None):
+    """``y = act(conv2d(x, w) + b)`` with x NHWC, w HWIO, b of length filters.
+
+    ``padding``: ``"valid"``, ``"same"`` (TensorFlow's rule), an int, ``(pad_h, pad_w)`` or
+    ``((top, bottom), (left, right))``.  ``activation``: None/"linear", "relu", "sigmoid",
+    "tanh".  ``variant``: a kernel variant name of the backend (see
+    ``dlconv.backends.available()``); None picks the backend's best.
+    """
+    act = _act.normalize(activation, allow_softmax=False)
+    on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 4, "w": 4, "b": 1})
+    g = _geometry(geometry, x.shape, w.shape, strides, padding, dilation)
+    if b is not None:
+        _check_shape("b", b, (g.filters,))
+    be = _resolve_backend(backend, on_device)
+    if variant is not None and variant not in be.conv_variants(on_device):
+        raise ValueError(f"variant must be one of {tuple(be.conv_variants(on_device))} for backend "
+                         f"{be.name!r}, got {variant!r}")
+    if g.batch == 0:
+        return _empty(g.y_shape, on_device, stream)
+    return be.conv2d_forward(x, w, b, g, act, on_device=on_device, variant=variant, stream=stream)
+
+
+def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
+                         backend=DEFAULT_BACKEND, stream=None, geometry=None):
+    """dL/dx (shape ``x_shape``) from dL/dz (the conv's linear output) and the weights."""
+    on_device, (dy, w) = _prepare((("dy", dy), ("w", w)), {"dy": 4, "w": 4})
+    g = _geometry(geometry, x_shape, w.shape, strides, padding, dilation)
+    _check_shape("dy", dy, g.y_shape)
+    be = _resolve_backend(backend, on_device)
+    if g.batch == 0:
+        return _empty(g.x_shape, on_device, stream)
+    return be.conv2d_backward_data(dy, w, g, on_device=on_device, stream=stream)
+
+
+def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=1,
+                           backend=DEFAULT_BACKEND, stream=None, geometry=None):
+    """(dL/dw with shape ``w_shape``, dL/db of length filters) from x and dL/dz."""
+    on_device, (x, dy) = _prepare((("x", x), ("dy", dy)), {"x": 4, "dy": 4})
+    g = _geometry(geometry, x.shape, w_shape, strides, padding, dilation)
+    _check_shape("dy", dy, g.y_shape)
+    be = _resolve_backend(backend, on_device)
+    if g.batch == 0:
+        if on_device:
+            from numba import cuda
+            return (cuda.to_device(np.zeros(g.w_shape, np.float32), stream=stream or 0),
+                    cuda.to_device(np.zeros(g.filters, np.float32), stream=stream or 0))
+        return np.zeros(g.w_shape, np.float32), np.zeros(g.filters, np.float32)
+    return be.conv2d_backward_filter(x, dy, g, on_device=on_device, stream=stream)
+
+
+# ----------------------------------------------------------------------------- dense
+def dense(x, w, b=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
+    """``y = act(x @ w + b)`` with x (batch, in), w (in, out); activation may be "softmax"."""
+    act = _act.normalize(activation)
+    on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 2, "w": 2, "b": 1})
+    g = dense_geometry(x.shape, w.shape)
+    if b is not None:
+        _check_shape("b", b, (g.out_features,))
+    be = _resolve_backend(backend, on_device)
+    if g.batch == 0:
+        return _empty(g.y_shape, on_device, stream)
+    if act == "softmax":
+        z = be.dense_forward(x, w, b, "linear", on_device=on_device, stream=stream)
+        return be.softmax(z, on_device=on_device, stream=stream)
+    return be.dense_forward(x, w, b, act, on_device=on_device, stream=stream)
+
+
+def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
+    """(dL/dx, dL/dw, dL/db) of ``y = act(x @ w + b)``; ``y`` (the forward output) is
+    needed for any activation other than linear."""
+    act = _act.normalize(activation)
+    named = (("x", x), ("w", w), ("dy", dy), ("y", y))
+    on_device, (x, w, dy, y) = _prepare(named, {"x": 2, "w": 2, "dy": 2, "y": 2})
+    g = dense_geometry(x.shape, w.shape)
+    _check_shape("dy", dy, g.y_shape)
+    if act != "linear":
+        if y is None:
+            raise ValueError(f"dense_backward needs y (the forward output) for activation {act!r}")
+        _check_shape("y", y, g.y_shape)
+    be = _resolve_backend(backend, on_device)
+    if g.batch == 0:
+        zeros = [_empty(s, on_device, stream) for s in (g.x_shape, g.w_shape, (g.out_features,))]
+        if on_device:
+            from numba import cuda
+            zeros[1] = cuda.to_device(np.zeros(g.w_shape, np.float32), stream=stream or 0)
+            zeros[2] = cuda.to_device(np.zeros(g.out_features, np.float32), stream=stream or 0)
+        return tuple(zeros)
+    if act == "softmax":
+        dy = be.activation_backward(dy, y, "softmax", on_device=on_device, stream=stream)
+        act = "linear"
+    return be.dense_backward(x, w, dy, y, act, on_device=on_device, stream=stream)
+
+
+def softmax(z, backend=DEFAULT_BACKEND, stream=None):
+    """Row-wise softmax of a (batch, classes) array."""
+    on_device, (z,) = _prepare((("z", z),), {"z": 2})
+    be = _resolve_backend(backend, on_device)
+    if z.shape[0] == 0:
+        return _empty(z.shape, on_device, stream)
+    return be.softmax(z, on_device=on_device, stream=stream)
+
+
+def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None):
+    """dL/dz from dL/dy and the activation's output y (same shapes; softmax row-wise)."""
+    act = _act.normalize(activation)
+    on_device, (dy, y) = _prepare((("dy", dy), ("y", y)), {"dy": None, "y": None})
+    _check_shape("y", y, dy.shape)
+    if act == "softmax" and len(dy.shape) != 2:
+        raise ValueError(f"softmax backward needs rank-2 arrays, got shape {tuple(dy.shape)}")
+    be = _resolve_backend(backend, on_device)
+    if dy.size == 0:
+        return _empty(dy.shape, on_device, stream)
+    return be.activation_backward(dy, y, act, on_device=on_device, stream=stream)

@@ -1,0 +1,123 @@
+"""The NumPy reference: short, obviously correct, and the oracle for every test.
+
+Read this first.  Each function states the sum it computes in the index notation the
+kernels use (NHWC activations, HWIO weights, geometry ``g`` from :mod:`dlconv.shapes`)::
+
+    y[n, oh, ow, k] = act( b[k] + sum_{kh, kw, c} x[n, ih, iw, c] * w[kh, kw, c, k] )
+    ih = oh * stride_h - pad_top  + kh * dil_h
+    iw = ow * stride_w - pad_left + kw * dil_w      (terms with ih, iw outside x are zero)
+
+The loops run over the kernel taps (kh, kw) only; each tap is one strided slice of the
+zero-padded input and one matrix product, so the code stays short and exact.
+All arithmetic is float64 inside and returns float32, so the oracle is more accurate
+than the kernels it judges.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .shapes import ConvGeometry
+
+__all__ = ["activate", "activation_backward", "conv2d_forward", "conv2d_backward_data",
+           "conv2d_backward_filter", "dense_forward", "dense_backward", "softmax"]
+
+
+def activate(z: np.ndarray, activation: str) -> np.ndarray:
+    if activation == "linear":
+        return z
+    if activation == "relu":
+        return np.maximum(z, 0)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-z))
+    if activation == "tanh":
+        return np.tanh(z)
+    if activation == "softmax":
+        return softmax(z)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activation_backward(dy: np.ndarray, y: np.ndarray, activation: str) -> np.ndarray:
+    """dL/dz from dL/dy and the activation's output y (see :mod:`dlconv.activations`)."""
+    dy = dy.astype(np.float64)
+    y = y.astype(np.float64)
+    if activation == "linear":
+        return dy
+    if activation == "relu":
+        return dy * (y > 0)
+    if activation == "sigmoid":
+        return dy * y * (1 - y)
+    if activation == "tanh":
+        return dy * (1 - y * y)
+    if activation == "softmax":
+        return y * (dy - np.sum(dy * y, axis=-1, keepdims=True))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _pad(x: np.ndarray, g: ConvGeometry) -> np.ndarray:
+    return np.pad(x, ((0, 0), (g.pad_top, g.pad_bottom), (g.pad_left, g.pad_right), (0, 0)))
+
+
+def _tap(xp: np.ndarray, g: ConvGeometry, kh: int, kw: int) -> np.ndarray:
+    """The input pixels tap (kh, kw) meets, one per output pixel: shape (N, OH, OW, C)."""
+    h0, w0 = kh * g.dil_h, kw * g.dil_w
+    return xp[:, h0:h0 + (g.out_h - 1) * g.stride_h + 1:g.stride_h,
+              w0:w0 + (g.out_w - 1) * g.stride_w + 1:g.stride_w, :]
+
+
+def conv2d_forward(x, w, b, g: ConvGeometry, activation: str = "linear") -> np.ndarray:
+    xp = _pad(np.asarray(x, np.float64), g)
+    w = np.asarray(w, np.float64)
+    z = np.zeros(g.y_shape, np.float64)
+    for kh in range(g.k_h):
+        for kw in range(g.k_w):
+            z += _tap(xp, g, kh, kw) @ w[kh, kw]          # (N,OH,OW,C) @ (C,K)
+    if b is not None:
+        z += np.asarray(b, np.float64)
+    return activate(z, activation).astype(np.float32)
+
+
+def conv2d_backward_data(dy, w, g: ConvGeometry) -> np.ndarray:
+    """dL/dx: every output gradient flows back to the inputs its window read (x's shape)."""
+    dy = np.asarray(dy, np.float64)
+    w = np.asarray(w, np.float64)
+    dxp = np.zeros((g.batch, g.in_h + g.pad_top + g.pad_bottom,
+                    g.in_w + g.pad_left + g.pad_right, g.in_c), np.float64)
+    for kh in range(g.k_h):
+        for kw in range(g.k_w):
+            _tap(dxp, g, kh, kw)[...] += dy @ w[kh, kw].T  # a view: adds in place
+    return dxp[:, g.pad_top:g.pad_top + g.in_h, g.pad_left:g.pad_left + g.in_w, :].astype(np.float32)
+
+
+def conv2d_backward_filter(x, dy, g: ConvGeometry):
+    """(dL/dw in HWIO, dL/db of length filters)."""
+    xp = _pad(np.asarray(x, np.float64), g)
+    dy = np.asarray(dy, np.float64)
+    dw = np.zeros(g.w_shape, np.float64)
+    for kh in range(g.k_h):
+        for kw in range(g.k_w):
+            dw[kh, kw] = np.einsum("nhwc,nhwk->ck", _tap(xp, g, kh, kw), dy)
+    db = dy.sum(axis=(0, 1, 2))
+    return dw.astype(np.float32), db.astype(np.float32)
+
+
+def dense_forward(x, w, b, activation: str = "linear") -> np.ndarray:
+    z = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    if b is not None:
+        z = z + np.asarray(b, np.float64)
+    return activate(z, activation).astype(np.float32)
+
+
+def dense_backward(x, w, dy, y, activation: str = "linear"):
+    """(dx, dw, db) given the upstream gradient dy and the forward output y."""
+    dz = activation_backward(dy, y, activation)
+    x = np.asarray(x, np.float64)
+    w = np.asarray(w, np.float64)
+    return ((dz @ w.T).astype(np.float32), (x.T @ dz).astype(np.float32),
+            dz.sum(axis=0).astype(np.float32))

@@ -1,0 +1,361 @@
+"""Index arithmetic for 2-D convolution and dense layers: the single source of truth.
+
+Everything that needs an output size, a padding split or a parameter count asks this
+module: the kernels (Numba and C++), the Keras layers, ``dlconv explain`` and the
+benchmarks.  Nothing downstream re-derives a pad or a size.
+
+The workshop's formula, for one spatial axis::
+
+    W0 = (W1 - N + 2P) / S + 1
+
+with input size W1, kernel size N, padding P on each side and stride S.  The general
+form used here allows a different pad before and after, and a dilation D, which
+spreads the kernel taps D apart so that the kernel covers an *effective* size::
+
+    N_eff = (N - 1) * D + 1
+    W0    = floor((W1 + P_before + P_after - N_eff) / S) + 1
+
+Padding modes
+-------------
+``"valid"``   no padding.
+``"same"``    TensorFlow's rule: ``W0 = ceil(W1 / S)``;
+              ``P_total = max((W0 - 1) * S + N_eff - W1, 0)``;
+              ``P_before = P_total // 2`` and the odd extra row/column goes
+              *after* (bottom/right).
+int ``p``     ``p`` on every side.
+``(a, b)``    for 2-D: ``a`` rows top and bottom, ``b`` columns left and right.
+``((t, b), (l, r))``  explicit, possibly asymmetric, pads per side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Sequence, Tuple, Union
+
+__all__ = [
+    "ConvGeometry",
+    "DenseGeometry",
+    "conv_output_size",
+    "resolve_axis",
+    "conv_geometry",
+    "dense_geometry",
+    "conv_param_count",
+    "dense_param_count",
+    "normalize_pair",
+    "normalize_padding",
+    "effective_kernel_size",
+]
+
+PaddingSpec = Union[str, int, Sequence]
+
+#: Largest value a signed 32-bit flat index can hold.  Kernels index with 64-bit
+#: integers; the geometry reports whether a tensor would overflow int32 so that
+#: a backend that cannot cope refuses clearly.
+INT32_MAX = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------- helpers
+def _check_int(name: str, value, minimum: int) -> int:
+    """Return ``value`` as a Python int, or raise ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        # Accept integral floats such as 3.0?  No: a float kernel size is a bug upstream.
+        raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def normalize_pair(name: str, value, minimum: int = 1) -> Tuple[int, int]:
+    """An int or a pair of ints → (height, width), each checked to be >= ``minimum``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair (height, width), got {value!r}")
+        return (_check_int(f"{name}[0] (height)", value[0], minimum),
+                _check_int(f"{name}[1] (width)", value[1], minimum))
+    v = _check_int(name, value, minimum)
+    return (v, v)
+
+
+def effective_kernel_size(kernel_size: int, dilation: int = 1) -> int:
+    """Extent covered by a dilated kernel: ``(N - 1) * D + 1``."""
+    return (kernel_size - 1) * dilation + 1
+
+
+def normalize_padding(padding) -> Union[str, Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """Padding in any accepted form → ``"valid"``, ``"same"`` or ``((top, bottom), (left, right))``.
+
+    Also accepts TensorFlow's explicit form ``[[0, 0], [t, b], [l, r], [0, 0]]`` (NHWC).
+    """
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode not in ("valid", "same"):
+            raise ValueError(f"padding must be 'valid', 'same', an int or explicit pads, got {padding!r}")
+        return mode
+    if isinstance(padding, (list, tuple)):
+        items = list(padding)
+        if len(items) == 4 and all(isinstance(p, (list, tuple)) for p in items):
+            # TensorFlow explicit NHWC form; batch and channel pads must be zero.
+            if tuple(items[0]) != (0, 0) or tuple(items[3]) != (0, 0):
+                raise ValueError(f"padding: batch and channel pads must be (0, 0), got {padding!r}")
+            items = items[1:3]
+        if len(items) == 2 and all(isinstance(p, (list, tuple)) for p in items):
+            (t, b), (l, r) = items  # noqa: E741
+            return ((_check_int("padding top", t, 0), _check_int("padding bottom", b, 0)),
+                    (_check_int("padding left", l, 0), _check_int("padding right", r, 0)))
+        if len(items) == 2:
+            ph = _check_int("padding[0] (height)", items[0], 0)
+            pw = _check_int("padding[1] (width)", items[1], 0)
+            return ((ph, ph), (pw, pw))
+        raise ValueError(
+            "padding must be 'valid', 'same', an int, (pad_h, pad_w), "
+            f"((top, bottom), (left, right)) or TensorFlow's 4x2 form, got {padding!r}")
+    p = _check_int("padding", padding, 0)
+    return ((p, p), (p, p))
+
+
+def resolve_axis(in_size: int, kernel_size: int, stride: int, dilation: int,
+                 padding, axis: str = "") -> Tuple[int, int, int]:
+    """Resolve one spatial axis → ``(pad_before, pad_after, out_size)``.
+
+    ``padding`` is ``"valid"``, ``"same"``, an int (both sides) or a (before, after) pair.
+    Raises ValueError for impossible geometry, naming the parameter and the numbers.
+    """
+    sfx = f" ({axis})" if axis else ""
+    in_size = _check_int("input size" + sfx, in_size, 1)
+    kernel_size = _check_int("kernel_size" + sfx, kernel_size, 1)
+    stride = _check_int("stride" + sfx, stride, 1)
+    dilation = _check_int("dilation" + sfx, dilation, 1)
+    k_eff = effective_kernel_size(kernel_size, dilation)
+    if isinstance(padding, str):
+        mode = padding.lower()
+        if mode == "valid":
+            before = after = 0
+        elif mode == "same":
+            out = -(-in_size // stride)  # ceil(in / stride)
+            total = max((out - 1) * stride + k_eff - in_size, 0)
+            before = total // 2
+            after = total - before
+        else:
+            raise ValueError(f"padding must be 'valid' or 'same' (or explicit pads), got {padding!r}")
+    elif isinstance(padding, (list, tuple)):
+        if len(padding) != 2:
+            raise ValueError(f"padding{sfx} must be (before, after), got {padding!r}")
+        before = _check_int("padding before" + sfx, padding[0], 0)
+        after = _check_int("padding after" + sfx, padding[1], 0)
+    else:
+        before = after = _check_int("padding" + sfx, padding, 0)
+    padded = in_size + before + after
+    if k_eff > padded:
+        what = f"kernel_size{sfx}={kernel_size}"
+        if dilation > 1:
+            what += f" with dilation {dilation} (effective size {k_eff})"
+        raise ValueError(
+            f"{what} is larger than the padded input{sfx}: {in_size} + {before} + {after} = {padded}")
+    out = (padded - k_eff) // stride + 1
+    return before, after, out
+
+
+def conv_output_size(in_size: int, kernel_size: int, stride: int = 1, padding=0,
+                     dilation: int = 1) -> int:
+    """Output size along one axis: ``floor((W1 + P_before + P_after - N_eff) / S) + 1``.
+
+    ``padding``: ``"valid"``, ``"same"`` (TensorFlow's rule), an int (each side) or a
+    ``(before, after)`` pair.
+
+    >>> conv_output_size(28, 3)            # MNIST conv1
+    26
+    >>> conv_output_size(5, 3, stride=2, padding=1)
+    3
+    >>> conv_output_size(7, 3, stride=2, padding="same")
+    4
+    """
+    return resolve_axis(in_size, kernel_size, stride, dilation, padding)[2]
+
+
+# ----------------------------------------------------------------------------- records
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    """The resolved geometry of one 2-D convolution (NHWC activations, HWIO weights).
+
+    Every kernel launcher receives this record; its fields are plain ints so that the
+    C++ side can copy them into a struct of the same name and order
+    (see ``csrc/geometry.h``).
+    """
+
+    batch: int
+    in_h: int
+    in_w: int
+    in_c: int
+    filters: int
+    k_h: int
+    k_w: int
+    stride_h: int
+    stride_w: int
+    dil_h: int
+    dil_w: int
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    out_h: int
+    out_w: int
+
+    # Field order shared with C++ (csrc/geometry.h) and Numba launchers.
+    FIELDS = ("batch", "in_h", "in_w", "in_c", "filters", "k_h", "k_w", "stride_h", "stride_w",
+              "dil_h", "dil_w", "pad_top", "pad_bottom", "pad_left", "pad_right", "out_h", "out_w")
+
+    def as_tuple(self) -> Tuple[int, ...]:
+        """All fields as a tuple of ints in :attr:`FIELDS` order."""
+        return tuple(getattr(self, f) for f in self.FIELDS)
+
+    @property
+    def x_shape(self) -> Tuple[int, int, int, int]:
+        return (self.batch, self.in_h, self.in_w, self.in_c)
+
+    @property
+    def w_shape(self) -> Tuple[int, int, int, int]:
+        return (self.k_h, self.k_w, self.in_c, self.filters)
+
+    @property
+    def y_shape(self) -> Tuple[int, int, int, int]:
+        return (self.batch, self.out_h, self.out_w, self.filters)
+
+    @property
+    def k_h_eff(self) -> int:
+        return effective_kernel_size(self.k_h, self.dil_h)
+
+    @property
+    def k_w_eff(self) -> int:
+        return effective_kernel_size(self.k_w, self.dil_w)
+
+    @property
+    def gemm_k(self) -> int:
+        """Reduction length of the implicit GEMM: ``k_h * k_w * in_c``."""
+        return self.k_h * self.k_w * self.in_c
+
+    @property
+    def gemm_m(self) -> int:
+        """Rows of the implicit GEMM: one per output pixel, ``batch * out_h * out_w``."""
+        return self.batch * self.out_h * self.out_w
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds counted as 2 FLOPs, for one pass (forward, backward-data or -filter)."""
+        return 2 * self.gemm_m * self.gemm_k * self.filters
+
+    @property
+    def weight_count(self) -> int:
+        return conv_param_count((self.k_h, self.k_w), self.in_c, self.filters, use_bias=False)
+
+    @property
+    def bias_count(self) -> int:
+        return self.filters
+
+    @property
+    def fits_int32(self) -> bool:
+        """True when every tensor's flat index fits a signed 32-bit int."""
+        return max(math.prod(self.x_shape), math.prod(self.y_shape),
+                   math.prod(self.w_shape)) <= INT32_MAX
+
+    def with_batch(self, batch: int) -> "ConvGeometry":
+        return dataclasses.replace(self, batch=_check_int("batch", batch, 0))
+
+
+def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides=1, padding="valid",
+                  dilation=1) -> ConvGeometry:
+    """Resolve the geometry of ``conv2d(x, w)`` from shapes ``x: NHWC`` and ``w: HWIO``.
+
+    Raises ValueError naming the parameter and numbers for impossible geometry or a
+    channel mismatch.  A batch of 0 is allowed (the result is empty).
+    """
+    x_shape = tuple(x_shape)
+    w_shape = tuple(w_shape)
+    if len(x_shape) != 4:
+        raise ValueError(f"x must have rank 4 (batch, height, width, channels), got shape {x_shape}")
+    if len(w_shape) != 4:
+        raise ValueError(f"w must have rank 4 (kernel_h, kernel_w, in_channels, filters), "
+                         f"got shape {w_shape}")
+    batch = _check_int("x batch size", x_shape[0], 0)
+    in_h = _check_int("x height", x_shape[1], 1)
+    in_w = _check_int("x width", x_shape[2], 1)
+    in_c = _check_int("x channels", x_shape[3], 1)
+    k_h = _check_int("w kernel height", w_shape[0], 1)
+    k_w = _check_int("w kernel width", w_shape[1], 1)
+    w_c = _check_int("w in_channels", w_shape[2], 1)
+    filters = _check_int("w filters", w_shape[3], 1)
+    if w_c != in_c:
+        raise ValueError(f"channel mismatch: x has {in_c} channels (shape {x_shape}) but w expects "
+                         f"{w_c} (shape {w_shape})")
+    s_h, s_w = normalize_pair("strides", strides)
+    d_h, d_w = normalize_pair("dilation", dilation)
+    pad = normalize_padding(padding)
+    if isinstance(pad, str):
+        pad_h, pad_w = pad, pad
+    else:
+        pad_h, pad_w = pad
+    pt, pb, oh = resolve_axis(in_h, k_h, s_h, d_h, pad_h, "height")
+    pl, pr, ow = resolve_axis(in_w, k_w, s_w, d_w, pad_w, "width")
+    return ConvGeometry(batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
+                        pt, pb, pl, pr, oh, ow)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseGeometry:
+    """``y[batch, out] = x[batch, in] @ w[in, out] (+ b[out])``."""
+
+    batch: int
+    in_features: int
+    out_features: int
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.batch * self.in_features * self.out_features
+
+    @property
+    def x_shape(self):
+        return (self.batch, self.in_features)
+
+    @property
+    def w_shape(self):
+        return (self.in_features, self.out_features)
+
+    @property
+    def y_shape(self):
+        return (self.batch, self.out_features)
+
+
+def dense_geometry(x_shape: Sequence[int], w_shape: Sequence[int]) -> DenseGeometry:
+    """Resolve ``dense(x, w)`` from ``x: (batch, in)`` and ``w: (in, out)``."""
+    x_shape = tuple(x_shape)
+    w_shape = tuple(w_shape)
+    if len(x_shape) != 2:
+        raise ValueError(f"x must have rank 2 (batch, in_features), got shape {x_shape}")
+    if len(w_shape) != 2:
+        raise ValueError(f"w must have rank 2 (in_features, out_features), got shape {w_shape}")
+    batch = _check_int("x batch size", x_shape[0], 0)
+    n_in = _check_int("x in_features", x_shape[1], 1)
+    w_in = _check_int("w in_features", w_shape[0], 1)
+    n_out = _check_int("w out_features", w_shape[1], 1)
+    if n_in != w_in:
+        raise ValueError(f"feature mismatch: x has {n_in} features (shape {x_shape}) but w expects "
+                         f"{w_in} (shape {w_shape})")
+    return DenseGeometry(batch, n_in, n_out)
+
+
+# ----------------------------------------------------------------------------- counts
+def conv_param_count(kernel_size, in_channels: int, filters: int, use_bias: bool = True) -> int:
+    """``N * N * D1 * K`` weights plus ``K`` biases (N may be a (height, width) pair)."""
+    k_h, k_w = normalize_pair("kernel_size", kernel_size)
+    d1 = _check_int("in_channels", in_channels, 1)
+    k = _check_int("filters", filters, 1)
+    return k_h * k_w * d1 * k + (k if use_bias else 0)
+
+
+def dense_param_count(in_features: int, out_features: int, use_bias: bool = True) -> int:
+    """``in * out`` weights plus ``out`` biases."""
+    n_in = _check_int("in_features", in_features, 1)
+    n_out = _check_int("out_features", out_features, 1)
+    return n_in * n_out + (n_out if use_bias else 0)

@@ -1,0 +1,181 @@
+"""Build of dlconv: the Python package, the Numba kernels (kernels/ → dlconv.kernels),
+the C++ CPU extension dlconv._C and, when nvcc is found, the CUDA extension dlconv._C_cuda.
+
+Environment:
+  DLCONV_CUDA=0   never build dlconv._C_cuda
+  DLCONV_CUDA=1   build it, and fail the build clearly if nvcc is missing
+  (unset)         build it when nvcc is on PATH or in $CUDA_HOME/bin
+  DLCONV_CUDA_ARCHS="80;90"   SASS targets (PTX is added for the highest one)
+  DLCONV_NATIVE=0 do not add -mavx2/-mfma/-mavx512f even if this machine has them
+"""
+
+import glob
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    import pybind11
+except ImportError:  # pragma: no cover - pyproject's build-system brings it
+    sys.exit("dlconv's build needs pybind11 (pip install pybind11), which pyproject.toml declares")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cpu_flags():
+    """x86 SIMD flags supported by both this machine and the compiler."""
+    if os.environ.get("DLCONV_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return [], []
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = set()
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        have = set()
+    flags, macros = [], []
+    if {"avx2", "fma"} <= have:
+        flags += ["-mavx2", "-mfma"]
+        macros.append(("DLCONV_HAVE_AVX2", "1"))
+    if {"avx512f"} <= have and os.environ.get("DLCONV_AVX512", "1") != "0":
+        flags += ["-mavx512f"]
+        macros.append(("DLCONV_HAVE_AVX512", "1"))
+    return flags, macros
+
+
+def _find_nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+def _cuda_root(nvcc):
+    """The toolkit root: $CUDA_HOME, else what nvcc itself reports as TOP (nvcc may be a
+    wrapper script outside the toolkit), else the folder above nvcc's bin/."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.isdir(os.path.join(home, "include")):
+        return home
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
+        for line in out.splitlines():
+            if line.startswith("#$ TOP="):
+                return os.path.realpath(line.split("=", 1)[1].strip())
+    except OSError:
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _cuda_wanted():
+    mode = os.environ.get("DLCONV_CUDA", "").strip()
+    nvcc = _find_nvcc()
+    if mode == "0":
+        return None
+    if mode == "1" and nvcc is None:
+        sys.exit("DLCONV_CUDA=1 but nvcc was not found on PATH or in $CUDA_HOME/bin: "
+                 "install the CUDA toolkit or unset DLCONV_CUDA")
+    return nvcc
+
+
+SIMD_FLAGS, SIMD_MACROS = _cpu_flags()
+COMMON_CXX = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
+
+
+class BuildExt(build_ext):
+    """build_ext that sends *.cu sources through nvcc and links static cudart."""
+
+    def build_extension(self, ext):
+        cu = [s for s in ext.sources if s.endswith(".cu")]
+        if not cu:
+            return super().build_extension(ext)
+        nvcc = ext.nvcc
+        cuda_root = _cuda_root(nvcc)
+        objdir = os.path.join(self.build_temp, "cuda")
+        os.makedirs(objdir, exist_ok=True)
+        archs = os.environ.get("DLCONV_CUDA_ARCHS", "80;90").split(";")
+        gencode = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+        objects = []
+        for src in cu:
+            obj = os.path.join(objdir, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", "--use_fast_math",
+                   "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Icsrc",
+                   f"-DDLCONV_CUDA_ARCHS=\"{' '.join(archs)}\"", *gencode]
+            print(" ".join(cmd), flush=True)
+            subprocess.check_call(cmd, cwd=HERE)
+            objects.append(obj)
+        ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
+        ext.extra_objects = objects + ext.extra_objects
+        libdir = None
+        for cand in ("lib64", "lib", os.path.join("targets", f"{platform.machine()}-linux", "lib")):
+            if os.path.exists(os.path.join(cuda_root, cand, "libcudart_static.a")):
+                libdir = os.path.join(cuda_root, cand)
+                break
+        if libdir is None:
+            raise RuntimeError(f"libcudart_static.a not found under {cuda_root}")
+        ext.include_dirs.append(os.path.join(cuda_root, "include"))
+        # static cudart; libcuda is loaded by cudart at run time, never linked.
+        ext.extra_objects.append(os.path.join(libdir, "libcudart_static.a"))
+        ext.extra_link_args += ["-ldl", "-lrt", "-lpthread"]
+        ext.define_macros.append(("DLCONV_CUDA_ARCHS", f"\"{' '.join(archs)}\""))
+        super().build_extension(ext)
+
+
+def _extensions():
+    inc = [pybind11.get_include(), os.path.join(HERE, "csrc")]
+    cpu_src = sorted(glob.glob("csrc/cpu_*.cpp")) + ["csrc/bind_cpu.cpp"]
+    exts = [Extension("dlconv._C", cpu_src, include_dirs=inc, language="c++",
+                      extra_compile_args=COMMON_CXX + SIMD_FLAGS,
+                      extra_link_args=["-fopenmp"], define_macros=list(SIMD_MACROS))]
+    nvcc = _cuda_wanted()
+    if nvcc is not None:
+        cu = sorted(glob.glob("csrc/*.cu")) + ["csrc/bind_cuda.cpp"]
+        ext = Extension("dlconv._C_cuda", cu, include_dirs=list(inc), language="c++",
+                        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"])
+        ext.nvcc = nvcc
+        exts.append(ext)
+    else:
+        print("dlconv: nvcc not used (DLCONV_CUDA=0 or not found); building without dlconv._C_cuda")
+    return exts
+
+
+setup(
+    name="dlconv",
+    version="0.1.0",
+    description="Hand-written convolution and dense kernels (Numba CUDA, C++/CUDA) as drop-in Keras layers",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["dlconv", "dlconv.backends", "dlconv.kernels"],
+    package_dir={"dlconv": "dlconv", "dlconv.backends": "dlconv/backends", "dlconv.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExt},
+    install_requires=[
+        "tensorflow>=2.21,<2.22",
+        "numba>=0.61",
+        "numba-cuda>=0.20",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "py-cpuinfo>=9",
+        "scikit-learn>=1.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["dlconv = dlconv.cli:main"]},
+    zip_safe=False,
+)
