@@ -64,6 +64,8 @@ def info() -> dict:
         try:
             from dlconv import _C_cuda
             cuda_ext["gpus"] = _C_cuda.devices()
+            if not cuda_ext["gpus"]:
+                cuda_ext["gpus_error"] = _C_cuda.devices_why()
         except Exception as exc:
             cuda_ext["gpus_error"] = str(exc)
     avail = backends.available()
@@ -92,10 +94,9 @@ def format_info(d: dict) -> str:
             continue
         extra = {k: v for k, v in e.items() if k not in ("built", "file", "gpus", "gpus_error")}
         lines.append(f"  {name:<15} built  " + ", ".join(f"{k}={v}" for k, v in extra.items()))
-        if "gpus" in e:
-            gpus = e["gpus"]
-            lines.append(f"  {'':<15} GPUs seen: " + (", ".join(map(str, gpus)) if gpus else "none"))
-        if "gpus_error" in e:
+        if e.get("gpus"):
+            lines.append(f"  {'':<15} GPUs seen: " + ", ".join(map(str, e["gpus"])))
+        elif "gpus_error" in e:
             lines.append(f"  {'':<15} GPUs seen: none ({e['gpus_error']})")
     nc = d["numba_cuda"]
     lines += ["", "GPUs seen by Numba: " + (", ".join(nc["gpus"]) if nc["gpus"] else f"none ({nc.get('why')})")]
