@@ -55,6 +55,16 @@ def _numba_gpus() -> dict:
         return {"available": False, "why": str(exc), "gpus": []}
 
 
+def cpu_description() -> str:
+    """CPU model and core count, e.g. "Intel(R) Xeon(R) Processor, 2 cores" (py-cpuinfo)."""
+    try:
+        import cpuinfo
+        brand = cpuinfo.get_cpu_info().get("brand_raw") or platform.processor() or platform.machine()
+    except Exception:  # py-cpuinfo missing or failing: fall back to what platform knows
+        brand = platform.processor() or platform.machine()
+    return f"{brand}, {os.cpu_count()} cores"
+
+
 def info() -> dict:
     """Everything ``dlconv info`` prints, as a JSON-serialisable dict."""
     from . import __version__, backends
@@ -72,7 +82,7 @@ def info() -> dict:
     return {
         "dlconv": __version__,
         "python": platform.python_version(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "machine": f"{platform.machine()}, {cpu_description()}",
         "versions": {p: _version(p) for p in PACKAGES},
         "extensions": {"dlconv._C": _extension("dlconv._C"), "dlconv._C_cuda": cuda_ext},
         "numba_cuda": _numba_gpus(),
