@@ -1,17 +1,234 @@
-// bind_cpu.cpp — pybind11 module dlconv._C: the C++ CPU kernels.
+// bind_cpu.cpp — pybind11 module dlconv._C: the C++ CPU kernels (cpu_conv.cpp, cpu_dense.cpp).
+//
+// Low-level entry points (NumPy float32 C-contiguous arrays; outputs optional and, when given,
+// written in place and returned; when None, allocated here):
+//   conv2d_forward(x, w, b|None, geometry, act, y=None) -> y
+//   conv2d_backward_data(dz, w, geometry, dx=None) -> dx
+//   conv2d_backward_filter(x, dz, geometry, dw=None, db=None) -> (dw, db)
+//   dense_forward(x, w, b|None, act, y=None) -> y
+//   dense_backward(x, w, dy, y|None, act, dx=None, dw=None, db=None) -> (dx, dw, db)
+//   softmax(z, out=None) -> out
+//   activation_backward(dy, y, act, out=None) -> out          (act 4 = softmax, rank 2)
+// `geometry` is dlconv.shapes.ConvGeometry.as_tuple(); `act` is the code of dlconv.activations.
+// No conversion ever happens: a float64 array raises TypeError, a strided view ValueError.
+// The GIL is released while a kernel runs; every call owns its scratch memory (re-entrant).
+#include <omp.h>
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <string>
+#include <vector>
 
+#include "bind_common.h"
+#include "cpu_gemm.h"
+#include "cpu_kernels.h"
 #include "geometry.h"
 
 namespace py = pybind11;
+using dlconv::ConvGeometry;
+using dlconv::bind::shape_str;
+using Shape = std::vector<int64_t>;
 
-static py::dict build_info() {
+namespace {
+
+struct Arg {
+    py::array arr;
+    float* ptr = nullptr;
+    int64_t bytes = 0;
+};
+
+// The array `obj` must be exactly float32, C-contiguous, aligned, of shape `shape`
+// (and writeable for outputs).  Returns it with its data pointer; never converts.
+Arg checked(const char* kernel, const char* name, const py::handle& obj, const Shape& shape, bool output) {
+    const std::string who = std::string("dlconv C++ ") + kernel + ": " + name;
+    if (!py::isinstance<py::array>(obj))
+        throw py::type_error(who + " must be a numpy.ndarray of float32, got " +
+                             std::string(py::str(py::type::of(obj).attr("__name__"))));
+    Arg a;
+    a.arr = py::reinterpret_borrow<py::array>(obj);
+    if (!a.arr.dtype().is(py::dtype::of<float>()))
+        throw py::type_error(who + " must be float32, got " + std::string(py::str(a.arr.dtype())) +
+                             " (no silent conversion)");
+    if (!(a.arr.flags() & py::array::c_style))
+        throw std::invalid_argument(who + " must be C-contiguous");
+    if (!a.arr.attr("flags").attr("aligned").cast<bool>())
+        throw std::invalid_argument(who + " must be aligned to its element size");
+    Shape got(a.arr.shape(), a.arr.shape() + a.arr.ndim());
+    if (got != shape)
+        throw std::invalid_argument(who + " has shape " + shape_str(got) + ", expected " + shape_str(shape));
+    if (output && !a.arr.writeable()) throw std::invalid_argument(who + " is read-only");
+    a.ptr = static_cast<float*>(const_cast<void*>(a.arr.data()));
+    a.bytes = int64_t(a.arr.size()) * 4;
+    return a;
+}
+
+Arg optional_in(const char* kernel, const char* name, const py::object& obj, const Shape& shape) {
+    if (obj.is_none()) return Arg{};
+    return checked(kernel, name, obj, shape, false);
+}
+
+Arg output(const char* kernel, const char* name, const py::object& obj, const Shape& shape) {
+    if (obj.is_none()) {
+        Arg a;
+        a.arr = py::array_t<float>(std::vector<py::ssize_t>(shape.begin(), shape.end()));
+        a.ptr = static_cast<float*>(a.arr.mutable_data());
+        a.bytes = int64_t(a.arr.size()) * 4;
+        return a;
+    }
+    return checked(kernel, name, obj, shape, true);
+}
+
+bool overlap(const Arg& a, const Arg& b) {
+    if (!a.ptr || !b.ptr || !a.bytes || !b.bytes) return false;
+    auto a0 = reinterpret_cast<uintptr_t>(a.ptr), b0 = reinterpret_cast<uintptr_t>(b.ptr);
+    return a0 < b0 + uintptr_t(b.bytes) && b0 < a0 + uintptr_t(a.bytes);
+}
+
+// Outputs must not share memory with inputs or with each other.
+void no_alias(const char* kernel, std::initializer_list<std::pair<const char*, const Arg*>> outs,
+              std::initializer_list<std::pair<const char*, const Arg*>> ins) {
+    for (auto o = outs.begin(); o != outs.end(); ++o) {
+        for (auto& i : ins)
+            if (overlap(*o->second, *i.second))
+                throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": output " + o->first +
+                                            " overlaps input " + i.first);
+        for (auto p = o + 1; p != outs.end(); ++p)
+            if (overlap(*o->second, *p->second))
+                throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": outputs " + o->first +
+                                            " and " + p->first + " overlap");
+    }
+}
+
+Shape x_shape(const ConvGeometry& g) { return {g.batch, g.in_h, g.in_w, g.in_c}; }
+Shape w_shape(const ConvGeometry& g) { return {g.k_h, g.k_w, g.in_c, g.filters}; }
+Shape y_shape(const ConvGeometry& g) { return {g.batch, g.out_h, g.out_w, g.filters}; }
+
+int64_t dim(const char* kernel, const char* name, const py::handle& obj, int rank, int axis) {
+    if (!py::isinstance<py::array>(obj))
+        throw py::type_error(std::string("dlconv C++ ") + kernel + ": " + name + " must be a numpy.ndarray");
+    auto a = py::reinterpret_borrow<py::array>(obj);
+    if (a.ndim() != rank)
+        throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": " + name + " must have rank " +
+                                    std::to_string(rank) + ", got " + std::to_string(a.ndim()));
+    return int64_t(a.shape(axis));
+}
+
+py::array conv2d_forward(py::object x, py::object w, py::object b, py::object geometry, int act, py::object y) {
+    const char* K = "conv2d_forward";
+    const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
+    dlconv::bind::check_activation(K, act, 3);
+    Arg ax = checked(K, "x", x, x_shape(g), false), aw = checked(K, "w", w, w_shape(g), false);
+    Arg ab = optional_in(K, "b", b, {g.filters});
+    Arg ay = output(K, "y", y, y_shape(g));
+    no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
+    {
+        py::gil_scoped_release nogil;
+        if (g.batch > 0) dlconv::cpu::conv2d_forward(g, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr);
+    }
+    return ay.arr;
+}
+
+py::array conv2d_backward_data(py::object dz, py::object w, py::object geometry, py::object dx) {
+    const char* K = "conv2d_backward_data";
+    const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
+    Arg adz = checked(K, "dz", dz, y_shape(g), false), aw = checked(K, "w", w, w_shape(g), false);
+    Arg adx = output(K, "dx", dx, x_shape(g));
+    no_alias(K, {{"dx", &adx}}, {{"dz", &adz}, {"w", &aw}});
+    {
+        py::gil_scoped_release nogil;
+        if (g.batch > 0) dlconv::cpu::conv2d_backward_data(g, adz.ptr, aw.ptr, adx.ptr);
+    }
+    return adx.arr;
+}
+
+py::tuple conv2d_backward_filter(py::object x, py::object dz, py::object geometry, py::object dw, py::object db) {
+    const char* K = "conv2d_backward_filter";
+    const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
+    Arg ax = checked(K, "x", x, x_shape(g), false), adz = checked(K, "dz", dz, y_shape(g), false);
+    Arg adw = output(K, "dw", dw, w_shape(g)), adb = output(K, "db", db, {g.filters});
+    no_alias(K, {{"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"dz", &adz}});
+    {
+        py::gil_scoped_release nogil;
+        dlconv::cpu::conv2d_backward_filter(g, ax.ptr, adz.ptr, adw.ptr, adb.ptr);
+    }
+    return py::make_tuple(adw.arr, adb.arr);
+}
+
+py::array dense_forward(py::object x, py::object w, py::object b, int act, py::object y) {
+    const char* K = "dense_forward";
+    dlconv::bind::check_activation(K, act, 3);
+    const int64_t M = dim(K, "x", x, 2, 0), Kf = dim(K, "x", x, 2, 1), N = dim(K, "w", w, 2, 1);
+    Arg ax = checked(K, "x", x, {M, Kf}, false), aw = checked(K, "w", w, {Kf, N}, false);
+    Arg ab = optional_in(K, "b", b, {N});
+    Arg ay = output(K, "y", y, {M, N});
+    no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
+    {
+        py::gil_scoped_release nogil;
+        dlconv::cpu::dense_forward(M, Kf, N, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr);
+    }
+    return ay.arr;
+}
+
+py::tuple dense_backward(py::object x, py::object w, py::object dy, py::object y, int act, py::object dx,
+                         py::object dw, py::object db) {
+    const char* K = "dense_backward";
+    dlconv::bind::check_activation(K, act, 3);
+    const int64_t M = dim(K, "x", x, 2, 0), Kf = dim(K, "x", x, 2, 1), N = dim(K, "w", w, 2, 1);
+    Arg ax = checked(K, "x", x, {M, Kf}, false), aw = checked(K, "w", w, {Kf, N}, false);
+    Arg ady = checked(K, "dy", dy, {M, N}, false);
+    if (act != 0 && y.is_none())
+        throw std::invalid_argument("dlconv C++ dense_backward: y (the forward output) is needed for activation " +
+                                    std::to_string(act));
+    Arg ayy = optional_in(K, "y", y, {M, N});
+    Arg adx = output(K, "dx", dx, {M, Kf}), adw = output(K, "dw", dw, {Kf, N}), adb = output(K, "db", db, {N});
+    no_alias(K, {{"dx", &adx}, {"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"w", &aw}, {"dy", &ady}, {"y", &ayy}});
+    {
+        py::gil_scoped_release nogil;
+        dlconv::cpu::dense_backward(M, Kf, N, ax.ptr, aw.ptr, ady.ptr, ayy.ptr, act, adx.ptr, adw.ptr, adb.ptr);
+    }
+    return py::make_tuple(adx.arr, adw.arr, adb.arr);
+}
+
+py::array softmax(py::object z, py::object out) {
+    const char* K = "softmax";
+    const int64_t R = dim(K, "z", z, 2, 0), Cn = dim(K, "z", z, 2, 1);
+    Arg az = checked(K, "z", z, {R, Cn}, false);
+    Arg ao = output(K, "out", out, {R, Cn});
+    no_alias(K, {{"out", &ao}}, {{"z", &az}});
+    {
+        py::gil_scoped_release nogil;
+        if (R > 0 && Cn > 0) dlconv::cpu::softmax(R, Cn, az.ptr, ao.ptr);
+    }
+    return ao.arr;
+}
+
+py::array activation_backward(py::object dy, py::object y, int act, py::object out) {
+    const char* K = "activation_backward";
+    dlconv::bind::check_activation(K, act, 4);
+    if (!py::isinstance<py::array>(dy)) throw py::type_error("dlconv C++ activation_backward: dy must be a numpy.ndarray");
+    auto a = py::reinterpret_borrow<py::array>(dy);
+    Shape shape(a.shape(), a.shape() + a.ndim());
+    if (act == 4 && shape.size() != 2)
+        throw std::invalid_argument("dlconv C++ activation_backward: softmax needs rank-2 arrays, got shape " +
+                                    shape_str(shape));
+    Arg ady = checked(K, "dy", dy, shape, false), ay = checked(K, "y", y, shape, false);
+    Arg ao = output(K, "out", out, shape);
+    no_alias(K, {{"out", &ao}}, {{"dy", &ady}, {"y", &ay}});
+    int64_t rows = 1, cols = 1;
+    if (act == 4) { rows = shape[0]; cols = shape[1]; }
+    else for (auto s : shape) cols *= s;
+    {
+        py::gil_scoped_release nogil;
+        if (rows * cols > 0) dlconv::cpu::activation_backward(rows, cols, ady.ptr, ay.ptr, act, ao.ptr);
+    }
+    return ao.arr;
+}
+
+py::dict build_info() {
     py::dict d;
-#if defined(DLCONV_HAVE_AVX512)
+#if defined(DLCONV_HAVE_AVX512) && defined(__AVX512F__)
     d["simd"] = "avx512f+avx2+fma";
-#elif defined(DLCONV_HAVE_AVX2)
+#elif defined(DLCONV_HAVE_AVX2) && defined(__AVX2__)
     d["simd"] = "avx2+fma";
 #else
     d["simd"] = "scalar";
@@ -22,10 +239,29 @@ static py::dict build_info() {
     d["openmp"] = "no";
 #endif
     d["compiler"] = __VERSION__;
+    d["register_block"] = std::to_string(dlconv::cpu::MR) + "x" + std::to_string(dlconv::cpu::NR);
+    d["threads"] = omp_get_max_threads();
     return d;
 }
 
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
-    m.doc() = "dlconv C++ CPU kernels";
-    m.def("build_info", &build_info, "How this extension was compiled (SIMD level, OpenMP).");
+    m.doc() = "dlconv C++ CPU kernels (OpenMP + SIMD implicit GEMM); see csrc/bind_cpu.cpp for the API";
+    m.def("build_info", &build_info, "How this extension was compiled (SIMD level, OpenMP, register block).");
+    m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("geometry"),
+          py::arg("activation"), py::arg("y") = py::none(),
+          "y = act(conv2d(x, w) + b): x NHWC, w HWIO, b (filters,) or None, geometry = ConvGeometry.as_tuple().");
+    m.def("conv2d_backward_data", &conv2d_backward_data, py::arg("dz"), py::arg("w"), py::arg("geometry"),
+          py::arg("dx") = py::none(), "dL/dx from dL/dz (the conv's linear output) and w.");
+    m.def("conv2d_backward_filter", &conv2d_backward_filter, py::arg("x"), py::arg("dz"), py::arg("geometry"),
+          py::arg("dw") = py::none(), py::arg("db") = py::none(), "(dL/dw, dL/db) from x and dL/dz.");
+    m.def("dense_forward", &dense_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("activation"),
+          py::arg("y") = py::none(), "y = act(x @ w + b).");
+    m.def("dense_backward", &dense_backward, py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("y"),
+          py::arg("activation"), py::arg("dx") = py::none(), py::arg("dw") = py::none(),
+          py::arg("db") = py::none(), "(dx, dw, db) of y = act(x @ w + b) given dL/dy and y.");
+    m.def("softmax", &softmax, py::arg("z"), py::arg("out") = py::none(), "Row-wise softmax of (rows, cols).");
+    m.def("activation_backward", &activation_backward, py::arg("dy"), py::arg("y"), py::arg("activation"),
+          py::arg("out") = py::none(), "dL/dz from dL/dy and the activation output y (code 4 = softmax).");
 }

@@ -1,0 +1,64 @@
+// bind_common.h — argument checks shared by dlconv._C and dlconv._C_cuda.
+//
+// C++ never trusts its caller: the geometry arrives as the 17-int tuple
+// dlconv.shapes.ConvGeometry.as_tuple() and is re-validated; every buffer is checked against
+// the shape that record implies before any kernel runs.  Failures raise std::invalid_argument
+// (→ ValueError) or pybind11::type_error (→ TypeError) naming the kernel, the buffer and values.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "geometry.h"
+
+namespace dlconv {
+namespace bind {
+
+namespace py = pybind11;
+
+// Geometry fields beyond this are refused before any product is formed (no int64 overflow).
+constexpr int64_t MAX_FIELD = int64_t(1) << 31;
+
+inline std::string shape_str(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + (s.size() == 1 ? ",)" : ")");
+}
+
+inline ConvGeometry geometry_from(const py::handle& obj, const char* kernel) {
+    if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+        throw py::type_error(std::string("dlconv C++ ") + kernel +
+                             ": geometry must be the 17-int tuple ConvGeometry.as_tuple()");
+    auto seq = py::reinterpret_borrow<py::sequence>(obj);
+    if (seq.size() != 17)
+        throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": geometry must have 17 fields, got " +
+                                    std::to_string(seq.size()));
+    int64_t v[17];
+    for (size_t i = 0; i < 17; ++i) {
+        py::handle item = seq[i];
+        if (!py::isinstance<py::int_>(item) || py::isinstance<py::bool_>(item))
+            throw py::type_error(std::string("dlconv C++ ") + kernel + ": geometry field " + std::to_string(i) +
+                                 " must be an int");
+        v[i] = item.cast<int64_t>();
+        if (v[i] < 0 || v[i] > MAX_FIELD)
+            throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": geometry field " +
+                                        std::to_string(i) + " = " + std::to_string(v[i]) + " is out of range");
+    }
+    ConvGeometry g{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8],
+                   v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16]};
+    validate_geometry(g);
+    return g;
+}
+
+inline void check_activation(const char* kernel, int act, int max_code) {
+    if (act < 0 || act > max_code)
+        throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": activation code must be 0.." +
+                                    std::to_string(max_code) + " (linear, relu, sigmoid, tanh" +
+                                    (max_code > 3 ? ", softmax" : "") + "), got " + std::to_string(act));
+}
+
+}  // namespace bind
+}  // namespace dlconv

@@ -1,0 +1,132 @@
+// cpu_conv.cpp — 2-D convolution on the CPU: forward, backward-data, backward-filter (+ bias grad),
+// all as implicit GEMMs on the engine in cpu_gemm.h (no im2col buffer: A tiles are gathered
+// from NHWC memory as the microkernel needs them).
+//
+// Forward ("cpu_igemm"):  y[m, k] = act(b[k] + Σ_j A[m, j] · w[j, k])
+//   m = (n, oh, ow) output pixel (M = N·OH·OW),  j = (kh, kw, c) (K = KH·KW·C),  w is HWIO = [K, F].
+//   A[m, (kh, kw, c)] = x[n, ih, iw, c],  ih = oh·stride_h − pad_top + kh·dil_h,
+//                                         iw = ow·stride_w − pad_left + kw·dil_w,
+//   zero when (ih, iw) falls in the padding.  For fixed (pixel, tap) the C channels are contiguous
+//   in x, so packing a row of A is one memcpy (or memset for padding) per tap.
+//   One OpenMP thread owns whole MR-pixel tiles of y (all F filters), static schedule.
+//
+// Backward-data:  dx[m', c] = Σ_{(kh, kw, k)} dz[n, oh, ow, k] · w[kh, kw, c, k]
+//   m' = (n, ih, iw) input pixel; the tap (kh, kw) reached it from the output pixel
+//   oh = (ih + pad_top − kh·dil_h) / stride_h, ow likewise, a term only when the division is
+//   exact and 0 <= oh < OH, 0 <= ow < OW (otherwise zero: padding, stride gaps, edges).
+//   B = wᵀ per tap: wt[kh, kw, k, c] (weights-sized copy per call).  Row-major A driver.
+//
+// Backward-filter:  dw[(kh, kw, c), k] = Σ_m A[m, (kh, kw, c)] · dz[m, k];  db[k] = Σ_m dz[m, k]
+//   The same A as the forward pass, transposed: the reduction runs over the M output pixels,
+//   each thread takes a slice of pixels and a private dw partial (k-major A driver).
+#include <omp.h>
+
+#include <cstring>
+#include <vector>
+
+#include "cpu_gemm.h"
+#include "cpu_kernels.h"
+
+namespace dlconv {
+namespace cpu {
+
+namespace {
+
+// dst[0 .. kc) = A[m, k0 .. k0 + kc) of the forward im2col row of output pixel m.
+inline void gather_row(const ConvGeometry& g, const float* x, i64 m, i64 k0, i64 kc, float* dst) {
+    const i64 ohw = g.out_h * g.out_w;
+    const i64 n = m / ohw, r = m - n * ohw, oh = r / g.out_w, ow = r - oh * g.out_w;
+    const i64 ih0 = oh * g.stride_h - g.pad_top, iw0 = ow * g.stride_w - g.pad_left;
+    const float* xn = x + n * g.in_h * g.in_w * g.in_c;
+    const i64 C = g.in_c, kend = k0 + kc;
+    for (i64 k = k0; k < kend;) {
+        const i64 t = k / C, c = k - t * C, run = std::min(C - c, kend - k);
+        const i64 kh = t / g.k_w, kw = t - kh * g.k_w;
+        const i64 ih = ih0 + kh * g.dil_h, iw = iw0 + kw * g.dil_w;
+        if (ih >= 0 && ih < g.in_h && iw >= 0 && iw < g.in_w)
+            std::memcpy(dst + (k - k0), xn + (ih * g.in_w + iw) * C + c, run * sizeof(float));
+        else
+            std::memset(dst + (k - k0), 0, run * sizeof(float));
+        k += run;
+    }
+}
+
+// Σ over rows of a [P, F] matrix into out[F] (double accumulation, threads split the rows).
+void column_sums(i64 P, i64 F, const float* a, float* out) {
+    const int T = omp_get_max_threads();
+    std::vector<double> part(size_t(T) * F, 0.0);
+#pragma omp parallel num_threads(T)
+    {
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        double* s = part.data() + size_t(tid) * F;
+        for (i64 p = P * tid / nt; p < P * (tid + 1) / nt; ++p) {
+            const float* row = a + p * F;
+#pragma omp simd
+            for (i64 j = 0; j < F; ++j) s[j] += row[j];
+        }
+    }
+    for (i64 j = 0; j < F; ++j) {
+        double s = 0;
+        for (int t = 0; t < T; ++t) s += part[size_t(t) * F + j];
+        out[j] = float(s);
+    }
+}
+
+}  // namespace
+
+void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y) {
+    const i64 M = g.batch * g.out_h * g.out_w, K = g.k_h * g.k_w * g.in_c, F = g.filters;
+    auto pack = [&](i64 m0, int rows, i64 k0, i64 kc, float* dst) {
+        for (int i = 0; i < rows; ++i) gather_row(g, x, m0 + i, k0, kc, dst + i * KCP);
+    };
+    gemm_rowA(M, F, K, pack, w, F, y, F, b, act);
+}
+
+void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx) {
+    const i64 M = g.batch * g.in_h * g.in_w, C = g.in_c, F = g.filters, T = g.k_h * g.k_w;
+    // wt[t, k, c] = w[t, c, k]: B of the GEMM, [T·F, C].
+    Buf wt(T * F * C);
+    for (i64 t = 0; t < T; ++t)
+        for (i64 c = 0; c < C; ++c)
+            for (i64 k = 0; k < F; ++k) wt.data[(t * F + k) * C + c] = w[(t * C + c) * F + k];
+    const i64 hw = g.in_h * g.in_w;
+    auto pack = [&](i64 m0, int rows, i64 k0, i64 kc, float* dst) {
+        for (int i = 0; i < rows; ++i) {
+            const i64 m = m0 + i, n = m / hw, r = m - n * hw, ih = r / g.in_w, iw = r - ih * g.in_w;
+            const float* dzn = dz + n * g.out_h * g.out_w * F;
+            float* d = dst + i * KCP;
+            const i64 kend = k0 + kc;
+            for (i64 k = k0; k < kend;) {
+                const i64 t = k / F, f = k - t * F, run = std::min(F - f, kend - k);
+                const i64 kh = t / g.k_w, kw = t - kh * g.k_w;
+                const i64 ohn = ih + g.pad_top - kh * g.dil_h, own = iw + g.pad_left - kw * g.dil_w;
+                const i64 oh = ohn / g.stride_h, ow = own / g.stride_w;
+                if (ohn >= 0 && own >= 0 && oh * g.stride_h == ohn && ow * g.stride_w == own && oh < g.out_h &&
+                    ow < g.out_w)
+                    std::memcpy(d + (k - k0), dzn + (oh * g.out_w + ow) * F + f, run * sizeof(float));
+                else
+                    std::memset(d + (k - k0), 0, run * sizeof(float));
+                k += run;
+            }
+        }
+    };
+    gemm_rowA(M, C, T * F, pack, wt.data, C, dx, C, nullptr, 0);
+}
+
+void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db) {
+    const i64 M = g.k_h * g.k_w * g.in_c, F = g.filters, P = g.batch * g.out_h * g.out_w;
+    auto pack = [&](i64 m0, i64 mrows, i64 p0, i64 pc, float* dst) {
+        const i64 rtiles = (mrows + MR - 1) / MR;
+        alignas(64) float seg[MC];
+        std::memset(seg + mrows, 0, (rtiles * MR - mrows) * sizeof(float));
+        for (i64 p = 0; p < pc; ++p) {
+            gather_row(g, x, p0 + p, m0, mrows, seg);
+            for (i64 r = 0; r < rtiles; ++r) std::memcpy(dst + (r * pc + p) * MR, seg + r * MR, MR * sizeof(float));
+        }
+    };
+    gemm_kmajorA(M, F, P, pack, dz, F, dw, F);
+    if (db) column_sums(P, F, dz, db);
+}
+
+}  // namespace cpu
+}  // namespace dlconv

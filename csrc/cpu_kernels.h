@@ -1,0 +1,31 @@
+// cpu_kernels.h — entry points of the C++ CPU kernels (raw pointers; bind_cpu.cpp checks every
+// buffer against the geometry before calling them, with the GIL released).
+#pragma once
+
+#include <cstdint>
+
+#include "geometry.h"
+
+namespace dlconv {
+namespace cpu {
+
+// y[N,OH,OW,K] = act(conv(x[N,H,W,C], w[KH,KW,C,K]) + b[K]); b may be null.
+void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y);
+// dx[N,H,W,C] from dz[N,OH,OW,K] (gradient of the linear output) and w.
+void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx);
+// dw[KH,KW,C,K] and db[K] (db may be null) from x and dz.
+void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db);
+
+// y[M,N] = act(x[M,K] · w[K,N] + b[N]); b may be null.
+void dense_forward(int64_t M, int64_t K, int64_t N, const float* x, const float* w, const float* b, int act,
+                   float* y);
+// dz = act'(y) * dy; dx = dz · wᵀ, dw = xᵀ · dz, db = Σ_rows dz.  y may be null when act is linear.
+void dense_backward(int64_t M, int64_t K, int64_t N, const float* x, const float* w, const float* dy,
+                    const float* y, int act, float* dx, float* dw, float* db);
+// Row-wise softmax of z[rows, cols].
+void softmax(int64_t rows, int64_t cols, const float* z, float* out);
+// dz = dL/dz from dy and the activation output y (element-wise; act 4 = softmax, row-wise over cols).
+void activation_backward(int64_t rows, int64_t cols, const float* dy, const float* y, int act, float* dz);
+
+}  // namespace cpu
+}  // namespace dlconv
