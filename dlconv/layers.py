@@ -1,0 +1,212 @@
+"""Keras 3 layers running dlconv kernels: drop-in ``Conv2D`` and ``Dense``.
+
+``dlconv.layers.Conv2D`` and ``dlconv.layers.Dense`` subclass ``keras.layers.Conv2D`` and
+``keras.layers.Dense`` and override only ``call`` (and ``compute_output_shape``, which asks
+:mod:`dlconv.shapes`).  So every constructor argument, default, weight name, weight
+shape and order, and ``get_config`` entry is the stock one, plus one argument:
+
+``backend``  ``"auto"`` (default: the fastest backend usable where the data lives, see
+             :func:`dlconv.backends.auto`), ``"cpp"``, ``"numba"`` or ``"reference"``.
+
+Hence ``layer.set_weights(stock_layer.get_weights())`` works and gives the same outputs,
+and ``.keras`` files save and load in a fresh process after ``import dlconv.layers``
+(both classes are registered as ``dlconv>Conv2D`` and ``dlconv>Dense``).
+
+Forward and backward passes run dlconv kernels through :mod:`dlconv.tf_bridge`.
+Activations the kernels fuse (linear/None, relu, sigmoid, tanh; softmax for Dense) run
+fused; any other activation (``"gelu"``, a callable, ...) is applied by Keras after the
+kernel's linear output.
+
+What is refused, with a clear error
+-----------------------------------
+* any Keras backend other than TensorFlow (JAX, torch, numpy): RuntimeError at
+  construction;
+* ``groups != 1``, LoRA (``lora_rank`` / ``enable_lora``), quantization: ValueError;
+* a compute dtype other than float32 (e.g. the ``mixed_float16`` policy): ValueError when
+  the layer is built — the kernels are float32; give the layer ``dtype="float32"``;
+* XLA: the layers set ``supports_jit = False``, so Keras' ``jit_compile="auto"`` resolves
+  to False and ``jit_compile=True`` falls back to False with Keras' warning.
+
+``data_format="channels_first"`` is supported by transposing to NHWC around the kernels
+(the kernels are NHWC; the weights are HWIO in both formats, as in Keras).
+"""
+
+from __future__ import annotations
+
+import keras
+
+from . import backends as _backends
+from .shapes import conv_output_size
+
+__all__ = ["Conv2D", "Dense", "BACKENDS"]
+
+#: Values accepted by the ``backend`` argument.
+BACKENDS = ("auto",) + tuple(_backends.names())
+
+_ACT = keras.activations
+#: Keras activation function → the dlconv name of the fused epilogue.
+_FUSED_CONV = {_ACT.linear: "linear", _ACT.relu: "relu", _ACT.sigmoid: "sigmoid", _ACT.tanh: "tanh"}
+_FUSED_DENSE = {**_FUSED_CONV, _ACT.softmax: "softmax"}
+
+
+def _bridge():
+    """:mod:`dlconv.tf_bridge` (imports TensorFlow), after checking Keras' backend."""
+    current = keras.config.backend()
+    if current != "tensorflow":
+        raise RuntimeError(
+            f"dlconv.layers supports the TensorFlow Keras backend only; the current Keras "
+            f"backend is {current!r}. Set KERAS_BACKEND=tensorflow before importing keras "
+            f"(dlconv.ops works without any framework).")
+    from . import tf_bridge
+    return tf_bridge
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_dtype(layer):
+    if layer.compute_dtype != "float32":
+        raise ValueError(
+            f"{type(layer).__module__}.{type(layer).__name__} {layer.name!r} computes in float32 "
+            f"only, but its dtype policy {layer.dtype_policy.name!r} has compute dtype "
+            f"{layer.compute_dtype!r} (mixed precision is not supported by the dlconv kernels). "
+            f"Pass dtype='float32' to this layer, or use the stock keras layer.")
+
+
+def _check_input_dtype(layer, inputs):
+    dtype = getattr(inputs.dtype, "name", str(inputs.dtype))
+    if dtype != "float32":
+        raise TypeError(f"{type(layer).__name__} {layer.name!r}: inputs must be float32, got {dtype}")
+
+
+def _refuse_lora(layer, lora_rank):
+    if lora_rank:
+        raise ValueError(f"{type(layer).__name__}: lora_rank={lora_rank!r} is not supported by "
+                         "dlconv layers (use the stock keras layer for LoRA)")
+
+
+@keras.saving.register_keras_serializable(package="dlconv")
+class Conv2D(keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` whose forward and backward passes run dlconv kernels.
+
+    Same arguments as ``keras.layers.Conv2D`` plus ``backend`` (see the module docstring).
+    ``groups`` must be 1.
+    """
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        _bridge()
+        self.backend = _check_backend(backend)
+        if self.groups != 1:
+            raise ValueError(f"Conv2D: groups must be 1 for dlconv layers, got groups={self.groups}")
+        _refuse_lora(self, self.lora_rank)
+        self.supports_jit = False
+
+    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
+        _refuse_lora(self, rank)
+
+    def build(self, input_shape):
+        _check_dtype(self)
+        super().build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 4:
+            raise ValueError(f"Conv2D expects a rank-4 input (batch, height, width, channels), "
+                             f"got input_shape={input_shape}")
+        if self.data_format == "channels_first":
+            n, _, h, w = input_shape
+        else:
+            n, h, w, _ = input_shape
+        out = []
+        for size, k, s, d, axis in zip((h, w), self.kernel_size, self.strides, self.dilation_rate,
+                                       ("height", "width")):
+            out.append(None if size is None else conv_output_size(size, k, s, self.padding, d))
+        if self.data_format == "channels_first":
+            return (n, self.filters, out[0], out[1])
+        return (n, out[0], out[1], self.filters)
+
+    def call(self, inputs):
+        bridge = _bridge()
+        tf = bridge.tf
+        _check_input_dtype(self, inputs)
+        fused = _FUSED_CONV.get(self.activation)
+        x = inputs
+        if self.data_format == "channels_first":
+            x = tf.transpose(x, (0, 2, 3, 1))
+        n, h, w, c = x.shape
+        out_shape = self.compute_output_shape((n, h, w, c) if self.data_format == "channels_last"
+                                              else (n, c, h, w))
+        if self.data_format == "channels_first":
+            out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
+        y = bridge.conv2d(
+            x, tf.convert_to_tensor(self.kernel),
+            tf.convert_to_tensor(self.bias) if self.use_bias else None,
+            strides=self.strides, padding=self.padding, dilation=self.dilation_rate,
+            activation=fused or "linear", backend=self.backend, out_shape=out_shape)
+        if self.data_format == "channels_first":
+            y = tf.transpose(y, (0, 3, 1, 2))
+        if fused is None:
+            y = self.activation(y)
+        return y
+
+    def get_config(self):
+        config = super().get_config()
+        config["backend"] = self.backend
+        return config
+
+
+@keras.saving.register_keras_serializable(package="dlconv")
+class Dense(keras.layers.Dense):
+    """``keras.layers.Dense`` whose forward and backward passes run dlconv kernels.
+
+    Same arguments as ``keras.layers.Dense`` plus ``backend`` (see the module docstring).
+    Inputs of rank > 2 are applied on the last axis, as the stock layer does.
+    """
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        _bridge()
+        self.backend = _check_backend(backend)
+        _refuse_lora(self, self.lora_rank)
+        if self.quantization_config is not None:
+            raise ValueError("Dense: quantization_config is not supported by dlconv layers")
+        self.supports_jit = False
+
+    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
+        _refuse_lora(self, rank)
+
+    def quantize(self, mode=None, *args, **kwargs):
+        raise ValueError(f"Dense: quantize(mode={mode!r}) is not supported by dlconv layers "
+                         "(the kernels are float32)")
+
+    def build(self, input_shape):
+        _check_dtype(self)
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        bridge = _bridge()
+        tf = bridge.tf
+        _check_input_dtype(self, inputs)
+        fused = _FUSED_DENSE.get(self.activation)
+        x = inputs
+        rank = len(inputs.shape)
+        if rank != 2:
+            x = tf.reshape(x, (-1, inputs.shape[-1]))
+        y = bridge.dense(x, tf.convert_to_tensor(self.kernel),
+                               tf.convert_to_tensor(self.bias) if self.use_bias else None,
+                               activation=fused or "linear", backend=self.backend)
+        if rank != 2:
+            y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], 0))
+            y.set_shape(tuple(inputs.shape[:-1]) + (self.units,))
+        if fused is None:
+            y = self.activation(y)
+        return y
+
+    def get_config(self):
+        config = super().get_config()
+        config["backend"] = self.backend
+        return config

@@ -1,0 +1,341 @@
+"""Where TensorFlow meets the dlconv ops: the one module that imports both.
+
+:func:`conv2d` and :func:`dense` take TensorFlow tensors and return a TensorFlow tensor
+whose forward *and* backward passes run dlconv kernels, attached with
+``tf.custom_gradient``.  They work eagerly, inside ``tf.function`` and in Keras'
+``fit``/``evaluate``/``predict`` (never under XLA: the ops below are Python callbacks,
+so :mod:`dlconv.layers` sets ``supports_jit = False``).
+
+How a tensor reaches a kernel
+-----------------------------
+*Host (CPU) tensors* — ``tf.numpy_function``.  TensorFlow hands the callback NumPy
+arrays that view the tensors' buffers (no copy; TF tensors are dense row-major float32,
+which is exactly what :mod:`dlconv.arrays` accepts).  The kernels allocate their output
+as a fresh NumPy array, which TensorFlow then takes over.  The output's static shape is
+set with ``set_shape`` so downstream Keras layers see it.
+
+*CUDA tensors* — when TensorFlow sees a GPU, the callbacks run as ``tf.py_function``
+(eager tensors inside, on whatever device they live).  A GPU tensor is exported with
+``tf.experimental.dlpack.to_dlpack``; its DLPack capsule is read here (ctypes, below)
+into an object carrying ``__cuda_array_interface__``, which :mod:`dlconv.ops` accepts as a
+CUDA array: no host round trip.  The kernels allocate their outputs (Numba device
+arrays, *our* memory); each output is wrapped in a DLPack capsule whose deleter drops
+our reference, and handed to TensorFlow with ``tf.experimental.dlpack.from_dlpack``.
+TensorFlow never gets a buffer it did not agree to own, and we never write into a
+TensorFlow buffer.
+
+Synchronisation on the GPU (coarse, correct): TensorFlow enqueues the producers of our
+inputs on its own stream before the callback runs, so the callback first calls
+``numba.cuda.synchronize()`` (a whole-context barrier: TensorFlow and Numba share the
+CUDA primary context) so that the inputs are complete; after our kernels it
+synchronises again, so the outputs are complete before TensorFlow's stream reads them.
+The installed numba-cuda has no DLPack import/export of its own, hence the small ctypes
+reader/writer; it is exercised on host memory by the tests (the struct layout is the
+same for every device), the GPU branch itself needs a machine with both TensorFlow and
+a GPU.
+
+Per-call overhead
+-----------------
+The :class:`~dlconv.shapes.ConvGeometry` is resolved once per input shape (an LRU cache
+keyed by shapes and the layer's settings) and passed to the ops as ``geometry=``; the
+backend object is resolved once per (name, place).  The whole backward pass of a layer
+is one callback (activation backward, backward-data and backward-filter together).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from . import activations as _act
+from . import backends as _backends
+from . import ops as _ops
+from .shapes import conv_geometry
+
+__all__ = ["conv2d", "dense", "resolve_backend", "conv_geometry_cached", "tf_sees_gpu",
+           "FUSED_CONV", "FUSED_DENSE"]
+
+#: Activations fused into the conv kernels' epilogue.
+FUSED_CONV = _act.ELEMENTWISE
+#: Activations the dense path fuses (softmax as a row-wise kernel after the GEMM).
+FUSED_DENSE = _act.SUPPORTED
+
+
+# ----------------------------------------------------------------------------- caches
+@functools.lru_cache(maxsize=512)
+def conv_geometry_cached(x_shape, w_shape, strides, padding, dilation):
+    """:func:`dlconv.shapes.conv_geometry`, memoised: one resolution per distinct shape."""
+    return conv_geometry(x_shape, w_shape, strides, padding, dilation)
+
+
+_BACKENDS = {}
+
+
+def resolve_backend(name: str, on_device: bool):
+    """The backend object for ``name`` ("auto" or a registry name) on host or device.
+
+    Resolved once per (name, place); raises :class:`dlconv.backends.BackendUnavailable`
+    naming the reason when it cannot run there.
+    """
+    key = (name, on_device)
+    be = _BACKENDS.get(key)
+    if be is None:
+        if name == "auto":
+            be = _backends.auto(on_device)
+        else:
+            be = _backends.get(name)
+            be.require(on_device)
+        _BACKENDS[key] = be
+    return be
+
+
+@functools.lru_cache(maxsize=1)
+def tf_sees_gpu() -> bool:
+    """True when TensorFlow has a GPU device (then callbacks run as py_function)."""
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _host(a):
+    """A NumPy view the op API accepts (copies only in the odd non-contiguous case)."""
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
+# ----------------------------------------------------------------------------- DLPack
+# The DLPack structs (dlpack.h, v0.x ABI, which TensorFlow produces and consumes).
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
+                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
+                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
+
+
+class _DLManagedTensor(ctypes.Structure):
+    pass
+
+
+_DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
+_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p),
+                             ("deleter", _DELETER)]
+
+KDL_CPU, KDL_CUDA = 1, 2
+_KDL_FLOAT = 2
+_CAPSULE_NAME = b"dltensor"
+
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+_capsule_ptr = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_ptr.restype = ctypes.c_void_p
+_capsule_ptr.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+#: Exported tensors still owned by a consumer: address of the struct → (struct, shape
+#: array, owner).  The deleter removes the entry, which releases our buffer.
+_EXPORTED = {}
+
+
+@_DELETER
+def _release(managed):
+    _EXPORTED.pop(ctypes.addressof(managed.contents), None)
+
+
+def capsule_info(capsule):
+    """Read a DLPack capsule (not consuming it) → dict(ptr, shape, strides, typestr, device).
+
+    ``strides`` is in elements, or None for a compact row-major tensor.
+    """
+    addr = _capsule_ptr(capsule, _CAPSULE_NAME)
+    t = _DLManagedTensor.from_address(addr).dl_tensor
+    if t.dtype.code != _KDL_FLOAT or t.dtype.lanes != 1:
+        raise TypeError(f"DLPack tensor has dtype code {t.dtype.code} x{t.dtype.lanes}; "
+                        "dlconv takes float32 only")
+    shape = tuple(t.shape[i] for i in range(t.ndim))
+    strides = None if not t.strides else tuple(t.strides[i] for i in range(t.ndim))
+    return {"ptr": (t.data or 0) + t.byte_offset, "shape": shape, "strides": strides,
+            "typestr": f"<f{t.dtype.bits // 8}", "device": (t.device.device_type, t.device.device_id)}
+
+
+def capsule_from_buffer(owner, ptr: int, shape, device_type: int, device_id: int = 0):
+    """Wrap a compact row-major float32 buffer at ``ptr`` in a DLPack capsule.
+
+    ``owner`` (the array owning the memory) is kept alive until the consumer calls the
+    deleter; the buffer is never copied.
+    """
+    m = _DLManagedTensor()
+    shp = (ctypes.c_int64 * max(len(shape), 1))(*shape)
+    m.dl_tensor.data = ptr
+    m.dl_tensor.device = _DLDevice(device_type, device_id)
+    m.dl_tensor.ndim = len(shape)
+    m.dl_tensor.dtype = _DLDataType(_KDL_FLOAT, 32, 1)
+    m.dl_tensor.shape = ctypes.cast(shp, ctypes.POINTER(ctypes.c_int64))
+    m.dl_tensor.strides = None  # compact row-major
+    m.dl_tensor.byte_offset = 0
+    m.manager_ctx = None
+    m.deleter = _release
+    addr = ctypes.addressof(m)
+    _EXPORTED[addr] = (m, shp, owner)
+    return _capsule_new(addr, _CAPSULE_NAME, None)
+
+
+class _CudaView:
+    """A TensorFlow GPU tensor seen through ``__cuda_array_interface__`` (no copy).
+
+    Holds the DLPack capsule (hence the tensor's memory) for as long as it lives.
+    """
+
+    def __init__(self, tensor):
+        self._capsule = tf.experimental.dlpack.to_dlpack(tensor)
+        info = capsule_info(self._capsule)
+        if info["device"][0] != KDL_CUDA:
+            raise ValueError(f"expected a CUDA tensor, got DLPack device {info['device']}")
+        if info["strides"] is not None and not _is_compact(info["shape"], info["strides"]):
+            raise ValueError(f"expected a row-major tensor, got strides {info['strides']}")
+        self.__cuda_array_interface__ = {"shape": info["shape"], "typestr": info["typestr"],
+                                         "data": (info["ptr"], False), "strides": None,
+                                         "version": 3, "stream": None}
+
+
+def _is_compact(shape, strides):
+    expect = 1
+    for n, s in zip(reversed(shape), reversed(strides)):
+        if n != 1 and s != expect:
+            return False
+        expect *= n
+    return True
+
+
+def _to_tf_from_device(arr):
+    """A Numba device array we allocated → TensorFlow GPU tensor owning it via DLPack."""
+    from numba import cuda
+    cai = arr.__cuda_array_interface__
+    cap = capsule_from_buffer(arr, cai["data"][0], arr.shape, KDL_CUDA, cuda.get_current_device().id)
+    return tf.experimental.dlpack.from_dlpack(cap)
+
+
+def _run_on_tensors(fn, tensors, out_dtypes):
+    """py_function body: run ``fn`` on NumPy views (host) or CUDA views (device)."""
+    on_device = any("GPU" in t.device for t in tensors)
+    if not on_device:
+        outs = fn([_host(t.numpy()) for t in tensors], False)
+        return [tf.convert_to_tensor(o) for o in outs]
+    from numba import cuda
+    views = [_CudaView(t) for t in tensors]
+    cuda.synchronize()               # TensorFlow's producers of our inputs are done
+    outs = fn(views, True)
+    cuda.synchronize()               # our kernels are done before TensorFlow reads
+    del views                        # releases the input capsules
+    return [_to_tf_from_device(o) for o in outs]
+
+
+def _callback(fn, inputs, n_out):
+    """Run ``fn(arrays, on_device) -> list of n_out float32 arrays`` as a TF op."""
+    tout = [tf.float32] * n_out
+    if tf_sees_gpu():
+        out = tf.py_function(lambda *t: _run_on_tensors(fn, t, tout), inputs, tout)
+    else:
+        out = tf.numpy_function(lambda *a: fn([_host(x) for x in a], False), inputs, tout,
+                                stateful=False)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+# ----------------------------------------------------------------------------- conv2d
+def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
+           backend="auto", out_shape=None):
+    """``act(conv2d(x, kernel) + bias)`` (NHWC / HWIO) as a differentiable TF op.
+
+    ``bias`` may be None.  ``activation`` must be one of :data:`FUSED_CONV`.
+    ``out_shape`` is the static output shape to set (may hold None).
+    """
+    act = _act.normalize(activation, allow_softmax=False)
+    strides, dilation = tuple(strides), tuple(dilation)
+    w_shape = tuple(int(d) for d in kernel.shape)
+    has_bias = bias is not None
+
+    def geometry(x_shape):
+        return conv_geometry_cached(tuple(x_shape), w_shape, strides, padding, dilation)
+
+    def forward(arrays, on_device):
+        x_, w_ = arrays[0], arrays[1]
+        b_ = arrays[2] if has_bias else None
+        be = resolve_backend(backend, on_device)
+        g = geometry(x_.shape)
+        return [_ops.conv2d(x_, w_, b_, activation=act, backend=be, geometry=g)]
+
+    def backward(arrays, on_device):
+        x_, w_, y_, dy_ = arrays
+        be = resolve_backend(backend, on_device)
+        g = geometry(x_.shape)
+        dz = dy_ if act == "linear" else _ops.activation_backward(dy_, y_, act, backend=be)
+        dx = _ops.conv2d_backward_data(dz, w_, g.x_shape, backend=be, geometry=g)
+        dw, db = _ops.conv2d_backward_filter(x_, dz, w_shape, backend=be, geometry=g)
+        return [dx, dw, db] if has_bias else [dx, dw]
+
+    @tf.custom_gradient
+    def op(*args):
+        x_t, w_t = args[0], args[1]
+        (y,) = _callback(forward, list(args), 1)
+        if out_shape is not None:
+            y.set_shape(out_shape)
+
+        def grad(dy):
+            grads = _callback(backward, [x_t, w_t, y, dy], 3 if has_bias else 2)
+            grads[0].set_shape(x_t.shape)
+            grads[1].set_shape(w_t.shape)
+            if has_bias:
+                grads[2].set_shape(args[2].shape)
+            return grads
+
+        return y, grad
+
+    args = [x, kernel] + ([bias] if has_bias else [])
+    return op(*args)
+
+
+# ----------------------------------------------------------------------------- dense
+def dense(x, kernel, bias, *, activation="linear", backend="auto"):
+    """``act(x @ kernel + bias)`` for rank-2 ``x`` as a differentiable TF op.
+
+    ``bias`` may be None.  ``activation`` must be one of :data:`FUSED_DENSE`.
+    """
+    act = _act.normalize(activation)
+    has_bias = bias is not None
+    units = int(kernel.shape[1])
+
+    def forward(arrays, on_device):
+        x_, w_ = arrays[0], arrays[1]
+        b_ = arrays[2] if has_bias else None
+        return [_ops.dense(x_, w_, b_, activation=act, backend=resolve_backend(backend, on_device))]
+
+    def backward(arrays, on_device):
+        x_, w_, y_, dy_ = arrays
+        dx, dw, db = _ops.dense_backward(x_, w_, dy_, y_, activation=act,
+                                         backend=resolve_backend(backend, on_device))
+        return [dx, dw, db] if has_bias else [dx, dw]
+
+    @tf.custom_gradient
+    def op(*args):
+        x_t, w_t = args[0], args[1]
+        (y,) = _callback(forward, list(args), 1)
+        y.set_shape((x_t.shape[0], units))
+
+        def grad(dy):
+            grads = _callback(backward, [x_t, w_t, y, dy], 3 if has_bias else 2)
+            grads[0].set_shape(x_t.shape)
+            grads[1].set_shape(w_t.shape)
+            if has_bias:
+                grads[2].set_shape(args[2].shape)
+            return grads
+
+        return y, grad
+
+    args = [x, kernel] + ([bias] if has_bias else [])
+    return op(*args)
