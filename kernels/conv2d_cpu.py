@@ -1,0 +1,324 @@
+"""conv2d on the CPU with Numba (``@njit(parallel=True)``): forward (two variants),
+backward-data and backward-filter.  NHWC activations, HWIO weights, geometry ``g`` from
+:mod:`dlconv.shapes` (nothing here re-derives a pad or an output size).
+
+Index map (every kernel below; rows of the input outside ``[0, in_h)`` are zero padding)::
+
+    y[n, oh, ow, k] = act( b[k] + sum_{kh, kw, c} x[n, ih, iw, c] * w[kh, kw, c, k] )
+    ih = oh * stride_h - pad_top  + kh * dil_h
+    iw = ow * stride_w - pad_left + kw * dil_w
+
+Variants of the forward pass, fastest first:
+
+``cpu_gemm``  implicit GEMM with a register-blocked micro-kernel.  The (pixel, tap)x(tap,
+    filter) product ``Y[M, K] = X_im2col[M, R] @ W[R, K]`` (M = N*OH*OW, R = KH*KW*C) is
+    formed without materialising im2col: one ``prange`` iteration owns one output row
+    (n, oh) and one panel of MICRO_NR filters; the micro-kernel keeps a MICRO_MR pixels x
+    MICRO_NR filters tile in vector registers and streams over (kw, c) for one kh at a
+    time, so the kh-slice of the weight panel (KW*C*NR floats, 24 KiB for 3x3x32x64) stays
+    in L1 while it is reused by every pixel block of the row.  Padding: the input is copied
+    once into a zero-padded buffer (only when some pad > 0), so the micro-kernel has no
+    bounds checks.  Ragged edges: filters are zero-padded to a multiple of MICRO_NR in the
+    packed weights and only the first K are stored; the last OW % MICRO_MR pixels of a row
+    go through a one-pixel loop.
+``cpu_direct``  one ``prange`` iteration per output row (n, oh), one output pixel at a
+    time, a K-vector accumulator, taps outside the input skipped by one explicit guard.
+
+Backward-data is the gather formulation: dx[n, ih, iw, c] sums w[kh, kw, c, k] *
+dy[n, oh, ow, k] over the taps whose ``t = ih + pad_top - kh*dil_h`` is divisible by
+stride_h with ``oh = t / stride_h`` in ``[0, out_h)`` (same for w).  Each dx row is owned by
+one iteration: no atomics, deterministic.  Stride 1 with pads no larger than the dilated
+kernel is routed through the forward micro-kernel instead (a "full" correlation of dy
+with the flipped, transposed weights), which is the same sum in another order.
+
+Backward-filter: one iteration owns dw[kh, kw, c0:c0+CB, :] and reduces over every
+(n, oh, ow) in a fixed order; db is summed over fixed chunks of pixels, then the chunks in
+order.  Results never depend on the number of threads.
+
+Integers are int64 (Numba's int), so flat indices cannot overflow.  Launch geometry: the
+``prange`` loops are split by Numba's threading layer over all cores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from .cpu_common import FASTMATH, MICRO_MR, MICRO_NR, activate, stack_micro_tile
+
+__all__ = ["VARIANTS", "forward", "launch_gemm", "launch_direct", "backward_data",
+           "backward_filter", "pack_weights", "pad_input"]
+
+#: Forward variants, default (fastest on the MNIST conv2 shape) first.
+VARIANTS = ("cpu_gemm", "cpu_direct")
+
+#: Input channels per backward-filter work item: the (CB, K) accumulator of one item stays
+#: in L1 (16 x 64 floats = 4 KiB) and KH*KW*ceil(C/CB) items give every core work.
+BWF_CHANNEL_BLOCK = 16
+#: Fixed number of pixel chunks for db: partial sums are added in chunk order, so the
+#: result does not depend on the thread count.
+DB_CHUNKS = 16
+
+
+# ----------------------------------------------------------------------------- helpers
+def pad_input(x: np.ndarray, g) -> np.ndarray:
+    """x, or a copy zero-padded by the geometry's four pads (only when one is > 0)."""
+    if g.pad_top == 0 and g.pad_bottom == 0 and g.pad_left == 0 and g.pad_right == 0:
+        return x
+    xp = np.zeros((g.batch, g.in_h + g.pad_top + g.pad_bottom, g.in_w + g.pad_left + g.pad_right,
+                   g.in_c), np.float32)
+    xp[:, g.pad_top:g.pad_top + g.in_h, g.pad_left:g.pad_left + g.in_w, :] = x
+    return xp
+
+
+def pack_weights(w: np.ndarray) -> np.ndarray:
+    """HWIO weights → panels ``(ceil(K / MICRO_NR), KH*KW*C, MICRO_NR)``, zero-padded filters."""
+    k_h, k_w, c, k = w.shape
+    r = k_h * k_w * c
+    kb = -(-k // MICRO_NR)
+    wp = np.zeros((kb, r, MICRO_NR), np.float32)
+    w2 = w.reshape(r, k)
+    for b in range(kb):
+        n = min(MICRO_NR, k - b * MICRO_NR)
+        wp[b, :, :n] = w2[:, b * MICRO_NR:b * MICRO_NR + n]
+    return wp
+
+
+def _bias(b, k):
+    return np.zeros(k, np.float32) if b is None else b
+
+
+# ----------------------------------------------------------------------------- cpu_gemm
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+def _gemm_kernel(xf, wp, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, out_h, out_w,
+                 s_h, s_w, d_h, d_w, act):
+    """xf: padded input, flat (N, HP, WP, C); wp: packed weights, flat (KB, R, NR)."""
+    mr = MICRO_MR
+    nr = MICRO_NR
+    n_full = out_w // mr
+    r_len = k_h * k_w * c_in
+    k_blocks = (k_out + nr - 1) // nr
+    for item in prange(n_img * out_h * k_blocks):
+        kb = item % k_blocks
+        row = item // k_blocks
+        n = row // out_h
+        oh = row % out_h
+        acc = stack_micro_tile()
+        rowbuf = np.zeros(out_w * nr, np.float32)   # the row's (OW, NR) partial sums
+        for kh in range(k_h):
+            ih = oh * s_h + kh * d_h                   # padded coordinates: always inside
+            w_kh = (kb * r_len + kh * k_w * c_in) * nr
+            for blk in range(n_full):
+                ow0 = blk * mr
+                rb = rowbuf[ow0 * nr:(ow0 + mr) * nr]
+                for i in range(mr * nr):
+                    acc[i] = rb[i]
+                for kw in range(k_w):
+                    x0 = ((n * hp + ih) * wpad + ow0 * s_w + kw * d_w) * c_in
+                    w0 = w_kh + kw * c_in * nr
+                    for c in range(c_in):
+                        wrow = wp[w0 + c * nr:w0 + c * nr + nr]
+                        for p in range(mr):
+                            xv = xf[x0 + p * s_w * c_in + c]
+                            for j in range(nr):
+                                acc[p * nr + j] += xv * wrow[j]
+                for i in range(mr * nr):
+                    rb[i] = acc[i]
+            for ow in range(n_full * mr, out_w):       # ragged right edge, one pixel at a time
+                rb = rowbuf[ow * nr:(ow + 1) * nr]
+                for kw in range(k_w):
+                    x0 = ((n * hp + ih) * wpad + ow * s_w + kw * d_w) * c_in
+                    w0 = w_kh + kw * c_in * nr
+                    for c in range(c_in):
+                        xv = xf[x0 + c]
+                        wrow = wp[w0 + c * nr:w0 + c * nr + nr]
+                        for j in range(nr):
+                            rb[j] += xv * wrow[j]
+        kn = min(nr, k_out - kb * nr)                  # ragged filter panel: store the first kn
+        for ow in range(out_w):
+            y0 = ((n * out_h + oh) * out_w + ow) * k_out + kb * nr
+            for j in range(kn):
+                yf[y0 + j] = activate(rowbuf[ow * nr + j] + b[kb * nr + j], act)
+
+
+def launch_gemm(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray:
+    """``cpu_gemm`` forward: x NHWC, w HWIO, b (K,) or None, g a ConvGeometry, act a code.
+
+    ``out`` (optional) is a float32 C-contiguous array of shape g.y_shape to write into.
+    """
+    xp = pad_input(x, g)
+    wp = pack_weights(w)
+    y = np.empty(g.y_shape, np.float32) if out is None else out
+    _gemm_kernel(xp.reshape(-1), wp.reshape(-1), _bias(b, g.filters), y.reshape(-1),
+                 g.batch, xp.shape[1], xp.shape[2], g.in_c, g.k_h, g.k_w, g.filters,
+                 g.out_h, g.out_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w, act)
+    return y
+
+
+# ----------------------------------------------------------------------------- cpu_direct
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _direct_kernel(x, w, b, y, s_h, s_w, d_h, d_w, p_t, p_l, act):
+    n_img, in_h, in_w, c_in = x.shape
+    k_h, k_w, _, k_out = w.shape
+    out_h, out_w = y.shape[1], y.shape[2]
+    for row in prange(n_img * out_h):
+        n = row // out_h
+        oh = row % out_h
+        acc = np.empty(k_out, np.float32)
+        for ow in range(out_w):
+            acc[:] = b
+            for kh in range(k_h):
+                ih = oh * s_h - p_t + kh * d_h
+                if ih < 0 or ih >= in_h:               # tap in the top/bottom padding
+                    continue
+                for kw in range(k_w):
+                    iw = ow * s_w - p_l + kw * d_w
+                    if iw < 0 or iw >= in_w:           # tap in the left/right padding
+                        continue
+                    for c in range(c_in):
+                        xv = x[n, ih, iw, c]
+                        for k in range(k_out):
+                            acc[k] += xv * w[kh, kw, c, k]
+            for k in range(k_out):
+                y[n, oh, ow, k] = activate(acc[k], act)
+
+
+def launch_direct(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray:
+    """``cpu_direct`` forward; same arguments as :func:`launch_gemm`."""
+    y = np.empty(g.y_shape, np.float32) if out is None else out
+    _direct_kernel(x, w, _bias(b, g.filters), y, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
+                   g.pad_top, g.pad_left, act)
+    return y
+
+
+_LAUNCH = {"cpu_gemm": launch_gemm, "cpu_direct": launch_direct}
+
+
+def forward(x, w, b, g, act: int, variant: str = "cpu_gemm") -> np.ndarray:
+    """Dispatch to a forward variant by name (see :data:`VARIANTS`)."""
+    try:
+        launch = _LAUNCH[variant]
+    except KeyError:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}") from None
+    return launch(x, w, b, g, act)
+
+
+# ----------------------------------------------------------------------------- backward-data
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _bwd_data_kernel(dy, wt, dx, s_h, s_w, d_h, d_w, p_t, p_l):
+    """wt: weights transposed to (KH, KW, K, C) so the inner loop runs over contiguous c."""
+    n_img, in_h, in_w, c_in = dx.shape
+    k_h, k_w, k_out, _ = wt.shape
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    for row in prange(n_img * in_h):
+        n = row // in_h
+        ih = row % in_h
+        acc = np.empty(c_in, np.float32)
+        for iw in range(in_w):
+            acc[:] = 0.0
+            for kh in range(k_h):
+                th = ih + p_t - kh * d_h               # = oh * s_h when tap kh reads row ih
+                if th < 0 or th % s_h != 0 or th // s_h >= out_h:
+                    continue
+                oh = th // s_h
+                for kw in range(k_w):
+                    tw = iw + p_l - kw * d_w
+                    if tw < 0 or tw % s_w != 0 or tw // s_w >= out_w:
+                        continue
+                    ow = tw // s_w
+                    for k in range(k_out):
+                        dv = dy[n, oh, ow, k]
+                        for c in range(c_in):
+                            acc[c] += dv * wt[kh, kw, k, c]
+            dx[n, ih, iw, :] = acc
+
+
+def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
+    """dL/dx (shape g.x_shape) from dL/dz (shape g.y_shape) and HWIO weights."""
+    from dlconv.shapes import conv_geometry
+
+    top = (g.k_h - 1) * g.dil_h - g.pad_top
+    left = (g.k_w - 1) * g.dil_w - g.pad_left
+    if g.stride_h == 1 and g.stride_w == 1 and top >= 0 and left >= 0:
+        # dx = "full" correlation of dy with the flipped weights, channels swapped:
+        # dx[n, ih, iw, c] = sum dy[n, ih + pad_top - kh*dil, ...] * w[kh, kw, c, k].
+        bottom = g.in_h + g.k_h_eff - 1 - g.out_h - top
+        right = g.in_w + g.k_w_eff - 1 - g.out_w - left
+        if bottom >= 0 and right >= 0:
+            wf = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
+            gt = conv_geometry(dy.shape, wf.shape, 1, ((top, bottom), (left, right)),
+                               (g.dil_h, g.dil_w))
+            assert (gt.out_h, gt.out_w) == (g.in_h, g.in_w)
+            return launch_gemm(dy, wf, None, gt, 0)
+    wt = np.ascontiguousarray(w.transpose(0, 1, 3, 2))
+    dx = np.empty(g.x_shape, np.float32)
+    _bwd_data_kernel(dy, wt, dx, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top, g.pad_left)
+    return dx
+
+
+def backward_data_gather(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
+    """The gather kernel alone (any stride), for tests and benchmarks."""
+    wt = np.ascontiguousarray(w.transpose(0, 1, 3, 2))
+    dx = np.empty(g.x_shape, np.float32)
+    _bwd_data_kernel(dy, wt, dx, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top, g.pad_left)
+    return dx
+
+
+# ----------------------------------------------------------------------------- backward-filter
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _bwd_filter_kernel(x, dy, dw, s_h, s_w, d_h, d_w, p_t, p_l, cb):
+    n_img, in_h, in_w, c_in = x.shape
+    k_h, k_w, _, k_out = dw.shape
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    n_cb = (c_in + cb - 1) // cb
+    for item in prange(k_h * k_w * n_cb):
+        kh = item // (k_w * n_cb)
+        kw = (item // n_cb) % k_w
+        c0 = (item % n_cb) * cb
+        c1 = min(c0 + cb, c_in)
+        acc = np.zeros((c1 - c0, k_out), np.float32)
+        for n in range(n_img):
+            for oh in range(out_h):
+                ih = oh * s_h - p_t + kh * d_h
+                if ih < 0 or ih >= in_h:
+                    continue
+                for ow in range(out_w):
+                    iw = ow * s_w - p_l + kw * d_w
+                    if iw < 0 or iw >= in_w:
+                        continue
+                    for c in range(c0, c1):
+                        xv = x[n, ih, iw, c]
+                        for k in range(k_out):
+                            acc[c - c0, k] += xv * dy[n, oh, ow, k]
+        dw[kh, kw, c0:c1, :] = acc
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _bias_grad_kernel(dy2, chunks):
+    """db[k] = sum_m dy2[m, k]: fixed chunks of rows, then the chunks added in order."""
+    m, k_out = dy2.shape
+    part = np.zeros((chunks, k_out), np.float32)
+    step = (m + chunks - 1) // chunks
+    for ch in prange(chunks):
+        for i in range(ch * step, min(m, (ch + 1) * step)):
+            for k in range(k_out):
+                part[ch, k] += dy2[i, k]
+    db = np.zeros(k_out, np.float32)
+    for ch in range(chunks):
+        for k in range(k_out):
+            db[k] += part[ch, k]
+    return db
+
+
+def bias_grad(dy2: np.ndarray) -> np.ndarray:
+    """Column sums of a (rows, K) float32 array, deterministic."""
+    return _bias_grad_kernel(dy2, DB_CHUNKS)
+
+
+def backward_filter(x: np.ndarray, dy: np.ndarray, g):
+    """(dL/dw with shape g.w_shape, dL/db with shape (g.filters,)) from x and dL/dz."""
+    dw = np.empty(g.w_shape, np.float32)
+    _bwd_filter_kernel(x, dy, dw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top,
+                       g.pad_left, min(BWF_CHANNEL_BLOCK, g.in_c))
+    db = bias_grad(dy.reshape(-1, g.filters))
+    return dw, db
