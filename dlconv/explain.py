@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import sys
 import types
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from .shapes import ConvGeometry, conv_geometry, conv_param_count
 
@@ -69,20 +70,18 @@ def filter_letter(index: int) -> str:
 
 def filter_index(spec, filters: int) -> int:
     """A filter given as a letter ("B", "aa") or a 1-based number (2, "2") → 0-based index."""
-    if isinstance(spec, str) and spec.strip().isalpha():
+    text = spec.strip() if isinstance(spec, str) else None
+    if text and text.isascii() and text.isalpha():
         n = 0
-        for ch in spec.strip().upper():
+        for ch in text.upper():
             n = n * 26 + (ord(ch) - ord("A") + 1)
         index = n - 1
+    elif text and text.isascii() and text.isdigit():
+        index = int(text) - 1
+    elif isinstance(spec, numbers.Integral) and not isinstance(spec, bool):
+        index = int(spec) - 1
     else:
-        try:
-            number = int(spec)
-        except (TypeError, ValueError):
-            raise ValueError(f"filter must be a letter (A, B, ...) or a 1-based number, got {spec!r}") \
-                from None
-        if isinstance(spec, bool) or number != spec and str(number) != str(spec).strip():
-            raise ValueError(f"filter must be a letter (A, B, ...) or a 1-based number, got {spec!r}")
-        index = number - 1
+        raise ValueError(f"filter must be a letter (A, B, ...) or a 1-based number, got {spec!r}")
     if not 0 <= index < filters:
         raise ValueError(f"filter must be one of A..{filter_letter(filters - 1)} (1..{filters}), "
                          f"got {spec!r}")
@@ -276,7 +275,8 @@ def _axis_steps(g: ConvGeometry, axis: str, padding_mode: str) -> AxisSteps:
                f"window ends {leftover} {unit[1] if leftover > 1 else unit[0]} before the end of the "
                f"padded input")
         if tail:
-            msg += f", so input {_plural(unit, tail)} {_join(tail)} {'is' if len(tail) == 1 else 'are'} never read"
+            verb = "is" if len(tail) == 1 else "are"
+            msg += f", so input {_plural(unit, tail)} {_join(tail)} {verb} never read"
         else:
             msg += ", and " + ("that is" if leftover == 1 else "those are") + " padding: every input " \
                    f"{unit[0]} is still read"
@@ -401,9 +401,9 @@ def _position(value, name: str, rows: int, cols: int) -> Tuple[int, int]:
     """1-based ROW,COL → 0-based, checked against the grid."""
     r, c = _ints(value, name, (2,), "ROW,COL (1-based), e.g. 1,1")
     for what, v, hi in (("row", r, rows), ("column", c, cols)):
-        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v <= hi:
             raise ValueError(f"{name} {what} must be in 1..{hi} (1-based), got {v!r}")
-    return r - 1, c - 1
+    return int(r) - 1, int(c) - 1
 
 
 # ----------------------------------------------------------------------------- the API
