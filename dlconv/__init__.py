@@ -10,7 +10,7 @@ Index arithmetic (:mod:`dlconv.shapes`): ``conv_output_size``, ``conv_geometry``
 ``ConvGeometry``, ``conv_param_count``, ``dense_param_count``.
 Ops (:mod:`dlconv.ops`): ``conv2d``, ``conv2d_backward_data``, ``conv2d_backward_filter``,
 ``dense``, ``dense_backward``, ``softmax``, ``activation_backward``.
-Teaching: ``explain``.  Machine report: ``info``.
+Teaching: ``explain(...)``.  Machine report: ``dlconv.info.info()`` (a dict).
 Keras layers: ``import dlconv.layers`` (imports TensorFlow).
 """
 
@@ -27,7 +27,7 @@ _LAZY = {
     "conv2d": "dlconv.ops", "conv2d_backward_data": "dlconv.ops",
     "conv2d_backward_filter": "dlconv.ops", "dense": "dlconv.ops", "dense_backward": "dlconv.ops",
     "softmax": "dlconv.ops", "activation_backward": "dlconv.ops",
-    "explain": "dlconv.explain", "info": "dlconv.info",
+    "explain": "dlconv.explain",
 }
 _SUBMODULES = ("backends", "ops", "reference", "explain", "info", "layers", "models", "data",
                "bench", "cli", "kernels", "arrays", "activations", "shapes", "train")
