@@ -1,0 +1,106 @@
+"""Render the latest benchmark results in benchmarks/results/ as a markdown table for the README.
+
+    python benchmarks/make_table.py                 # compact: best variant per backend
+    python benchmarks/make_table.py --full          # every variant, as `dlconv bench` wrote it
+    python benchmarks/make_table.py --results DIR
+
+Reads the JSON files written by ``dlconv bench`` (kind "cpu", or "gpu" when dlconv bench ran
+on a GPU machine) and ``benchmarks/gpu_bench.py`` (kind "gpu"); dry runs are ignored.  For
+each kind the newest full run is used (a --quick run only when no full run exists).  Every
+number printed comes from those files; a kind with no file says "not yet measured".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))          # run from a checkout without installing
+
+from dlconv import bench  # noqa: E402  (imports neither TensorFlow nor Numba)
+
+KINDS = (("cpu", "CPU"), ("gpu", "GPU"))
+
+
+def load_results(folder: pathlib.Path) -> list:
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"make_table: skipping {path.name}: {exc}", file=sys.stderr)
+            continue
+        if d.get("schema") != bench.SCHEMA:
+            continue
+        d["_file"] = path.name
+        out.append(d)
+    return out
+
+
+def latest(results: list, kind: str):
+    """Newest full run of ``kind`` (else the newest quick run), or None."""
+    cands = [r for r in results if r.get("kind") == kind]
+    if not cands:
+        return None
+    return max(cands, key=lambda r: (not r.get("quick", False), r.get("timestamp", ""), r["_file"]))
+
+
+def _best_rows(result: dict) -> list:
+    """Built-in row and, per backend, the fastest correct variant of each layer/pass/device."""
+    groups = {}
+    for r in result["rows"]:
+        groups.setdefault((r["device"], r["layer"], r["pass"]), []).append(r)
+    out = []
+    for (device, layer, pass_), rows in groups.items():
+        out += [r for r in rows if r["is_builtin"]]
+        backends = []
+        for r in rows:
+            if not r["is_builtin"] and r["backend"] not in backends:
+                backends.append(r["backend"])
+        for b in backends:
+            mine = [r for r in rows if r["backend"] == b]
+            timed = [r for r in mine if r["median_s"] is not None and not r["is_builtin"]]
+            if timed:
+                best = min(timed, key=lambda r: r["median_s"])
+                n = len(mine)
+                if n > 1:
+                    best = dict(best, impl=f"{best['impl']} (best of {n})")
+                out.append(best)
+            else:
+                out.append(mine[0])
+    return out
+
+
+def render(result: dict, title: str, full: bool) -> str:
+    if full:
+        return bench.format_markdown(result, title=f"{title} ({result['_file']})")
+    compact = dict(result, rows=_best_rows(result))
+    return bench.format_markdown(compact, title=f"{title} ({result['_file']})")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", default=str(HERE / "results"), help="folder of results JSONs")
+    ap.add_argument("--full", action="store_true", help="every variant instead of the best per backend")
+    args = ap.parse_args(argv)
+    results = load_results(pathlib.Path(args.results))
+    parts = []
+    for kind, title in KINDS:
+        r = latest(results, kind)
+        if r is None:
+            parts.append(f"### {title} — not yet measured\n\nNo {title} result in "
+                         f"benchmarks/results/ yet"
+                         + (" (run `benchmarks/gpu_check.sh OUT_DIR` on a GPU machine and commit "
+                            "OUT_DIR/gpu-bench.json there)." if kind == "gpu" else
+                            " (run `dlconv bench --out benchmarks/results`).") + "\n")
+            continue
+        parts.append(render(r, title, args.full))
+    print("\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

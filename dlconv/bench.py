@@ -1,0 +1,1133 @@
+"""Benchmark the kernels against the framework's built-in ops: ``dlconv bench``.
+
+What is measured
+----------------
+Every layer shape of the workshop's MNIST CNN at batch 128 (:data:`LAYERS`), every pass
+(forward, backward-data, backward-filter for a convolution; forward and backward for a
+dense layer, whose backward is one op here: dx, dw and db together), every usable backend
+and conv-forward kernel variant, next to the built-in op measured in the same process:
+
+* CPU: TensorFlow (oneDNN): ``tf.nn.conv2d`` + bias + activation, its gradients
+  ``tf.raw_ops.Conv2DBackpropInput`` / ``Conv2DBackpropFilter`` (+ ``BiasAddGrad``),
+  ``matmul`` + bias + activation and the same ops TensorFlow's registered gradients use;
+  each tried eagerly and inside ``tf.function``, and the faster counts.
+* CUDA (only when a real GPU is present, never the simulator): the same ops on
+  TensorFlow's GPU (cuDNN, cuBLAS) when TensorFlow sees one.  ``benchmarks/gpu_bench.py``
+  is the GPU check for machines without TensorFlow (torch's cuDNN/cuBLAS).
+
+Plus the end-to-end MNIST CNN training step, dlconv layers vs stock Keras layers.
+
+Honesty rules the harness enforces
+----------------------------------
+* The first call of every case is a warm-up (JIT compilation, tracing, caches) and its
+  output is the one checked against :mod:`dlconv.reference`; further warm-up calls follow,
+  then ``repeats`` timed samples.  A sample is ``inner`` back-to-back calls divided by
+  ``inner``, with ``inner`` chosen so that one sample lasts at least ``min_sample_s``
+  (timer resolution).  The reported time is the median of the samples.
+* Correctness: each output (ours and the built-in's) is compared with the NumPy reference
+  on the *same inputs at the full batch*; the reference runs once per layer and pass and
+  is reused.  A case whose error exceeds :data:`TOLERANCE` is shown as failed and is not
+  timed.  The reference backend itself is never timed (it is the oracle).
+* Ratio: ``t_builtin / t_ours`` (= throughput ours / throughput built-in; > 1 means we
+  are faster).  The train step reports ``t_ours / t_stock`` (≤ 1 means we are faster).
+* Every figure in a table comes from this run; :data:`TARGETS` are the only typed-in
+  numbers, and they are goals, not results.
+
+Importing this module imports neither TensorFlow nor Numba (``benchmarks/gpu_bench.py``
+reuses it on machines without TensorFlow).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import pathlib
+import re
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from . import shapes
+
+SCHEMA = "dlconv-bench/1"
+
+#: Largest accepted error, max|out - ref| / max|ref| per output array.  An indexing bug
+#: gives errors of order 1; float32 accumulation over the longest reduction here
+#: (73 728 terms in conv2's backward-filter) stays well below 1e-4.  1e-3 separates the two.
+TOLERANCE = 1e-3
+
+#: Seconds one timing sample should last at least (many calls of a short op per sample,
+#: so that timer resolution and call jitter do not dominate).
+MIN_SAMPLE_S = 0.05
+#: Upper bound on calls per sample.
+MAX_INNER = 1000
+
+BATCH = 128
+CONV_PASSES = ("forward", "backward-data", "backward-filter")
+DENSE_PASSES = ("forward", "backward")
+ALL_PASSES = ("forward", "backward-data", "backward-filter", "backward")
+#: Backends that are timed; "reference" is the oracle and is never timed.
+TIMED_BACKENDS = ("cpp", "numba")
+
+
+# ----------------------------------------------------------------------------- layers
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One layer shape of the benchmark.  ``sample_shape`` excludes the batch."""
+
+    name: str
+    kind: str                 # "conv" | "dense"
+    sample_shape: tuple
+    w_shape: tuple
+    activation: str
+    padding: str = "valid"
+
+    def geometry(self, batch: int):
+        if self.kind == "conv":
+            return shapes.conv_geometry((batch, *self.sample_shape), self.w_shape,
+                                        padding=self.padding)
+        return shapes.dense_geometry((batch, *self.sample_shape), self.w_shape)
+
+    @property
+    def passes(self):
+        return CONV_PASSES if self.kind == "conv" else DENSE_PASSES
+
+    def describe(self) -> str:
+        if self.kind == "conv":
+            h, w, c = self.sample_shape
+            kh, kw, _, f = self.w_shape
+            return f"{h}×{w}×{c} → {f}, {kh}×{kw} {self.padding}, {self.activation}"
+        return f"{self.w_shape[0]} → {self.w_shape[1]}, {self.activation}"
+
+    def flops(self, pass_: str, batch: int) -> int:
+        """Multiply-adds × 2 of one pass; a dense backward is dx and dw: twice the forward."""
+        g = self.geometry(batch)
+        if self.kind == "dense" and pass_ == "backward":
+            return 2 * g.flops
+        return g.flops
+
+
+#: The workshop's MNIST CNN (Keras' mnist_cnn example): conv1, conv2, dense1, dense2.
+LAYERS = (
+    Layer("conv1", "conv", (28, 28, 1), (3, 3, 1, 32), "relu"),
+    Layer("conv2", "conv", (26, 26, 32), (3, 3, 32, 64), "relu"),
+    Layer("dense1", "dense", (9216,), (9216, 128), "relu"),
+    Layer("dense2", "dense", (128,), (128, 10), "softmax"),
+)
+LAYER_BY_NAME = {layer.name: layer for layer in LAYERS}
+
+
+# ----------------------------------------------------------------------------- targets
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A goal for the best correct variant of ``backend`` on one layer/pass/device."""
+
+    device: str               # "cpu" | "cuda"
+    layer: str
+    pass_: str
+    backend: str
+    min_ratio: float
+    label: str
+
+    def matches(self, row: dict) -> bool:
+        return (row["device"] == self.device and row["layer"] == self.layer
+                and row["pass"] == self.pass_ and row["backend"] == self.backend)
+
+
+TARGETS = (
+    Target("cpu", "conv2", "forward", "cpp", 1.3, "C++ CPU conv2 forward vs tf.nn.conv2d"),
+    Target("cpu", "conv2", "backward-data", "cpp", 1.0, "C++ CPU conv2 backward-data"),
+    Target("cpu", "conv2", "backward-filter", "cpp", 1.0, "C++ CPU conv2 backward-filter"),
+    Target("cpu", "dense1", "forward", "cpp", 1.0, "C++ CPU dense 9216→128 + bias + relu"),
+    Target("cpu", "conv2", "forward", "numba", 0.5, "Numba CPU conv2 forward"),
+    Target("cuda", "conv2", "forward", "cpp", 0.7, "best CUDA C++ conv vs cuDNN"),
+    Target("cuda", "conv2", "forward", "numba", 0.5, "best Numba CUDA conv vs cuDNN"),
+    Target("cuda", "dense1", "forward", "cpp", 0.8, "CUDA C++ dense vs cuBLAS"),
+    Target("cuda", "dense1", "forward", "numba", 0.5, "Numba CUDA dense vs cuBLAS"),
+)
+#: Train step: dlconv(backend) time / stock Keras time must be at most this.
+TRAIN_TARGETS = {"cpp": 1.0}
+
+
+def target_for(row: dict) -> Optional[Target]:
+    for t in TARGETS:
+        if t.matches(row):
+            return t
+    return None
+
+
+# ----------------------------------------------------------------------------- problems
+@dataclasses.dataclass
+class Problem:
+    """Inputs of one layer/pass on the host, and the reference outputs for them."""
+
+    layer: Layer
+    pass_: str
+    batch: int
+    geometry: object
+    inputs: Dict[str, np.ndarray]
+    expected: tuple
+    reference_s: float
+
+    @property
+    def flops(self) -> int:
+        return self.layer.flops(self.pass_, self.batch)
+
+
+def make_problem(layer: Layer, pass_: str, batch: int = BATCH, seed: int = 0) -> Problem:
+    """Random inputs (fixed seed) and the reference outputs, computed once."""
+    from . import reference as ref
+
+    rng = np.random.default_rng(seed + 1000 * LAYERS.index(layer) if layer in LAYERS else seed)
+    g = layer.geometry(batch)
+    fan_in = int(np.prod(layer.w_shape[:-1]))
+    x = rng.random(g.x_shape, dtype=np.float32)                       # like MNIST pixels / relu outputs
+    w = (rng.standard_normal(layer.w_shape) * math.sqrt(2.0 / fan_in)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(layer.w_shape[-1])).astype(np.float32)
+    dy = rng.standard_normal(g.y_shape).astype(np.float32)
+    t0 = time.perf_counter()
+    if layer.kind == "conv":
+        if pass_ == "forward":
+            inputs = {"x": x, "w": w, "b": b}
+            expected = (ref.conv2d_forward(x, w, b, g, layer.activation),)
+        elif pass_ == "backward-data":
+            inputs = {"dy": dy, "w": w}
+            expected = (ref.conv2d_backward_data(dy, w, g),)
+        elif pass_ == "backward-filter":
+            inputs = {"x": x, "dy": dy}
+            expected = tuple(ref.conv2d_backward_filter(x, dy, g))
+        else:
+            raise ValueError(f"pass must be one of {CONV_PASSES} for {layer.name}, got {pass_!r}")
+    else:
+        if pass_ == "forward":
+            inputs = {"x": x, "w": w, "b": b}
+            expected = (ref.dense_forward(x, w, b, layer.activation),)
+        elif pass_ == "backward":
+            y = ref.dense_forward(x, w, b, layer.activation)
+            inputs = {"x": x, "w": w, "dy": dy, "y": y}
+            expected = tuple(ref.dense_backward(x, w, dy, y, layer.activation))
+        else:
+            raise ValueError(f"pass must be one of {DENSE_PASSES} for {layer.name}, got {pass_!r}")
+    return Problem(layer, pass_, batch, g, inputs, expected, time.perf_counter() - t0)
+
+
+def max_rel_error(outputs: Sequence[np.ndarray], expected: Sequence[np.ndarray]) -> float:
+    """max over output arrays of max|out - ref| / max|ref|; inf on a shape mismatch or NaN."""
+    if len(outputs) != len(expected):
+        return math.inf
+    worst = 0.0
+    for o, r in zip(outputs, expected):
+        o = np.asarray(o, np.float64)
+        r = np.asarray(r, np.float64)
+        if o.shape != r.shape or not np.all(np.isfinite(o)):
+            return math.inf
+        scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-30)
+        worst = max(worst, float(np.max(np.abs(o - r))) / scale if r.size else 0.0)
+    return worst
+
+
+def to_host(a) -> np.ndarray:
+    """Any array this harness meets (NumPy, Numba device, torch, TensorFlow) → NumPy."""
+    if isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "copy_to_host"):                       # Numba device array
+        return a.copy_to_host()
+    if hasattr(a, "detach") and hasattr(a, "cpu"):        # torch tensor
+        return a.detach().cpu().numpy()
+    if hasattr(a, "numpy"):                               # TensorFlow tensor
+        return a.numpy()
+    return np.asarray(a)
+
+
+def as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+# ----------------------------------------------------------------------------- places
+class HostPlace:
+    """Arrays in host memory, timed with ``time.perf_counter``."""
+
+    device = "cpu"
+    simulated = False
+
+    def put(self, a: np.ndarray):
+        return a
+
+    def stream(self):
+        return None
+
+    def sync(self):
+        pass
+
+    def time_block(self, fn: Callable, inner: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        return (time.perf_counter() - t0) / inner
+
+
+class NumbaCudaPlace(HostPlace):
+    """Arrays in CUDA memory (Numba device arrays), timed with CUDA events on one stream.
+
+    Under the simulator (``simulated``) the events are replaced by the host clock; such
+    timings are never reported as GPU figures.
+    """
+
+    device = "cuda"
+
+    def __init__(self):
+        from numba import cuda
+        self._cuda = cuda
+        self.simulated = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+        self._stream = cuda.stream()
+
+    def put(self, a: np.ndarray):
+        return self._cuda.to_device(a, stream=self._stream)
+
+    def stream(self):
+        return self._stream
+
+    def sync(self):
+        self._stream.synchronize()
+
+    def time_block(self, fn, inner):
+        if self.simulated:
+            self.sync()
+            t = HostPlace.time_block(self, fn, inner)
+            self.sync()
+            return t
+        start, end = self._cuda.event(), self._cuda.event()
+        self.sync()
+        start.record(self._stream)
+        for _ in range(inner):
+            fn()
+        end.record(self._stream)
+        end.synchronize()
+        return self._cuda.event_elapsed_time(start, end) / 1000.0 / inner
+
+
+# ----------------------------------------------------------------------------- timing
+@dataclasses.dataclass
+class Timing:
+    median_s: float
+    samples_s: List[float]
+    inner: int
+    warmup: int
+
+
+def measure(fn: Callable, place, repeats: int, warmup: int,
+            min_sample_s: float = MIN_SAMPLE_S) -> Timing:
+    """Median seconds per call of ``fn``; the caller has already made the first call.
+
+    ``warmup`` more calls are made and discarded, then one calibration sample picks
+    ``inner`` (calls per sample), then ``repeats`` samples are taken.
+    """
+    for _ in range(max(warmup, 0)):
+        fn()
+    place.sync()
+    t1 = place.time_block(fn, 1)
+    inner = int(min(MAX_INNER, max(1, math.ceil(min_sample_s / max(t1, 1e-9)))))
+    samples = [place.time_block(fn, inner) for _ in range(max(repeats, 1))]
+    return Timing(statistics.median(samples), samples, inner, max(warmup, 0) + 1)
+
+
+# ----------------------------------------------------------------------------- our ops
+def our_call(problem: Problem, backend: str, variant: Optional[str], arrays: dict, stream=None):
+    """A zero-argument callable running one of our ops on ``arrays`` (already placed)."""
+    from . import ops
+
+    layer, g, a = problem.layer, problem.geometry, arrays
+    act = layer.activation
+    if layer.kind == "conv":
+        if problem.pass_ == "forward":
+            return lambda: ops.conv2d(a["x"], a["w"], a["b"], activation=act, backend=backend,
+                                      variant=variant, stream=stream, geometry=g)
+        if problem.pass_ == "backward-data":
+            return lambda: ops.conv2d_backward_data(a["dy"], a["w"], g.x_shape, backend=backend,
+                                                    stream=stream, geometry=g)
+        return lambda: ops.conv2d_backward_filter(a["x"], a["dy"], g.w_shape, backend=backend,
+                                                  stream=stream, geometry=g)
+    if problem.pass_ == "forward":
+        return lambda: ops.dense(a["x"], a["w"], a["b"], activation=act, backend=backend,
+                                 stream=stream)
+    return lambda: ops.dense_backward(a["x"], a["w"], a["dy"], a["y"], activation=act,
+                                      backend=backend, stream=stream)
+
+
+def our_impls(device: str, backends: Sequence[str]):
+    """→ list of (backend, variant or None, why-unusable or None) for the given device."""
+    from . import backends as registry
+
+    out = []
+    for name in backends:
+        try:
+            be = registry.get(name)
+            ok, why = be.cuda_status() if device == "cuda" else be.cpu_status()
+        except Exception as exc:  # a backend that does not import is reported, not fatal
+            out.append((name, None, f"{type(exc).__name__}: {exc}"))
+            continue
+        if not ok:
+            out.append((name, None, why))
+            continue
+        variants = list(be.conv_variants(on_device=(device == "cuda"))) or [None]
+        out.append((name, variants, None))
+    return out
+
+
+# ----------------------------------------------------------------------------- built-ins
+class BuiltinProvider:
+    """Interface: the framework's own op for a problem.  ``label`` names the framework."""
+
+    label = "built-in"
+
+    def modes(self, problem: Problem, place) -> List[tuple]:
+        """→ [(mode name, zero-argument callable returning the output(s)[, convert]), ...];
+        ``convert`` (optional, not timed) maps the output to dlconv's layouts for the check."""
+        raise NotImplementedError  # abstract: TensorFlowBuiltin, torch and reference override
+
+
+class ReferenceBuiltin(BuiltinProvider):
+    """The NumPy reference as a stand-in built-in (dry runs on machines with no framework)."""
+
+    label = "reference (NumPy stand-in)"
+
+    def modes(self, problem, place):
+        from . import reference as ref
+
+        p, g, a = problem, problem.geometry, problem.inputs
+        act = p.layer.activation
+        if p.layer.kind == "conv":
+            fn = {"forward": lambda: ref.conv2d_forward(a["x"], a["w"], a["b"], g, act),
+                  "backward-data": lambda: ref.conv2d_backward_data(a["dy"], a["w"], g),
+                  "backward-filter": lambda: ref.conv2d_backward_filter(a["x"], a["dy"], g)}
+        else:
+            fn = {"forward": lambda: ref.dense_forward(a["x"], a["w"], a["b"], act),
+                  "backward": lambda: ref.dense_backward(a["x"], a["w"], a["dy"], a["y"], act)}
+        return [("numpy", fn[p.pass_])]
+
+
+class TensorFlowBuiltin(BuiltinProvider):
+    """TensorFlow's ops (oneDNN on the CPU, cuDNN/cuBLAS on a GPU), eager and tf.function."""
+
+    def __init__(self):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+        self.tf = tf
+        self.label = f"tensorflow {tf.__version__}"
+
+    def gpu_available(self) -> bool:
+        return bool(self.tf.config.list_physical_devices("GPU"))
+
+    def _fn(self, problem):
+        tf = self.tf
+        p, g = problem, problem.geometry
+        act = p.layer.activation
+        activate = {"relu": tf.nn.relu, "softmax": tf.nn.softmax, "linear": tf.identity,
+                    "sigmoid": tf.sigmoid, "tanh": tf.tanh}[act]
+        if p.layer.kind == "conv":
+            pads = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right)
+            kw = dict(strides=[1, g.stride_h, g.stride_w, 1], dilations=[1, g.dil_h, g.dil_w, 1])
+            if any(pads):
+                kw.update(padding="EXPLICIT", explicit_paddings=[0, 0, *pads, 0, 0])
+            else:
+                kw.update(padding="VALID")
+            if p.pass_ == "forward":
+                return lambda x, w, b: activate(tf.nn.bias_add(tf.raw_ops.Conv2D(
+                    input=x, filter=w, **kw), b))
+            if p.pass_ == "backward-data":
+                sizes = tf.constant(g.x_shape, tf.int32)
+                return lambda dy, w: tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=sizes, filter=w, out_backprop=dy, **kw)
+            fsizes = tf.constant(g.w_shape, tf.int32)
+            return lambda x, dy: (tf.raw_ops.Conv2DBackpropFilter(
+                input=x, filter_sizes=fsizes, out_backprop=dy, **kw), tf.raw_ops.BiasAddGrad(out_backprop=dy))
+        if p.pass_ == "forward":
+            return lambda x, w, b: activate(tf.nn.bias_add(tf.matmul(x, w), b))
+
+        def backward(x, w, dy, y):
+            # The ops TensorFlow's registered gradients of relu/softmax, MatMul and BiasAdd run.
+            if act == "relu":
+                dz = tf.raw_ops.ReluGrad(gradients=dy, features=y)
+            elif act == "softmax":
+                dz = (dy - tf.reduce_sum(dy * y, axis=-1, keepdims=True)) * y
+            elif act == "linear":
+                dz = dy
+            elif act == "sigmoid":
+                dz = tf.raw_ops.SigmoidGrad(y=y, dy=dy)
+            else:
+                dz = tf.raw_ops.TanhGrad(y=y, dy=dy)
+            return (tf.matmul(dz, w, transpose_b=True), tf.matmul(x, dz, transpose_a=True),
+                    tf.raw_ops.BiasAddGrad(out_backprop=dz))
+        return backward
+
+    def modes(self, problem, place):
+        tf = self.tf
+        dev = "/GPU:0" if place.device == "cuda" else "/CPU:0"
+        names = {"forward": ("x", "w", "b"), "backward-data": ("dy", "w"),
+                 "backward-filter": ("x", "dy"), "backward": ("x", "w", "dy", "y")}[problem.pass_]
+        with tf.device(dev):
+            args = [tf.constant(problem.inputs[n]) for n in names]
+            eager = self._fn(problem)
+            graph = tf.function(self._fn(problem), jit_compile=False)
+        sync = (lambda: tf.test.experimental.sync_devices()) if place.device == "cuda" else (lambda: None)
+
+        def run(f):
+            def call():
+                with tf.device(dev):
+                    out = f(*args)
+                sync()
+                return out
+            return call
+        return [("eager", run(eager)), ("tf.function", run(graph))]
+
+
+# ----------------------------------------------------------------------------- the suite
+def _row(problem: Problem, device: str, impl: str, backend: str, variant, mode=None) -> dict:
+    return {"layer": problem.layer.name, "layer_desc": problem.layer.describe(),
+            "pass": problem.pass_, "device": device, "batch": problem.batch,
+            "impl": impl, "backend": backend, "variant": variant, "mode": mode,
+            "is_builtin": backend == "builtin", "flops": problem.flops,
+            "status": None, "why": None, "correct": None, "max_rel_err": None, "tol": TOLERANCE,
+            "median_s": None, "samples_s": None, "inner": None, "gflops": None, "ratio": None,
+            "target": None, "target_met": None}
+
+
+def _run_case(row: dict, fn: Callable, problem: Problem, place, repeats: int, warmup: int,
+              min_sample_s: float, convert: Optional[Callable] = None) -> dict:
+    """First call (warm-up) → correctness; only a correct case is then timed.
+
+    ``convert`` (not timed) maps the output to NHWC/HWIO host arrays when a built-in
+    works in another layout.
+    """
+    try:
+        out = fn()
+        place.sync()
+        outs = [to_host(o) for o in as_tuple(out if convert is None else convert(out))]
+        err = max_rel_error(outs, problem.expected)
+    except Exception as exc:  # a kernel that raises is shown as an error row, the suite goes on
+        row.update(status="error", why=f"{type(exc).__name__}: {exc}"[:300], correct=False)
+        return row
+    row["max_rel_err"] = err if math.isfinite(err) else None
+    row["correct"] = bool(err <= TOLERANCE)
+    if not row["correct"]:
+        row.update(status="failed",
+                   why=f"max relative error {err:.3g} > tolerance {TOLERANCE:g}; not timed")
+        return row
+    if place.simulated and not getattr(place, "time_anyway", False):
+        row.update(status="ok", why="CUDA simulator: checked, not timed")
+        return row
+    try:
+        t = measure(fn, place, repeats, warmup, min_sample_s)
+    except Exception as exc:  # failing after a correct first call is still an error row
+        row.update(status="error", why=f"{type(exc).__name__}: {exc}"[:300])
+        return row
+    row.update(status="ok", median_s=t.median_s, samples_s=t.samples_s, inner=t.inner,
+               gflops=problem.flops / t.median_s / 1e9)
+    return row
+
+
+@dataclasses.dataclass
+class Settings:
+    batch: int = BATCH
+    repeats: int = 7
+    warmup: int = 2
+    min_sample_s: float = MIN_SAMPLE_S
+    train_repeats: int = 7
+    seed: int = 0
+    budget_s: Optional[float] = None       # stop timing new cases after this many seconds
+
+
+def plan(layers: Sequence[Layer], passes: Sequence[str]) -> List[tuple]:
+    """(layer, pass) pairs selected, in table order."""
+    out = []
+    for layer in layers:
+        for p in layer.passes:
+            if p in passes:
+                out.append((layer, p))
+    return out
+
+
+def run_kernels(pairs, places, backends, builtin: Optional[BuiltinProvider], settings: Settings,
+                progress: bool = True, on_row: Optional[Callable] = None,
+                builtin_why: str = "") -> List[dict]:
+    """Run every (layer, pass) × place × (built-in modes + our backends/variants)."""
+    jobs = []
+    for place in places:
+        impls = our_impls(place.device, backends)
+        for layer, p in pairs:
+            jobs.append((place, layer, p, impls))
+    n_steps = sum(1 + sum(len(v) if (v and p == "forward" and layer.kind == "conv") else 1
+                          for _, v, _ in impls) for place, layer, p, impls in jobs)
+    bar = _progress(n_steps, progress)
+    rows: List[dict] = []
+    t_start = time.perf_counter()
+    for place, layer, p, impls in jobs:
+        bar.set_description(f"{layer.name} {p} ({place.device}): reference")
+        problem = make_problem(layer, p, settings.batch, settings.seed)
+        placed = {k: place.put(v) for k, v in problem.inputs.items()}
+        stream = place.stream()
+        group = []
+        over_budget = settings.budget_s is not None and time.perf_counter() - t_start > settings.budget_s
+
+        # the built-in, at its best of its modes
+        bar.set_description(f"{layer.name} {p} ({place.device}): built-in")
+        brow = _row(problem, place.device, builtin.label if builtin else "built-in", "builtin", None)
+        if builtin is None:
+            brow.update(status="skipped", why=builtin_why or "no built-in framework here")
+        elif over_budget:
+            brow.update(status="skipped", why="time budget spent")
+        else:
+            try:
+                modes = builtin.modes(problem, place)
+            except Exception as exc:  # framework op missing on this device: shown, not fatal
+                modes = []
+                brow.update(status="error", why=f"{type(exc).__name__}: {exc}"[:300])
+            mode_rows = [_run_case(dict(brow, mode=m[0]), m[1], problem, place, settings.repeats,
+                                   settings.warmup, settings.min_sample_s,
+                                   m[2] if len(m) > 2 else None) for m in modes]
+            timed = [r for r in mode_rows if r["median_s"] is not None]
+            if timed:
+                best = min(timed, key=lambda r: r["median_s"])
+                brow = dict(best, modes={r["mode"]: r["median_s"] for r in mode_rows})
+                brow["impl"] = f"{builtin.label} ({best['mode']})"
+                brow["ratio"] = 1.0
+            elif mode_rows:
+                brow = dict(mode_rows[0], modes={r["mode"]: r["median_s"] for r in mode_rows})
+        bar.update(1)
+        group.append(brow)
+        t_builtin = brow["median_s"]
+
+        for name, variants, why in impls:
+            vlist = variants if (variants and layer.kind == "conv" and p == "forward") else [None]
+            for v in vlist:
+                label = f"{name}/{v}" if v else name
+                bar.set_description(f"{layer.name} {p} ({place.device}): {label}")
+                row = _row(problem, place.device, label, name, v)
+                if why is not None:
+                    row.update(status="unavailable", why=why)
+                elif settings.budget_s is not None and time.perf_counter() - t_start > settings.budget_s:
+                    row.update(status="skipped", why="time budget spent")
+                else:
+                    fn = our_call(problem, name, v, placed, stream)
+                    _run_case(row, fn, problem, place, settings.repeats, settings.warmup,
+                              settings.min_sample_s)
+                    if row["median_s"] and t_builtin:
+                        row["ratio"] = t_builtin / row["median_s"]
+                t = target_for(row)
+                if t is not None:
+                    row["target"] = t.min_ratio
+                    row["target_met"] = None if row["ratio"] is None else bool(row["ratio"] >= t.min_ratio)
+                group.append(row)
+                bar.update(1)
+        rows.extend(group)
+        if on_row is not None:
+            on_row(rows)
+    bar.close()
+    return rows
+
+
+def summarize_targets(rows: Sequence[dict], train_rows: Sequence[dict] = ()) -> List[dict]:
+    """One line per target: the best correct variant's ratio, met or not (or not measured)."""
+    out = []
+    for t in TARGETS:
+        cands = [r for r in rows if t.matches(r)]
+        if not cands:
+            continue
+        timed = [r for r in cands if r["ratio"] is not None]
+        best = max(timed, key=lambda r: r["ratio"]) if timed else None
+        out.append({"label": t.label, "device": t.device, "layer": t.layer, "pass": t.pass_,
+                    "backend": t.backend, "target": f"≥ {t.min_ratio:g}×",
+                    "best_impl": best["impl"] if best else None,
+                    "value": best["ratio"] if best else None,
+                    "met": bool(best and best["ratio"] >= t.min_ratio) if best else None,
+                    "why": None if best else "; ".join(sorted({str(r["why"]) for r in cands}))})
+    for r in train_rows:
+        if r.get("target") is None:
+            continue
+        out.append({"label": f"MNIST CNN train step dlconv({r['backend']}) vs stock Keras (time ratio)",
+                    "device": r["device"], "layer": "mnist_cnn", "pass": "train-step",
+                    "backend": r["backend"], "target": f"≤ {r['target']:g}× time",
+                    "best_impl": r["impl"], "value": r.get("time_ratio"), "met": r.get("target_met"),
+                    "why": r.get("why") if r.get("time_ratio") is None else None})
+    return out
+
+
+# ----------------------------------------------------------------------------- train step
+def mnist_cnn_builder():
+    """``dlconv.models``' MNIST CNN builder, ``f(backend=..., stock=..., seed=...)``
+    (named ``cnn`` there; ``mnist_cnn`` accepted too).  Imports Keras and TensorFlow."""
+    import importlib
+    models = importlib.import_module("dlconv.models")
+    builder = getattr(models, "mnist_cnn", None) or getattr(models, "cnn", None)
+    if builder is None:
+        raise ImportError("dlconv.models has no MNIST CNN builder (cnn / mnist_cnn)")
+    return builder
+
+
+def run_train_step(backends: Sequence[str], settings: Settings, progress: bool = True) -> List[dict]:
+    """MNIST CNN, one optimizer step at ``settings.batch``: dlconv layers vs stock Keras.
+
+    Adam and sparse categorical cross-entropy (the workshop's settings).  Both models get
+    the same weights.  Correctness: loss and gradients of one batch (in
+    inference mode, so dropout does not differ) agree with the stock model's within
+    :data:`TOLERANCE`.  Timing: ``model.train_on_batch`` (dropout on, the real step), the
+    stock model compiled with and without XLA and the faster counted.
+    """
+    rows = []
+    base = {"layer": "mnist_cnn", "pass": "train-step", "device": "cpu", "batch": settings.batch,
+            "status": None, "why": None, "median_s": None, "stock_median_s": None,
+            "time_ratio": None, "correct": None, "max_rel_err": None, "target": None,
+            "target_met": None}
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+        import tensorflow as tf
+        build_cnn = mnist_cnn_builder()
+    except Exception as exc:  # models not written yet, or no TensorFlow: the row says why
+        for b in backends:
+            rows.append(dict(base, impl=f"dlconv({b})", backend=b, status="skipped",
+                             why=f"dlconv.models' MNIST CNN unavailable: {type(exc).__name__}: {exc}"[:300],
+                             target=TRAIN_TARGETS.get(b)))
+        return rows
+
+    rng = np.random.default_rng(settings.seed)
+    x = rng.random((settings.batch, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, settings.batch).astype(np.int32)
+    bar = _progress(1 + len(backends), progress)
+
+    def compiled(model, jit):
+        # the workshop's settings (dlconv.models.compile_model), plus the XLA switch
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"], jit_compile=jit)
+        return model
+
+    def loss_and_grads(model):
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=False))
+        grads = tape.gradient(loss, model.trainable_variables)
+        return [np.asarray(loss)] + [np.asarray(g) for g in grads]
+
+    def time_steps(model):
+        model.train_on_batch(x, y)                       # warm-up: traces the train function
+        for _ in range(settings.warmup):
+            model.train_on_batch(x, y)
+        samples = []
+        for _ in range(settings.train_repeats):
+            t0 = time.perf_counter()
+            model.train_on_batch(x, y)
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples), samples
+
+    bar.set_description("train step: stock Keras")
+    stock_modes = {}
+    stock_error = None
+    for jit in (False, True):
+        try:
+            stock_modes["xla" if jit else "tf.function"] = time_steps(
+                compiled(build_cnn(stock=True, seed=settings.seed), jit))
+        except Exception as exc:  # XLA may be unavailable: the other mode still counts
+            stock_error = f"{type(exc).__name__}: {exc}"[:300]
+    bar.update(1)
+    if not stock_modes:
+        for b in backends:
+            rows.append(dict(base, impl=f"dlconv({b})", backend=b, status="error",
+                             why=f"stock model failed: {stock_error}", target=TRAIN_TARGETS.get(b)))
+        bar.close()
+        return rows
+    stock_mode = min(stock_modes, key=lambda m: stock_modes[m][0])
+    t_stock = stock_modes[stock_mode][0]
+    stock = build_cnn(stock=True, seed=settings.seed)
+    expected = loss_and_grads(stock)
+    rows.append(dict(base, impl=f"stock keras {keras.__version__} ({stock_mode})", backend="builtin",
+                     status="ok", median_s=t_stock, stock_median_s=t_stock, time_ratio=1.0,
+                     correct=True, modes={m: v[0] for m, v in stock_modes.items()}))
+
+    for b in backends:
+        bar.set_description(f"train step: dlconv({b})")
+        row = dict(base, impl=f"dlconv({b})", backend=b, stock_median_s=t_stock,
+                   target=TRAIN_TARGETS.get(b))
+        try:
+            ours = build_cnn(backend=b, stock=False, seed=settings.seed)
+            ours.set_weights(stock.get_weights())
+            err = max_rel_error(loss_and_grads(ours), expected)
+            row["max_rel_err"] = err if math.isfinite(err) else None
+            row["correct"] = bool(err <= TOLERANCE)
+            if not row["correct"]:
+                row.update(status="failed", why=f"loss/gradients differ from stock Keras: max "
+                                                f"relative error {err:.3g}; not timed")
+            else:
+                t, samples = time_steps(compiled(ours, False))
+                row.update(status="ok", median_s=t, samples_s=samples, time_ratio=t / t_stock)
+        except Exception as exc:  # the row shows the failure; other backends still run
+            row.update(status="error", why=f"{type(exc).__name__}: {exc}"[:300])
+        if row["target"] is not None:
+            row["target_met"] = (None if row["time_ratio"] is None
+                                 else bool(row["time_ratio"] <= row["target"]))
+        rows.append(row)
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- machine
+def machine_slug(info: dict, device: str = "cpu") -> str:
+    """A short file-name-safe machine tag such as ``cpu-xeon-2core`` or ``gpu-h200``."""
+    if device == "cuda":
+        gpu = (info.get("gpu_names") or ["gpu"])[0]
+        words = [w for w in re.split(r"[^a-z0-9]+", gpu.lower())
+                 if w and w not in ("nvidia", "geforce", "tesla", "sxm", "pcie")]
+        return "gpu-" + ("-".join(words[:2]) or "unknown")
+    brand = info.get("cpu_brand") or "cpu"
+    brand = re.sub(r"\((r|tm)\)", " ", brand.lower())
+    words = [w for w in re.split(r"[^a-z0-9]+", brand)
+             if w and w not in ("intel", "amd", "processor", "cpu", "core", "with", "radeon", "graphics")
+             and not re.fullmatch(r"\d+(\.\d+)?ghz", w)]
+    return f"cpu-{'-'.join(words[:2]) or 'unknown'}-{info.get('cores', '?')}core"
+
+
+def describe_machine() -> dict:
+    """CPU model and cores, GPUs, library versions: :func:`dlconv.info.info` plus py-cpuinfo."""
+    import importlib
+    _info = importlib.import_module("dlconv.info")   # not `from . import info`: dlconv.info is also a function
+
+    d = {}
+    try:
+        d["info"] = _info.info()
+    except Exception as exc:  # a broken optional piece never stops the benchmark
+        d["info"] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        import cpuinfo
+        ci = cpuinfo.get_cpu_info()
+        d["cpu_brand"] = ci.get("brand_raw", "?")
+        d["cpu_flags_simd"] = [f for f in ("avx2", "fma", "avx512f") if f in ci.get("flags", [])]
+    except Exception:  # py-cpuinfo missing: fall back to platform
+        import platform
+        d["cpu_brand"] = platform.processor() or platform.machine()
+    d["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = []
+    nc = d["info"].get("numba_cuda", {}) if isinstance(d["info"], dict) else {}
+    if nc.get("available") and not nc.get("simulator"):
+        gpus = [g.split(": ", 1)[-1] for g in nc.get("gpus", [])]
+    d["gpu_names"] = gpus
+    d["gpu"] = ", ".join(gpus) if gpus else "none"
+    d["versions"] = d["info"].get("versions", {}) if isinstance(d["info"], dict) else {}
+    d["description"] = (f"{d['cpu_brand']}, {d['cores']} cores; GPU: {d['gpu']}; "
+                        + ", ".join(f"{k} {v}" for k, v in d["versions"].items()))
+    return d
+
+
+def real_gpu_present() -> bool:
+    """True only for a real CUDA GPU seen by Numba (never the simulator)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False
+    try:
+        from numba import cuda
+        return bool(cuda.is_available())
+    except Exception:  # no numba.cuda, no driver: no GPU
+        return False
+
+
+# ----------------------------------------------------------------------------- output
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "—"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def _fmt_ratio(r: Optional[float]) -> str:
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def _met(met) -> str:
+    return "(not measured)" if met is None else ("met ✓" if met else "not met ✗")
+
+
+def _mark(ok) -> str:
+    return "—" if ok is None else ("✓" if ok else "✗")
+
+
+def table_rows(result: dict) -> List[List[str]]:
+    """Rows of the main table: layer, pass, device, impl, median, GFLOP/s, ratio, correct, target."""
+    out = []
+    for r in result["rows"]:
+        status = r["status"]
+        med = _fmt_time(r["median_s"]) if status == "ok" else status
+        target = "" if r.get("target") is None else f"≥ {r['target']:g}× {_met(r['target_met'])}"
+        note = "" if status == "ok" and not r.get("why") else (r.get("why") or "")
+        out.append([r["layer"], r["pass"], r["device"], r["impl"], med,
+                    "—" if r["gflops"] is None else f"{r['gflops']:.1f}", _fmt_ratio(r["ratio"]),
+                    _mark(r["correct"]), target, note])
+    return out
+
+
+def train_table_rows(result: dict) -> List[List[str]]:
+    out = []
+    for r in result.get("train_rows", []):
+        target = "" if r.get("target") is None else f"≤ {r['target']:g}× {_met(r['target_met'])}"
+        med = _fmt_time(r["median_s"]) if r["status"] == "ok" else r["status"]
+        out.append([r["impl"], med, _fmt_ratio(r.get("time_ratio")), _mark(r.get("correct")),
+                    target, r.get("why") or ""])
+    return out
+
+
+KERNEL_HEADER = ["layer", "pass", "device", "backend/variant", "median", "GFLOP/s",
+                 "ratio vs built-in", "correct", "target", "note"]
+TRAIN_HEADER = ["MNIST CNN train step", "median", "time ratio ours/stock (≤1 good)", "correct",
+                "target", "note"]
+
+
+def _text_table(header, rows) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    widths[-1] = min(widths[-1], 60)
+    line = lambda cells: "  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _md_table(header, rows) -> str:
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _targets_rows(result: dict) -> List[List[str]]:
+    out = []
+    for t in result.get("targets", []):
+        value = "—" if t["value"] is None else f"{t['value']:.2f}×"
+        mark = "not measured" if t["met"] is None else ("met ✓" if t["met"] else "not met ✗")
+        out.append([t["label"], t["target"], t["best_impl"] or "—", value, mark, t.get("why") or ""])
+    return out
+
+
+TARGETS_HEADER = ["target", "goal", "best", "measured", "", "note"]
+
+
+def format_text(result: dict) -> str:
+    m = result["machine"]
+    parts = [f"dlconv bench — {result['date']} — {m['description']}",
+             f"batch {result['settings']['batch']}, median of {result['settings']['repeats']} samples "
+             f"after warm-up; ratio = t_built-in / t_ours (> 1: ours faster); built-in: "
+             f"{result['builtin']}; correctness vs dlconv.reference (max rel. error ≤ {TOLERANCE:g})",
+             "", _text_table(KERNEL_HEADER, table_rows(result))]
+    if result.get("train_rows"):
+        parts += ["", _text_table(TRAIN_HEADER, train_table_rows(result))]
+    if result.get("targets"):
+        parts += ["", "targets:", _text_table(TARGETS_HEADER, _targets_rows(result))]
+    return "\n".join(parts)
+
+
+def format_markdown(result: dict, title: Optional[str] = None) -> str:
+    m = result["machine"]
+    s = result["settings"]
+    parts = [f"### {title or 'dlconv bench'} — {result['kind']} — {result['date']}", "",
+             f"Machine: {m['description']}", "",
+             f"Batch {s['batch']}; median of {s['repeats']} timed samples after warm-up; "
+             f"ratio = t_built-in / t_ours (> 1 means dlconv is faster); built-in: "
+             f"{result['builtin']}, measured in the same process; correct = max relative error "
+             f"against dlconv.reference ≤ {TOLERANCE:g} on the same inputs.", ""]
+    if result.get("notes"):
+        parts += [f"- {n}" for n in result["notes"]] + [""]
+    parts += [_md_table(KERNEL_HEADER, table_rows(result))]
+    if result.get("train_rows"):
+        parts += ["", _md_table(TRAIN_HEADER, train_table_rows(result))]
+    if result.get("targets"):
+        parts += ["", _md_table(TARGETS_HEADER, _targets_rows(result))]
+    return "\n".join(parts) + "\n"
+
+
+def write_chart(result: dict, path) -> pathlib.Path:
+    """Horizontal bars: ratio to the built-in per layer/pass/impl (log scale, 1 = built-in)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if not r["is_builtin"]]
+    rows += [dict(r, layer="train", pass_="step", ratio=(1.0 / r["time_ratio"]) if r.get("time_ratio") else None)
+             for r in result.get("train_rows", []) if r["backend"] != "builtin"]
+    labels, values, colors = [], [], []
+    palette = {"cpp": "#1f77b4", "numba": "#ff7f0e"}
+    for r in rows:
+        p = r.get("pass_") or r.get("pass", "")
+        labels.append(f"{r['layer']} {p} [{r['device']}] {r['impl']}")
+        values.append(r["ratio"] if r.get("ratio") else 0.0)
+        colors.append(palette.get(r["backend"], "#7f7f7f") if r.get("ratio") else "#d62728")
+    fig_h = max(2.5, 0.28 * len(rows) + 1.2)
+    fig, ax = plt.subplots(figsize=(10, fig_h))
+    ypos = np.arange(len(rows))[::-1]
+    marks = [v for v in values if v > 0] + [r["target"] for r in rows if r.get("target")] + [1.0]
+    lo, hi = min(marks) / 3.0, max(marks) * 3.0
+    for y, r, v, c in zip(ypos, rows, values, colors):
+        if v > 0:
+            ax.barh(y, v - lo, left=lo, color=c)
+            ax.text(v * 1.05, y, f"{v:.2f}×", va="center", fontsize=7)
+        else:
+            ax.text(lo * 1.1, y, f"{r.get('status') or 'n/a'} (not timed)", va="center",
+                    fontsize=7, color="#d62728")
+        t = r.get("target")
+        if t is not None and r["layer"] != "train":
+            ax.plot([t, t], [y - 0.4, y + 0.4], color="k", lw=1.2)
+    ax.set_xlim(lo, hi)
+    ax.axvline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(ypos)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("speed relative to the built-in (t_built-in / t_ours; train step: t_stock / t_ours); "
+                  "black tick = target; red = failed/not timed", fontsize=8)
+    ax.set_title(f"dlconv bench, {result['kind']}, {result['date']}\n{result['machine']['description'][:150]}",
+                 fontsize=8)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, out_dir, name: str) -> Dict[str, pathlib.Path]:
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
+             "png": out_dir / f"{name}.png"}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths["md"].write_text(format_markdown(result))
+    write_chart(result, paths["png"])
+    return paths
+
+
+def new_result(kind: str, machine: dict, settings: Settings, builtin_label: str, **extra) -> dict:
+    now = _dt.datetime.now().astimezone()
+    return {"schema": SCHEMA, "kind": kind, "date": now.strftime("%Y-%m-%d"),
+            "timestamp": now.isoformat(timespec="seconds"), "machine": machine,
+            "settings": dataclasses.asdict(settings), "builtin": builtin_label,
+            "tolerance": TOLERANCE, "rows": [], "train_rows": [], "targets": [], "notes": [], **extra}
+
+
+def _progress(total: int, enabled: bool):
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n=1):
+            pass
+
+        def set_description(self, s):
+            pass
+
+        def close(self):
+            pass
+    return _Null()
+
+
+# ----------------------------------------------------------------------------- CLI
+def _csv(value: str, allowed: Sequence[str], what: str) -> List[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise ValueError(f"--{what} must be a comma-separated list of {', '.join(allowed)}; got {value!r}")
+    return items
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer repeats and shorter samples: about one minute on 2 cores")
+    parser.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
+    parser.add_argument("--name", default=None,
+                        help="file stem of the outputs (default DATE-MACHINE, e.g. 2026-11-30-cpu-xeon-2core)")
+    parser.add_argument("--backends", default=",".join(TIMED_BACKENDS),
+                        help="backends to time, comma-separated (default cpp,numba; the reference "
+                             "backend is the correctness oracle and is never timed)")
+    parser.add_argument("--layers", default=",".join(LAYER_BY_NAME),
+                        help="layers, comma-separated: conv1,conv2,dense1,dense2")
+    parser.add_argument("--passes", default="forward,backward",
+                        help="passes, comma-separated: forward, backward-data, backward-filter, "
+                             "backward (dense; also selects both conv backward passes)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed samples per case, median reported (default 7, --quick 3)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="batch size (default 128)")
+    parser.add_argument("--no-train-step", action="store_true",
+                        help="skip the end-to-end MNIST CNN training step")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CPU, plus CUDA when a real GPU is present")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    layers = [LAYER_BY_NAME[n] for n in _csv(args.layers, tuple(LAYER_BY_NAME), "layers")]
+    passes = _csv(args.passes, ALL_PASSES, "passes")
+    if "backward" in passes:
+        passes = sorted(set(passes) | {"backward-data", "backward-filter"}, key=ALL_PASSES.index)
+    backends = _csv(args.backends, ("cpp", "numba", "reference"), "backends")
+    notes = []
+    if "reference" in backends:
+        backends.remove("reference")
+        notes.append("the reference backend is the correctness oracle and is not timed")
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    settings = Settings(batch=args.batch)
+    if args.quick:
+        settings = Settings(batch=args.batch, repeats=3, warmup=1, min_sample_s=0.02, train_repeats=3)
+    if args.repeats is not None:
+        settings.repeats = settings.train_repeats = args.repeats
+    progress = not args.no_progress
+
+    machine = describe_machine()
+    places: list = []
+    if args.device in ("auto", "cpu"):
+        places.append(HostPlace())
+    gpu = real_gpu_present()
+    if args.device == "cuda" and not gpu:
+        raise ValueError("--device cuda needs a real CUDA GPU (the simulator is never timed)")
+    if gpu and args.device in ("auto", "cuda"):
+        places.append(NumbaCudaPlace())
+    elif args.device == "auto":
+        notes.append("no real CUDA GPU here: CUDA variants were not run (the simulator is never timed)")
+    try:
+        builtin = TensorFlowBuiltin()
+        builtin_why = ""
+    except ImportError as exc:
+        builtin, builtin_why = None, f"TensorFlow is not installed: {exc}"
+    if builtin is not None and gpu and not builtin.gpu_available():
+        notes.append("TensorFlow sees no GPU: CUDA rows have no built-in to compare with")
+    kind = "gpu" if any(p.device == "cuda" for p in places) else "cpu"
+    result = new_result(kind, machine, settings, builtin.label if builtin else "none",
+                        quick=bool(args.quick), notes=notes)
+    result["notes"].append("dense backward = dx, dw and db in one op (the layer's backward); "
+                           "its FLOPs count both products")
+    name = args.name or f"{result['date']}-{machine_slug(machine, 'cuda' if kind == 'gpu' else 'cpu')}"
+    print(f"dlconv bench: {machine['description']}", file=sys.stderr)
+    t0 = time.perf_counter()
+
+    rows = run_kernels(plan(layers, passes), places, backends, builtin, settings,
+                       progress=progress, builtin_why=builtin_why)
+    result["rows"] = rows
+    if not args.no_train_step:
+        result["train_rows"] = run_train_step(backends, settings, progress=progress)
+    result["targets"] = summarize_targets(rows, result["train_rows"])
+    result["elapsed_s"] = time.perf_counter() - t0
+    paths = write_outputs(result, args.out, name)
+    print(format_text(result))
+    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']} in {result['elapsed_s']:.0f} s")
+    failed = [r["impl"] + " " + r["layer"] + " " + r["pass"] for r in rows + result["train_rows"]
+              if r["status"] in ("failed", "error") and r.get("backend") != "builtin"]
+    if failed:
+        print(f"dlconv bench: {len(failed)} case(s) failed their correctness check or raised: "
+              + "; ".join(failed), file=sys.stderr)
+        return 1
+    return 0
