@@ -1,38 +1,270 @@
-// bind_cuda.cpp — pybind11 module dlconv._C_cuda: the CUDA C++ kernels.
+// bind_cuda.cpp — pybind11 module dlconv._C_cuda: the CUDA C++ kernels (cuda_conv.cu, cuda_dense.cu).
+//
+// Arrays are CUDA device arrays passed as any object with __cuda_array_interface__ (Numba device
+// arrays, CuPy, torch); C++ reads the interface itself — pointer, shape, typestr, strides, read-only
+// flag — and checks every one against the geometry before a launch: no copies, no trust.
+// `stream` is a CUDA stream handle as an int (numba: stream.handle.value; torch:
+// torch.cuda.current_stream().cuda_stream; 0 = the default stream).  Launches are asynchronous.
+//   conv2d_forward(x, w, b|None, geometry, act, y, variant=3, stream=0)   variant 1 v1_direct,
+//                                                        2 v2_smem_tiled, 3 v3_implicit_gemm
+//   conv2d_backward_data(dz, w, geometry, dx, stream=0)
+//   conv2d_backward_filter(x, dz, geometry, dw, db|None, stream=0)
+//   dense_forward(x, w, b|None, act, y, stream=0)
+//   dense_backward(x, w, dy, y|None, act, dx|None, dw|None, db|None, stream=0)
+//   softmax(z, out, stream=0);  activation_backward(dy, y, act, out, stream=0)   (act 4 = softmax)
+// Errors: TypeError (not a CUDA float32 array), ValueError (shape, layout, overlap, geometry),
+// RuntimeError naming the kernel for anything CUDA reports (no GPU, bad pointer, launch failure).
+#include <cuda_runtime.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <string>
 #include <vector>
 
+#include "bind_common.h"
+#include "cuda_kernels.h"
 #include "geometry.h"
 
 namespace py = pybind11;
+using dlconv::ConvGeometry;
+using dlconv::bind::shape_str;
+using Shape = std::vector<int64_t>;
 
 namespace dlconv {
 std::vector<std::string> cuda_devices(std::string* why);
 int cuda_runtime_version();
 }  // namespace dlconv
 
-static py::dict build_info() {
+namespace {
+
+struct DevArg {
+    float* ptr = nullptr;
+    int64_t bytes = 0;
+};
+
+// Read and check obj.__cuda_array_interface__: float32 ('<f4'), C-contiguous, exactly `shape`,
+// writeable for outputs, 4-byte aligned, and memory the CUDA runtime knows as device/managed.
+DevArg dev_checked(const char* kernel, const char* name, const py::handle& obj, const Shape& shape, bool output) {
+    const std::string who = std::string("dlconv CUDA ") + kernel + ": " + name;
+    if (obj.is_none() || !py::hasattr(obj, "__cuda_array_interface__"))
+        throw py::type_error(who + " must be a CUDA array (an object with __cuda_array_interface__), got " +
+                             std::string(py::str(py::type::of(obj).attr("__name__"))));
+    py::dict cai = obj.attr("__cuda_array_interface__");
+    const std::string typestr = cai["typestr"].cast<std::string>();
+    if (typestr != "<f4" && typestr != "=f4" && typestr != "|f4")
+        throw py::type_error(who + " must be float32 ('<f4'), got typestr '" + typestr + "' (no silent conversion)");
+    Shape got;
+    for (auto s : cai["shape"].cast<py::tuple>()) got.push_back(s.cast<int64_t>());
+    if (got != shape)
+        throw std::invalid_argument(who + " has shape " + shape_str(got) + ", expected " + shape_str(shape));
+    int64_t count = 1;
+    for (auto s : got) count *= s;
+    if (cai.contains("strides") && !cai["strides"].is_none()) {
+        auto st = cai["strides"].cast<py::tuple>();
+        int64_t expect = 4;
+        for (ssize_t d = ssize_t(got.size()) - 1; d >= 0; --d) {
+            if (got[d] != 1 && st[d].cast<int64_t>() != expect)
+                throw std::invalid_argument(who + " must be C-contiguous (strides " +
+                                            std::string(py::str(st)) + ")");
+            expect *= got[d];
+        }
+    }
+    if (cai.contains("mask") && !cai["mask"].is_none())
+        throw std::invalid_argument(who + " must not be a masked array");
+    auto data = cai["data"].cast<py::tuple>();
+    const uintptr_t p = data[0].cast<uintptr_t>();
+    const bool readonly = data[1].cast<bool>();
+    if (output && readonly) throw std::invalid_argument(who + " is read-only");
+    DevArg a;
+    a.ptr = reinterpret_cast<float*>(p);
+    a.bytes = count * 4;
+    if (count == 0) return a;
+    if (p == 0) throw std::invalid_argument(who + " has a null data pointer");
+    if (p % 4) throw std::invalid_argument(who + " is not aligned to 4 bytes");
+    cudaPointerAttributes attr;
+    cudaError_t e = cudaPointerGetAttributes(&attr, a.ptr);
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        throw std::runtime_error(std::string("dlconv CUDA kernel ") + kernel + ": cannot query " + name + " (" +
+                                 cudaGetErrorName(e) + ": " + cudaGetErrorString(e) + ")");
+    }
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+        throw std::invalid_argument(who + " is not CUDA device memory");
+    return a;
+}
+
+DevArg dev_optional(const char* kernel, const char* name, const py::object& obj, const Shape& shape, bool output) {
+    if (obj.is_none()) return DevArg{};
+    return dev_checked(kernel, name, obj, shape, output);
+}
+
+bool overlap(const DevArg& a, const DevArg& b) {
+    if (!a.ptr || !b.ptr || !a.bytes || !b.bytes) return false;
+    auto a0 = reinterpret_cast<uintptr_t>(a.ptr), b0 = reinterpret_cast<uintptr_t>(b.ptr);
+    return a0 < b0 + uintptr_t(b.bytes) && b0 < a0 + uintptr_t(a.bytes);
+}
+
+void no_alias(const char* kernel, std::initializer_list<std::pair<const char*, const DevArg*>> outs,
+              std::initializer_list<std::pair<const char*, const DevArg*>> ins) {
+    for (auto o = outs.begin(); o != outs.end(); ++o) {
+        for (auto& i : ins)
+            if (overlap(*o->second, *i.second))
+                throw std::invalid_argument(std::string("dlconv CUDA ") + kernel + ": output " + o->first +
+                                            " overlaps input " + i.first);
+        for (auto q = o + 1; q != outs.end(); ++q)
+            if (overlap(*o->second, *q->second))
+                throw std::invalid_argument(std::string("dlconv CUDA ") + kernel + ": outputs " + o->first +
+                                            " and " + q->first + " overlap");
+    }
+}
+
+Shape cai_shape(const char* kernel, const char* name, const py::handle& obj, size_t rank) {
+    if (obj.is_none() || !py::hasattr(obj, "__cuda_array_interface__"))
+        throw py::type_error(std::string("dlconv CUDA ") + kernel + ": " + name +
+                             " must be a CUDA array (an object with __cuda_array_interface__)");
+    Shape s;
+    for (auto d : obj.attr("__cuda_array_interface__")["shape"].cast<py::tuple>()) s.push_back(d.cast<int64_t>());
+    if (rank && s.size() != rank)
+        throw std::invalid_argument(std::string("dlconv CUDA ") + kernel + ": " + name + " must have rank " +
+                                    std::to_string(rank) + ", got shape " + shape_str(s));
+    return s;
+}
+
+cudaStream_t to_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+Shape xs(const ConvGeometry& g) { return {g.batch, g.in_h, g.in_w, g.in_c}; }
+Shape ws(const ConvGeometry& g) { return {g.k_h, g.k_w, g.in_c, g.filters}; }
+Shape ys(const ConvGeometry& g) { return {g.batch, g.out_h, g.out_w, g.filters}; }
+
+void conv2d_forward(py::object x, py::object w, py::object b, py::object geometry, int act, py::object y,
+                    int variant, uintptr_t stream) {
+    const char* K = "conv2d_forward";
+    const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
+    dlconv::bind::check_activation(K, act, 3);
+    if (variant < 1 || variant > 3)
+        throw std::invalid_argument("dlconv CUDA conv2d_forward: variant must be 1 (v1_direct), 2 (v2_smem_tiled) "
+                                    "or 3 (v3_implicit_gemm), got " + std::to_string(variant));
+    DevArg ax = dev_checked(K, "x", x, xs(g), false), aw = dev_checked(K, "w", w, ws(g), false);
+    DevArg ab = dev_optional(K, "b", b, {g.filters}, false), ay = dev_checked(K, "y", y, ys(g), true);
+    no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
+    py::gil_scoped_release nogil;
+    dlconv::cuda::conv2d_forward(g, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr, variant, to_stream(stream));
+}
+
+void conv2d_backward_data(py::object dz, py::object w, py::object geometry, py::object dx, uintptr_t stream) {
+    const char* K = "conv2d_backward_data";
+    const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
+    DevArg adz = dev_checked(K, "dz", dz, ys(g), false), aw = dev_checked(K, "w", w, ws(g), false);
+    DevArg adx = dev_checked(K, "dx", dx, xs(g), true);
+    no_alias(K, {{"dx", &adx}}, {{"dz", &adz}, {"w", &aw}});
+    py::gil_scoped_release nogil;
+    dlconv::cuda::conv2d_backward_data(g, adz.ptr, aw.ptr, adx.ptr, to_stream(stream));
+}
+
+void conv2d_backward_filter(py::object x, py::object dz, py::object geometry, py::object dw, py::object db,
+                            uintptr_t stream) {
+    const char* K = "conv2d_backward_filter";
+    const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
+    DevArg ax = dev_checked(K, "x", x, xs(g), false), adz = dev_checked(K, "dz", dz, ys(g), false);
+    DevArg adw = dev_checked(K, "dw", dw, ws(g), true), adb = dev_optional(K, "db", db, {g.filters}, true);
+    no_alias(K, {{"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"dz", &adz}});
+    py::gil_scoped_release nogil;
+    dlconv::cuda::conv2d_backward_filter(g, ax.ptr, adz.ptr, adw.ptr, adb.ptr, to_stream(stream));
+}
+
+void dense_forward(py::object x, py::object w, py::object b, int act, py::object y, uintptr_t stream) {
+    const char* K = "dense_forward";
+    dlconv::bind::check_activation(K, act, 3);
+    const Shape sx = cai_shape(K, "x", x, 2), sw = cai_shape(K, "w", w, 2);
+    const int64_t M = sx[0], Kf = sx[1], N = sw[1];
+    DevArg ax = dev_checked(K, "x", x, {M, Kf}, false), aw = dev_checked(K, "w", w, {Kf, N}, false);
+    DevArg ab = dev_optional(K, "b", b, {N}, false), ay = dev_checked(K, "y", y, {M, N}, true);
+    no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
+    py::gil_scoped_release nogil;
+    dlconv::cuda::dense_forward(M, Kf, N, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr, to_stream(stream));
+}
+
+void dense_backward(py::object x, py::object w, py::object dy, py::object y, int act, py::object dx, py::object dw,
+                    py::object db, uintptr_t stream) {
+    const char* K = "dense_backward";
+    dlconv::bind::check_activation(K, act, 3);
+    const Shape sx = cai_shape(K, "x", x, 2), sw = cai_shape(K, "w", w, 2);
+    const int64_t M = sx[0], Kf = sx[1], N = sw[1];
+    DevArg ax = dev_checked(K, "x", x, {M, Kf}, false), aw = dev_checked(K, "w", w, {Kf, N}, false);
+    DevArg ady = dev_checked(K, "dy", dy, {M, N}, false);
+    if (act != 0 && y.is_none())
+        throw std::invalid_argument("dlconv CUDA dense_backward: y (the forward output) is needed for activation " +
+                                    std::to_string(act));
+    DevArg ayy = dev_optional(K, "y", y, {M, N}, false);
+    DevArg adx = dev_optional(K, "dx", dx, {M, Kf}, true), adw = dev_optional(K, "dw", dw, {Kf, N}, true);
+    DevArg adb = dev_optional(K, "db", db, {N}, true);
+    no_alias(K, {{"dx", &adx}, {"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"w", &aw}, {"dy", &ady}, {"y", &ayy}});
+    py::gil_scoped_release nogil;
+    dlconv::cuda::dense_backward(M, Kf, N, ax.ptr, aw.ptr, ady.ptr, ayy.ptr, act, adx.ptr, adw.ptr, adb.ptr,
+                                 to_stream(stream));
+}
+
+void softmax(py::object z, py::object out, uintptr_t stream) {
+    const char* K = "softmax";
+    const Shape s = cai_shape(K, "z", z, 2);
+    DevArg az = dev_checked(K, "z", z, s, false), ao = dev_checked(K, "out", out, s, true);
+    no_alias(K, {{"out", &ao}}, {{"z", &az}});
+    py::gil_scoped_release nogil;
+    dlconv::cuda::softmax(s[0], s[1], az.ptr, ao.ptr, to_stream(stream));
+}
+
+void activation_backward(py::object dy, py::object y, int act, py::object out, uintptr_t stream) {
+    const char* K = "activation_backward";
+    dlconv::bind::check_activation(K, act, 4);
+    const Shape s = cai_shape(K, "dy", dy, act == 4 ? 2 : 0);
+    DevArg ady = dev_checked(K, "dy", dy, s, false), ay = dev_checked(K, "y", y, s, false);
+    DevArg ao = dev_checked(K, "out", out, s, true);
+    no_alias(K, {{"out", &ao}}, {{"dy", &ady}, {"y", &ay}});
+    int64_t rows = 1, cols = 1;
+    if (act == 4) { rows = s[0]; cols = s[1]; }
+    else for (auto d : s) cols *= d;
+    py::gil_scoped_release nogil;
+    dlconv::cuda::activation_backward(rows, cols, ady.ptr, ay.ptr, act, ao.ptr, to_stream(stream));
+}
+
+py::dict build_info() {
     py::dict d;
     d["archs"] = DLCONV_CUDA_ARCHS;
     int v = dlconv::cuda_runtime_version();
     d["cudart"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10) + " (static)";
+    d["conv_variants"] = py::make_tuple("v3_implicit_gemm", "v2_smem_tiled", "v1_direct");
     return d;
 }
 
+}  // namespace
+
 PYBIND11_MODULE(_C_cuda, m) {
-    m.doc() = "dlconv CUDA C++ kernels";
-    m.def("build_info", &build_info, "How this extension was compiled (architectures, cudart).");
+    m.doc() = "dlconv CUDA C++ kernels; see csrc/bind_cuda.cpp for the API";
+    m.def("build_info", &build_info, "How this extension was compiled (architectures, cudart, variants).");
     m.def("devices", [] {
         std::string why;
-        auto d = dlconv::cuda_devices(&why);
-        return d;
+        return dlconv::cuda_devices(&why);
     }, "GPUs visible to the CUDA runtime (empty when there is no driver or GPU).");
     m.def("devices_why", [] {
         std::string why;
         dlconv::cuda_devices(&why);
         return why;
     }, "Why no GPU is visible (empty string when some are).");
+    m.attr("VARIANTS") = py::dict(py::arg("v1_direct") = 1, py::arg("v2_smem_tiled") = 2,
+                                  py::arg("v3_implicit_gemm") = 3);
+    m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("geometry"),
+          py::arg("activation"), py::arg("y"), py::arg("variant") = 3, py::arg("stream") = 0,
+          "y = act(conv2d(x, w) + b) on `stream`; variant 1 v1_direct, 2 v2_smem_tiled, 3 v3_implicit_gemm.");
+    m.def("conv2d_backward_data", &conv2d_backward_data, py::arg("dz"), py::arg("w"), py::arg("geometry"),
+          py::arg("dx"), py::arg("stream") = 0, "dx from dz (gradient of the linear output) and w.");
+    m.def("conv2d_backward_filter", &conv2d_backward_filter, py::arg("x"), py::arg("dz"), py::arg("geometry"),
+          py::arg("dw"), py::arg("db"), py::arg("stream") = 0, "dw (and db unless None) from x and dz.");
+    m.def("dense_forward", &dense_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("activation"),
+          py::arg("y"), py::arg("stream") = 0, "y = act(x @ w + b).");
+    m.def("dense_backward", &dense_backward, py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("y"),
+          py::arg("activation"), py::arg("dx"), py::arg("dw"), py::arg("db"), py::arg("stream") = 0,
+          "dx, dw, db (each None = skip) of y = act(x @ w + b) given dL/dy and y.");
+    m.def("softmax", &softmax, py::arg("z"), py::arg("out"), py::arg("stream") = 0, "Row-wise softmax.");
+    m.def("activation_backward", &activation_backward, py::arg("dy"), py::arg("y"), py::arg("activation"),
+          py::arg("out"), py::arg("stream") = 0, "dL/dz from dL/dy and the activation output y (4 = softmax).");
 }
