@@ -1,0 +1,183 @@
+"""The Numba dense kernels (dlconv.kernels.dense_cpu, dense_cuda and the NumbaBackend):
+forward with fused bias + activation, softmax, backward with the derivative fused, and
+activation backward, against the float64 reference and TensorFlow (tf.matmul and
+tf.GradientTape) on generated shapes.  CUDA kernels run under the simulator without a GPU.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlconv import activations as A
+from dlconv import ops
+from dlconv import reference as ref
+from dlconv.backends import get
+
+tf = pytest.importorskip("tensorflow")
+
+from dlconv.kernels import dense_cpu as dcpu  # noqa: E402
+from dlconv.kernels import dense_cuda as dcuda  # noqa: E402
+from numba import cuda  # noqa: E402
+
+ACTS = ("linear", "relu", "sigmoid", "tanh", "softmax")
+
+
+def tol(reduction: int) -> dict:
+    return dict(rtol=1e-4, atol=1e-5 + 2e-6 * reduction)
+
+
+def make(seed, batch, n_in, n_out, bias=True):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, n_in)).astype(np.float32)
+    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
+    b = rng.standard_normal(n_out).astype(np.float32) if bias else None
+    dy = rng.standard_normal((batch, n_out)).astype(np.float32)
+    return x, w, b, dy
+
+
+def tf_dense(x, w, b, act, dy):
+    """TensorFlow's y = act(x @ w + b) and dL/dx, dL/dw, dL/db for upstream gradient dy."""
+    xt, wt = tf.constant(x), tf.constant(w)
+    bt = tf.constant(b if b is not None else np.zeros(w.shape[1], np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch([xt, wt, bt])
+        z = tf.matmul(xt, wt) + bt
+        y = {"linear": lambda t: t, "relu": tf.nn.relu, "sigmoid": tf.sigmoid, "tanh": tf.tanh,
+             "softmax": tf.nn.softmax}[act](z)
+    grads = tape.gradient(y, [xt, wt, bt], output_gradients=tf.constant(dy))
+    return y.numpy(), [g.numpy() for g in grads]
+
+
+def ref_backward(x, w, dy, y, act):
+    if act == "softmax":
+        dz = ref.activation_backward(dy, y, "softmax")
+        return ref.dense_backward(x, w, dz.astype(np.float32), y, "linear")
+    return ref.dense_backward(x, w, dy, y, act)
+
+
+def check(y, grads, x, w, b, dy, act):
+    n_in, n_out = w.shape
+    batch = x.shape[0]
+    r = ref.dense_forward(x, w, b, act)
+    np.testing.assert_allclose(y, r, **tol(n_in))
+    ty, tgrads = tf_dense(x, w, b, act, dy)
+    np.testing.assert_allclose(y, ty, **tol(n_in))
+    if grads is None:
+        return
+    reds = (n_out, batch, batch)
+    for got, want, t, red in zip(grads, ref_backward(x, w, dy, r, act), tgrads, reds):
+        assert got.shape == want.shape and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, **tol(red))
+        np.testing.assert_allclose(got, t, **tol(red))
+
+
+dense_shapes = st.tuples(st.integers(1, 9), st.integers(1, 40), st.integers(1, 40))
+
+
+# ----------------------------------------------------------------------------- CPU
+@settings(max_examples=60)
+@given(shape=dense_shapes, act=st.sampled_from(ACTS), bias=st.booleans(), seed=st.integers(0, 999))
+def test_cpu_dense_forward_backward_match_reference_and_tf(shape, act, bias, seed):
+    x, w, b, dy = make(seed, *shape, bias)
+    be = get("numba")
+    y = be.dense_forward(x, w, b, act, on_device=False)
+    grads = be.dense_backward(x, w, dy, y, act, on_device=False)
+    check(y, grads, x, w, b, dy, act)
+    # the public op gives the same numbers
+    np.testing.assert_array_equal(ops.dense(x, w, b, act), y)
+
+
+def test_cpu_softmax_is_stable_for_large_logits():
+    z = np.array([[1000.0, 999.0, -1000.0], [-1e30, 0.0, 1e30], [3.0, 3.0, 3.0]], np.float32)
+    y = dcpu.softmax(z)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(y, ref.softmax(z.astype(np.float64)), atol=1e-7)
+
+
+@pytest.mark.parametrize("act", ACTS[:4])
+def test_cpu_activation_backward_elementwise_any_shape(act, rng):
+    z = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    y = ref.activate(z.astype(np.float64), act).astype(np.float32)
+    dy = rng.standard_normal(z.shape).astype(np.float32)
+    got = dcpu.activation_backward(dy, y, A.code(act))
+    np.testing.assert_allclose(got, ref.activation_backward(dy, y, act), rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_dense_mnist_head_matches_tf():
+    # the MNIST model's head: flatten 5*5*64 = 1600 → 128 relu → 10 softmax, batch 128
+    x, w, b, dy = make(0, 128, 1600, 128)
+    x *= 0.1
+    be = get("numba")
+    h = be.dense_forward(x, w, b, "relu", on_device=False)
+    check(h, be.dense_backward(x, w, dy, h, "relu", on_device=False), x, w, b, dy, "relu")
+
+
+def test_cpu_dense_deterministic():
+    x, w, b, dy = make(5, 37, 23, 19)
+    be = get("numba")
+    runs = [be.dense_backward(x, w, dy, dcpu.forward(x, w, b, A.TANH), "tanh", on_device=False)
+            for _ in range(2)]
+    assert all(np.array_equal(a, c) for a, c in zip(*runs))
+
+
+# ----------------------------------------------------------------------------- CUDA
+def _dev(*arrs):
+    return [None if a is None else cuda.to_device(a) for a in arrs]
+
+
+@settings(max_examples=12)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 20), st.integers(1, 20)),
+       act=st.sampled_from(ACTS), bias=st.booleans(), seed=st.integers(0, 999))
+def test_cuda_dense_forward_backward_match_reference_and_tf(shape, act, bias, seed):
+    # sizes up to 20 cross the 16-wide tile edge (ragged second tile)
+    x, w, b, dy = make(seed, *shape, bias)
+    be = get("numba")
+    xd, wd, bd, dyd = _dev(x, w, b, dy)
+    yd = be.dense_forward(xd, wd, bd, act, on_device=True)
+    grads = be.dense_backward(xd, wd, dyd, yd, act, on_device=True)
+    check(yd.copy_to_host(), [g.copy_to_host() for g in grads], x, w, b, dy, act)
+
+
+def test_cuda_softmax_rows_longer_than_a_warp():
+    rng = np.random.default_rng(2)
+    z = (rng.standard_normal((2, 45)) * 30).astype(np.float32)
+    y = dcuda.launch_softmax(cuda.to_device(z)).copy_to_host()
+    np.testing.assert_allclose(y, ref.softmax(z.astype(np.float64)), rtol=1e-5, atol=1e-7)
+    dy = rng.standard_normal(z.shape).astype(np.float32)
+    dz = dcuda.launch_softmax_backward(*_dev(dy, y)).copy_to_host()
+    np.testing.assert_allclose(dz, ref.activation_backward(dy, y, "softmax"), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_cuda_activation_backward(act, rng):
+    shape = (3, 4) if act == "softmax" else (2, 2, 3, 2)
+    z = rng.standard_normal(shape).astype(np.float32)
+    y = ref.activate(z.astype(np.float64), act).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    got = get("numba").activation_backward(*_dev(dy, y), act, on_device=True).copy_to_host()
+    np.testing.assert_allclose(got, ref.activation_backward(dy, y, act), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- real GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ACTS)
+def test_gpu_dense_mnist_sizes(act):
+    x, w, b, dy = make(1, 128, 1600, 128)
+    be = get("numba")
+    xd, wd, bd, dyd = _dev(x, w, b, dy)
+    yd = be.dense_forward(xd, wd, bd, act, on_device=True)
+    grads = be.dense_backward(xd, wd, dyd, yd, act, on_device=True)
+    check(yd.copy_to_host(), [g.copy_to_host() for g in grads], x, w, b, dy, act)
+
+
+@pytest.mark.gpu
+def test_gpu_dense_through_ops_on_a_stream():
+    x, w, b, dy = make(2, 64, 100, 10)
+    stream = cuda.stream()
+    xd, wd, bd = [cuda.to_device(a, stream=stream) for a in (x, w, b)]
+    y = ops.dense(xd, wd, bd, "softmax", stream=stream)
+    assert cuda.is_cuda_array(y)
+    stream.synchronize()
+    np.testing.assert_allclose(y.copy_to_host(), ref.dense_forward(x, w, b, "softmax"), **tol(100))
