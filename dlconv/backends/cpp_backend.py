@@ -1,0 +1,186 @@
+"""``backend="cpp"``: the C++ kernels of ``csrc/`` behind the backend API.
+
+* Host (NumPy) arrays go to ``dlconv._C``: OpenMP + SIMD implicit-GEMM kernels
+  (``csrc/cpu_*.cpp``).  Outputs are allocated here with ``np.empty`` and filled in place;
+  C++ re-checks every shape against the geometry record and releases the GIL while it runs.
+* CUDA arrays (Numba device arrays, as :mod:`dlconv.ops` hands them over) go to
+  ``dlconv._C_cuda`` (``csrc/*.cu``), which reads their ``__cuda_array_interface__`` itself,
+  so nothing is copied; outputs are Numba device arrays allocated on the caller's stream and
+  the kernels are launched on that stream (its handle passed as an int).
+
+The geometry travels as ``g.as_tuple()`` (field order :attr:`ConvGeometry.FIELDS`, mirrored by
+``csrc/geometry.h``); activations as the integer codes of :mod:`dlconv.activations`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import numpy as np
+
+from .. import activations as _act
+from .base import Backend, BackendUnavailable
+
+#: CPU conv-forward variants (default first).
+CPU_VARIANTS = ("cpu_igemm",)
+#: CUDA conv-forward variants (default first) → the code the C++ launcher takes.
+CUDA_VARIANTS = {"v3_implicit_gemm": 3, "v2_smem_tiled": 2, "v1_direct": 1}
+#: activation_backward's code for softmax (row-wise), beyond the element-wise codes.
+SOFTMAX_CODE = 4
+
+
+def _import(name):
+    try:
+        return importlib.import_module(name), ""
+    except ImportError as exc:
+        return None, f"{name} is not importable ({exc}); rebuild with pip install --no-build-isolation -e ."
+
+
+def stream_handle(stream) -> int:
+    """A CUDA stream as the integer handle the C++ launchers take (0 = default stream).
+
+    Accepts None/0, an int, a Numba stream (``stream.handle`` is a ctypes pointer or a
+    cuda-python ``CUstream``) or anything with ``cuda_stream`` (torch, CuPy).
+    """
+    if stream is None:
+        return 0
+    if isinstance(stream, (bool, np.bool_)):
+        raise TypeError(f"stream must be a CUDA stream or an int handle, got {stream!r}")
+    if isinstance(stream, (int, np.integer)):
+        if stream < 0:
+            raise ValueError(f"stream handle must be >= 0, got {stream}")
+        return int(stream)
+    handle = getattr(stream, "handle", None)
+    if handle is None:
+        handle = getattr(stream, "cuda_stream", None)
+    if handle is None:
+        raise TypeError(f"stream must be a CUDA stream (Numba, torch, CuPy) or an int handle, "
+                        f"got {type(stream).__name__}")
+    value = getattr(handle, "value", handle)  # ctypes c_void_p → int or None (NULL)
+    if value is None:
+        return 0
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"cannot read a handle from stream {stream!r}") from None
+
+
+class CppBackend(Backend):
+    name = "cpp"
+
+    def __init__(self):
+        self._c, self._c_why = _import("dlconv._C")
+        self._cuda, self._cuda_why = _import("dlconv._C_cuda")
+
+    # -- what can run here --------------------------------------------------------
+    def cpu_status(self):
+        if self._c is None:
+            return False, self._c_why
+        info = self._c.build_info()
+        return True, (f"dlconv._C: {info['simd']}, register block {info['register_block']}, "
+                      f"OpenMP {info['openmp']} with {info['threads']} threads")
+
+    def cuda_status(self):
+        if self._cuda is None:
+            return False, self._cuda_why
+        devices = self._cuda.devices()
+        if not devices:
+            return False, "dlconv._C_cuda is built but sees no GPU: " + self._cuda.devices_why()
+        if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+            return False, ("Numba runs the CUDA simulator (NUMBA_ENABLE_CUDASIM=1): its arrays live in "
+                           "host memory and the C++ CUDA kernels need real device arrays")
+        return True, "dlconv._C_cuda on " + "; ".join(devices)
+
+    def conv_variants(self, on_device):
+        return tuple(CUDA_VARIANTS) if on_device else CPU_VARIANTS
+
+    # -- helpers ---------------------------------------------------------------------
+    def _cpu(self):
+        if self._c is None:
+            raise BackendUnavailable(f"backend 'cpp' cannot run its CPU kernels here: {self._c_why}")
+        return self._c
+
+    def _gpu(self):
+        self.require(True)
+        return self._cuda
+
+    @staticmethod
+    def _dev_empty(shape, stream):
+        from numba import cuda
+        return cuda.device_array(shape, dtype=np.float32, stream=stream or 0)
+
+    # -- convolution -----------------------------------------------------------------
+    def conv2d_forward(self, x, w, b, g, activation, *, on_device, variant=None, stream=None):
+        code = _act.code(activation)
+        if on_device:
+            variant = variant or "v3_implicit_gemm"
+            if variant not in CUDA_VARIANTS:
+                raise ValueError(f"variant must be one of {tuple(CUDA_VARIANTS)} on CUDA, got {variant!r}")
+            lib = self._gpu()
+            y = self._dev_empty(g.y_shape, stream)
+            lib.conv2d_forward(x, w, b, g.as_tuple(), code, y, CUDA_VARIANTS[variant], stream_handle(stream))
+            return y
+        if variant not in (None,) + CPU_VARIANTS:
+            raise ValueError(f"variant must be one of {CPU_VARIANTS} on the CPU, got {variant!r}")
+        return self._cpu().conv2d_forward(x, w, b, g.as_tuple(), code, np.empty(g.y_shape, np.float32))
+
+    def conv2d_backward_data(self, dy, w, g, *, on_device, stream=None):
+        if on_device:
+            lib = self._gpu()
+            dx = self._dev_empty(g.x_shape, stream)
+            lib.conv2d_backward_data(dy, w, g.as_tuple(), dx, stream_handle(stream))
+            return dx
+        return self._cpu().conv2d_backward_data(dy, w, g.as_tuple(), np.empty(g.x_shape, np.float32))
+
+    def conv2d_backward_filter(self, x, dy, g, *, on_device, stream=None):
+        if on_device:
+            lib = self._gpu()
+            dw = self._dev_empty(g.w_shape, stream)
+            db = self._dev_empty((g.filters,), stream)
+            lib.conv2d_backward_filter(x, dy, g.as_tuple(), dw, db, stream_handle(stream))
+            return dw, db
+        return self._cpu().conv2d_backward_filter(x, dy, g.as_tuple(), np.empty(g.w_shape, np.float32),
+                                                  np.empty(g.filters, np.float32))
+
+    # -- dense -------------------------------------------------------------------------
+    def dense_forward(self, x, w, b, activation, *, on_device, stream=None):
+        code = _act.code(activation)
+        shape = (x.shape[0], w.shape[1])
+        if on_device:
+            lib = self._gpu()
+            y = self._dev_empty(shape, stream)
+            lib.dense_forward(x, w, b, code, y, stream_handle(stream))
+            return y
+        return self._cpu().dense_forward(x, w, b, code, np.empty(shape, np.float32))
+
+    def dense_backward(self, x, w, dy, y, activation, *, on_device, stream=None):
+        code = _act.code(activation)
+        if code == _act.LINEAR:
+            y = None  # not needed; the caller may not have it
+        shapes = (tuple(x.shape), tuple(w.shape), (w.shape[1],))
+        if on_device:
+            lib = self._gpu()
+            dx, dw, db = (self._dev_empty(s, stream) for s in shapes)
+            lib.dense_backward(x, w, dy, y, code, dx, dw, db, stream_handle(stream))
+            return dx, dw, db
+        dx, dw, db = (np.empty(s, np.float32) for s in shapes)
+        return self._cpu().dense_backward(x, w, dy, y, code, dx, dw, db)
+
+    def softmax(self, z, *, on_device, stream=None):
+        if on_device:
+            lib = self._gpu()
+            out = self._dev_empty(tuple(z.shape), stream)
+            lib.softmax(z, out, stream_handle(stream))
+            return out
+        return self._cpu().softmax(z, np.empty(z.shape, np.float32))
+
+    def activation_backward(self, dy, y, activation, *, on_device, stream=None):
+        name = _act.normalize(activation)
+        code = SOFTMAX_CODE if name == "softmax" else _act.code(name)
+        if on_device:
+            lib = self._gpu()
+            out = self._dev_empty(tuple(dy.shape), stream)
+            lib.activation_backward(dy, y, code, out, stream_handle(stream))
+            return out
+        return self._cpu().activation_backward(dy, y, code, np.empty(dy.shape, np.float32))

@@ -1,0 +1,447 @@
+"""The C++ CPU kernels (dlconv._C, backend="cpp") against the NumPy reference and TensorFlow.
+
+Shapes are generated (hypothesis): strides 1-3, valid / same / explicit asymmetric padding,
+dilation 1-2, kernels 1-5, channel counts that are not multiples of the 12x32 register block
+or the 16-float vector (C = 1, 3, 17; F = 1, 5, 33, 70), odd batches, bias on and off, every
+activation.  Direct calls into _C with wrong buffers must raise, never crash.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlconv import ops
+from dlconv import reference as ref
+from dlconv.backends import cpp_backend
+from dlconv.shapes import conv_geometry, resolve_axis
+
+_C = pytest.importorskip("dlconv._C", reason="dlconv._C is not built (pip install --no-build-isolation -e .)")
+
+ACTS = ("linear", "relu", "sigmoid", "tanh")
+CODES = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3}
+# fp32 kernels vs the float64 oracle: reductions of up to a few hundred terms of O(1) values.
+RTOL, ATOL = 1e-4, 1e-4
+
+
+def _tol(k):
+    """Absolute tolerance for a sum of k products of O(1) terms in float32."""
+    return ATOL * max(1.0, np.sqrt(k))
+
+
+@st.composite
+def conv_cases(draw, small=True):
+    kh = draw(st.integers(1, 5))
+    kw = draw(st.integers(1, 5))
+    dh = draw(st.integers(1, 2))
+    dw = draw(st.integers(1, 2))
+    sh = draw(st.integers(1, 3))
+    sw = draw(st.integers(1, 3))
+    c = draw(st.sampled_from((1, 3, 17)))
+    f = draw(st.sampled_from((1, 5, 33, 70)))
+    n = draw(st.sampled_from((1, 3, 5)))
+    kind = draw(st.sampled_from(("valid", "same", "explicit")))
+    if kind == "explicit":
+        pads = tuple(draw(st.integers(0, 3)) for _ in range(4))
+        padding = ((pads[0], pads[1]), (pads[2], pads[3]))
+    else:
+        padding = kind
+        pads = (0, 0, 0, 0)
+    # smallest input that fits the dilated kernel, plus a few pixels
+    min_h = max(1, (kh - 1) * dh + 1 - pads[0] - pads[1])
+    min_w = max(1, (kw - 1) * dw + 1 - pads[2] - pads[3])
+    h = draw(st.integers(min_h, min_h + (6 if small else 12)))
+    w = draw(st.integers(min_w, min_w + (6 if small else 12)))
+    bias = draw(st.booleans())
+    act = draw(st.sampled_from(ACTS))
+    seed = draw(st.integers(0, 2**16))
+    return dict(x_shape=(n, h, w, c), w_shape=(kh, kw, c, f), strides=(sh, sw), padding=padding,
+                dilation=(dh, dw), bias=bias, act=act, seed=seed)
+
+
+def _arrays(case):
+    rng = np.random.default_rng(case["seed"])
+    g = conv_geometry(case["x_shape"], case["w_shape"], case["strides"], case["padding"], case["dilation"])
+    x = rng.standard_normal(g.x_shape, dtype=np.float32)
+    w = rng.standard_normal(g.w_shape, dtype=np.float32)
+    b = rng.standard_normal(g.filters, dtype=np.float32) if case["bias"] else None
+    dz = rng.standard_normal(g.y_shape, dtype=np.float32)
+    return g, x, w, b, dz
+
+
+# ----------------------------------------------------------------------------- vs reference
+@settings(max_examples=300)
+@given(conv_cases())
+def test_conv_forward_and_backward_match_reference(case):
+    g, x, w, b, dz = _arrays(case)
+    y = ops.conv2d(x, w, b, case["strides"], case["padding"], case["dilation"], case["act"], backend="cpp")
+    assert y.dtype == np.float32 and y.shape == g.y_shape
+    np.testing.assert_allclose(y, ref.conv2d_forward(x, w, b, g, case["act"]), rtol=RTOL, atol=_tol(g.gemm_k))
+
+    dx = ops.conv2d_backward_data(dz, w, g.x_shape, case["strides"], case["padding"], case["dilation"],
+                                  backend="cpp")
+    np.testing.assert_allclose(dx, ref.conv2d_backward_data(dz, w, g), rtol=RTOL,
+                               atol=_tol(g.k_h * g.k_w * g.filters))
+    dw, db = ops.conv2d_backward_filter(x, dz, g.w_shape, case["strides"], case["padding"], case["dilation"],
+                                       backend="cpp")
+    rdw, rdb = ref.conv2d_backward_filter(x, dz, g)
+    np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(g.gemm_m))
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
+    ((3, 12, 11, 40), (5, 5, 40, 37), 1, "same"),        # K = 1000 > KC: two reduction blocks
+    ((2, 9, 9, 3), (3, 3, 3, 130), 2, ((0, 2), (1, 0))),  # F = 130: 4 full panels + ragged tail
+    ((7, 26, 26, 32), (3, 3, 32, 64), 1, "valid"),       # MNIST conv2 shape at batch 7 (ragged M)
+    ((1, 4, 4, 2), (4, 4, 2, 3), 1, "valid"),            # a single output pixel
+])
+def test_conv_block_edges(x_shape, w_shape, strides, padding, rng):
+    g = conv_geometry(x_shape, w_shape, strides, padding)
+    x = rng.standard_normal(g.x_shape, dtype=np.float32)
+    w = rng.standard_normal(g.w_shape, dtype=np.float32)
+    b = rng.standard_normal(g.filters, dtype=np.float32)
+    dz = rng.standard_normal(g.y_shape, dtype=np.float32)
+    t = g.as_tuple()
+    np.testing.assert_allclose(_C.conv2d_forward(x, w, b, t, 1), ref.conv2d_forward(x, w, b, g, "relu"),
+                               rtol=RTOL, atol=_tol(g.gemm_k))
+    np.testing.assert_allclose(_C.conv2d_backward_data(dz, w, t), ref.conv2d_backward_data(dz, w, g),
+                               rtol=RTOL, atol=_tol(g.k_h * g.k_w * g.filters))
+    dw, db = _C.conv2d_backward_filter(x, dz, t)
+    rdw, rdb = ref.conv2d_backward_filter(x, dz, g)
+    np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(g.gemm_m))
+
+
+def test_backward_filter_split_reduction(rng):
+    """Enough pixels (>= 4*KC) that the threads split the reduction and sum private partials."""
+    g = conv_geometry((9, 30, 30, 5), (3, 3, 5, 7), 1, "same")
+    assert g.gemm_m >= 4 * 512
+    x = rng.standard_normal(g.x_shape, dtype=np.float32)
+    dz = rng.standard_normal(g.y_shape, dtype=np.float32)
+    dw, db = _C.conv2d_backward_filter(x, dz, g.as_tuple())
+    rdw, rdb = ref.conv2d_backward_filter(x, dz, g)
+    np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(g.gemm_m))
+
+
+def test_out_buffers_are_written_in_place(rng):
+    g = conv_geometry((2, 6, 6, 3), (3, 3, 3, 4), 1, "same")
+    x = rng.standard_normal(g.x_shape, dtype=np.float32)
+    w = rng.standard_normal(g.w_shape, dtype=np.float32)
+    y = np.full(g.y_shape, np.nan, np.float32)
+    out = _C.conv2d_forward(x, w, None, g.as_tuple(), 0, y)
+    assert out is y
+    np.testing.assert_allclose(y, ref.conv2d_forward(x, w, None, g), rtol=RTOL, atol=_tol(g.gemm_k))
+
+
+# ----------------------------------------------------------------------------- vs TensorFlow
+@pytest.fixture(scope="module")
+def tf():
+    return pytest.importorskip("tensorflow")
+
+
+def _tf_padding(g):
+    return [[0, 0], [g.pad_top, g.pad_bottom], [g.pad_left, g.pad_right], [0, 0]]
+
+
+def _expand_dilated(w, g):
+    """TF's CPU conv gradients refuse dilation > 1 (and tf.nn.conv2d dilation with stride):
+    a dilated kernel equals a dense kernel of the effective size with zeros between taps."""
+    we = np.zeros((g.k_h_eff, g.k_w_eff, g.in_c, g.filters), np.float32)
+    we[::g.dil_h, ::g.dil_w] = w
+    return we
+
+
+@settings(max_examples=120)
+@given(conv_cases())
+def test_conv_matches_tensorflow_values_and_gradients(tf, case):
+    g, x, w, b, dz = _arrays(case)
+    act = case["act"]
+    xt, wt = tf.constant(x), tf.constant(_expand_dilated(w, g))
+    with tf.GradientTape() as tape:
+        tape.watch([xt, wt])
+        z = tf.nn.conv2d(xt, wt, strides=[1, g.stride_h, g.stride_w, 1], padding=_tf_padding(g))
+        loss = tf.reduce_sum(z * tf.constant(dz))
+    dx_tf, dw_tf = tape.gradient(loss, [xt, wt])
+    dw_tf = dw_tf.numpy()[::g.dil_h, ::g.dil_w]
+    zb = z.numpy() + (b if b is not None else 0)
+    y_tf = {"linear": zb, "relu": np.maximum(zb, 0), "sigmoid": tf.sigmoid(zb).numpy(),
+            "tanh": np.tanh(zb)}[act]
+    y = ops.conv2d(x, w, b, case["strides"], case["padding"], case["dilation"], act, backend="cpp")
+    np.testing.assert_allclose(y, y_tf, rtol=RTOL, atol=_tol(g.gemm_k))
+    dx = ops.conv2d_backward_data(dz, w, g.x_shape, geometry=g, backend="cpp")
+    dw, db = ops.conv2d_backward_filter(x, dz, g.w_shape, geometry=g, backend="cpp")
+    np.testing.assert_allclose(dx, dx_tf.numpy(), rtol=RTOL, atol=_tol(g.k_h * g.k_w * g.filters))
+    np.testing.assert_allclose(dw, dw_tf, rtol=RTOL, atol=_tol(g.gemm_m))
+    np.testing.assert_allclose(db, dz.sum(axis=(0, 1, 2)), rtol=RTOL, atol=_tol(g.gemm_m))
+
+
+@settings(max_examples=40)
+@given(m=st.sampled_from((1, 3, 13, 25)), k=st.sampled_from((1, 7, 64, 600)),
+       n=st.sampled_from((1, 10, 33, 70)), bias=st.booleans(),
+       act=st.sampled_from(ACTS + ("softmax",)), seed=st.integers(0, 2**16))
+def test_dense_matches_tensorflow_and_reference(tf, m, k, n, bias, act, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32) / np.float32(np.sqrt(k))
+    b = rng.standard_normal(n, dtype=np.float32) if bias else None
+    dy = rng.standard_normal((m, n), dtype=np.float32)
+    y = ops.dense(x, w, b, act, backend="cpp")
+    xt, wt = tf.constant(x), tf.constant(w)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, wt])
+        z = tf.matmul(xt, wt) + (tf.constant(b) if b is not None else 0.0)
+        y_tf = {"linear": tf.identity, "relu": tf.nn.relu, "sigmoid": tf.sigmoid, "tanh": tf.tanh,
+                "softmax": tf.nn.softmax}[act](z)
+        loss = tf.reduce_sum(y_tf * tf.constant(dy))
+    dx_tf, dw_tf = tape.gradient(loss, [xt, wt])
+    np.testing.assert_allclose(y, y_tf.numpy(), rtol=RTOL, atol=_tol(k))
+    np.testing.assert_allclose(y, ref.dense_forward(x, w, b, act), rtol=RTOL, atol=_tol(k))
+    dx, dw, db = ops.dense_backward(x, w, dy, y, act, backend="cpp")
+    rdx, rdw, rdb = ref.dense_backward(x, w, dy, y, act)
+    np.testing.assert_allclose(dx, dx_tf.numpy(), rtol=RTOL, atol=_tol(n))
+    np.testing.assert_allclose(dw, dw_tf.numpy(), rtol=RTOL, atol=_tol(m))
+    np.testing.assert_allclose(dx, rdx, rtol=RTOL, atol=_tol(n))
+    np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(m))
+    np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(m))
+
+
+def test_dense_mnist_shape_long_reduction(rng):
+    """128x9216 → 128 (the MNIST dense layer): 18 reduction blocks, 4 column panels."""
+    x = rng.standard_normal((128, 9216), dtype=np.float32)
+    w = rng.standard_normal((9216, 128), dtype=np.float32) / np.float32(96)
+    b = rng.standard_normal(128, dtype=np.float32)
+    y = _C.dense_forward(x, w, b, 1)
+    np.testing.assert_allclose(y, ref.dense_forward(x, w, b, "relu"), rtol=RTOL, atol=_tol(9216))
+    dy = rng.standard_normal((128, 128), dtype=np.float32)
+    dx, dw, db = _C.dense_backward(x, w, dy, y, 1)
+    rdx, rdw, rdb = ref.dense_backward(x, w, dy, y, "relu")
+    np.testing.assert_allclose(dx, rdx, rtol=RTOL, atol=_tol(128))
+    np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(128))
+    np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(128))
+
+
+@settings(max_examples=30)
+@given(rows=st.integers(1, 40), cols=st.integers(1, 300), scale=st.sampled_from((1.0, 30.0, 1e3)),
+       seed=st.integers(0, 2**16))
+def test_softmax_and_its_backward(rows, cols, scale, seed):
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((rows, cols)) * scale).astype(np.float32)
+    y = ops.softmax(z, backend="cpp")
+    np.testing.assert_allclose(y, ref.softmax(z.astype(np.float64)), rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y.sum(axis=1), 1.0, rtol=1e-5)
+    dy = rng.standard_normal((rows, cols), dtype=np.float32)
+    dz = ops.activation_backward(dy, y, "softmax", backend="cpp")
+    np.testing.assert_allclose(dz, ref.activation_backward(dy, y, "softmax"), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", ACTS)
+def test_elementwise_activation_backward(act, rng):
+    dy = rng.standard_normal((3, 4, 5), dtype=np.float32)
+    y = ref.activate(rng.standard_normal((3, 4, 5)), act).astype(np.float32)
+    out = ops.activation_backward(dy, y, act, backend="cpp")
+    np.testing.assert_allclose(out, ref.activation_backward(dy, y, act), rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- re-entrancy
+def test_concurrent_calls_from_python_threads():
+    """Several Python threads at once (the GIL is released inside), different shapes each,
+    every result checked: no shared scratch between calls."""
+    cases = []
+    for i in range(8):
+        rng = np.random.default_rng(100 + i)
+        n, h, c, f = 1 + i % 3, 9 + i, (1, 3, 17, 8)[i % 4], (5, 33, 70, 16)[i % 4]
+        g = conv_geometry((n, h, h + 1, c), (3, 1 + i % 3, c, f), 1 + i % 2, "same", 1)
+        cases.append((g, rng.standard_normal(g.x_shape, dtype=np.float32),
+                      rng.standard_normal(g.w_shape, dtype=np.float32),
+                      rng.standard_normal(g.y_shape, dtype=np.float32)))
+
+    def work(case):
+        g, x, w, dz = case
+        out = []
+        for _ in range(3):
+            y = _C.conv2d_forward(x, w, None, g.as_tuple(), 3)
+            dx = _C.conv2d_backward_data(dz, w, g.as_tuple())
+            dw, db = _C.conv2d_backward_filter(x, dz, g.as_tuple())
+            out.append((y, dx, dw, db))
+        return out
+
+    with cf.ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        results = list(pool.map(work, cases))
+    for (g, x, w, dz), res in zip(cases, results):
+        want = (ref.conv2d_forward(x, w, None, g, "tanh"), ref.conv2d_backward_data(dz, w, g),
+                *ref.conv2d_backward_filter(x, dz, g))
+        for got in res:
+            for a, r in zip(got, want):
+                np.testing.assert_allclose(a, r, rtol=RTOL, atol=_tol(g.gemm_m))
+
+
+# ----------------------------------------------------------------------------- bad input
+@pytest.fixture
+def conv_args(rng):
+    g = conv_geometry((2, 6, 7, 3), (3, 3, 3, 4), 1, "valid")
+    x = rng.standard_normal(g.x_shape, dtype=np.float32)
+    w = rng.standard_normal(g.w_shape, dtype=np.float32)
+    b = rng.standard_normal(g.filters, dtype=np.float32)
+    return g, x, w, b
+
+
+def test_wrong_dtype_raises_type_error_never_converts(conv_args):
+    g, x, w, b = conv_args
+    with pytest.raises(TypeError, match="x must be float32, got float64"):
+        _C.conv2d_forward(x.astype(np.float64), w, b, g.as_tuple(), 0)
+    with pytest.raises(TypeError, match="w must be float32, got int16"):
+        _C.conv2d_forward(x, w.astype(np.int16), b, g.as_tuple(), 0)
+    with pytest.raises(TypeError, match="x must be a numpy.ndarray"):
+        _C.conv2d_forward(x.tolist(), w, b, g.as_tuple(), 0)
+    with pytest.raises(TypeError, match="y must be float32"):
+        _C.conv2d_forward(x, w, b, g.as_tuple(), 0, np.empty(g.y_shape, np.float64))
+    with pytest.raises(TypeError, match="float32"):
+        _C.dense_forward(np.ones((2, 3)), np.ones((3, 4), np.float32), None, 0)
+
+
+def test_wrong_shapes_and_layouts_raise_value_error(conv_args):
+    g, x, w, b = conv_args
+    t = g.as_tuple()
+    with pytest.raises(ValueError, match=r"x has shape \(2, 6, 8, 3\), expected \(2, 6, 7, 3\)"):
+        _C.conv2d_forward(np.zeros((2, 6, 8, 3), np.float32), w, b, t, 0)
+    with pytest.raises(ValueError, match=r"b has shape \(5,\), expected \(4,\)"):
+        _C.conv2d_forward(x, w, np.zeros(5, np.float32), t, 0)
+    with pytest.raises(ValueError, match="y has shape"):
+        _C.conv2d_forward(x, w, b, t, 0, np.empty((2, 4, 5, 5), np.float32))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _C.conv2d_forward(np.asfortranarray(x), w, b, t, 0)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        big = np.zeros((2, 6, 14, 3), np.float32)
+        _C.conv2d_forward(big[:, :, ::2], w, b, t, 0)
+    ro = np.empty(g.y_shape, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        _C.conv2d_forward(x, w, b, t, 0, ro)
+    with pytest.raises(ValueError, match="dz has shape"):
+        _C.conv2d_backward_data(np.zeros((2, 4, 5, 5), np.float32), w, t)
+    with pytest.raises(ValueError, match="dw has shape"):
+        _C.conv2d_backward_filter(x, np.zeros(g.y_shape, np.float32), t, np.empty((3, 3, 3, 5), np.float32))
+    with pytest.raises(ValueError, match=r"w has shape \(4, 4\), expected \(3, 4\)"):
+        _C.dense_forward(np.zeros((2, 3), np.float32), np.zeros((4, 4), np.float32), None, 0)
+    with pytest.raises(ValueError, match="rank 2"):
+        _C.dense_forward(np.zeros((2, 3, 1), np.float32), np.zeros((3, 4), np.float32), None, 0)
+    with pytest.raises(ValueError, match="y \\(the forward output\\) is needed"):
+        _C.dense_backward(np.zeros((2, 3), np.float32), np.zeros((3, 4), np.float32),
+                          np.zeros((2, 4), np.float32), None, 1)
+
+
+def test_outputs_may_not_alias_inputs(conv_args):
+    g, x, w, b = conv_args
+    z = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="overlaps input z"):
+        _C.softmax(z, z)
+    ny = int(np.prod(g.y_shape))
+    buf = np.zeros(ny + x.size, np.float32)
+    dz, dx = buf[:ny].reshape(g.y_shape), buf[ny - 1:ny - 1 + x.size].reshape(g.x_shape)  # one float shared
+    with pytest.raises(ValueError, match="output dx overlaps input dz"):
+        _C.conv2d_backward_data(dz, w, g.as_tuple(), dx)
+    with pytest.raises(ValueError, match="outputs dx and dw overlap"):
+        xs = np.zeros((2, 3), np.float32)
+        ws = np.zeros((3, 4), np.float32)
+        both = np.zeros(6 + 12, np.float32)
+        _C.dense_backward(xs, ws, np.zeros((2, 4), np.float32), None, 0, both[:6].reshape(2, 3),
+                          both[4:16].reshape(3, 4))
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda t: t[:16], "17 fields"),
+    (lambda t: t[:15] + (t[15] + 1,) + t[16:], "out_h/out_w do not match"),
+    (lambda t: (t[0], t[1], t[2], t[3], t[4], t[5], t[6], 0) + t[8:], "stride < 1"),
+    (lambda t: (t[0], 1) + t[2:], "kernel larger than padded input|out_h/out_w"),
+    (lambda t: (-1,) + t[1:], "out of range"),
+    (lambda t: (2**40,) + t[1:], "out of range"),
+])
+def test_bad_geometry_raises(conv_args, mutate, match):
+    g, x, w, b = conv_args
+    with pytest.raises(ValueError, match=match):
+        _C.conv2d_forward(x, w, b, mutate(g.as_tuple()), 0)
+
+
+def test_bad_geometry_types_and_activation_codes(conv_args):
+    g, x, w, b = conv_args
+    with pytest.raises(TypeError, match="geometry"):
+        _C.conv2d_forward(x, w, b, "geometry", 0)
+    with pytest.raises(TypeError, match="field 3 must be an int"):
+        _C.conv2d_forward(x, w, b, g.as_tuple()[:3] + (3.0,) + g.as_tuple()[4:], 0)
+    with pytest.raises(ValueError, match="activation code must be 0..3"):
+        _C.conv2d_forward(x, w, b, g.as_tuple(), 4)
+    with pytest.raises(ValueError, match="activation code must be 0..4"):
+        _C.activation_backward(np.zeros(3, np.float32), np.zeros(3, np.float32), -1)
+    with pytest.raises(ValueError, match="softmax needs rank-2"):
+        _C.activation_backward(np.zeros(3, np.float32), np.zeros(3, np.float32), 4)
+
+
+def test_geometry_must_match_the_buffers_not_the_other_way_round(rng):
+    """A self-consistent geometry for a *bigger* input is refused against a smaller buffer."""
+    g_small = conv_geometry((1, 5, 5, 2), (3, 3, 2, 2))
+    g_big = conv_geometry((1, 9, 9, 2), (3, 3, 2, 2))
+    x = rng.standard_normal(g_small.x_shape, dtype=np.float32)
+    w = rng.standard_normal(g_small.w_shape, dtype=np.float32)
+    with pytest.raises(ValueError, match="x has shape"):
+        _C.conv2d_forward(x, w, None, g_big.as_tuple(), 0)
+
+
+def test_empty_batch_and_backward_filter_of_nothing():
+    g = conv_geometry((0, 5, 5, 2), (3, 3, 2, 4))
+    y = _C.conv2d_forward(np.zeros(g.x_shape, np.float32), np.ones(g.w_shape, np.float32), None,
+                          g.as_tuple(), 0)
+    assert y.shape == (0, 3, 3, 4)
+    dw, db = _C.conv2d_backward_filter(np.zeros(g.x_shape, np.float32), np.zeros(g.y_shape, np.float32),
+                                       g.as_tuple())
+    assert not dw.any() and not db.any()
+
+
+# ----------------------------------------------------------------------------- backend
+def test_backend_status_and_variants():
+    from dlconv import backends
+    be = backends.get("cpp")
+    ok, why = be.cpu_status()
+    assert ok and _C.build_info()["simd"] in why
+    assert be.conv_variants(False) == ("cpu_igemm",)
+    assert be.conv_variants(True) == ("v3_implicit_gemm", "v2_smem_tiled", "v1_direct")
+    x = np.ones((1, 4, 4, 1), np.float32)
+    w = np.ones((3, 3, 1, 1), np.float32)
+    y = ops.conv2d(x, w, backend="cpp", variant="cpu_igemm")
+    np.testing.assert_array_equal(y[0, :, :, 0], np.full((2, 2), 9.0, np.float32))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ops.conv2d(x, w, backend="cpp", variant="v1_direct")
+
+
+def test_stream_handle_parsing():
+    import ctypes
+
+    class NumbaLike:
+        handle = ctypes.c_void_p(1234)
+
+    class TorchLike:
+        cuda_stream = 5678
+
+    assert cpp_backend.stream_handle(None) == 0
+    assert cpp_backend.stream_handle(0) == 0
+    assert cpp_backend.stream_handle(NumbaLike()) == 1234
+    assert cpp_backend.stream_handle(TorchLike()) == 5678
+    with pytest.raises(TypeError, match="stream"):
+        cpp_backend.stream_handle("default")
+    with pytest.raises(ValueError, match="stream handle must be >= 0"):
+        cpp_backend.stream_handle(-1)
+
+
+def test_resolve_axis_is_the_only_source_of_pads():
+    """The C++ side checks but never derives: an out size from shapes.resolve_axis passes."""
+    pt, pb, oh = resolve_axis(11, 4, 3, 2, "same")
+    g = conv_geometry((1, 11, 11, 1), (4, 4, 1, 1), 3, "same", 2)
+    assert (g.pad_top, g.pad_bottom, g.out_h) == (pt, pb, oh)
+    y = _C.conv2d_forward(np.ones(g.x_shape, np.float32), np.ones(g.w_shape, np.float32), None,
+                          g.as_tuple(), 0)
+    np.testing.assert_allclose(y, ref.conv2d_forward(np.ones(g.x_shape), np.ones(g.w_shape), None, g))
