@@ -1,0 +1,189 @@
+"""Validation in dlconv.ops, through the numba and reference backends: bad input is refused
+with TypeError/ValueError naming the parameter and the values before any kernel runs, and
+an empty batch gives an empty result of the right shape."""
+
+import numpy as np
+import pytest
+
+from dlconv import ops
+from dlconv import reference as ref
+from dlconv.shapes import conv_geometry
+
+BACKENDS = ("numba", "reference")
+
+
+def f32(*shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+class FakeCudaArray:
+    """Looks like a CUDA array to dlconv.arrays (has __cuda_array_interface__); the mixed
+    host/device check must refuse it before anything touches its memory."""
+
+    shape = (1, 4, 4, 1)
+    dtype = np.dtype(np.float32)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": "<f4", "data": (0, False), "version": 3}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+# ----------------------------------------------------------------------------- dtype
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int32])
+def test_conv2d_rejects_non_float32(backend, dtype):
+    x = np.zeros((1, 4, 4, 2), dtype)
+    with pytest.raises(TypeError, match=rf"x must be float32, got {np.dtype(dtype)}"):
+        ops.conv2d(x, f32(3, 3, 2, 2), backend=backend)
+    with pytest.raises(TypeError, match=r"^w must be float32"):
+        ops.conv2d(f32(1, 4, 4, 2), np.zeros((3, 3, 2, 2), dtype), backend=backend)
+    with pytest.raises(TypeError, match=r"^b must be float32"):
+        ops.conv2d(f32(1, 4, 4, 2), f32(3, 3, 2, 2), np.zeros(2, dtype), backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16, np.int64])
+def test_dense_and_backward_reject_non_float32(backend, dtype):
+    with pytest.raises(TypeError, match=r"^x must be float32"):
+        ops.dense(np.zeros((2, 3), dtype), f32(3, 4), backend=backend)
+    with pytest.raises(TypeError, match=r"^dy must be float32"):
+        ops.dense_backward(f32(2, 3), f32(3, 4), np.zeros((2, 4), dtype), backend=backend)
+    with pytest.raises(TypeError, match=r"^dy must be float32"):
+        ops.conv2d_backward_data(np.zeros((1, 2, 2, 2), dtype), f32(3, 3, 1, 2), (1, 4, 4, 1),
+                                 backend=backend)
+
+
+def test_rejects_non_array(backend):
+    with pytest.raises(TypeError, match="x must be a NumPy array"):
+        ops.conv2d(object(), f32(3, 3, 1, 1), backend=backend)
+
+
+# ----------------------------------------------------------------------------- layout and rank
+def test_rejects_non_contiguous(backend):
+    x = f32(1, 6, 8, 2)[:, :, ::2, :]
+    with pytest.raises(ValueError, match=r"x must be C-contiguous.*\(1, 6, 4, 2\)"):
+        ops.conv2d(x, f32(3, 3, 2, 2), backend=backend)
+    w = f32(4, 3)[::2]
+    with pytest.raises(ValueError, match=r"w must be C-contiguous"):
+        ops.dense(f32(2, 2), w, backend=backend)
+
+
+def test_rejects_wrong_rank(backend):
+    with pytest.raises(ValueError, match=r"x must have rank 4, got shape \(4, 4, 1\)"):
+        ops.conv2d(f32(4, 4, 1), f32(3, 3, 1, 1), backend=backend)
+    with pytest.raises(ValueError, match=r"w must have rank 4"):
+        ops.conv2d(f32(1, 4, 4, 1), f32(3, 3, 1), backend=backend)
+    with pytest.raises(ValueError, match=r"b must have rank 1"):
+        ops.conv2d(f32(1, 4, 4, 1), f32(3, 3, 1, 2), f32(2, 1), backend=backend)
+    with pytest.raises(ValueError, match=r"x must have rank 2"):
+        ops.dense(f32(2, 3, 1), f32(3, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"z must have rank 2"):
+        ops.softmax(f32(5), backend=backend)
+
+
+# ----------------------------------------------------------------------------- shapes
+def test_channel_mismatch_names_both_shapes(backend):
+    with pytest.raises(ValueError, match=r"channel mismatch: x has 3 channels.*w expects 2"):
+        ops.conv2d(f32(1, 5, 5, 3), f32(3, 3, 2, 4), backend=backend)
+    with pytest.raises(ValueError, match=r"feature mismatch: x has 3 features.*w expects 5"):
+        ops.dense(f32(2, 3), f32(5, 4), backend=backend)
+
+
+def test_bias_length(backend):
+    with pytest.raises(ValueError, match=r"b has shape \(3,\), expected \(4,\)"):
+        ops.conv2d(f32(1, 5, 5, 2), f32(3, 3, 2, 4), f32(3), backend=backend)
+    with pytest.raises(ValueError, match=r"b has shape \(5,\), expected \(4,\)"):
+        ops.dense(f32(2, 3), f32(3, 4), f32(5), backend=backend)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(), r"kernel_size \(height\)=5 is larger than the padded input \(height\): 3 \+ 0 \+ 0 = 3"),
+    (dict(dilation=3, padding=1), r"with dilation 3 \(effective size 13\)"),
+    (dict(strides=0), r"stride.*>= 1, got 0"),
+    (dict(padding=-1), r"padding.*>= 0, got -1"),
+    (dict(padding="full"), r"padding must be 'valid', 'same'.*'full'"),
+])
+def test_impossible_geometry(backend, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ops.conv2d(f32(1, 3, 9, 1), f32(5, 5, 1, 1), backend=backend, **kwargs)
+
+
+def test_backward_shapes_checked(backend):
+    with pytest.raises(ValueError, match=r"dy has shape \(1, 2, 2, 2\), expected \(1, 3, 3, 2\)"):
+        ops.conv2d_backward_data(f32(1, 2, 2, 2), f32(3, 3, 1, 2), (1, 5, 5, 1), backend=backend)
+    with pytest.raises(ValueError, match=r"dy has shape"):
+        ops.conv2d_backward_filter(f32(1, 5, 5, 1), f32(1, 2, 2, 2), (3, 3, 1, 2), backend=backend)
+    with pytest.raises(ValueError, match=r"needs y \(the forward output\) for activation 'relu'"):
+        ops.dense_backward(f32(2, 3), f32(3, 4), f32(2, 4), None, "relu", backend=backend)
+    with pytest.raises(ValueError, match=r"y has shape \(2, 3\), expected \(2, 4\)"):
+        ops.dense_backward(f32(2, 3), f32(3, 4), f32(2, 4), f32(2, 3), "tanh", backend=backend)
+
+
+def test_activation_and_variant_names(backend):
+    with pytest.raises(ValueError, match=r"activation must be None or one of .*'swish'"):
+        ops.conv2d(f32(1, 4, 4, 1), f32(3, 3, 1, 1), activation="swish", backend=backend)
+    with pytest.raises(ValueError, match=r"activation must be None or one of .*'softmax'"):
+        ops.conv2d(f32(1, 4, 4, 1), f32(3, 3, 1, 1), activation="softmax", backend=backend)
+    with pytest.raises(ValueError, match=r"variant must be one of .*'nope'"):
+        ops.conv2d(f32(1, 4, 4, 1), f32(3, 3, 1, 1), variant="nope", backend=backend)
+
+
+def test_geometry_argument_must_match(backend):
+    g = conv_geometry((1, 6, 6, 2), (3, 3, 2, 3), 1, "same")
+    with pytest.raises(ValueError, match=r"x has shape \(1, 5, 6, 2\) but geometry expects \(1, 6, 6, 2\)"):
+        ops.conv2d(f32(1, 5, 6, 2), f32(3, 3, 2, 3), geometry=g, backend=backend)
+    with pytest.raises(TypeError, match="geometry must be a dlconv.shapes.ConvGeometry"):
+        ops.conv2d(f32(1, 6, 6, 2), f32(3, 3, 2, 3), geometry=(1, 6), backend=backend)
+    x, w = f32(1, 6, 6, 2), f32(3, 3, 2, 3)
+    np.testing.assert_array_equal(ops.conv2d(x, w, geometry=g, backend=backend),
+                                  ops.conv2d(x, w, padding="same", backend=backend))
+
+
+def test_mixed_host_and_device(backend):
+    with pytest.raises(ValueError, match=r"must all be on the host or all on a CUDA device: x on the device, w on the host"):
+        ops.conv2d(FakeCudaArray(), f32(3, 3, 1, 1), backend=backend)
+    with pytest.raises(ValueError, match=r"w, b on the host"):
+        ops.conv2d(FakeCudaArray(), f32(3, 3, 1, 1), f32(1), backend=backend)
+
+
+# ----------------------------------------------------------------------------- empty batch
+def test_empty_batch_gives_empty_results(backend):
+    x, w, b = np.zeros((0, 7, 6, 3), np.float32), f32(3, 2, 3, 5), f32(5)
+    y = ops.conv2d(x, w, b, strides=2, padding="same", activation="relu", backend=backend)
+    assert y.shape == (0, 4, 3, 5) and y.dtype == np.float32
+    dx = ops.conv2d_backward_data(np.zeros((0, 4, 3, 5), np.float32), w, (0, 7, 6, 3), 2, "same",
+                                  backend=backend)
+    assert dx.shape == (0, 7, 6, 3)
+    dw, db = ops.conv2d_backward_filter(x, np.zeros((0, 4, 3, 5), np.float32), w.shape, 2, "same",
+                                        backend=backend)
+    assert dw.shape == w.shape and db.shape == (5,) and not dw.any() and not db.any()
+    z = ops.dense(np.zeros((0, 4), np.float32), f32(4, 3), f32(3), "softmax", backend=backend)
+    assert z.shape == (0, 3)
+    gx, gw, gb = ops.dense_backward(np.zeros((0, 4), np.float32), f32(4, 3),
+                                    np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32),
+                                    "sigmoid", backend=backend)
+    assert gx.shape == (0, 4) and gw.shape == (4, 3) and gb.shape == (3,) and not gw.any()
+    assert ops.softmax(np.zeros((0, 10), np.float32), backend=backend).shape == (0, 10)
+
+
+# ----------------------------------------------------------------------------- valid input works
+def test_valid_calls_agree_between_backends():
+    x, w, b = f32(2, 6, 5, 3, seed=1), f32(3, 3, 3, 4, seed=2), f32(4, seed=3)
+    kw = dict(strides=(2, 1), padding=((1, 0), (2, 1)), dilation=1, activation="tanh")
+    g = conv_geometry(x.shape, w.shape, (2, 1), ((1, 0), (2, 1)))
+    np.testing.assert_allclose(ops.conv2d(x, w, b, backend="numba", **kw),
+                               ops.conv2d(x, w, b, backend="reference", **kw), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.conv2d(x, w, b, backend="numba", **kw),
+                               ref.conv2d_forward(x, w, b, g, "tanh"), rtol=1e-5, atol=1e-5)
+    dy = f32(*g.y_shape, seed=4)
+    for name in ("conv2d_backward_data",):
+        a = getattr(ops, name)(dy, w, x.shape, (2, 1), ((1, 0), (2, 1)), backend="numba")
+        r = getattr(ops, name)(dy, w, x.shape, (2, 1), ((1, 0), (2, 1)), backend="reference")
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+    dw, db = ops.conv2d_backward_filter(x, dy, w.shape, (2, 1), ((1, 0), (2, 1)), backend="numba")
+    rdw, rdb = ops.conv2d_backward_filter(x, dy, w.shape, (2, 1), ((1, 0), (2, 1)), backend="reference")
+    np.testing.assert_allclose(dw, rdw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(db, rdb, rtol=1e-5, atol=1e-5)
