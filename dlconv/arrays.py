@@ -21,9 +21,16 @@ import numpy as np
 _DLPACK_CUDA = (2, 3, 13)
 
 
+def _is_simulator_array(a) -> bool:
+    """A device array of Numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1): host memory
+    standing in for device memory, so that tests run the real CUDA kernel code here."""
+    cls = type(a)
+    return cls.__name__ == "FakeCUDAArray" and cls.__module__.startswith("numba.cuda.simulator")
+
+
 def is_cuda_array(a) -> bool:
     """True for objects living in CUDA memory (no import of numba or torch needed)."""
-    if hasattr(a, "__cuda_array_interface__"):
+    if hasattr(a, "__cuda_array_interface__") or _is_simulator_array(a):
         return True
     dev = getattr(a, "__dlpack_device__", None)
     if dev is not None and not isinstance(a, np.ndarray):
@@ -59,6 +66,9 @@ def host_array(a, name: str, rank=None) -> np.ndarray:
 
 def device_array(a, name: str, rank=None):
     """Validate a CUDA array → a Numba device array viewing the same memory (no copy)."""
+    if _is_simulator_array(a):
+        _check(name, a.shape, a.dtype, a.is_c_contiguous(), rank)
+        return a
     from numba import cuda
 
     if not cuda.is_cuda_array(a):
