@@ -40,10 +40,11 @@ namespace {
 struct DevArg {
     float* ptr = nullptr;
     int64_t bytes = 0;
+    const char* name = "";
 };
 
 // Read and check obj.__cuda_array_interface__: float32 ('<f4'), C-contiguous, exactly `shape`,
-// writeable for outputs, 4-byte aligned, and memory the CUDA runtime knows as device/managed.
+// writeable for outputs, non-null and 4-byte aligned.  (Where the memory lives: require_device.)
 DevArg dev_checked(const char* kernel, const char* name, const py::handle& obj, const Shape& shape, bool output) {
     const std::string who = std::string("dlconv CUDA ") + kernel + ": " + name;
     if (obj.is_none() || !py::hasattr(obj, "__cuda_array_interface__"))
@@ -78,19 +79,45 @@ DevArg dev_checked(const char* kernel, const char* name, const py::handle& obj, 
     DevArg a;
     a.ptr = reinterpret_cast<float*>(p);
     a.bytes = count * 4;
+    a.name = name;
     if (count == 0) return a;
     if (p == 0) throw std::invalid_argument(who + " has a null data pointer");
     if (p % 4) throw std::invalid_argument(who + " is not aligned to 4 bytes");
-    cudaPointerAttributes attr;
-    cudaError_t e = cudaPointerGetAttributes(&attr, a.ptr);
-    if (e != cudaSuccess) {
-        cudaGetLastError();
-        throw std::runtime_error(std::string("dlconv CUDA kernel ") + kernel + ": cannot query " + name + " (" +
-                                 cudaGetErrorName(e) + ": " + cudaGetErrorString(e) + ")");
-    }
-    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
-        throw std::invalid_argument(who + " is not CUDA device memory");
     return a;
+}
+
+// After every metadata check passed: each non-empty buffer must be memory the CUDA runtime knows
+// as device or managed memory (a host pointer would fault inside the kernel).  Without a driver or
+// GPU this is where the call stops, with a RuntimeError naming the kernel.
+// All buffers must be on one device, which becomes this host thread's current device for the launch.
+void require_device(const char* kernel, std::initializer_list<const DevArg*> args) {
+    int device = -1;
+    for (const DevArg* a : args) {
+        if (!a->ptr || !a->bytes) continue;
+        cudaPointerAttributes attr;
+        cudaError_t e = cudaPointerGetAttributes(&attr, a->ptr);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            throw std::runtime_error(std::string("dlconv CUDA kernel ") + kernel + ": cannot query " + a->name +
+                                     " (" + cudaGetErrorName(e) + ": " + cudaGetErrorString(e) + ")");
+        }
+        if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)
+            throw std::invalid_argument(std::string("dlconv CUDA ") + kernel + ": " + a->name +
+                                        " is not CUDA device memory");
+        if (device >= 0 && attr.device != device)
+            throw std::invalid_argument(std::string("dlconv CUDA ") + kernel + ": " + a->name + " is on device " +
+                                        std::to_string(attr.device) + ", other buffers on device " +
+                                        std::to_string(device));
+        device = attr.device;
+    }
+    if (device >= 0) {
+        cudaError_t e = cudaSetDevice(device);
+        if (e != cudaSuccess) {
+            cudaGetLastError();
+            throw std::runtime_error(std::string("dlconv CUDA kernel ") + kernel + ": cudaSetDevice(" +
+                                     std::to_string(device) + ") failed: " + cudaGetErrorString(e));
+        }
+    }
 }
 
 DevArg dev_optional(const char* kernel, const char* name, const py::object& obj, const Shape& shape, bool output) {
@@ -147,6 +174,7 @@ void conv2d_forward(py::object x, py::object w, py::object b, py::object geometr
     DevArg ax = dev_checked(K, "x", x, xs(g), false), aw = dev_checked(K, "w", w, ws(g), false);
     DevArg ab = dev_optional(K, "b", b, {g.filters}, false), ay = dev_checked(K, "y", y, ys(g), true);
     no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
+    require_device(K, {&ax, &aw, &ab, &ay});
     py::gil_scoped_release nogil;
     dlconv::cuda::conv2d_forward(g, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr, variant, to_stream(stream));
 }
@@ -157,6 +185,7 @@ void conv2d_backward_data(py::object dz, py::object w, py::object geometry, py::
     DevArg adz = dev_checked(K, "dz", dz, ys(g), false), aw = dev_checked(K, "w", w, ws(g), false);
     DevArg adx = dev_checked(K, "dx", dx, xs(g), true);
     no_alias(K, {{"dx", &adx}}, {{"dz", &adz}, {"w", &aw}});
+    require_device(K, {&adz, &aw, &adx});
     py::gil_scoped_release nogil;
     dlconv::cuda::conv2d_backward_data(g, adz.ptr, aw.ptr, adx.ptr, to_stream(stream));
 }
@@ -168,6 +197,7 @@ void conv2d_backward_filter(py::object x, py::object dz, py::object geometry, py
     DevArg ax = dev_checked(K, "x", x, xs(g), false), adz = dev_checked(K, "dz", dz, ys(g), false);
     DevArg adw = dev_checked(K, "dw", dw, ws(g), true), adb = dev_optional(K, "db", db, {g.filters}, true);
     no_alias(K, {{"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"dz", &adz}});
+    require_device(K, {&ax, &adz, &adw, &adb});
     py::gil_scoped_release nogil;
     dlconv::cuda::conv2d_backward_filter(g, ax.ptr, adz.ptr, adw.ptr, adb.ptr, to_stream(stream));
 }
@@ -180,6 +210,7 @@ void dense_forward(py::object x, py::object w, py::object b, int act, py::object
     DevArg ax = dev_checked(K, "x", x, {M, Kf}, false), aw = dev_checked(K, "w", w, {Kf, N}, false);
     DevArg ab = dev_optional(K, "b", b, {N}, false), ay = dev_checked(K, "y", y, {M, N}, true);
     no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
+    require_device(K, {&ax, &aw, &ab, &ay});
     py::gil_scoped_release nogil;
     dlconv::cuda::dense_forward(M, Kf, N, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr, to_stream(stream));
 }
@@ -199,6 +230,7 @@ void dense_backward(py::object x, py::object w, py::object dy, py::object y, int
     DevArg adx = dev_optional(K, "dx", dx, {M, Kf}, true), adw = dev_optional(K, "dw", dw, {Kf, N}, true);
     DevArg adb = dev_optional(K, "db", db, {N}, true);
     no_alias(K, {{"dx", &adx}, {"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"w", &aw}, {"dy", &ady}, {"y", &ayy}});
+    require_device(K, {&ax, &aw, &ady, &ayy, &adx, &adw, &adb});
     py::gil_scoped_release nogil;
     dlconv::cuda::dense_backward(M, Kf, N, ax.ptr, aw.ptr, ady.ptr, ayy.ptr, act, adx.ptr, adw.ptr, adb.ptr,
                                  to_stream(stream));
@@ -209,6 +241,7 @@ void softmax(py::object z, py::object out, uintptr_t stream) {
     const Shape s = cai_shape(K, "z", z, 2);
     DevArg az = dev_checked(K, "z", z, s, false), ao = dev_checked(K, "out", out, s, true);
     no_alias(K, {{"out", &ao}}, {{"z", &az}});
+    require_device(K, {&az, &ao});
     py::gil_scoped_release nogil;
     dlconv::cuda::softmax(s[0], s[1], az.ptr, ao.ptr, to_stream(stream));
 }
@@ -223,6 +256,7 @@ void activation_backward(py::object dy, py::object y, int act, py::object out, u
     int64_t rows = 1, cols = 1;
     if (act == 4) { rows = s[0]; cols = s[1]; }
     else for (auto d : s) cols *= d;
+    require_device(K, {&ady, &ay, &ao});
     py::gil_scoped_release nogil;
     dlconv::cuda::activation_backward(rows, cols, ady.ptr, ay.ptr, act, ao.ptr, to_stream(stream));
 }
