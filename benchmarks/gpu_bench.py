@@ -90,7 +90,10 @@ def torch_place(torch):
         simulated = False
 
         def __init__(self):
-            self._ts = torch.cuda.current_stream()
+            # One dedicated stream (not the legacy default stream, handle 0), made torch's
+            # current stream: torch's ops, our ops and the events all run on it.
+            self._ts = torch.cuda.Stream()
+            torch.cuda.set_stream(self._ts)
             self._ns = cuda.external_stream(self._ts.cuda_stream)
 
         def put(self, a):
@@ -116,6 +119,40 @@ def torch_place(torch):
     return TorchCudaPlace()
 
 
+def _simulator_array_shim():
+    """Dry run only: let dlconv.arrays recognise Numba *simulator* device arrays.
+
+    Real Numba device arrays (and torch/CuPy tensors) carry ``__cuda_array_interface__``,
+    which is how :mod:`dlconv.arrays` tells device from host.  The simulator's
+    ``FakeCUDAArray`` does not, so without this the ops would quietly take their host
+    path and the dry run would not exercise the CUDA kernels.  Applied only when
+    dlconv.arrays does not already recognise simulator arrays; never on a real GPU.
+    """
+    import numpy as np
+    from numba import cuda
+
+    from dlconv import arrays
+
+    probe = cuda.to_device(np.zeros(1, np.float32))
+    if arrays.is_cuda_array(probe):
+        return "dlconv.arrays recognises simulator arrays itself"
+    fake = type(probe)
+    real_is, real_dev = arrays.is_cuda_array, arrays.device_array
+
+    def is_cuda_array(a):
+        return isinstance(a, fake) or real_is(a)
+
+    def device_array(a, name, rank=None):
+        if isinstance(a, fake):
+            arrays._check(name, a.shape, a.dtype, a.is_c_contiguous(), rank)
+            return a
+        return real_dev(a, name, rank)
+
+    arrays.is_cuda_array, arrays.device_array = is_cuda_array, device_array
+    return ("shim: dlconv.arrays does not recognise Numba simulator arrays (no "
+            "__cuda_array_interface__); gpu_bench patched is_cuda_array/device_array for this dry run")
+
+
 def simulator_place():
     """Numba simulator device arrays, timed with the host clock (dry run only)."""
     from dlconv import bench
@@ -127,6 +164,11 @@ def simulator_place():
 
 
 # ----------------------------------------------------------------------------- built-ins
+def _activation(torch, act):
+    return {"relu": torch.relu, "softmax": lambda z: torch.softmax(z, dim=1),
+            "linear": lambda z: z, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act]
+
+
 class TorchBuiltin:
     """torch's cuDNN / cuBLAS ops (or torch's CPU ops in a dry run), at their best."""
 
@@ -160,9 +202,8 @@ class TorchBuiltin:
                     x = nchw(self._t(a["x"])).to(memory_format=fmt)
                     w = oihw(self._t(a["w"])).to(memory_format=fmt)
                     b = self._t(a["b"])
-                    fn = (lambda x=x, w=w, b=b: F.relu(F.conv2d(x, w, b, **kw))) if act == "relu" \
-                        else (lambda x=x, w=w, b=b: F.conv2d(x, w, b, **kw))
-                    modes.append((name, fn, to_nhwc))
+                    post = _activation(torch, act)
+                    modes.append((name, lambda x=x, w=w, b=b: post(F.conv2d(x, w, b, **kw)), to_nhwc))
                 elif p.pass_ == "backward-data":
                     dy = nchw(self._t(a["dy"])).to(memory_format=fmt)
                     w = oihw(self._t(a["w"])).to(memory_format=fmt)
@@ -180,8 +221,7 @@ class TorchBuiltin:
         x, w = self._t(a["x"]), self._t(a["w"])
         if p.pass_ == "forward":
             b = self._t(a["b"])
-            post = {"relu": torch.relu, "softmax": lambda z: torch.softmax(z, dim=1),
-                    "linear": lambda z: z, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act]
+            post = _activation(torch, act)
             return [("addmm", lambda: post(torch.addmm(b, x, w)))]
         dy, y = self._t(a["dy"]), self._t(a["y"])
 
@@ -228,6 +268,7 @@ def main(argv=None) -> int:
         settings = bench.Settings(batch=2, repeats=args.repeats or 2, warmup=1, min_sample_s=0.0,
                                   budget_s=args.budget_s)
         place = simulator_place()
+        notes.append("DRY RUN " + _simulator_array_shim())
         if torch is not None:
             builtin = TorchBuiltin(torch, "cpu")
             notes.append("DRY RUN: CUDA simulator, tiny shapes; the built-in is torch's CPU ops; "

@@ -23,7 +23,9 @@ Honesty rules the harness enforces
   output is the one checked against :mod:`dlconv.reference`; further warm-up calls follow,
   then ``repeats`` timed samples.  A sample is ``inner`` back-to-back calls divided by
   ``inner``, with ``inner`` chosen so that one sample lasts at least ``min_sample_s``
-  (timer resolution).  The reported time is the median of the samples.
+  (timer resolution).  The reported time is the median of the samples.  The samples of
+  all contenders for one layer/pass (the built-in's modes and ours) are taken round-robin,
+  so a load burst on a shared machine hits them alike.
 * Correctness: each output (ours and the built-in's) is compared with the NumPy reference
   on the *same inputs at the full batch*; the reference runs once per layer and pass and
   is reused.  A case whose error exceeds :data:`TOLERANCE` is shown as failed and is not
@@ -321,20 +323,34 @@ class Timing:
     warmup: int
 
 
-def measure(fn: Callable, place, repeats: int, warmup: int,
-            min_sample_s: float = MIN_SAMPLE_S) -> Timing:
-    """Median seconds per call of ``fn``; the caller has already made the first call.
-
-    ``warmup`` more calls are made and discarded, then one calibration sample picks
-    ``inner`` (calls per sample), then ``repeats`` samples are taken.
-    """
+def calibrate(fn: Callable, place, warmup: int, min_sample_s: float = MIN_SAMPLE_S) -> int:
+    """``warmup`` discarded calls, then one timed call → ``inner``, the calls per sample."""
     for _ in range(max(warmup, 0)):
         fn()
     place.sync()
     t1 = place.time_block(fn, 1)
-    inner = int(min(MAX_INNER, max(1, math.ceil(min_sample_s / max(t1, 1e-9)))))
-    samples = [place.time_block(fn, inner) for _ in range(max(repeats, 1))]
-    return Timing(statistics.median(samples), samples, inner, max(warmup, 0) + 1)
+    return int(min(MAX_INNER, max(1, math.ceil(min_sample_s / max(t1, 1e-9)))))
+
+
+def measure_interleaved(fns: Sequence[Callable], place, repeats: int, warmup: int,
+                        min_sample_s: float = MIN_SAMPLE_S) -> List[Timing]:
+    """Time several callables round-robin: sample 1 of each, then sample 2 of each, ...
+
+    On a shared or noisy machine a load burst then hits every contender alike, so the
+    ratios stay fair.  The caller has already made each first call (the checked warm-up).
+    """
+    inners = [calibrate(fn, place, warmup, min_sample_s) for fn in fns]
+    samples: List[List[float]] = [[] for _ in fns]
+    for _ in range(max(repeats, 1)):
+        for i, fn in enumerate(fns):
+            samples[i].append(place.time_block(fn, inners[i]))
+    return [Timing(statistics.median(s), s, n, max(warmup, 0) + 1) for s, n in zip(samples, inners)]
+
+
+def measure(fn: Callable, place, repeats: int, warmup: int,
+            min_sample_s: float = MIN_SAMPLE_S) -> Timing:
+    """Median seconds per call of ``fn`` (see :func:`measure_interleaved`)."""
+    return measure_interleaved([fn], place, repeats, warmup, min_sample_s)[0]
 
 
 # ----------------------------------------------------------------------------- our ops
@@ -498,9 +514,10 @@ def _row(problem: Problem, device: str, impl: str, backend: str, variant, mode=N
             "target": None, "target_met": None}
 
 
-def _run_case(row: dict, fn: Callable, problem: Problem, place, repeats: int, warmup: int,
-              min_sample_s: float, convert: Optional[Callable] = None) -> dict:
-    """First call (warm-up) → correctness; only a correct case is then timed.
+def _check_case(row: dict, fn: Callable, problem: Problem, place,
+                convert: Optional[Callable] = None, ours: bool = False) -> bool:
+    """The first call (a warm-up) → correctness against the reference.  Updates ``row``;
+    True when the case is correct and should be timed.
 
     ``convert`` (not timed) maps the output to NHWC/HWIO host arrays when a built-in
     works in another layout.
@@ -508,28 +525,46 @@ def _run_case(row: dict, fn: Callable, problem: Problem, place, repeats: int, wa
     try:
         out = fn()
         place.sync()
+        if ours and place.device == "cuda" and any(isinstance(o, np.ndarray) for o in as_tuple(out)):
+            raise TypeError("the op returned a host array for device inputs: it did not run its "
+                            "CUDA kernels (are the inputs recognised as CUDA arrays?)")
         outs = [to_host(o) for o in as_tuple(out if convert is None else convert(out))]
         err = max_rel_error(outs, problem.expected)
     except Exception as exc:  # a kernel that raises is shown as an error row, the suite goes on
         row.update(status="error", why=f"{type(exc).__name__}: {exc}"[:300], correct=False)
-        return row
+        return False
     row["max_rel_err"] = err if math.isfinite(err) else None
     row["correct"] = bool(err <= TOLERANCE)
     if not row["correct"]:
         row.update(status="failed",
                    why=f"max relative error {err:.3g} > tolerance {TOLERANCE:g}; not timed")
-        return row
+        return False
     if place.simulated and not getattr(place, "time_anyway", False):
         row.update(status="ok", why="CUDA simulator: checked, not timed")
-        return row
+        return False
+    return True
+
+
+def _time_group(cases: List[tuple], problem: Problem, place, settings: "Settings") -> None:
+    """Time the checked cases [(row, fn)] of one layer/pass interleaved; fill their rows."""
+    if not cases:
+        return
     try:
-        t = measure(fn, place, repeats, warmup, min_sample_s)
-    except Exception as exc:  # failing after a correct first call is still an error row
-        row.update(status="error", why=f"{type(exc).__name__}: {exc}"[:300])
-        return row
-    row.update(status="ok", median_s=t.median_s, samples_s=t.samples_s, inner=t.inner,
-               gflops=problem.flops / t.median_s / 1e9)
-    return row
+        timings = measure_interleaved([fn for _, fn in cases], place, settings.repeats,
+                                      settings.warmup, settings.min_sample_s)
+    except Exception:  # a case raised after a correct first call: time each alone to find it
+        timings = []
+        for row, fn in cases:
+            try:
+                timings.append(measure(fn, place, settings.repeats, settings.warmup,
+                                       settings.min_sample_s))
+            except Exception as exc_one:  # this one raises: an error row
+                row.update(status="error", why=f"{type(exc_one).__name__}: {exc_one}"[:300])
+                timings.append(None)
+    for (row, _), t in zip(cases, timings):
+        if t is not None:
+            row.update(status="ok", median_s=t.median_s, samples_s=t.samples_s, inner=t.inner,
+                       gflops=problem.flops / t.median_s / 1e9)
 
 
 @dataclasses.dataclass
@@ -556,76 +591,89 @@ def plan(layers: Sequence[Layer], passes: Sequence[str]) -> List[tuple]:
 def run_kernels(pairs, places, backends, builtin: Optional[BuiltinProvider], settings: Settings,
                 progress: bool = True, on_row: Optional[Callable] = None,
                 builtin_why: str = "") -> List[dict]:
-    """Run every (layer, pass) × place × (built-in modes + our backends/variants)."""
+    """Every (layer, pass) × place: the built-in's modes and our backends/variants.
+
+    Per layer/pass: each case's first call is checked against the reference; the correct
+    ones are then timed together, round-robin (:func:`measure_interleaved`).  The
+    built-in's time is its fastest mode's; each of our rows gets ``ratio = t_builtin / t``.
+    """
     jobs = []
     for place in places:
         impls = our_impls(place.device, backends)
         for layer, p in pairs:
             jobs.append((place, layer, p, impls))
-    n_steps = sum(1 + sum(len(v) if (v and p == "forward" and layer.kind == "conv") else 1
-                          for _, v, _ in impls) for place, layer, p, impls in jobs)
-    bar = _progress(n_steps, progress)
+    bar = _progress(len(jobs), progress)
     rows: List[dict] = []
     t_start = time.perf_counter()
     for place, layer, p, impls in jobs:
-        bar.set_description(f"{layer.name} {p} ({place.device}): reference")
+        where = f"{layer.name} {p} ({place.device})"
+        bar.set_description(f"{where}: reference")
         problem = make_problem(layer, p, settings.batch, settings.seed)
-        placed = {k: place.put(v) for k, v in problem.inputs.items()}
-        stream = place.stream()
-        group = []
         over_budget = settings.budget_s is not None and time.perf_counter() - t_start > settings.budget_s
+        timed: List[tuple] = []
 
-        # the built-in, at its best of its modes
-        bar.set_description(f"{layer.name} {p} ({place.device}): built-in")
+        # the built-in: each of its modes is checked, all are timed, the fastest counts
         brow = _row(problem, place.device, builtin.label if builtin else "built-in", "builtin", None)
+        mode_rows = []
         if builtin is None:
             brow.update(status="skipped", why=builtin_why or "no built-in framework here")
         elif over_budget:
             brow.update(status="skipped", why="time budget spent")
         else:
+            bar.set_description(f"{where}: built-in")
             try:
                 modes = builtin.modes(problem, place)
             except Exception as exc:  # framework op missing on this device: shown, not fatal
                 modes = []
                 brow.update(status="error", why=f"{type(exc).__name__}: {exc}"[:300])
-            mode_rows = [_run_case(dict(brow, mode=m[0]), m[1], problem, place, settings.repeats,
-                                   settings.warmup, settings.min_sample_s,
-                                   m[2] if len(m) > 2 else None) for m in modes]
-            timed = [r for r in mode_rows if r["median_s"] is not None]
-            if timed:
-                best = min(timed, key=lambda r: r["median_s"])
-                brow = dict(best, modes={r["mode"]: r["median_s"] for r in mode_rows})
-                brow["impl"] = f"{builtin.label} ({best['mode']})"
-                brow["ratio"] = 1.0
-            elif mode_rows:
-                brow = dict(mode_rows[0], modes={r["mode"]: r["median_s"] for r in mode_rows})
-        bar.update(1)
-        group.append(brow)
-        t_builtin = brow["median_s"]
+            for m in modes:
+                mrow = dict(brow, mode=m[0])
+                if _check_case(mrow, m[1], problem, place, m[2] if len(m) > 2 else None):
+                    timed.append((mrow, m[1]))
+                mode_rows.append(mrow)
 
+        ours = []
+        placed = None
         for name, variants, why in impls:
             vlist = variants if (variants and layer.kind == "conv" and p == "forward") else [None]
             for v in vlist:
                 label = f"{name}/{v}" if v else name
-                bar.set_description(f"{layer.name} {p} ({place.device}): {label}")
                 row = _row(problem, place.device, label, name, v)
+                ours.append(row)
                 if why is not None:
                     row.update(status="unavailable", why=why)
-                elif settings.budget_s is not None and time.perf_counter() - t_start > settings.budget_s:
+                    continue
+                if over_budget:
                     row.update(status="skipped", why="time budget spent")
-                else:
-                    fn = our_call(problem, name, v, placed, stream)
-                    _run_case(row, fn, problem, place, settings.repeats, settings.warmup,
-                              settings.min_sample_s)
-                    if row["median_s"] and t_builtin:
-                        row["ratio"] = t_builtin / row["median_s"]
-                t = target_for(row)
-                if t is not None:
-                    row["target"] = t.min_ratio
-                    row["target_met"] = None if row["ratio"] is None else bool(row["ratio"] >= t.min_ratio)
-                group.append(row)
-                bar.update(1)
-        rows.extend(group)
+                    continue
+                bar.set_description(f"{where}: {label}")
+                if placed is None:
+                    placed = {k: place.put(v_) for k, v_ in problem.inputs.items()}
+                fn = our_call(problem, name, v, placed, place.stream())
+                if _check_case(row, fn, problem, place, ours=True):
+                    timed.append((row, fn))
+
+        bar.set_description(f"{where}: timing {len(timed)} cases interleaved")
+        _time_group(timed, problem, place, settings)
+
+        if mode_rows:
+            done = [r for r in mode_rows if r["median_s"] is not None]
+            modes_s = {r["mode"]: r["median_s"] for r in mode_rows}
+            if done:
+                best = min(done, key=lambda r: r["median_s"])
+                brow = dict(best, modes=modes_s, impl=f"{builtin.label} ({best['mode']})", ratio=1.0)
+            else:
+                brow = dict(mode_rows[0], modes=modes_s)
+        t_builtin = brow["median_s"]
+        for row in ours:
+            if row["median_s"] and t_builtin:
+                row["ratio"] = t_builtin / row["median_s"]
+            t = target_for(row)
+            if t is not None:
+                row["target"] = t.min_ratio
+                row["target_met"] = None if row["ratio"] is None else bool(row["ratio"] >= t.min_ratio)
+        rows.extend([brow] + ours)
+        bar.update(1)
         if on_row is not None:
             on_row(rows)
     bar.close()
