@@ -21,14 +21,16 @@
 //              the reduction runs over pixels, MR consecutive (tap, channel) rows of one pixel).
 //
 // Drivers:
-//   gemm_rowA   parallel over MR-row tiles of C (OpenMP static); per tile, per KC block:
+//   gemm_rowA   parallel over MR-row tiles of C (OpenMP dynamic, ROW_TILES_PER_GRAB tiles a grab,
+//               so a thread the OS preempts does not stall the call); per tile, per KC block:
 //               pack A (MR x kc), then every NR panel of B; the A tile (<= 37 KB) stays in L1
 //               across panels, B (weights) in L2.  A fused epilogue (bias + activation) runs
 //               on the MR x N rows while they are hot.
-//   gemm_kmajorA  for long reductions (P = pixels): the reduction is split between threads,
-//               each accumulates a private partial C (M x N, the size of the weights) that
-//               is summed at the end; or, when C is large and the reduction short (dense dw),
-//               rows of C are split between threads.  A is packed MC x KC at a time (<= 0.5 MB, L2).
+//   gemm_kmajorA  for long reductions (P = pixels): KC blocks of the reduction are handed out
+//               dynamically, each thread accumulates a private partial C (M x N, the size of
+//               the weights), partials are summed at the end; or, when C is large and the
+//               reduction short (dense dw), MC-row blocks of C are handed out.  A is packed
+//               MC x KC at a time (<= 768 KB, L2).
 //
 // Memory per call: a few tiles per thread (< 1 MB) plus at most one K x NR tail panel of B and,
 // for split reductions, one M x N partial per thread: never proportional to the batch size.
@@ -104,6 +106,9 @@ constexpr int KCP = KC + 16;
 // = 768 KB worst case, L2-sized on this class of CPU.
 constexpr int MC = 384;
 static_assert(MC % MR == 0, "MC must be a multiple of MR");
+// Row tiles a thread takes at once in the row-major driver: 8 x 12 rows amortise the dynamic
+// schedule's atomic while leaving hundreds of grabs per conv to balance descheduled threads.
+constexpr int ROW_TILES_PER_GRAB = 8;
 
 // 64-byte aligned scratch owned by one call (never static: re-entrancy).
 struct Buf {
@@ -223,7 +228,7 @@ void gemm_rowA(i64 M, i64 N, i64 K, PackA&& pack, const float* B, i64 ldb, float
 #pragma omp parallel
     {
         Buf a(MR * KCP);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, ROW_TILES_PER_GRAB)
         for (i64 t = 0; t < tiles; ++t) {
             const i64 m0 = t * MR;
             const int rows = int(std::min<i64>(MR, M - m0));
@@ -253,55 +258,58 @@ void gemm_kmajorA(i64 M, i64 N, i64 P, PackA&& pack, const float* B, i64 ldb, fl
     for (i64 i = 0; i < M; ++i) std::memset(C + i * ldc, 0, N * sizeof(float));
     if (P <= 0) return;
     const int T = omp_get_max_threads();
-    const i64 m_tiles = (M + MR - 1) / MR;
     // Split the reduction when C is small (partials cost M*N per thread, weights-sized) and
     // there is more reduction than rows; otherwise split rows of C.
-    const bool split_p = T > 1 && P >= 4 * KC && (M * N <= (i64(1) << 20) || m_tiles < 2 * T);
+    const bool split_p = T > 1 && P >= 4 * KC && (M * N <= (i64(1) << 20) || (M + MC - 1) / MC < 2 * T);
     const i64 n_full = N / NR * NR;
     std::vector<Buf> partial(split_p ? T : 0);
+    const i64 n_pb = (P + KC - 1) / KC, n_mb = (M + MC - 1) / MC;
 #pragma omp parallel num_threads(T)
     {
-        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        i64 p_lo = 0, p_hi = P, t_lo = 0, t_hi = m_tiles;
+        const int tid = omp_get_thread_num();
         float* Cw = C;
         i64 ldw = ldc;
         if (split_p) {
-            p_lo = P * tid / nt;
-            p_hi = P * (tid + 1) / nt;
             partial[tid].resize(M * N);
             Cw = partial[tid].data;
             ldw = N;
             std::memset(Cw, 0, M * N * sizeof(float));
-        } else {
-            t_lo = m_tiles * tid / nt;
-            t_hi = m_tiles * (tid + 1) / nt;
         }
         Buf a(MC * KC), tail(N > n_full ? KC * NR : 0);
-        for (i64 tb = t_lo; tb < t_hi; tb += MC / MR) {
-            const i64 m0 = tb * MR;
-            const i64 mrows = std::min<i64>(std::min<i64>(MC, (t_hi - tb) * MR), M - m0);
+        // One work item = one MC-row block of C x one KC block of the reduction.  Dynamic
+        // scheduling: a thread the OS descheduled does not hold the others up.
+        auto item = [&](i64 mb, i64 pb) {
+            const i64 m0 = mb * MC, mrows = std::min<i64>(MC, M - m0);
+            const i64 p0 = pb * KC, pc = std::min<i64>(KC, P - p0);
             const i64 rtiles = (mrows + MR - 1) / MR;
-            for (i64 p0 = p_lo; p0 < p_hi; p0 += KC) {
-                const i64 pc = std::min<i64>(KC, p_hi - p0);
-                pack(m0, mrows, p0, pc, a.data);
-                if (N > n_full) pack_tail(B, ldb, p0, pc, n_full, N, tail.data);
-                for (i64 r = 0; r < rtiles; ++r) {
-                    const int rows = int(std::min<i64>(MR, mrows - r * MR));
-                    float* Ct = Cw + (m0 + r * MR) * ldw;
-                    const float* At = a.data + r * pc * MR;
-                    for (i64 n0 = 0; n0 < n_full; n0 += NR)
-                        micro_edge<true>(pc, At, B + p0 * ldb + n0, ldb, Ct + n0, ldw, rows, NR, true);
-                    if (N > n_full)
-                        micro_edge<true>(pc, At, tail.data, NR, Ct + n_full, ldw, rows, int(N - n_full), true);
-                }
+            pack(m0, mrows, p0, pc, a.data);
+            if (N > n_full) pack_tail(B, ldb, p0, pc, n_full, N, tail.data);
+            for (i64 r = 0; r < rtiles; ++r) {
+                const int rows = int(std::min<i64>(MR, mrows - r * MR));
+                float* Ct = Cw + (m0 + r * MR) * ldw;
+                const float* At = a.data + r * pc * MR;
+                for (i64 n0 = 0; n0 < n_full; n0 += NR)
+                    micro_edge<true>(pc, At, B + p0 * ldb + n0, ldb, Ct + n0, ldw, rows, NR, true);
+                if (N > n_full)
+                    micro_edge<true>(pc, At, tail.data, NR, Ct + n_full, ldw, rows, int(N - n_full), true);
             }
+        };
+        if (split_p) {  // threads share the reduction; each adds into its private partial
+#pragma omp for schedule(dynamic, 1) nowait
+            for (i64 pb = 0; pb < n_pb; ++pb)
+                for (i64 mb = 0; mb < n_mb; ++mb) item(mb, pb);
+        } else {        // threads own row blocks of C; each runs the whole reduction on them
+#pragma omp for schedule(dynamic, 1) nowait
+            for (i64 mb = 0; mb < n_mb; ++mb)
+                for (i64 pb = 0; pb < n_pb; ++pb) item(mb, pb);
         }
 #pragma omp barrier
         if (split_p) {
 #pragma omp for schedule(static)
             for (i64 i = 0; i < M; ++i) {
                 float* c = C + i * ldc;
-                for (int t = 0; t < nt; ++t) {
+                for (int t = 0; t < T; ++t) {
+                    if (!partial[t].data) continue;  // a thread that never started
                     const float* s = partial[t].data + i * N;
 #pragma omp simd
                     for (i64 j = 0; j < N; ++j) c[j] += s[j];
