@@ -270,14 +270,25 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
         g = geometry(x_.shape)
         return [_ops.conv2d(x_, w_, b_, activation=act, backend=be, geometry=g)]
 
-    def backward(arrays, on_device):
-        x_, w_, y_, dy_ = arrays
-        be = resolve_backend(backend, on_device)
+    # The backward pass is three callbacks, not one, so that inside tf.function (fit) the
+    # backward-data op of a layer whose input needs no gradient (the first layer: its
+    # input is the data) is pruned by TensorFlow as an op whose output nobody reads.
+    def activation_backward(arrays, on_device):
+        dy_, y_ = arrays
+        return [_ops.activation_backward(dy_, y_, act, backend=resolve_backend(backend, on_device))]
+
+    def backward_data(arrays, on_device):
+        dz_, w_, x_ = arrays            # x_ only for its shape (a view: nothing is copied)
         g = geometry(x_.shape)
-        dz = dy_ if act == "linear" else _ops.activation_backward(dy_, y_, act, backend=be)
-        dx = _ops.conv2d_backward_data(dz, w_, g.x_shape, backend=be, geometry=g)
-        dw, db = _ops.conv2d_backward_filter(x_, dz, w_shape, backend=be, geometry=g)
-        return [dx, dw, db] if has_bias else [dx, dw]
+        be = resolve_backend(backend, on_device)
+        return [_ops.conv2d_backward_data(dz_, w_, g.x_shape, backend=be, geometry=g)]
+
+    def backward_filter(arrays, on_device):
+        x_, dz_ = arrays
+        g = geometry(x_.shape)
+        be = resolve_backend(backend, on_device)
+        dw, db = _ops.conv2d_backward_filter(x_, dz_, w_shape, backend=be, geometry=g)
+        return [dw, db] if has_bias else [dw]
 
     @tf.custom_gradient
     def op(*args):
@@ -287,12 +298,18 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
             y.set_shape(out_shape)
 
         def grad(dy):
-            grads = _callback(backward, [x_t, w_t, y, dy], 3 if has_bias else 2)
-            grads[0].set_shape(x_t.shape)
-            grads[1].set_shape(w_t.shape)
+            if act == "linear":
+                dz = dy
+            else:
+                (dz,) = _callback(activation_backward, [dy, y], 1)
+                dz.set_shape(y.shape)
+            (dx,) = _callback(backward_data, [dz, w_t, x_t], 1)
+            dx.set_shape(x_t.shape)
+            dwb = _callback(backward_filter, [x_t, dz], 2 if has_bias else 1)
+            dwb[0].set_shape(w_t.shape)
             if has_bias:
-                grads[2].set_shape(args[2].shape)
-            return grads
+                dwb[1].set_shape(args[2].shape)
+            return [dx] + dwb
 
         return y, grad
 

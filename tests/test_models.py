@@ -165,6 +165,36 @@ def test_fit_matches_stock_trajectory(rng):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-4)
 
 
+def test_train_step_runs_every_pass_on_our_kernels_once(monkeypatch, rng):
+    """One fit step of the CNN calls each dlconv op once per layer, and TensorFlow prunes
+    the first conv's backward-data (its input is the data: no gradient is needed)."""
+    import collections
+
+    import dlconv.ops
+
+    calls = collections.Counter()
+    for name in ("conv2d", "conv2d_backward_data", "conv2d_backward_filter",
+                 "activation_backward", "dense", "dense_backward"):
+        def counted(*args, _f=getattr(dlconv.ops, name), _name=name, **kwargs):
+            calls[_name, tuple(args[0].shape)] += 1
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(dlconv.ops, name, counted)
+    x = rng.random((8, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 8)
+    model = models.compile_model(models.cnn(backend="reference", seed=0))
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0)  # traces the train step
+    calls.clear()
+    model.train_on_batch(x, y)
+    assert dict(calls) == {
+        ("conv2d", (8, 28, 28, 1)): 1, ("conv2d", (8, 26, 26, 32)): 1,
+        ("activation_backward", (8, 26, 26, 32)): 1, ("activation_backward", (8, 24, 24, 64)): 1,
+        ("conv2d_backward_filter", (8, 28, 28, 1)): 1, ("conv2d_backward_filter", (8, 26, 26, 32)): 1,
+        ("conv2d_backward_data", (8, 24, 24, 64)): 1,  # conv2's only: conv1's is pruned
+        ("dense", (8, 9216)): 1, ("dense", (8, 128)): 1,
+        ("dense_backward", (8, 9216)): 1, ("dense_backward", (8, 128)): 1,
+    }
+
+
 # ----------------------------------------------------------------------------- saving
 def test_keras_file_round_trip_in_a_fresh_process(tmp_path, rng):
     model = models.cnn(backend="reference", seed=2)
