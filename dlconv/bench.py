@@ -1060,6 +1060,13 @@ def new_result(kind: str, machine: dict, settings: Settings, builtin_label: str,
             "tolerance": TOLERANCE, "rows": [], "train_rows": [], "targets": [], "notes": [], **extra}
 
 
+def _loadavg():
+    try:
+        return list(os.getloadavg())
+    except (OSError, AttributeError):
+        return None
+
+
 def _progress(total: int, enabled: bool):
     if enabled:
         try:
@@ -1160,6 +1167,7 @@ def run(args) -> int:
                            "its FLOPs count both products")
     name = args.name or f"{result['date']}-{machine_slug(machine, 'cuda' if kind == 'gpu' else 'cpu')}"
     print(f"dlconv bench: {machine['description']}", file=sys.stderr)
+    load_before = _loadavg()
     t0 = time.perf_counter()
 
     rows = run_kernels(plan(layers, passes), places, backends, builtin, settings,
@@ -1169,6 +1177,13 @@ def run(args) -> int:
         result["train_rows"] = run_train_step(backends, settings, progress=progress)
     result["targets"] = summarize_targets(rows, result["train_rows"])
     result["elapsed_s"] = time.perf_counter() - t0
+    result["loadavg"] = {"before": load_before, "after": _loadavg()}
+    if load_before is not None:
+        result["notes"].append(
+            f"1-minute load average {load_before[0]:.1f} before and {result['loadavg']['after'][0]:.1f} "
+            f"after the run on {machine['cores']} cores: above the core count, other processes "
+            f"competed for the CPU and multi-threaded kernels (OpenMP, Numba parallel) waited at "
+            f"their barriers; the round-robin sampling spreads that over all contenders")
     paths = write_outputs(result, args.out, name)
     print(format_text(result))
     print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']} in {result['elapsed_s']:.0f} s")
