@@ -67,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", default=None,
                    help="mnist.npz or a folder of MNIST IDX files (default: $DLCONV_MNIST, "
                         "Keras' cache, Keras' download, then a stand-in)")
+    p.add_argument("--offline", action="store_true",
+                   help="never try Keras' download (use the stand-in when MNIST is not local)")
     p.add_argument("--limit", type=_positive_int("--limit"), default=None,
                    help="use only the first N training images")
     p.add_argument("--seed", type=int, default=0, help="seed of initial weights, dropout, shuffling")
@@ -143,7 +145,7 @@ def run(args) -> int:
         print(f"dlconv train: backend {args.backend!r} cannot run on this CPU: {reason}",
               file=sys.stderr)
         return 2
-    ds = data.load_mnist(args.data)
+    ds = data.load_mnist(args.data, download=not args.offline)
     x_tr, y_tr, x_te, y_te, desc = data.training_split(ds, args.limit)
     print(f"data: {desc}")
     print(f"model: {args.model}, {len(x_tr):,} training / {len(x_te):,} test images, "
