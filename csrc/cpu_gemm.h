@@ -22,7 +22,8 @@
 //
 // Drivers:
 //   gemm_rowA   parallel over MR-row tiles of C (OpenMP dynamic, ROW_TILES_PER_GRAB tiles a grab,
-//               so a thread the OS preempts does not stall the call); per tile, per KC block:
+//               so a thread the OS preempts does not stall the call; with few row tiles the
+//               column panels are split into groups too); per tile, per KC block:
 //               pack A (MR x kc), then every NR panel of B; the A tile (<= 37 KB) stays in L1
 //               across panels, B (weights) in L2.  A fused epilogue (bias + activation) runs
 //               on the MR x N rows while they are hot.
@@ -109,6 +110,8 @@ static_assert(MC % MR == 0, "MC must be a multiple of MR");
 // Row tiles a thread takes at once in the row-major driver: 8 x 12 rows amortise the dynamic
 // schedule's atomic while leaving hundreds of grabs per conv to balance descheduled threads.
 constexpr int ROW_TILES_PER_GRAB = 8;
+// Work items per thread the row-major driver aims for (load balance when rows are few).
+constexpr int ITEMS_PER_THREAD = 8;
 
 // 64-byte aligned scratch owned by one call (never static: re-entrancy).
 struct Buf {
@@ -224,26 +227,39 @@ void gemm_rowA(i64 M, i64 N, i64 K, PackA&& pack, const float* B, i64 ldb, float
     const i64 n_full = N / NR * NR;
     Buf tail((N > n_full) ? K * NR : 0);  // zero-padded ragged last panel of B (weights-sized)
     if (N > n_full) pack_tail(B, ldb, 0, K, n_full, N, tail.data);
-    const i64 tiles = (M + MR - 1) / MR;
-#pragma omp parallel
+    const i64 tiles = (M + MR - 1) / MR, panels = (N + NR - 1) / NR;
+    // Work item = one MR-row tile x one group of column panels.  Few row tiles (dense layers:
+    // batch 128 = 11 tiles) are split by columns too, so that there are >= ITEMS_PER_THREAD
+    // items per thread to balance; a convolution has thousands of tiles and one group.
+    const int T = omp_get_max_threads();
+    const i64 groups = std::min<i64>(panels, std::max<i64>(1, (ITEMS_PER_THREAD * T + tiles - 1) / tiles));
+    const i64 panels_per_group = (panels + groups - 1) / groups;
+    const i64 items = tiles * groups;
+    const int grab = int(std::max<i64>(1, std::min<i64>(ROW_TILES_PER_GRAB, items / (ITEMS_PER_THREAD * T))));
+#pragma omp parallel num_threads(T)
     {
         Buf a(MR * KCP);
-#pragma omp for schedule(dynamic, ROW_TILES_PER_GRAB)
-        for (i64 t = 0; t < tiles; ++t) {
+#pragma omp for schedule(dynamic, grab)
+        for (i64 it = 0; it < items; ++it) {
+            const i64 t = it / groups, grp = it - t * groups;
             const i64 m0 = t * MR;
             const int rows = int(std::min<i64>(MR, M - m0));
+            const i64 n_lo = grp * panels_per_group * NR, n_hi = std::min<i64>(N, n_lo + panels_per_group * NR);
+            if (n_lo >= n_hi) continue;
             float* Ct = C + m0 * ldc;
             for (int kb = 0; kb < nkb; ++kb) {
                 const i64 k0 = kb * kcb, kc = std::min(kcb, K - k0);
                 pack(m0, rows, k0, kc, a.data);
                 for (int i = rows; i < MR; ++i) std::memset(a.data + i * KCP, 0, kc * sizeof(float));
-                for (i64 n0 = 0; n0 < n_full; n0 += NR)
-                    micro_edge<false>(kc, a.data, B + k0 * ldb + n0, ldb, Ct + n0, ldc, rows, NR, kb > 0);
-                if (N > n_full)
-                    micro_edge<false>(kc, a.data, tail.data + k0 * NR, NR, Ct + n_full, ldc, rows,
-                                      int(N - n_full), kb > 0);
+                for (i64 n0 = n_lo; n0 < n_hi; n0 += NR) {
+                    if (n0 < n_full)
+                        micro_edge<false>(kc, a.data, B + k0 * ldb + n0, ldb, Ct + n0, ldc, rows, NR, kb > 0);
+                    else
+                        micro_edge<false>(kc, a.data, tail.data + k0 * NR, NR, Ct + n0, ldc, rows, int(N - n0),
+                                          kb > 0);
+                }
             }
-            epilogue(Ct, ldc, rows, N, bias, act);
+            epilogue(Ct + n_lo, ldc, rows, n_hi - n_lo, bias ? bias + n_lo : nullptr, act);
         }
     }
 }
