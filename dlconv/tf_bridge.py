@@ -145,7 +145,11 @@ _EXPORTED = {}
 
 @_DELETER
 def _release(managed):
-    _EXPORTED.pop(ctypes.addressof(managed.contents), None)
+    # Called by the consumer (possibly from one of its threads; ctypes takes the GIL).
+    try:
+        _EXPORTED.pop(ctypes.addressof(managed.contents), None)
+    except Exception:  # interpreter shutdown: the registry may already be gone
+        pass
 
 
 def capsule_info(capsule):
@@ -199,6 +203,7 @@ class _CudaView:
             raise ValueError(f"expected a CUDA tensor, got DLPack device {info['device']}")
         if info["strides"] is not None and not _is_compact(info["shape"], info["strides"]):
             raise ValueError(f"expected a row-major tensor, got strides {info['strides']}")
+        self.device_id = info["device"][1]
         self.__cuda_array_interface__ = {"shape": info["shape"], "typestr": info["typestr"],
                                          "data": (info["ptr"], False), "strides": None,
                                          "version": 3, "stream": None}
@@ -213,11 +218,10 @@ def _is_compact(shape, strides):
     return True
 
 
-def _to_tf_from_device(arr):
+def _to_tf_from_device(arr, device_id: int):
     """A Numba device array we allocated → TensorFlow GPU tensor owning it via DLPack."""
-    from numba import cuda
-    cai = arr.__cuda_array_interface__
-    cap = capsule_from_buffer(arr, cai["data"][0], arr.shape, KDL_CUDA, cuda.get_current_device().id)
+    cap = capsule_from_buffer(arr, arr.__cuda_array_interface__["data"][0], arr.shape,
+                              KDL_CUDA, device_id)
     return tf.experimental.dlpack.from_dlpack(cap)
 
 
@@ -228,12 +232,17 @@ def _run_on_tensors(fn, tensors, out_dtypes):
         outs = fn([_host(t.numpy()) for t in tensors], False)
         return [tf.convert_to_tensor(o) for o in outs]
     from numba import cuda
-    views = [_CudaView(t) for t in tensors]
-    cuda.synchronize()               # TensorFlow's producers of our inputs are done
-    outs = fn(views, True)
-    cuda.synchronize()               # our kernels are done before TensorFlow reads
-    del views                        # releases the input capsules
-    return [_to_tf_from_device(o) for o in outs]
+    views = [_CudaView(t) for t in tensors]   # ValueError if some input is not on a GPU
+    device_ids = {v.device_id for v in views}
+    if len(device_ids) != 1:
+        raise ValueError(f"inputs live on different GPUs {sorted(device_ids)}")
+    (device_id,) = device_ids
+    with cuda.gpus[device_id]:           # Numba's context = TensorFlow's (primary) context
+        cuda.synchronize()               # TensorFlow's producers of our inputs are done
+        outs = fn(views, True)
+        cuda.synchronize()               # our kernels are done before TensorFlow reads
+        del views                        # releases the input capsules
+        return [_to_tf_from_device(o, device_id) for o in outs]
 
 
 def _callback(fn, inputs, n_out):

@@ -377,3 +377,20 @@ def test_dlpack_writer_hands_our_buffer_to_tensorflow():
     import gc
     gc.collect()
     assert len(tf_bridge._EXPORTED) == n_before - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_py_function_route_used_on_gpu_machines(backend, monkeypatch, rng):
+    """When TensorFlow sees a GPU the callbacks run as tf.py_function (eager tensors in,
+    dispatched on where each lives).  Forced on here: host tensors must take its host
+    branch and give the stock values and gradients, eagerly and inside tf.function."""
+    monkeypatch.setattr(tf_bridge, "tf_sees_gpu", lambda: True)
+    ours, stock = twins("conv", (2, 7, 7, 2), backend, rng, filters=3, kernel_size=3,
+                        padding="same", activation="sigmoid")
+    x = rng.standard_normal((2, 7, 7, 2)).astype(np.float32)
+    compare(ours, stock, x, rng, f"py_function route [{backend}]")
+    d1, d2 = twins("dense", (3, 5), backend, rng, units=4, activation="softmax")
+    xd = rng.standard_normal((3, 5)).astype(np.float32)
+    compare(d1, d2, xd, rng, f"py_function route, Dense [{backend}]")
+    y_graph = tf.function(lambda t: ours(t))(tf.constant(x))
+    assert_close(y_graph.numpy(), stock(tf.constant(x)).numpy())
