@@ -119,40 +119,6 @@ def torch_place(torch):
     return TorchCudaPlace()
 
 
-def _simulator_array_shim():
-    """Dry run only: let dlconv.arrays recognise Numba *simulator* device arrays.
-
-    Real Numba device arrays (and torch/CuPy tensors) carry ``__cuda_array_interface__``,
-    which is how :mod:`dlconv.arrays` tells device from host.  The simulator's
-    ``FakeCUDAArray`` does not, so without this the ops would quietly take their host
-    path and the dry run would not exercise the CUDA kernels.  Applied only when
-    dlconv.arrays does not already recognise simulator arrays; never on a real GPU.
-    """
-    import numpy as np
-    from numba import cuda
-
-    from dlconv import arrays
-
-    probe = cuda.to_device(np.zeros(1, np.float32))
-    if arrays.is_cuda_array(probe):
-        return "dlconv.arrays recognises simulator arrays itself"
-    fake = type(probe)
-    real_is, real_dev = arrays.is_cuda_array, arrays.device_array
-
-    def is_cuda_array(a):
-        return isinstance(a, fake) or real_is(a)
-
-    def device_array(a, name, rank=None):
-        if isinstance(a, fake):
-            arrays._check(name, a.shape, a.dtype, a.is_c_contiguous(), rank)
-            return a
-        return real_dev(a, name, rank)
-
-    arrays.is_cuda_array, arrays.device_array = is_cuda_array, device_array
-    return ("shim: dlconv.arrays does not recognise Numba simulator arrays (no "
-            "__cuda_array_interface__); gpu_bench patched is_cuda_array/device_array for this dry run")
-
-
 def simulator_place():
     """Numba simulator device arrays, timed with the host clock (dry run only)."""
     from dlconv import bench
@@ -268,7 +234,6 @@ def main(argv=None) -> int:
         settings = bench.Settings(batch=2, repeats=args.repeats or 2, warmup=1, min_sample_s=0.0,
                                   budget_s=args.budget_s)
         place = simulator_place()
-        notes.append("DRY RUN " + _simulator_array_shim())
         if torch is not None:
             builtin = TorchBuiltin(torch, "cpu")
             notes.append("DRY RUN: CUDA simulator, tiny shapes; the built-in is torch's CPU ops; "

@@ -14,7 +14,10 @@ from dlconv import ops
 from dlconv import reference as ref
 from dlconv.backends import get
 
-tf = pytest.importorskip("tensorflow")
+try:
+    import tensorflow as tf
+except ImportError:  # the GPU check machine has no TensorFlow: there the reference alone judges
+    tf = None
 
 from dlconv.kernels import dense_cpu as dcpu  # noqa: E402
 from dlconv.kernels import dense_cuda as dcuda  # noqa: E402
@@ -61,15 +64,17 @@ def check(y, grads, x, w, b, dy, act):
     batch = x.shape[0]
     r = ref.dense_forward(x, w, b, act)
     np.testing.assert_allclose(y, r, **tol(n_in))
-    ty, tgrads = tf_dense(x, w, b, act, dy)
-    np.testing.assert_allclose(y, ty, **tol(n_in))
+    ty, tgrads = tf_dense(x, w, b, act, dy) if tf is not None else (None, None)
+    if ty is not None:
+        np.testing.assert_allclose(y, ty, **tol(n_in))
     if grads is None:
         return
     reds = (n_out, batch, batch)
-    for got, want, t, red in zip(grads, ref_backward(x, w, dy, r, act), tgrads, reds):
+    for i, (got, want, red) in enumerate(zip(grads, ref_backward(x, w, dy, r, act), reds)):
         assert got.shape == want.shape and got.dtype == np.float32
         np.testing.assert_allclose(got, want, **tol(red))
-        np.testing.assert_allclose(got, t, **tol(red))
+        if tgrads is not None:
+            np.testing.assert_allclose(got, tgrads[i], **tol(red))
 
 
 dense_shapes = st.tuples(st.integers(1, 9), st.integers(1, 40), st.integers(1, 40))
