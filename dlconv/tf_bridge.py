@@ -8,10 +8,13 @@ so :mod:`dlconv.layers` sets ``supports_jit = False``).
 
 How a tensor reaches a kernel
 -----------------------------
-*Host (CPU) tensors* — ``tf.numpy_function``.  TensorFlow hands the callback NumPy
-arrays that view the tensors' buffers (no copy; TF tensors are dense row-major float32,
-which is exactly what :mod:`dlconv.arrays` accepts).  The kernels allocate their output
-as a fresh NumPy array, which TensorFlow then takes over.  The output's static shape is
+*Host (CPU) tensors* — ``tf.numpy_function`` in graphs (``tf.function``, ``fit``).
+TensorFlow hands the callback NumPy arrays that view the tensors' buffers (no copy; TF
+tensors are dense row-major float32, which is exactly what :mod:`dlconv.arrays`
+accepts).  Run eagerly, ``numpy_function`` would copy its inputs, so eager calls skip it
+and view the eager tensors with ``np.asarray`` (no copy).  The kernels allocate their
+output as a fresh NumPy array, which TensorFlow then takes over (without a copy when the
+array is 64-byte aligned, TensorFlow's requirement; with one otherwise).  The output's static shape is
 set with ``set_shape`` so downstream Keras layers see it.
 
 *CUDA tensors* — when TensorFlow sees a GPU, the callbacks run as ``tf.py_function``
@@ -250,6 +253,10 @@ def _callback(fn, inputs, n_out):
     tout = [tf.float32] * n_out
     if tf_sees_gpu():
         out = tf.py_function(lambda *t: _run_on_tensors(fn, t, tout), inputs, tout)
+    elif tf.executing_eagerly():
+        # Eager host tensors: np.asarray views their buffers (numpy_function would copy
+        # them when run eagerly; inside tf.function it hands views).
+        out = [tf.convert_to_tensor(o) for o in fn([_host(np.asarray(t)) for t in inputs], False)]
     else:
         out = tf.numpy_function(lambda *a: fn([_host(x) for x in a], False), inputs, tout,
                                 stateful=False)

@@ -394,3 +394,31 @@ def test_py_function_route_used_on_gpu_machines(backend, monkeypatch, rng):
     compare(d1, d2, xd, rng, f"py_function route, Dense [{backend}]")
     y_graph = tf.function(lambda t: ours(t))(tf.constant(x))
     assert_close(y_graph.numpy(), stock(tf.constant(x)).numpy())
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_host_tensors_reach_the_kernels_without_a_copy(mode, monkeypatch, rng):
+    """The arrays the op API receives are the TensorFlow tensors' own buffers (same
+    addresses), eagerly and inside tf.function."""
+    import dlconv.ops
+
+    seen = {}
+    real = dlconv.ops.conv2d
+
+    def spy(x, w, *args, **kwargs):
+        seen["x"], seen["w"] = x.ctypes.data, w.ctypes.data
+        return real(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(dlconv.ops, "conv2d", spy)
+    x = tf.constant(rng.standard_normal((2, 6, 6, 3)).astype(np.float32))
+    w = tf.constant(rng.standard_normal((3, 3, 3, 4)).astype(np.float32))
+
+    def f(x, w):
+        return tf_bridge.conv2d(x, w, None, strides=(1, 1), padding="valid", dilation=(1, 1),
+                                backend="reference")
+
+    y = (tf.function(f) if mode == "graph" else f)(x, w)
+    assert y.shape == (2, 4, 4, 4)
+    address = {k: tf_bridge.capsule_info(tf.experimental.dlpack.to_dlpack(t))["ptr"]
+               for k, t in (("x", x), ("w", w))}
+    assert seen == address
