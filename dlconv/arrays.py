@@ -96,3 +96,19 @@ def same_place(named) -> bool:
         raise ValueError(f"arrays must all be on the host or all on a CUDA device: "
                          f"{', '.join(dev)} on the device, {', '.join(host)} on the host")
     return any(where.values())
+
+
+#: Alignment of host outputs.  TensorFlow takes over a NumPy buffer without a copy only when
+#: it is 64-byte aligned (its EIGEN_MAX_ALIGN_BYTES); NumPy's own allocations are 16-byte
+#: aligned, which would cost a full copy of every output handed to TensorFlow.
+HOST_ALIGN = 64
+
+
+def empty_host(shape, dtype=np.float32) -> np.ndarray:
+    """An uninitialised C-contiguous host array whose data start on a HOST_ALIGN boundary."""
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + HOST_ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % HOST_ALIGN
+    return raw[start:start + nbytes].view(dtype).reshape(shape)

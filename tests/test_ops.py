@@ -187,3 +187,13 @@ def test_valid_calls_agree_between_backends():
     rdw, rdb = ops.conv2d_backward_filter(x, dy, w.shape, (2, 1), ((1, 0), (2, 1)), backend="reference")
     np.testing.assert_allclose(dw, rdw, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(db, rdb, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_host_is_aligned_contiguous_and_writable():
+    from dlconv.arrays import HOST_ALIGN, empty_host
+
+    for shape in [(128, 24, 24, 64), (3, 5), (7,), (0, 4)]:
+        a = empty_host(shape)
+        assert a.shape == shape and a.dtype == np.float32
+        assert a.ctypes.data % HOST_ALIGN == 0
+        assert a.flags.c_contiguous and a.flags.writeable
