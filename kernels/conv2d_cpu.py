@@ -44,6 +44,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from dlconv.arrays import empty_host  # 64-byte aligned: TensorFlow adopts it without a copy
+
 from .cpu_common import FASTMATH, MICRO_MR, MICRO_NR, activate, stack_micro_tile
 
 __all__ = ["VARIANTS", "forward", "launch_gemm", "launch_direct", "backward_data",
@@ -148,7 +150,7 @@ def launch_gemm(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.nd
     """
     xp = pad_input(x, g)
     wp = pack_weights(w)
-    y = np.empty(g.y_shape, np.float32) if out is None else out
+    y = empty_host(g.y_shape) if out is None else out
     _gemm_kernel(xp.reshape(-1), wp.reshape(-1), _bias(b, g.filters), y.reshape(-1),
                  g.batch, xp.shape[1], xp.shape[2], g.in_c, g.k_h, g.k_w, g.filters,
                  g.out_h, g.out_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w, act)
@@ -185,7 +187,7 @@ def _direct_kernel(x, w, b, y, s_h, s_w, d_h, d_w, p_t, p_l, act):
 
 def launch_direct(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray:
     """``cpu_direct`` forward; same arguments as :func:`launch_gemm`."""
-    y = np.empty(g.y_shape, np.float32) if out is None else out
+    y = empty_host(g.y_shape) if out is None else out
     _direct_kernel(x, w, _bias(b, g.filters), y, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
                    g.pad_top, g.pad_left, act)
     return y
@@ -251,7 +253,7 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
             assert (gt.out_h, gt.out_w) == (g.in_h, g.in_w)
             return launch_gemm(dy, wf, None, gt, 0)
     wt = np.ascontiguousarray(w.transpose(0, 1, 3, 2))
-    dx = np.empty(g.x_shape, np.float32)
+    dx = empty_host(g.x_shape)
     _bwd_data_kernel(dy, wt, dx, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top, g.pad_left)
     return dx
 
@@ -259,7 +261,7 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
 def backward_data_gather(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
     """The gather kernel alone (any stride), for tests and benchmarks."""
     wt = np.ascontiguousarray(w.transpose(0, 1, 3, 2))
-    dx = np.empty(g.x_shape, np.float32)
+    dx = empty_host(g.x_shape)
     _bwd_data_kernel(dy, wt, dx, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top, g.pad_left)
     return dx
 
@@ -317,7 +319,7 @@ def bias_grad(dy2: np.ndarray) -> np.ndarray:
 
 def backward_filter(x: np.ndarray, dy: np.ndarray, g):
     """(dL/dw with shape g.w_shape, dL/db with shape (g.filters,)) from x and dL/dz."""
-    dw = np.empty(g.w_shape, np.float32)
+    dw = empty_host(g.w_shape)
     _bwd_filter_kernel(x, dy, dw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top,
                        g.pad_left, min(BWF_CHANNEL_BLOCK, g.in_c))
     db = bias_grad(dy.reshape(-1, g.filters))

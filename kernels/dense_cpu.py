@@ -30,6 +30,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from dlconv.arrays import empty_host  # 64-byte aligned: TensorFlow adopts it without a copy
+
 from .cpu_common import FASTMATH, activate, derivative_from_output
 
 __all__ = ["forward", "softmax", "backward", "activation_backward", "softmax_backward"]
@@ -64,7 +66,7 @@ def _forward_kernel(x, w, b, y, rows, act):
 
 def forward(x: np.ndarray, w: np.ndarray, b, act: int) -> np.ndarray:
     """``act(x @ w + b)``; b may be None; act is an activation code."""
-    y = np.empty((x.shape[0], w.shape[1]), np.float32)
+    y = empty_host((x.shape[0], w.shape[1]))
     bias = np.zeros(w.shape[1], np.float32) if b is None else b
     _forward_kernel(x, w, bias, y, DENSE_ROWS, act)
     return y
@@ -89,7 +91,7 @@ def _softmax_kernel(z, y):
 
 def softmax(z: np.ndarray) -> np.ndarray:
     """Row-wise softmax of a (B, classes) float32 array."""
-    y = np.empty_like(z)
+    y = empty_host(z.shape)
     _softmax_kernel(z, y)
     return y
 
@@ -143,11 +145,11 @@ def _dw_kernel(x, dz, dw):
 
 def backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, y, act: int):
     """(dx, dw, db) of ``y = act(x @ w + b)``; y (forward output) is ignored when act is 0."""
-    dz = np.empty_like(dy)
+    dz = empty_host(dy.shape)
     db = _dz_db_kernel(dy, dy if y is None else y, dz, act, DB_CHUNKS)
-    dx = np.empty_like(x)
+    dx = empty_host(x.shape)
     _dx_kernel(dz, np.ascontiguousarray(w.T), dx)
-    dw = np.empty_like(w)
+    dw = empty_host(w.shape)
     _dw_kernel(x, dz, dw)
     return dx, dw, db
 
@@ -160,7 +162,7 @@ def _act_backward_kernel(dy, y, dz, act):
 
 def activation_backward(dy: np.ndarray, y: np.ndarray, act: int) -> np.ndarray:
     """Element-wise dL/dz = dL/dy * act'(y) for any shape."""
-    dz = np.empty_like(dy)
+    dz = empty_host(dy.shape)
     _act_backward_kernel(dy.reshape(-1), y.reshape(-1), dz.reshape(-1), act)
     return dz
 
@@ -178,6 +180,6 @@ def _softmax_backward_kernel(dy, y, dz):
 
 def softmax_backward(dy: np.ndarray, y: np.ndarray) -> np.ndarray:
     """dL/dz = y * (dy - sum(dy * y)) row-wise, for a (B, classes) softmax output y."""
-    dz = np.empty_like(dy)
+    dz = empty_host(dy.shape)
     _softmax_backward_kernel(dy, y, dz)
     return dz
