@@ -105,7 +105,8 @@ HOST_ALIGN = 64
 
 
 def empty_host(shape, dtype=np.float32) -> np.ndarray:
-    """An uninitialised C-contiguous host array whose data start on a HOST_ALIGN boundary."""
+    """An uninitialised C-contiguous host array whose data start on a HOST_ALIGN boundary
+    (an empty array has no data to align; NumPy may give it any address)."""
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
