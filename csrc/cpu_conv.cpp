@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_conv_direct.h"
 #include "cpu_gemm.h"
 #include "cpu_kernels.h"
 
@@ -75,6 +76,10 @@ void column_sums(i64 P, i64 F, const float* a, float* out) {
 }  // namespace
 
 void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y) {
+#if defined(__AVX512F__)
+    direct::conv_forward(g, x, w, b, act, y);
+    return;
+#endif
     const i64 M = g.batch * g.out_h * g.out_w, K = g.k_h * g.k_w * g.in_c, F = g.filters;
     auto pack = [&](i64 m0, int rows, i64 k0, i64 kc, float* dst) {
         for (int i = 0; i < rows; ++i) gather_row(g, x, m0 + i, k0, kc, dst + i * KCP);
@@ -84,6 +89,31 @@ void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const
 
 void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx) {
     const i64 M = g.batch * g.in_h * g.in_w, C = g.in_c, F = g.filters, T = g.k_h * g.k_w;
+#if defined(__AVX512F__)
+    if (g.stride_h == 1 && g.stride_w == 1) {
+        // Stride 1: dx = forward conv of dz with the flipped, transposed filter
+        //   wf[KH-1-kh, KW-1-kw, k, c] = w[kh, kw, c, k], pads (K-1)·dil − pad (negative = crop):
+        //   dx[n, ih, iw, c] = Σ dz[n, ih + pad_top − kh·dil_h, iw + pad_left − kw·dil_w, k] · w[kh, kw, c, k].
+        Buf wf(T * F * C);
+        for (i64 kh = 0; kh < g.k_h; ++kh)
+            for (i64 kw = 0; kw < g.k_w; ++kw) {
+                const float* src = w + (kh * g.k_w + kw) * C * F;
+                float* dst = wf.data + ((g.k_h - 1 - kh) * g.k_w + (g.k_w - 1 - kw)) * F * C;
+                for (i64 c = 0; c < C; ++c)
+                    for (i64 k = 0; k < F; ++k) dst[k * C + c] = src[c * F + k];
+            }
+        ConvGeometry f = g;
+        f.in_h = g.out_h; f.in_w = g.out_w; f.in_c = F; f.filters = C;
+        f.stride_h = f.stride_w = 1;
+        f.pad_top = (g.k_h - 1) * g.dil_h - g.pad_top;
+        f.pad_bottom = (g.k_h - 1) * g.dil_h - g.pad_bottom;
+        f.pad_left = (g.k_w - 1) * g.dil_w - g.pad_left;
+        f.pad_right = (g.k_w - 1) * g.dil_w - g.pad_right;
+        f.out_h = g.in_h; f.out_w = g.in_w;
+        direct::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx);
+        return;
+    }
+#endif
     // wt[t, k, c] = w[t, c, k]: B of the GEMM, [T·F, C].
     Buf wt(T * F * C);
     for (i64 t = 0; t < T; ++t)
@@ -114,6 +144,10 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
 }
 
 void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db) {
+#if defined(__AVX512F__)
+    direct::conv_backward_filter(g, x, dz, dw, db);
+    return;
+#endif
     const i64 M = g.k_h * g.k_w * g.in_c, F = g.filters, P = g.batch * g.out_h * g.out_w;
     auto pack = [&](i64 m0, i64 mrows, i64 p0, i64 pc, float* dst) {
         const i64 rtiles = (mrows + MR - 1) / MR;
