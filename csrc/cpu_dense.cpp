@@ -15,13 +15,92 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_conv_direct.h"
 #include "cpu_gemm.h"
 #include "cpu_kernels.h"
 
 namespace dlconv {
 namespace cpu {
 
+#if defined(__AVX512F__)
+namespace {
+
+// Reduction rows of w per block of the K-split dense forward: a 128 x 64 weight panel slice
+// (32 KB, copied 64-byte aligned) stays in L1 while every row tile of x runs over it.
+constexpr i64 DENSE_KB = 128;
+// Most bytes of per-group C partials the K-split path may allocate (else the GEMM driver).
+constexpr i64 DENSE_PARTIAL_BUDGET = i64(8) << 20;
+// K groups per thread (dynamic hand-out, so a descheduled thread can be helped).
+constexpr int DENSE_GROUPS_PER_THREAD = 4;
+
+// v2_direct dense forward for a long reduction (K >> M, N; e.g. 128 x 9216 -> 128):
+//   y[m, n] = act(b[n] + Σ_g C_g[m, n]),  C_g[m, n] = Σ_{k in group g} x[m, k] · w[k, n].
+//   K is cut into P contiguous groups of DENSE_KB blocks; a group (handed out dynamically) owns a
+//   private M x Np partial C_g (Np = N rounded up to 16).  Per block and 64-column panel, the
+//   w slice is copied aligned (zero-padded columns) into a per-thread buffer, then every tile of
+//   up to 6 rows of x (read in place, row stride K) runs the 6x64 register block of
+//   cpu_conv_direct.h over it.  Partials are summed in group order (deterministic for a given
+//   thread count) with bias and activation in the same pass.  Memory: P partials + one 32 KB
+//   panel per thread; x and w are each read once per call.
+bool dense_forward_ksplit(i64 M, i64 K, i64 N, const float* x, const float* w, const float* b, int act, float* y) {
+    using namespace direct;
+    const int T = omp_get_max_threads();
+    const i64 Np = (N + VL - 1) / VL * VL;
+    const i64 nkb = (K + DENSE_KB - 1) / DENSE_KB;
+    const i64 P = std::min<i64>(nkb, DENSE_GROUPS_PER_THREAD * T);
+    if (T < 2 || P < T || P * M * Np * i64(sizeof(float)) > DENSE_PARTIAL_BUDGET) return false;
+    Buf part(P * M * Np);
+    const i64 Rm = max_rows(MAX_NV);
+    const i64 ntile = (M + Rm - 1) / Rm;
+#pragma omp parallel num_threads(T)
+    {
+        Buf bbuf(DENSE_KB * PANEL);
+#pragma omp for schedule(dynamic, 1)
+        for (i64 g = 0; g < P; ++g) {
+            float* Cg = part.data + g * M * Np;
+            const i64 kb0 = g * nkb / P, kb1 = (g + 1) * nkb / P;
+            for (i64 kb = kb0; kb < kb1; ++kb) {
+                const i64 k0 = kb * DENSE_KB, kc = std::min<i64>(DENSE_KB, K - k0);
+                for (i64 f0 = 0; f0 < N; f0 += PANEL) {
+                    const Panel pn = panel_at(f0, N);
+                    const i64 cols = std::min<i64>(PANEL, N - f0), width = i64(pn.nv) * VL;
+                    for (i64 k = 0; k < kc; ++k) {
+                        std::memcpy(bbuf.data + k * width, w + (k0 + k) * N + f0, cols * sizeof(float));
+                        std::memset(bbuf.data + k * width + cols, 0, (width - cols) * sizeof(float));
+                    }
+                    const Seg seg{x + k0, bbuf.data, kc};
+                    for (i64 i = 0; i < ntile; ++i) {
+                        const i64 m0 = i * M / ntile, m1 = (i + 1) * M / ntile;
+                        fwd_kernel(pn.nv, int(m1 - m0))(&seg, 1, m0 * K, K, 0, width, Cg + m0 * Np + f0, Np, pn.mask,
+                                                        kb == kb0 ? kZeros : nullptr, false);
+                    }
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (i64 m = 0; m < M; ++m) {
+            float* o = y + m * N;
+            std::memcpy(o, part.data + m * Np, N * sizeof(float));
+            for (i64 g = 1; g < P; ++g) {
+                const float* s = part.data + (g * M + m) * Np;
+#pragma omp simd
+                for (i64 n = 0; n < N; ++n) o[n] += s[n];
+            }
+            epilogue(o, N, 1, N, b, act);
+        }
+    }
+    return true;
+}
+
+}  // namespace
+#endif
+
 void dense_forward(i64 M, i64 K, i64 N, const float* x, const float* w, const float* b, int act, float* y) {
+#if defined(__AVX512F__)
+    if (M > 0 && N > 0 && K >= 16 * DENSE_KB && K >= 8 * std::max(M, N) &&
+        dense_forward_ksplit(M, K, N, x, w, b, act, y))
+        return;
+#endif
     auto pack = [&](i64 m0, int rows, i64 k0, i64 kc, float* dst) {
         for (int i = 0; i < rows; ++i) std::memcpy(dst + i * KCP, x + (m0 + i) * K + k0, kc * sizeof(float));
     };

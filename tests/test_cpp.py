@@ -98,6 +98,8 @@ def test_conv_forward_and_backward_match_reference(case):
     ((2, 9, 9, 3), (3, 3, 3, 130), 2, ((0, 2), (1, 0))),  # F = 130: 4 full panels + ragged tail
     ((7, 26, 26, 32), (3, 3, 32, 64), 1, "valid"),       # MNIST conv2 shape at batch 7 (ragged M)
     ((1, 4, 4, 2), (4, 4, 2, 3), 1, "valid"),            # a single output pixel
+    ((2, 7, 9, 70), (3, 3, 70, 130), 1, "same"),         # direct kernels: 64+64+2 and 64+6 panels, padded rows
+    ((3, 5, 30, 3), (2, 4, 3, 17), 1, ((0, 4), (5, 2))),  # pads past the kernel: backward-data crops
 ])
 def test_conv_block_edges(x_shape, w_shape, strides, padding, rng):
     g = conv_geometry(x_shape, w_shape, strides, padding)
@@ -226,6 +228,18 @@ def test_dense_mnist_shape_long_reduction(rng):
     np.testing.assert_allclose(dx, rdx, rtol=RTOL, atol=_tol(128))
     np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(128))
     np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(128))
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 2300, 70), (7, 4100, 1), (37, 2111, 130), (128, 2048, 16)])
+@pytest.mark.parametrize("act", ACTS)
+def test_dense_long_reduction_k_split(m, k, n, act, rng):
+    """K >> M, N: the K-split path (private partials per K group, bias + activation on the sum),
+    with ragged K blocks, row tiles and column panels."""
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32) / np.float32(np.sqrt(k))
+    for b in (None, rng.standard_normal(n, dtype=np.float32)):
+        y = _C.dense_forward(x, w, b, CODES[act])
+        np.testing.assert_allclose(y, ref.dense_forward(x, w, b, act), rtol=RTOL, atol=_tol(k))
 
 
 @settings(max_examples=30)
