@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "cpu_conv_direct.h"
+#include "cpu_conv_winograd.h"
 #include "cpu_gemm.h"
 #include "cpu_kernels.h"
 
@@ -77,7 +78,8 @@ void column_sums(i64 P, i64 F, const float* a, float* out) {
 
 void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y) {
 #if defined(__AVX512F__)
-    direct::conv_forward(g, x, w, b, act, y);
+    if (winograd::applicable(g)) winograd::conv_forward(g, x, w, b, act, y);
+    else direct::conv_forward(g, x, w, b, act, y);
     return;
 #endif
     const i64 M = g.batch * g.out_h * g.out_w, K = g.k_h * g.k_w * g.in_c, F = g.filters;
@@ -110,7 +112,8 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
         f.pad_left = (g.k_w - 1) * g.dil_w - g.pad_left;
         f.pad_right = (g.k_w - 1) * g.dil_w - g.pad_right;
         f.out_h = g.in_h; f.out_w = g.in_w;
-        direct::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx);
+        if (winograd::applicable(f)) winograd::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx);
+        else direct::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx);
         return;
     }
 #endif

@@ -100,6 +100,8 @@ def test_conv_forward_and_backward_match_reference(case):
     ((1, 4, 4, 2), (4, 4, 2, 3), 1, "valid"),            # a single output pixel
     ((2, 7, 9, 70), (3, 3, 70, 130), 1, "same"),         # direct kernels: 64+64+2 and 64+6 panels, padded rows
     ((3, 5, 30, 3), (2, 4, 3, 17), 1, ((0, 4), (5, 2))),  # pads past the kernel: backward-data crops
+    ((3, 9, 8, 17), (3, 3, 17, 20), 1, ((2, 0), (1, 3))),  # Winograd: odd OH, C/F tails, bwd-data crops
+    ((2, 10, 13, 24), (3, 3, 24, 16), 1, "valid"),       # Winograd: odd OW (ragged right tile column)
 ])
 def test_conv_block_edges(x_shape, w_shape, strides, padding, rng):
     g = conv_geometry(x_shape, w_shape, strides, padding)
@@ -116,6 +118,24 @@ def test_conv_block_edges(x_shape, w_shape, strides, padding, rng):
     rdw, rdb = ref.conv2d_backward_filter(x, dz, g)
     np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(g.gemm_m))
     np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(g.gemm_m))
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("x_shape,padding", [((2, 7, 29, 16), "same"), ((1, 6, 5, 40), ((0, 1), (2, 0))),
+                                             ((3, 31, 4, 9), "valid")])
+def test_winograd_3x3_forward_and_backward_data(x_shape, padding, act, rng):
+    """3x3 stride-1 convs with C >= 8, F >= 16 run Winograd F(2x2, 3x3): every activation, odd
+    sizes (29 tiles = 2 full blocks of 12 + 5), F = 70 (panel 64 + 6), bias on and off."""
+    c = x_shape[-1]
+    g = conv_geometry(x_shape, (3, 3, c, 70), 1, padding)
+    x = rng.standard_normal(g.x_shape, dtype=np.float32)
+    w = rng.standard_normal(g.w_shape, dtype=np.float32)
+    dz = rng.standard_normal(g.y_shape, dtype=np.float32)
+    for b in (None, rng.standard_normal(g.filters, dtype=np.float32)):
+        np.testing.assert_allclose(_C.conv2d_forward(x, w, b, g.as_tuple(), CODES[act]),
+                                   ref.conv2d_forward(x, w, b, g, act), rtol=RTOL, atol=_tol(g.gemm_k))
+    np.testing.assert_allclose(_C.conv2d_backward_data(dz, w, g.as_tuple()), ref.conv2d_backward_data(dz, w, g),
+                               rtol=RTOL, atol=_tol(9 * g.filters))
 
 
 def test_backward_filter_split_reduction(rng):

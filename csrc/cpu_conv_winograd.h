@@ -1,0 +1,201 @@
+// cpu_conv_winograd.h — v3_winograd: 3x3, stride-1, dilation-1 convolution as Winograd
+// F(2x2, 3x3) on AVX-512 (header-only, internal; cpu_conv.cpp picks it when applicable()).
+//
+// Math (Lavin & Gray 2016): a 2x2 output tile Y of one filter is A^T [ Σ_c (G g_c G^T) ⊙
+// (B^T d_c B) ] A, where d_c is the 4x4 input patch of channel c, g_c the 3x3 filter and
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1],
+//   A^T = [1 1 1 0; 0 1 -1 -1].
+// So the 36 multiply-adds per (output 2x2 tile, c, f) of the direct form become 16: for each of
+// the 16 transformed positions e, a GEMM  M_e[tile, f] = Σ_c V_e[tile, c] · U_e[c, f]  (2.25x
+// fewer FLOPs; the transforms are additions only).  Rounding: the transforms add a few ulps
+// (|G| entries ½, sums of <= 9 terms); results agree with the direct kernel to ~1e-6 relative.
+//
+// Index map: output tile (n, th, tw) covers y[n, 2th..2th+1, 2tw..2tw+1, :]; its input patch is
+//   x[n, 2th − pad_top + (0..3), 2tw − pad_left + (0..3), :]  (zero outside the input).
+// Work item (one OpenMP thread): one tile row (n, th), all F filters; tiles along w in blocks
+//   of TILE_BLOCK.  Per block: input transform (vectors over c) → V[16][TILE_BLOCK][Cp]; per
+//   64-filter panel: 16 GEMMs on the 6x64 register block of cpu_conv_direct.h (A = V_e rows in
+//   place, B = U_e, K = C) → M[16][TILE_BLOCK][64]; output transform + bias + relu, stored with
+//   the ragged bottom row / right column (odd OH, OW) and the F tail masked out.
+// Edges: input rows outside [0, H) are zero vectors; when the tile row crosses the left/right
+//   padding its 4 input rows are copied into a zero-padded per-thread row buffer.
+// Memory per call: U (16·C·Fp floats, 16/9 of the weights) + per thread V (16·12·Cp),
+//   M (16·12·64) and 4 padded rows: never proportional to the batch.
+#pragma once
+
+#if defined(__AVX512F__)
+
+#include "cpu_conv_direct.h"
+
+namespace dlconv {
+namespace cpu {
+namespace winograd {
+
+using direct::kZeros;
+using direct::PANEL;
+using direct::VL;
+
+// Output tiles along w per block: 12 = two 6-row register tiles of the 6x64 block; V (16 x 12
+// x 32 floats = 24 KB for C = 32) and M (16 x 12 x 64 = 48 KB) stay in L1/L2 between the
+// transforms and the GEMMs.
+constexpr i64 TILE_BLOCK = 12;
+// Below these channel counts the transforms cost more than the GEMM FLOPs they save
+// (conv1 of MNIST, C = 1): the direct kernel is used instead.
+constexpr i64 MIN_IN_CHANNELS = 8;
+constexpr i64 MIN_FILTERS = 16;
+
+inline bool applicable(const ConvGeometry& g) {
+    return g.k_h == 3 && g.k_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 && g.dil_w == 1 &&
+           g.in_c >= MIN_IN_CHANNELS && g.filters >= MIN_FILTERS;
+}
+
+// U[e][c][f] = (G g G^T)[e] for g = w[:, :, c, f]; f padded to Fp with zeros.  Called inside
+// the caller's parallel region: the channels are shared out, the loop ends in a barrier.
+inline void transform_weights(const ConvGeometry& g, const float* w, float* U, i64 Fp) {
+    const i64 C = g.in_c, F = g.filters;
+#pragma omp for schedule(static)
+    for (i64 c = 0; c < C; ++c) {
+        for (i64 f0 = 0; f0 < Fp; f0 += VL) {
+            const __mmask16 m = F - f0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (F - f0)) - 1u);
+            __m512 k[3][3];
+            for (int i = 0; i < 3; ++i)
+                for (int j = 0; j < 3; ++j) k[i][j] = _mm512_maskz_loadu_ps(m, w + ((i * 3 + j) * C + c) * F + f0);
+            const __m512 h = _mm512_set1_ps(0.5f);
+            __m512 t[4][3];  // G g
+            for (int j = 0; j < 3; ++j) {
+                t[0][j] = k[0][j];
+                const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(k[0][j], k[2][j]));
+                t[1][j] = _mm512_fmadd_ps(h, k[1][j], s);
+                t[2][j] = _mm512_fnmadd_ps(h, k[1][j], s);
+                t[3][j] = k[2][j];
+            }
+            for (int i = 0; i < 4; ++i) {  // (G g) G^T
+                const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(t[i][0], t[i][2]));
+                const __m512 u[4] = {t[i][0], _mm512_fmadd_ps(h, t[i][1], s), _mm512_fnmadd_ps(h, t[i][1], s), t[i][2]};
+                for (int j = 0; j < 4; ++j) _mm512_store_ps(U + ((i * 4 + j) * C + c) * Fp + f0, u[j]);
+            }
+        }
+    }
+}
+
+inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
+                         float* y) {
+    using direct::fwd_kernel;
+    using direct::max_rows;
+    using direct::Panel;
+    using direct::panel_at;
+    using direct::Seg;
+    const i64 C = g.in_c, F = g.filters, H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
+    const i64 Cp = (C + VL - 1) / VL * VL, Fp = (F + VL - 1) / VL * VL;
+    const i64 th_n = (OH + 1) / 2, tw_n = (OW + 1) / 2;
+    Buf U(16 * C * Fp);
+    // input columns the tiles read: [iw_lo, iw_lo + Wb)
+    const i64 iw_lo = -g.pad_left, Wb = 2 * tw_n + 2;
+    const bool padded = iw_lo < 0 || iw_lo + Wb > W;
+    const i64 items = g.batch * th_n;
+    const int T = omp_get_max_threads();
+#pragma omp parallel num_threads(T)
+    {
+        Buf rowbuf(padded ? 4 * Wb * C : 0), V(16 * TILE_BLOCK * Cp), Mb(16 * TILE_BLOCK * PANEL);
+        transform_weights(g, w, U.data, Fp);
+#pragma omp for schedule(dynamic, 4)
+        for (i64 it = 0; it < items; ++it) {
+            const i64 n = it / th_n, th = it - n * th_n;
+            const float* src[4];  // src[r] + j*C = input column iw_lo + j of input row r, or null (zero)
+            for (int r = 0; r < 4; ++r) {
+                const i64 ih = 2 * th - g.pad_top + r;
+                src[r] = nullptr;
+                if (ih < 0 || ih >= H) continue;
+                const float* xrow = x + (n * H + ih) * W * C;
+                if (!padded) {
+                    src[r] = xrow + iw_lo * C;
+                    continue;
+                }
+                float* d = rowbuf.data + r * Wb * C;
+                const i64 j0 = std::min(Wb, std::max<i64>(0, -iw_lo)), j1 = std::max(j0, std::min<i64>(Wb, W - iw_lo));
+                std::memset(d, 0, j0 * C * sizeof(float));
+                std::memcpy(d + j0 * C, xrow + (iw_lo + j0) * C, (j1 - j0) * C * sizeof(float));
+                std::memset(d + j1 * C, 0, (Wb - j1) * C * sizeof(float));
+                src[r] = d;
+            }
+            const i64 oh0 = 2 * th, nrow = std::min<i64>(2, OH - oh0);
+            for (i64 tb0 = 0; tb0 < tw_n; tb0 += TILE_BLOCK) {
+                const i64 nt = std::min(TILE_BLOCK, tw_n - tb0);
+                // ---- input transform: V[e][i][c] = (B^T d B)[e], d = 4x4 patch of tile tb0 + i
+                for (i64 i = 0; i < nt; ++i) {
+                    const i64 col = 2 * (tb0 + i);
+                    for (i64 c0 = 0; c0 < C; c0 += VL) {
+                        const __mmask16 m = C - c0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
+                        __m512 d[4][4];
+                        for (int r = 0; r < 4; ++r)
+                            for (int s = 0; s < 4; ++s)
+                                d[r][s] = src[r] ? _mm512_maskz_loadu_ps(m, src[r] + (col + s) * C + c0)
+                                                 : _mm512_setzero_ps();
+                        __m512 t[4][4];  // B^T d
+                        for (int s = 0; s < 4; ++s) {
+                            t[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
+                            t[1][s] = _mm512_add_ps(d[1][s], d[2][s]);
+                            t[2][s] = _mm512_sub_ps(d[2][s], d[1][s]);
+                            t[3][s] = _mm512_sub_ps(d[1][s], d[3][s]);
+                        }
+                        float* v = V.data + i * Cp + c0;
+                        const i64 es = TILE_BLOCK * Cp;  // stride between transformed positions e
+                        for (int r = 0; r < 4; ++r) {  // (B^T d) B
+                            _mm512_store_ps(v + (r * 4 + 0) * es, _mm512_sub_ps(t[r][0], t[r][2]));
+                            _mm512_store_ps(v + (r * 4 + 1) * es, _mm512_add_ps(t[r][1], t[r][2]));
+                            _mm512_store_ps(v + (r * 4 + 2) * es, _mm512_sub_ps(t[r][2], t[r][1]));
+                            _mm512_store_ps(v + (r * 4 + 3) * es, _mm512_sub_ps(t[r][1], t[r][3]));
+                        }
+                    }
+                }
+                for (i64 f0 = 0; f0 < F; f0 += PANEL) {
+                    const Panel pn = panel_at(f0, F);
+                    // ---- 16 GEMMs: Mb[e][i][f] = Σ_c V[e][i][c] · U[e][c][f0 + f]
+                    const i64 Rm = max_rows(pn.nv), ntile = (nt + Rm - 1) / Rm;
+                    for (int e = 0; e < 16; ++e) {
+                        const Seg seg{V.data + e * TILE_BLOCK * Cp, U.data + e * C * Fp, C};
+                        for (i64 q = 0; q < ntile; ++q) {
+                            const i64 i0 = q * nt / ntile, i1 = (q + 1) * nt / ntile;
+                            fwd_kernel(pn.nv, int(i1 - i0))(&seg, 1, i0 * Cp, Cp, f0, Fp,
+                                                            Mb.data + (e * TILE_BLOCK + i0) * PANEL, PANEL, pn.mask,
+                                                            kZeros, false);
+                        }
+                    }
+                    // ---- output transform: Y = A^T M A (+ bias, relu), ragged edges masked
+                    for (i64 i = 0; i < nt; ++i) {
+                        const i64 ow0 = 2 * (tb0 + i), ncol = std::min<i64>(2, OW - ow0);
+                        for (int v = 0; v < pn.nv; ++v) {
+                            const __mmask16 m = v == pn.nv - 1 ? pn.mask : __mmask16(0xFFFF);
+                            const float* mp = Mb.data + i * PANEL + v * VL;
+                            __m512 mm[4][4];
+                            for (int e = 0; e < 16; ++e) mm[e / 4][e % 4] = _mm512_load_ps(mp + e * TILE_BLOCK * PANEL);
+                            __m512 t[2][4];
+                            for (int s = 0; s < 4; ++s) {
+                                t[0][s] = _mm512_add_ps(_mm512_add_ps(mm[0][s], mm[1][s]), mm[2][s]);
+                                t[1][s] = _mm512_sub_ps(_mm512_sub_ps(mm[1][s], mm[2][s]), mm[3][s]);
+                            }
+                            const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + f0 + v * VL) : _mm512_setzero_ps();
+                            for (i64 a = 0; a < nrow; ++a) {
+                                __m512 o[2] = {_mm512_add_ps(_mm512_add_ps(t[a][0], t[a][1]), _mm512_add_ps(t[a][2], b)),
+                                               _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t[a][1], t[a][2]), t[a][3]), b)};
+                                float* yp = y + ((n * OH + oh0 + a) * OW + ow0) * F + f0 + v * VL;
+                                for (i64 s = 0; s < ncol; ++s) {
+                                    const __m512 r = act == ACT_RELU ? _mm512_max_ps(o[s], _mm512_setzero_ps()) : o[s];
+                                    _mm512_mask_storeu_ps(yp + s * F, m, r);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if (act == ACT_SIGMOID || act == ACT_TANH)
+                epilogue(y + (n * OH + oh0) * OW * F, F, nrow * OW, F, nullptr, act);
+        }
+    }
+}
+
+}  // namespace winograd
+}  // namespace cpu
+}  // namespace dlconv
+
+#endif  // __AVX512F__
