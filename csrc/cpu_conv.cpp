@@ -148,7 +148,8 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
 
 void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db) {
 #if defined(__AVX512F__)
-    direct::conv_backward_filter(g, x, dz, dw, db);
+    if (winograd::applicable(g)) winograd::conv_backward_filter(g, x, dz, dw, db);
+    else direct::conv_backward_filter(g, x, dz, dw, db);
     return;
 #endif
     const i64 M = g.k_h * g.k_w * g.in_c, F = g.filters, P = g.batch * g.out_h * g.out_w;

@@ -194,6 +194,172 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
     }
 }
 
+// ---------------------------------------------------------------------------- backward-filter
+// dw (3x3 per (c, f)) = Σ_tiles G^T [ (B^T d B) ⊙ (A z A^T) ] G  — the transpose of the forward
+// identity (y = A^T [(G g G^T) ⊙ (B^T d B)] A is linear in g), where z is the 2x2 tile of dz
+// (zero past OH / OW) and d its 4x4 input patch:  A z A^T rows/cols  (z0, z0 + z1, z0 − z1, −z1).
+//   M_e[c, f] = Σ_tiles V_e[tile, c] · Z_e[tile, f]: 16 GEMMs whose reduction runs over tiles,
+//   on the R x 64 backward-filter register block of cpu_conv_direct.h (broadcast V, load Z rows).
+// Work item: FILTER_TILES consecutive tiles of the flattened (n, th, tw) tile grid: V and Z of
+//   the chunk (16 x 48 x Cp and 16 x 48 x Fp floats) are built once, then swept by the GEMMs.
+// Threads: chunks are cut into P contiguous groups, handed out dynamically; a group owns an
+//   M partial (16·C·Fp floats) and a db partial; partials are summed in group order
+//   (deterministic for a given thread count), then dw = G^T M G per (c, 16 filters).
+constexpr i64 FILTER_TILES = 48;  // tiles per chunk: 48-step reductions amortise the block's loads
+constexpr int FILTER_GROUPS_PER_THREAD = 4;
+constexpr i64 FILTER_PARTIAL_BUDGET = i64(8) << 20;
+
+inline void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db) {
+    using direct::filt_kernel;
+    using direct::max_rows;
+    using direct::Panel;
+    using direct::panel_at;
+    const i64 C = g.in_c, F = g.filters, H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
+    const i64 Cp = (C + VL - 1) / VL * VL, Fp = (F + VL - 1) / VL * VL;
+    const i64 th_n = (OH + 1) / 2, tw_n = (OW + 1) / 2, tiles = g.batch * th_n * tw_n;
+    const i64 chunks = (tiles + FILTER_TILES - 1) / FILTER_TILES;
+    const int T = omp_get_max_threads();
+    const i64 by_budget = std::max<i64>(1, FILTER_PARTIAL_BUDGET / (16 * C * Fp * i64(sizeof(float))));
+    const i64 P = std::max<i64>(1, std::min<i64>(chunks, std::max<i64>(T, std::min<i64>(FILTER_GROUPS_PER_THREAD * T, by_budget))));
+    Buf part(P * 16 * C * Fp);
+    std::vector<double> dbpart(db ? size_t(P * Fp) : 0, 0.0);
+#pragma omp parallel num_threads(T)
+    {
+        Buf V(16 * FILTER_TILES * Cp), Z(16 * FILTER_TILES * Fp), dsum(Fp);
+        const float* xr[1];
+        const float* dr[1];
+#pragma omp for schedule(dynamic, 1)
+        for (i64 grp = 0; grp < P; ++grp) {
+            float* Mg = part.data + grp * 16 * C * Fp;
+            std::memset(Mg, 0, 16 * C * Fp * sizeof(float));
+            std::memset(dsum.data, 0, Fp * sizeof(float));
+            for (i64 ch = grp * chunks / P; ch < (grp + 1) * chunks / P; ++ch) {
+                const i64 t0 = ch * FILTER_TILES, nt = std::min(FILTER_TILES, tiles - t0);
+                for (i64 i = 0; i < nt; ++i) {
+                    const i64 t = t0 + i, n = t / (th_n * tw_n), r0 = t - n * th_n * tw_n;
+                    const i64 th = r0 / tw_n, tw = r0 - th * tw_n;
+                    // ---- V: input transform of the 4x4 patch (zero outside the input)
+                    const float* src[4][4];
+                    for (int r = 0; r < 4; ++r)
+                        for (int q = 0; q < 4; ++q) {
+                            const i64 ih = 2 * th - g.pad_top + r, iw = 2 * tw - g.pad_left + q;
+                            src[r][q] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x + ((n * H + ih) * W + iw) * C : nullptr;
+                        }
+                    const i64 es = FILTER_TILES * Cp;
+                    for (i64 c0 = 0; c0 < C; c0 += VL) {
+                        const __mmask16 m = C - c0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
+                        __m512 d[4][4];
+                        for (int r = 0; r < 4; ++r)
+                            for (int q = 0; q < 4; ++q)
+                                d[r][q] = src[r][q] ? _mm512_maskz_loadu_ps(m, src[r][q] + c0) : _mm512_setzero_ps();
+                        __m512 u[4][4];  // B^T d
+                        for (int q = 0; q < 4; ++q) {
+                            u[0][q] = _mm512_sub_ps(d[0][q], d[2][q]);
+                            u[1][q] = _mm512_add_ps(d[1][q], d[2][q]);
+                            u[2][q] = _mm512_sub_ps(d[2][q], d[1][q]);
+                            u[3][q] = _mm512_sub_ps(d[1][q], d[3][q]);
+                        }
+                        float* v = V.data + i * Cp + c0;
+                        for (int r = 0; r < 4; ++r) {
+                            _mm512_store_ps(v + (r * 4 + 0) * es, _mm512_sub_ps(u[r][0], u[r][2]));
+                            _mm512_store_ps(v + (r * 4 + 1) * es, _mm512_add_ps(u[r][1], u[r][2]));
+                            _mm512_store_ps(v + (r * 4 + 2) * es, _mm512_sub_ps(u[r][2], u[r][1]));
+                            _mm512_store_ps(v + (r * 4 + 3) * es, _mm512_sub_ps(u[r][1], u[r][3]));
+                        }
+                    }
+                    // ---- Z: A z A^T of the 2x2 dz tile (zero past OH / OW); db += Σ z
+                    const float* zs[2][2];
+                    for (int a = 0; a < 2; ++a)
+                        for (int b = 0; b < 2; ++b) {
+                            const i64 oh = 2 * th + a, ow = 2 * tw + b;
+                            zs[a][b] = (oh < OH && ow < OW) ? dz + ((n * OH + oh) * OW + ow) * F : nullptr;
+                        }
+                    const i64 fs = FILTER_TILES * Fp;
+                    for (i64 f0 = 0; f0 < F; f0 += VL) {
+                        const __mmask16 m = F - f0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (F - f0)) - 1u);
+                        __m512 z[2][2];
+                        for (int a = 0; a < 2; ++a)
+                            for (int b = 0; b < 2; ++b)
+                                z[a][b] = zs[a][b] ? _mm512_maskz_loadu_ps(m, zs[a][b] + f0) : _mm512_setzero_ps();
+                        if (db) {
+                            const __m512 s4 = _mm512_add_ps(_mm512_add_ps(z[0][0], z[0][1]), _mm512_add_ps(z[1][0], z[1][1]));
+                            _mm512_store_ps(dsum.data + f0, _mm512_add_ps(_mm512_load_ps(dsum.data + f0), s4));
+                        }
+                        __m512 az[4][2];  // A z: rows z0, z0 + z1, z0 − z1, −z1
+                        for (int b = 0; b < 2; ++b) {
+                            az[0][b] = z[0][b];
+                            az[1][b] = _mm512_add_ps(z[0][b], z[1][b]);
+                            az[2][b] = _mm512_sub_ps(z[0][b], z[1][b]);
+                            az[3][b] = _mm512_sub_ps(_mm512_setzero_ps(), z[1][b]);
+                        }
+                        float* zp = Z.data + i * Fp + f0;
+                        for (int r = 0; r < 4; ++r) {  // (A z) A^T: columns likewise
+                            _mm512_store_ps(zp + (r * 4 + 0) * fs, az[r][0]);
+                            _mm512_store_ps(zp + (r * 4 + 1) * fs, _mm512_add_ps(az[r][0], az[r][1]));
+                            _mm512_store_ps(zp + (r * 4 + 2) * fs, _mm512_sub_ps(az[r][0], az[r][1]));
+                            _mm512_store_ps(zp + (r * 4 + 3) * fs, _mm512_sub_ps(_mm512_setzero_ps(), az[r][1]));
+                        }
+                    }
+                }
+                // ---- 16 GEMMs over the chunk's tiles: Mg[e][c][f] += Σ_i V[e][i][c] · Z[e][i][f]
+                for (i64 f0 = 0; f0 < F; f0 += PANEL) {
+                    const Panel pn = panel_at(f0, F);
+                    const i64 Rm = max_rows(pn.nv), nb = (C + Rm - 1) / Rm;
+                    for (int e = 0; e < 16; ++e) {
+                        dr[0] = Z.data + e * FILTER_TILES * Fp + f0;
+                        for (i64 bi = 0; bi < nb; ++bi) {
+                            const i64 c0 = bi * C / nb, c1 = (bi + 1) * C / nb;
+                            xr[0] = V.data + e * FILTER_TILES * Cp + c0;
+                            filt_kernel(pn.nv, int(c1 - c0))(xr, dr, 1, nt, Cp, Fp, Mg + (e * C + c0) * Fp + f0, Fp,
+                                                             pn.mask);
+                        }
+                    }
+                }
+                if (db) {
+                    double* sdb = dbpart.data() + grp * Fp;
+                    for (i64 f = 0; f < F; ++f) sdb[f] += dsum.data[f];
+                    std::memset(dsum.data, 0, Fp * sizeof(float));
+                }
+            }
+        }
+        // ---- dw = G^T (Σ_groups M) G, per (c, 16 filters); partials summed in group order
+#pragma omp for schedule(static)
+        for (i64 c = 0; c < C; ++c) {
+            for (i64 f0 = 0; f0 < F; f0 += VL) {
+                const __mmask16 m = F - f0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (F - f0)) - 1u);
+                __m512 M[4][4];
+                for (int e = 0; e < 16; ++e) {
+                    __m512 acc = _mm512_load_ps(part.data + (e * C + c) * Fp + f0);
+                    for (i64 p = 1; p < P; ++p)
+                        acc = _mm512_add_ps(acc, _mm512_load_ps(part.data + ((p * 16 + e) * C + c) * Fp + f0));
+                    M[e / 4][e % 4] = acc;
+                }
+                const __m512 h = _mm512_set1_ps(0.5f);
+                __m512 t[3][4];  // G^T M: rows m0 + ½(m1 + m2),  ½(m1 − m2),  ½(m1 + m2) + m3
+                for (int q = 0; q < 4; ++q) {
+                    const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(M[1][q], M[2][q]));
+                    t[0][q] = _mm512_add_ps(M[0][q], s);
+                    t[1][q] = _mm512_mul_ps(h, _mm512_sub_ps(M[1][q], M[2][q]));
+                    t[2][q] = _mm512_add_ps(s, M[3][q]);
+                }
+                for (int kh = 0; kh < 3; ++kh) {  // (G^T M) G: columns likewise
+                    const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(t[kh][1], t[kh][2]));
+                    const __m512 o[3] = {_mm512_add_ps(t[kh][0], s), _mm512_mul_ps(h, _mm512_sub_ps(t[kh][1], t[kh][2])),
+                                         _mm512_add_ps(s, t[kh][3])};
+                    for (int kw = 0; kw < 3; ++kw) _mm512_mask_storeu_ps(dw + ((kh * 3 + kw) * C + c) * F + f0, m, o[kw]);
+                }
+            }
+        }
+    }
+    if (db) {
+        for (i64 f = 0; f < F; ++f) {
+            double s = 0;
+            for (i64 p = 0; p < P; ++p) s += dbpart[size_t(p * Fp + f)];
+            db[f] = float(s);
+        }
+    }
+}
+
 }  // namespace winograd
 }  // namespace cpu
 }  // namespace dlconv

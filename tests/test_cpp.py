@@ -124,7 +124,8 @@ def test_conv_block_edges(x_shape, w_shape, strides, padding, rng):
 @pytest.mark.parametrize("x_shape,padding", [((2, 7, 29, 16), "same"), ((1, 6, 5, 40), ((0, 1), (2, 0))),
                                              ((3, 31, 4, 9), "valid")])
 def test_winograd_3x3_forward_and_backward_data(x_shape, padding, act, rng):
-    """3x3 stride-1 convs with C >= 8, F >= 16 run Winograd F(2x2, 3x3): every activation, odd
+    """3x3 stride-1 convs with C >= 8, F >= 16 run Winograd F(2x2, 3x3) (forward, backward-data,
+    backward-filter): every activation, odd
     sizes (29 tiles = 2 full blocks of 12 + 5), F = 70 (panel 64 + 6), bias on and off."""
     c = x_shape[-1]
     g = conv_geometry(x_shape, (3, 3, c, 70), 1, padding)
@@ -136,6 +137,10 @@ def test_winograd_3x3_forward_and_backward_data(x_shape, padding, act, rng):
                                    ref.conv2d_forward(x, w, b, g, act), rtol=RTOL, atol=_tol(g.gemm_k))
     np.testing.assert_allclose(_C.conv2d_backward_data(dz, w, g.as_tuple()), ref.conv2d_backward_data(dz, w, g),
                                rtol=RTOL, atol=_tol(9 * g.filters))
+    dw, db = _C.conv2d_backward_filter(x, dz, g.as_tuple())
+    rdw, rdb = ref.conv2d_backward_filter(x, dz, g)
+    np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(g.gemm_m))
 
 
 def test_backward_filter_split_reduction(rng):
