@@ -1,6 +1,14 @@
-// cpu_conv.cpp — 2-D convolution on the CPU: forward, backward-data, backward-filter (+ bias grad),
-// all as implicit GEMMs on the engine in cpu_gemm.h (no im2col buffer: A tiles are gathered
-// from NHWC memory as the microkernel needs them).
+// cpu_conv.cpp — 2-D convolution on the CPU: forward, backward-data, backward-filter (+ bias grad).
+//
+// Which kernel runs (first that applies):
+//   v3_winograd  (cpu_conv_winograd.h, AVX-512): 3x3, stride 1, dilation 1, C >= 8, F >= 16 —
+//                forward, backward-data (as a forward of dz with the flipped filter) and
+//                backward-filter, Winograd F(2x2, 3x3).
+//   v2_direct    (cpu_conv_direct.h, AVX-512): any other geometry for forward and backward-filter;
+//                backward-data with stride 1 (forward of dz with the flipped, transposed filter).
+//   v1 igemm     (below, on cpu_gemm.h): builds without AVX-512, and backward-data with stride > 1.
+// v1 is the implicit GEMM described next (no im2col buffer: A tiles are gathered from NHWC memory
+// as the microkernel needs them).
 //
 // Forward ("cpu_igemm"):  y[m, k] = act(b[k] + Σ_j A[m, j] · w[j, k])
 //   m = (n, oh, ow) output pixel (M = N·OH·OW),  j = (kh, kw, c) (K = KH·KW·C),  w is HWIO = [K, F].

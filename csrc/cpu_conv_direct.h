@@ -239,7 +239,8 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
         Buf rowbuf(padded ? KH * Wb * C : 0);
         std::vector<Seg> segs;
         segs.reserve(size_t(KH * KW));
-#pragma omp for schedule(static)
+        // dynamic, 8 rows a grab: a thread the OS (or a neighbour's spinning pool) preempts is helped
+#pragma omp for schedule(dynamic, 8)
         for (i64 t = 0; t < rows; ++t) {
             const i64 n = t / OH, oh = t - n * OH;
             float* yrow = y + t * OW * F;

@@ -1,6 +1,8 @@
 // cpu_dense.cpp — dense layer, softmax and activation gradients on the CPU.
 //
-// Forward:  y[m, n] = act(b[n] + Σ_k x[m, k] · w[k, n])  — row-major A driver of cpu_gemm.h;
+// Forward:  y[m, n] = act(b[n] + Σ_k x[m, k] · w[k, n]).  Long reductions (K >= 2048 and
+//           K >= 8·max(M, N), e.g. 128x9216 -> 128) take the K-split path below (AVX-512);
+//           otherwise the row-major A driver of cpu_gemm.h;
 //           A = x (a packed tile is MR rows of x, one memcpy each), B = w read in place,
 //           bias + activation fused into the epilogue.  Threads own MR-row tiles of y.
 // Backward: dz = act'(y) ⊙ dy (written in terms of the output y);
