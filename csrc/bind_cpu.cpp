@@ -2,7 +2,8 @@
 //
 // Low-level entry points (NumPy float32 C-contiguous arrays; outputs optional and, when given,
 // written in place and returned; when None, allocated here):
-//   conv2d_forward(x, w, b|None, geometry, act, y=None) -> y
+//   conv2d_forward(x, w, b|None, geometry, act, y=None, variant=0) -> y   (0 auto, 1 igemm, 2 direct, 3 winograd)
+//   forward_variant_applicable(geometry, variant) -> bool
 //   conv2d_backward_data(dz, w, geometry, dx=None) -> dx
 //   conv2d_backward_filter(x, dz, geometry, dw=None, db=None) -> (dw, db)
 //   dense_forward(x, w, b|None, act, y=None) -> y
@@ -113,17 +114,21 @@ int64_t dim(const char* kernel, const char* name, const py::handle& obj, int ran
     return int64_t(a.shape(axis));
 }
 
-py::array conv2d_forward(py::object x, py::object w, py::object b, py::object geometry, int act, py::object y) {
+py::array conv2d_forward(py::object x, py::object w, py::object b, py::object geometry, int act, py::object y,
+                         int variant) {
     const char* K = "conv2d_forward";
     const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
     dlconv::bind::check_activation(K, act, 3);
+    if (!dlconv::cpu::conv2d_forward_applicable(g, variant))
+        throw std::invalid_argument("dlconv C++ conv2d_forward: variant " + std::to_string(variant) +
+                                    " cannot run " + dlconv::geometry_str(g) + " in this build (see forward_variant_applicable)");
     Arg ax = checked(K, "x", x, x_shape(g), false), aw = checked(K, "w", w, w_shape(g), false);
     Arg ab = optional_in(K, "b", b, {g.filters});
     Arg ay = output(K, "y", y, y_shape(g));
     no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
     {
         py::gil_scoped_release nogil;
-        if (g.batch > 0) dlconv::cpu::conv2d_forward(g, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr);
+        if (g.batch > 0) dlconv::cpu::conv2d_forward(g, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr, variant);
     }
     return ay.arr;
 }
@@ -250,8 +255,14 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "dlconv C++ CPU kernels (OpenMP + SIMD implicit GEMM); see csrc/bind_cpu.cpp for the API";
     m.def("build_info", &build_info, "How this extension was compiled (SIMD level, OpenMP, register block).");
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("geometry"),
-          py::arg("activation"), py::arg("y") = py::none(),
-          "y = act(conv2d(x, w) + b): x NHWC, w HWIO, b (filters,) or None, geometry = ConvGeometry.as_tuple().");
+          py::arg("activation"), py::arg("y") = py::none(), py::arg("variant") = 0,
+          "y = act(conv2d(x, w) + b): x NHWC, w HWIO, b (filters,) or None, geometry = ConvGeometry.as_tuple(); "
+          "variant 0 auto, 1 igemm, 2 direct, 3 winograd.");
+    m.def("forward_variant_applicable", [](py::object geometry, int variant) {
+              return dlconv::cpu::conv2d_forward_applicable(
+                  dlconv::bind::geometry_from(geometry, "forward_variant_applicable"), variant);
+          }, py::arg("geometry"), py::arg("variant"),
+          "Whether conv-forward variant (1 igemm, 2 direct, 3 winograd) can run this geometry in this build.");
     m.def("conv2d_backward_data", &conv2d_backward_data, py::arg("dz"), py::arg("w"), py::arg("geometry"),
           py::arg("dx") = py::none(), "dL/dx from dL/dz (the conv's linear output) and w.");
     m.def("conv2d_backward_filter", &conv2d_backward_filter, py::arg("x"), py::arg("dz"), py::arg("geometry"),

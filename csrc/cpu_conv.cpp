@@ -84,11 +84,24 @@ void column_sums(i64 P, i64 F, const float* a, float* out) {
 
 }  // namespace
 
-void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y) {
+bool conv2d_forward_applicable(const ConvGeometry& g, int variant) {
+    switch (variant) {
+        case CPU_CONV_AUTO:
+        case CPU_CONV_IGEMM: return true;
 #if defined(__AVX512F__)
-    if (winograd::applicable(g)) winograd::conv_forward(g, x, w, b, act, y);
-    else direct::conv_forward(g, x, w, b, act, y);
-    return;
+        case CPU_CONV_DIRECT: return true;
+        case CPU_CONV_WINOGRAD: return winograd::applicable(g);
+#endif
+        default: return false;
+    }
+}
+
+void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y,
+                    int variant) {
+#if defined(__AVX512F__)
+    if (variant == CPU_CONV_AUTO) variant = winograd::applicable(g) ? CPU_CONV_WINOGRAD : CPU_CONV_DIRECT;
+    if (variant == CPU_CONV_WINOGRAD) return winograd::conv_forward(g, x, w, b, act, y);
+    if (variant == CPU_CONV_DIRECT) return direct::conv_forward(g, x, w, b, act, y);
 #endif
     const i64 M = g.batch * g.out_h * g.out_w, K = g.k_h * g.k_w * g.in_c, F = g.filters;
     auto pack = [&](i64 m0, int rows, i64 k0, i64 kc, float* dst) {

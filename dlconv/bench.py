@@ -635,7 +635,12 @@ def run_kernels(pairs, places, backends, builtin: Optional[BuiltinProvider], set
         ours = []
         placed = None
         for name, variants, why in impls:
-            vlist = variants if (variants and layer.kind == "conv" and p == "forward") else [None]
+            vlist = [None]
+            if variants and layer.kind == "conv" and p == "forward":
+                # only the variants that can run this geometry (Winograd needs 3x3, stride 1, ...)
+                from . import backends as registry
+                fits = set(registry.get(name).conv_variants(place.device == "cuda", problem.geometry))
+                vlist = [v for v in variants if v in fits] or [None]
             for v in vlist:
                 label = f"{name}/{v}" if v else name
                 row = _row(problem, place.device, label, name, v)

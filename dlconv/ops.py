@@ -98,8 +98,8 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
     if b is not None:
         _check_shape("b", b, (g.filters,))
     be = _resolve_backend(backend, on_device)
-    if variant is not None and variant not in be.conv_variants(on_device):
-        raise ValueError(f"variant must be one of {tuple(be.conv_variants(on_device))} for backend "
+    if variant is not None and variant not in be.conv_variants(on_device, g):
+        raise ValueError(f"variant must be one of {tuple(be.conv_variants(on_device, g))} for backend "
                          f"{be.name!r}, got {variant!r}")
     if g.batch == 0:
         return _empty(g.y_shape, on_device, stream)

@@ -35,7 +35,7 @@ class BrokenBackend(ReferenceBackend):
     def conv2d_forward(self, x, w, b, g, activation, *, on_device, variant=None, stream=None):
         return super().conv2d_forward(x, w, b, g, activation, on_device=on_device) + 0.5
 
-    def conv_variants(self, on_device):
+    def conv_variants(self, on_device, geometry=None):
         return ("v1", "v2")
 
 

@@ -450,14 +450,47 @@ def test_backend_status_and_variants():
     be = backends.get("cpp")
     ok, why = be.cpu_status()
     assert ok and _C.build_info()["simd"] in why
-    assert be.conv_variants(False) == ("cpu_igemm",)
+    assert be.conv_variants(False) == ("cpu_v3_winograd", "cpu_v2_direct", "cpu_v1_igemm")
+    # Winograd F(2x2, 3x3) only runs 3x3 stride-1 undilated kernels with C >= 8, F >= 16.
+    assert be.conv_variants(False, conv_geometry((1, 28, 28, 1), (3, 3, 1, 32))) == (
+        "cpu_v2_direct", "cpu_v1_igemm")
+    assert be.conv_variants(False, conv_geometry((1, 9, 9, 16), (3, 3, 16, 16), strides=2)) == (
+        "cpu_v2_direct", "cpu_v1_igemm")
     assert be.conv_variants(True) == ("v3_implicit_gemm", "v2_smem_tiled", "v1_direct")
     x = np.ones((1, 4, 4, 1), np.float32)
     w = np.ones((3, 3, 1, 1), np.float32)
-    y = ops.conv2d(x, w, backend="cpp", variant="cpu_igemm")
+    y = ops.conv2d(x, w, backend="cpp", variant="cpu_v1_igemm")
     np.testing.assert_array_equal(y[0, :, :, 0], np.full((2, 2), 9.0, np.float32))
     with pytest.raises(ValueError, match="variant must be one of"):
         ops.conv2d(x, w, backend="cpp", variant="v1_direct")
+    # Winograd asked for a geometry it cannot run: refused before any launch, in Python and in C++.
+    with pytest.raises(ValueError, match="variant must be one of"):
+        ops.conv2d(x, w, backend="cpp", variant="cpu_v3_winograd")
+    with pytest.raises(ValueError, match="variant 3 cannot run"):
+        _C.conv2d_forward(x, w, None, conv_geometry(x.shape, w.shape).as_tuple(), 0, variant=3)
+
+
+@pytest.mark.parametrize("xs,ws,strides,padding,dilation", [
+    ((3, 13, 11, 9), (3, 3, 9, 17), 1, "same", 1),          # Winograd-eligible, ragged C and F
+    ((2, 26, 26, 32), (3, 3, 32, 64), 1, "valid", 1),       # the MNIST conv2 shape (small batch)
+    ((2, 28, 28, 1), (3, 3, 1, 32), 1, "valid", 1),         # conv1: C = 1
+    ((3, 9, 10, 5), (2, 3, 5, 7), 2, ((1, 0), (2, 1)), 1),  # stride 2, asymmetric pads
+    ((1, 11, 9, 4), (3, 3, 4, 70), 1, "same", 2),           # dilation 2, F past a 64-filter block
+])
+@pytest.mark.parametrize("act", ["linear", "relu", "sigmoid", "tanh"])
+def test_every_cpu_forward_variant_matches_reference(xs, ws, strides, padding, dilation, act):
+    from dlconv import backends
+    g = conv_geometry(xs, ws, strides, padding, dilation)
+    rng = np.random.default_rng(sum(xs) + sum(ws))
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = rng.standard_normal(ws).astype(np.float32)
+    b = rng.standard_normal(ws[3]).astype(np.float32)
+    want = ref.conv2d_forward(x, w, b, g, act)
+    variants = backends.get("cpp").conv_variants(False, g)
+    assert "cpu_v1_igemm" in variants
+    for v in variants:
+        got = ops.conv2d(x, w, b, strides, padding, dilation, act, backend="cpp", variant=v)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(g.gemm_k), err_msg=v)
 
 
 def test_stream_handle_parsing():

@@ -29,8 +29,9 @@ class Backend:
         """(usable, reason) for the CUDA kernels."""
         raise NotImplementedError  # abstract: every backend overrides it
 
-    def conv_variants(self, on_device: bool) -> Sequence[str]:
-        """Names of the conv-forward kernel variants, default first."""
+    def conv_variants(self, on_device: bool, geometry=None) -> Sequence[str]:
+        """Names of the conv-forward kernel variants, best first; with a ``geometry``, only
+        those that can run it (a variant may need a 3x3 kernel, say)."""
         return ("default",)
 
     def require(self, on_device: bool) -> None:

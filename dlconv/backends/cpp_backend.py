@@ -1,7 +1,7 @@
 """``backend="cpp"``: the C++ kernels of ``csrc/`` behind the backend API.
 
 * Host (NumPy) arrays go to ``dlconv._C``: OpenMP + SIMD implicit-GEMM kernels
-  (``csrc/cpu_*.cpp``).  Outputs are allocated here with ``np.empty`` and filled in place;
+  (``csrc/cpu_*.cpp``).  Outputs are allocated here (64-byte aligned, :func:`dlconv.arrays.empty_host`) and filled in place;
   C++ re-checks every shape against the geometry record and releases the GIL while it runs.
 * CUDA arrays (Numba device arrays, as :mod:`dlconv.ops` hands them over) go to
   ``dlconv._C_cuda`` (``csrc/*.cu``), which reads their ``__cuda_array_interface__`` itself,
@@ -20,10 +20,16 @@ import os
 import numpy as np
 
 from .. import activations as _act
+from ..arrays import empty_host
+from ..shapes import conv_geometry
 from .base import Backend, BackendUnavailable
 
-#: CPU conv-forward variants (default first).
-CPU_VARIANTS = ("cpu_igemm",)
+#: A 3x3 stride-1 geometry every variant can run: what conv_variants() lists without a geometry.
+_PROBE_GEOMETRY = conv_geometry((1, 8, 8, 16), (3, 3, 16, 16))
+
+#: CPU conv-forward variants, best first, → the code the C++ launcher takes (csrc/cpu_kernels.h).
+#: With no variant given, C++ picks the best one applicable (winograd, else direct).
+CPU_VARIANTS = {"cpu_v3_winograd": 3, "cpu_v2_direct": 2, "cpu_v1_igemm": 1}
 #: CUDA conv-forward variants (default first) → the code the C++ launcher takes.
 CUDA_VARIANTS = {"v3_implicit_gemm": 3, "v2_smem_tiled": 2, "v1_direct": 1}
 #: activation_backward's code for softmax (row-wise), beyond the element-wise codes.
@@ -100,8 +106,14 @@ class CppBackend(Backend):
                            "host memory and the C++ CUDA kernels need real device arrays")
         return True, "dlconv._C_cuda on " + "; ".join(devices)
 
-    def conv_variants(self, on_device):
-        return tuple(CUDA_VARIANTS) if on_device else CPU_VARIANTS
+    def conv_variants(self, on_device, geometry=None):
+        if on_device:
+            return tuple(CUDA_VARIANTS)
+        if self._c is None:
+            return tuple(CPU_VARIANTS)
+        return tuple(name for name, code in CPU_VARIANTS.items()
+                     if self._c.forward_variant_applicable(
+                         (geometry or _PROBE_GEOMETRY).as_tuple(), code))
 
     # -- helpers ---------------------------------------------------------------------
     def _cpu(self):
@@ -129,9 +141,11 @@ class CppBackend(Backend):
             y = self._dev_empty(g.y_shape, stream)
             lib.conv2d_forward(x, w, b, g.as_tuple(), code, y, CUDA_VARIANTS[variant], stream_handle(stream))
             return y
-        if variant not in (None,) + CPU_VARIANTS:
-            raise ValueError(f"variant must be one of {CPU_VARIANTS} on the CPU, got {variant!r}")
-        return self._cpu().conv2d_forward(x, w, b, g.as_tuple(), code, np.empty(g.y_shape, np.float32))
+        if variant is not None and variant not in self.conv_variants(False, g):
+            raise ValueError(f"variant must be one of {self.conv_variants(False, g)} on the CPU for this "
+                             f"geometry, got {variant!r}")
+        return self._cpu().conv2d_forward(x, w, b, g.as_tuple(), code, empty_host(g.y_shape),
+                                          variant=CPU_VARIANTS.get(variant, 0))
 
     def conv2d_backward_data(self, dy, w, g, *, on_device, stream=None):
         if on_device:
@@ -139,7 +153,7 @@ class CppBackend(Backend):
             dx = self._dev_empty(g.x_shape, stream)
             lib.conv2d_backward_data(dy, w, g.as_tuple(), dx, stream_handle(stream))
             return dx
-        return self._cpu().conv2d_backward_data(dy, w, g.as_tuple(), np.empty(g.x_shape, np.float32))
+        return self._cpu().conv2d_backward_data(dy, w, g.as_tuple(), empty_host(g.x_shape))
 
     def conv2d_backward_filter(self, x, dy, g, *, on_device, stream=None):
         if on_device:
@@ -148,8 +162,8 @@ class CppBackend(Backend):
             db = self._dev_empty((g.filters,), stream)
             lib.conv2d_backward_filter(x, dy, g.as_tuple(), dw, db, stream_handle(stream))
             return dw, db
-        return self._cpu().conv2d_backward_filter(x, dy, g.as_tuple(), np.empty(g.w_shape, np.float32),
-                                                  np.empty(g.filters, np.float32))
+        return self._cpu().conv2d_backward_filter(x, dy, g.as_tuple(), empty_host(g.w_shape),
+                                                  empty_host((g.filters,)))
 
     # -- dense -------------------------------------------------------------------------
     def dense_forward(self, x, w, b, activation, *, on_device, stream=None):
@@ -160,7 +174,7 @@ class CppBackend(Backend):
             y = self._dev_empty(shape, stream)
             lib.dense_forward(x, w, b, code, y, stream_handle(stream))
             return y
-        return self._cpu().dense_forward(x, w, b, code, np.empty(shape, np.float32))
+        return self._cpu().dense_forward(x, w, b, code, empty_host(shape))
 
     def dense_backward(self, x, w, dy, y, activation, *, on_device, stream=None):
         code = _act.code(activation)
@@ -172,7 +186,7 @@ class CppBackend(Backend):
             dx, dw, db = (self._dev_empty(s, stream) for s in shapes)
             lib.dense_backward(x, w, dy, y, code, dx, dw, db, stream_handle(stream))
             return dx, dw, db
-        dx, dw, db = (np.empty(s, np.float32) for s in shapes)
+        dx, dw, db = (empty_host(s) for s in shapes)
         return self._cpu().dense_backward(x, w, dy, y, code, dx, dw, db)
 
     def softmax(self, z, *, on_device, stream=None):
@@ -181,7 +195,7 @@ class CppBackend(Backend):
             out = self._dev_empty(tuple(z.shape), stream)
             lib.softmax(z, out, stream_handle(stream))
             return out
-        return self._cpu().softmax(z, np.empty(z.shape, np.float32))
+        return self._cpu().softmax(z, empty_host(z.shape))
 
     def activation_backward(self, dy, y, activation, *, on_device, stream=None):
         name = _act.normalize(activation)
@@ -191,4 +205,4 @@ class CppBackend(Backend):
             out = self._dev_empty(tuple(dy.shape), stream)
             lib.activation_backward(dy, y, code, out, stream_handle(stream))
             return out
-        return self._cpu().activation_backward(dy, y, code, np.empty(dy.shape, np.float32))
+        return self._cpu().activation_backward(dy, y, code, empty_host(dy.shape))

@@ -58,7 +58,7 @@ class NumbaBackend(Backend):
         except Exception as exc:  # driver errors surface as many exception types
             return False, f"numba.cuda cannot start: {type(exc).__name__}: {exc}"
 
-    def conv_variants(self, on_device):
+    def conv_variants(self, on_device, geometry=None):
         return CUDA_VARIANTS if on_device else CPU_VARIANTS
 
     def _variant(self, variant, on_device):
