@@ -27,6 +27,8 @@ output z; apply :func:`activation_backward` first when the forward fused an acti
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import numpy as np
@@ -40,6 +42,17 @@ __all__ = ["conv2d", "conv2d_backward_data", "conv2d_backward_filter", "dense", 
            "softmax", "activation_backward", "DEFAULT_BACKEND"]
 
 DEFAULT_BACKEND = "numba"
+
+#: Host kernels run one at a time across Python threads.  Each one already spreads over
+#: every core (OpenMP in C++, ``parallel=True`` in Numba); two at once only fight for the
+#: cores — TensorFlow runs independent ops concurrently, and in a Keras training step that
+#: made each kernel 1.5-2x slower — and Numba's default "workqueue" threading layer must not
+#: be entered from two threads at once.  Device kernels are ordered by their streams instead.
+_HOST_LOCK = threading.Lock()
+
+
+def _serial(on_device: bool):
+    return contextlib.nullcontext() if on_device else _HOST_LOCK
 
 
 def _resolve_backend(backend, on_device: bool):
@@ -103,7 +116,8 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
                          f"{be.name!r}, got {variant!r}")
     if g.batch == 0:
         return _empty(g.y_shape, on_device, stream)
-    return be.conv2d_forward(x, w, b, g, act, on_device=on_device, variant=variant, stream=stream)
+    with _serial(on_device):
+        return be.conv2d_forward(x, w, b, g, act, on_device=on_device, variant=variant, stream=stream)
 
 
 def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
@@ -115,7 +129,8 @@ def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
     be = _resolve_backend(backend, on_device)
     if g.batch == 0:
         return _empty(g.x_shape, on_device, stream)
-    return be.conv2d_backward_data(dy, w, g, on_device=on_device, stream=stream)
+    with _serial(on_device):
+        return be.conv2d_backward_data(dy, w, g, on_device=on_device, stream=stream)
 
 
 def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=1,
@@ -131,7 +146,8 @@ def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=
             return (cuda.to_device(np.zeros(g.w_shape, np.float32), stream=stream or 0),
                     cuda.to_device(np.zeros(g.filters, np.float32), stream=stream or 0))
         return np.zeros(g.w_shape, np.float32), np.zeros(g.filters, np.float32)
-    return be.conv2d_backward_filter(x, dy, g, on_device=on_device, stream=stream)
+    with _serial(on_device):
+        return be.conv2d_backward_filter(x, dy, g, on_device=on_device, stream=stream)
 
 
 # ----------------------------------------------------------------------------- dense
@@ -146,9 +162,11 @@ def dense(x, w, b=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
     if g.batch == 0:
         return _empty(g.y_shape, on_device, stream)
     if act == "softmax":
-        z = be.dense_forward(x, w, b, "linear", on_device=on_device, stream=stream)
-        return be.softmax(z, on_device=on_device, stream=stream)
-    return be.dense_forward(x, w, b, act, on_device=on_device, stream=stream)
+        with _serial(on_device):
+            z = be.dense_forward(x, w, b, "linear", on_device=on_device, stream=stream)
+            return be.softmax(z, on_device=on_device, stream=stream)
+    with _serial(on_device):
+        return be.dense_forward(x, w, b, act, on_device=on_device, stream=stream)
 
 
 def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
@@ -172,9 +190,11 @@ def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, s
             zeros[2] = cuda.to_device(np.zeros(g.out_features, np.float32), stream=stream or 0)
         return tuple(zeros)
     if act == "softmax":
-        dy = be.activation_backward(dy, y, "softmax", on_device=on_device, stream=stream)
+        with _serial(on_device):
+            dy = be.activation_backward(dy, y, "softmax", on_device=on_device, stream=stream)
         act = "linear"
-    return be.dense_backward(x, w, dy, y, act, on_device=on_device, stream=stream)
+    with _serial(on_device):
+        return be.dense_backward(x, w, dy, y, act, on_device=on_device, stream=stream)
 
 
 def softmax(z, backend=DEFAULT_BACKEND, stream=None):
@@ -183,7 +203,8 @@ def softmax(z, backend=DEFAULT_BACKEND, stream=None):
     be = _resolve_backend(backend, on_device)
     if z.shape[0] == 0:
         return _empty(z.shape, on_device, stream)
-    return be.softmax(z, on_device=on_device, stream=stream)
+    with _serial(on_device):
+        return be.softmax(z, on_device=on_device, stream=stream)
 
 
 def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None):
@@ -196,4 +217,5 @@ def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None)
     be = _resolve_backend(backend, on_device)
     if dy.size == 0:
         return _empty(dy.shape, on_device, stream)
-    return be.activation_backward(dy, y, act, on_device=on_device, stream=stream)
+    with _serial(on_device):
+        return be.activation_backward(dy, y, act, on_device=on_device, stream=stream)

@@ -197,3 +197,34 @@ def test_empty_host_is_aligned_contiguous_and_writable():
         assert a.shape == shape and a.dtype == np.float32
         assert a.size == 0 or a.ctypes.data % HOST_ALIGN == 0
         assert a.flags.c_contiguous and a.flags.writeable
+
+
+@pytest.mark.parametrize("backend", ["numba", "cpp"])
+def test_host_calls_from_many_threads_are_correct(backend):
+    """TensorFlow calls the ops from several threads at once; host kernels are serialised
+    (each already uses every core) and every caller gets its own correct result."""
+    import concurrent.futures as cf
+
+    from dlconv import backends, ops, reference as ref
+    from dlconv.shapes import conv_geometry
+
+    ok, why = backends.get(backend).cpu_status()
+    if not ok:
+        pytest.skip(f"backend {backend!r} cannot run here: {why}")
+    cases = []
+    for i in range(6):
+        r = np.random.default_rng(40 + i)
+        g = conv_geometry((1 + i % 3, 7 + i, 6 + i, 2 + i), (3, 2, 2 + i, 3 + i), 1 + i % 2, "same", 1)
+        cases.append((g, r.standard_normal(g.x_shape, dtype=np.float32),
+                      r.standard_normal(g.w_shape, dtype=np.float32)))
+
+    def work(case):
+        g, x, w = case
+        return [ops.conv2d(x, w, strides=(g.stride_h, g.stride_w), padding="same", backend=backend)
+                for _ in range(4)]
+
+    with cf.ThreadPoolExecutor(max_workers=len(cases)) as pool:
+        results = list(pool.map(work, cases))
+    for (g, x, w), ys in zip(cases, results):
+        for y in ys:
+            np.testing.assert_allclose(y, ref.conv2d_forward(x, w, None, g), rtol=1e-4, atol=1e-4)
