@@ -12,15 +12,22 @@ Variants of the forward pass, fastest first:
 
 ``cpu_gemm``  implicit GEMM with a register-blocked micro-kernel.  The (pixel, tap)x(tap,
     filter) product ``Y[M, K] = X_im2col[M, R] @ W[R, K]`` (M = N*OH*OW, R = KH*KW*C) is
-    formed without materialising im2col: one ``prange`` iteration owns one output row
-    (n, oh) and one panel of MICRO_NR filters; the micro-kernel keeps a MICRO_MR pixels x
-    MICRO_NR filters tile in vector registers and streams over (kw, c) for one kh at a
-    time, so the kh-slice of the weight panel (KW*C*NR floats, 24 KiB for 3x3x32x64) stays
-    in L1 while it is reused by every pixel block of the row.  Padding: the input is copied
-    once into a zero-padded buffer (only when some pad > 0), so the micro-kernel has no
-    bounds checks.  Ragged edges: filters are zero-padded to a multiple of MICRO_NR in the
-    packed weights and only the first K are stored; the last OW % MICRO_MR pixels of a row
-    go through a one-pixel loop.
+    formed without materialising im2col: NHWC/HWIO let the kernel read both operands in
+    place.  The A-row of pixel (n, oh, ow) at tap (kh, kw) is ``x[n, ih, iw:iw+C]`` and the
+    B-row of (kh, kw, c) is ``w[kh, kw, c, :]``, both contiguous.  One ``prange`` iteration
+    owns one output row (n, oh) and one panel of MICRO_NR filters (MNIST conv2: 128*24 =
+    3072 items); the micro-kernel keeps MICRO_MR pixels x MICRO_NR filters as 6 x 4
+    explicit f32x16 accumulators (24 zmm registers, see cpu_common) and, per input channel,
+    loads 4 weight vectors and broadcasts one input value per pixel into 4 FMAs.  It streams
+    over (kw, c) for one kh at a time, so the kh-slice of the weight panel (KW*C*NR floats,
+    24 KiB for 3x3x32x64) stays in L1 while every pixel block of the row reuses it; the
+    row's partial sums wait in a small (OW, NR) row buffer between kh slices.  Weights:
+    read in place when K is a multiple of MICRO_NR and w is 64-byte aligned, else one
+    aligned copy per call with the filters zero-padded to a multiple of MICRO_NR (row
+    stride ``ldw``); every weight vector load then covers exactly one cache line.  Padding:
+    the input is copied once into a zero-padded buffer (only when some pad > 0), so the
+    micro-kernel has no bounds checks.  Ragged edges: only the first K filters are stored;
+    the last OW % MICRO_MR pixels of a row go through a one-pixel (4-vector) loop.
 ``cpu_direct``  one ``prange`` iteration per output row (n, oh), one output pixel at a
     time, a K-vector accumulator, taps outside the input skipped by one explicit guard.
 
@@ -44,12 +51,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from dlconv.arrays import empty_host  # 64-byte aligned: TensorFlow adopts it without a copy
+from dlconv.arrays import HOST_ALIGN, empty_host  # 64-byte aligned: TensorFlow adopts it without a copy
 
-from .cpu_common import FASTMATH, MICRO_MR, MICRO_NR, activate, stack_micro_tile
+from .cpu_common import (FASTMATH, LANES, MICRO_MR, MICRO_NR, MICRO_NV, activate,
+                         stack_micro_tile, vbroadcast, vfma, vload, vstore)
 
 __all__ = ["VARIANTS", "forward", "launch_gemm", "launch_direct", "backward_data",
-           "backward_filter", "pack_weights", "pad_input"]
+           "backward_filter", "weight_matrix", "pad_input"]
 
 #: Forward variants, default (fastest on the MNIST conv2 shape) first.
 VARIANTS = ("cpu_gemm", "cpu_direct")
@@ -73,17 +81,20 @@ def pad_input(x: np.ndarray, g) -> np.ndarray:
     return xp
 
 
-def pack_weights(w: np.ndarray) -> np.ndarray:
-    """HWIO weights → panels ``(ceil(K / MICRO_NR), KH*KW*C, MICRO_NR)``, zero-padded filters."""
+def weight_matrix(w: np.ndarray):
+    """HWIO weights as a 64-byte aligned ``(KH*KW*C, ldw)`` float32 matrix and ``ldw``, the
+    filter count rounded up to MICRO_NR (padding columns are zero).  w itself when it
+    already is one (K % MICRO_NR == 0, C-contiguous, aligned), else one copy."""
     k_h, k_w, c, k = w.shape
     r = k_h * k_w * c
-    kb = -(-k // MICRO_NR)
-    wp = np.zeros((kb, r, MICRO_NR), np.float32)
-    w2 = w.reshape(r, k)
-    for b in range(kb):
-        n = min(MICRO_NR, k - b * MICRO_NR)
-        wp[b, :, :n] = w2[:, b * MICRO_NR:b * MICRO_NR + n]
-    return wp
+    ldw = -(-k // MICRO_NR) * MICRO_NR
+    if (ldw == k and w.dtype == np.float32 and w.flags.c_contiguous
+            and w.ctypes.data % HOST_ALIGN == 0):
+        return w.reshape(r, k), ldw
+    wm = empty_host((r, ldw))
+    wm[:, :k] = w.reshape(r, k)
+    wm[:, k:] = 0.0
+    return wm, ldw
 
 
 def _bias(b, k):
@@ -92,50 +103,65 @@ def _bias(b, k):
 
 # ----------------------------------------------------------------------------- cpu_gemm
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-def _gemm_kernel(xf, wp, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, out_h, out_w,
+def _gemm_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, ldw, out_h, out_w,
                  s_h, s_w, d_h, d_w, act):
-    """xf: padded input, flat (N, HP, WP, C); wp: packed weights, flat (KB, R, NR)."""
+    """xf: padded input, flat (N, HP, WP, C); wm: weight matrix, flat (KH*KW*C, ldw) with
+    ldw a multiple of MICRO_NR.  Item (n, oh, kb) writes y[n, oh, :, kb*NR:(kb+1)*NR]."""
     mr = MICRO_MR
     nr = MICRO_NR
+    nv = MICRO_NV
     n_full = out_w // mr
-    r_len = k_h * k_w * c_in
-    k_blocks = (k_out + nr - 1) // nr
+    k_blocks = ldw // nr
     for item in prange(n_img * out_h * k_blocks):
         kb = item % k_blocks
         row = item // k_blocks
         n = row // out_h
         oh = row % out_h
-        acc = stack_micro_tile()
-        rowbuf = np.zeros(out_w * nr, np.float32)   # the row's (OW, NR) partial sums
+        acc = stack_micro_tile()                       # acc[p*nv + v]: pixel p, filters v*16..
+        rowbuf = np.zeros(out_w * nr, np.float32)      # the row's (OW, NR) partial sums
         for kh in range(k_h):
             ih = oh * s_h + kh * d_h                   # padded coordinates: always inside
-            w_kh = (kb * r_len + kh * k_w * c_in) * nr
             for blk in range(n_full):
                 ow0 = blk * mr
-                rb = rowbuf[ow0 * nr:(ow0 + mr) * nr]
-                for i in range(mr * nr):
-                    acc[i] = rb[i]
+                for i in range(mr * nv):
+                    acc[i] = vload(rowbuf, ow0 * nr + i * LANES)
                 for kw in range(k_w):
                     x0 = ((n * hp + ih) * wpad + ow0 * s_w + kw * d_w) * c_in
-                    w0 = w_kh + kw * c_in * nr
+                    w0 = (kh * k_w + kw) * c_in * ldw + kb * nr
                     for c in range(c_in):
-                        wrow = wp[w0 + c * nr:w0 + c * nr + nr]
+                        wo = w0 + c * ldw              # B-row w[kh, kw, c, kb*NR:(kb+1)*NR]
+                        w_0 = vload(wm, wo)
+                        w_1 = vload(wm, wo + LANES)
+                        w_2 = vload(wm, wo + 2 * LANES)
+                        w_3 = vload(wm, wo + 3 * LANES)
                         for p in range(mr):
-                            xv = xf[x0 + p * s_w * c_in + c]
-                            for j in range(nr):
-                                acc[p * nr + j] += xv * wrow[j]
-                for i in range(mr * nr):
-                    rb[i] = acc[i]
+                            xv = vbroadcast(xf, x0 + p * s_w * c_in + c)
+                            acc[p * nv + 0] = vfma(xv, w_0, acc[p * nv + 0])
+                            acc[p * nv + 1] = vfma(xv, w_1, acc[p * nv + 1])
+                            acc[p * nv + 2] = vfma(xv, w_2, acc[p * nv + 2])
+                            acc[p * nv + 3] = vfma(xv, w_3, acc[p * nv + 3])
+                for i in range(mr * nv):
+                    vstore(rowbuf, ow0 * nr + i * LANES, acc[i])
             for ow in range(n_full * mr, out_w):       # ragged right edge, one pixel at a time
-                rb = rowbuf[ow * nr:(ow + 1) * nr]
+                r0 = ow * nr
+                a_0 = vload(rowbuf, r0)
+                a_1 = vload(rowbuf, r0 + LANES)
+                a_2 = vload(rowbuf, r0 + 2 * LANES)
+                a_3 = vload(rowbuf, r0 + 3 * LANES)
                 for kw in range(k_w):
                     x0 = ((n * hp + ih) * wpad + ow * s_w + kw * d_w) * c_in
-                    w0 = w_kh + kw * c_in * nr
+                    w0 = (kh * k_w + kw) * c_in * ldw + kb * nr
                     for c in range(c_in):
-                        xv = xf[x0 + c]
-                        wrow = wp[w0 + c * nr:w0 + c * nr + nr]
-                        for j in range(nr):
-                            rb[j] += xv * wrow[j]
+                        wo = w0 + c * ldw
+                        xv = vbroadcast(xf, x0 + c)
+                        a_0 = vfma(xv, vload(wm, wo), a_0)
+                        a_1 = vfma(xv, vload(wm, wo + LANES), a_1)
+                        a_2 = vfma(xv, vload(wm, wo + 2 * LANES), a_2)
+                        a_3 = vfma(xv, vload(wm, wo + 3 * LANES), a_3)
+                vstore(rowbuf, r0, a_0)
+                vstore(rowbuf, r0 + LANES, a_1)
+                vstore(rowbuf, r0 + 2 * LANES, a_2)
+                vstore(rowbuf, r0 + 3 * LANES, a_3)
         kn = min(nr, k_out - kb * nr)                  # ragged filter panel: store the first kn
         for ow in range(out_w):
             y0 = ((n * out_h + oh) * out_w + ow) * k_out + kb * nr
@@ -148,11 +174,11 @@ def launch_gemm(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.nd
 
     ``out`` (optional) is a float32 C-contiguous array of shape g.y_shape to write into.
     """
-    xp = pad_input(x, g)
-    wp = pack_weights(w)
+    xp = np.ascontiguousarray(pad_input(x, g), dtype=np.float32)
+    wm, ldw = weight_matrix(w)
     y = empty_host(g.y_shape) if out is None else out
-    _gemm_kernel(xp.reshape(-1), wp.reshape(-1), _bias(b, g.filters), y.reshape(-1),
-                 g.batch, xp.shape[1], xp.shape[2], g.in_c, g.k_h, g.k_w, g.filters,
+    _gemm_kernel(xp.reshape(-1), wm.reshape(-1), _bias(b, g.filters), y.reshape(-1),
+                 g.batch, xp.shape[1], xp.shape[2], g.in_c, g.k_h, g.k_w, g.filters, ldw,
                  g.out_h, g.out_w, g.stride_h, g.stride_w, g.dil_h, g.dil_w, act)
     return y
 

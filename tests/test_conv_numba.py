@@ -184,6 +184,38 @@ def test_cpu_kernels_deterministic():
         assert np.array_equal(a1, a2)
 
 
+def _misaligned(a):
+    """A C-contiguous copy of a whose data start 4 bytes past a 64-byte boundary."""
+    raw = np.empty(a.size + 32, np.float32)
+    start = (-(raw.ctypes.data // 4) + 1) % 16
+    out = raw[start:start + a.size].reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % 64 == 4
+    return out
+
+
+@pytest.mark.parametrize("k", [64, 128, 70, 16])
+def test_cpu_gemm_weight_matrix_in_place_copy_and_padded(k):
+    # K a multiple of the 64-filter panel: aligned weights are read in place, misaligned ones
+    # copied once; other K: zero-padded copy.  OW = 11 leaves a ragged 5-pixel tail after one
+    # 6-pixel block; stride 2, dilation and explicit pads exercise the rest of the index map.
+    from dlconv.arrays import empty_host
+    for strides, pad, dil in [(1, "valid", 1), (1, "same", 1), (2, ((1, 0), (2, 1)), 1),
+                              (1, ((0, 1), (1, 2)), 2)]:
+        g = conv_geometry((2, 9, 13, 5), (3, 3, 5, k), strides, pad, dil)
+        x, w, b, _ = arrays(g, k)
+        wa = empty_host(w.shape)
+        wa[...] = w
+        wm, ldw = ccpu.weight_matrix(wa)
+        assert ldw % ccpu.MICRO_NR == 0 and ldw >= k and wm.ctypes.data % 64 == 0
+        assert np.shares_memory(wm, wa) == (k % ccpu.MICRO_NR == 0)
+        np.testing.assert_array_equal(wm[:, :k], w.reshape(-1, k))
+        assert not wm[:, k:].any()
+        for wi in (wa, _misaligned(w)):
+            y = ccpu.forward(x, wi, b, g, A.RELU, "cpu_gemm")
+            check_forward(y, x, w, b, g, "relu", with_tf=False)
+
+
 def _mnist_images(mnist_dir, n):
     with gzip.open(mnist_dir / "t10k-images-idx3-ubyte.gz", "rb") as f:
         data = np.frombuffer(f.read(), np.uint8, offset=16)
