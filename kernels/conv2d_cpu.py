@@ -26,8 +26,9 @@ Variants of the forward pass, fastest first:
     aligned copy per call with the filters zero-padded to a multiple of MICRO_NR (row
     stride ``ldw``); every weight vector load then covers exactly one cache line.  Padding:
     the input is copied once into a zero-padded buffer (only when some pad > 0), so the
-    micro-kernel has no bounds checks.  Ragged edges: only the first K filters are stored;
-    the last OW % MICRO_MR pixels of a row go through a one-pixel (4-vector) loop.
+    micro-kernel has no bounds checks.  Ragged edges: only the first K filters are stored
+    (full panels with linear/relu: bias + activation on vectors; otherwise the scalar
+    epilogue); the last OW % MICRO_MR pixels of a row go through a one-pixel (4-vector) loop.
 ``cpu_direct``  one ``prange`` iteration per output row (n, oh), one output pixel at a
     time, a K-vector accumulator, taps outside the input skipped by one explicit guard.
 
@@ -54,7 +55,7 @@ from numba import njit, prange
 from dlconv.arrays import HOST_ALIGN, empty_host  # 64-byte aligned: TensorFlow adopts it without a copy
 
 from .cpu_common import (FASTMATH, LANES, MICRO_MR, MICRO_NR, MICRO_NV, activate,
-                         stack_micro_tile, vbroadcast, vfma, vload, vstore)
+                         stack_micro_tile, vbias_act, vbroadcast, vfma, vload, vstore, vzero)
 
 __all__ = ["VARIANTS", "forward", "launch_gemm", "launch_direct", "backward_data",
            "backward_filter", "weight_matrix", "pad_input"]
@@ -98,7 +99,8 @@ def weight_matrix(w: np.ndarray):
 
 
 def _bias(b, k):
-    return np.zeros(k, np.float32) if b is None else b
+    """b as the flat C-contiguous float32 array the kernels index (zeros for no bias)."""
+    return np.zeros(k, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- cpu_gemm
@@ -118,13 +120,17 @@ def _gemm_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, ldw, out
         n = row // out_h
         oh = row % out_h
         acc = stack_micro_tile()                       # acc[p*nv + v]: pixel p, filters v*16..
-        rowbuf = np.zeros(out_w * nr, np.float32)      # the row's (OW, NR) partial sums
+        rowbuf = np.empty(out_w * nr, np.float32)      # the row's (OW, NR) partial sums
         for kh in range(k_h):
             ih = oh * s_h + kh * d_h                   # padded coordinates: always inside
             for blk in range(n_full):
                 ow0 = blk * mr
-                for i in range(mr * nv):
-                    acc[i] = vload(rowbuf, ow0 * nr + i * LANES)
+                if kh == 0:                            # first slice starts the sums
+                    for i in range(mr * nv):
+                        acc[i] = vzero()
+                else:
+                    for i in range(mr * nv):
+                        acc[i] = vload(rowbuf, ow0 * nr + i * LANES)
                 for kw in range(k_w):
                     x0 = ((n * hp + ih) * wpad + ow0 * s_w + kw * d_w) * c_in
                     w0 = (kh * k_w + kw) * c_in * ldw + kb * nr
@@ -144,10 +150,16 @@ def _gemm_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, ldw, out
                     vstore(rowbuf, ow0 * nr + i * LANES, acc[i])
             for ow in range(n_full * mr, out_w):       # ragged right edge, one pixel at a time
                 r0 = ow * nr
-                a_0 = vload(rowbuf, r0)
-                a_1 = vload(rowbuf, r0 + LANES)
-                a_2 = vload(rowbuf, r0 + 2 * LANES)
-                a_3 = vload(rowbuf, r0 + 3 * LANES)
+                if kh == 0:
+                    a_0 = vzero()
+                    a_1 = vzero()
+                    a_2 = vzero()
+                    a_3 = vzero()
+                else:
+                    a_0 = vload(rowbuf, r0)
+                    a_1 = vload(rowbuf, r0 + LANES)
+                    a_2 = vload(rowbuf, r0 + 2 * LANES)
+                    a_3 = vload(rowbuf, r0 + 3 * LANES)
                 for kw in range(k_w):
                     x0 = ((n * hp + ih) * wpad + ow * s_w + kw * d_w) * c_in
                     w0 = (kh * k_w + kw) * c_in * ldw + kb * nr
@@ -163,6 +175,19 @@ def _gemm_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, ldw, out
                 vstore(rowbuf, r0 + 2 * LANES, a_2)
                 vstore(rowbuf, r0 + 3 * LANES, a_3)
         kn = min(nr, k_out - kb * nr)                  # ragged filter panel: store the first kn
+        if kn == nr and act <= 1:                      # full panel, linear/relu: vector epilogue
+            b_0 = vload(b, kb * nr)
+            b_1 = vload(b, kb * nr + LANES)
+            b_2 = vload(b, kb * nr + 2 * LANES)
+            b_3 = vload(b, kb * nr + 3 * LANES)
+            for ow in range(out_w):
+                y0 = ((n * out_h + oh) * out_w + ow) * k_out + kb * nr
+                r0 = ow * nr
+                vstore(yf, y0, vbias_act(vload(rowbuf, r0), b_0, act))
+                vstore(yf, y0 + LANES, vbias_act(vload(rowbuf, r0 + LANES), b_1, act))
+                vstore(yf, y0 + 2 * LANES, vbias_act(vload(rowbuf, r0 + 2 * LANES), b_2, act))
+                vstore(yf, y0 + 3 * LANES, vbias_act(vload(rowbuf, r0 + 3 * LANES), b_3, act))
+            continue
         for ow in range(out_w):
             y0 = ((n * out_h + oh) * out_w + ow) * k_out + kb * nr
             for j in range(kn):

@@ -29,7 +29,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 __all__ = ["activate", "derivative_from_output", "MICRO_MR", "MICRO_NR", "MICRO_NV", "LANES",
-           "stack_micro_tile", "f32x16", "vload", "vstore", "vbroadcast", "vfma", "FASTMATH"]
+           "stack_micro_tile", "f32x16", "vzero", "vload", "vstore", "vbroadcast", "vfma",
+           "vbias_act", "FASTMATH"]
 
 #: ``contract`` only: lets LLVM fuse ``acc + a*b`` into one FMA (one rounding instead of
 #: two, so never less accurate).  No reassociation, no finite-math or NaN assumptions:
@@ -113,6 +114,14 @@ def _splat(builder, scalar):
 
 
 @intrinsic
+def vzero(typingctx):
+    """An f32x16 of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_V16, [0.0] * LANES)
+    return f32x16(), codegen
+
+
+@intrinsic
 def vload(typingctx, arr, idx):
     """arr[idx:idx + LANES] as an f32x16 (arr: flat C-contiguous float32; unchecked)."""
     if not (_flat_f32(arr) and isinstance(idx, types.Integer)):
@@ -160,6 +169,23 @@ def vfma(typingctx, a, b, c):
                                             "llvm.fma.v16f32")
         return builder.call(fn, args)
     return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def vbias_act(typingctx, z, bias, act):
+    """act(z + bias) lane by lane for act linear (0) or relu (1) only; the caller sends the
+    other activations through the scalar :func:`activate`.  relu maps NaN to 0 like
+    ``activate`` (an ordered ``z > 0`` compare)."""
+    if not (z == f32x16 and bias == f32x16 and isinstance(act, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = builder.fadd(args[0], args[1])
+        zero = ir.Constant(_V16, [0.0] * LANES)
+        relu = builder.select(builder.fcmp_ordered(">", s, zero), s, zero)
+        is_relu = builder.icmp_signed("==", args[2], ir.Constant(args[2].type, 1))
+        return builder.select(is_relu, relu, s)
+    return f32x16(z, bias, act), codegen
 
 
 @intrinsic

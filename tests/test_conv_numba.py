@@ -211,9 +211,10 @@ def test_cpu_gemm_weight_matrix_in_place_copy_and_padded(k):
         assert np.shares_memory(wm, wa) == (k % ccpu.MICRO_NR == 0)
         np.testing.assert_array_equal(wm[:, :k], w.reshape(-1, k))
         assert not wm[:, k:].any()
-        for wi in (wa, _misaligned(w)):
-            y = ccpu.forward(x, wi, b, g, A.RELU, "cpu_gemm")
-            check_forward(y, x, w, b, g, "relu", with_tf=False)
+        for wi, act, bias in ((wa, "relu", b), (_misaligned(w), "linear", b),
+                              (wa, "tanh", None), (wa, "linear", b[::-1].copy()[::-1])):
+            y = ccpu.forward(x, wi, bias, g, A.code(act), "cpu_gemm")   # last: strided bias
+            check_forward(y, x, w, bias, g, act, with_tf=False)
 
 
 def _mnist_images(mnist_dir, n):
