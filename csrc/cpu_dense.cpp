@@ -5,11 +5,13 @@
 //           otherwise the row-major A driver of cpu_gemm.h;
 //           A = x (a packed tile is MR rows of x, one memcpy each), B = w read in place,
 //           bias + activation fused into the epilogue.  Threads own MR-row tiles of y.
-// Backward: dz = act'(y) ⊙ dy (written in terms of the output y);
-//           dx = dz · wᵀ   (row-major A driver, B = wᵀ copied once per call, weights-sized);
+// Backward: dz = act'(y) ⊙ dy (written in terms of the output y);  db = Σ_m dz[m, :].
+//   v2_direct (AVX-512; dz fits L2; cpu_dense_backward.h): one pass over 64-feature blocks of
+//           K, each block producing its 64 columns of dx and its 64 rows of dw; w and x are read
+//           once, nothing weights-sized is allocated.
+//   v1 (fallback): dx = dz · wᵀ   (row-major A driver, B = wᵀ copied once per call, weights-sized);
 //           dw = xᵀ · dz   (k-major A driver: the reduction runs over the batch, A tile columns
-//                           are MR consecutive features of one row of x, a memcpy);
-//           db = Σ_m dz[m, :].
+//                           are MR consecutive features of one row of x, a memcpy).
 // Softmax:  one thread owns whole rows: max, Σ exp(z − max), normalise (numerically safe).
 #include <omp.h>
 
@@ -18,11 +20,37 @@
 #include <vector>
 
 #include "cpu_conv_direct.h"
+#include "cpu_dense_backward.h"
 #include "cpu_gemm.h"
 #include "cpu_kernels.h"
 
 namespace dlconv {
 namespace cpu {
+
+namespace {
+
+// dz[i] = dy[i] · act'(y[i]) for i < n, element-wise activations (act 0..3), act' written in
+// terms of the output y.  The switch is outside the loops so each loop is one vectorised stream.
+inline void dact(const float* __restrict dy, const float* __restrict y, int act, float* __restrict dz, i64 n) {
+    switch (act) {
+        case ACT_RELU:
+#pragma omp simd
+            for (i64 i = 0; i < n; ++i) dz[i] = y[i] > 0.f ? dy[i] : 0.f;
+            break;
+        case ACT_SIGMOID:
+#pragma omp simd
+            for (i64 i = 0; i < n; ++i) dz[i] = dy[i] * (y[i] * (1.f - y[i]));
+            break;
+        case ACT_TANH:
+#pragma omp simd
+            for (i64 i = 0; i < n; ++i) dz[i] = dy[i] * (1.f - y[i] * y[i]);
+            break;
+        default:
+            std::memcpy(dz, dy, n * sizeof(float));
+    }
+}
+
+}  // namespace
 
 #if defined(__AVX512F__)
 namespace {
@@ -122,19 +150,22 @@ void activation_backward(i64 rows, i64 cols, const float* dy, const float* y, in
         }
         return;
     }
-#pragma omp parallel for simd schedule(static)
-    for (i64 i = 0; i < total; ++i) {
-        const float v = y ? y[i] : 0.f;
-        float d = 1.f;
-        if (act == 1) d = v > 0.f ? 1.f : 0.f;
-        else if (act == 2) d = v * (1.f - v);
-        else if (act == 3) d = 1.f - v * v;
-        dz[i] = dy[i] * d;
+    // Element-wise: memory bound (12 bytes per element).  Chunks of ACT_CHUNK elements (64 KB of
+    // each stream) handed out statically; dact keeps the activation switch outside the loop.
+    constexpr i64 ACT_CHUNK = 16384;
+    const i64 nchunk = (total + ACT_CHUNK - 1) / ACT_CHUNK;
+#pragma omp parallel for schedule(static) if (nchunk > 1)
+    for (i64 c = 0; c < nchunk; ++c) {
+        const i64 i0 = c * ACT_CHUNK, n = std::min<i64>(ACT_CHUNK, total - i0);
+        dact(dy + i0, y ? y + i0 : nullptr, act, dz + i0, n);
     }
 }
 
 void dense_backward(i64 M, i64 K, i64 N, const float* x, const float* w, const float* dy, const float* y,
                     int act, float* dx, float* dw, float* db) {
+#if defined(__AVX512F__)
+    if (dense_bwd::backward(M, K, N, x, w, dy, y, act, dx, dw, db, dact)) return;
+#endif
     Buf dzb(act == 0 ? 0 : M * N);
     const float* dz = dy;
     if (act != 0) {

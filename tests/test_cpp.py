@@ -255,6 +255,39 @@ def test_dense_mnist_shape_long_reduction(rng):
     np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(128))
 
 
+@pytest.mark.parametrize("m,k,n", [(128, 9216, 128), (1, 130, 1), (7, 200, 33), (13, 1000, 70),
+                                   (37, 777, 130), (6, 129, 64), (50, 4100, 17)])
+@pytest.mark.parametrize("act", ACTS + ("softmax",))
+def test_dense_backward_k_blocks(m, k, n, act, rng):
+    """Dense backward with K split into 64-feature blocks (v2_direct on AVX-512: one block owns its
+    dx columns and dw rows): MNIST shape, ragged M / K / N against the register tiles and panels,
+    every activation (softmax's dz comes from activation_backward), via ops (64-byte aligned
+    outputs: streaming stores) and via _C with misaligned output views (plain stores)."""
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32) / np.float32(np.sqrt(k))
+    b = rng.standard_normal(n, dtype=np.float32)
+    dy = rng.standard_normal((m, n), dtype=np.float32)
+    y = ref.dense_forward(x, w, b, act).astype(np.float32)
+    rdx, rdw, rdb = ref.dense_backward(x, w, dy, y, act)
+    dx, dw, db = ops.dense_backward(x, w, dy, y, act, backend="cpp")
+    np.testing.assert_allclose(dx, rdx, rtol=RTOL, atol=_tol(n))
+    np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(m))
+    np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(m))
+    if act == "softmax":
+        return
+    # Output views one float past a 64-byte boundary (still element-aligned, C-contiguous).
+    buf = np.full(m * k + n * k + n + 64, np.nan, np.float32)
+    base = (-buf.ctypes.data % 64) // 4 + 1
+    odx = buf[base:base + m * k].reshape(m, k)
+    odw = buf[base + m * k:base + m * k + k * n].reshape(k, n)
+    odb = buf[base + m * k + k * n:base + m * k + k * n + n]
+    _C.dense_backward(x, w, dy, y if act != "linear" else None, CODES[act], odx, odw, odb)
+    np.testing.assert_allclose(odx, rdx, rtol=RTOL, atol=_tol(n))
+    np.testing.assert_allclose(odw, rdw, rtol=RTOL, atol=_tol(m))
+    np.testing.assert_allclose(odb, rdb, rtol=RTOL, atol=_tol(m))
+    assert np.isnan(buf[:base]).all() and np.isnan(buf[base + m * k + k * n + n:]).all()  # nothing outside
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 2300, 70), (7, 4100, 1), (37, 2111, 130), (128, 2048, 16)])
 @pytest.mark.parametrize("act", ACTS)
 def test_dense_long_reduction_k_split(m, k, n, act, rng):
