@@ -20,21 +20,23 @@
 //   The panel-major copy keeps the 32 KB a dw tile streams contiguous (row-major with Np = 128
 //   puts 256 B of every 512 B row into only half of the L1 sets, and it no longer fits L1).
 //
-// dx tile (gemm_tile<R, NV>): R rows of dz x NV·16 features of the block, R·NV zmm accumulators
-//   (R = 6, NV = 4: 24 accumulators + 4 B vectors + 1 broadcast = 29 of 32 zmm).  B = the block's
-//   64 rows of w transposed once into an aligned N x 64 panel wᵀ[n, jj] (16 x 16 register
-//   transposes, L1-resident: 32 KB for N = 128).  Per n: 4 aligned panel loads, R broadcasts of
-//   dz[m, n], R·NV FMAs (24 FMAs = 12 cycles on two ports; 10 loads: FMA-bound).
-// dw tile (dw_tile<R, NV>): R features j x NV·16 units f; per m: NV loads of dzp[p][m], R
-//   broadcasts of the x strip, R·NV FMAs.  The block's 64 columns of x (M rows of 256 B, 36 KB
-//   apart in x: every row in the same L1 set) are first copied into an aligned M x 64 strip.
+// One register tile serves both products (gemm_tile<R, NV>): o[r, c] = Σ_k a[r*as + k] · b[k*64 + c],
+//   R rows x NV·16 columns in R·NV zmm accumulators (R = 6, NV = 4: 24 accumulators + 4 B vectors
+//   + 1 broadcast = 29 of 32 zmm).  Per k: 4 aligned loads of b, R broadcasts of a, R·NV FMAs
+//   (24 FMAs = 12 cycles on two ports, 10 loads: FMA-bound).
+// dx: a = dz rows (as = Np, k = n), b = the block's 64 rows of w transposed once into an aligned
+//   N x 64 panel wᵀ[n, jj] (16 x 16 register transposes; 32 KB for N = 128, L1-resident);
+//   output rows of dx[m, j0 .. j0+64).
+// dw: a = the block's 64 columns of x transposed into an aligned 64 x Mp strip xᵀ[jj, m] (x rows
+//   are 36 KB apart for MNIST, all in one L1 set: read them once, 16 rows at a time), k = m;
+//   b = panel p of dzp (32 KB contiguous); output rows dw[j0+jj, p*64 .. p*64+64).
 // Both tiles start from zero and store each output element exactly once, straight to dx / dw;
 //   with non-temporal stores (when the destination rows are 64-byte aligned) because dx and dw
 //   (4.7 MB each for MNIST) are never re-read by this call: no read-for-ownership traffic.
 // Ragged edges: the last K block is narrower (panel columns past it are zero, the dx stores of
 //   the last vector are masked); a ragged last N panel is masked (loads zero, stores masked); row
 //   tiles of M and feature tiles of a block are balanced (ceil(len / R) tiles of near-equal size).
-// Memory per call: the two dz copies + per thread one N x 64 panel and one M x 64 strip.
+// Memory per call: the two dz copies + per thread one N x 64 panel and one 64 x Mp strip.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -61,7 +63,7 @@ using direct::panel_at;
 using direct::VL;
 
 // Features per K block (= per work item): 64 = one 4-zmm panel of dx columns; the block's w rows
-// (64·N floats) and x strip (M x 64) are 32 KB each for MNIST, so panel + strip fit L1/L2 and
+// (64·N floats) and x strip (64 x M) are 32 KB each for MNIST, so panel + strip fit L1/L2 and
 // 9216 / 64 = 144 items balance two threads.
 constexpr i64 JB = direct::PANEL;
 constexpr int MAX_NV = direct::MAX_NV;
@@ -123,7 +125,7 @@ static inline void put(float* p, __m512 v, bool last, __mmask16 m, bool stream) 
 // o[r*ldo + c] = Σ_{k<kc} a[r*as + k] · b[k*JB + c]   for r < R, c < NV·16 (last vector masked by m).
 template <int R, int NV>
 static void gemm_tile(const float* __restrict a, i64 as, const float* __restrict b, i64 kc, float* __restrict o,
-                    i64 ldo, __mmask16 m, bool stream) {
+                      i64 ldo, __mmask16 m, bool stream) {
     __m512 c[R][NV];
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r)
