@@ -35,10 +35,17 @@ using direct::kZeros;
 using direct::PANEL;
 using direct::VL;
 
-// Output tiles along w per block: 12 = two 6-row register tiles of the 6x64 block; V (16 x 12
-// x 32 floats = 24 KB for C = 32) and M (16 x 12 x 64 = 48 KB) stay in L1/L2 between the
-// transforms and the GEMMs.
+// Output tiles per block (one work item) of the flattened (n, th, tw) tile grid: 12 = two 6-tile
+// register tiles of the 6x64 block, or one 12-tile register tile of the 12x32 block (F <= 32,
+// e.g. backward-data into 32 channels).  Blocks cross tile-row boundaries, so a 13-tile row (a
+// 26-wide output) leaves no 1-tile remainder that would run the 1xNV block at a fraction of its
+// speed.  V (16 x 12 x C floats: 24 KB at C = 32, 48 KB at C = 64) stays in L1/L2 for the GEMMs.
 constexpr i64 TILE_BLOCK = 12;
+// Blocks per dynamic grab: ~1800 blocks at batch 128 leave plenty to balance a preempted thread.
+constexpr int BLOCKS_PER_GRAB = 2;
+// Output stores bypass the caches (y is written once, 19 MB for conv2 at batch 128; a normal
+// store would first read each line).  Used only when every store covers a whole 64-byte line.
+constexpr bool STREAM_OUTPUT = true;
 // Below these channel counts the transforms cost more than the GEMM FLOPs they save
 // (conv1 of MNIST, C = 1): the direct kernel is used instead.
 constexpr i64 MIN_IN_CHANNELS = 8;
@@ -87,110 +94,108 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
     using direct::Seg;
     const i64 C = g.in_c, F = g.filters, H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
     const i64 Cp = (C + VL - 1) / VL * VL, Fp = (F + VL - 1) / VL * VL;
-    const i64 th_n = (OH + 1) / 2, tw_n = (OW + 1) / 2;
-    Buf U(16 * C * Fp);
-    // input columns the tiles read: [iw_lo, iw_lo + Wb)
-    const i64 iw_lo = -g.pad_left, Wb = 2 * tw_n + 2;
-    const bool padded = iw_lo < 0 || iw_lo + Wb > W;
-    const i64 items = g.batch * th_n;
+    const i64 th_n = (OH + 1) / 2, tw_n = (OW + 1) / 2, tile_img = th_n * tw_n, tiles = g.batch * tile_img;
+    const i64 blocks = (tiles + TILE_BLOCK - 1) / TILE_BLOCK;
+    // Non-temporal output stores when every vector store covers one whole 64-byte line of y.
+    const bool stream = STREAM_OUTPUT && (reinterpret_cast<uintptr_t>(y) & 63) == 0 && F % VL == 0 &&
+                        (act == ACT_LINEAR || act == ACT_RELU);
+    Buf U(16 * C * Fp), zrow(Cp);  // zrow: the zero "input pixel" every padding tap points at
+    std::memset(zrow.data, 0, Cp * sizeof(float));
     const int T = omp_get_max_threads();
 #pragma omp parallel num_threads(T)
     {
-        Buf rowbuf(padded ? 4 * Wb * C : 0), V(16 * TILE_BLOCK * Cp), Mb(16 * TILE_BLOCK * PANEL);
+        Buf V(16 * TILE_BLOCK * Cp), Mb(16 * TILE_BLOCK * PANEL);
         transform_weights(g, w, U.data, Fp);
-#pragma omp for schedule(dynamic, 4)
-        for (i64 it = 0; it < items; ++it) {
-            const i64 n = it / th_n, th = it - n * th_n;
-            const float* src[4];  // src[r] + j*C = input column iw_lo + j of input row r, or null (zero)
-            for (int r = 0; r < 4; ++r) {
-                const i64 ih = 2 * th - g.pad_top + r;
-                src[r] = nullptr;
-                if (ih < 0 || ih >= H) continue;
-                const float* xrow = x + (n * H + ih) * W * C;
-                if (!padded) {
-                    src[r] = xrow + iw_lo * C;
-                    continue;
-                }
-                float* d = rowbuf.data + r * Wb * C;
-                const i64 j0 = std::min(Wb, std::max<i64>(0, -iw_lo)), j1 = std::max(j0, std::min<i64>(Wb, W - iw_lo));
-                std::memset(d, 0, j0 * C * sizeof(float));
-                std::memcpy(d + j0 * C, xrow + (iw_lo + j0) * C, (j1 - j0) * C * sizeof(float));
-                std::memset(d + j1 * C, 0, (Wb - j1) * C * sizeof(float));
-                src[r] = d;
-            }
-            const i64 oh0 = 2 * th, nrow = std::min<i64>(2, OH - oh0);
-            for (i64 tb0 = 0; tb0 < tw_n; tb0 += TILE_BLOCK) {
-                const i64 nt = std::min(TILE_BLOCK, tw_n - tb0);
-                // ---- input transform: V[e][i][c] = (B^T d B)[e], d = 4x4 patch of tile tb0 + i
-                for (i64 i = 0; i < nt; ++i) {
-                    const i64 col = 2 * (tb0 + i);
-                    for (i64 c0 = 0; c0 < C; c0 += VL) {
-                        const __mmask16 m = C - c0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
-                        __m512 d[4][4];
-                        for (int r = 0; r < 4; ++r)
-                            for (int s = 0; s < 4; ++s)
-                                d[r][s] = src[r] ? _mm512_maskz_loadu_ps(m, src[r] + (col + s) * C + c0)
-                                                 : _mm512_setzero_ps();
-                        __m512 t[4][4];  // B^T d
-                        for (int s = 0; s < 4; ++s) {
-                            t[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
-                            t[1][s] = _mm512_add_ps(d[1][s], d[2][s]);
-                            t[2][s] = _mm512_sub_ps(d[2][s], d[1][s]);
-                            t[3][s] = _mm512_sub_ps(d[1][s], d[3][s]);
-                        }
-                        float* v = V.data + i * Cp + c0;
-                        const i64 es = TILE_BLOCK * Cp;  // stride between transformed positions e
-                        for (int r = 0; r < 4; ++r) {  // (B^T d) B
-                            _mm512_store_ps(v + (r * 4 + 0) * es, _mm512_sub_ps(t[r][0], t[r][2]));
-                            _mm512_store_ps(v + (r * 4 + 1) * es, _mm512_add_ps(t[r][1], t[r][2]));
-                            _mm512_store_ps(v + (r * 4 + 2) * es, _mm512_sub_ps(t[r][2], t[r][1]));
-                            _mm512_store_ps(v + (r * 4 + 3) * es, _mm512_sub_ps(t[r][1], t[r][3]));
-                        }
+#pragma omp for schedule(dynamic, BLOCKS_PER_GRAB)
+        for (i64 blk = 0; blk < blocks; ++blk) {
+            const i64 t0 = blk * TILE_BLOCK, nt = std::min(TILE_BLOCK, tiles - t0);
+            // ---- input transform: V[e][i][c] = (B^T d B)[e], d = 4x4 patch of tile t0 + i
+            for (i64 i = 0; i < nt; ++i) {
+                const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n, tw = r0 - th * tw_n;
+                const float* src[4][4];  // input pixel of patch entry (r, s), or the zero pixel
+                for (int r = 0; r < 4; ++r) {
+                    const i64 ih = 2 * th - g.pad_top + r;
+                    for (int s = 0; s < 4; ++s) {
+                        const i64 iw = 2 * tw - g.pad_left + s;
+                        src[r][s] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x + ((n * H + ih) * W + iw) * C
+                                                                             : zrow.data;
                     }
                 }
-                for (i64 f0 = 0; f0 < F; f0 += PANEL) {
-                    const Panel pn = panel_at(f0, F);
+                for (i64 c0 = 0; c0 < C; c0 += VL) {
+                    const __mmask16 m = C - c0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
+                    __m512 d[4][4];
+                    for (int r = 0; r < 4; ++r)
+                        for (int s = 0; s < 4; ++s) d[r][s] = _mm512_maskz_loadu_ps(m, src[r][s] + c0);
+                    __m512 t4[4][4];  // B^T d
+                    for (int s = 0; s < 4; ++s) {
+                        t4[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
+                        t4[1][s] = _mm512_add_ps(d[1][s], d[2][s]);
+                        t4[2][s] = _mm512_sub_ps(d[2][s], d[1][s]);
+                        t4[3][s] = _mm512_sub_ps(d[1][s], d[3][s]);
+                    }
+                    float* v = V.data + i * Cp + c0;
+                    const i64 es = TILE_BLOCK * Cp;  // stride between transformed positions e
+                    for (int r = 0; r < 4; ++r) {  // (B^T d) B
+                        _mm512_store_ps(v + (r * 4 + 0) * es, _mm512_sub_ps(t4[r][0], t4[r][2]));
+                        _mm512_store_ps(v + (r * 4 + 1) * es, _mm512_add_ps(t4[r][1], t4[r][2]));
+                        _mm512_store_ps(v + (r * 4 + 2) * es, _mm512_sub_ps(t4[r][2], t4[r][1]));
+                        _mm512_store_ps(v + (r * 4 + 3) * es, _mm512_sub_ps(t4[r][1], t4[r][3]));
+                    }
+                }
+            }
+            for (i64 f0 = 0; f0 < F; f0 += PANEL) {
+                const Panel pn = panel_at(f0, F);
+                const i64 Rm = max_rows(pn.nv), nrt = (nt + Rm - 1) / Rm;
+                for (i64 q = 0; q < nrt; ++q) {  // register tile [i0, i1): its 16 GEMMs, then its outputs
+                    const i64 i0 = q * nt / nrt, i1 = (q + 1) * nt / nrt;
                     // ---- 16 GEMMs: Mb[e][i][f] = Σ_c V[e][i][c] · U[e][c][f0 + f]
-                    const i64 Rm = max_rows(pn.nv), ntile = (nt + Rm - 1) / Rm;
                     for (int e = 0; e < 16; ++e) {
                         const Seg seg{V.data + e * TILE_BLOCK * Cp, U.data + e * C * Fp, C};
-                        for (i64 q = 0; q < ntile; ++q) {
-                            const i64 i0 = q * nt / ntile, i1 = (q + 1) * nt / ntile;
-                            fwd_kernel(pn.nv, int(i1 - i0))(&seg, 1, i0 * Cp, Cp, f0, Fp,
-                                                            Mb.data + (e * TILE_BLOCK + i0) * PANEL, PANEL, pn.mask,
-                                                            kZeros, false);
-                        }
+                        fwd_kernel(pn.nv, int(i1 - i0))(&seg, 1, i0 * Cp, Cp, f0, Fp,
+                                                        Mb.data + (e * TILE_BLOCK + i0) * PANEL, PANEL, pn.mask, kZeros,
+                                                        false);
                     }
                     // ---- output transform: Y = A^T M A (+ bias, relu), ragged edges masked
-                    for (i64 i = 0; i < nt; ++i) {
-                        const i64 ow0 = 2 * (tb0 + i), ncol = std::min<i64>(2, OW - ow0);
+                    for (i64 i = i0; i < i1; ++i) {
+                        const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n;
+                        const i64 oh0 = 2 * th, ow0 = 2 * (r0 - th * tw_n);
+                        const i64 nrow = std::min<i64>(2, OH - oh0), ncol = std::min<i64>(2, OW - ow0);
+                        float* yt = y + ((n * OH + oh0) * OW + ow0) * F + f0;
                         for (int v = 0; v < pn.nv; ++v) {
                             const __mmask16 m = v == pn.nv - 1 ? pn.mask : __mmask16(0xFFFF);
                             const float* mp = Mb.data + i * PANEL + v * VL;
                             __m512 mm[4][4];
                             for (int e = 0; e < 16; ++e) mm[e / 4][e % 4] = _mm512_load_ps(mp + e * TILE_BLOCK * PANEL);
-                            __m512 t[2][4];
+                            __m512 t2[2][4];
                             for (int s = 0; s < 4; ++s) {
-                                t[0][s] = _mm512_add_ps(_mm512_add_ps(mm[0][s], mm[1][s]), mm[2][s]);
-                                t[1][s] = _mm512_sub_ps(_mm512_sub_ps(mm[1][s], mm[2][s]), mm[3][s]);
+                                t2[0][s] = _mm512_add_ps(_mm512_add_ps(mm[0][s], mm[1][s]), mm[2][s]);
+                                t2[1][s] = _mm512_sub_ps(_mm512_sub_ps(mm[1][s], mm[2][s]), mm[3][s]);
                             }
                             const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + f0 + v * VL) : _mm512_setzero_ps();
                             for (i64 a = 0; a < nrow; ++a) {
-                                __m512 o[2] = {_mm512_add_ps(_mm512_add_ps(t[a][0], t[a][1]), _mm512_add_ps(t[a][2], b)),
-                                               _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t[a][1], t[a][2]), t[a][3]), b)};
-                                float* yp = y + ((n * OH + oh0 + a) * OW + ow0) * F + f0 + v * VL;
+                                __m512 o[2] = {_mm512_add_ps(_mm512_add_ps(t2[a][0], t2[a][1]), _mm512_add_ps(t2[a][2], b)),
+                                               _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t2[a][1], t2[a][2]), t2[a][3]), b)};
+                                float* yp = yt + a * OW * F + v * VL;
                                 for (i64 s = 0; s < ncol; ++s) {
                                     const __m512 r = act == ACT_RELU ? _mm512_max_ps(o[s], _mm512_setzero_ps()) : o[s];
-                                    _mm512_mask_storeu_ps(yp + s * F, m, r);
+                                    if (stream) _mm512_stream_ps(yp + s * F, r);
+                                    else _mm512_mask_storeu_ps(yp + s * F, m, r);
                                 }
                             }
                         }
                     }
                 }
             }
-            if (act == ACT_SIGMOID || act == ACT_TANH)
-                epilogue(y + (n * OH + oh0) * OW * F, F, nrow * OW, F, nullptr, act);
+            if (act == ACT_SIGMOID || act == ACT_TANH) {
+                for (i64 i = 0; i < nt; ++i) {
+                    const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n;
+                    const i64 oh0 = 2 * th, ow0 = 2 * (r0 - th * tw_n);
+                    for (i64 a = 0; a < std::min<i64>(2, OH - oh0); ++a)
+                        epilogue(y + ((n * OH + oh0 + a) * OW + ow0) * F, F, std::min<i64>(2, OW - ow0), F, nullptr, act);
+                }
+            }
         }
+        if (stream) _mm_sfence();  // non-temporal stores visible before the caller reads y
     }
 }
 

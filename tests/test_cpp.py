@@ -143,6 +143,38 @@ def test_winograd_3x3_forward_and_backward_data(x_shape, padding, act, rng):
     np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(g.gemm_m))
 
 
+def _aligned_empty(shape, offset_floats=0):
+    """float32 array whose data starts offset_floats past a 64-byte boundary."""
+    n = int(np.prod(shape))
+    buf = np.empty(n + 32, np.float32)
+    o = (-buf.ctypes.data % 64) // 4 + offset_floats
+    return buf[o:o + n].reshape(shape)
+
+
+@pytest.mark.parametrize("offset", [0, 4])
+@pytest.mark.parametrize("act", ("linear", "relu", "tanh"))
+def test_winograd_blocks_cross_tile_rows_and_stream_stores(offset, act, rng):
+    """Winograd tile blocks run over the flattened (n, th, tw) grid: 13-tile rows (26-wide output,
+    the backward-data of MNIST conv2) and an odd 5x5 tile grid per image make blocks straddle
+    rows and images.  F = 64 into a 64-byte aligned output takes the non-temporal store path;
+    offset 4 floats (misaligned) and tanh take the ordinary stores."""
+    g = conv_geometry((3, 11, 11, 32), (3, 3, 32, 64), 1, "same")  # 6x6 tiles, 2 ragged edges
+    x = rng.standard_normal(g.x_shape, dtype=np.float32)
+    w = rng.standard_normal(g.w_shape, dtype=np.float32)
+    b = rng.standard_normal(g.filters, dtype=np.float32)
+    y = _aligned_empty(g.y_shape, offset)
+    out = _C.conv2d_forward(x, w, b, g.as_tuple(), CODES[act], y)
+    assert out is y or np.shares_memory(out, y)
+    np.testing.assert_allclose(y, ref.conv2d_forward(x, w, b, g, act), rtol=RTOL, atol=_tol(g.gemm_k))
+    # backward-data of a 26-wide input from 32 channels: C = 64 in, F = 32 out, 13 tiles a row
+    g2 = conv_geometry((2, 26, 26, 32), (3, 3, 32, 64), 1, "valid")
+    dz = rng.standard_normal(g2.y_shape, dtype=np.float32)
+    w2 = rng.standard_normal(g2.w_shape, dtype=np.float32)
+    dx = _aligned_empty(g2.x_shape, offset)
+    _C.conv2d_backward_data(dz, w2, g2.as_tuple(), dx)
+    np.testing.assert_allclose(dx, ref.conv2d_backward_data(dz, w2, g2), rtol=RTOL, atol=_tol(9 * g2.filters))
+
+
 def test_backward_filter_split_reduction(rng):
     """Enough pixels (>= 4*KC) that the threads split the reduction and sum private partials."""
     g = conv_geometry((9, 30, 30, 5), (3, 3, 5, 7), 1, "same")
