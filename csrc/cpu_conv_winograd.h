@@ -85,6 +85,55 @@ inline void transform_weights(const ConvGeometry& g, const float* w, float* U, i
     }
 }
 
+// ---------------------------------------------------------------------------- 16 GEMMs
+// The 16 GEMMs of one register tile in one call: for e < 16,
+//   Mb[e·ms + r·PANEL + f] = Σ_{c < C} V[e·vs + r·Cp + c] · U[e·us + c·Fp + f0 + f],  r < R, f < NV·16
+// on the R x NV·16 register block of cpu_conv_direct.h (R·NV <= 24 zmm accumulators, NV weight
+// vectors, one broadcast).  One call instead of 16 fwd_tile calls: accumulators start from zero
+// registers (no init loads), and no per-GEMM call/prologue (K = C is only 32..64 steps here).
+template <int R, int NV>
+static void gemm16(const float* __restrict V, i64 vs, i64 Cp, const float* __restrict U, i64 us, i64 Fp, i64 C,
+                   float* __restrict Mb, i64 ms, __mmask16 m) {
+    using direct::load_v;
+    for (int e = 0; e < 16; ++e) {
+        __m512 c[R][NV];
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+        const float* __restrict a = V + e * vs;
+        const float* __restrict b = U + e * us;
+        for (i64 k = 0; k < C; ++k) {
+            __m512 bv[NV];
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) bv[v] = load_v(b + v * VL, v == NV - 1, m);
+            b += Fp;
+#pragma GCC unroll 12
+            for (int r = 0; r < R; ++r) {
+                const __m512 av = _mm512_set1_ps(a[r * Cp + k]);
+#pragma GCC unroll 4
+                for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(av, bv[v], c[r][v]);
+            }
+        }
+        float* o = Mb + e * ms;
+#pragma GCC unroll 12
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; ++v) _mm512_store_ps(o + r * PANEL + v * VL, c[r][v]);
+    }
+}
+using Gemm16Fn = void (*)(const float*, i64, i64, const float*, i64, i64, i64, float*, i64, __mmask16);
+template <int NV, int... Rs>
+constexpr std::array<Gemm16Fn, direct::MAX_R> gemm16_row(std::integer_sequence<int, Rs...>) {
+    return {&gemm16<std::min(Rs + 1, direct::max_rows(NV)), NV>...};
+}
+static inline Gemm16Fn gemm16_kernel(int nv, int r) {
+    using S = std::make_integer_sequence<int, direct::MAX_R>;
+    static constexpr std::array<std::array<Gemm16Fn, direct::MAX_R>, direct::MAX_NV> t = {
+        gemm16_row<1>(S{}), gemm16_row<2>(S{}), gemm16_row<3>(S{}), gemm16_row<4>(S{})};
+    return t[nv - 1][r - 1];
+}
+
 inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
                          float* y) {
     using direct::fwd_kernel;
@@ -149,12 +198,8 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
                 for (i64 q = 0; q < nrt; ++q) {  // register tile [i0, i1): its 16 GEMMs, then its outputs
                     const i64 i0 = q * nt / nrt, i1 = (q + 1) * nt / nrt;
                     // ---- 16 GEMMs: Mb[e][i][f] = Σ_c V[e][i][c] · U[e][c][f0 + f]
-                    for (int e = 0; e < 16; ++e) {
-                        const Seg seg{V.data + e * TILE_BLOCK * Cp, U.data + e * C * Fp, C};
-                        fwd_kernel(pn.nv, int(i1 - i0))(&seg, 1, i0 * Cp, Cp, f0, Fp,
-                                                        Mb.data + (e * TILE_BLOCK + i0) * PANEL, PANEL, pn.mask, kZeros,
-                                                        false);
-                    }
+                    gemm16_kernel(pn.nv, int(i1 - i0))(V.data + i0 * Cp, TILE_BLOCK * Cp, Cp, U.data + f0, C * Fp, Fp,
+                                                       C, Mb.data + i0 * PANEL, TILE_BLOCK * PANEL, pn.mask);
                     // ---- output transform: Y = A^T M A (+ bias, relu), ragged edges masked
                     for (i64 i = i0; i < i1; ++i) {
                         const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n;
