@@ -72,19 +72,24 @@ def device_array(a, name: str, rank=None):
     from numba import cuda
 
     if not cuda.is_cuda_array(a):
-        if hasattr(a, "__dlpack__"):
-            a = cuda.from_dlpack(a) if hasattr(cuda, "from_dlpack") else _from_dlpack(a)
-        else:
+        if not hasattr(a, "__dlpack__"):
             raise TypeError(f"{name} is not a CUDA array")
-    else:
-        a = cuda.as_cuda_array(a)
+        a = dlpack_view(a, name)
+    a = cuda.as_cuda_array(a)   # keeps `a` (and so the producer's memory) alive
     _check(name, a.shape, a.dtype, a.is_c_contiguous(), rank)
     return a
 
 
-def _from_dlpack(a):  # pragma: no cover - only reached with a DLPack-only CUDA object
-    raise TypeError("this numba-cuda version cannot import DLPack; pass an object with "
-                    "__cuda_array_interface__ (torch and CuPy tensors have it)")
+def dlpack_view(a, name: str):
+    """A CUDA ``__dlpack__`` object → a :class:`dlconv.dlpack.CudaView` (no copy) that Numba
+    accepts through ``__cuda_array_interface__``; dtype and layout are checked by the caller."""
+    from .dlpack import CudaView
+
+    try:
+        capsule = a.__dlpack__(stream=None)
+    except TypeError:  # producers of the older protocol take no stream argument
+        capsule = a.__dlpack__()
+    return CudaView(capsule, name)
 
 
 def same_place(named) -> bool:

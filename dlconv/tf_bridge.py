@@ -19,7 +19,7 @@ set with ``set_shape`` so downstream Keras layers see it.
 
 *CUDA tensors* — when TensorFlow sees a GPU, the callbacks run as ``tf.py_function``
 (eager tensors inside, on whatever device they live).  A GPU tensor is exported with
-``tf.experimental.dlpack.to_dlpack``; its DLPack capsule is read here (ctypes, below)
+``tf.experimental.dlpack.to_dlpack``; its DLPack capsule is read by :mod:`dlconv.dlpack` (ctypes)
 into an object carrying ``__cuda_array_interface__``, which :mod:`dlconv.ops` accepts as a
 CUDA array: no host round trip.  The kernels allocate their outputs (Numba device
 arrays, *our* memory); each output is wrapped in a DLPack capsule whose deleter drops
@@ -47,7 +47,6 @@ is one callback (activation backward, backward-data and backward-filter together
 
 from __future__ import annotations
 
-import ctypes
 import functools
 
 import numpy as np
@@ -107,118 +106,18 @@ def _host(a):
 
 
 # ----------------------------------------------------------------------------- DLPack
-# The DLPack structs (dlpack.h, v0.x ABI, which TensorFlow produces and consumes).
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int32), ("device_id", ctypes.c_int32)]
+# The ctypes reader/writer lives in dlconv.dlpack (framework-free); these names stay here
+# for the GPU path below.
+from .dlpack import (KDL_CPU, KDL_CUDA, _EXPORTED, capsule_from_buffer,  # noqa: E402,F401
+                     capsule_info)
+from .dlpack import CudaView as _DLPackView  # noqa: E402
 
 
-class _DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32),
-                ("dtype", _DLDataType), ("shape", ctypes.POINTER(ctypes.c_int64)),
-                ("strides", ctypes.POINTER(ctypes.c_int64)), ("byte_offset", ctypes.c_uint64)]
-
-
-class _DLManagedTensor(ctypes.Structure):
-    pass
-
-
-_DELETER = ctypes.CFUNCTYPE(None, ctypes.POINTER(_DLManagedTensor))
-_DLManagedTensor._fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p),
-                             ("deleter", _DELETER)]
-
-KDL_CPU, KDL_CUDA = 1, 2
-_KDL_FLOAT = 2
-_CAPSULE_NAME = b"dltensor"
-
-_capsule_new = ctypes.pythonapi.PyCapsule_New
-_capsule_new.restype = ctypes.py_object
-_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-_capsule_ptr = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_ptr.restype = ctypes.c_void_p
-_capsule_ptr.argtypes = [ctypes.py_object, ctypes.c_char_p]
-
-#: Exported tensors still owned by a consumer: address of the struct → (struct, shape
-#: array, owner).  The deleter removes the entry, which releases our buffer.
-_EXPORTED = {}
-
-
-@_DELETER
-def _release(managed):
-    # Called by the consumer (possibly from one of its threads; ctypes takes the GIL).
-    try:
-        _EXPORTED.pop(ctypes.addressof(managed.contents), None)
-    except Exception:  # interpreter shutdown: the registry may already be gone
-        pass
-
-
-def capsule_info(capsule):
-    """Read a DLPack capsule (not consuming it) → dict(ptr, shape, strides, typestr, device).
-
-    ``strides`` is in elements, or None for a compact row-major tensor.
-    """
-    addr = _capsule_ptr(capsule, _CAPSULE_NAME)
-    t = _DLManagedTensor.from_address(addr).dl_tensor
-    if t.dtype.code != _KDL_FLOAT or t.dtype.lanes != 1:
-        raise TypeError(f"DLPack tensor has dtype code {t.dtype.code} x{t.dtype.lanes}; "
-                        "dlconv takes float32 only")
-    shape = tuple(t.shape[i] for i in range(t.ndim))
-    strides = None if not t.strides else tuple(t.strides[i] for i in range(t.ndim))
-    return {"ptr": (t.data or 0) + t.byte_offset, "shape": shape, "strides": strides,
-            "typestr": f"<f{t.dtype.bits // 8}", "device": (t.device.device_type, t.device.device_id)}
-
-
-def capsule_from_buffer(owner, ptr: int, shape, device_type: int, device_id: int = 0):
-    """Wrap a compact row-major float32 buffer at ``ptr`` in a DLPack capsule.
-
-    ``owner`` (the array owning the memory) is kept alive until the consumer calls the
-    deleter; the buffer is never copied.
-    """
-    m = _DLManagedTensor()
-    shp = (ctypes.c_int64 * max(len(shape), 1))(*shape)
-    m.dl_tensor.data = ptr
-    m.dl_tensor.device = _DLDevice(device_type, device_id)
-    m.dl_tensor.ndim = len(shape)
-    m.dl_tensor.dtype = _DLDataType(_KDL_FLOAT, 32, 1)
-    m.dl_tensor.shape = ctypes.cast(shp, ctypes.POINTER(ctypes.c_int64))
-    m.dl_tensor.strides = None  # compact row-major
-    m.dl_tensor.byte_offset = 0
-    m.manager_ctx = None
-    m.deleter = _release
-    addr = ctypes.addressof(m)
-    _EXPORTED[addr] = (m, shp, owner)
-    return _capsule_new(addr, _CAPSULE_NAME, None)
-
-
-class _CudaView:
-    """A TensorFlow GPU tensor seen through ``__cuda_array_interface__`` (no copy).
-
-    Holds the DLPack capsule (hence the tensor's memory) for as long as it lives.
-    """
+class _CudaView(_DLPackView):
+    """A TensorFlow GPU tensor seen through ``__cuda_array_interface__`` (no copy)."""
 
     def __init__(self, tensor):
-        self._capsule = tf.experimental.dlpack.to_dlpack(tensor)
-        info = capsule_info(self._capsule)
-        if info["device"][0] != KDL_CUDA:
-            raise ValueError(f"expected a CUDA tensor, got DLPack device {info['device']}")
-        if info["strides"] is not None and not _is_compact(info["shape"], info["strides"]):
-            raise ValueError(f"expected a row-major tensor, got strides {info['strides']}")
-        self.device_id = info["device"][1]
-        self.__cuda_array_interface__ = {"shape": info["shape"], "typestr": info["typestr"],
-                                         "data": (info["ptr"], False), "strides": None,
-                                         "version": 3, "stream": None}
-
-
-def _is_compact(shape, strides):
-    expect = 1
-    for n, s in zip(reversed(shape), reversed(strides)):
-        if n != 1 and s != expect:
-            return False
-        expect *= n
-    return True
+        super().__init__(tf.experimental.dlpack.to_dlpack(tensor), "TensorFlow tensor")
 
 
 def _to_tf_from_device(arr, device_id: int):
