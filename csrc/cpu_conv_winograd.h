@@ -161,20 +161,29 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
             // ---- input transform: V[e][i][c] = (B^T d B)[e], d = 4x4 patch of tile t0 + i
             for (i64 i = 0; i < nt; ++i) {
                 const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n, tw = r0 - th * tw_n;
-                const float* src[4][4];  // input pixel of patch entry (r, s), or the zero pixel
-                for (int r = 0; r < 4; ++r) {
-                    const i64 ih = 2 * th - g.pad_top + r;
-                    for (int s = 0; s < 4; ++s) {
-                        const i64 iw = 2 * tw - g.pad_left + s;
-                        src[r][s] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x + ((n * H + ih) * W + iw) * C
-                                                                             : zrow.data;
-                    }
-                }
+                const i64 ih0 = 2 * th - g.pad_top, iw0 = 2 * tw - g.pad_left;
+                // Patch inside the input (most tiles): entry (r, s) at base + (r·W + s)·C, one pointer.
+                // Across the padding: one pointer per entry, the zero pixel where it falls outside.
+                const bool inside = ih0 >= 0 && ih0 + 4 <= H && iw0 >= 0 && iw0 + 4 <= W;
+                const float* base = x + ((n * H + ih0) * W + iw0) * C;
+                const float* src[4][4];
+                if (!inside)
+                    for (int r = 0; r < 4; ++r)
+                        for (int s = 0; s < 4; ++s) {
+                            const i64 ih = ih0 + r, iw = iw0 + s;
+                            src[r][s] = ih >= 0 && ih < H && iw >= 0 && iw < W ? base + (r * W + s) * C : zrow.data;
+                        }
                 for (i64 c0 = 0; c0 < C; c0 += VL) {
                     const __mmask16 m = C - c0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
                     __m512 d[4][4];
-                    for (int r = 0; r < 4; ++r)
-                        for (int s = 0; s < 4; ++s) d[r][s] = _mm512_maskz_loadu_ps(m, src[r][s] + c0);
+                    if (inside) {
+                        const float* p = base + c0;
+                        for (int r = 0; r < 4; ++r)
+                            for (int s = 0; s < 4; ++s) d[r][s] = _mm512_maskz_loadu_ps(m, p + (r * W + s) * C);
+                    } else {
+                        for (int r = 0; r < 4; ++r)
+                            for (int s = 0; s < 4; ++s) d[r][s] = _mm512_maskz_loadu_ps(m, src[r][s] + c0);
+                    }
                     __m512 t4[4][4];  // B^T d
                     for (int s = 0; s < 4; ++s) {
                         t4[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
