@@ -12,15 +12,19 @@
 //
 // Index map: output tile (n, th, tw) covers y[n, 2th..2th+1, 2tw..2tw+1, :]; its input patch is
 //   x[n, 2th − pad_top + (0..3), 2tw − pad_left + (0..3), :]  (zero outside the input).
-// Work item (one OpenMP thread): one tile row (n, th), all F filters; tiles along w in blocks
-//   of TILE_BLOCK.  Per block: input transform (vectors over c) → V[16][TILE_BLOCK][Cp]; per
-//   64-filter panel: 16 GEMMs on the 6x64 register block of cpu_conv_direct.h (A = V_e rows in
-//   place, B = U_e, K = C) → M[16][TILE_BLOCK][64]; output transform + bias + relu, stored with
-//   the ragged bottom row / right column (odd OH, OW) and the F tail masked out.
-// Edges: input rows outside [0, H) are zero vectors; when the tile row crosses the left/right
-//   padding its 4 input rows are copied into a zero-padded per-thread row buffer.
-// Memory per call: U (16·C·Fp floats, 16/9 of the weights) + per thread V (16·12·Cp),
-//   M (16·12·64) and 4 padded rows: never proportional to the batch.
+// Work item (one OpenMP thread, dynamic, BLOCKS_PER_GRAB at a time): TILE_BLOCK consecutive
+//   tiles t of the flattened grid, t = (n·th_n + th)·tw_n + tw (a block may straddle tile rows and
+//   images), all F filters.  Per block: input transform (vectors over c) → V[16][TILE_BLOCK][Cp];
+//   per 64-filter panel and per register tile of R tiles (R = 6 for 64 filters, 12 for <= 32):
+//   the 16 GEMMs in one gemm16 call (A = V_e rows in place, B = U_e, K = C, accumulators from
+//   zero) → M[16][R][64], then at once its output transform + bias + relu, stored with the ragged
+//   bottom row / right column (odd OH, OW) and the F tail masked out; non-temporal stores when
+//   y is 64-byte aligned and F % 16 == 0 (every store a whole line).
+// Edges: a patch inside the input is read from one base pointer (row stride W·C, pixel stride
+//   C); a patch across the padding gets one pointer per entry, entries outside the input point
+//   at a zero pixel (Cp zero floats), so the transform itself never tests bounds.
+// Memory per call: U (16·C·Fp floats, 16/9 of the weights), the zero pixel, per thread V
+//   (16·12·Cp) and M (16·12·64): never proportional to the batch.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -31,7 +35,6 @@ namespace dlconv {
 namespace cpu {
 namespace winograd {
 
-using direct::kZeros;
 using direct::PANEL;
 using direct::VL;
 
@@ -136,11 +139,9 @@ static inline Gemm16Fn gemm16_kernel(int nv, int r) {
 
 inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
                          float* y) {
-    using direct::fwd_kernel;
     using direct::max_rows;
     using direct::Panel;
     using direct::panel_at;
-    using direct::Seg;
     const i64 C = g.in_c, F = g.filters, H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
     const i64 Cp = (C + VL - 1) / VL * VL, Fp = (F + VL - 1) / VL * VL;
     const i64 th_n = (OH + 1) / 2, tw_n = (OW + 1) / 2, tile_img = th_n * tw_n, tiles = g.batch * tile_img;
