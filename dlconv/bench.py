@@ -1201,11 +1201,14 @@ def run(args) -> int:
     result["elapsed_s"] = time.perf_counter() - t0
     result["loadavg"] = {"before": load_before, "after": _loadavg()}
     if load_before is not None:
-        result["notes"].append(
-            f"1-minute load average {load_before[0]:.1f} before and {result['loadavg']['after'][0]:.1f} "
-            f"after the run on {machine['cores']} cores: above the core count, other processes "
-            f"competed for the CPU and multi-threaded kernels (OpenMP, Numba parallel) waited at "
-            f"their barriers; the round-robin sampling spreads that over all contenders")
+        before, after = load_before[0], result["loadavg"]["after"][0]
+        note = (f"1-minute load average {before:.1f} before and {after:.1f} after the run on "
+                f"{machine['cores']} cores (the run itself keeps about {machine['cores']} busy)")
+        if max(before, after) > (machine["cores"] or 1) + 0.5:
+            note += ("; above that, other processes competed for the CPU and multi-threaded "
+                     "kernels (OpenMP, Numba parallel) waited at their barriers; the round-robin "
+                     "sampling spreads that over all contenders")
+        result["notes"].append(note)
     paths = write_outputs(result, args.out, name)
     print(format_text(result))
     print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']} in {result['elapsed_s']:.0f} s")
