@@ -1120,7 +1120,7 @@ def _csv(value: str, allowed: Sequence[str], what: str) -> List[str]:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--quick", action="store_true",
-                        help="fewer repeats and shorter samples: about one minute on 2 cores")
+                        help="fewer repeats and shorter samples: about 20 seconds on 2 cores")
     parser.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     parser.add_argument("--name", default=None,
                         help="file stem of the outputs (default DATE-MACHINE, e.g. 2026-11-30-cpu-xeon-2core)")
