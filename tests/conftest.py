@@ -53,3 +53,17 @@ def mnist_dir():
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip(f"the real MNIST test set is not at {MNIST_DIR} (it lives in shared/, not in the repo)")
     return MNIST_DIR
+
+
+def cpu_backend_params():
+    """One pytest param per registered backend for host arrays; a backend that cannot run
+    its CPU kernels here is skipped with the reason dlconv.backends.available() gives."""
+    import dlconv.backends
+
+    avail = dlconv.backends.available()
+    params = []
+    for name in dlconv.backends.names():
+        ok, why = avail[name]["cpu"]
+        marks = () if ok else pytest.mark.skip(reason=f"backend {name!r} cannot run on the CPU here: {why}")
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params

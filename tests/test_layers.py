@@ -8,10 +8,8 @@ on this machine's CPU yet is skipped with the registry's reason.
 """
 
 import json
-import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -20,22 +18,12 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 import dlconv.backends  # noqa: E402
+from conftest import cpu_backend_params  # noqa: E402
 import dlconv.layers as dl  # noqa: E402
 from dlconv import tf_bridge  # noqa: E402
 
 
-def cpu_backends():
-    avail = dlconv.backends.available()
-    params = []
-    for name in dlconv.backends.names():
-        ok, why = avail[name]["cpu"]
-        marks = () if ok else pytest.mark.skip(reason=f"backend {name!r} cannot run on the CPU "
-                                                      f"here: {why}")
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-BACKENDS = cpu_backends()
+BACKENDS = cpu_backend_params()
 RTOL = 1e-5
 
 

@@ -12,23 +12,12 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-import dlconv.backends  # noqa: E402
+from conftest import cpu_backend_params  # noqa: E402
 import dlconv.layers as dl  # noqa: E402
 from dlconv import models, shapes  # noqa: E402
 
 
-def cpu_backends():
-    avail = dlconv.backends.available()
-    params = []
-    for name in dlconv.backends.names():
-        ok, why = avail[name]["cpu"]
-        marks = () if ok else pytest.mark.skip(reason=f"backend {name!r} cannot run on the CPU "
-                                                      f"here: {why}")
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
-
-
-BACKENDS = cpu_backends()
+BACKENDS = cpu_backend_params()
 FAST_BACKENDS = [p for p in BACKENDS if p.values[0] != "reference"]
 
 
