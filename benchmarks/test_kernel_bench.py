@@ -34,7 +34,7 @@ def _cases():
                     cases.append(pytest.param(place_cls, layer.name, pass_, "builtin", mode,
                                               id=f"{device}-{layer.name}-{pass_}-tf-{mode}"))
                 for name, variants, why in impls:
-                    vlist = variants if (variants and layer.kind == "conv" and pass_ == "forward") else [None]
+                    vlist = bench.variants_for(name, variants, layer, pass_, device == "cuda")
                     for v in vlist:
                         label = f"{name}/{v}" if v else name
                         marks = [pytest.mark.skip(reason=f"{name} unavailable: {why}")] if why else []

@@ -396,6 +396,17 @@ def our_impls(device: str, backends: Sequence[str]):
     return out
 
 
+def variants_for(name: str, variants, layer: "Layer", pass_: str, on_device: bool) -> list:
+    """The conv-forward variants of backend ``name`` that can run ``layer`` (Winograd needs a
+    3x3 stride-1 kernel, say); ``[None]`` (the backend's default) for every other case."""
+    if not variants or layer.kind != "conv" or pass_ != "forward":
+        return [None]
+    from . import backends as registry
+
+    fits = set(registry.get(name).conv_variants(on_device, layer.geometry(BATCH)))
+    return [v for v in variants if v in fits] or [None]
+
+
 # ----------------------------------------------------------------------------- built-ins
 class BuiltinProvider:
     """Interface: the framework's own op for a problem.  ``label`` names the framework."""
@@ -635,12 +646,7 @@ def run_kernels(pairs, places, backends, builtin: Optional[BuiltinProvider], set
         ours = []
         placed = None
         for name, variants, why in impls:
-            vlist = [None]
-            if variants and layer.kind == "conv" and p == "forward":
-                # only the variants that can run this geometry (Winograd needs 3x3, stride 1, ...)
-                from . import backends as registry
-                fits = set(registry.get(name).conv_variants(place.device == "cuda", problem.geometry))
-                vlist = [v for v in variants if v in fits] or [None]
+            vlist = variants_for(name, variants, layer, p, place.device == "cuda")
             for v in vlist:
                 label = f"{name}/{v}" if v else name
                 row = _row(problem, place.device, label, name, v)
