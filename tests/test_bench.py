@@ -210,3 +210,18 @@ def test_tensorflow_builtin_matches_the_reference_on_tiny_shapes():
                 out = [bench.to_host(o) for o in bench.as_tuple(fn())]
                 err = bench.max_rel_error(out, problem.expected)
                 assert err <= 1e-5, (layer.name, pass_, name, err)
+
+
+def test_variants_for_offers_only_what_can_run_the_layer():
+    from dlconv import backends, bench
+
+    ok, why = backends.get("cpp").cpu_status()
+    if not ok:
+        pytest.skip(f"the cpp backend cannot run here: {why}")
+    layers = {layer.name: layer for layer in bench.LAYERS}
+    all_cpu = list(backends.get("cpp").conv_variants(False))
+    conv1 = bench.variants_for("cpp", all_cpu, layers["conv1"], "forward", False)
+    conv2 = bench.variants_for("cpp", all_cpu, layers["conv2"], "forward", False)
+    assert "cpu_v3_winograd" not in conv1 and "cpu_v2_direct" in conv1   # C = 1: no Winograd
+    assert conv2[0] == "cpu_v3_winograd"
+    assert bench.variants_for("cpp", all_cpu, layers["conv2"], "backward-data", False) == [None]
