@@ -88,20 +88,13 @@ def _refuse_lora(layer, lora_rank):
                          "dlconv layers (use the stock keras layer for LoRA)")
 
 
-@keras.saving.register_keras_serializable(package="dlconv")
-class Conv2D(keras.layers.Conv2D):
-    """``keras.layers.Conv2D`` whose forward and backward passes run dlconv kernels.
+class _DlconvLayer:
+    """What both dlconv layers add to their stock base class: the ``backend`` argument,
+    the refusals (LoRA, non-float32 compute), no XLA, and ``backend`` in the config."""
 
-    Same arguments as ``keras.layers.Conv2D`` plus ``backend`` (see the module docstring).
-    ``groups`` must be 1.
-    """
-
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
+    def _setup_dlconv(self, backend):
         _bridge()
         self.backend = _check_backend(backend)
-        if self.groups != 1:
-            raise ValueError(f"Conv2D: groups must be 1 for dlconv layers, got groups={self.groups}")
         _refuse_lora(self, self.lora_rank)
         self.supports_jit = False
 
@@ -111,6 +104,26 @@ class Conv2D(keras.layers.Conv2D):
     def build(self, input_shape):
         _check_dtype(self)
         super().build(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config["backend"] = self.backend
+        return config
+
+
+@keras.saving.register_keras_serializable(package="dlconv")
+class Conv2D(_DlconvLayer, keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` whose forward and backward passes run dlconv kernels.
+
+    Same arguments as ``keras.layers.Conv2D`` plus ``backend`` (see the module docstring).
+    ``groups`` must be 1.
+    """
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.groups != 1:
+            raise ValueError(f"Conv2D: groups must be 1 for dlconv layers, got groups={self.groups}")
+        self._setup_dlconv(backend)
 
     def compute_output_shape(self, input_shape):
         input_shape = tuple(input_shape)
@@ -153,14 +166,9 @@ class Conv2D(keras.layers.Conv2D):
             y = self.activation(y)
         return y
 
-    def get_config(self):
-        config = super().get_config()
-        config["backend"] = self.backend
-        return config
-
 
 @keras.saving.register_keras_serializable(package="dlconv")
-class Dense(keras.layers.Dense):
+class Dense(_DlconvLayer, keras.layers.Dense):
     """``keras.layers.Dense`` whose forward and backward passes run dlconv kernels.
 
     Same arguments as ``keras.layers.Dense`` plus ``backend`` (see the module docstring).
@@ -169,23 +177,13 @@ class Dense(keras.layers.Dense):
 
     def __init__(self, *args, backend="auto", **kwargs):
         super().__init__(*args, **kwargs)
-        _bridge()
-        self.backend = _check_backend(backend)
-        _refuse_lora(self, self.lora_rank)
         if self.quantization_config is not None:
             raise ValueError("Dense: quantization_config is not supported by dlconv layers")
-        self.supports_jit = False
-
-    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
-        _refuse_lora(self, rank)
+        self._setup_dlconv(backend)
 
     def quantize(self, mode=None, *args, **kwargs):
         raise ValueError(f"Dense: quantize(mode={mode!r}) is not supported by dlconv layers "
                          "(the kernels are float32)")
-
-    def build(self, input_shape):
-        _check_dtype(self)
-        super().build(input_shape)
 
     def call(self, inputs, training=None):
         bridge = _bridge()
@@ -205,8 +203,3 @@ class Dense(keras.layers.Dense):
         if fused is None:
             y = self.activation(y)
         return y
-
-    def get_config(self):
-        config = super().get_config()
-        config["backend"] = self.backend
-        return config
