@@ -4,8 +4,10 @@
 // written in place and returned; when None, allocated here):
 //   conv2d_forward(x, w, b|None, geometry, act, y=None, variant=0) -> y   (0 auto, 1 igemm, 2 direct, 3 winograd)
 //   forward_variant_applicable(geometry, variant) -> bool
-//   conv2d_backward_data(dz, w, geometry, dx=None) -> dx
-//   conv2d_backward_filter(x, dz, geometry, dw=None, db=None) -> (dw, db)
+//   conv2d_backward_data(dz, w, geometry, dx=None, y=None, activation=0) -> dx
+//   conv2d_backward_filter(x, dz, geometry, dw=None, db=None, y=None, activation=0) -> (dw, db)
+//     (activation 1-3 with y, the activation's output: dz is then dL/dy and act'(y) is applied
+//      inside the kernels)
 //   dense_forward(x, w, b|None, act, y=None) -> y
 //   dense_backward(x, w, dy, y|None, act, dx=None, dw=None, db=None) -> (dx, dw, db)
 //   softmax(z, out=None) -> out
@@ -164,30 +166,44 @@ py::array conv2d_forward(py::object x, py::object w, py::object b, py::object ge
     return ay.arr;
 }
 
-py::array conv2d_backward_data(py::object dz, py::object w, py::object geometry, py::object dx) {
+// The activation-output argument of the backward passes: required (shape of dz) when act != 0.
+Arg activation_output(const char* kernel, const py::object& y, int act, const Shape& shape) {
+    dlconv::bind::check_activation(kernel, act, 3);
+    if (act == 0) return Arg{};
+    if (y.is_none())
+        throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": activation " + std::to_string(act) +
+                                    " needs y, the activation's output");
+    return checked(kernel, "y", y, shape, false);
+}
+
+py::array conv2d_backward_data(py::object dz, py::object w, py::object geometry, py::object dx, py::object y,
+                               int act) {
     const char* K = "conv2d_backward_data";
     const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
     Arg adz = checked(K, "dz", dz, y_shape(g), false), aw = checked(K, "w", w, w_shape(g), false);
+    Arg ay = activation_output(K, y, act, y_shape(g));
     Arg adx = output(K, "dx", dx, x_shape(g));
-    no_alias(K, {{"dx", &adx}}, {{"dz", &adz}, {"w", &aw}});
+    no_alias(K, {{"dx", &adx}}, {{"dz", &adz}, {"w", &aw}, {"y", &ay}});
     {
         py::gil_scoped_release nogil;
         SerialIfSmall serial(conv_flops(g) < SERIAL_FLOPS);
-        if (g.batch > 0) dlconv::cpu::conv2d_backward_data(g, adz.ptr, aw.ptr, adx.ptr);
+        if (g.batch > 0) dlconv::cpu::conv2d_backward_data(g, adz.ptr, aw.ptr, adx.ptr, ay.ptr, act);
     }
     return adx.arr;
 }
 
-py::tuple conv2d_backward_filter(py::object x, py::object dz, py::object geometry, py::object dw, py::object db) {
+py::tuple conv2d_backward_filter(py::object x, py::object dz, py::object geometry, py::object dw, py::object db,
+                                 py::object y, int act) {
     const char* K = "conv2d_backward_filter";
     const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
     Arg ax = checked(K, "x", x, x_shape(g), false), adz = checked(K, "dz", dz, y_shape(g), false);
+    Arg ay = activation_output(K, y, act, y_shape(g));
     Arg adw = output(K, "dw", dw, w_shape(g)), adb = output(K, "db", db, {g.filters});
-    no_alias(K, {{"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"dz", &adz}});
+    no_alias(K, {{"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"dz", &adz}, {"y", &ay}});
     {
         py::gil_scoped_release nogil;
         SerialIfSmall serial(conv_flops(g) < SERIAL_FLOPS);
-        dlconv::cpu::conv2d_backward_filter(g, ax.ptr, adz.ptr, adw.ptr, adb.ptr);
+        dlconv::cpu::conv2d_backward_filter(g, ax.ptr, adz.ptr, adw.ptr, adb.ptr, ay.ptr, act);
     }
     return py::make_tuple(adw.arr, adb.arr);
 }
@@ -301,9 +317,13 @@ PYBIND11_MODULE(_C, m) {
           }, py::arg("geometry"), py::arg("variant"),
           "Whether conv-forward variant (1 igemm, 2 direct, 3 winograd) can run this geometry in this build.");
     m.def("conv2d_backward_data", &conv2d_backward_data, py::arg("dz"), py::arg("w"), py::arg("geometry"),
-          py::arg("dx") = py::none(), "dL/dx from dL/dz (the conv's linear output) and w.");
+          py::arg("dx") = py::none(), py::arg("y") = py::none(), py::arg("activation") = 0,
+          "dL/dx from dL/dz (the conv's linear output) and w; with activation 1-3, dz is dL/dy of that "
+          "activation and y its output.");
     m.def("conv2d_backward_filter", &conv2d_backward_filter, py::arg("x"), py::arg("dz"), py::arg("geometry"),
-          py::arg("dw") = py::none(), py::arg("db") = py::none(), "(dL/dw, dL/db) from x and dL/dz.");
+          py::arg("dw") = py::none(), py::arg("db") = py::none(), py::arg("y") = py::none(),
+          py::arg("activation") = 0,
+          "(dL/dw, dL/db) from x and dL/dz; with activation 1-3, dz is dL/dy of that activation and y its output.");
     m.def("dense_forward", &dense_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("activation"),
           py::arg("y") = py::none(), "y = act(x @ w + b).");
     m.def("dense_backward", &dense_backward, py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("y"),

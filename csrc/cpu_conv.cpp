@@ -10,6 +10,12 @@
 // v1 is the implicit GEMM described next (no im2col buffer: A tiles are gathered from NHWC memory
 // as the microkernel needs them).
 //
+// Activation derivative (backward passes called with act != linear and y, the activation's
+// output): dz = act'(y) · dy (cpu_act.h) is applied where the kernel reads dz — the Winograd
+// input / dz-tile loads and the direct backward-filter's chunk copy — so the Keras layers' relu
+// needs no activation-backward pass and no dz array.  The other paths (igemm, the direct forward
+// used for backward-data with dilation) form dz in a temporary first (ActGrad below).
+//
 // Forward ("cpu_igemm"):  y[m, k] = act(b[k] + Σ_j A[m, j] · w[j, k])
 //   m = (n, oh, ow) output pixel (M = N·OH·OW),  j = (kh, kw, c) (K = KH·KW·C),  w is HWIO = [K, F].
 //   A[m, (kh, kw, c)] = x[n, ih, iw, c],  ih = oh·stride_h − pad_top + kh·dil_h,
@@ -32,6 +38,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_act.h"
 #include "cpu_conv_direct.h"
 #include "cpu_conv_winograd.h"
 #include "cpu_gemm.h"
@@ -82,6 +89,18 @@ void column_sums(i64 P, i64 F, const float* a, float* out) {
     }
 }
 
+// dz = act'(y) · dy into a temporary (the paths that cannot apply the derivative as they read dy).
+struct ActGrad {
+    Buf buf;
+    const float* dz;
+    ActGrad(const ConvGeometry& g, const float* dy, const float* y, int act)
+        : buf(act == ACT_LINEAR ? 0 : g.batch * g.out_h * g.out_w * g.filters), dz(dy) {
+        if (act == ACT_LINEAR) return;
+        activation_backward(1, g.batch * g.out_h * g.out_w * g.filters, dy, y, act, buf.data);
+        dz = buf.data;
+    }
+};
+
 }  // namespace
 
 bool conv2d_forward_applicable(const ConvGeometry& g, int variant) {
@@ -110,7 +129,8 @@ void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const
     gemm_rowA(M, F, K, pack, w, F, y, F, b, act);
 }
 
-void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx) {
+void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx, const float* y,
+                          int act) {
     const i64 M = g.batch * g.in_h * g.in_w, C = g.in_c, F = g.filters, T = g.k_h * g.k_w;
 #if defined(__AVX512F__)
     if (g.stride_h == 1 && g.stride_w == 1) {
@@ -133,11 +153,14 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
         f.pad_left = (g.k_w - 1) * g.dil_w - g.pad_left;
         f.pad_right = (g.k_w - 1) * g.dil_w - g.pad_right;
         f.out_h = g.in_h; f.out_w = g.in_w;
-        if (winograd::applicable(f)) winograd::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx);
-        else direct::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx);
+        if (winograd::applicable(f)) return winograd::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx, y, act);
+        const ActGrad dzg(g, dz, y, act);
+        direct::conv_forward(f, dzg.dz, wf.data, nullptr, ACT_LINEAR, dx);
         return;
     }
 #endif
+    const ActGrad dzg(g, dz, y, act);
+    dz = dzg.dz;
     // wt[t, k, c] = w[t, c, k]: B of the GEMM, [T·F, C].
     Buf wt(T * F * C);
     for (i64 t = 0; t < T; ++t)
@@ -167,12 +190,15 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
     gemm_rowA(M, C, T * F, pack, wt.data, C, dx, C, nullptr, 0);
 }
 
-void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db) {
+void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
+                            const float* y, int act) {
 #if defined(__AVX512F__)
-    if (winograd::applicable(g)) winograd::conv_backward_filter(g, x, dz, dw, db);
-    else direct::conv_backward_filter(g, x, dz, dw, db);
+    if (winograd::applicable(g)) winograd::conv_backward_filter(g, x, dz, dw, db, y, act);
+    else direct::conv_backward_filter(g, x, dz, dw, db, y, act);
     return;
 #endif
+    const ActGrad dzg(g, dz, y, act);
+    dz = dzg.dz;
     const i64 M = g.k_h * g.k_w * g.in_c, F = g.filters, P = g.batch * g.out_h * g.out_w;
     auto pack = [&](i64 m0, i64 mrows, i64 p0, i64 pc, float* dst) {
         const i64 rtiles = (mrows + MR - 1) / MR;

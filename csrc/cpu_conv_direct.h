@@ -53,6 +53,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu_act.h"
 #include "cpu_gemm.h"
 #include "geometry.h"
 
@@ -295,7 +296,10 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
 }
 
 // ---------------------------------------------------------------------------- backward-filter driver
-inline void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db) {
+// gy / gact: dz is then dL/dy of the activation whose output is gy (same shape); the chunk copy
+// below forms act'(gy) · dz, so the derivative costs no pass of its own.
+inline void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
+                                 const float* gy = nullptr, int gact = ACT_LINEAR) {
     const i64 C = g.in_c, F = g.filters, OW = g.out_w, OH = g.out_h, H = g.in_h, W = g.in_w;
     const i64 KH = g.k_h, KW = g.k_w, M = KH * KW * C;
     const i64 rows = g.batch * OH;
@@ -326,10 +330,12 @@ inline void conv_backward_filter(const ConvGeometry& g, const float* x, const fl
             for (i64 it = grp * items / P; it < (grp + 1) * items / P; ++it) {
                 const i64 t0 = it * chunk, t1 = std::min(rows, t0 + chunk);
                 if (Fp == F) {
-                    std::memcpy(dzc.data, dz + t0 * OW * F, (t1 - t0) * OW * F * sizeof(float));
+                    const i64 o = t0 * OW * F;
+                    dact(dz + o, gy ? gy + o : nullptr, gact, dzc.data, (t1 - t0) * OW * F);
                 } else {
                     for (i64 p = 0; p < (t1 - t0) * OW; ++p) {
-                        std::memcpy(dzc.data + p * Fp, dz + (t0 * OW + p) * F, F * sizeof(float));
+                        const i64 o = (t0 * OW + p) * F;
+                        dact(dz + o, gy ? gy + o : nullptr, gact, dzc.data + p * Fp, F);
                         std::memset(dzc.data + p * Fp + F, 0, (Fp - F) * sizeof(float));
                     }
                 }

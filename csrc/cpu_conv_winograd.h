@@ -23,12 +23,15 @@
 // Edges: a patch inside the input is read from one base pointer (row stride W·C, pixel stride
 //   C); a patch across the padding gets one pointer per entry, entries outside the input point
 //   at a zero pixel (Cp zero floats), so the transform itself never tests bounds.
+// Backward-data runs this forward on dy; with gy / gact the patch loads apply the activation
+//   derivative act'(gy) on the fly (the padding entries stay zero: 0 · act' = 0).
 // Memory per call: U (16·C·Fp floats, 16/9 of the weights), the zero pixel, per thread V
 //   (16·12·Cp) and M (16·12·64): never proportional to the batch.
 #pragma once
 
 #if defined(__AVX512F__)
 
+#include "cpu_act.h"
 #include "cpu_conv_direct.h"
 
 namespace dlconv {
@@ -139,8 +142,11 @@ static inline Gemm16Fn gemm16_kernel(int nv, int r) {
     return t[nv - 1][r - 1];
 }
 
+// gy / gact (backward-data of an activated layer): x is then dL/dy of the activation whose output
+// is gy (same shape as x), and the kernel reads x as act'(gy) · x while it loads the patches, so
+// dL/dz is never written out.  gact = ACT_LINEAR (gy unused) for a plain forward.
 inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
-                         float* y) {
+                         float* y, const float* gy = nullptr, int gact = ACT_LINEAR) {
     using direct::max_rows;
     using direct::Panel;
     using direct::panel_at;
@@ -168,13 +174,17 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
                 // Patch inside the input (most tiles): entry (r, s) at base + (r·W + s)·C, one pointer.
                 // Across the padding: one pointer per entry, the zero pixel where it falls outside.
                 const bool inside = ih0 >= 0 && ih0 + 4 <= H && iw0 >= 0 && iw0 + 4 <= W;
-                const float* base = x + ((n * H + ih0) * W + iw0) * C;
+                const i64 off = ((n * H + ih0) * W + iw0) * C;  // may be negative: only added to
+                const float* base = x + off;
                 const float* src[4][4];
+                const float* gsrc[4][4];  // gy at the same entries (the zero pixel stays zero: 0 · act' = 0)
                 if (!inside)
                     for (int r = 0; r < 4; ++r)
                         for (int s = 0; s < 4; ++s) {
                             const i64 ih = ih0 + r, iw = iw0 + s;
-                            src[r][s] = ih >= 0 && ih < H && iw >= 0 && iw < W ? base + (r * W + s) * C : zrow.data;
+                            const bool in = ih >= 0 && ih < H && iw >= 0 && iw < W;
+                            src[r][s] = in ? base + (r * W + s) * C : zrow.data;
+                            gsrc[r][s] = in && gact != ACT_LINEAR ? gy + off + (r * W + s) * C : zrow.data;
                         }
                 for (i64 c0 = 0; c0 < C; c0 += VL) {
                     const __mmask16 m = C - c0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
@@ -183,9 +193,19 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
                         const float* p = base + c0;
                         for (int r = 0; r < 4; ++r)
                             for (int s = 0; s < 4; ++s) d[r][s] = _mm512_maskz_loadu_ps(m, p + (r * W + s) * C);
+                        if (gact != ACT_LINEAR) {
+                            const float* q = gy + off + c0;
+                            for (int r = 0; r < 4; ++r)
+                                for (int s = 0; s < 4; ++s)
+                                    d[r][s] = act_grad(d[r][s], _mm512_maskz_loadu_ps(m, q + (r * W + s) * C), gact);
+                        }
                     } else {
                         for (int r = 0; r < 4; ++r)
                             for (int s = 0; s < 4; ++s) d[r][s] = _mm512_maskz_loadu_ps(m, src[r][s] + c0);
+                        if (gact != ACT_LINEAR)
+                            for (int r = 0; r < 4; ++r)
+                                for (int s = 0; s < 4; ++s)
+                                    d[r][s] = act_grad(d[r][s], _mm512_maskz_loadu_ps(m, gsrc[r][s] + c0), gact);
                     }
                     __m512 t4[4][4];  // B^T d
                     for (int s = 0; s < 4; ++s) {
@@ -271,7 +291,10 @@ constexpr i64 FILTER_TILES = 48;  // tiles per chunk: 48-step reductions amortis
 constexpr int FILTER_GROUPS_PER_THREAD = 4;
 constexpr i64 FILTER_PARTIAL_BUDGET = i64(8) << 20;
 
-inline void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db) {
+// gy / gact: dz is then dL/dy of the activation whose output is gy (same shape), read as
+// act'(gy) · dz when the Z tiles are formed (db sums the same values).
+inline void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
+                                 const float* gy = nullptr, int gact = ACT_LINEAR) {
     using direct::filt_kernel;
     using direct::max_rows;
     using direct::Panel;
@@ -330,19 +353,26 @@ inline void conv_backward_filter(const ConvGeometry& g, const float* x, const fl
                         }
                     }
                     // ---- Z: A z A^T of the 2x2 dz tile (zero past OH / OW); db += Σ z
-                    const float* zs[2][2];
+                    i64 zo[2][2];  // element offsets of the tile's dz pixels, -1 past OH / OW
                     for (int a = 0; a < 2; ++a)
                         for (int b = 0; b < 2; ++b) {
                             const i64 oh = 2 * th + a, ow = 2 * tw + b;
-                            zs[a][b] = (oh < OH && ow < OW) ? dz + ((n * OH + oh) * OW + ow) * F : nullptr;
+                            zo[a][b] = (oh < OH && ow < OW) ? ((n * OH + oh) * OW + ow) * F : -1;
                         }
                     const i64 fs = FILTER_TILES * Fp;
                     for (i64 f0 = 0; f0 < F; f0 += VL) {
                         const __mmask16 m = F - f0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (F - f0)) - 1u);
                         __m512 z[2][2];
                         for (int a = 0; a < 2; ++a)
-                            for (int b = 0; b < 2; ++b)
-                                z[a][b] = zs[a][b] ? _mm512_maskz_loadu_ps(m, zs[a][b] + f0) : _mm512_setzero_ps();
+                            for (int b = 0; b < 2; ++b) {
+                                if (zo[a][b] < 0) {
+                                    z[a][b] = _mm512_setzero_ps();
+                                    continue;
+                                }
+                                z[a][b] = _mm512_maskz_loadu_ps(m, dz + zo[a][b] + f0);
+                                if (gact != ACT_LINEAR)
+                                    z[a][b] = act_grad(z[a][b], _mm512_maskz_loadu_ps(m, gy + zo[a][b] + f0), gact);
+                            }
                         if (db) {
                             const __m512 s4 = _mm512_add_ps(_mm512_add_ps(z[0][0], z[0][1]), _mm512_add_ps(z[1][0], z[1][1]));
                             _mm512_store_ps(dsum.data + f0, _mm512_add_ps(_mm512_load_ps(dsum.data + f0), s4));

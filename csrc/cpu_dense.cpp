@@ -19,6 +19,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_act.h"
 #include "cpu_conv_direct.h"
 #include "cpu_dense_backward.h"
 #include "cpu_gemm.h"
@@ -26,31 +27,6 @@
 
 namespace dlconv {
 namespace cpu {
-
-namespace {
-
-// dz[i] = dy[i] · act'(y[i]) for i < n, element-wise activations (act 0..3), act' written in
-// terms of the output y.  The switch is outside the loops so each loop is one vectorised stream.
-inline void dact(const float* __restrict dy, const float* __restrict y, int act, float* __restrict dz, i64 n) {
-    switch (act) {
-        case ACT_RELU:
-#pragma omp simd
-            for (i64 i = 0; i < n; ++i) dz[i] = y[i] > 0.f ? dy[i] : 0.f;
-            break;
-        case ACT_SIGMOID:
-#pragma omp simd
-            for (i64 i = 0; i < n; ++i) dz[i] = dy[i] * (y[i] * (1.f - y[i]));
-            break;
-        case ACT_TANH:
-#pragma omp simd
-            for (i64 i = 0; i < n; ++i) dz[i] = dy[i] * (1.f - y[i] * y[i]);
-            break;
-        default:
-            std::memcpy(dz, dy, n * sizeof(float));
-    }
-}
-
-}  // namespace
 
 #if defined(__AVX512F__)
 namespace {

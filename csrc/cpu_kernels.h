@@ -21,9 +21,14 @@ bool conv2d_forward_applicable(const ConvGeometry& g, int variant);
 void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y,
                     int variant = CPU_CONV_AUTO);
 // dx[N,H,W,C] from dz[N,OH,OW,K] (gradient of the linear output) and w.
-void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx);
-// dw[KH,KW,C,K] and db[K] (db may be null) from x and dz.
-void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db);
+// With act != ACT_LINEAR (element-wise activations only), `dz` holds dL/dy of the activation and
+// y[N,OH,OW,K] its output: the kernels use act'(y) · dz, formed as they read it (Winograd, and the
+// direct backward-filter) or in a temporary first (the other paths).
+void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx,
+                          const float* y = nullptr, int act = ACT_LINEAR);
+// dw[KH,KW,C,K] and db[K] (db may be null) from x and dz; y / act as for backward-data.
+void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
+                            const float* y = nullptr, int act = ACT_LINEAR);
 
 // y[M,N] = act(x[M,K] · w[K,N] + b[N]); b may be null.
 void dense_forward(int64_t M, int64_t K, int64_t N, const float* x, const float* w, const float* b, int act,

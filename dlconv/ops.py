@@ -120,25 +120,57 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
         return be.conv2d_forward(x, w, b, g, act, on_device=on_device, variant=variant, stream=stream)
 
 
+def _activation_grad(activation, y, g: ConvGeometry):
+    """The conv backward passes' optional activation: its canonical name, y checked."""
+    act = _act.normalize(activation, allow_softmax=False)
+    if act != "linear":
+        if y is None:
+            raise ValueError(f"y (the activation's output) is needed for activation {act!r}")
+        _check_shape("y", y, g.y_shape)
+    return act
+
+
+def _grad_through(be, dy, y, act, on_device, stream):
+    """(dy or dz, keyword arguments) for a conv backward pass of ``be``: backends that apply
+    the activation derivative inside their kernels get y and the activation; for the others
+    dz = act'(y) · dy is formed first.  Call inside ``_serial``."""
+    if act == "linear":
+        return dy, {}
+    if be.fuses_activation_grad(on_device):
+        return dy, {"y": y, "activation": act}
+    return be.activation_backward(dy, y, act, on_device=on_device, stream=stream), {}
+
+
 def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
-                         backend=DEFAULT_BACKEND, stream=None, geometry=None):
-    """dL/dx (shape ``x_shape``) from dL/dz (the conv's linear output) and the weights."""
-    on_device, (dy, w) = _prepare((("dy", dy), ("w", w)), {"dy": 4, "w": 4})
+                         backend=DEFAULT_BACKEND, stream=None, geometry=None, y=None, activation=None):
+    """dL/dx (shape ``x_shape``) from dL/dz (the conv's linear output) and the weights.
+
+    With an element-wise ``activation`` and ``y``, the layer's activated output, ``dy`` is
+    dL/dy instead, and dL/dz = act'(y) · dy is applied on the way: inside the kernels where
+    the backend can (``cpp`` on the CPU: dz is never written to memory), else first.
+    """
+    on_device, (dy, w, y) = _prepare((("dy", dy), ("w", w), ("y", y)), {"dy": 4, "w": 4, "y": 4})
     g = _geometry(geometry, x_shape, w.shape, strides, padding, dilation)
     _check_shape("dy", dy, g.y_shape)
+    act = _activation_grad(activation, y, g)
     be = _resolve_backend(backend, on_device)
     if g.batch == 0:
         return _empty(g.x_shape, on_device, stream)
     with _serial(on_device):
-        return be.conv2d_backward_data(dy, w, g, on_device=on_device, stream=stream)
+        dy, kw = _grad_through(be, dy, y, act, on_device, stream)
+        return be.conv2d_backward_data(dy, w, g, on_device=on_device, stream=stream, **kw)
 
 
 def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=1,
-                           backend=DEFAULT_BACKEND, stream=None, geometry=None):
-    """(dL/dw with shape ``w_shape``, dL/db of length filters) from x and dL/dz."""
-    on_device, (x, dy) = _prepare((("x", x), ("dy", dy)), {"x": 4, "dy": 4})
+                           backend=DEFAULT_BACKEND, stream=None, geometry=None, y=None, activation=None):
+    """(dL/dw with shape ``w_shape``, dL/db of length filters) from x and dL/dz.
+
+    ``y`` and ``activation`` as for :func:`conv2d_backward_data` (``dy`` is then dL/dy).
+    """
+    on_device, (x, dy, y) = _prepare((("x", x), ("dy", dy), ("y", y)), {"x": 4, "dy": 4, "y": 4})
     g = _geometry(geometry, x.shape, w_shape, strides, padding, dilation)
     _check_shape("dy", dy, g.y_shape)
+    act = _activation_grad(activation, y, g)
     be = _resolve_backend(backend, on_device)
     if g.batch == 0:
         if on_device:
@@ -147,7 +179,8 @@ def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=
                     cuda.to_device(np.zeros(g.filters, np.float32), stream=stream or 0))
         return np.zeros(g.w_shape, np.float32), np.zeros(g.filters, np.float32)
     with _serial(on_device):
-        return be.conv2d_backward_filter(x, dy, g, on_device=on_device, stream=stream)
+        dy, kw = _grad_through(be, dy, y, act, on_device, stream)
+        return be.conv2d_backward_filter(x, dy, g, on_device=on_device, stream=stream, **kw)
 
 
 # ----------------------------------------------------------------------------- dense

@@ -41,8 +41,11 @@ Per-call overhead
 -----------------
 The :class:`~dlconv.shapes.ConvGeometry` is resolved once per input shape (an LRU cache
 keyed by shapes and the layer's settings) and passed to the ops as ``geometry=``; the
-backend object is resolved once per (name, place).  The whole backward pass of a layer
-is one callback (activation backward, backward-data and backward-filter together).
+backend object is resolved once per (name, place).  A layer's backward pass is
+two callbacks, backward-data and backward-filter (separate, so that TensorFlow prunes the
+first layer's unused backward-data); with the ``cpp`` backend on the CPU they take dL/dy
+and the layer's output and apply the activation derivative inside the kernels, otherwise an
+activation-backward callback forms dL/dz first.
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ def resolve_backend(name: str, on_device: bool):
             be.require(on_device)
         _BACKENDS[key] = be
     return be
+
+
+def _fused_activation_grad(backend: str) -> bool:
+    """Whether the conv backward callbacks may hand ``backend`` dL/dy and y (it applies the
+    activation derivative inside its kernels).  Decided when the graph is built: only for host
+    tensors (TensorFlow sees no GPU) and a backend that fuses there; otherwise the gradient
+    keeps its separate activation-backward op, which every backend and device can run."""
+    if tf_sees_gpu():
+        return False
+    try:
+        return bool(resolve_backend(backend, False).fuses_activation_grad(False))
+    except _backends.BackendUnavailable:
+        return False  # the forward callback raises the reason when it runs
 
 
 @functools.lru_cache(maxsize=1)
@@ -205,6 +221,23 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
         dw, db = _ops.conv2d_backward_filter(x_, dz_, w_shape, backend=be, geometry=g)
         return [dw, db] if has_bias else [dw]
 
+    # The same two passes taking dL/dy and y: the backend applies act' as its kernels read dy
+    # (no dz tensor, no activation-backward op; see _fused_activation_grad).
+    def backward_data_act(arrays, on_device):
+        dy_, y_, w_, x_ = arrays
+        g = geometry(x_.shape)
+        be = resolve_backend(backend, on_device)
+        return [_ops.conv2d_backward_data(dy_, w_, g.x_shape, backend=be, geometry=g, y=y_, activation=act)]
+
+    def backward_filter_act(arrays, on_device):
+        x_, dy_, y_ = arrays
+        g = geometry(x_.shape)
+        be = resolve_backend(backend, on_device)
+        dw, db = _ops.conv2d_backward_filter(x_, dy_, w_shape, backend=be, geometry=g, y=y_, activation=act)
+        return [dw, db] if has_bias else [dw]
+
+    fused_grad = act != "linear" and _fused_activation_grad(backend)
+
     @tf.custom_gradient
     def op(*args):
         x_t, w_t = args[0], args[1]
@@ -213,14 +246,19 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
             y.set_shape(out_shape)
 
         def grad(dy):
-            if act == "linear":
-                dz = dy
+            n_w = 2 if has_bias else 1
+            if fused_grad:
+                (dx,) = _callback(backward_data_act, [dy, y, w_t, x_t], 1)
+                dwb = _callback(backward_filter_act, [x_t, dy, y], n_w)
             else:
-                (dz,) = _callback(activation_backward, [dy, y], 1)
-                dz.set_shape(y.shape)
-            (dx,) = _callback(backward_data, [dz, w_t, x_t], 1)
+                if act == "linear":
+                    dz = dy
+                else:
+                    (dz,) = _callback(activation_backward, [dy, y], 1)
+                    dz.set_shape(y.shape)
+                (dx,) = _callback(backward_data, [dz, w_t, x_t], 1)
+                dwb = _callback(backward_filter, [x_t, dz], n_w)
             dx.set_shape(x_t.shape)
-            dwb = _callback(backward_filter, [x_t, dz], 2 if has_bias else 1)
             dwb[0].set_shape(w_t.shape)
             if has_bias:
                 dwb[1].set_shape(args[2].shape)

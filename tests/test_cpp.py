@@ -93,6 +93,81 @@ def test_conv_forward_and_backward_match_reference(case):
     np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(g.gemm_m))
 
 
+def _activated(g, act, rng):
+    """(dy, y): a gradient and an activation output of the conv's output shape; relu's y has
+    exact zeros (the derivative's edge) and sigmoid's lies in (0, 1), as real outputs do."""
+    z = rng.standard_normal(g.y_shape, dtype=np.float32)
+    y = ref.activate(z, act).astype(np.float32)
+    return rng.standard_normal(g.y_shape, dtype=np.float32), np.ascontiguousarray(y)
+
+
+def _check_fused_backward(g, x, w, dy, y, act):
+    """The backward passes given dL/dy and y (derivative applied inside the kernels) against
+    the reference given dL/dz = act'(y) · dy."""
+    dz = ref.activation_backward(dy, y, act).astype(np.float32)
+    t = g.as_tuple()
+    dx = _C.conv2d_backward_data(dy, w, t, y=y, activation=CODES[act])
+    np.testing.assert_allclose(dx, ref.conv2d_backward_data(dz, w, g), rtol=RTOL,
+                               atol=_tol(g.k_h * g.k_w * g.filters))
+    dw, db = _C.conv2d_backward_filter(x, dy, t, y=y, activation=CODES[act])
+    rdw, rdb = ref.conv2d_backward_filter(x, dz, g)
+    np.testing.assert_allclose(dw, rdw, rtol=RTOL, atol=_tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, rtol=RTOL, atol=_tol(g.gemm_m))
+    # and what the unfused kernels give for dz formed first: the same arithmetic (bit for bit
+    # for relu, a select; sigmoid / tanh within an ulp or two, the compiler may fuse 1 - y·y)
+    unfused = _C.conv2d_backward_data(_C.activation_backward(dy, y, CODES[act]), w, t)
+    if act in ("linear", "relu"):
+        np.testing.assert_array_equal(dx, unfused)
+    else:
+        np.testing.assert_allclose(dx, unfused, rtol=1e-6, atol=1e-6 * float(np.abs(unfused).max()))
+
+
+@settings(max_examples=150)
+@given(conv_cases())
+def test_backward_with_activation_derivative_inside_the_kernels(case):
+    """Every geometry the generator makes (stride, dilation, asymmetric padding: the paths that
+    form dz in a temporary) and every activation."""
+    g, x, w, _, _ = _arrays(case)
+    dy, y = _activated(g, case["act"], np.random.default_rng(case["seed"] + 1))
+    _check_fused_backward(g, x, w, dy, y, case["act"])
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("x_shape,w_shape,padding", [
+    ((3, 11, 9, 16), (3, 3, 16, 24), "valid"),           # Winograd both passes, odd OH/OW: ragged tiles
+    ((2, 10, 13, 20), (3, 3, 20, 17), ((0, 2), (1, 0))),  # Winograd, asymmetric pads, F tail
+    ((2, 12, 12, 64), (3, 3, 64, 32), "same"),           # Winograd backward-data into 32 channels
+    ((5, 9, 8, 1), (3, 3, 1, 32), "valid"),              # C = 1: direct backward-filter, direct bwd-data
+    ((2, 9, 9, 3), (3, 3, 3, 19), "same"),               # F = 19: direct backward-filter's padded chunk rows
+])
+def test_fused_backward_on_the_winograd_and_direct_paths(x_shape, w_shape, padding, act, rng):
+    g = conv_geometry(x_shape, w_shape, 1, padding)
+    x = rng.standard_normal(g.x_shape, dtype=np.float32)
+    w = rng.standard_normal(g.w_shape, dtype=np.float32)
+    dy, y = _activated(g, act, rng)
+    _check_fused_backward(g, x, w, dy, y, act)
+
+
+def test_fused_backward_arguments_are_checked(conv_args, rng):
+    g, x, w, b = conv_args
+    t = g.as_tuple()
+    dy = rng.standard_normal(g.y_shape, dtype=np.float32)
+    with pytest.raises(ValueError, match="activation 1 needs y, the activation's output"):
+        _C.conv2d_backward_data(dy, w, t, activation=1)
+    with pytest.raises(ValueError, match="activation 2 needs y"):
+        _C.conv2d_backward_filter(x, dy, t, activation=2)
+    with pytest.raises(ValueError, match=r"y has shape \(2, 4, 5, 3\), expected \(2, 4, 5, 4\)"):
+        _C.conv2d_backward_data(dy, w, t, y=np.zeros((2, 4, 5, 3), np.float32), activation=1)
+    with pytest.raises(TypeError, match="y must be float32, got float64"):
+        _C.conv2d_backward_filter(x, dy, t, y=np.zeros(g.y_shape), activation=1)
+    with pytest.raises(ValueError, match="activation code must be 0..3"):
+        _C.conv2d_backward_data(dy, w, t, y=np.zeros(g.y_shape, np.float32), activation=4)
+    with pytest.raises(ValueError, match="output dx overlaps input y"):
+        both = np.zeros(x.size + dy.size, np.float32)
+        _C.conv2d_backward_data(dy, w, t, both[:x.size].reshape(g.x_shape), y=both[x.size - 1:][:dy.size].reshape(g.y_shape),
+                                activation=1)
+
+
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
     ((3, 12, 11, 40), (5, 5, 40, 37), 1, "same"),        # K = 1000 > KC: two reduction blocks
     ((2, 9, 9, 3), (3, 3, 3, 130), 2, ((0, 2), (1, 0))),  # F = 130: 4 full panels + ragged tail

@@ -410,3 +410,47 @@ def test_host_tensors_reach_the_kernels_without_a_copy(mode, monkeypatch, rng):
     address = {k: tf_bridge.capsule_info(tf.experimental.dlpack.to_dlpack(t))["ptr"]
                for k, t in (("x", x), ("w", w))}
     assert seen == address
+
+
+@pytest.mark.parametrize("backend", ["cpp", "numba"])
+@pytest.mark.parametrize("mode", ["eager", "graph"])
+def test_activation_derivative_runs_inside_the_cpp_backward_kernels(backend, mode, monkeypatch, rng):
+    """With the cpp backend on the CPU the conv gradient has no activation-backward op: both
+    backward passes receive dL/dy and the layer's output.  Other backends keep the separate
+    op.  The gradients equal the stock layer's either way."""
+    ok, why = dlconv.backends.get(backend).cpu_status()
+    if not ok:
+        pytest.skip(f"backend {backend!r} cannot run on the CPU here: {why}")
+    from dlconv import ops as dops
+
+    calls = []
+    for name in ("activation_backward", "conv2d_backward_data", "conv2d_backward_filter"):
+        real = getattr(dops, name)
+
+        def spy(*a, _real=real, _name=name, **k):
+            calls.append((_name, k.get("activation")))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(dops, name, spy)
+    ours, stock = twins("conv", (2, 9, 9, 16), backend, rng, filters=16, kernel_size=3, activation="relu")
+    x = rng.standard_normal((2, 9, 9, 16)).astype(np.float32)
+    r = rng.standard_normal((2, 7, 7, 16)).astype(np.float32)
+
+    def loss_grads(xt):
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = ours(xt)
+            loss = tf.reduce_sum(y * r)
+        return y, tape.gradient(loss, [xt] + ours.trainable_weights)
+
+    run = tf.function(loss_grads) if mode == "graph" else loss_grads
+    y, grads = run(tf.constant(x))
+    y_s, grads_s = values_and_grads(stock, x, r)
+    assert_close(y, y_s)
+    for g, g_s in zip(grads, grads_s):
+        assert_close(g, g_s)
+    if backend == "cpp":
+        assert sorted(calls) == [("conv2d_backward_data", "relu"), ("conv2d_backward_filter", "relu")]
+    else:
+        assert sorted(calls) == [("activation_backward", None), ("conv2d_backward_data", None),
+                                 ("conv2d_backward_filter", None)]

@@ -228,3 +228,53 @@ def test_host_calls_from_many_threads_are_correct(backend):
     for (g, x, w), ys in zip(cases, results):
         for y in ys:
             np.testing.assert_allclose(y, ref.conv2d_forward(x, w, None, g), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- activation in the backward passes
+from conftest import cpu_backend_params  # noqa: E402
+
+
+@pytest.mark.parametrize("be", cpu_backend_params())
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "tanh", "linear"])
+@pytest.mark.parametrize("xs,ws,strides,padding,dilation", [
+    ((2, 9, 11, 16), (3, 3, 16, 24), 1, "valid", 1),            # cpp: Winograd, derivative fused
+    ((3, 8, 7, 1), (3, 3, 1, 8), 1, "same", 1),                  # cpp: direct backward-filter, fused
+    ((2, 10, 9, 5), (3, 2, 5, 7), 2, ((1, 0), (2, 1)), 1),       # cpp: dz formed first (stride 2)
+    ((1, 12, 12, 4), (3, 3, 4, 6), 1, "same", 2),                # dilation 2
+])
+def test_backward_passes_take_dy_and_the_activation_output(be, act, xs, ws, strides, padding, dilation):
+    """conv2d_backward_data / _filter with ``y=`` and ``activation=`` equal the passes given
+    dz = act'(y) · dy, on every backend (fused inside the kernels or formed first)."""
+    g = conv_geometry(xs, ws, strides, padding, dilation)
+    x, w = f32(*g.x_shape, seed=1), f32(*g.w_shape, seed=2)
+    dy = f32(*g.y_shape, seed=3)
+    y = ref.activate(f32(*g.y_shape, seed=4), act).astype(np.float32)
+    dz = ref.activation_backward(dy, y, act).astype(np.float32)
+    geo = dict(strides=strides, padding=padding, dilation=dilation, backend=be)
+    dx = ops.conv2d_backward_data(dy, w, g.x_shape, y=y, activation=act, **geo)
+    np.testing.assert_allclose(dx, ref.conv2d_backward_data(dz, w, g), rtol=1e-4, atol=1e-4)
+    dw, db = ops.conv2d_backward_filter(x, dy, g.w_shape, y=y, activation=act, **geo)
+    rdw, rdb = ref.conv2d_backward_filter(x, dz, g)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(db, rdb, rtol=1e-4, atol=1e-3)
+
+
+def test_backward_activation_arguments_are_checked(backend):
+    g = conv_geometry((1, 5, 5, 2), (3, 3, 2, 3))
+    x, w, dy = f32(*g.x_shape), f32(*g.w_shape), f32(*g.y_shape)
+    with pytest.raises(ValueError, match=r"y \(the activation's output\) is needed for activation 'relu'"):
+        ops.conv2d_backward_data(dy, w, g.x_shape, activation="relu", backend=backend)
+    with pytest.raises(ValueError, match=r"y has shape \(1, 3, 3, 2\), expected \(1, 3, 3, 3\)"):
+        ops.conv2d_backward_filter(x, dy, g.w_shape, y=f32(1, 3, 3, 2), activation="tanh", backend=backend)
+    with pytest.raises(TypeError, match="y must be float32, got float64"):
+        ops.conv2d_backward_data(dy, w, g.x_shape, y=np.zeros(g.y_shape), activation="relu", backend=backend)
+    with pytest.raises(ValueError, match="softmax"):
+        ops.conv2d_backward_filter(x, dy, g.w_shape, y=f32(*g.y_shape), activation="softmax", backend=backend)
+    # linear needs no y, and an empty batch gives empty gradients with y given too
+    np.testing.assert_allclose(ops.conv2d_backward_data(dy, w, g.x_shape, activation="linear", backend=backend),
+                               ref.conv2d_backward_data(dy, w, g), rtol=1e-5, atol=1e-5)
+    e = conv_geometry((0, 5, 5, 2), (3, 3, 2, 3))
+    dx = ops.conv2d_backward_data(np.zeros(e.y_shape, np.float32), w, e.x_shape, y=np.zeros(e.y_shape, np.float32),
+                                  activation="relu", backend=backend)
+    assert dx.shape == e.x_shape
+

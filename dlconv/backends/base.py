@@ -48,6 +48,12 @@ class Backend:
     def conv2d_backward_data(self, dy, w, g, *, on_device: bool, stream=None):
         raise NotImplementedError  # abstract
 
+    def fuses_activation_grad(self, on_device: bool) -> bool:
+        """Whether the conv backward passes take ``y=`` and ``activation=`` (dy then being
+        dL/d(activated output)) and apply the derivative inside their kernels.  When False,
+        :mod:`dlconv.ops` runs :meth:`activation_backward` first."""
+        return False
+
     def conv2d_backward_filter(self, x, dy, g, *, on_device: bool, stream=None):
         """→ (dw with shape g.w_shape, db with shape (g.filters,))."""
         raise NotImplementedError  # abstract

@@ -147,23 +147,33 @@ class CppBackend(Backend):
         return self._cpu().conv2d_forward(x, w, b, g.as_tuple(), code, empty_host(g.y_shape),
                                           variant=CPU_VARIANTS.get(variant, 0))
 
-    def conv2d_backward_data(self, dy, w, g, *, on_device, stream=None):
+    def fuses_activation_grad(self, on_device):
+        # The CPU kernels read dy through act'(y) (csrc/cpu_act.h); the CUDA ones do not.
+        return not on_device
+
+    def conv2d_backward_data(self, dy, w, g, *, on_device, stream=None, y=None, activation="linear"):
         if on_device:
+            if activation != "linear":
+                raise ValueError("the CUDA conv backward passes take dL/dz (activation 'linear')")
             lib = self._gpu()
             dx = self._dev_empty(g.x_shape, stream)
             lib.conv2d_backward_data(dy, w, g.as_tuple(), dx, stream_handle(stream))
             return dx
-        return self._cpu().conv2d_backward_data(dy, w, g.as_tuple(), empty_host(g.x_shape))
+        return self._cpu().conv2d_backward_data(dy, w, g.as_tuple(), empty_host(g.x_shape), y=y,
+                                                activation=_act.code(activation))
 
-    def conv2d_backward_filter(self, x, dy, g, *, on_device, stream=None):
+    def conv2d_backward_filter(self, x, dy, g, *, on_device, stream=None, y=None, activation="linear"):
         if on_device:
+            if activation != "linear":
+                raise ValueError("the CUDA conv backward passes take dL/dz (activation 'linear')")
             lib = self._gpu()
             dw = self._dev_empty(g.w_shape, stream)
             db = self._dev_empty((g.filters,), stream)
             lib.conv2d_backward_filter(x, dy, g.as_tuple(), dw, db, stream_handle(stream))
             return dw, db
         return self._cpu().conv2d_backward_filter(x, dy, g.as_tuple(), empty_host(g.w_shape),
-                                                  empty_host((g.filters,)))
+                                                  empty_host((g.filters,)), y=y,
+                                                  activation=_act.code(activation))
 
     # -- dense -------------------------------------------------------------------------
     def dense_forward(self, x, w, b, activation, *, on_device, stream=None):
