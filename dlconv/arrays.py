@@ -15,6 +15,10 @@ Policy (the same for every backend):
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import numpy as np
 
 #: DLPack device types that are CUDA memory (kDLCUDA, kDLCUDAHost, kDLCUDAManaged).
@@ -109,12 +113,85 @@ def same_place(named) -> bool:
 HOST_ALIGN = 64
 
 
+#: Host outputs of at least this many bytes come from :data:`HOST_POOL` (smaller ones are
+#: cheap for malloc and stay in its caches).
+POOL_MIN_BYTES = 1 << 18
+
+
+class HostPool:
+    """Recycled, aligned host buffers for kernel outputs.
+
+    Why: a fresh multi-megabyte output is a fresh ``mmap`` from malloc, so the kernel that
+    fills it first takes one page fault per 4 KiB (19 MB: ~4,700 faults, several ms of
+    system time in a training step, where TensorFlow frees our outputs on its own threads
+    and malloc keeps returning the memory to the system).  The pool keeps released buffers
+    and hands them out again with their pages already mapped.
+
+    A buffer is reused only when nothing else refers to it: every array handed out is a view
+    whose ``base`` is the pooled buffer, so a reference count of the pool's own references
+    means no view is alive (TensorFlow keeps the array it adopted, and with it the buffer,
+    until its tensor dies).  ``limit_bytes`` caps what the pool keeps (default 256 MiB,
+    environment ``DLCONV_HOST_POOL_MB``; 0 turns pooling off); past it, outputs are plain
+    allocations.  Thread-safe.
+    """
+
+    #: references to a pooled buffer held by the pool's list, the loop variable and the
+    #: sys.getrefcount argument: any more is a live view
+    _FREE_REFS = 3
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = int(limit_bytes)
+        self.held_bytes = 0
+        self._buffers = {}          # nbytes -> [uint8 arrays of nbytes + HOST_ALIGN]
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int):
+        """A free buffer of ``nbytes + HOST_ALIGN`` bytes, or None (then allocate normally)."""
+        if self.limit_bytes <= 0:
+            return None
+        with self._lock:
+            same = self._buffers.setdefault(nbytes, [])
+            for raw in same:
+                if sys.getrefcount(raw) <= self._FREE_REFS:
+                    return raw
+            size = nbytes + HOST_ALIGN
+            if self.held_bytes + size > self.limit_bytes:
+                return None
+            raw = np.empty(size, np.uint8)
+            same.append(raw)
+            self.held_bytes += size
+            return raw
+
+    def clear(self) -> None:
+        """Drop every pooled buffer (live views keep theirs alive until they die)."""
+        with self._lock:
+            self._buffers.clear()
+            self.held_bytes = 0
+
+
+def _pool_limit() -> int:
+    raw = os.environ.get("DLCONV_HOST_POOL_MB", "256")
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise ValueError(f"DLCONV_HOST_POOL_MB must be a number of MiB, got {raw!r}") from None
+    return int(max(mb, 0.0) * (1 << 20))
+
+
+#: The process-wide pool :func:`empty_host` draws from.
+HOST_POOL = HostPool(_pool_limit())
+
+
 def empty_host(shape, dtype=np.float32) -> np.ndarray:
     """An uninitialised C-contiguous host array whose data start on a HOST_ALIGN boundary
-    (an empty array has no data to align; NumPy may give it any address)."""
+    (an empty array has no data to align; NumPy may give it any address).  Arrays of
+    :data:`POOL_MIN_BYTES` or more reuse a released buffer of :data:`HOST_POOL` when one is
+    free.  The contents are garbage either way: every caller overwrites all of it."""
     shape = tuple(int(s) for s in shape)
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + HOST_ALIGN, np.uint8)
+    raw = HOST_POOL.take(nbytes) if nbytes >= POOL_MIN_BYTES else None
+    if raw is None:
+        raw = np.empty(nbytes + HOST_ALIGN, np.uint8)
     start = (-raw.ctypes.data) % HOST_ALIGN
     return raw[start:start + nbytes].view(dtype).reshape(shape)

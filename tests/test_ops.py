@@ -278,3 +278,54 @@ def test_backward_activation_arguments_are_checked(backend):
                                   activation="relu", backend=backend)
     assert dx.shape == e.x_shape
 
+
+# ----------------------------------------------------------------------------- host output pool
+def test_host_pool_reuses_a_buffer_only_when_no_view_is_alive():
+    from dlconv.arrays import HostPool
+
+    pool = HostPool(limit_bytes=10 << 20)
+    a = pool.take(1 << 20)
+    b = pool.take(1 << 20)
+    assert a is not None and b is not None and a is not b          # a is still referenced here
+    view = a[10:20]
+    del a
+    c = pool.take(1 << 20)
+    assert c is not view.base and c is not b                        # a's buffer lives on in view
+    del view, c
+    d = pool.take(1 << 20)
+    assert d is not b                                               # a's (or c's) buffer came back
+    assert pool.held_bytes == 3 * ((1 << 20) + 64)
+    assert pool.take(8 << 20) is None                               # past the limit: caller allocates
+    pool.clear()
+    assert pool.held_bytes == 0
+
+
+def test_empty_host_recycles_large_outputs_and_never_hands_out_a_live_one():
+    from dlconv import arrays
+
+    shape = (64, 32, 32)                   # 256 KiB: pooled
+    first = arrays.empty_host(shape)
+    first[...] = 7.0
+    second = arrays.empty_host(shape)
+    assert not np.shares_memory(first, second)
+    second[...] = 3.0
+    assert (first == 7.0).all()
+    addr = first.ctypes.data
+    del first
+    third = arrays.empty_host(shape)
+    assert third.ctypes.data % arrays.HOST_ALIGN == 0
+    assert third.ctypes.data == addr       # the released buffer, pages already mapped
+    assert (second == 3.0).all()
+
+
+def test_host_pool_size_from_the_environment(monkeypatch):
+    from dlconv import arrays
+
+    monkeypatch.setenv("DLCONV_HOST_POOL_MB", "0")
+    assert arrays._pool_limit() == 0
+    assert arrays.HostPool(arrays._pool_limit()).take(1 << 20) is None
+    monkeypatch.setenv("DLCONV_HOST_POOL_MB", "1.5")
+    assert arrays._pool_limit() == 3 << 19
+    monkeypatch.setenv("DLCONV_HOST_POOL_MB", "lots")
+    with pytest.raises(ValueError, match="DLCONV_HOST_POOL_MB must be a number of MiB, got 'lots'"):
+        arrays._pool_limit()
