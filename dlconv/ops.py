@@ -27,7 +27,8 @@ output z; apply :func:`activation_backward` first when the forward fused an acti
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
+import os
 import threading
 from typing import Optional
 
@@ -43,16 +44,58 @@ __all__ = ["conv2d", "conv2d_backward_data", "conv2d_backward_filter", "dense", 
 
 DEFAULT_BACKEND = "numba"
 
-#: Host kernels run one at a time across Python threads.  Each one already spreads over
-#: every core (OpenMP in C++, ``parallel=True`` in Numba); two at once only fight for the
-#: cores — TensorFlow runs independent ops concurrently, and in a Keras training step that
-#: made each kernel 1.5-2x slower — and Numba's default "workqueue" threading layer must not
-#: be entered from two threads at once.  Device kernels are ordered by their streams instead.
-_HOST_LOCK = threading.Lock()
+class HostThread:
+    """Every host kernel runs on one long-lived thread, ``dlconv-host``, one call at a time.
+
+    One at a time: each kernel already spreads over every core (OpenMP in C++,
+    ``parallel=True`` in Numba); two at once only fight for the cores (TensorFlow runs
+    independent ops concurrently; in a Keras training step that made each kernel 1.5-2x
+    slower), and Numba's default "workqueue" threading layer must not be entered from two
+    threads at once.
+
+    One thread: libgomp keeps a separate team of worker threads for every thread that starts
+    a parallel region.  TensorFlow calls the ops from whichever of its pool threads is free,
+    so the kernels used to start regions from several threads, and each of them kept its own
+    OpenMP workers (spinning for a while after every region) competing for the same cores.
+    Run from this one thread, there is a single team.  The caller waits asleep (a lock), so
+    the hand-over costs tens of microseconds.  Device kernels need none of this: their
+    streams order them, and they run on the caller's thread.
+    """
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self._lock = threading.Lock()
+        self._executor = None
+        self._ident = None
+
+    def _started(self):
+        self._ident = threading.get_ident()
+
+    def run(self, fn):
+        """``fn()`` on the host thread; its result or exception comes back to the caller."""
+        if threading.get_ident() == self._ident:   # already there (nested op calls)
+            return fn()
+        ex = self._executor
+        if ex is None:
+            with self._lock:
+                if self._executor is None:
+                    self._executor = concurrent.futures.ThreadPoolExecutor(
+                        1, thread_name_prefix="dlconv-host", initializer=self._started)
+                ex = self._executor
+        return ex.submit(fn).result()
 
 
-def _serial(on_device: bool):
-    return contextlib.nullcontext() if on_device else _HOST_LOCK
+#: The thread every host kernel runs on (see :class:`HostThread`).
+HOST_THREAD = HostThread()
+if hasattr(os, "register_at_fork"):     # a forked child has no such thread: start afresh there
+    os.register_at_fork(after_in_child=HOST_THREAD._reset)
+
+
+def _run(on_device: bool, fn):
+    """Run the kernel call ``fn()``: host calls on :data:`HOST_THREAD`, device calls here."""
+    return fn() if on_device else HOST_THREAD.run(fn)
 
 
 def _resolve_backend(backend, on_device: bool):
@@ -116,8 +159,8 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
                          f"{be.name!r}, got {variant!r}")
     if g.batch == 0:
         return _empty(g.y_shape, on_device, stream)
-    with _serial(on_device):
-        return be.conv2d_forward(x, w, b, g, act, on_device=on_device, variant=variant, stream=stream)
+    return _run(on_device, lambda: be.conv2d_forward(x, w, b, g, act, on_device=on_device, variant=variant,
+                                                     stream=stream))
 
 
 def _activation_grad(activation, y, g: ConvGeometry):
@@ -133,7 +176,7 @@ def _activation_grad(activation, y, g: ConvGeometry):
 def _grad_through(be, dy, y, act, on_device, stream):
     """(dy or dz, keyword arguments) for a conv backward pass of ``be``: backends that apply
     the activation derivative inside their kernels get y and the activation; for the others
-    dz = act'(y) · dy is formed first.  Call inside ``_serial``."""
+    dz = act'(y) · dy is formed first.  Call inside ``_run``."""
     if act == "linear":
         return dy, {}
     if be.fuses_activation_grad(on_device):
@@ -156,9 +199,10 @@ def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
     be = _resolve_backend(backend, on_device)
     if g.batch == 0:
         return _empty(g.x_shape, on_device, stream)
-    with _serial(on_device):
-        dy, kw = _grad_through(be, dy, y, act, on_device, stream)
-        return be.conv2d_backward_data(dy, w, g, on_device=on_device, stream=stream, **kw)
+    def call():
+        dz, kw = _grad_through(be, dy, y, act, on_device, stream)
+        return be.conv2d_backward_data(dz, w, g, on_device=on_device, stream=stream, **kw)
+    return _run(on_device, call)
 
 
 def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=1,
@@ -178,9 +222,10 @@ def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=
             return (cuda.to_device(np.zeros(g.w_shape, np.float32), stream=stream or 0),
                     cuda.to_device(np.zeros(g.filters, np.float32), stream=stream or 0))
         return np.zeros(g.w_shape, np.float32), np.zeros(g.filters, np.float32)
-    with _serial(on_device):
-        dy, kw = _grad_through(be, dy, y, act, on_device, stream)
-        return be.conv2d_backward_filter(x, dy, g, on_device=on_device, stream=stream, **kw)
+    def call():
+        dz, kw = _grad_through(be, dy, y, act, on_device, stream)
+        return be.conv2d_backward_filter(x, dz, g, on_device=on_device, stream=stream, **kw)
+    return _run(on_device, call)
 
 
 # ----------------------------------------------------------------------------- dense
@@ -195,11 +240,11 @@ def dense(x, w, b=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
     if g.batch == 0:
         return _empty(g.y_shape, on_device, stream)
     if act == "softmax":
-        with _serial(on_device):
+        def call():
             z = be.dense_forward(x, w, b, "linear", on_device=on_device, stream=stream)
             return be.softmax(z, on_device=on_device, stream=stream)
-    with _serial(on_device):
-        return be.dense_forward(x, w, b, act, on_device=on_device, stream=stream)
+        return _run(on_device, call)
+    return _run(on_device, lambda: be.dense_forward(x, w, b, act, on_device=on_device, stream=stream))
 
 
 def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
@@ -223,11 +268,11 @@ def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, s
             zeros[2] = cuda.to_device(np.zeros(g.out_features, np.float32), stream=stream or 0)
         return tuple(zeros)
     if act == "softmax":
-        with _serial(on_device):
-            dy = be.activation_backward(dy, y, "softmax", on_device=on_device, stream=stream)
-        act = "linear"
-    with _serial(on_device):
-        return be.dense_backward(x, w, dy, y, act, on_device=on_device, stream=stream)
+        def call():
+            dz = be.activation_backward(dy, y, "softmax", on_device=on_device, stream=stream)
+            return be.dense_backward(x, w, dz, y, "linear", on_device=on_device, stream=stream)
+        return _run(on_device, call)
+    return _run(on_device, lambda: be.dense_backward(x, w, dy, y, act, on_device=on_device, stream=stream))
 
 
 def softmax(z, backend=DEFAULT_BACKEND, stream=None):
@@ -236,8 +281,7 @@ def softmax(z, backend=DEFAULT_BACKEND, stream=None):
     be = _resolve_backend(backend, on_device)
     if z.shape[0] == 0:
         return _empty(z.shape, on_device, stream)
-    with _serial(on_device):
-        return be.softmax(z, on_device=on_device, stream=stream)
+    return _run(on_device, lambda: be.softmax(z, on_device=on_device, stream=stream))
 
 
 def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None):
@@ -250,5 +294,4 @@ def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None)
     be = _resolve_backend(backend, on_device)
     if dy.size == 0:
         return _empty(dy.shape, on_device, stream)
-    with _serial(on_device):
-        return be.activation_backward(dy, y, act, on_device=on_device, stream=stream)
+    return _run(on_device, lambda: be.activation_backward(dy, y, act, on_device=on_device, stream=stream))

@@ -329,3 +329,45 @@ def test_host_pool_size_from_the_environment(monkeypatch):
     monkeypatch.setenv("DLCONV_HOST_POOL_MB", "lots")
     with pytest.raises(ValueError, match="DLCONV_HOST_POOL_MB must be a number of MiB, got 'lots'"):
         arrays._pool_limit()
+
+
+# ----------------------------------------------------------------------------- the host thread
+def test_host_kernels_run_on_one_thread_whoever_calls():
+    """Calls from many threads all run on the one dlconv-host thread (one OpenMP team),
+    results and exceptions come back to each caller, and a nested call runs in place."""
+    import concurrent.futures as cf
+    import threading
+
+    host = ops.HOST_THREAD
+    with cf.ThreadPoolExecutor(4) as pool:
+        seen = set(pool.map(lambda _: (host.run(threading.get_ident), threading.get_ident()), range(16)))
+    runners = {r for r, _ in seen}
+    callers = {c for _, c in seen}
+    assert len(runners) == 1 and not runners & callers
+    assert host.run(lambda: host.run(threading.get_ident)) == runners.pop()
+    with pytest.raises(ZeroDivisionError):
+        host.run(lambda: 1 / 0)
+    # validation still happens in the caller, before any hand-over
+    with pytest.raises(ValueError, match="channel"):
+        ops.conv2d(f32(1, 5, 5, 2), f32(3, 3, 3, 4), backend="cpp")
+
+
+def _conv_in_child(_):
+    x = np.ones((2, 8, 8, 16), np.float32)
+    w = np.ones((3, 3, 16, 16), np.float32)
+    return float(ops.conv2d(x, w, backend="cpp").sum())
+
+
+def test_host_thread_works_in_a_forked_child():
+    """A forked child has no host thread (threads do not survive fork): it starts its own."""
+    import multiprocessing as mp
+
+    from dlconv import backends
+
+    ok, why = backends.get("cpp").cpu_status()
+    if not ok:
+        pytest.skip(f"backend 'cpp' cannot run here: {why}")
+    expected = _conv_in_child(0)                  # the parent's host thread exists now
+    assert expected == 2 * 6 * 6 * 16 * 3 * 3 * 16
+    with mp.get_context("fork").Pool(1) as pool:
+        assert pool.map(_conv_in_child, [0, 1], chunksize=1) == [expected, expected]
