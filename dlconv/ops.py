@@ -57,26 +57,36 @@ class HostThread:
     a parallel region.  TensorFlow calls the ops from whichever of its pool threads is free,
     so the kernels used to start regions from several threads, and each of them kept its own
     OpenMP workers (spinning for a while after every region) competing for the same cores.
-    Run from this one thread, there is a single team.  The caller waits asleep (a lock), so
-    the hand-over costs tens of microseconds.  Device kernels need none of this: their
-    streams order them, and they run on the caller's thread.
+    Run from this one thread, there is a single team.  The caller waits asleep, so the
+    hand-over costs a thread wake-up each way (~30-70 us on a virtual machine).  Calls from
+    the main thread (a script calling the op API, Keras run eagerly) skip the hand-over and
+    run in place: that is at most one more team, and the common single-threaded use pays
+    nothing.  Either way a re-entrant lock keeps the kernels one at a time.  Device kernels
+    need none of this: their streams order them, and they run on the caller's thread.
     """
 
     def __init__(self):
         self._reset()
 
     def _reset(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()          # guards starting the executor
+        self._busy = threading.RLock()         # one kernel call at a time
         self._executor = None
         self._ident = None
 
     def _started(self):
         self._ident = threading.get_ident()
 
-    def run(self, fn):
-        """``fn()`` on the host thread; its result or exception comes back to the caller."""
-        if threading.get_ident() == self._ident:   # already there (nested op calls)
+    def _locked(self, fn):
+        with self._busy:
             return fn()
+
+    def run(self, fn):
+        """``fn()`` on the host thread (in place on the main thread); its result or
+        exception comes back to the caller."""
+        ident = threading.get_ident()
+        if ident == self._ident or ident == threading.main_thread().ident:
+            return self._locked(fn)
         ex = self._executor
         if ex is None:
             with self._lock:
@@ -84,7 +94,7 @@ class HostThread:
                     self._executor = concurrent.futures.ThreadPoolExecutor(
                         1, thread_name_prefix="dlconv-host", initializer=self._started)
                 ex = self._executor
-        return ex.submit(fn).result()
+        return ex.submit(self._locked, fn).result()
 
 
 #: The thread every host kernel runs on (see :class:`HostThread`).

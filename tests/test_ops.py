@@ -334,19 +334,26 @@ def test_host_pool_size_from_the_environment(monkeypatch):
 # ----------------------------------------------------------------------------- the host thread
 def test_host_kernels_run_on_one_thread_whoever_calls():
     """Calls from many threads all run on the one dlconv-host thread (one OpenMP team),
-    results and exceptions come back to each caller, and a nested call runs in place."""
+    results and exceptions come back to each caller, a nested call runs in place, and the
+    main thread runs its calls in place (no hand-over)."""
     import concurrent.futures as cf
     import threading
 
     host = ops.HOST_THREAD
+    nested = lambda: host.run(threading.get_ident)  # noqa: E731
     with cf.ThreadPoolExecutor(4) as pool:
-        seen = set(pool.map(lambda _: (host.run(threading.get_ident), threading.get_ident()), range(16)))
-    runners = {r for r, _ in seen}
-    callers = {c for _, c in seen}
+        seen = set(pool.map(lambda _: (host.run(threading.get_ident), host.run(nested), threading.get_ident()),
+                            range(16)))
+    runners = {r for r, _, _ in seen} | {n for _, n, _ in seen}
+    callers = {c for _, _, c in seen}
     assert len(runners) == 1 and not runners & callers
-    assert host.run(lambda: host.run(threading.get_ident)) == runners.pop()
+    assert threading.current_thread() is threading.main_thread()
+    assert host.run(threading.get_ident) == threading.get_ident()
     with pytest.raises(ZeroDivisionError):
         host.run(lambda: 1 / 0)
+    with cf.ThreadPoolExecutor(1) as pool:
+        with pytest.raises(ZeroDivisionError):
+            pool.submit(host.run, lambda: 1 / 0).result()
     # validation still happens in the caller, before any hand-over
     with pytest.raises(ValueError, match="channel"):
         ops.conv2d(f32(1, 5, 5, 2), f32(3, 3, 3, 4), backend="cpp")
