@@ -22,7 +22,11 @@ Backward functions (used by :mod:`dlconv.layers`, usable directly):
 ``activation_backward(dy, y, activation)``      → dL/dz (from the activation's output y)
 
 The conv backward functions take the gradient with respect to the convolution's *linear*
-output z; apply :func:`activation_backward` first when the forward fused an activation.
+output z.  When the forward fused an activation, apply :func:`activation_backward` first,
+or pass dL/dy with ``y=`` (the activated output) and ``activation=``: the ``cpp`` CPU
+kernels then apply the derivative as they read dy.
+
+Host kernels run one at a time (:data:`HOST_THREAD`); device kernels on their stream.
 """
 
 from __future__ import annotations

@@ -208,32 +208,25 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
         dy_, y_ = arrays
         return [_ops.activation_backward(dy_, y_, act, backend=resolve_backend(backend, on_device))]
 
+    # The gradient arrives as [dz] (dL/dz, the linear output's), or, when the backend applies
+    # the activation derivative inside its kernels, as [dy, y] (dL/dy and the layer's output:
+    # no dz tensor and no activation-backward op; see _fused_activation_grad).
+    def grad_args(d):
+        return (d[0], {"y": d[1], "activation": act}) if len(d) == 2 else (d[0], {})
+
     def backward_data(arrays, on_device):
-        dz_, w_, x_ = arrays            # x_ only for its shape (a view: nothing is copied)
+        *d, w_, x_ = arrays             # x_ only for its shape (a view: nothing is copied)
         g = geometry(x_.shape)
-        be = resolve_backend(backend, on_device)
-        return [_ops.conv2d_backward_data(dz_, w_, g.x_shape, backend=be, geometry=g)]
+        d_, kw = grad_args(d)
+        return [_ops.conv2d_backward_data(d_, w_, g.x_shape, backend=resolve_backend(backend, on_device),
+                                          geometry=g, **kw)]
 
     def backward_filter(arrays, on_device):
-        x_, dz_ = arrays
+        x_, *d = arrays
         g = geometry(x_.shape)
-        be = resolve_backend(backend, on_device)
-        dw, db = _ops.conv2d_backward_filter(x_, dz_, w_shape, backend=be, geometry=g)
-        return [dw, db] if has_bias else [dw]
-
-    # The same two passes taking dL/dy and y: the backend applies act' as its kernels read dy
-    # (no dz tensor, no activation-backward op; see _fused_activation_grad).
-    def backward_data_act(arrays, on_device):
-        dy_, y_, w_, x_ = arrays
-        g = geometry(x_.shape)
-        be = resolve_backend(backend, on_device)
-        return [_ops.conv2d_backward_data(dy_, w_, g.x_shape, backend=be, geometry=g, y=y_, activation=act)]
-
-    def backward_filter_act(arrays, on_device):
-        x_, dy_, y_ = arrays
-        g = geometry(x_.shape)
-        be = resolve_backend(backend, on_device)
-        dw, db = _ops.conv2d_backward_filter(x_, dy_, w_shape, backend=be, geometry=g, y=y_, activation=act)
+        d_, kw = grad_args(d)
+        dw, db = _ops.conv2d_backward_filter(x_, d_, w_shape, backend=resolve_backend(backend, on_device),
+                                             geometry=g, **kw)
         return [dw, db] if has_bias else [dw]
 
     fused_grad = act != "linear" and _fused_activation_grad(backend)
@@ -248,16 +241,15 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
         def grad(dy):
             n_w = 2 if has_bias else 1
             if fused_grad:
-                (dx,) = _callback(backward_data_act, [dy, y, w_t, x_t], 1)
-                dwb = _callback(backward_filter_act, [x_t, dy, y], n_w)
+                d = [dy, y]
+            elif act == "linear":
+                d = [dy]
             else:
-                if act == "linear":
-                    dz = dy
-                else:
-                    (dz,) = _callback(activation_backward, [dy, y], 1)
-                    dz.set_shape(y.shape)
-                (dx,) = _callback(backward_data, [dz, w_t, x_t], 1)
-                dwb = _callback(backward_filter, [x_t, dz], n_w)
+                (dz,) = _callback(activation_backward, [dy, y], 1)
+                dz.set_shape(y.shape)
+                d = [dz]
+            (dx,) = _callback(backward_data, d + [w_t, x_t], 1)
+            dwb = _callback(backward_filter, [x_t] + d, n_w)
             dx.set_shape(x_t.shape)
             dwb[0].set_shape(w_t.shape)
             if has_bias:
