@@ -118,6 +118,20 @@ HOST_ALIGN = 64
 POOL_MIN_BYTES = 1 << 18
 
 
+def _loop_refs() -> int:
+    """The reference count :meth:`HostPool.take` sees for a buffer nothing else refers to
+    (the list's, the loop variable's and getrefcount's argument, as this Python counts them):
+    measured with the same loop rather than assumed."""
+    count = 0
+    for raw in [np.empty(1, np.uint8)]:
+        count = sys.getrefcount(raw)
+    return count
+
+
+#: What :meth:`HostPool.take` sees for a free buffer; any more references are live views.
+_FREE_REFS = _loop_refs()
+
+
 class HostPool:
     """Recycled, aligned host buffers for kernel outputs.
 
@@ -135,10 +149,6 @@ class HostPool:
     allocations.  Thread-safe.
     """
 
-    #: references to a pooled buffer held by the pool's list, the loop variable and the
-    #: sys.getrefcount argument: any more is a live view
-    _FREE_REFS = 3
-
     def __init__(self, limit_bytes: int):
         self.limit_bytes = int(limit_bytes)
         self.held_bytes = 0
@@ -152,7 +162,7 @@ class HostPool:
         with self._lock:
             same = self._buffers.setdefault(nbytes, [])
             for raw in same:
-                if sys.getrefcount(raw) <= self._FREE_REFS:
+                if sys.getrefcount(raw) <= _FREE_REFS:
                     return raw
             size = nbytes + HOST_ALIGN
             if self.held_bytes + size > self.limit_bytes:
