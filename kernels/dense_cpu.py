@@ -15,8 +15,9 @@ x[i, p] against the contiguous row w[p, :] (the inner loop over o vectorises wit
 reassociation), then applies bias + activation in the same pass.  Ragged edge: the last
 row block is shorter.
 Backward: pass 1 computes dz (the derivative fused with the read of dy) and db over fixed
-row chunks; pass 2 dx from dz and w transposed (inner loop over contiguous p); pass 3 dw,
-one iteration per row p of dw reducing over i in order.  No atomics: deterministic.
+row chunks; passes 2 and 3, dx = dz · wᵀ and dw = xᵀ · dz, on the conv kernels' 6 x 64
+f32x16 register tile (cpu_common), each reduction in index order.  No atomics:
+deterministic.
 Softmax: one iteration per row: max, exp and sum, scale (the max subtracted first so exp
 never overflows).
 
@@ -32,7 +33,9 @@ from numba import njit, prange
 
 from dlconv.arrays import empty_host  # 64-byte aligned: TensorFlow adopts it without a copy
 
-from .cpu_common import FASTMATH, activate, derivative_from_output
+from .cpu_common import (FASTMATH, LANES, MICRO_MR, MICRO_NR, MICRO_NV, activate,
+                         derivative_from_output, stack_micro_tile, vbroadcast, vfma, vload, vstore,
+                         vzero)
 
 __all__ = ["forward", "softmax", "backward", "activation_backward", "softmax_backward"]
 
@@ -115,42 +118,166 @@ def _dz_db_kernel(dy, y, dz, act, chunks):
     return db
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _dx_kernel(dz, wt, dx):
-    """dx = dz @ w.T with wt = w.T contiguous (O, I): inner loop over contiguous p."""
-    n_b, n_out = dz.shape
-    n_in = wt.shape[1]
-    for i in prange(n_b):
-        acc = np.zeros(n_in, np.float32)
-        for o in range(n_out):
-            d = dz[i, o]
-            for p in range(n_in):
-                acc[p] += d * wt[o, p]
-        dx[i, :] = acc
+@njit(inline="always")
+def _store_panel(out, base, v, kn, buf):
+    """out[base : base + kn] = the first kn lanes of v (kn <= LANES)."""
+    if kn == LANES:
+        vstore(out, base, v)
+    else:
+        vstore(buf, 0, v)
+        for j in range(kn):
+            out[base + j] = buf[j]
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _dw_kernel(x, dz, dw):
-    """dw = x.T @ dz: iteration p owns row dw[p, :], reducing over i in order."""
-    n_b, n_in = x.shape
-    n_out = dz.shape[1]
-    for p in prange(n_in):
-        acc = np.zeros(n_out, np.float32)
-        for i in range(n_b):
-            xv = x[i, p]
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+def _dx_kernel(dzf, w, dxf, n_b, n_in, n_out):
+    """dx = dz @ w.T on the 6 x 64 register tile of the conv kernels.
+
+    Item = a panel of MICRO_NR columns p of dx: its slice of w is first transposed into a
+    local (O, 64) block wb (zero past n_in; 32 KB at O = 128, in L1), then every block of
+    MICRO_MR rows i holds 24 f32x16 accumulators while o runs over the reduction in order:
+    per o, 4 vector loads of wb[o, :], 6 broadcasts of dz[i, o], 24 FMAs.  Rows past the last
+    full block of 6 go one at a time; columns past n_in are not stored.  w is never
+    transposed as a whole (a strided 9216 x 128 copy took longer than the products).
+    """
+    mr = MICRO_MR
+    nr = MICRO_NR
+    nv = MICRO_NV
+    n_panels = (n_in + nr - 1) // nr
+    n_full = n_b // mr
+    for item in prange(n_panels):
+        p0 = item * nr
+        pn = min(nr, n_in - p0)
+        wb = np.zeros(n_out * nr, np.float32)
+        for q in range(pn):
             for o in range(n_out):
-                acc[o] += xv * dz[i, o]
-        dw[p, :] = acc
+                wb[o * nr + q] = w[p0 + q, o]
+        buf = np.empty(LANES, np.float32)
+        acc = stack_micro_tile()
+        for blk in range(n_full):
+            i0 = blk * mr
+            for k in range(mr * nv):
+                acc[k] = vzero()
+            for o in range(n_out):
+                w_0 = vload(wb, o * nr)
+                w_1 = vload(wb, o * nr + LANES)
+                w_2 = vload(wb, o * nr + 2 * LANES)
+                w_3 = vload(wb, o * nr + 3 * LANES)
+                for r in range(mr):
+                    dv = vbroadcast(dzf, (i0 + r) * n_out + o)
+                    acc[r * nv + 0] = vfma(dv, w_0, acc[r * nv + 0])
+                    acc[r * nv + 1] = vfma(dv, w_1, acc[r * nv + 1])
+                    acc[r * nv + 2] = vfma(dv, w_2, acc[r * nv + 2])
+                    acc[r * nv + 3] = vfma(dv, w_3, acc[r * nv + 3])
+            for r in range(mr):
+                for v in range(nv):
+                    kn = min(LANES, max(0, pn - v * LANES))
+                    if kn > 0:
+                        _store_panel(dxf, (i0 + r) * n_in + p0 + v * LANES, acc[r * nv + v], kn, buf)
+        for i in range(n_full * mr, n_b):
+            a_0 = vzero()
+            a_1 = vzero()
+            a_2 = vzero()
+            a_3 = vzero()
+            for o in range(n_out):
+                dv = vbroadcast(dzf, i * n_out + o)
+                a_0 = vfma(dv, vload(wb, o * nr), a_0)
+                a_1 = vfma(dv, vload(wb, o * nr + LANES), a_1)
+                a_2 = vfma(dv, vload(wb, o * nr + 2 * LANES), a_2)
+                a_3 = vfma(dv, vload(wb, o * nr + 3 * LANES), a_3)
+            base = i * n_in + p0
+            _store_panel(dxf, base, a_0, min(LANES, pn), buf)
+            if pn > LANES:
+                _store_panel(dxf, base + LANES, a_1, min(LANES, pn - LANES), buf)
+            if pn > 2 * LANES:
+                _store_panel(dxf, base + 2 * LANES, a_2, min(LANES, pn - 2 * LANES), buf)
+            if pn > 3 * LANES:
+                _store_panel(dxf, base + 3 * LANES, a_3, pn - 3 * LANES, buf)
+
+
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+def _dw_kernel(xf, dzp, dwf, n_b, n_in, n_out, ldo):
+    """dw = x.T @ dz on the 6 x 64 register tile.
+
+    Item = MICRO_MR rows p of dw x one panel of MICRO_NR columns o: 24 f32x16 accumulators
+    while i runs over the batch in order; per i, 4 vector loads of dz[i, panel] (dzp: dz with
+    its rows padded to ldo, a multiple of 64, with zeros) and 6 broadcasts of x[i, p0 .. p0+6)
+    (contiguous in x), 24 FMAs.  Rows past the last full block of 6 go one at a time;
+    columns past n_out are not stored.
+    """
+    mr = MICRO_MR
+    nr = MICRO_NR
+    nv = MICRO_NV
+    n_panels = ldo // nr
+    n_blocks = (n_in + mr - 1) // mr
+    for item in prange(n_blocks * n_panels):
+        o0 = (item % n_panels) * nr
+        p0 = (item // n_panels) * mr
+        rows = min(mr, n_in - p0)
+        on = min(nr, n_out - o0)
+        buf = np.empty(LANES, np.float32)
+        if rows == mr:
+            acc = stack_micro_tile()
+            for k in range(mr * nv):
+                acc[k] = vzero()
+            for i in range(n_b):
+                d0 = i * ldo + o0
+                z_0 = vload(dzp, d0)
+                z_1 = vload(dzp, d0 + LANES)
+                z_2 = vload(dzp, d0 + 2 * LANES)
+                z_3 = vload(dzp, d0 + 3 * LANES)
+                xb = i * n_in + p0
+                for r in range(mr):
+                    xv = vbroadcast(xf, xb + r)
+                    acc[r * nv + 0] = vfma(xv, z_0, acc[r * nv + 0])
+                    acc[r * nv + 1] = vfma(xv, z_1, acc[r * nv + 1])
+                    acc[r * nv + 2] = vfma(xv, z_2, acc[r * nv + 2])
+                    acc[r * nv + 3] = vfma(xv, z_3, acc[r * nv + 3])
+            for r in range(mr):
+                for v in range(nv):
+                    kn = min(LANES, max(0, on - v * LANES))
+                    if kn > 0:
+                        _store_panel(dwf, (p0 + r) * n_out + o0 + v * LANES, acc[r * nv + v], kn, buf)
+        else:
+            for r in range(rows):
+                a_0 = vzero()
+                a_1 = vzero()
+                a_2 = vzero()
+                a_3 = vzero()
+                for i in range(n_b):
+                    xv = vbroadcast(xf, i * n_in + p0 + r)
+                    d0 = i * ldo + o0
+                    a_0 = vfma(xv, vload(dzp, d0), a_0)
+                    a_1 = vfma(xv, vload(dzp, d0 + LANES), a_1)
+                    a_2 = vfma(xv, vload(dzp, d0 + 2 * LANES), a_2)
+                    a_3 = vfma(xv, vload(dzp, d0 + 3 * LANES), a_3)
+                base = (p0 + r) * n_out + o0
+                _store_panel(dwf, base, a_0, min(LANES, on), buf)
+                if on > LANES:
+                    _store_panel(dwf, base + LANES, a_1, min(LANES, on - LANES), buf)
+                if on > 2 * LANES:
+                    _store_panel(dwf, base + 2 * LANES, a_2, min(LANES, on - 2 * LANES), buf)
+                if on > 3 * LANES:
+                    _store_panel(dwf, base + 3 * LANES, a_3, on - 3 * LANES, buf)
 
 
 def backward(x: np.ndarray, w: np.ndarray, dy: np.ndarray, y, act: int):
     """(dx, dw, db) of ``y = act(x @ w + b)``; y (forward output) is ignored when act is 0."""
     dz = empty_host(dy.shape)
     db = _dz_db_kernel(dy, dy if y is None else y, dz, act, DB_CHUNKS)
+    n_b, n_in = x.shape
+    n_out = w.shape[1]
     dx = empty_host(x.shape)
-    _dx_kernel(dz, np.ascontiguousarray(w.T), dx)
+    _dx_kernel(dz.reshape(-1), w, dx.reshape(-1), n_b, n_in, n_out)
+    ldo = -(-n_out // MICRO_NR) * MICRO_NR
+    if ldo == n_out:
+        dzp = dz.reshape(-1)
+    else:                                  # rows padded with zeros to whole 64-wide panels
+        dzp = np.zeros((n_b, ldo), np.float32)
+        dzp[:, :n_out] = dz
+        dzp = dzp.reshape(-1)
     dw = empty_host(w.shape)
-    _dw_kernel(x, dz, dw)
+    _dw_kernel(x.reshape(-1), dzp, dw.reshape(-1), n_b, n_in, n_out, ldo)
     return dx, dw, db
 
 

@@ -119,6 +119,21 @@ def test_cpu_dense_mnist_head_matches_tf():
     check(h, be.dense_backward(x, w, dy, h, "relu", on_device=False), x, w, b, dy, "relu")
 
 
+@pytest.mark.parametrize("batch,n_in,n_out", [
+    (13, 130, 64),    # 2 full 64-column panels of dx + a 2-column one; 2 row blocks of 6 + 1 row
+    (6, 6, 65),       # one 6-row block exactly; dw's second panel holds 1 column
+    (5, 200, 129),    # no full row block; dw panels 64 + 64 + 1 (dz padded to 192)
+    (7, 64, 128),     # exact panels
+])
+@pytest.mark.parametrize("act", ["linear", "relu"])
+def test_cpu_dense_backward_register_tile_edges(batch, n_in, n_out, act):
+    """The 6 x 64 register-tile kernels of dx and dw at ragged row blocks and panels."""
+    x, w, b, dy = make(3, batch, n_in, n_out)
+    be = get("numba")
+    y = be.dense_forward(x, w, b, act, on_device=False)
+    check(y, be.dense_backward(x, w, dy, y, act, on_device=False), x, w, b, dy, act)
+
+
 def test_cpu_dense_deterministic():
     x, w, b, dy = make(5, 37, 23, 19)
     be = get("numba")
