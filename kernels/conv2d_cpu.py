@@ -39,9 +39,14 @@ one iteration: no atomics, deterministic.  Stride 1 with pads no larger than the
 kernel is routed through the forward micro-kernel instead (a "full" correlation of dy
 with the flipped, transposed weights), which is the same sum in another order.
 
-Backward-filter: one iteration owns dw[kh, kw, c0:c0+CB, :] and reduces over every
-(n, oh, ow) in a fixed order; db is summed over fixed chunks of pixels, then the chunks in
-order.  Results never depend on the number of threads.
+Backward-filter: the same GEMM transposed, dw[(kh, kw, c), k] = sum over pixels of
+X_im2col[m, (kh, kw, c)] * dy[m, k].  With K a multiple of MICRO_NR (MNIST conv2: 64) it runs
+on the forward's 6 x 64 register tile: the pixels are cut into BWF_CHUNKS fixed chunks, one
+iteration per chunk sweeps every 6-row block of dw over its pixels in order (the chunk's dy
+rows stay in L2), and the chunk partials are added in chunk order.  Other K (conv1: 32):
+one iteration owns dw[kh, kw, c0:c0+CB, :] and reduces over every (n, oh, ow) in order.
+db is summed over fixed chunks of pixels, then the chunks in order.  Results never depend
+on the number of threads.
 
 Integers are int64 (Numba's int), so flat indices cannot overflow.  Launch geometry: the
 ``prange`` loops are split by Numba's threading layer over all cores.
@@ -63,9 +68,13 @@ __all__ = ["VARIANTS", "forward", "launch_gemm", "launch_direct", "backward_data
 #: Forward variants, default (fastest on the MNIST conv2 shape) first.
 VARIANTS = ("cpu_gemm", "cpu_direct")
 
-#: Input channels per backward-filter work item: the (CB, K) accumulator of one item stays
-#: in L1 (16 x 64 floats = 4 KiB) and KH*KW*ceil(C/CB) items give every core work.
+#: Input channels per work item of the backward-filter kernel for filter counts that are not
+#: a multiple of 64: the (CB, K) accumulator stays in L1 (16 x 64 floats = 4 KiB).
 BWF_CHANNEL_BLOCK = 16
+#: Fixed pixel chunks of the backward-filter reduction (one partial dw each, added in chunk
+#: order): 64 chunks of the MNIST conv2 batch are 1,152 pixels, whose dy rows (295 KB) stay in
+#: L2 while every row block of dw sweeps them.
+BWF_CHUNKS = 64
 #: Fixed number of pixel chunks for db: partial sums are added in chunk order, so the
 #: result does not depend on the thread count.
 DB_CHUNKS = 16
@@ -318,8 +327,109 @@ def backward_data_gather(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- backward-filter
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w, s_h, s_w, ldf,
+                       n_chunks):
+    """Partial dw per pixel chunk on the 6 x 64 f32x16 register tile.
+
+    dw is a GEMM: rows j = (kh, kw, c) (M = KH*KW*C), columns the ldf = K filters (a multiple
+    of 64: whole panels), reduction over the output pixels m = (n, oh, ow):
+    dw[j, k] = sum_m x[n, oh*s_h + kh*d_h, ow*s_w + kw*d_w, c] * dy[m, k] (x padded: every
+    tap inside).  Item = one of n_chunks fixed, contiguous pixel ranges; inside it, for each
+    block of MICRO_MR rows and 64-wide panel, 24 accumulators run over the chunk's pixels in
+    order (per pixel 4 vector loads of dy, 6 broadcasts of x at the rows' offsets ``offs``, 24
+    FMAs) and land in ``part[chunk]``; the chunk's dy rows stay in L2 across the row blocks.
+    The caller adds the partials in chunk order: deterministic for any thread count.
+    """
+    mr = MICRO_MR
+    nr = MICRO_NR
+    nv = MICRO_NV
+    m_rows = offs.size
+    n_pix = n_img * out_h * out_w
+    n_panels = ldf // nr
+    n_full = m_rows // mr
+    step = (n_pix + n_chunks - 1) // n_chunks
+    for ch in prange(n_chunks):
+        m0 = ch * step
+        m1 = min(n_pix, m0 + step)
+        pbase = ch * m_rows * ldf
+        for rb in range(n_full + (1 if m_rows % mr else 0)):
+            j0 = rb * mr
+            rows = min(mr, m_rows - j0)
+            for pn in range(n_panels):
+                k0 = pn * nr
+                n = m0 // (out_h * out_w)
+                r = m0 - n * out_h * out_w
+                oh0 = r // out_w
+                ow0 = r - oh0 * out_w
+                if rows == mr:
+                    acc = stack_micro_tile()
+                    for i in range(mr * nv):
+                        acc[i] = vzero()
+                    oh = oh0
+                    ow = ow0
+                    for m in range(m0, m1):
+                        xb = ((n * hp + oh * s_h) * wpad + ow * s_w) * c_in
+                        d0 = m * ldf + k0
+                        z_0 = vload(dyf, d0)
+                        z_1 = vload(dyf, d0 + LANES)
+                        z_2 = vload(dyf, d0 + 2 * LANES)
+                        z_3 = vload(dyf, d0 + 3 * LANES)
+                        for q in range(mr):
+                            xv = vbroadcast(xf, xb + offs[j0 + q])
+                            acc[q * nv + 0] = vfma(xv, z_0, acc[q * nv + 0])
+                            acc[q * nv + 1] = vfma(xv, z_1, acc[q * nv + 1])
+                            acc[q * nv + 2] = vfma(xv, z_2, acc[q * nv + 2])
+                            acc[q * nv + 3] = vfma(xv, z_3, acc[q * nv + 3])
+                        ow += 1
+                        if ow == out_w:
+                            ow = 0
+                            oh += 1
+                            if oh == out_h:
+                                oh = 0
+                                n += 1
+                    for q in range(mr):
+                        o = pbase + (j0 + q) * ldf + k0
+                        vstore(part, o, acc[q * nv + 0])
+                        vstore(part, o + LANES, acc[q * nv + 1])
+                        vstore(part, o + 2 * LANES, acc[q * nv + 2])
+                        vstore(part, o + 3 * LANES, acc[q * nv + 3])
+                    continue
+                for q in range(rows):          # the last, short row block: one row at a time
+                    n = m0 // (out_h * out_w)
+                    oh = oh0
+                    ow = ow0
+                    off = offs[j0 + q]
+                    a_0 = vzero()
+                    a_1 = vzero()
+                    a_2 = vzero()
+                    a_3 = vzero()
+                    for m in range(m0, m1):
+                        xv = vbroadcast(xf, ((n * hp + oh * s_h) * wpad + ow * s_w) * c_in + off)
+                        d0 = m * ldf + k0
+                        a_0 = vfma(xv, vload(dyf, d0), a_0)
+                        a_1 = vfma(xv, vload(dyf, d0 + LANES), a_1)
+                        a_2 = vfma(xv, vload(dyf, d0 + 2 * LANES), a_2)
+                        a_3 = vfma(xv, vload(dyf, d0 + 3 * LANES), a_3)
+                        ow += 1
+                        if ow == out_w:
+                            ow = 0
+                            oh += 1
+                            if oh == out_h:
+                                oh = 0
+                                n += 1
+                    o = pbase + (j0 + q) * ldf + k0
+                    vstore(part, o, a_0)
+                    vstore(part, o + LANES, a_1)
+                    vstore(part, o + 2 * LANES, a_2)
+                    vstore(part, o + 3 * LANES, a_3)
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _bwd_filter_kernel(x, dy, dw, s_h, s_w, d_h, d_w, p_t, p_l, cb):
+def _bwd_filter_channel_kernel(x, dy, dw, s_h, s_w, d_h, d_w, p_t, p_l, cb):
+    """dw for filter counts that are not a multiple of 64 (the MNIST conv1: 32), where the
+    register tile would first need dy copied with padded rows.  Item = (kh, kw, a block of cb
+    input channels): a (cb, K) accumulator in L1 reduced over every output pixel in order."""
     n_img, in_h, in_w, c_in = x.shape
     k_h, k_w, _, k_out = dw.shape
     out_h, out_w = dy.shape[1], dy.shape[2]
@@ -370,8 +480,35 @@ def bias_grad(dy2: np.ndarray) -> np.ndarray:
 
 def backward_filter(x: np.ndarray, dy: np.ndarray, g):
     """(dL/dw with shape g.w_shape, dL/db with shape (g.filters,)) from x and dL/dz."""
-    dw = empty_host(g.w_shape)
-    _bwd_filter_kernel(x, dy, dw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top,
-                       g.pad_left, min(BWF_CHANNEL_BLOCK, g.in_c))
     db = bias_grad(dy.reshape(-1, g.filters))
+    k = g.filters
+    if k % MICRO_NR:
+        dw = empty_host(g.w_shape)
+        _bwd_filter_channel_kernel(x, dy, dw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top,
+                                   g.pad_left, min(BWF_CHANNEL_BLOCK, g.in_c))
+        return dw, db
+    xp = pad_input(x, g)
+    hp, wpad = xp.shape[1], xp.shape[2]
+    n_pix = g.batch * g.out_h * g.out_w
+    # x offset of each dw row j = (kh, kw, c) from a pixel's window origin (padded x)
+    kh, kw, c = np.meshgrid(np.arange(g.k_h), np.arange(g.k_w), np.arange(g.in_c), indexing="ij")
+    offs = ((kh * g.dil_h * wpad + kw * g.dil_w) * g.in_c + c).reshape(-1).astype(np.int64)
+    n_chunks = max(1, min(BWF_CHUNKS, n_pix))
+    part = np.empty((n_chunks, offs.size, k), np.float32)
+    _bwd_filter_kernel(xp.reshape(-1), dy.reshape(-1), part.reshape(-1), offs, g.batch, hp, wpad,
+                       g.in_c, g.out_h, g.out_w, g.stride_h, g.stride_w, k, n_chunks)
+    dw = empty_host(g.w_shape)
+    _sum_chunks(part, dw.reshape(-1, k))
     return dw, db
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def _sum_chunks(part, out):
+    """out = part[0] + part[1] + ... in chunk order (rows shared out across threads)."""
+    n_chunks, m, n = part.shape
+    for j in prange(m):
+        for k in range(n):
+            s = part[0, j, k]
+            for ch in range(1, n_chunks):
+                s += part[ch, j, k]
+            out[j, k] = s

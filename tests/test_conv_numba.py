@@ -167,6 +167,23 @@ def test_cpu_backward_matches_reference_and_tf(case, seed):
     check_backward(ccpu.backward_data_gather(dy, w, g), dw, db, x, w, dy, g, with_tf=False)
 
 
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
+    ((2, 9, 11, 16), (3, 3, 16, 64), 1, "valid", 1),         # M = 144: 24 full row blocks
+    ((3, 8, 7, 5), (3, 2, 5, 128), 2, ((1, 0), (2, 1)), 1),   # M = 30, two panels, stride 2
+    ((1, 12, 12, 4), (3, 3, 4, 64), 1, "same", 2),            # dilation 2, M = 36
+    ((2, 7, 7, 7), (2, 2, 7, 64), (1, 2), "valid", (2, 1)),   # M = 28: a 4-row ragged block
+    ((1, 3, 3, 1), (3, 3, 1, 64), 1, "valid", 1),             # one output pixel (most chunks empty)
+])
+def test_cpu_backward_filter_register_tile(x_shape, w_shape, strides, padding, dilation):
+    """K a multiple of 64: the chunked 6 x 64 register-tile kernel, ragged row blocks included."""
+    g = conv_geometry(x_shape, w_shape, strides, padding, dilation)
+    x, w, _, dy = arrays(g, 11)
+    dw, db = ccpu.backward_filter(x, dy, g)
+    check_backward(ccpu.backward_data(dy, w, g), dw, db, x, w, dy, g)
+    again = ccpu.backward_filter(x, dy, g)
+    assert np.array_equal(dw, again[0]) and np.array_equal(db, again[1])
+
+
 def test_cpu_backward_stride1_large_padding_uses_gather():
     # pads larger than the dilated kernel: the "full correlation" route does not apply
     g = conv_geometry((2, 4, 5, 3), (2, 2, 3, 4), 1, ((3, 0), (0, 4)), 1)
