@@ -167,6 +167,23 @@ def test_cpu_backward_matches_reference_and_tf(case, seed):
     check_backward(ccpu.backward_data_gather(dy, w, g), dw, db, x, w, dy, g, with_tf=False)
 
 
+@pytest.mark.parametrize("act", ["linear", "relu", "tanh"])
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
+    ((2, 6, 28, 1), (3, 3, 1, 32), 1, "valid", 1),            # conv1-like: 2 blocks of 12 + 2 pixels
+    ((1, 5, 30, 7), (3, 3, 7, 17), 1, "same", 1),             # 17 filters: scalar epilogue
+    ((2, 7, 40, 3), (2, 3, 3, 32), (1, 2), ((0, 1), (2, 0)), 1),  # stride 2: 20 wide, one block
+    ((1, 6, 29, 2), (3, 3, 2, 5), 1, "valid", (1, 2)),        # dilation, 23 wide
+])
+def test_cpu_gemm_narrow_kernel(x_shape, w_shape, strides, padding, dilation, act):
+    """K <= 32 filters: the 12 x 32 register tile, with full 12-pixel blocks (wider outputs than
+    the generated cases reach) and the ragged right edge; forward and backward-data."""
+    g = conv_geometry(x_shape, w_shape, strides, padding, dilation)
+    x, w, b, dy = arrays(g, 5, True)
+    check_forward(ccpu.forward(x, w, b, g, A.code(act)), x, w, b, g, act)
+    rdx = ref.conv2d_backward_data(dy, w, g)
+    np.testing.assert_allclose(ccpu.backward_data(dy, w, g), rdx, **tol(g.k_h * g.k_w * g.filters))
+
+
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
     ((2, 9, 11, 16), (3, 3, 16, 64), 1, "valid", 1),         # M = 144: 24 full row blocks
     ((3, 8, 7, 5), (3, 2, 5, 128), 2, ((1, 0), (2, 1)), 1),   # M = 30, two panels, stride 2
