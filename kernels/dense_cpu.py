@@ -10,10 +10,10 @@ Index map::
     dw[p, o] = sum_i x[i, p] * dz[i, o]
     db[o]    = sum_i dz[i, o]
 
-Forward: one ``prange`` iteration owns DENSE_ROWS rows of y; for each p it broadcasts
-x[i, p] against the contiguous row w[p, :] (the inner loop over o vectorises without
-reassociation), then applies bias + activation in the same pass.  Ragged edge: the last
-row block is shorter.
+Forward: the conv kernels' 6 x 64 f32x16 register tile (cpu_common): x[i, p] broadcast
+against the contiguous w[p, o0:o0+64], the reduction over p in order, in chunks of w that
+stay in L2 while a group of row blocks sweeps them; bias + activation at the end.  Ragged
+edges: rows past the last 6-row block one at a time, w zero-padded to whole 64-wide panels.
 Backward: pass 1 computes dz (the derivative fused with the read of dy) and db over fixed
 row chunks; passes 2 and 3, dx = dz · wᵀ and dw = xᵀ · dz, on the conv kernels' 6 x 64
 f32x16 register tile (cpu_common), each reduction in index order.  No atomics:
@@ -39,39 +39,108 @@ from .cpu_common import (FASTMATH, LANES, MICRO_MR, MICRO_NR, MICRO_NV, activate
 
 __all__ = ["forward", "softmax", "backward", "activation_backward", "softmax_backward"]
 
-#: Rows of y per forward work item: each loaded row w[p, :] is reused for 4 rows of x,
-#: and B / 4 items still give every core work at MNIST batch sizes (128 → 32 items).
-DENSE_ROWS = 4
+#: Row groups of the forward (times the 64-wide column panels = work items): each group's
+#: row blocks share every chunk of w while it is in L2 (128 rows: 4 groups of 5-6 blocks).
+DENSE_ROW_GROUPS = 4
+#: Rows of w per reduction chunk of the forward: 256 x 64 floats = 64 KiB, in L2.
+DENSE_KC = 256
 #: Fixed row chunks for db: partial sums added in chunk order (thread-count independent).
 DB_CHUNKS = 16
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _forward_kernel(x, w, b, y, rows, act):
-    n_b, n_in = x.shape
-    n_out = w.shape[1]
-    n_items = (n_b + rows - 1) // rows
-    for item in prange(n_items):
-        i0 = item * rows
-        i1 = min(i0 + rows, n_b)
-        acc = np.empty((i1 - i0, n_out), np.float32)
-        for i in range(i1 - i0):
-            acc[i, :] = b
-        for p in range(n_in):
-            for i in range(i1 - i0):
-                xv = x[i0 + i, p]
-                for o in range(n_out):
-                    acc[i, o] += xv * w[p, o]
-        for i in range(i1 - i0):
-            for o in range(n_out):
-                y[i0 + i, o] = activate(acc[i, o], act)
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+def _forward_kernel(xf, wp, b, y, acc_buf, n_b, n_in, n_out, ldo, n_groups, kc, act):
+    """y = act(x @ w + b) on the 6 x 64 f32x16 register tile.
+
+    wp: w with its rows padded to ldo (a multiple of 64) columns; acc_buf: (n_b, ldo) partial
+    sums.  Item = (a group of consecutive 6-row blocks of y, a 64-wide panel of columns).
+    The reduction over p runs in chunks of kc rows of w (kc x 64 floats, in L2) in order;
+    every row block of the group sweeps the chunk with 24 accumulators (per p: 4 vector loads
+    of w, 6 broadcasts of x, 24 FMAs), resuming from acc_buf between chunks, so w streams
+    from memory once per group rather than once per row block.  Rows past the last full
+    block go one at a time.  Bias and activation are applied at the end.
+    """
+    mr = MICRO_MR
+    nr = MICRO_NR
+    nv = MICRO_NV
+    n_panels = ldo // nr
+    n_blocks = (n_b + mr - 1) // mr
+    for item in prange(n_groups * n_panels):
+        o0 = (item % n_panels) * nr
+        grp = item // n_panels
+        rb0 = grp * n_blocks // n_groups
+        rb1 = (grp + 1) * n_blocks // n_groups
+        for p0 in range(0, n_in, kc):
+            p1 = min(n_in, p0 + kc)
+            for rb in range(rb0, rb1):
+                i0 = rb * mr
+                if i0 + mr <= n_b:
+                    acc = stack_micro_tile()
+                    if p0 == 0:
+                        for k in range(mr * nv):
+                            acc[k] = vzero()
+                    else:
+                        for k in range(mr * nv):
+                            acc[k] = vload(acc_buf, (i0 + k // nv) * ldo + o0 + (k % nv) * LANES)
+                    for p in range(p0, p1):
+                        wo = p * ldo + o0
+                        w_0 = vload(wp, wo)
+                        w_1 = vload(wp, wo + LANES)
+                        w_2 = vload(wp, wo + 2 * LANES)
+                        w_3 = vload(wp, wo + 3 * LANES)
+                        for r in range(mr):
+                            xv = vbroadcast(xf, (i0 + r) * n_in + p)
+                            acc[r * nv + 0] = vfma(xv, w_0, acc[r * nv + 0])
+                            acc[r * nv + 1] = vfma(xv, w_1, acc[r * nv + 1])
+                            acc[r * nv + 2] = vfma(xv, w_2, acc[r * nv + 2])
+                            acc[r * nv + 3] = vfma(xv, w_3, acc[r * nv + 3])
+                    for k in range(mr * nv):
+                        vstore(acc_buf, (i0 + k // nv) * ldo + o0 + (k % nv) * LANES, acc[k])
+                    continue
+                for i in range(i0, n_b):        # the last, short row block
+                    a0 = i * ldo + o0
+                    if p0 == 0:
+                        a_0 = vzero()
+                        a_1 = vzero()
+                        a_2 = vzero()
+                        a_3 = vzero()
+                    else:
+                        a_0 = vload(acc_buf, a0)
+                        a_1 = vload(acc_buf, a0 + LANES)
+                        a_2 = vload(acc_buf, a0 + 2 * LANES)
+                        a_3 = vload(acc_buf, a0 + 3 * LANES)
+                    for p in range(p0, p1):
+                        xv = vbroadcast(xf, i * n_in + p)
+                        wo = p * ldo + o0
+                        a_0 = vfma(xv, vload(wp, wo), a_0)
+                        a_1 = vfma(xv, vload(wp, wo + LANES), a_1)
+                        a_2 = vfma(xv, vload(wp, wo + 2 * LANES), a_2)
+                        a_3 = vfma(xv, vload(wp, wo + 3 * LANES), a_3)
+                    vstore(acc_buf, a0, a_0)
+                    vstore(acc_buf, a0 + LANES, a_1)
+                    vstore(acc_buf, a0 + 2 * LANES, a_2)
+                    vstore(acc_buf, a0 + 3 * LANES, a_3)
+        for i in range(rb0 * mr, min(n_b, rb1 * mr)):
+            for o in range(o0, min(n_out, o0 + nr)):
+                y[i, o] = activate(acc_buf[i * ldo + o] + b[o], act)
 
 
 def forward(x: np.ndarray, w: np.ndarray, b, act: int) -> np.ndarray:
     """``act(x @ w + b)``; b may be None; act is an activation code."""
-    y = empty_host((x.shape[0], w.shape[1]))
-    bias = np.zeros(w.shape[1], np.float32) if b is None else b
-    _forward_kernel(x, w, bias, y, DENSE_ROWS, act)
+    n_b, n_in = x.shape
+    n_out = w.shape[1]
+    y = empty_host((n_b, n_out))
+    bias = np.zeros(n_out, np.float32) if b is None else b
+    ldo = -(-n_out // MICRO_NR) * MICRO_NR
+    if ldo == n_out:
+        wp = w
+    else:                                   # whole 64-wide panels: columns padded with zeros
+        wp = np.zeros((n_in, ldo), np.float32)
+        wp[:, :n_out] = w
+    acc_buf = np.empty(n_b * ldo, np.float32)
+    n_groups = min(DENSE_ROW_GROUPS, -(-n_b // MICRO_MR))
+    _forward_kernel(x.reshape(-1), wp.reshape(-1), bias, y, acc_buf, n_b, n_in, n_out, ldo, n_groups,
+                    DENSE_KC, act)
     return y
 
 
@@ -153,6 +222,7 @@ def _dx_kernel(dzf, w, dxf, n_b, n_in, n_out):
             for o in range(n_out):
                 wb[o * nr + q] = w[p0 + q, o]
         buf = np.empty(LANES, np.float32)
+        tile = np.empty(mr * nr, np.float32)
         acc = stack_micro_tile()
         for blk in range(n_full):
             i0 = blk * mr
@@ -169,11 +239,15 @@ def _dx_kernel(dzf, w, dxf, n_b, n_in, n_out):
                     acc[r * nv + 1] = vfma(dv, w_1, acc[r * nv + 1])
                     acc[r * nv + 2] = vfma(dv, w_2, acc[r * nv + 2])
                     acc[r * nv + 3] = vfma(dv, w_3, acc[r * nv + 3])
-            for r in range(mr):
-                for v in range(nv):
-                    kn = min(LANES, max(0, pn - v * LANES))
-                    if kn > 0:
-                        _store_panel(dxf, (i0 + r) * n_in + p0 + v * LANES, acc[r * nv + v], kn, buf)
+            if pn == nr:
+                for k in range(mr * nv):
+                    vstore(dxf, (i0 + k // nv) * n_in + p0 + (k % nv) * LANES, acc[k])
+            else:                                      # the last, narrower panel
+                for k in range(mr * nv):
+                    vstore(tile, k * LANES, acc[k])
+                for r in range(mr):
+                    for q in range(pn):
+                        dxf[(i0 + r) * n_in + p0 + q] = tile[r * nr + q]
         for i in range(n_full * mr, n_b):
             a_0 = vzero()
             a_1 = vzero()
@@ -233,11 +307,16 @@ def _dw_kernel(xf, dzp, dwf, n_b, n_in, n_out, ldo):
                     acc[r * nv + 1] = vfma(xv, z_1, acc[r * nv + 1])
                     acc[r * nv + 2] = vfma(xv, z_2, acc[r * nv + 2])
                     acc[r * nv + 3] = vfma(xv, z_3, acc[r * nv + 3])
-            for r in range(mr):
-                for v in range(nv):
-                    kn = min(LANES, max(0, on - v * LANES))
-                    if kn > 0:
-                        _store_panel(dwf, (p0 + r) * n_out + o0 + v * LANES, acc[r * nv + v], kn, buf)
+            if on == nr:
+                for k in range(mr * nv):
+                    vstore(dwf, (p0 + k // nv) * n_out + o0 + (k % nv) * LANES, acc[k])
+            else:                                      # the last, narrower panel
+                tile = np.empty(mr * nr, np.float32)
+                for k in range(mr * nv):
+                    vstore(tile, k * LANES, acc[k])
+                for r in range(mr):
+                    for q in range(on):
+                        dwf[(p0 + r) * n_out + o0 + q] = tile[r * nr + q]
         else:
             for r in range(rows):
                 a_0 = vzero()
