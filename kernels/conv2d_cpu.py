@@ -397,10 +397,7 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
                                (g.dil_h, g.dil_w))
             assert (gt.out_h, gt.out_w) == (g.in_h, g.in_w)
             return launch_gemm(dy, wf, None, gt, 0)
-    wt = np.ascontiguousarray(w.transpose(0, 1, 3, 2))
-    dx = empty_host(g.x_shape)
-    _bwd_data_kernel(dy, wt, dx, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top, g.pad_left)
-    return dx
+    return backward_data_gather(dy, w, g)
 
 
 def backward_data_gather(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
