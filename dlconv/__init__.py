@@ -30,7 +30,8 @@ _LAZY = {
     "explain": "dlconv.explain",
 }
 _SUBMODULES = ("backends", "ops", "reference", "explain", "info", "layers", "models", "data",
-               "bench", "cli", "kernels", "arrays", "activations", "shapes", "train")
+               "bench", "cli", "kernels", "arrays", "activations", "shapes", "train", "runtime",
+               "bridges")
 
 __all__ = ["ConvGeometry", "DenseGeometry", "conv_geometry", "conv_output_size", "conv_param_count",
            "dense_geometry", "dense_param_count", *_LAZY]

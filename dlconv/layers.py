@@ -12,20 +12,23 @@ Hence ``layer.set_weights(stock_layer.get_weights())`` works and gives the same 
 and ``.keras`` files save and load in a fresh process after ``import dlconv.layers``
 (both classes are registered as ``dlconv>Conv2D`` and ``dlconv>Dense``).
 
-Forward and backward passes run dlconv kernels through :mod:`dlconv.tf_bridge`.
+Forward and backward passes run dlconv kernels through the bridge of the current Keras
+backend (:mod:`dlconv.bridges`: TensorFlow, torch or JAX), chosen when the layer is built
+and called; each bridge uses its framework's own custom-op mechanism.
 Activations the kernels fuse (linear/None, relu, sigmoid, tanh; softmax for Dense) run
 fused; any other activation (``"gelu"``, a callable, ...) is applied by Keras after the
 kernel's linear output.
 
 What is refused, with a clear error
 -----------------------------------
-* any Keras backend other than TensorFlow (JAX, torch, numpy): RuntimeError at
-  construction;
+* a Keras backend without a bridge (numpy, openvino): RuntimeError at construction;
 * ``groups != 1``, LoRA (``lora_rank`` / ``enable_lora``), quantization: ValueError;
 * a compute dtype other than float32 (e.g. the ``mixed_float16`` policy): ValueError when
   the layer is built — the kernels are float32; give the layer ``dtype="float32"``;
-* XLA: the layers set ``supports_jit = False``, so Keras' ``jit_compile="auto"`` resolves
-  to False and ``jit_compile=True`` falls back to False with Keras' warning.
+* XLA on TensorFlow: there the layers set ``supports_jit = False`` (the TensorFlow bridge's
+  ops are Python callbacks), so Keras' ``jit_compile="auto"`` resolves to False and
+  ``jit_compile=True`` falls back to False with Keras' warning.  On JAX the ops are
+  ``jax.ffi`` calls and the step is jitted as usual.
 
 ``data_format="channels_first"`` is supported by transposing to NHWC around the kernels
 (the kernels are NHWC; the weights are HWIO in both formats, as in Keras).
@@ -34,8 +37,10 @@ What is refused, with a clear error
 from __future__ import annotations
 
 import keras
+from keras import ops
 
 from . import backends as _backends
+from . import bridges as _bridges
 from .shapes import conv_output_size
 
 __all__ = ["Conv2D", "Dense", "BACKENDS"]
@@ -50,15 +55,9 @@ _FUSED_DENSE = {**_FUSED_CONV, _ACT.softmax: "softmax"}
 
 
 def _bridge():
-    """:mod:`dlconv.tf_bridge` (imports TensorFlow), after checking Keras' backend."""
-    current = keras.config.backend()
-    if current != "tensorflow":
-        raise RuntimeError(
-            f"dlconv.layers supports the TensorFlow Keras backend only; the current Keras "
-            f"backend is {current!r}. Set KERAS_BACKEND=tensorflow before importing keras "
-            f"(dlconv.ops works without any framework).")
-    from . import tf_bridge
-    return tf_bridge
+    """The :mod:`dlconv.bridges` module of the current Keras backend (imports its framework);
+    RuntimeError for a backend without one."""
+    return _bridges.load(keras.config.backend())
 
 
 def _check_backend(backend):
@@ -77,7 +76,7 @@ def _check_dtype(layer):
 
 
 def _check_input_dtype(layer, inputs):
-    dtype = getattr(inputs.dtype, "name", str(inputs.dtype))
+    dtype = keras.backend.standardize_dtype(inputs.dtype)
     if dtype != "float32":
         raise TypeError(f"{type(layer).__name__} {layer.name!r}: inputs must be float32, got {dtype}")
 
@@ -93,10 +92,15 @@ class _DlconvLayer:
     the refusals (LoRA, non-float32 compute), no XLA, and ``backend`` in the config."""
 
     def _setup_dlconv(self, backend):
-        _bridge()
+        bridge = _bridge()
         self.backend = _check_backend(backend)
         _refuse_lora(self, self.lora_rank)
-        self.supports_jit = False
+        self.supports_jit = bridge.SUPPORTS_JIT
+
+    def _weights(self):
+        """(kernel, bias or None) as the backend's tensors (gradients flow to the variables)."""
+        return (ops.convert_to_tensor(self.kernel),
+                ops.convert_to_tensor(self.bias) if self.use_bias else None)
 
     def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
         _refuse_lora(self, rank)
@@ -144,24 +148,23 @@ class Conv2D(_DlconvLayer, keras.layers.Conv2D):
 
     def call(self, inputs):
         bridge = _bridge()
-        tf = bridge.tf
         _check_input_dtype(self, inputs)
         fused = _FUSED_CONV.get(self.activation)
         x = inputs
         if self.data_format == "channels_first":
-            x = tf.transpose(x, (0, 2, 3, 1))
+            x = ops.transpose(x, (0, 2, 3, 1))
         n, h, w, c = x.shape
         out_shape = self.compute_output_shape((n, h, w, c) if self.data_format == "channels_last"
                                               else (n, c, h, w))
         if self.data_format == "channels_first":
             out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
+        kernel, bias = self._weights()
         y = bridge.conv2d(
-            x, tf.convert_to_tensor(self.kernel),
-            tf.convert_to_tensor(self.bias) if self.use_bias else None,
-            strides=self.strides, padding=self.padding, dilation=self.dilation_rate,
-            activation=fused or "linear", backend=self.backend, out_shape=out_shape)
+            x, kernel, bias, strides=tuple(self.strides), padding=self.padding,
+            dilation=tuple(self.dilation_rate), activation=fused or "linear", backend=self.backend,
+            out_shape=out_shape)
         if self.data_format == "channels_first":
-            y = tf.transpose(y, (0, 3, 1, 2))
+            y = ops.transpose(y, (0, 3, 1, 2))
         if fused is None:
             y = self.activation(y)
         return y
@@ -187,19 +190,16 @@ class Dense(_DlconvLayer, keras.layers.Dense):
 
     def call(self, inputs, training=None):
         bridge = _bridge()
-        tf = bridge.tf
         _check_input_dtype(self, inputs)
         fused = _FUSED_DENSE.get(self.activation)
         x = inputs
         rank = len(inputs.shape)
         if rank != 2:
-            x = tf.reshape(x, (-1, inputs.shape[-1]))
-        y = bridge.dense(x, tf.convert_to_tensor(self.kernel),
-                               tf.convert_to_tensor(self.bias) if self.use_bias else None,
-                               activation=fused or "linear", backend=self.backend)
+            x = ops.reshape(x, (-1, inputs.shape[-1]))
+        kernel, bias = self._weights()
+        y = bridge.dense(x, kernel, bias, activation=fused or "linear", backend=self.backend)
         if rank != 2:
-            y = tf.reshape(y, tf.concat([tf.shape(inputs)[:-1], [self.units]], 0))
-            y.set_shape(tuple(inputs.shape[:-1]) + (self.units,))
+            y = ops.reshape(y, (*ops.shape(inputs)[:-1], self.units))
         if fused is None:
             y = self.activation(y)
         return y

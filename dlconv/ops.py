@@ -26,14 +26,14 @@ output z.  When the forward fused an activation, apply :func:`activation_backwar
 or pass dL/dy with ``y=`` (the activated output) and ``activation=``: the ``cpp`` CPU
 kernels then apply the derivative as they read dy.
 
-Host kernels run one at a time (:data:`HOST_THREAD`); device kernels on their stream.
+Host kernels run one at a time on :data:`dlconv.runtime.HOST_THREAD`; device kernels on
+their stream.  What the framework bridges share (the geometry cache, the backend cache, the
+decision to fuse an activation's derivative into the backward kernels) is in
+:mod:`dlconv.runtime`.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import os
-import threading
 from typing import Optional
 
 import numpy as np
@@ -41,71 +41,13 @@ import numpy as np
 from . import activations as _act
 from . import arrays as _arr
 from . import backends as _backends
+from .runtime import HOST_THREAD
 from .shapes import ConvGeometry, conv_geometry, dense_geometry
 
 __all__ = ["conv2d", "conv2d_backward_data", "conv2d_backward_filter", "dense", "dense_backward",
-           "softmax", "activation_backward", "DEFAULT_BACKEND"]
+           "softmax", "activation_backward", "DEFAULT_BACKEND", "HOST_THREAD"]
 
 DEFAULT_BACKEND = "numba"
-
-class HostThread:
-    """Every host kernel runs on one long-lived thread, ``dlconv-host``, one call at a time.
-
-    One at a time: each kernel already spreads over every core (OpenMP in C++,
-    ``parallel=True`` in Numba); two at once only fight for the cores (TensorFlow runs
-    independent ops concurrently; in a Keras training step that made each kernel 1.5-2x
-    slower), and Numba's default "workqueue" threading layer must not be entered from two
-    threads at once.
-
-    One thread: libgomp keeps a separate team of worker threads for every thread that starts
-    a parallel region.  TensorFlow calls the ops from whichever of its pool threads is free,
-    so the kernels used to start regions from several threads, and each of them kept its own
-    OpenMP workers (spinning for a while after every region) competing for the same cores.
-    Run from this one thread, there is a single team.  The caller waits asleep, so the
-    hand-over costs a thread wake-up each way (~30-70 us on a virtual machine).  Calls from
-    the main thread (a script calling the op API, Keras run eagerly) skip the hand-over and
-    run in place: that is at most one more team, and the common single-threaded use pays
-    nothing.  Either way a re-entrant lock keeps the kernels one at a time.  Device kernels
-    need none of this: their streams order them, and they run on the caller's thread.
-    """
-
-    def __init__(self):
-        self._reset()
-
-    def _reset(self):
-        self._lock = threading.Lock()          # guards starting the executor
-        self._busy = threading.RLock()         # one kernel call at a time
-        self._executor = None
-        self._ident = None
-
-    def _started(self):
-        self._ident = threading.get_ident()
-
-    def _locked(self, fn):
-        with self._busy:
-            return fn()
-
-    def run(self, fn):
-        """``fn()`` on the host thread (in place on the main thread); its result or
-        exception comes back to the caller."""
-        ident = threading.get_ident()
-        if ident == self._ident or ident == threading.main_thread().ident:
-            return self._locked(fn)
-        ex = self._executor
-        if ex is None:
-            with self._lock:
-                if self._executor is None:
-                    self._executor = concurrent.futures.ThreadPoolExecutor(
-                        1, thread_name_prefix="dlconv-host", initializer=self._started)
-                ex = self._executor
-        return ex.submit(self._locked, fn).result()
-
-
-#: The thread every host kernel runs on (see :class:`HostThread`).
-HOST_THREAD = HostThread()
-if hasattr(os, "register_at_fork"):     # a forked child has no such thread: start afresh there
-    os.register_at_fork(after_in_child=HOST_THREAD._reset)
-
 
 def _run(on_device: bool, fn):
     """Run the kernel call ``fn()``: host calls on :data:`HOST_THREAD`, device calls here."""

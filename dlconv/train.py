@@ -120,8 +120,8 @@ def train_model(model_name: str, x_train, y_train, x_test, y_test, *, backend: s
     if stock:
         label = "stock keras"
     else:
-        from . import tf_bridge
-        label = f"dlconv ({tf_bridge.resolve_backend(backend, False).name})"
+        from .runtime import resolve_backend
+        label = f"dlconv ({resolve_backend(backend, False).name})"
     return RunResult(model_name, label, float(acc), float(loss), timer.times, dict(hist.history))
 
 

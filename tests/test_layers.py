@@ -20,7 +20,8 @@ keras = pytest.importorskip("keras")
 import dlconv.backends  # noqa: E402
 from conftest import cpu_backend_params  # noqa: E402
 import dlconv.layers as dl  # noqa: E402
-from dlconv import tf_bridge  # noqa: E402
+from dlconv.bridges import tensorflow as tf_bridge  # noqa: E402
+from dlconv import runtime  # noqa: E402
 
 
 BACKENDS = cpu_backend_params()
@@ -296,7 +297,7 @@ def test_non_float32_input_refused():
 def test_unavailable_backend_names_the_reason(monkeypatch):
     def unavailable(name):
         raise dlconv.backends.BackendUnavailable(f"backend {name!r} is switched off for this test")
-    monkeypatch.setattr(tf_bridge, "_BACKENDS", {})
+    monkeypatch.setattr(runtime, "_BACKENDS", {})
     monkeypatch.setattr(dlconv.backends, "get", unavailable)
     layer = dl.Dense(2, backend="cpp")
     with pytest.raises(Exception, match="switched off for this test"):
@@ -304,26 +305,26 @@ def test_unavailable_backend_names_the_reason(monkeypatch):
 
 
 def test_geometry_resolved_once_per_shape(rng):
-    tf_bridge.conv_geometry_cached.cache_clear()
+    runtime.conv_geometry_cached.cache_clear()
     layer = dl.Conv2D(3, 3, padding="same", backend="reference")
     x = tf.constant(rng.standard_normal((2, 6, 6, 1)).astype(np.float32))
     for _ in range(3):
         with tf.GradientTape() as tape:
             loss = tf.reduce_sum(layer(x))
         tape.gradient(loss, layer.trainable_weights)
-    info = tf_bridge.conv_geometry_cached.cache_info()
+    info = runtime.conv_geometry_cached.cache_info()
     # 3 forwards + 3 backwards (backward-data and backward-filter each look it up): one resolution
     assert (info.misses, info.hits) == (1, 8)
 
 
-@pytest.mark.parametrize("other", ["jax", "torch"])
-def test_other_keras_backend_gives_clear_error(other, monkeypatch):
-    """Neither JAX nor torch is installed here (Keras' numpy backend needs JAX too), so
-    Keras' answer to "which backend?" is replaced for the duration of the test."""
+@pytest.mark.parametrize("other", ["numpy", "openvino"])
+def test_keras_backend_without_a_bridge_gives_clear_error(other, monkeypatch):
+    """Keras' numpy and openvino backends have no dlconv bridge: Keras' answer to "which
+    backend?" is replaced for the duration of the test (the backend is fixed per process)."""
     monkeypatch.setattr(keras.config, "backend", lambda: other)
     for make in (lambda: dl.Conv2D(4, 3), lambda: dl.Dense(4)):
-        with pytest.raises(RuntimeError, match=rf"TensorFlow Keras backend only; the current Keras "
-                                               rf"backend is '{other}'.*KERAS_BACKEND=tensorflow"):
+        with pytest.raises(RuntimeError, match=rf"Keras backend '{other}' has no dlconv bridge.*"
+                                               rf"jax, tensorflow, torch.*KERAS_BACKEND"):
             make()
 
 

@@ -1,4 +1,4 @@
-"""Where TensorFlow meets the dlconv ops: the one module that imports both.
+"""The TensorFlow bridge: where TensorFlow meets the dlconv ops.
 
 :func:`conv2d` and :func:`dense` take TensorFlow tensors and return a TensorFlow tensor
 whose forward *and* backward passes run dlconv kernels, attached with
@@ -55,13 +55,14 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from . import activations as _act
-from . import backends as _backends
-from . import ops as _ops
-from .shapes import conv_geometry
+from .. import activations as _act
+from .. import ops as _ops
+from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
 
-__all__ = ["conv2d", "dense", "resolve_backend", "conv_geometry_cached", "tf_sees_gpu",
-           "FUSED_CONV", "FUSED_DENSE"]
+__all__ = ["conv2d", "dense", "tf_sees_gpu", "SUPPORTS_JIT", "FUSED_CONV", "FUSED_DENSE"]
+
+#: The callbacks are Python (``numpy_function``): XLA cannot compile them.
+SUPPORTS_JIT = False
 
 #: Activations fused into the conv kernels' epilogue.
 FUSED_CONV = _act.ELEMENTWISE
@@ -70,50 +71,22 @@ FUSED_DENSE = _act.SUPPORTED
 
 
 # ----------------------------------------------------------------------------- caches
-@functools.lru_cache(maxsize=512)
-def conv_geometry_cached(x_shape, w_shape, strides, padding, dilation):
-    """:func:`dlconv.shapes.conv_geometry`, memoised: one resolution per distinct shape."""
-    return conv_geometry(x_shape, w_shape, strides, padding, dilation)
-
-
-_BACKENDS = {}
-
-
-def resolve_backend(name: str, on_device: bool):
-    """The backend object for ``name`` ("auto" or a registry name) on host or device.
-
-    Resolved once per (name, place); raises :class:`dlconv.backends.BackendUnavailable`
-    naming the reason when it cannot run there.
-    """
-    key = (name, on_device)
-    be = _BACKENDS.get(key)
-    if be is None:
-        if name == "auto":
-            be = _backends.auto(on_device)
-        else:
-            be = _backends.get(name)
-            be.require(on_device)
-        _BACKENDS[key] = be
-    return be
-
-
-def _fused_activation_grad(backend: str) -> bool:
-    """Whether the conv backward callbacks may hand ``backend`` dL/dy and y (it applies the
-    activation derivative inside its kernels).  Decided when the graph is built: only for host
-    tensors (TensorFlow sees no GPU) and a backend that fuses there; otherwise the gradient
-    keeps its separate activation-backward op, which every backend and device can run."""
-    if tf_sees_gpu():
-        return False
-    try:
-        return bool(resolve_backend(backend, False).fuses_activation_grad(False))
-    except _backends.BackendUnavailable:
-        return False  # the forward callback raises the reason when it runs
+def _fused_activation_grad(backend: str, act: str) -> bool:
+    """:func:`dlconv.runtime.fuse_activation_grad`, decided when the graph is built: for host
+    tensors only (TensorFlow sees no GPU); otherwise the gradient keeps its separate
+    activation-backward op, which every backend and device can run."""
+    return not tf_sees_gpu() and fuse_activation_grad(backend, False, act)
 
 
 @functools.lru_cache(maxsize=1)
 def tf_sees_gpu() -> bool:
     """True when TensorFlow has a GPU device (then callbacks run as py_function)."""
     return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _read(v):
+    """A variable's value as a tensor (its read is what the tape differentiates); None stays."""
+    return None if v is None else tf.convert_to_tensor(v)
 
 
 def _host(a):
@@ -124,9 +97,9 @@ def _host(a):
 # ----------------------------------------------------------------------------- DLPack
 # The ctypes reader/writer lives in dlconv.dlpack (framework-free); these names stay here
 # for the GPU path below.
-from .dlpack import (KDL_CPU, KDL_CUDA, _EXPORTED, capsule_from_buffer,  # noqa: E402,F401
+from ..dlpack import (KDL_CPU, KDL_CUDA, _EXPORTED, capsule_from_buffer,  # noqa: E402,F401
                      capsule_info)
-from .dlpack import CudaView as _DLPackView  # noqa: E402
+from ..dlpack import CudaView as _DLPackView  # noqa: E402
 
 
 class _CudaView(_DLPackView):
@@ -188,6 +161,7 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
     """
     act = _act.normalize(activation, allow_softmax=False)
     strides, dilation = tuple(strides), tuple(dilation)
+    kernel, bias = _read(kernel), _read(bias)
     w_shape = tuple(int(d) for d in kernel.shape)
     has_bias = bias is not None
 
@@ -229,7 +203,7 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
                                              geometry=g, **kw)
         return [dw, db] if has_bias else [dw]
 
-    fused_grad = act != "linear" and _fused_activation_grad(backend)
+    fused_grad = _fused_activation_grad(backend, act)
 
     @tf.custom_gradient
     def op(*args):
@@ -269,6 +243,7 @@ def dense(x, kernel, bias, *, activation="linear", backend="auto"):
     ``bias`` may be None.  ``activation`` must be one of :data:`FUSED_DENSE`.
     """
     act = _act.normalize(activation)
+    kernel, bias = _read(kernel), _read(bias)
     has_bias = bias is not None
     units = int(kernel.shape[1])
 
