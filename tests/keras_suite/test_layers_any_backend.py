@@ -216,3 +216,58 @@ def test_cnn_accuracy_on_real_mnist(backend):
     stock = train_model("cnn", *split, stock=True, epochs=2, seed=0).test_accuracy
     assert ours >= 0.96, (ours, stock)
     assert abs(ours - stock) <= 0.01, (ours, stock)
+
+
+# ----------------------------------------------------------------------------- drop-in
+@pytest.mark.parametrize("groups,channels,filters", [(2, 4, 6), (3, 3, 3), (4, 8, 4)])
+def test_grouped_conv_equals_stock(groups, channels, filters):
+    """groups = G: G convolutions through the kernels; (3, 3, 3) is depthwise (G = C)."""
+    ours, stock = _twins(dl.Conv2D, keras.layers.Conv2D, (2, 7, 6, channels), filters=filters,
+                         kernel_size=3, strides=(2, 1), padding="same", groups=groups,
+                         activation="relu", backend="auto")
+    assert ours.kernel.shape == (3, 3, channels // groups, filters)
+    _check_twins(ours, stock, np.random.default_rng(6).standard_normal((2, 7, 6, channels)).astype(np.float32))
+
+
+@pytest.mark.parametrize("make", ["conv", "dense"])
+def test_lora_equals_stock(make):
+    if make == "conv":
+        ours, stock = _twins(dl.Conv2D, keras.layers.Conv2D, (2, 6, 6, 3), filters=4, kernel_size=3,
+                             backend="auto")
+        x = np.random.default_rng(1).standard_normal((2, 6, 6, 3)).astype(np.float32)
+    else:
+        ours, stock = _twins(dl.Dense, keras.layers.Dense, (3, 5), units=4, backend="auto")
+        x = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
+    for layer in (ours, stock):
+        layer.enable_lora(2)
+    rng = np.random.default_rng(2)
+    for a, b in zip(ours.weights, stock.weights):   # LoRA's B starts at zero: make it count
+        value = rng.standard_normal(b.shape).astype(np.float32) * 0.3
+        a.assign(value)
+        b.assign(value)
+    assert [w.path.split("/")[-1] for w in ours.trainable_weights] == \
+        [w.path.split("/")[-1] for w in stock.trainable_weights]
+    _check_twins(ours, stock, x)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_returns_the_compute_dtype(policy):
+    ours, stock = _twins(dl.Conv2D, keras.layers.Conv2D, (2, 6, 6, 3), filters=4, kernel_size=3,
+                         activation="relu", dtype=policy, backend="auto")
+    x = np.random.default_rng(3).standard_normal((2, 6, 6, 3)).astype(np.float32)
+    y1, y2 = ours(x), stock(x)
+    compute = policy.split("_")[1]
+    assert keras.backend.standardize_dtype(y1.dtype) == compute == \
+        keras.backend.standardize_dtype(y2.dtype)
+    a = keras.ops.convert_to_numpy(keras.ops.cast(y1, "float32"))
+    b = keras.ops.convert_to_numpy(keras.ops.cast(y2, "float32"))
+    np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2 * float(np.abs(b).max()))
+
+
+def test_activation_set_to_none_after_construction_is_linear():
+    ours, stock = _twins(dl.Dense, keras.layers.Dense, (3, 5), units=4, activation="relu",
+                         backend="auto")
+    ours.activation = stock.activation = None
+    x = np.random.default_rng(4).standard_normal((3, 5)).astype(np.float32)
+    _check_twins(ours, stock, x)
+    assert (keras.ops.convert_to_numpy(ours(x)) < 0).any()
