@@ -9,6 +9,12 @@ CUDA mode is chosen before anything imports numba.cuda:
   shapes stay tiny), and ``gpu``-marked tests are skipped with that reason.
 
 Set ``NUMBA_ENABLE_CUDASIM`` yourself to override.
+
+GPU tests that do not run say so loudly: each skip names why, and the terminal summary ends
+with one line counting the ``gpu``-marked tests not run and their reasons.  With
+``DLCONV_REQUIRE_GPU=1`` (set by ``benchmarks/gpu_check.sh``) every ``gpu``-marked test that
+would be skipped, for whatever reason, fails instead: on the GPU machine a skipped GPU test is
+a hidden failure.
 """
 
 import os
@@ -28,6 +34,14 @@ settings.load_profile("dlconv")
 
 SIMULATOR = os.environ["NUMBA_ENABLE_CUDASIM"] == "1"
 REAL_GPU = not SIMULATOR
+#: Why gpu-marked tests cannot run in this process ("" when they can).
+NO_GPU_WHY = "" if REAL_GPU else (
+    "needs a real CUDA GPU: " +
+    ("NUMBA_ENABLE_CUDASIM=1 (the Numba CUDA simulator) was set for this run"
+     if os.path.exists("/dev/nvidiactl") else
+     "no NVIDIA driver here (/dev/nvidiactl is absent), so this run uses the Numba CUDA simulator"))
+#: DLCONV_REQUIRE_GPU=1: a gpu-marked test that would be skipped fails instead.
+REQUIRE_GPU = os.environ.get("DLCONV_REQUIRE_GPU", "") == "1"
 
 #: The real MNIST test set shipped beside the project (never copied into it).
 MNIST_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
@@ -36,10 +50,43 @@ MNIST_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "dat
 def pytest_collection_modifyitems(config, items):
     if REAL_GPU:
         return
-    skip = pytest.mark.skip(reason="needs a real CUDA GPU; this run uses the Numba CUDA simulator")
+    skip = pytest.mark.skip(reason=NO_GPU_WHY)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+#: (nodeid, reason) of every gpu-marked test that did not run, for the terminal summary.
+_GPU_NOT_RUN = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if "gpu" not in item.keywords or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+    reason = reason[len("Skipped: "):] if reason.startswith("Skipped: ") else reason
+    _GPU_NOT_RUN.append((item.nodeid, reason))
+    if REQUIRE_GPU:
+        report.outcome = "failed"
+        report.longrepr = (f"gpu test {item.nodeid} would be skipped, and DLCONV_REQUIRE_GPU=1 "
+                           f"makes that a failure: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _GPU_NOT_RUN:
+        return
+    reasons = {}
+    for _, why in _GPU_NOT_RUN:
+        reasons[why] = reasons.get(why, 0) + 1
+    verdict = "FAILED (DLCONV_REQUIRE_GPU=1)" if REQUIRE_GPU else "skipped"
+    terminalreporter.write_sep("=", f"{len(_GPU_NOT_RUN)} gpu-marked test(s) NOT RUN, {verdict}",
+                               red=True, bold=True)
+    for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"  {n:4d} x {why}", red=True)
 
 
 @pytest.fixture
