@@ -22,6 +22,7 @@ import numpy as np
 from .. import activations as _act
 from ..arrays import empty_host
 from ..shapes import conv_geometry
+from ..streams import stream_handle  # noqa: F401  (re-exported: the handle the launchers take)
 from .base import Backend, BackendUnavailable
 
 #: A 3x3 stride-1 geometry every variant can run: what conv_variants() lists without a geometry.
@@ -49,57 +50,6 @@ def _import(name):
         return importlib.import_module(name), ""
     except ImportError as exc:
         return None, f"{name} is not importable ({exc}); rebuild with pip install --no-build-isolation -e ."
-
-
-#: Where a stream object keeps its handle, tried in this order after ``__cuda_stream__``:
-#: Numba (``handle``: a ctypes pointer or a cuda-python ``CUstream``), torch (``cuda_stream``),
-#: CuPy (``ptr``).
-_HANDLE_ATTRS = ("handle", "cuda_stream", "ptr")
-
-
-def _as_handle(value, stream):
-    value = getattr(value, "value", value)  # ctypes c_void_p → int or None (NULL)
-    if value is None:
-        return 0
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"cannot read a handle from stream {stream!r}: got {value!r}")
-    try:
-        handle = int(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"cannot read a handle from stream {stream!r}") from None
-    if handle < 0:
-        raise ValueError(f"stream handle must be >= 0, got {handle} from {stream!r}")
-    return handle
-
-
-def stream_handle(stream) -> int:
-    """A CUDA stream as the integer handle the C++ launchers take (0 = default stream).
-
-    Accepts None/0, an int, anything with the CUDA stream protocol ``__cuda_stream__()``
-    (returning ``(version, handle)``: CuPy, cuda-python, recent Numba), a Numba stream
-    (``stream.handle``), a torch stream (``cuda_stream``) or a CuPy stream (``ptr``).
-    """
-    if stream is None:
-        return 0
-    if isinstance(stream, (bool, np.bool_)):
-        raise TypeError(f"stream must be a CUDA stream or an int handle, got {stream!r}")
-    if isinstance(stream, (int, np.integer)):
-        if stream < 0:
-            raise ValueError(f"stream handle must be >= 0, got {stream}")
-        return int(stream)
-    protocol = getattr(stream, "__cuda_stream__", None)
-    if protocol is not None:
-        got = protocol() if callable(protocol) else protocol
-        if not (isinstance(got, tuple) and len(got) == 2):
-            raise TypeError(f"{type(stream).__name__}.__cuda_stream__() must return (version, handle), "
-                            f"got {got!r}")
-        return _as_handle(got[1], stream)
-    for attr in _HANDLE_ATTRS:
-        handle = getattr(stream, attr, None)
-        if handle is not None:
-            return _as_handle(handle, stream)
-    raise TypeError(f"stream must be a CUDA stream (Numba, torch, CuPy, or any object with "
-                    f"__cuda_stream__) or an int handle, got {type(stream).__name__}")
 
 
 class CppBackend(Backend):
