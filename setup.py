@@ -108,7 +108,7 @@ class BuildExt(build_ext):
         for a in archs:
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
         gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-        objects = []
+        commands = []
         for src in cu:
             obj = os.path.join(objdir, os.path.basename(src) + ".o")
             # No --use_fast_math: it swaps expf/tanhf/division for approximations and flushes
@@ -118,9 +118,17 @@ class BuildExt(build_ext):
             cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17",
                    "-Xcompiler", "-fPIC,-fvisibility=hidden", "-Icsrc",
                    f"-DDLCONV_CUDA_ARCHS=\"{' '.join(archs)}\"", *gencode]
-            print(" ".join(cmd), flush=True)
-            subprocess.check_call(cmd, cwd=HERE)
-            objects.append(obj)
+            commands.append((cmd, obj))
+        # the .cu files are independent: compile them side by side (nvcc is single-threaded)
+        import concurrent.futures
+
+        def compile_one(job):
+            print(" ".join(job[0]), flush=True)
+            subprocess.check_call(job[0], cwd=HERE)
+            return job[1]
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(commands), os.cpu_count() or 1))) as ex:
+            objects = list(ex.map(compile_one, commands))
         ext.sources = [s for s in ext.sources if not s.endswith(".cu")]
         ext.extra_objects = objects + ext.extra_objects
         libdir = None
@@ -178,7 +186,10 @@ setup(
         "scikit-learn>=1.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"],
+        # pybind11 here too: pip builds the package in an isolated environment that has it
+        # (pyproject.toml), but a rebuild in the venv (pip install --no-build-isolation -e .,
+        # benchmarks/gpu_check.sh) needs it installed there
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "pybind11>=2.12"],
     },
     entry_points={"console_scripts": ["dlconv = dlconv.cli:main"]},
     zip_safe=False,

@@ -43,8 +43,14 @@ NO_GPU_WHY = "" if REAL_GPU else (
 #: DLCONV_REQUIRE_GPU=1: a gpu-marked test that would be skipped fails instead.
 REQUIRE_GPU = os.environ.get("DLCONV_REQUIRE_GPU", "") == "1"
 
-#: The real MNIST test set shipped beside the project (never copied into it).
-MNIST_DIR = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"
+#: Where the real MNIST test set is looked for, first found wins: $DLCONV_MNIST_DIR; the
+#: shared/ folder beside the project (never copied into it); a shared/ folder inside the
+#: checkout (what travels to the GPU machine: gitignored, copied there for a GPU run).
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+MNIST_CANDIDATES = [pathlib.Path(p) for p in [os.environ.get("DLCONV_MNIST_DIR")] if p] + [
+    _ROOT.parent / "shared" / "data" / "mnist", _ROOT / "shared" / "data" / "mnist"]
+MNIST_DIR = next((d for d in MNIST_CANDIDATES if (d / "t10k-images-idx3-ubyte.gz").exists()),
+                 MNIST_CANDIDATES[0])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -98,7 +104,8 @@ def rng():
 @pytest.fixture(scope="session")
 def mnist_dir():
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip(f"the real MNIST test set is not at {MNIST_DIR} (it lives in shared/, not in the repo)")
+        pytest.skip("the real MNIST test set is not in any of "
+                    + ", ".join(str(d) for d in MNIST_CANDIDATES) + " (it lives in shared/, not in the repo)")
     return MNIST_DIR
 
 
