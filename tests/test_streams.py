@@ -10,6 +10,7 @@ directly (which reads the CAI ``stream`` entry itself).
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 import pytest
@@ -108,7 +109,9 @@ SLEEPS = 60          # ~60 ms in all (nanosleep's 1 ms maximum per call)
 STALE = np.float32(-7.0)
 
 
+@functools.lru_cache(maxsize=None)
 def _slow_writer():
+    """A kernel that sleeps ~SLEEPS ms in every thread, then copies src to dst (flat arrays)."""
     from numba import cuda
 
     @cuda.jit
@@ -117,7 +120,7 @@ def _slow_writer():
         if i < src.size:
             for _ in range(SLEEPS):
                 cuda.nanosleep(SLEEP_NS)
-            dst.reshape(src.size)[i] = src.reshape(src.size)[i]
+            dst[i] = src[i]
     return slow_copy
 
 
