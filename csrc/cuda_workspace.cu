@@ -1,11 +1,12 @@
 // cuda_workspace.cu — scratch memory of the CUDA C++ launchers (no kernels here).
 //
-// What it holds: one device buffer per (device, stream) — and per host thread for the default
-// stream handles 0 and 2 (cudaStreamPerThread differs from thread to thread) — reused by every
-// launch on that stream, so a launch that needs scratch space (split-K partial sums) allocates
-// nothing in the hot path.  Reuse is safe because the work on one stream runs in order: a launch
-// that writes the buffer starts only after the previous one that read it has finished.  Two
-// streams never share a buffer.
+// What it holds: one device buffer per (device, stream, host thread), reused by every launch
+// from that thread on that stream, so a launch that needs scratch space (split-K partial sums)
+// allocates nothing in the hot path.  Reuse is safe because the work on one stream runs in order:
+// a launch that writes the buffer starts only after the previous one that read it has finished.
+// Two streams never share a buffer, nor two host threads (two threads enqueueing on one stream at
+// once would interleave one call's partial-sum pass between the other's two kernels; the default
+// stream handles 0 and 2 also differ per thread under per-thread default streams).
 //
 // Growth (rare: a stream's first call, or a bigger problem): the stream is synchronised, the old
 // buffer freed, a bigger one (rounded up to WORKSPACE_GRANULE) allocated.  At most MAX_WORKSPACES
@@ -32,13 +33,13 @@ namespace {
 
 // Buffers are sized in multiples of 1 MiB: a problem that grows a little does not reallocate.
 constexpr size_t WORKSPACE_GRANULE = size_t(1) << 20;
-// Streams whose buffer is kept; a process rarely drives more than a few streams per device.
+// (stream, thread) pairs whose buffer is kept; a process rarely drives more than a few.
 constexpr size_t MAX_WORKSPACES = 16;
 
 struct Workspace {
     int device;
     uintptr_t stream;
-    std::thread::id thread;  // default-stream handles only; else a default-constructed id
+    std::thread::id thread;
     void* ptr;
     size_t bytes;
     uint64_t last_use;
@@ -74,9 +75,7 @@ float* workspace(size_t floats, cudaStream_t stream, const char* kernel) {
     int device = 0;
     check_call(cudaGetDevice(&device), kernel, "cudaGetDevice");
     const uintptr_t s = reinterpret_cast<uintptr_t>(stream);
-    const std::thread::id thread =
-        (s == 0 || s == reinterpret_cast<uintptr_t>(cudaStreamPerThread)) ? std::this_thread::get_id()
-                                                                           : std::thread::id();
+    const std::thread::id thread = std::this_thread::get_id();
     const size_t need = floats * sizeof(float);
     std::lock_guard<std::mutex> hold(g_lock);
     ++g_clock;

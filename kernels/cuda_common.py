@@ -6,11 +6,12 @@ Integers: kernel scalars arrive as int64 (Numba's int), so flat indices cannot o
 Under ``NUMBA_ENABLE_CUDASIM=1`` the same code runs on the CPU (one Python thread per CUDA
 thread).
 
-Scratch memory: :func:`workspace` hands out a float32 buffer cached per (device, stream) —
-and per host thread on the default stream — so that the kernels' partial sums allocate
-nothing in the hot path (a fresh ``device_array`` per call costs a ``cuMemAlloc``, and its
-deferred free may synchronise the device inside a timed loop).  Reuse on one stream is safe
-because that stream runs its work in order; two streams never share a buffer.
+Scratch memory: :func:`workspace` hands out a float32 buffer cached per (device, stream,
+host thread), so that the kernels' partial sums allocate nothing in the hot path (a fresh
+``device_array`` per call costs a ``cuMemAlloc``, and its deferred free may synchronise the
+device inside a timed loop).  Reuse on one stream is safe because that stream runs its work
+in order; two streams never share a buffer, nor two host threads (two threads launching on
+one stream at once could interleave one call's reduce pass between the other's kernels).
 """
 
 from __future__ import annotations
@@ -84,8 +85,7 @@ def _stream_key(stream):
             key = int(stream)            # a Numba stream: its handle (0 for the default stream)
         except TypeError:
             key = id(stream)             # the simulator's streams have no handle
-    # the default-stream handles (0, and 2 = per-thread) differ per host thread
-    return (key, threading.get_ident() if key in (0, 2) else 0)
+    return (key, threading.get_ident())
 
 
 def _simulated() -> bool:
