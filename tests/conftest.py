@@ -2,7 +2,7 @@
 
 CUDA mode is chosen before anything imports numba.cuda:
 
-* a machine with an NVIDIA driver (``/dev/nvidiactl``) runs the Numba CUDA kernels on the
+* a machine with an NVIDIA driver (``/dev/nvidiactl`` or ``/proc/driver/nvidia/version``) runs the Numba CUDA kernels on the
   real GPU, and the ``gpu``-marked tests run too (MNIST-sized shapes);
 * any other machine runs the Numba CUDA kernels under the simulator
   (``NUMBA_ENABLE_CUDASIM=1``: the real kernel code, one Python thread per CUDA thread, so
@@ -19,8 +19,11 @@ a hidden failure.
 
 import os
 
+#: Signs of an NVIDIA driver (a container may expose one without the other).
+_DRIVER_PATHS = ("/dev/nvidiactl", "/proc/driver/nvidia/version")
+_HAVE_DRIVER = any(os.path.exists(p) for p in _DRIVER_PATHS)
 if "NUMBA_ENABLE_CUDASIM" not in os.environ:
-    os.environ["NUMBA_ENABLE_CUDASIM"] = "0" if os.path.exists("/dev/nvidiactl") else "1"
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0" if _HAVE_DRIVER else "1"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib  # noqa: E402
@@ -38,8 +41,9 @@ REAL_GPU = not SIMULATOR
 NO_GPU_WHY = "" if REAL_GPU else (
     "needs a real CUDA GPU: " +
     ("NUMBA_ENABLE_CUDASIM=1 (the Numba CUDA simulator) was set for this run"
-     if os.path.exists("/dev/nvidiactl") else
-     "no NVIDIA driver here (/dev/nvidiactl is absent), so this run uses the Numba CUDA simulator"))
+     if _HAVE_DRIVER else
+     f"no NVIDIA driver here ({' and '.join(_DRIVER_PATHS)} are absent), so this run uses the "
+     "Numba CUDA simulator"))
 #: DLCONV_REQUIRE_GPU=1: a gpu-marked test that would be skipped fails instead.
 REQUIRE_GPU = os.environ.get("DLCONV_REQUIRE_GPU", "") == "1"
 
