@@ -135,8 +135,31 @@ def _activation(torch, act):
             "linear": lambda z: z, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act]
 
 
+#: Correctness bound of the TF32 side modes: TF32 keeps 10 mantissa bits (~5e-4 relative per
+#: product), an order of magnitude looser than fp32's bench.TOLERANCE.
+TF32_TOLERANCE = 1e-2
+
+
+def _with_tf32(torch, fn, conv: bool):
+    """``fn`` run with TF32 allowed (cuDNN's flag for convolutions, cuBLAS's for matmuls)."""
+    flags = torch.backends.cudnn if conv else torch.backends.cuda.matmul
+
+    def run():
+        old = flags.allow_tf32
+        flags.allow_tf32 = True
+        try:
+            return fn()
+        finally:
+            flags.allow_tf32 = old
+    return run
+
+
 class TorchBuiltin:
-    """torch's cuDNN / cuBLAS ops (or torch's CPU ops in a dry run), at their best."""
+    """torch's cuDNN / cuBLAS ops (or torch's CPU ops in a dry run), at their best in fp32
+    (TF32 off).  On CUDA each mode is also timed with TF32 allowed, as a *side* mode reported
+    beside the fp32 time and never used as the built-in's time: for convolutions that is
+    torch's default (``torch.backends.cudnn.allow_tf32`` is True unless changed), for matmuls
+    it is not (``torch.backends.cuda.matmul.allow_tf32`` defaults to False)."""
 
     def __init__(self, torch, device: str):
         self.torch = torch
@@ -149,6 +172,17 @@ class TorchBuiltin:
         return self.torch.from_numpy(a).to(self.dev)
 
     def modes(self, problem, place):
+        modes = self._fp32_modes(problem, place)
+        conv = problem.layer.kind == "conv"
+        if self.dev != "cuda":       # a dry run rehearses the side modes; the flags do nothing on CPU
+            label = "TF32 flag (dry run: no effect on CPU)"
+        else:
+            label = "TF32 (cuDNN default)" if conv else "TF32 (not torch's matmul default)"
+        side = [(f"{m[0]} {label}", _with_tf32(self.torch, m[1], conv), m[2] if len(m) > 2 else None,
+                 {"side": True, "tolerance": TF32_TOLERANCE}) for m in modes]
+        return modes + side
+
+    def _fp32_modes(self, problem, place):
         torch = self.torch
         F = torch.nn.functional
         p, g, a = problem, problem.geometry, problem.inputs
@@ -206,6 +240,25 @@ class TorchBuiltin:
             dz = dz_of()
             return torch.mm(dz, w.t()), torch.mm(x.t(), dz), dz.sum(dim=0)
         return [("mm", backward)]
+
+
+def tf32_table(rows) -> str:
+    """Markdown: the built-in with TF32 allowed beside its fp32 (TF32 off) time, per layer/pass."""
+    lines = []
+    for r in rows:
+        if r.get("backend") != "builtin" or not r.get("side_modes"):
+            continue
+        fp32 = r.get("median_s")
+        for mode, t in r["side_modes"].items():
+            speed = f"{fp32 / t:.2f}x" if (fp32 and t) else "-"
+            lines.append(f"| {r['layer']} | {r['pass']} | {mode} | "
+                         f"{'-' if t is None else f'{t * 1e3:.3f} ms'} | "
+                         f"{'-' if fp32 is None else f'{fp32 * 1e3:.3f} ms'} | {speed} |")
+    if not lines:
+        return ""
+    return ("### The built-in with TF32 (reported beside, not compared against)\n\n"
+            "| layer | pass | mode | time | fp32 (TF32 off) time | TF32 speed-up |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------- main
@@ -295,6 +348,10 @@ def main(argv=None) -> int:
                              on_row=save)
     save(rows)
     paths = bench.write_outputs(result, out, args.name)
+    side = tf32_table(rows)
+    if side:
+        with open(paths["md"], "a") as f:
+            f.write("\n" + side)
     print(bench.format_text(result), flush=True)
     print(f"\ngpu_bench: wrote {', '.join(str(p) for p in paths.values())} "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -180,7 +180,24 @@ def test_make_table_renders_cpu_and_says_gpu_not_measured(tmp_path, broken, caps
     assert "### CPU (2026-11-30-cpu-test.json) — cpu — " in out
     assert "test machine" in out
     assert "### GPU — not yet measured" in out        # the dry run is not a GPU result
+    gpu = out[out.index("### GPU — not yet measured"):]
+    for t in bench.TARGETS:                           # every GPU target says so, none has a figure
+        if t.device == "cuda":
+            assert f"| {t.label} (fp32, TF32 off) | ≥ {t.min_ratio:g}× | not yet measured |" in gpu
+    assert "| 0 errors | not yet measured |" in gpu
     assert "broken/v1 (best of 2)" not in out         # both variants failed: no "best"
+
+
+def test_readme_gpu_section_is_make_tables():
+    """Until a GPU result is committed, the README's GPU table is make_table's "not yet
+    measured" text, claiming no figure."""
+    spec = importlib.util.spec_from_file_location("make_table", ROOT / "benchmarks" / "make_table.py")
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    if mt.latest(mt.load_results(ROOT / "benchmarks" / "results"), "gpu") is not None:
+        pytest.skip("a GPU result is committed: the README shows its figures")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert mt.unmeasured_gpu_targets() in readme
 
 
 def test_machine_slug():
