@@ -13,14 +13,14 @@
 #              skipped fails instead) -> pytest-gpu.xml
 #   sanitizer  compute-sanitizer memcheck, racecheck, initcheck, synccheck over
 #              benchmarks/gpu_sanitize.py (every C++ CUDA kernel once, small shapes)
-#   keras      benchmarks/gpu_keras_epoch.py OUT_DIR (the Keras torch/JAX epochs) if that
-#              file exists; skipped, saying so, until it does
+#   keras      benchmarks/gpu_keras_epoch.py: one MNIST CNN epoch through Keras on torch and
+#              on JAX, dlconv layers vs stock (cuDNN) -> gpu-keras.json; Keras comes from the
+#              wheels benchmarks/fetch_gpu_wheels.sh left in .whl/
 #   bench      benchmarks/gpu_bench.py: every kernel vs cuDNN/cuBLAS through torch with CUDA
 #              events, TF32 off, and the TF32 default reported beside -> gpu-bench.{json,md,png}
 #
 # Result files (at most 8 come back from the GPU machine): gpu_check.log (every step's output),
-# summary.md, pytest-gpu.xml, gpu-bench.json, gpu-bench.md, gpu-bench.png, and whatever
-# gpu_keras_epoch.py writes (it must keep to one or two files).
+# summary.md, pytest-gpu.xml, gpu-bench.json, gpu-bench.md, gpu-bench.png, gpu-keras.json.
 #
 # --dry-run rehearses every step on a CPU-only machine: the build compiles into a scratch folder
 # (the installed package is left alone), TensorFlow is hidden from Python (as on the GPU
@@ -213,16 +213,26 @@ else
   run_step sanitizer 100 sanitizer || FAILED=1
 fi
 
-# keras: the Keras torch/JAX epochs, once benchmarks/gpu_keras_epoch.py exists -------------
-KERAS_SCRIPT=benchmarks/gpu_keras_epoch.py
-if [[ -f "$KERAS_SCRIPT" ]]; then
-  if (( DRY )); then
-    run_step keras 90 "$PY" "$KERAS_SCRIPT" "$OUT_DIR" --dry-run || FAILED=1
-  else
-    run_step keras 90 "$PY" "$KERAS_SCRIPT" "$OUT_DIR" || FAILED=1
+# keras: one MNIST CNN epoch through Keras on torch and on JAX, dlconv vs stock -------------
+# Keras, namex and optree are not on the GPU machine: benchmarks/fetch_gpu_wheels.sh puts
+# their wheels in .whl/ beforehand (carried with the checkout); they go into a scratch folder.
+keras_epochs() {
+  if ! "$PY" -c "import keras" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+      echo "keras is not importable and .whl/ holds no wheels: run benchmarks/fetch_gpu_wheels.sh first"
+      return 1
+    fi
+    local site; site="$(mktemp -d)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || return 1
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
   fi
+  "$PY" benchmarks/gpu_keras_epoch.py "$OUT_DIR" --budget-s 110 "$@"
+}
+export -f keras_epochs
+if (( DRY )); then
+  run_step keras 120 keras_epochs --dry-run || FAILED=1
 else
-  note_step keras "skipped: $KERAS_SCRIPT does not exist yet (the Keras torch/JAX epochs come with it)"
+  run_step keras 120 keras_epochs || FAILED=1
 fi
 
 # bench: gets what is left of the 8 minutes -------------------------------------------------
@@ -240,6 +250,7 @@ fi
   echo "Finished in $(( $(date +%s) - START )) s; overall: $( ((FAILED)) && echo 'FAILED (see gpu_check.log)' || echo 'all steps passed')."
   echo
   [[ -f "$OUT_DIR/gpu-bench.md" ]] && cat "$OUT_DIR/gpu-bench.md"
+  [[ -f "$OUT_DIR/gpu-keras.json" ]] && { echo; "$PY" benchmarks/gpu_keras_epoch.py --table "$OUT_DIR/gpu-keras.json"; }
 } >> "$SUMMARY"
 n_files=$(find "$OUT_DIR" -type f | wc -l)
 echo "== result files in $OUT_DIR: $n_files (at most 8 come back)"
