@@ -6,7 +6,7 @@
 // `::dlconv_emu::launch("k", k, ::dlconv_emu::config(grid, block, smem, stream), args...)`.
 // launch() checks the configuration as the CUDA runtime would (dims >= 1, <= 1024 threads per block,
 // grid.y/z <= 65535, <= 48 KiB of shared memory per block; a bad one sets cudaGetLastError() and runs
-// nothing), then runs the blocks ONE AT A TIME, each with one fresh std::thread per CUDA thread of
+// nothing), then runs the blocks ONE AT A TIME, each with one fresh host thread (pthread) per CUDA thread of
 // the block.  threadIdx/blockIdx/blockDim/gridDim are thread_locals of those threads; a warp is 32
 // consecutive linear thread ids, as on the GPU.
 //   __syncthreads()  a real barrier of the block's threads (mutex + condition variable: ThreadSanitizer
@@ -53,6 +53,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -62,6 +63,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include <pthread.h>
 
 #if defined(__SANITIZE_ADDRESS__)
 #include <sanitizer/asan_interface.h>
@@ -208,6 +211,35 @@ struct Block {
     size_t shared_bytes = 0, dynamic_bytes = 0;
     void* dynamic = nullptr;
     std::atomic<int> finished{0};
+};
+
+// A pthread with a small stack: a block starts up to 1024 of them, and 8 MiB default stacks make
+// thread start-up (mmap) the emulator's main cost.  Kernels keep little on the stack.
+constexpr size_t THREAD_STACK = 512 * 1024;
+class Thread {
+  public:
+    template <class F>
+    explicit Thread(F f) {
+        auto* fn = new std::function<void()>(std::move(f));
+        pthread_attr_t a;
+        pthread_attr_init(&a);
+        pthread_attr_setstacksize(&a, THREAD_STACK);
+        const int e = pthread_create(&t_, &a, [](void* p) -> void* {
+            std::unique_ptr<std::function<void()>> g(static_cast<std::function<void()>*>(p));
+            (*g)();
+            return nullptr;
+        }, fn);
+        pthread_attr_destroy(&a);
+        if (e != 0) { delete fn; fatal("pthread_create failed: " + std::to_string(e)); }
+    }
+    Thread(Thread&& o) noexcept : t_(o.t_), live_(o.live_) { o.live_ = false; }
+    Thread(const Thread&) = delete;
+    ~Thread() { if (live_) fatal("a block thread was never joined"); }
+    void join() { if (live_) { pthread_join(t_, nullptr); live_ = false; } }
+
+  private:
+    pthread_t t_{};
+    bool live_ = true;
 };
 
 struct Config { dim3 grid, block; size_t smem; cudaStream_t stream; };
@@ -390,11 +422,11 @@ void run_blocks(const char* name, const Config& c, Call&& call) {
     // so no block's threads ever synchronise with a later block's (see the header).
     struct Done {
         std::unique_ptr<Block> blk;
-        std::vector<std::thread> threads;
+        std::vector<Thread> threads;
         std::atomic<bool> ready{false};
     };
     std::unique_ptr<Done[]> slots(new Done[nblocks]);
-    std::thread reaper([&slots, nblocks] {
+    Thread reaper([&slots, nblocks] {
         for (unsigned long long i = 0; i < nblocks; ++i) {
             Done& d = slots[i];
             while (!d.ready.load(std::memory_order_acquire))
@@ -433,7 +465,7 @@ void run_blocks(const char* name, const Config& c, Call&& call) {
             B->dynamic_bytes = c.smem;
             std::memset(B->dynamic, SHARED_FILL, c.smem);
         }
-        std::vector<std::thread> threads;
+        std::vector<Thread> threads;
         threads.reserve(nthreads);
         for (unsigned t = 0; t < nthreads; ++t) {
             threads.emplace_back([&call, B, bid, t, name, c] {
