@@ -35,7 +35,7 @@ SANITIZERS = {
     "tsan": ["-fsanitize=thread"],
 }
 # Kernels are CUDA sources; the driver is plain host C++ against the same stand-in.
-KERNEL_SOURCES = ("cuda_conv.cu", "cuda_dense.cu")
+KERNEL_SOURCES = ("cuda_conv.cu", "cuda_dense.cu", "selftest.cu")  # selftest.cu: the emulator's own checks
 APPEND = {"cuda_conv.cu": os.path.join(HERE, "controls.cu")}
 
 
@@ -79,6 +79,7 @@ def build(sanitizer: str, out: str) -> str:
     for f in sorted(glob.glob(os.path.join(CSRC, "*.cu")) + glob.glob(os.path.join(CSRC, "*.cuh"))):
         name = os.path.basename(f)
         rewrite.rewrite_file(f, os.path.join(src, name), APPEND.get(name))
+    rewrite.rewrite_file(os.path.join(HERE, "selftest.cu"), os.path.join(src, "selftest.cu"))
     flags = COMMON + SANITIZERS[sanitizer] + ["-I", src, "-I", os.path.join(HERE, "include"), "-I", CSRC]
     jobs = []
     for name in KERNEL_SOURCES:

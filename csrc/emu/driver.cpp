@@ -14,6 +14,7 @@
 //     act_bwd      rows= cols= act= dy= y= out=
 //     force_v3_vec g= act= x= w= b= y=        (negative control: float4 path on any alignment)
 //     interblock_race                          (negative control: a race between two blocks)
+//     selftest     name= n= out=               (the emulator's own checks, selftest.cu)
 //
 // Each buffer is its own cudaMalloc of exactly its size (ASan redzones right behind it; an offset
 // buffer's lead is poisoned when it covers whole 8-byte granules); outputs are pre-filled with NaN so
@@ -39,6 +40,7 @@ void emu_force_v3_vec(const ConvGeometry& g, const float* x, const float* w, con
 void emu_interblock_race(float* out);
 }  // namespace cuda
 }  // namespace dlconv
+void emu_selftest(const std::string& name, float* out, size_t n);
 
 namespace {
 
@@ -224,6 +226,9 @@ void run(Op& op) {
         check(cudaMemcpy(&v, out, sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
         check(cudaFree(out), "cudaFree");
         std::printf("interblock_race sum %g\n", double(v));
+    } else if (n == "selftest") {
+        const int64_t count = op.i("n");
+        emu_selftest(op.get("name"), op.out("out", count), size_t(count));
     } else {
         throw std::runtime_error("unknown operation " + n);
     }
