@@ -6,9 +6,9 @@
 // `::dlconv_emu::launch("k", k, ::dlconv_emu::config(grid, block, smem, stream), args...)`.
 // launch() checks the configuration as the CUDA runtime would (dims >= 1, <= 1024 threads per block,
 // grid.y/z <= 65535, <= 48 KiB of shared memory per block; a bad one sets cudaGetLastError() and runs
-// nothing), then runs the blocks ONE AT A TIME, each with one fresh host thread (pthread) per CUDA thread of
-// the block.  threadIdx/blockIdx/blockDim/gridDim are thread_locals of those threads; a warp is 32
-// consecutive linear thread ids, as on the GPU.
+// nothing), then runs the blocks ONE AT A TIME, each with one fresh host thread (a small-stack pthread)
+// per CUDA thread of the block.  threadIdx/blockIdx/blockDim/gridDim are thread_locals of those
+// threads; a warp is 32 consecutive linear thread ids, as on the GPU.
 //   __syncthreads()  a real barrier of the block's threads (mutex + condition variable: ThreadSanitizer
 //                    sees the happens-before it creates, and nothing more).  A thread that returns from
 //                    the kernel leaves the barrier; at the end of a block every thread must have passed
@@ -32,16 +32,21 @@
 // synchronised with block b.  ThreadSanitizer therefore reports two blocks touching the same word
 // without atomics (a race between blocks on the GPU) even though they never ran at the same time.
 //
+// Knobs: DLCONV_EMU_DROP_SYNC="kernel#n" makes the n-th __syncthreads of that function a no-op (the
+// race check's negative control); DLCONV_EMU_SM_COUNT (default 132, an H200) is what device queries
+// report.  Build and run: csrc/emu/build.py, tests/test_cuda_emu.py; overview: csrc/emu/README.md.
+//
 // NOT emulated (a clean run says nothing about these): concurrency of blocks (timing-dependent
 // inter-block protocols such as spin locks or grid syncs, which would deadlock here), the GPU's weak
 // memory model beyond what C++ atomics and the barriers give, streams running concurrently with each
 // other or with the host (a missing stream dependency is invisible: every call completes in order),
-// partial-warp shuffle masks (reported as unsupported), independent thread scheduling subtleties of
-// divergent warps, texture/surface/constant memory semantics (__constant__ is a plain global),
-// cooperative groups, device-side printf/malloc, fast-math intrinsics' reduced precision (__expf is
-// expf), the launch-bounds/register limits, and out-of-bounds reads that land in another live buffer
-// (ASan catches only what falls into a redzone, as compute-sanitizer memcheck catches only what falls
-// outside any allocation).
+// partial-warp shuffle masks (reported as unsupported), the scheduling of divergent warps,
+// texture/surface/constant memory semantics (__constant__ is a plain global), cooperative groups,
+// device-side printf/malloc, fast-math precision (__expf is expf; nvcc's --use_fast_math is not
+// applied), launch-bounds/register limits, launches of a kernel template whose arguments must be
+// deduced or of a kernel with default arguments (the rewrite passes a plain function pointer), and
+// out-of-bounds accesses that land inside another live buffer (ASan sees only what falls into a
+// redzone, as compute-sanitizer memcheck sees only what falls outside every allocation).
 #pragma once
 
 #include <algorithm>
