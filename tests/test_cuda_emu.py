@@ -12,7 +12,9 @@ driver, once per sanitizer set (cached by source hash under build/cuda_emu):
 Each run must exit 0 with no sanitizer report, and every output must match dlconv.reference.
 Negative controls prove the harness can fail: every ``__syncthreads`` of every kernel, dropped one
 at a time, is reported by TSan as a data race; a float4 load forced onto a misaligned input is
-reported by UBSan; two blocks writing one float without an atomic is reported by TSan.
+reported by UBSan; two blocks (0 and 2 of 3) adding to one float without an atomic is reported by
+TSan.  The stand-in is checked too (selftest.cu: shuffles, shared memory, atomics, launch limits,
+and the errors it must raise).
 """
 
 from __future__ import annotations
@@ -229,9 +231,36 @@ def run_driver(exe, lines, d: pathlib.Path, extra_env=None):
     return r
 
 
+@dataclasses.dataclass
+class Run:
+    r: subprocess.CompletedProcess
+    d: pathlib.Path
+    launches: dict  # case id -> the "launch ..." lines its operation made (DLCONV_EMU_TRACE)
+
+
 def _run_cases(exe, cases, d):
-    r = run_driver(exe, [c.line(d) for c in cases], d)
-    return r, d
+    r = run_driver(exe, [c.line(d) for c in cases], d, {"DLCONV_EMU_TRACE": "1"})
+    per_op, cur = [], []
+    for line in r.stdout.splitlines():
+        if line.startswith("launch "):
+            cur.append(line)
+        elif line.startswith("ok "):
+            per_op.append(cur)
+            cur = []
+    return Run(r, d, {c.id: ls for c, ls in zip(cases, per_op)})
+
+
+def _kernel(line):
+    return line.split()[1]
+
+
+def _int_args(line):
+    return line.split("args=", 1)[1].split()
+
+
+# Every __global__ kernel of csrc/*.cu (not the emulator's own controls and self-tests).
+KERNELS = sorted({m for src in (ROOT / "csrc").glob("*.cu") for m in re.findall(
+    r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(", src.read_text())})
 
 
 @pytest.fixture(scope="session")
@@ -275,27 +304,44 @@ def test_coverage_of_the_case_table():
 
 
 def test_asan_ubsan_run_is_clean(asan_run):
-    r, _ = asan_run
-    _assert_clean(r, len(CASES))
+    _assert_clean(asan_run.r, len(CASES))
 
 
 def test_tsan_run_is_clean(tsan_run):
-    r, _ = tsan_run
-    _assert_clean(r, sum(c.tsan for c in CASES))
+    _assert_clean(tsan_run.r, sum(c.tsan for c in CASES))
+
+
+@pytest.mark.parametrize("run", ("asan_run", "tsan_run"))
+def test_every_kernel_runs(request, run):
+    """Each __global__ kernel of csrc/*.cu is launched by the case table, under both sanitizer sets
+    (a kernel added to csrc without a case here fails this test)."""
+    launched = {_kernel(line) for ls in request.getfixturevalue(run).launches.values() for line in ls}
+    assert len(KERNELS) >= 10 and set(KERNELS) <= launched, sorted(set(KERNELS) - launched)
+
+
+def test_v3_takes_the_float4_path_exactly_where_it_may(asan_run, tsan_run):
+    """v3's last argument is its float4 switch: on for C, F % 4 == 0 and aligned buffers, off on a
+    scalar geometry and on offset (misaligned) views."""
+    for run in (asan_run, tsan_run):
+        for cid, ls in run.launches.items():
+            if not cid.startswith("fwd_v3_"):
+                continue
+            (line,) = [x for x in ls if _kernel(x) == "conv_fwd_v3_igemm"]
+            want = "1" if cid.endswith("_vec") or cid == "fwd_v3_tiles" else "0"
+            assert _int_args(line)[-1] == want, (cid, line)
+    assert sum(c.id.startswith("fwd_v3_") for c in CASES) >= 8
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_asan_outputs_match_reference(asan_run, case):
-    r, d = asan_run
-    assert r.returncode == 0, _report(r.stderr)
-    case.check(d)
+    assert asan_run.r.returncode == 0, _report(asan_run.r.stderr)
+    case.check(asan_run.d)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.tsan], ids=lambda c: c.id)
 def test_tsan_outputs_match_reference(tsan_run, case):
-    r, d = tsan_run
-    assert r.returncode == 0, _report(r.stderr)
-    case.check(d)
+    assert tsan_run.r.returncode == 0, _report(tsan_run.r.stderr)
+    case.check(tsan_run.d)
 
 
 @st.composite
@@ -320,10 +366,27 @@ def test_generated_geometries_under_asan(drivers, tmp_path_factory, g, act, seed
     rng = np.random.default_rng(seed)
     cases = [conv_forward_case(f"gen_v{v}", g, v, act, rng) for v in (V1, V2, V3)]
     cases += [conv_backward_data_case("gen_bwd_data", g, rng), conv_backward_filter_case("gen_bwd_filter", g, rng)]
-    r, d = _run_cases(drivers["asan"], cases, tmp_path_factory.mktemp("emu_gen"))
-    _assert_clean(r, len(cases))
+    run = _run_cases(drivers["asan"], cases, tmp_path_factory.mktemp("emu_gen"))
+    _assert_clean(run.r, len(cases))
     for c in cases:
-        c.check(d)
+        c.check(run.d)
+
+
+@settings(max_examples=6)
+@given(M=st.integers(1, 70), K=st.integers(1, 40), N=st.integers(1, 70), act=st.sampled_from(ACTS),
+       seed=st.integers(0, 2**31 - 1))
+def test_generated_dense_and_softmax_under_asan(drivers, tmp_path_factory, M, K, N, act, seed):
+    """Ragged dense shapes (1..70 rows/columns around the 64x64 tile, K around BK = 16)."""
+    rng = np.random.default_rng(seed)
+    cases = [dense_forward_case("gen_dense_fwd", M, K, N, act, rng),
+             dense_backward_case("gen_dense_bwd", M, K, N, act, rng),
+             # one block per softmax row: a few rows keep it quick
+             softmax_case("gen_softmax", 1 + M % 5, N, rng),
+             activation_backward_case("gen_act_bwd", 1 + K % 5, N, "softmax", rng)]
+    run = _run_cases(drivers["asan"], cases, tmp_path_factory.mktemp("emu_gen_dense"))
+    _assert_clean(run.r, len(cases))
+    for c in cases:
+        c.check(run.d)
 
 
 # ----------------------------------------------------------------------------- negative controls
@@ -377,7 +440,7 @@ def test_tsan_reports_a_race_between_blocks(drivers, tmp_path):
     assert "emu_control_interblock" in r.stderr
     # the same kernel without TSan completes: the two blocks ran one after the other
     r = run_driver(drivers["asan"], ["interblock_race"], tmp_path)
-    assert r.returncode == 0 and "interblock_race sum 2" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "interblock_race sum 2 flag 1" in r.stdout, r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------- the emulator itself

@@ -34,7 +34,8 @@
 //
 // Knobs: DLCONV_EMU_DROP_SYNC="kernel#n" makes the n-th __syncthreads of that function a no-op (the
 // race check's negative control); DLCONV_EMU_SM_COUNT (default 132, an H200) is what device queries
-// report.  Build and run: csrc/emu/build.py, tests/test_cuda_emu.py; overview: csrc/emu/README.md.
+// report; DLCONV_EMU_TRACE=1 prints each launch (name, grid, block, integer arguments).
+// Build and run: csrc/emu/build.py, tests/test_cuda_emu.py; overview: csrc/emu/README.md.
 //
 // NOT emulated (a clean run says nothing about these): concurrency of blocks (timing-dependent
 // inter-block protocols such as spin locks or grid syncs, which would deadlock here), the GPU's weak
@@ -507,6 +508,22 @@ void run_blocks(const char* name, const Config& c, Call&& call) {
     reaper.join();  // every block's writes now happen-before what the host does next
 }
 
+// DLCONV_EMU_TRACE=1: one stdout line per launch, "launch NAME grid=x,y,z block=x,y,z smem=N args=..."
+// with integer arguments by value (which path a kernel was told to take) and others as "*" / "{}".
+template <class T>
+void trace_arg(std::string& out, const T& v) {
+    if constexpr (std::is_integral<T>::value) out += std::to_string(v);
+    else if constexpr (std::is_floating_point<T>::value) out += std::to_string(double(v));
+    else if constexpr (std::is_pointer<T>::value) out += v ? "*" : "null";
+    else out += "{}";
+    out += ' ';
+}
+
+inline bool tracing() {
+    static const bool on = [] { const char* e = std::getenv("DLCONV_EMU_TRACE"); return e && *e == '1'; }();
+    return on;
+}
+
 template <class... P, class... A>
 void launch(const char* name, void (*kernel)(P...), Config c, A&&... args) {
     static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
@@ -521,9 +538,19 @@ void launch(const char* name, void (*kernel)(P...), Config c, A&&... args) {
         set_error(cudaErrorInvalidValue);
         return;
     }
+    tracing();
     dropped_syncs();  // parsed here, on the host thread: a lazy static would link the blocks that read it
     // Kernel parameters are copied once, as into the GPU's parameter space; each thread receives its own copy.
     const std::tuple<typename std::decay<P>::type...> params(std::forward<A>(args)...);
+    if (tracing()) {
+        std::string line = std::string("launch ") + name + " grid=" + std::to_string(g.x) + "," +
+                           std::to_string(g.y) + "," + std::to_string(g.z) + " block=" + std::to_string(b.x) +
+                           "," + std::to_string(b.y) + "," + std::to_string(b.z) +
+                           " smem=" + std::to_string(c.smem) + " args=";
+        std::apply([&line](const auto&... v) { (trace_arg(line, v), ...); }, params);
+        std::printf("%s\n", line.c_str());
+        std::fflush(stdout);
+    }
     run_blocks(name, c, [&params, kernel] { std::apply(kernel, params); });
 }
 

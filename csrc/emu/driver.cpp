@@ -219,13 +219,13 @@ void run(Op& op) {
         C::activation_backward(r, c, dy, y, int(op.i("act")), op.out("out", r * c), s);
     } else if (n == "interblock_race") {
         float* out = nullptr;
-        check(cudaMalloc(reinterpret_cast<void**>(&out), sizeof(float)), "cudaMalloc");
-        check(cudaMemset(out, 0, sizeof(float)), "cudaMemset");
+        check(cudaMalloc(reinterpret_cast<void**>(&out), 2 * sizeof(float)), "cudaMalloc");
+        check(cudaMemset(out, 0, 2 * sizeof(float)), "cudaMemset");
         C::emu_interblock_race(out);
-        float v = 0.f;
-        check(cudaMemcpy(&v, out, sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
+        float v[2] = {0.f, 0.f};
+        check(cudaMemcpy(v, out, sizeof v, cudaMemcpyDeviceToHost), "cudaMemcpy");
         check(cudaFree(out), "cudaFree");
-        std::printf("interblock_race sum %g\n", double(v));
+        std::printf("interblock_race sum %g flag %g\n", double(v[0]), double(v[1]));
     } else if (n == "selftest") {
         const int64_t count = op.i("n");
         emu_selftest(op.get("name"), op.out("out", count), size_t(count));
