@@ -492,3 +492,53 @@ def test_emulator_selftest(drivers, tmp_path, name, san):
 def test_emulator_reports(drivers, tmp_path, name):
     r, _ = _selftest(drivers["asan"], name, tmp_path)
     assert r.returncode != 0 and re.search(SELFTEST_ERRORS[name], r.stderr), r.stdout + _report(r.stderr)
+
+
+# ----------------------------------------------------------------------------- the rewrite
+def _rewrite_module():
+    spec = importlib.util.spec_from_file_location("dlconv_emu_rewrite", EMU / "rewrite.py")
+    rw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rw)
+    return rw
+
+
+def test_rewrite_launches_shared_and_barriers():
+    rw = _rewrite_module()
+    src = """template <int T>
+__global__ void __launch_bounds__(256)
+k(float* y, int n) {
+    __shared__ __align__(16) float a[T][T + 1];  // a comment with k<<<1, 2>>>(x)
+    extern __shared__ float dyn[];
+    __shared__ int count;
+    __syncthreads();
+    if (n) { __syncthreads(); }
+}
+void go(float* y, cudaStream_t s) {
+    k<16><<<dim3(2, 3),
+            256, 0, s>>>(y,
+                         4);
+    other<<<1, 32>>>();
+}
+"""
+    out = rw.rewrite(src, "t.cu")
+    assert out.count("\n") == src.count("\n")
+    assert '::dlconv_emu::launch("k<16>", k<16>, ::dlconv_emu::config(dim3(2, 3),\n            256, 0, s), y,' in out
+    assert '::dlconv_emu::launch("other", other, ::dlconv_emu::config(1, 32))' in out
+    assert 'auto& a = ::dlconv_emu::block_shared<float[T][T + 1]>("t.cu:4:a", 16);' in out
+    assert "float* dyn = ::dlconv_emu::dynamic_shared<float>();" in out
+    assert 'auto& count = ::dlconv_emu::block_shared<int>("t.cu:6:count", 0);' in out
+    assert out.count('syncthreads("k#1")') == 1 and out.count('syncthreads("k#2")') == 1
+    assert "// a comment with k<<<1, 2>>>(x)" in out  # comments are left alone
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("__global__ void k() { __shared__ float a[4], b[4]; }", "one declarator"),
+    ("__global__ void k() { __shared__ float a[]; }", "needs sizes"),
+    ("void f() { k<<<1, 2>>>; }", "without an argument list"),
+    ("void f() { k<<<1>>>(); }", "1 configuration values"),
+    ("void f() { k<<<1, 2>>>(a, (b); }", "unbalanced"),
+])
+def test_rewrite_refuses_what_it_does_not_understand(bad, why):
+    rw = _rewrite_module()
+    with pytest.raises(rw.RewriteError, match=re.escape(why)):
+        rw.rewrite(bad, "t.cu")

@@ -28,7 +28,7 @@ import sys
 
 _KEYWORDS = {"if", "for", "while", "switch", "return", "sizeof", "catch", "do", "else"}
 _FUNC_HEAD = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
-_SHARED = re.compile(r"^(?P<indent>[ \t]*)(?P<extern>extern\s+)?__shared__\s+(?P<rest>[^;]*);", re.M)
+_SHARED = re.compile(r"(?P<extern>\bextern\s+)?\b__shared__\s+(?P<rest>[^;]*);")
 _ALIGN = re.compile(r"__align__\s*\(\s*([^)]*?)\s*\)")
 _DECL = re.compile(r"^(?P<type>.*?[\w*&>\s])\s*\b(?P<name>[A-Za-z_]\w*)\s*(?P<dims>(?:\[[^\]]*\]\s*)*)$", re.S)
 
@@ -207,11 +207,11 @@ def _rewrite_shared(text: str, code: str, fname: str) -> tuple[str, str]:
         if m.group("extern"):
             if dims != "[]":
                 raise RewriteError(f"{fname}:{line}: extern __shared__ {name} must be declared {name}[]")
-            repl = f"{m.group('indent')}{typ}* {name} = ::dlconv_emu::dynamic_shared<{typ}>();"
+            repl = f"{typ}* {name} = ::dlconv_emu::dynamic_shared<{typ}>();"
         else:
             if "[]" in dims:
                 raise RewriteError(f"{fname}:{line}: __shared__ {name}{dims} needs sizes (or extern)")
-            repl = (f'{m.group("indent")}auto& {name} = ::dlconv_emu::block_shared<{typ}{dims}>('
+            repl = (f'auto& {name} = ::dlconv_emu::block_shared<{typ}{dims}>('
                     f'"{fname}:{line}:{name}", {align});')
         pieces.append(text[last:m.start()] + repl + "\n" * text[m.start():m.end()].count("\n"))
         last = m.end()
