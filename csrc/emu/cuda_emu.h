@@ -343,9 +343,12 @@ T* dynamic_shared() {
 inline Warp& warp_checked(unsigned mask, const char* what) {
     Block& b = block();
     Warp& w = *b.warps[tl_tid / WARP];
-    if ((mask & w.lanes) != w.lanes)
-        fatal(std::string(what) + ": mask 0x" + [&] { char s[16]; std::snprintf(s, 16, "%08x", mask); return std::string(s); }() +
-              " leaves out lanes of this warp (partial-warp masks are not emulated)");
+    if ((mask & w.lanes) != w.lanes) {
+        char hex[16];
+        std::snprintf(hex, sizeof hex, "%08x", mask);
+        fatal(std::string(what) + ": mask 0x" + hex + " leaves out lanes of this warp (partial-warp masks are "
+              "not emulated)");
+    }
     return w;
 }
 
@@ -414,7 +417,8 @@ inline cudaError_t set_error(cudaError_t e) {
 }
 
 inline bool stream_ok(cudaStream_t s) {
-    // Any non-null handle the emulator made, or one of the special ones: checked by address only.
+    // The default, legacy and per-thread streams, or a handle cudaStreamCreate* made (flags 0 or 1);
+    // a stale or foreign handle is read as memory here, which ASan reports.
     return (s == nullptr || s == cudaStreamLegacy || s == cudaStreamPerThread || s->flags <= 1u);
 }
 
@@ -442,7 +446,11 @@ void run_blocks(const char* name, const Config& c, Call&& call) {
                 DLCONV_EMU_UNPOISON(kv.second.raw, kv.second.lead);
                 std::free(kv.second.raw);
             }
-            if (d.blk->dynamic) std::free(static_cast<char*>(d.blk->dynamic) - DYNAMIC_SHARED_ALIGN);
+            if (d.blk->dynamic) {
+                char* raw = static_cast<char*>(d.blk->dynamic) - DYNAMIC_SHARED_ALIGN;
+                DLCONV_EMU_UNPOISON(raw, DYNAMIC_SHARED_ALIGN);
+                std::free(raw);
+            }
             d.blk.reset();
             d.threads.clear();
         }
@@ -470,6 +478,7 @@ void run_blocks(const char* name, const Config& c, Call&& call) {
             B->dynamic = static_cast<char*>(raw) + DYNAMIC_SHARED_ALIGN;
             B->dynamic_bytes = c.smem;
             std::memset(B->dynamic, SHARED_FILL, c.smem);
+            DLCONV_EMU_POISON(raw, DYNAMIC_SHARED_ALIGN);
         }
         std::vector<Thread> threads;
         threads.reserve(nthreads);
