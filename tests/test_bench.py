@@ -229,7 +229,8 @@ def test_variants_for_offers_only_what_can_run_the_layer():
 
 # ----------------------------------------------------------------------------- Keras backends
 def test_keras_backend_rows_say_why_when_a_framework_is_missing(monkeypatch):
-    from dlconv import bench_keras, bridges
+    from dlconv import bridges
+    from dlconv.bench import keras_backends as bench_keras
 
     monkeypatch.setattr(bridges, "status", lambda: {
         "tensorflow": (False, "tensorflow is not installed"),
@@ -256,7 +257,7 @@ def test_bridge_cost_target_is_the_ratio_to_dlconvs_own_tensorflow_step():
 def test_keras_backend_child_measures_the_bridge_overhead():
     """The child protocol end to end on the TensorFlow backend: one JSON line back, a
     1x1 conv that computed 2.0 before it was timed."""
-    from dlconv import bench_keras
+    from dlconv.bench import keras_backends as bench_keras
 
     res = bench_keras._child("tensorflow", ["reference"], 8, 1, 0, False, 300)
     assert "error" not in res, res
