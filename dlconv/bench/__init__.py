@@ -43,6 +43,9 @@ Where things are
 ``timing``             places (host clock, CUDA events), calibration, round-robin medians
 ``builtins``           TensorFlow (oneDNN/cuDNN), torch (cuDNN/cuBLAS), the NumPy stand-in
 ``suite``              the kernel suite: check every case, time the correct ones together
+``user_kernels``       bring your own kernel: register, check on generated geometries, name
+                       the first wrong element, the ``dlconv explain`` command reproducing it
+``roofline``           the machine's measured compute peak and memory bandwidth; the roofline PNG
 ``targets``            the goals (the only typed-in numbers) and whether a run met them
 ``train_step``         the MNIST CNN train step on Keras' TensorFlow backend
 ``keras_backends``     the train step and bridge overhead on torch/JAX (child processes)
@@ -72,6 +75,8 @@ from .targets import (BRIDGE_COST_TARGET, STEP_TARGETS, TARGETS, TRAIN_TARGETS, 
                       summarize_targets, target_for)
 from .timing import (MAX_INNER, MIN_SAMPLE_S, HostPlace, NumbaCudaPlace, Settings, Timing,
                      calibrate, measure, measure_interleaved)
+from .user_kernels import (UserKernel, check_kernel, clear_kernels, load_kernel,
+                           register_kernel, registered)
 from .train_step import TRAIN_PROBE_STEPS, mnist_cnn_builder, run_train_step
 
 __all__ = [n for n in dir() if not n.startswith("__") and n not in ("annotations",)]

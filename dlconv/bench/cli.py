@@ -11,10 +11,12 @@ from .builtins import TensorFlowBuiltin
 from .cases import ALL_PASSES, BATCH, LAYER_BY_NAME, TIMED_BACKENDS, plan
 from .machine import describe_machine, loadavg as _loadavg, machine_slug, real_gpu_present
 from .report import format_text, new_result, write_outputs
+from .roofline import ensure_roof
 from .suite import run_kernels
 from .targets import summarize_targets
 from .timing import HostPlace, NumbaCudaPlace, Settings
 from .train_step import run_train_step
+from .user_kernels import load_kernel, registered
 
 
 def _csv(value: str, allowed: Sequence[str], what: str) -> List[str]:
@@ -50,6 +52,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CPU, plus CUDA when a real GPU is present")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--kernel", action="append", default=[], metavar="MODULE:FUNCTION[@PASS]",
+                        help="your own kernel, checked against dlconv.reference on generated "
+                             "geometries, then timed beside dlconv's variants and the built-in "
+                             "(repeatable); MODULE is an importable module or a file.py; PASS the "
+                             "op whose signature it has: conv2d (default, or the function's "
+                             "dlconv_pass attribute), conv2d_backward_data, conv2d_backward_filter, "
+                             "dense, dense_backward")
 
 
 def run(args) -> int:
@@ -73,6 +82,7 @@ def run(args) -> int:
     if args.repeats is not None:
         settings.repeats = settings.train_repeats = args.repeats
     progress = not args.no_progress
+    kernels = registered() + [load_kernel(spec) for spec in args.kernel]
 
     machine = describe_machine()
     places: list = []
@@ -103,7 +113,7 @@ def run(args) -> int:
     t0 = time.perf_counter()
 
     rows = run_kernels(plan(layers, passes), places, backends, builtin, settings,
-                       progress=progress, builtin_why=builtin_why)
+                       progress=progress, builtin_why=builtin_why, kernels=kernels)
     result["rows"] = rows
     if not args.no_train_step:
         result["train_rows"] = run_train_step(backends, settings, progress=progress)
@@ -127,9 +137,12 @@ def run(args) -> int:
                      "kernels (OpenMP, Numba parallel) waited at their barriers; the round-robin "
                      "sampling spreads that over all contenders")
         result["notes"].append(note)
+    print("dlconv bench: measuring the roof (compute peak, memory bandwidth)", file=sys.stderr)
+    ensure_roof(result)
     paths = write_outputs(result, args.out, name)
     print(format_text(result))
-    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']} in {result['elapsed_s']:.0f} s")
+    print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}, {paths['roofline']} in "
+          f"{result['elapsed_s']:.0f} s")
     failed = [r["impl"] + " " + r["layer"] + " " + r["pass"] for r in rows + result["train_rows"]
               if r["status"] in ("failed", "error") and r.get("backend") != "builtin"]
     if failed:

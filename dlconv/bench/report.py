@@ -1,6 +1,6 @@
 """What a run writes: the result record (:func:`new_result`, schema :data:`SCHEMA`), the
 text and Markdown tables, the bar chart of ratios to the built-in, and
-:func:`write_outputs` (JSON, Markdown, PNG)."""
+:func:`write_outputs` (JSON, Markdown, PNG, roofline PNG)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .cases import TOLERANCE
+from .roofline import ensure_roof, roof_lines, write_roofline
 
 SCHEMA = "dlconv-bench/1"
 
@@ -125,7 +126,20 @@ def format_text(result: dict) -> str:
         parts += ["", _text_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):
         parts += ["", "targets:", _text_table(TARGETS_HEADER, _targets_rows(result))]
+    failed = user_failures(result)
+    if failed:
+        parts += ["", "your kernels that failed their check (not timed):"] + [f"  {f}" for f in failed]
+    roof = roof_lines(result)
+    if roof:
+        parts += [""] + roof
     return "\n".join(parts)
+
+
+def user_failures(result: dict) -> List[str]:
+    """One line per failed user-kernel row, in full (the table's note column is cut)."""
+    return [f"{r['impl']} on {r['layer']} {r['pass']} [{r['device']}]: {r['why']}"
+            for r in result.get("rows", []) if r.get("backend") == "user"
+            and r.get("status") in ("failed", "error")]
 
 
 def format_markdown(result: dict, title: Optional[str] = None) -> str:
@@ -137,8 +151,8 @@ def format_markdown(result: dict, title: Optional[str] = None) -> str:
              f"ratio = t_built-in / t_ours (> 1 means dlconv is faster); built-in: "
              f"{result['builtin']}, measured in the same process; correct = max relative error "
              f"against dlconv.reference ≤ {TOLERANCE:g} on the same inputs.", ""]
-    if result.get("notes"):
-        parts += [f"- {n}" for n in result["notes"]] + [""]
+    if result.get("notes") or roof_lines(result):
+        parts += [f"- {n}" for n in result.get("notes", []) + roof_lines(result)] + [""]
     parts += [_md_table(KERNEL_HEADER, table_rows(result))]
     if result.get("train_rows"):
         parts += ["", _md_table(TRAIN_HEADER, train_table_rows(result))]
@@ -159,7 +173,7 @@ def write_chart(result: dict, path) -> pathlib.Path:
     rows += [dict(r, layer="train", pass_="step", ratio=(1.0 / r["time_ratio"]) if r.get("time_ratio") else None)
              for r in result.get("train_rows", []) if r["backend"] != "builtin"]
     labels, values, colors = [], [], []
-    palette = {"cpp": "#1f77b4", "numba": "#ff7f0e"}
+    palette = {"cpp": "#1f77b4", "numba": "#ff7f0e", "user": "#2ca02c"}
     for r in rows:
         p = r.get("pass_") or r.get("pass", "")
         labels.append(f"{r['layer']} {p} [{r['device']}] {r['impl']}")
@@ -197,13 +211,17 @@ def write_chart(result: dict, path) -> pathlib.Path:
 
 
 def write_outputs(result: dict, out_dir, name: str) -> Dict[str, pathlib.Path]:
+    """NAME.json, NAME.md, NAME.png (ratios to the built-in) and NAME-roofline.png; the roof
+    of each device with timed rows is measured now if ``result`` does not carry it yet."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
-             "png": out_dir / f"{name}.png"}
+             "png": out_dir / f"{name}.png", "roofline": out_dir / f"{name}-roofline.png"}
+    ensure_roof(result)
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths["md"].write_text(format_markdown(result))
     write_chart(result, paths["png"])
+    write_roofline(result, paths["roofline"])
     return paths
 
 

@@ -68,16 +68,19 @@ def _row(problem: Problem, device: str, impl: str, backend: str, variant, mode=N
             "is_builtin": backend == "builtin", "flops": problem.flops,
             "status": None, "why": None, "correct": None, "max_rel_err": None, "tol": TOLERANCE,
             "median_s": None, "samples_s": None, "inner": None, "gflops": None, "ratio": None,
-            "target": None, "target_met": None}
+            "target": None, "target_met": None,
+            "bytes": problem.bytes, "intensity": problem.flops / problem.bytes}
 
 
 def _check_case(row: dict, fn: Callable, problem: Problem, place,
-                convert: Optional[Callable] = None, ours: bool = False) -> bool:
+                convert: Optional[Callable] = None, ours: bool = False,
+                explain_failure: Optional[Callable] = None) -> bool:
     """The first call (a warm-up) → correctness against the reference.  Updates ``row``;
     True when the case is correct and should be timed.
 
     ``convert`` (not timed) maps the output to NHWC/HWIO host arrays when a built-in
-    works in another layout.
+    works in another layout.  ``explain_failure(outputs)`` (user kernels) names the first
+    wrong element of a failed case and the ``dlconv explain`` command for it.
     """
     try:
         out = fn()
@@ -95,6 +98,8 @@ def _check_case(row: dict, fn: Callable, problem: Problem, place,
     if not row["correct"]:
         row.update(status="failed",
                    why=f"max relative error {err:.3g} > tolerance {TOLERANCE:g}; not timed")
+        if explain_failure is not None:
+            row["why"] = explain_failure(outs) or row["why"]
         return False
     if place.simulated and not getattr(place, "time_anyway", False):
         row.update(status="ok", why="CUDA simulator: checked, not timed")
@@ -127,13 +132,22 @@ def _time_group(cases: List[tuple], problem: Problem, place, settings: "Settings
 
 def run_kernels(pairs, places, backends, builtin: Optional[BuiltinProvider], settings: Settings,
                 progress: bool = True, on_row: Optional[Callable] = None,
-                builtin_why: str = "") -> List[dict]:
-    """Every (layer, pass) × place: the built-in's modes and our backends/variants.
+                builtin_why: str = "", kernels: Optional[Sequence] = None) -> List[dict]:
+    """Every (layer, pass) × place: the built-in's modes, our backends/variants and the user
+    kernels of that pass (``kernels``: :class:`~.user_kernels.UserKernel`; default: the
+    registered ones, :func:`~.user_kernels.register_kernel`).
+
+    A user kernel is first checked on its pass's check geometries
+    (:func:`~.user_kernels.check_kernel`, once per device); one that fails is shown failed,
+    with the ``dlconv explain`` command reproducing it, on every row of its pass, untimed.
 
     Per layer/pass: each case's first call is checked against the reference; the correct
     ones are then timed together, round-robin (:func:`measure_interleaved`).  The
     built-in's time is its fastest mode's; each of our rows gets ``ratio = t_builtin / t``.
     """
+    from . import user_kernels
+
+    kernels = user_kernels.registered() if kernels is None else list(kernels)
     jobs = []
     for place in places:
         impls = our_impls(place.device, backends)
@@ -189,6 +203,34 @@ def run_kernels(pairs, places, backends, builtin: Optional[BuiltinProvider], set
                 fn = our_call(problem, name, v, placed, place.stream())
                 if _check_case(row, fn, problem, place, ours=True):
                     timed.append((row, fn))
+
+        for k in kernels:
+            if (k.spec.kind, k.spec.name) != (layer.kind, p):
+                continue
+            row = _row(problem, place.device, k.name, "user", None)
+            ours.append(row)
+            if over_budget:
+                row.update(status="skipped", why="time budget spent")
+                continue
+            bar.set_description(f"{where}: checking {k.name}")
+            res = k.checks.get(place.device)
+            if res is None:
+                res = k.checks[place.device] = user_kernels.check_kernel(k, place, settings.seed)
+            row["checked_geometries"] = res.checked
+            if not res.ok:
+                row.update(status="failed", correct=False, why=user_kernels.failure_text(res),
+                           explain=res.explain, element=res.element)
+                continue
+            if placed is None:
+                placed = {n: place.put(a) for n, a in problem.inputs.items()}
+            fn = (lambda k=k: k.spec.call(k.fn, placed, problem.geometry, layer.activation))
+
+            def explain_failure(outs, k=k):
+                bad = user_kernels.first_wrong(k.spec, problem.geometry, outs, problem.expected,
+                                               layer.padding)
+                return user_kernels.failure_text(bad) if bad else None
+            if _check_case(row, fn, problem, place, explain_failure=explain_failure):
+                timed.append((row, fn))
 
         bar.set_description(f"{where}: timing {len(timed)} cases interleaved")
         _time_group(timed, problem, place, settings)
