@@ -414,6 +414,8 @@ def test_register_and_load_kernels_name_bad_values():
         user_kernels.load_kernel("no_colon_here")
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
         user_kernels.load_kernel(f"{EXAMPLE}:nope")
+    with pytest.raises(ValueError, match="cannot import no_such_module_here"):
+        user_kernels.load_kernel("no_such_module_here:f")
     k = user_kernels.load_kernel("dlconv.ops:dense@dense")
     assert k.fn is ops.dense and k.spec.op == "dense"
     assert user_kernels.load_kernel(f"{EXAMPLE}:my_conv2d").spec.op == "conv2d"   # dlconv_pass

@@ -25,13 +25,13 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import List, Optional, Sequence
 
 import numpy as np
 
 from .cases import TOLERANCE  # the inference check before timing
 from .targets import BRIDGE_COST_TARGET, STEP_TARGETS  # noqa: F401  (re-exported)
+from .timing import rotating_round_robin
 
 #: Keras backends measured in child processes by :func:`run_keras_backends`.
 KERAS_BACKENDS = ("torch", "jax")
@@ -47,15 +47,7 @@ def _sync(y):
 
 def _round_robin(fns: dict, rounds: int) -> dict:
     """Median seconds of each zero-argument callable, sampled in turn, the order rotating."""
-    samples = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for j in range(len(names)):
-            k = names[(r + j) % len(names)]
-            t0 = time.perf_counter()
-            fns[k]()
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: statistics.median(v) for k, v in rotating_round_robin(fns, rounds).items()}
 
 
 def measure_train_step(backends: Sequence[str], batch: int, rounds: int, warmup: int,

@@ -6,8 +6,8 @@ machine's roof — its compute peak and memory bandwidth, *measured* here by sho
 * CPU compute: the best of a few ``N×N @ N×N`` float32 matmuls through NumPy's BLAS
   (:data:`MATMUL_N`): the practical peak of this machine's cores as a tuned GEMM reaches
   it, not the datasheet figure;
-* CPU bandwidth: the best of a few copies and triads (``a = b + c``) of arrays larger than
-  any cache (:data:`STREAM_BYTES`), bytes read + written over the time;
+* CPU bandwidth: the best of a few copies (``z = x``) and adds (``z = x + z``) of arrays
+  larger than the cache (:data:`STREAM_BYTES`), bytes read + written over the time;
 * GPU (torch with CUDA present): the same matmul (TF32 off) and copy through torch, timed
   with CUDA events; without torch, the bandwidth of a Numba device-to-device copy and no
   compute roof.
@@ -24,46 +24,51 @@ import numpy as np
 #: Matmul side of the compute probe: 2·N³ ≈ 7 GFLOP, a few tenths of a second per call on
 #: two cores, large enough that BLAS runs at its steady-state rate.
 MATMUL_N = 1536
-#: Bytes of each array of the bandwidth probe: 64 MiB, beyond any CPU's last-level cache.
-STREAM_BYTES = 64 << 20
-#: Timed calls per probe (the best counts: the roof is what the machine can reach).
+#: Bytes of each array of the bandwidth probe: 48 MiB (two of them), beyond a CPU's
+#: last-level cache (this machine's EPYC: 32 MiB per core complex).
+STREAM_BYTES = 48 << 20
+#: Timed calls per probe at the least (the best counts: the roof is what the machine can
+#: reach), and the seconds a probe keeps calling after those, so that on a shared machine
+#: the best call falls in a quiet moment: under 2 s for all CPU probes together, idle.
 PROBE_REPEATS = 3
+MATMUL_BUDGET_S = 1.0
+STREAM_BUDGET_S = 0.25
 #: GPU probe sizes: an 8192² matmul (1.1 TFLOP) and a 1 GiB copy.
 GPU_MATMUL_N = 8192
 GPU_STREAM_BYTES = 1 << 30
 
 
-def _best(fn, repeats: int = PROBE_REPEATS) -> float:
+def _best(fn, budget_s: float, repeats: int = PROBE_REPEATS) -> tuple:
+    """(fastest call's seconds, calls timed): ``repeats`` calls, then more until ``budget_s``."""
     fn()                                          # warm-up: page faults, BLAS threads
-    best = float("inf")
-    for _ in range(repeats):
+    best, n, t_end = float("inf"), 0, time.perf_counter() + budget_s
+    while n < repeats or time.perf_counter() < t_end:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return best
+        n += 1
+    return best, n
 
 
 def measure_cpu_roof() -> dict:
     """→ {peak_gflops, bandwidth_gbs, peak_how, bandwidth_how, probe_s}."""
     t_start = time.perf_counter()
-    rng = np.random.default_rng(0)
     n = MATMUL_N
-    a = rng.random((n, n), dtype=np.float32)
-    b = rng.random((n, n), dtype=np.float32)
+    a = np.full((n, n), 0.5, np.float32)          # values do not change a GEMM's speed
+    b = np.full((n, n), 0.25, np.float32)
     c = np.empty((n, n), np.float32)
-    t_mm = _best(lambda: np.matmul(a, b, out=c))
+    t_mm, n_mm = _best(lambda: np.matmul(a, b, out=c), MATMUL_BUDGET_S)
     elems = STREAM_BYTES // 4
     x = np.ones(elems, np.float32)
-    y = np.full(elems, 2.0, np.float32)
-    z = np.empty(elems, np.float32)
-    t_copy = _best(lambda: np.copyto(z, x))
-    t_triad = _best(lambda: np.add(x, y, out=z))
+    z = np.zeros(elems, np.float32)
+    t_copy, n_copy = _best(lambda: np.copyto(z, x), STREAM_BUDGET_S)
+    t_triad, n_triad = _best(lambda: np.add(x, z, out=z), STREAM_BUDGET_S)   # 2 reads, 1 write
     bw = max(2 * STREAM_BYTES / t_copy, 3 * STREAM_BYTES / t_triad)
     return {"peak_gflops": 2 * n ** 3 / t_mm / 1e9, "bandwidth_gbs": bw / 1e9,
-            "peak_how": f"NumPy BLAS float32 matmul {n}×{n}·{n}×{n}, best of {PROBE_REPEATS} "
+            "peak_how": f"NumPy BLAS float32 matmul {n}×{n}·{n}×{n}, best of {n_mm} "
                         "(the practical peak)",
-            "bandwidth_how": f"NumPy copy and triad of {STREAM_BYTES >> 20} MiB float32 arrays, "
-                             f"best of {PROBE_REPEATS}",
+            "bandwidth_how": f"NumPy copy and add of {STREAM_BYTES >> 20} MiB float32 arrays, "
+                             f"best of {n_copy} and {n_triad}",
             "probe_s": time.perf_counter() - t_start}
 
 

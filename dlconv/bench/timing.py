@@ -129,6 +129,23 @@ def measure(fn: Callable, place, repeats: int, warmup: int,
     return measure_interleaved([fn], place, repeats, warmup, min_sample_s)[0]
 
 
+def rotating_round_robin(fns: dict, rounds: int) -> dict:
+    """Host-clock seconds of one call of each zero-argument callable per round, sampled in
+    turn, → {name: [seconds, ...]}.  Load that comes and goes on a shared machine hits every
+    contender alike; the order rotates every round, because a call pays for what the call
+    before it left behind (another model's threads and caches), so every contender follows
+    every other equally often.  For calls long enough to time one by one (a train step)."""
+    samples = {k: [] for k in fns}
+    names = list(fns)
+    for r in range(rounds):
+        for j in range(len(names)):
+            k = names[(r + j) % len(names)]
+            t0 = time.perf_counter()
+            fns[k]()
+            samples[k].append(time.perf_counter() - t0)
+    return samples
+
+
 @dataclasses.dataclass
 class Settings:
     batch: int = BATCH

@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from typing import List, Sequence
 
 import numpy as np
@@ -15,7 +14,7 @@ import numpy as np
 from .cases import TOLERANCE, max_rel_error
 from .report import progress_bar as _progress
 from .targets import TRAIN_TARGETS
-from .timing import Settings
+from .timing import Settings, rotating_round_robin
 
 
 def mnist_cnn_builder():
@@ -88,18 +87,11 @@ def run_train_step(backends: Sequence[str], settings: Settings, progress: bool =
         return model
 
     def time_round_robin(models, rounds=settings.train_repeats):
-        """Median step time of each model, sampled in turn (one step of each per round), so
-        load that comes and goes on a shared machine hits every contender alike.  The order
-        rotates every round: a step pays for what the step before it left behind (the XLA
-        model's threads and caches, say), so every contender follows every other equally often."""
-        samples = {k: [] for k in models}
-        names = list(models)
-        for r in range(rounds):
-            for j in range(len(names)):
-                k = names[(r + j) % len(names)]
-                t0 = time.perf_counter()
-                models[k].train_on_batch(x, y)
-                samples[k].append(time.perf_counter() - t0)
+        """Median step time of each model, one step of each per round, the order rotating
+        (:func:`~.timing.rotating_round_robin`: the XLA model's threads and caches, say, are
+        left behind for every contender equally often)."""
+        samples = rotating_round_robin({k: (lambda m=m: m.train_on_batch(x, y))
+                                        for k, m in models.items()}, rounds)
         return {k: (statistics.median(v), v) for k, v in samples.items()}
 
     bar.set_description("train step: stock Keras")

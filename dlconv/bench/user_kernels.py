@@ -38,7 +38,9 @@ import dataclasses
 import importlib
 import importlib.util
 import math
+import os
 import pathlib
+import sys
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
@@ -162,11 +164,26 @@ def load_kernel(spec: str) -> UserKernel:
         mod = importlib.util.module_from_spec(ms)
         ms.loader.exec_module(mod)
     else:
-        mod = importlib.import_module(module)
+        mod = _import(module, spec)
     fn = getattr(mod, attr, None)
     if fn is None:
         raise ValueError(f"--kernel {spec!r}: {module} has no attribute {attr!r}")
     return make_kernel(fn, pass_ or None, attr)
+
+
+def _import(module: str, spec: str):
+    """Import ``module``, finding it in the current folder too (as ``python -m`` would; the
+    ``dlconv`` console script does not put the current folder on ``sys.path``)."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module.split(".")[0] or os.getcwd() in sys.path:
+            raise ValueError(f"--kernel {spec!r}: cannot import {module}: {exc}") from None
+    sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"--kernel {spec!r}: cannot import {module}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- check geometries
