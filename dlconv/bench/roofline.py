@@ -181,15 +181,22 @@ def write_roofline(result: dict, path) -> pathlib.Path:
     for ax, dev in zip(axes[0], devices):
         mine = [r for r in rows if r["device"] == dev]
         xs = [r["intensity"] for r in mine] or [1.0]
+        rf = roof.get(dev)
+        if rf and rf.get("peak_gflops"):             # the ridge point: where the roof bends
+            xs.append(rf["peak_gflops"] / rf["bandwidth_gbs"])
         lo, hi = min(xs) / 4, max(xs) * 4
         ys = [r["gflops"] for r in mine]
-        rf = roof.get(dev)
         if rf:
             grid = np.geomspace(lo, hi, 200)
             bw = rf["bandwidth_gbs"]
             peak = rf.get("peak_gflops") or float("inf")
             ax.plot(grid, np.minimum(bw * grid, peak), color="#d62728", lw=1.5,
-                    label=f"roof: {bw:.1f} GB/s" + (f", {peak:.0f} GFLOP/s" if np.isfinite(peak) else ""))
+                    label=f"roof, measured: {bw:.1f} GB/s" + (f", {peak:.0f} GFLOP/s (practical peak)"
+                                                             if np.isfinite(peak) else ""))
+            ax.text(0.01, 0.99, f"compute: {rf['peak_how']}\nmemory: {rf['bandwidth_how']}\n"
+                    "FLOPs are the direct convolution's (2·multiply-adds), so a Winograd kernel or a "
+                    "kernel faster than the probe sits above the roof", transform=ax.transAxes,
+                    fontsize=5.5, va="top")
             ys += [min(bw * hi, peak)]
         seen = set()
         for r in mine:
