@@ -482,3 +482,30 @@ def test_cli_times_the_example_kernel(tmp_path):
     assert d["roofline"]["cpu"]["peak_gflops"] > 0
     assert (tmp_path / "k-roofline.png").read_bytes()[:4] == b"\x89PNG"
     assert "my_conv2d" in out.stdout and "roof (cpu, measured by this run)" in out.stdout
+
+
+def test_cli_shows_a_wrong_kernel_failed_with_its_explain_command(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "wrong_kernel.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from test_bench import off_by_one_padding\n")
+    cmd = [sys.executable, "-m", "dlconv", "bench", "--kernel",
+           f"{tmp_path / 'wrong_kernel.py'}:off_by_one_padding", "--quick", "--layers", "conv1",
+           "--passes", "forward", "--no-train-step", "--backends", "cpp", "--no-progress",
+           "--out", str(tmp_path), "--name", "w"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 1, out.stderr[-2000:]            # a failed case fails the run
+    assert "off_by_one_padding conv1 forward" in out.stderr
+    assert ("off_by_one_padding on conv1 forward [cpu]: wrong on input 2×8×7×2, kernel 3×2, 3 filters, "
+            "stride 2×2") in out.stdout
+    assert "O1 (filter A, row 1, column 1, image 1 of 2): got " in out.stdout
+    assert "reproduce: dlconv explain --input 8x7x2 --kernel 3x2 --filters 3 --stride 2x2 --padding same" \
+        in out.stdout
+    d = json.loads((tmp_path / "w.json").read_text())
+    row = [r for r in d["rows"] if r["backend"] == "user"][0]
+    assert row["status"] == "failed" and row["median_s"] is None
+    cpp = [r for r in d["rows"] if r["backend"] == "cpp"]
+    assert cpp and all(r["status"] == "ok" and r["median_s"] > 0 for r in cpp)   # the others timed
