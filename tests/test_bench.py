@@ -183,6 +183,8 @@ def test_make_table_renders_cpu_and_says_gpu_not_measured(tmp_path, broken, caps
     assert "### CPU (2026-11-30-cpu-test.json) — cpu — " in out
     assert "test machine" in out
     assert "### GPU — not yet measured" in out        # the dry run is not a GPU result
+    assert "Roofline (GFLOP/s against FLOP/byte under the roof this run measured): " \
+           "`benchmarks/results/2026-11-30-cpu-test-roofline.png`" in out
     assert "broken/v1 (best of 2)" not in out         # both variants failed: no "best"
 
 
