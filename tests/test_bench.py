@@ -12,6 +12,7 @@ import pathlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from dlconv import backends, bench
 from dlconv.backends.reference import ReferenceBackend
@@ -511,3 +512,47 @@ def test_cli_shows_a_wrong_kernel_failed_with_its_explain_command(tmp_path):
     assert row["status"] == "failed" and row["median_s"] is None
     cpp = [r for r in d["rows"] if r["backend"] == "cpp"]
     assert cpp and all(r["status"] == "ok" and r["median_s"] > 0 for r in cpp)   # the others timed
+
+
+def test_a_kernel_wrong_only_on_the_suites_shape_is_named_there_too():
+    """Right on every check geometry (batch 2), wrong at the suite's batch 3: the suite's
+    own check fails it, with the layer's geometry as the explain command."""
+    def last_image_zero(x, w, b=None, **kw):
+        y = _example()(x, w, b, **kw)
+        if x.shape[0] > user_kernels.CHECK_BATCH:
+            y[-1] = 0.0
+        return y
+
+    rows = bench.run_kernels(bench.plan(TINY[:1], ("forward",)), [bench.HostPlace()], [],
+                             bench.ReferenceBuiltin(), FAST, progress=False,
+                             kernels=[user_kernels.make_kernel(last_image_zero)])
+    r = rows[-1]
+    assert r["checked_geometries"] == 12 and r["status"] == "failed" and r["median_s"] is None
+    assert "O1 (filter A, row 1, column 1, image 3 of 3): got 0, expected " in r["why"]
+    assert ("reproduce: dlconv explain --input 6x5x2 --kernel 3x3 --filters 3 --stride 1x1 "
+            "--padding valid --dilation 1x1 --batch 3 --at 1,1 --filter A; not timed") in r["why"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 7), w=st.integers(1, 7), c=st.integers(1, 3), f=st.integers(1, 4),
+       k=st.integers(1, 3), s=st.integers(1, 3), pad=st.sampled_from(["valid", "same", (0, 1, 2, 1)]),
+       data=st.data())
+def test_the_named_output_is_the_one_explain_numbers(h, w, c, f, k, s, pad, data):
+    """For any geometry and any wrong output element, the name first_wrong gives is the
+    number, filter and position dlconv.explain uses for that element."""
+    from dlconv import explain
+
+    padding = pad if isinstance(pad, str) else ((pad[0], pad[1]), (pad[2], pad[3]))
+    k = min(k, h, w)                      # "valid" needs the kernel to fit
+    g = shapes.conv_geometry((2, h, w, c), (k, k, c, f), s, padding)
+    idx = tuple(data.draw(st.integers(0, n - 1)) for n in g.y_shape)
+    y = np.ones(g.y_shape, np.float32)
+    bad = y.copy()
+    bad[idx] = 5.0
+    res = user_kernels.first_wrong(bench.PASSES[("conv", "forward")], g, [bad], [y], padding)
+    n, oh, ow, fi = idx
+    e = explain.explain(g, at=(oh + 1, ow + 1), filter=explain.filter_letter(fi))
+    eq = e.equations[0]
+    assert res.element == (f"O{eq.output} (filter {eq.filter}, row {eq.row}, column {eq.col}, "
+                           f"image {n + 1} of 2): got 5, expected 1")
+    assert f"--at {oh + 1},{ow + 1} --filter {eq.filter}" in res.explain
