@@ -16,8 +16,6 @@ import numpy as np
 
 from dlconv import shapes
 
-dlconv_pass = "conv2d"          # the module-level default; the function's attribute wins
-
 
 def my_conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None):
     g = shapes.conv_geometry(x.shape, w.shape, strides, padding, dilation)  # sizes and pads
@@ -37,4 +35,4 @@ def my_conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=N
     return y.astype(np.float32, copy=False)
 
 
-my_conv2d.dlconv_pass = "conv2d"
+my_conv2d.dlconv_pass = "conv2d"      # which op's signature it has (conv2d is also the default)
