@@ -174,7 +174,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dlconv", "dlconv.backends", "dlconv.kernels"],
+    packages=["dlconv", "dlconv.backends", "dlconv.bench", "dlconv.bridges", "dlconv.kernels"],
     package_dir={"dlconv": "dlconv", "dlconv.backends": "dlconv/backends", "dlconv.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},

@@ -51,6 +51,8 @@ def load_results(folder: pathlib.Path) -> list:
         if d.get("schema") != bench.SCHEMA:
             continue
         d["_file"] = path.name
+        roof = path.with_name(f"{path.stem}-roofline.png")
+        d["_roofline"] = roof.name if roof.exists() else None
         out.append(d)
     return out
 
@@ -90,10 +92,12 @@ def _best_rows(result: dict) -> list:
 
 
 def render(result: dict, title: str, full: bool) -> str:
-    if full:
-        return bench.format_markdown(result, title=f"{title} ({result['_file']})")
-    compact = dict(result, rows=_best_rows(result))
-    return bench.format_markdown(compact, title=f"{title} ({result['_file']})")
+    shown = result if full else dict(result, rows=_best_rows(result))
+    text = bench.format_markdown(shown, title=f"{title} ({result['_file']})")
+    if result.get("_roofline"):
+        text += (f"\nRoofline (GFLOP/s against FLOP/byte under the roof this run measured): "
+                 f"`benchmarks/results/{result['_roofline']}`\n")
+    return text
 
 
 def main(argv=None) -> int:
