@@ -20,7 +20,8 @@
 #              events, TF32 off, and the TF32 default reported beside -> gpu-bench.{json,md,png}
 #
 # Result files (at most 8 come back from the GPU machine): gpu_check.log (every step's output),
-# summary.md, pytest-gpu.xml, gpu-bench.json, gpu-bench.md, gpu-bench.png, gpu-keras.json.
+# summary.md, pytest-gpu.xml, gpu-bench.json, gpu-bench.md, gpu-bench.png, gpu-bench-roofline.png,
+# gpu-keras.json.
 #
 # --dry-run rehearses every step on a CPU-only machine: the build compiles into a scratch folder
 # (the installed package is left alone), TensorFlow is hidden from Python (as on the GPU

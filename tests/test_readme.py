@@ -49,3 +49,10 @@ def test_explain_transcript_is_current(cmd, shown, capsys):
         if line.strip() == "...":
             continue
         assert any(p == line for p in it), f"README line not in `{cmd}` output: {line!r}"
+
+
+def test_the_documented_example_kernel_is_the_file():
+    doc = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    src = (ROOT / "examples" / "my_conv2d.py").read_text(encoding="utf-8")
+    code = src[src.index("import numpy as np"):]
+    assert f"```python\n{code}```" in doc
