@@ -364,11 +364,19 @@ Status dense_shape(InferenceContext* c) {
 }
 
 Status dense_grad_shape(InferenceContext* c) {
-    TF_RETURN_IF_ERROR(dense_shape(c));
-    c->set_output(0, c->input(0));
-    c->set_output(1, c->input(1));
-    ShapeHandle w;
+    std::string act;
+    int code;
+    TF_RETURN_IF_ERROR(c->GetAttr("activation", &act));
+    TF_RETURN_IF_ERROR(activation_code(act, true, &code));
+    ShapeHandle x, w, dy, y;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &w));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &dy));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &y));
+    DimensionHandle k;
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(w, 0), &k));
+    c->set_output(0, x);
+    c->set_output(1, w);
     c->set_output(2, c->Vector(c->Dim(w, 1)));
     return Status();
 }
