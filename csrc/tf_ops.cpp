@@ -32,6 +32,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -71,14 +72,31 @@ constexpr int ACT_SOFTMAX = 4;
 
 // ----------------------------------------------------------------------------- threading
 // One kernel at a time, process-wide; large kernels on one dedicated thread (one OpenMP team).
+// DLCONV_TF_THREADING (read once): "worker" (default: as described above), "inplace" (every
+// kernel on TensorFlow's calling thread with dlconv's full OpenMP team, still one at a time) or
+// "serial" (every kernel on the calling thread with one OpenMP thread) — for measuring.
+enum class Threading { WORKER, INPLACE, SERIAL };
+
+Threading threading_mode() {
+    const char* v = std::getenv("DLCONV_TF_THREADING");
+    if (v && std::string(v) == "inplace") return Threading::INPLACE;
+    if (v && std::string(v) == "serial") return Threading::SERIAL;
+    return Threading::WORKER;
+}
+
 class HostRunner {
    public:
-    HostRunner() : worker_([this] { loop(); }) { worker_.detach(); }
+    HostRunner() : mode_(threading_mode()), worker_([this] { loop(); }) { worker_.detach(); }
 
     // Runs fn() under the process-wide kernel lock: in place with a one-thread team when
     // `small`, else on the dlconv thread (the caller sleeps until it is done).
     void run(bool small, const std::function<void()>& fn) {
         std::lock_guard<std::mutex> busy(busy_);
+        if (mode_ == Threading::SERIAL) small = true;
+        if (mode_ == Threading::INPLACE && !small) {
+            fn();
+            return;
+        }
         if (small) {
             const int saved = omp_get_max_threads();
             omp_set_num_threads(1);
@@ -119,6 +137,7 @@ class HostRunner {
         }
     }
 
+    Threading mode_;
     std::mutex busy_;                         // one kernel call at a time
     std::mutex m_;                            // guards job_/done_/error_
     std::condition_variable cv_, done_cv_;

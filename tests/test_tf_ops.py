@@ -311,7 +311,6 @@ def test_saved_model_runs_in_a_fresh_process(tmp_path):
         print("MAXDIFF", float(np.abs(y - np.load({str(tmp_path / 'y.npy')!r})).max()))
     """
     loaders = {"dlconv.tf_ops": "import dlconv.tf_ops; dlconv.tf_ops.load()",
-               "bridge import": "import dlconv.bridges.tensorflow",
                "load_op_library": f"tf.load_op_library({tf_ops.library_path()!r})"}
     for name, load in loaders.items():
         p = _python(check.replace("{load}", load), cwd=str(tmp_path))
@@ -331,14 +330,24 @@ def test_unbuildable_library_falls_back_to_callbacks_with_a_reason(tmp_path):
         from dlconv import models
         m = models.cnn(backend="cpp", seed=0)
         y = m.predict_on_batch(np.zeros((2, 28, 28, 1), np.float32))
+        try:
+            m.export("saved_cb", verbose=False)
+            refused = ""
+        except RuntimeError as exc:
+            refused = str(exc)
         print("RESULT", json.dumps({"native": br.uses_native("cpp"), "reason": br.NATIVE_REASON,
-                                    "info": info.info()["tensorflow_ops"], "shape": list(y.shape)}))
+                                    "info": info.info()["tensorflow_ops"], "shape": list(y.shape),
+                                    "refused": refused}))
     """
     for env, needle in (({"DLCONV_TF_OPS": "0"}, "DLCONV_TF_OPS=0"),
                         ({"CXX": "/bin/false", "DLCONV_TF_OPS_CACHE": str(tmp_path / "cache")}, "compiling")):
-        p = _python(code, env=env)
+        p = _python(code, env=env, cwd=str(tmp_path))
         assert p.returncode == 0, p.stderr[-3000:]
         out = json.loads(p.stdout.split("RESULT", 1)[1])
         assert out["native"] is False and needle in out["reason"], out
         assert out["info"]["native"] is False and needle in out["info"]["why"], out
         assert out["shape"] == [2, 10]
+        # Exporting the callback path fails loudly, naming the layer and the reason.
+        assert "cannot export a dlconv layer" in out["refused"] and "conv2d" in out["refused"], out
+        assert needle in out["refused"], out
+        assert not (tmp_path / "saved_cb").exists()

@@ -159,8 +159,24 @@ def _run_on_tensors(fn, tensors, out_dtypes):
         return [_to_tf_from_device(o, device_id) for o in outs]
 
 
+def _refuse_export(what):
+    """A graph traced for a SavedModel must not hold a Python callback: it would load nowhere
+    else.  Raised while ``tf.saved_model.save`` / ``model.export`` traces (the save context)."""
+    from tensorflow.python.saved_model import save_context
+    if save_context.in_save_context():
+        scope = tf.get_current_name_scope()   # Keras calls a layer under its name
+        raise RuntimeError(
+            f"dlconv {what} (layer {scope!r}): cannot export a dlconv layer that runs through Python callbacks "
+            f"(numpy_function), the SavedModel would not run in any other process. The graph-native "
+            f"TensorFlow ops are not used here: "
+            f"{NATIVE_REASON or 'the layer backend is not cpp on the CPU (or TensorFlow sees a GPU)'}. "
+            f"Use backend='cpp' (or 'auto') on the CPU with dlconv's op library available "
+            f"(python -m dlconv.tf_ops builds it), or export the stock Keras layers with the same weights.")
+
+
 def _callback(fn, inputs, n_out):
     """Run ``fn(arrays, on_device) -> list of n_out float32 arrays`` as a TF op."""
+    _refuse_export(getattr(fn, "__qualname__", "op").split(".")[0])
     tout = [tf.float32] * n_out
     if tf_sees_gpu():
         out = tf.py_function(lambda *t: _run_on_tensors(fn, t, tout), inputs, tout)
@@ -241,6 +257,7 @@ def _native_pads(x_shape, w_shape, strides, padding, dilation):
 
 
 # ----------------------------------------------------------------------------- conv2d
+@tf.autograph.experimental.do_not_convert   # plain Python: nothing for AutoGraph to convert
 def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
            backend="auto", out_shape=None):
     """``act(conv2d(x, kernel) + bias)`` (NHWC / HWIO) as a differentiable TF op.
@@ -335,6 +352,7 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
 
 
 # ----------------------------------------------------------------------------- dense
+@tf.autograph.experimental.do_not_convert   # plain Python: nothing for AutoGraph to convert
 def dense(x, kernel, bias, *, activation="linear", backend="auto"):
     """``act(x @ kernel + bias)`` for rank-2 ``x`` as a differentiable TF op.
 
