@@ -22,11 +22,14 @@
 // gets InvalidArgumentError naming the values, never a crash.
 //
 // Threading: dlconv's kernels parallelise with OpenMP and must run one at a time (two at once
-// fight for the cores; libgomp keeps a separate worker team for every thread that starts a
-// parallel region, and TensorFlow calls ops from whichever pool thread is free).  So every
-// kernel call holds one process-wide mutex; small calls (below SERIAL_FLOPS) run in place on
-// TensorFlow's thread with a one-thread OpenMP team (no workers to wake), larger ones are handed
-// to one long-lived dlconv thread whose OpenMP team is the only one (see HostRunner).
+// fight for the cores), so every kernel call holds one process-wide mutex and runs on the
+// TensorFlow thread that called the op: small calls (below SERIAL_FLOPS) with a one-thread
+// OpenMP team (no workers to wake), larger ones with dlconv's full OpenMP team.  Measured
+// against the alternatives (DLCONV_TF_THREADING, below; benchmarks/tf_inference.py): handing
+// large calls to one dedicated dlconv thread (one OpenMP team, as dlconv.runtime.HostThread does
+// for the Python callbacks) made batch-1 inference 9-13x slower than stock on a loaded 2-core VM
+// (each hand-off is two thread wake-ups); every call single-threaded on TensorFlow's thread
+// (TensorFlow's inter-op threads instead of OpenMP) was close to this default.
 #include <omp.h>
 #include <pthread.h>
 
@@ -71,29 +74,31 @@ constexpr int64_t MAX_FIELD = int64_t(1) << 31;
 constexpr int ACT_SOFTMAX = 4;
 
 // ----------------------------------------------------------------------------- threading
-// One kernel at a time, process-wide; large kernels on one dedicated thread (one OpenMP team).
-// DLCONV_TF_THREADING (read once): "worker" (default: as described above), "inplace" (every
-// kernel on TensorFlow's calling thread with dlconv's full OpenMP team, still one at a time) or
-// "serial" (every kernel on the calling thread with one OpenMP thread) — for measuring.
-enum class Threading { WORKER, INPLACE, SERIAL };
+// One kernel at a time, process-wide (see the threading note at the top).
+// DLCONV_TF_THREADING (read once): "openmp" (the default, described above), "worker" (large
+// calls on one dedicated dlconv thread, the caller sleeping meanwhile) or "serial" (every call
+// with a one-thread OpenMP team on TensorFlow's thread).
+enum class Threading { OPENMP, WORKER, SERIAL };
 
 Threading threading_mode() {
     const char* v = std::getenv("DLCONV_TF_THREADING");
-    if (v && std::string(v) == "inplace") return Threading::INPLACE;
+    if (v && std::string(v) == "worker") return Threading::WORKER;
     if (v && std::string(v) == "serial") return Threading::SERIAL;
-    return Threading::WORKER;
+    return Threading::OPENMP;
 }
 
 class HostRunner {
    public:
-    HostRunner() : mode_(threading_mode()), worker_([this] { loop(); }) { worker_.detach(); }
+    HostRunner() : mode_(threading_mode()) {
+        if (mode_ == Threading::WORKER) std::thread([this] { loop(); }).detach();
+    }
 
     // Runs fn() under the process-wide kernel lock: in place with a one-thread team when
-    // `small`, else on the dlconv thread (the caller sleeps until it is done).
+    // `small`, else with dlconv's OpenMP team (in place, or on the dlconv thread for "worker").
     void run(bool small, const std::function<void()>& fn) {
         std::lock_guard<std::mutex> busy(busy_);
         if (mode_ == Threading::SERIAL) small = true;
-        if (mode_ == Threading::INPLACE && !small) {
+        if (mode_ == Threading::OPENMP && !small) {
             fn();
             return;
         }
@@ -144,7 +149,6 @@ class HostRunner {
     const std::function<void()>* job_ = nullptr;
     std::exception_ptr error_;
     bool done_ = false;
-    std::thread worker_;
 };
 
 // The runner is created on first use; a forked child (which has no dlconv thread, and whose
@@ -161,7 +165,8 @@ HostRunner& runner() {
     HostRunner* fresh = new HostRunner();
     HostRunner* expected = nullptr;
     if (g_runner.compare_exchange_strong(expected, fresh)) return *fresh;
-    delete fresh;  // never happens in practice: the thread of `fresh` is detached and idle
+    // Lost a race to another first caller: `fresh` is leaked, not deleted (in "worker" mode its
+    // thread is waiting on it).
     return *expected;
 }
 
