@@ -167,6 +167,8 @@ def _build(folder: str) -> None:
     if not os.path.exists(os.path.join(inc, "tensorflow", "core", "framework", "op_kernel.h")):
         raise TFOpsUnavailable(f"TensorFlow's C++ headers are missing ({inc}/tensorflow/core/framework/op_kernel.h)")
     cxx, src = _compiler(), _csrc()
+    print(f"dlconv: building the TensorFlow op library for TensorFlow {tf.__version__} (first use; "
+          f"about a minute) into {folder}", file=sys.stderr, flush=True)
     cflags = list(tf.sysconfig.get_compile_flags()) + ["-O3", "-fPIC", "-fopenmp", "-fvisibility=hidden",
                                                       f"-I{src}"] + _simd_flags()
     lflags = ["-shared", "-fopenmp"] + list(tf.sysconfig.get_link_flags())
