@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--paths", default="native,callbacks", help="native, callbacks or both (comma-separated)")
     p.add_argument("--batches", default="1,8,128", help="batch sizes, comma-separated")
     p.add_argument("--rounds", type=int, default=200, help="samples per case at batch <= 8 (fewer for larger)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=50, help="untimed calls per case first (fewer warm-up calls measured the first case high)")
     p.add_argument("--train-rounds", type=int, default=15, help="train-step samples (0: skip the train step)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
