@@ -351,3 +351,21 @@ def test_unbuildable_library_falls_back_to_callbacks_with_a_reason(tmp_path):
         assert "cannot export a dlconv layer" in out["refused"] and "conv2d" in out["refused"], out
         assert needle in out["refused"], out
         assert not (tmp_path / "saved_cb").exists()
+
+
+@pytest.mark.parametrize("built_for, lib_bytes, needle", [
+    ("0.0.1", b"", "was built for TensorFlow 0.0.1, this is " + tf.__version__),
+    (tf.__version__, b"not an ELF file", "tf.load_op_library("),
+])
+def test_a_library_for_another_tensorflow_or_a_broken_file_is_refused_not_loaded(
+        tmp_path, monkeypatch, built_for, lib_bytes, needle):
+    monkeypatch.setenv("DLCONV_TF_OPS_CACHE", str(tmp_path))
+    path = tf_ops.library_path()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(lib_bytes)
+    with open(os.path.join(os.path.dirname(path), "build.json"), "w") as f:
+        json.dump({"tensorflow": built_for}, f)
+    with pytest.raises(tf_ops.TFOpsUnavailable) as info:
+        tf_ops._load()       # the loader itself; the process' loaded library is untouched
+    assert needle in str(info.value)
