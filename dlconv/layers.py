@@ -40,9 +40,9 @@ What the stock layers do, and how these do it
 
 Refused, with a clear error: a Keras backend without a bridge (numpy, openvino):
 RuntimeError at construction; non-float inputs: TypeError.  XLA on TensorFlow: there the
-layers set ``supports_jit = False`` (the TensorFlow bridge's ops are Python callbacks), so
-Keras' ``jit_compile="auto"`` resolves to False; on JAX the ops are ``jax.ffi`` calls and the
-step is jitted as usual.
+layers set ``supports_jit = False`` (the TensorFlow bridge's native ops have CPU kernels
+only, and its fallback is Python callbacks), so Keras' ``jit_compile="auto"`` resolves to
+False; on JAX the ops are ``jax.ffi`` calls and the step is jitted as usual.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 =============  ==========================================  ===========================
 Keras backend  module                                      custom-op mechanism
 =============  ==========================================  ===========================
-tensorflow     :mod:`dlconv.bridges.tensorflow`            ``tf.custom_gradient`` over
+tensorflow     :mod:`dlconv.bridges.tensorflow`            ``REGISTER_OP`` native ops
+                                                           (:mod:`dlconv.tf_ops`), else
                                                            ``numpy_function`` callbacks
 torch          :mod:`dlconv.bridges.torch`                 ``torch.library.custom_op``
                                                            + ``register_autograd``
@@ -41,7 +42,7 @@ BRIDGES = {
 
 #: Keras backend → how its bridge attaches dlconv's kernels.
 MECHANISMS = {
-    "tensorflow": "tf.custom_gradient over numpy_function callbacks",
+    "tensorflow": "REGISTER_OP native ops (dlconv.tf_ops), numpy_function callbacks otherwise",
     "torch": "torch.library.custom_op (dlconv:: ops) + register_autograd",
     "jax": "jax.custom_vjp over jax.ffi handlers (pure_callback for numba/reference)",
 }
