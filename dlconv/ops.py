@@ -112,6 +112,18 @@ def _run(on_device: bool, fn):
     return fn() if on_device else HOST_THREAD.run(fn)
 
 
+def _exact_with_nonfinite_weights(be, w, on_device: bool, g: ConvGeometry, padded: bool):
+    """``be``, or the reference backend when host kernels would meet a ±Inf / NaN weight
+    with their zero padding.  The GEMM-style kernels multiply padding by the weights, and
+    0 · Inf is NaN where TensorFlow (and the reference) leave padding terms out.  Only
+    ``padded`` calls (a forward with padding, every backward-data) and only a non-finite w:
+    a diverged model's weights, where exactness beats speed.  The test is one pass over w
+    (weights-sized: ~5 us for MNIST's conv2)."""
+    if on_device or not padded or be.name == "reference" or np.isfinite(w).all():
+        return be
+    return _backends.get("reference")
+
+
 def _resolve_backend(backend, on_device: bool):
     if backend is None or backend == "auto":
         return _backends.auto(on_device)
@@ -173,6 +185,10 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
                          f"{be.name!r}, got {variant!r}")
     if g.batch == 0:
         return _empty(g.y_shape, on_device, stream)
+    padded = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) != (0, 0, 0, 0)
+    exact = _exact_with_nonfinite_weights(be, w, on_device, g, padded)
+    if exact is not be:
+        be, variant = exact, None
     return _run(on_device, lambda: be.conv2d_forward(x, w, b, g, act, on_device=on_device, variant=variant,
                                                      stream=stream))
 
@@ -213,6 +229,7 @@ def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
     be = _resolve_backend(backend, on_device)
     if g.batch == 0:
         return _empty(g.x_shape, on_device, stream)
+    be = _exact_with_nonfinite_weights(be, w, on_device, g, padded=True)
     def call():
         dz, kw = _grad_through(be, dy, y, act, on_device, stream)
         return be.conv2d_backward_data(dz, w, g, on_device=on_device, stream=stream, **kw)
@@ -239,7 +256,16 @@ def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=
     def call():
         dz, kw = _grad_through(be, dy, y, act, on_device, stream)
         return be.conv2d_backward_filter(x, dz, g, on_device=on_device, stream=stream, **kw)
-    return _run(on_device, call)
+    dw, db = _run(on_device, call)
+    padded = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) != (0, 0, 0, 0)
+    if not on_device and padded and be.name != "reference" and not np.isfinite(db).all():
+        # db = Σ dz is non-finite iff dz held ±Inf / NaN.  TensorFlow multiplies the zero
+        # padding by dz (0 · NaN = NaN in dw) where the host kernels skip padding taps: the
+        # reference does as TensorFlow.  Costs one pass over db (filters floats) otherwise.
+        ref = _backends.get("reference")
+        dz, kw = _grad_through(ref, dy, y, act, on_device, stream)
+        dw, db = ref.conv2d_backward_filter(x, dz, g, on_device=on_device, stream=stream, **kw)
+    return dw, db
 
 
 # ----------------------------------------------------------------------------- dense
