@@ -50,8 +50,9 @@ import pathlib
 import re
 import statistics
 import sys
+import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -1084,14 +1085,37 @@ def write_chart(result: dict, path) -> pathlib.Path:
     return path
 
 
+def writable_folder(out_dir) -> Tuple[pathlib.Path, str]:
+    """(the folder results go to, a note) — ``out_dir`` when it can be created and written,
+    else a fresh temporary folder, named in the note.  Checked before the run, so a finished
+    run is never lost to an unwritable --out."""
+    out_dir = pathlib.Path(out_dir).expanduser()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".dlconv-write-check-"):
+            pass
+        return out_dir, ""
+    except OSError as exc:
+        fallback = pathlib.Path(tempfile.mkdtemp(prefix="dlconv-bench-"))
+        return fallback, (f"cannot write to --out {out_dir} ({exc.strerror or exc}); "
+                          f"writing the results to {fallback} instead")
+
+
 def write_outputs(result: dict, out_dir, name: str) -> Dict[str, pathlib.Path]:
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """JSON first (the record), then the Markdown table, then the chart; a folder that stopped
+    being writable falls back as :func:`writable_folder` does, and a chart that cannot be
+    drawn is reported without losing the other two."""
+    out_dir, note = writable_folder(out_dir)
+    if note:
+        print(f"dlconv bench: {note}", file=sys.stderr)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
              "png": out_dir / f"{name}.png"}
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths["md"].write_text(format_markdown(result))
-    write_chart(result, paths["png"])
+    try:
+        write_chart(result, paths["png"])
+    except (OSError, ImportError, ValueError, MemoryError) as exc:
+        print(f"dlconv bench: the chart {paths['png']} was not written ({exc})", file=sys.stderr)
     return paths
 
 
@@ -1210,6 +1234,10 @@ def run(args) -> int:
                            "its FLOPs count both products")
     name = args.name or f"{result['date']}-{machine_slug(machine, 'cuda' if kind == 'gpu' else 'cpu')}"
     print(f"dlconv bench: {machine['description']}", file=sys.stderr)
+    out_dir, out_note = writable_folder(args.out)    # before the run: never lose a finished one
+    if out_note:
+        print(f"dlconv bench: {out_note}", file=sys.stderr)
+        result["notes"].append(out_note)
     load_before = _loadavg()
     t0 = time.perf_counter()
 
@@ -1230,7 +1258,7 @@ def run(args) -> int:
                      "kernels (OpenMP, Numba parallel) waited at their barriers; the round-robin "
                      "sampling spreads that over all contenders")
         result["notes"].append(note)
-    paths = write_outputs(result, args.out, name)
+    paths = write_outputs(result, out_dir, name)
     print(format_text(result))
     print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']} in {result['elapsed_s']:.0f} s")
     failed = [r["impl"] + " " + r["layer"] + " " + r["pass"] for r in rows + result["train_rows"]
