@@ -319,7 +319,7 @@ def softmax(z, backend=DEFAULT_BACKEND, stream=None):
     """Row-wise softmax of a (batch, classes) array."""
     on_device, (z,) = _prepare((("z", z),), {"z": 2})
     be = _resolve_backend(backend, on_device)
-    if z.shape[0] == 0:
+    if z.shape[0] == 0 or z.shape[1] == 0:     # no rows or no classes: an empty result
         return _empty(z.shape, on_device, stream)
     return _run(on_device, lambda: be.softmax(z, on_device=on_device, stream=stream))
 

@@ -38,11 +38,14 @@ def activate(z: np.ndarray, activation: str) -> np.ndarray:
 
 
 def activation_backward(dy: np.ndarray, y: np.ndarray, activation: str) -> np.ndarray:
-    """dL/dz from dL/dy and the activation's output y (see :mod:`dlconv.activations`)."""
-    dy = dy.astype(np.float64)
-    y = y.astype(np.float64)
+    """dL/dz from dL/dy and the activation's output y (see :mod:`dlconv.activations`);
+    y may be None for the linear activation only."""
+    dy = np.asarray(dy, np.float64)
     if activation == "linear":
         return dy
+    if y is None:
+        raise ValueError(f"y (the activation's output) is needed for activation {activation!r}")
+    y = np.asarray(y, np.float64)
     if activation == "relu":
         return dy * (y > 0)
     if activation == "sigmoid":
@@ -55,6 +58,8 @@ def activation_backward(dy: np.ndarray, y: np.ndarray, activation: str) -> np.nd
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
+    if z.shape[-1] == 0:            # no classes: an empty result, as TensorFlow's softmax
+        return np.zeros(z.shape, np.result_type(z, np.float32))
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
