@@ -452,6 +452,8 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
         pad_mode = "explicit"
     else:
         dims = _ints(input, "input", (1, 2, 3), "5x5 or 28x28x1")
+        if any(isinstance(d, numbers.Integral) and d < 1 for d in dims):
+            raise ValueError(f"input sizes must be >= 1, got input={input!r}")
         h, w, c = (dims[0], dims[0], 1) if len(dims) == 1 else \
             (dims[0], dims[1], 1) if len(dims) == 2 else dims
         k_h, k_w = _pair(kernel, "kernel")

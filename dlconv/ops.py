@@ -132,8 +132,15 @@ def _resolve_backend(backend, on_device: bool):
     return b
 
 
+#: The arrays a call may leave out (None): the bias and the activation's output y.
+_OPTIONAL = frozenset(("b", "y"))
+
+
 def _prepare(named, ranks):
     """Validate every (name, array) pair; → (on_device, list of arrays)."""
+    for name, a in named:
+        if a is None and name not in _OPTIONAL:
+            raise TypeError(f"{name} must be an array, got None")
     on_device = _arr.same_place(named)
     conv = _arr.device_array if on_device else _arr.host_array
     out = [None if a is None else conv(a, name, rank=ranks[name]) for name, a in named]
