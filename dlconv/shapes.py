@@ -191,6 +191,11 @@ def conv_output_size(in_size: int, kernel_size: int, stride: int = 1, padding=0,
 # ----------------------------------------------------------------------------- records
 #: Smallest legal value of each ConvGeometry field (1 for those not listed).
 _FIELD_MIN = {"batch": 0, "pad_top": 0, "pad_bottom": 0, "pad_left": 0, "pad_right": 0}
+#: Field tuples already validated (all Python ints), so a rebuilt record skips the checks;
+#: bounded (cleared when full: a model has a handful of geometries, a fuzz run thousands).
+_VALIDATED: set = set()
+_VALIDATED_MAX = 4096
+_INT_ONLY = {int}
 
 @dataclasses.dataclass(frozen=True)
 class ConvGeometry:
@@ -227,7 +232,12 @@ class ConvGeometry:
         """The one validation of a record, at construction (the record is immutable, so a
         ConvGeometry that exists is valid): every backend may trust it.  Integral NumPy
         scalars become ints; anything else, a value out of range or output sizes that do not
-        follow from the other fields raise ValueError naming the field and the values."""
+        follow from the other fields raise ValueError naming the field and the values.
+        A record already validated (same 17 ints) is recognised in one set lookup: the op API
+        builds one per call, and the full check costs several microseconds."""
+        vals = tuple(self.__dict__.values())            # the 17 fields, in FIELDS order
+        if vals in _VALIDATED and set(map(type, vals)) == _INT_ONLY:
+            return
         for name in self.FIELDS:
             v = getattr(self, name)
             if type(v) is not int:
@@ -251,6 +261,9 @@ class ConvGeometry:
                 raise ValueError(f"geometry field out_{axis} = {out} does not follow from the other fields: "
                                  f"in_{axis}={n}, pads {before} + {after}, k_{axis}={k}, "
                                  f"stride_{axis}={s}, dil_{axis}={d} give {(padded - k_eff) // s + 1}")
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED.add(self.as_tuple())
 
     def as_tuple(self) -> Tuple[int, ...]:
         """All fields as a tuple of ints in :attr:`FIELDS` order."""
