@@ -163,3 +163,27 @@ def test_numba_cuda_relu_keeps_nan(variant):
     assert_same_nonfinite(y, y_tf, f"numba cuda {variant}")
     assert_same_nonfinite(y, ref.conv2d_forward(x, w, None, g, "relu"), "reference")
     assert np.isnan(y).any()
+
+
+@pytest.mark.parametrize("backend", ["numba", "cpp"])
+def test_keras_layers_keep_nan_as_stock_keras(backend):
+    """A diverging model must look diverged: the dlconv layers' fused relu gives NaN where the
+    stock Keras layers do (it gave 0)."""
+    keras = pytest.importorskip("keras")
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("this branch's layers run on the TensorFlow backend")
+    import dlconv.layers as dl
+    x = poisoned((2, 8, 8, 3), 11, 2, 1, 1)
+    conv, stock = dl.Conv2D(16, 3, activation="relu", backend=backend), keras.layers.Conv2D(16, 3, activation="relu")
+    stock.build(x.shape)
+    conv.build(x.shape)
+    conv.set_weights(stock.get_weights())
+    assert_same_nonfinite(np.asarray(conv(x)), np.asarray(stock(x)), f"{backend} Conv2D")
+    h = x.reshape(2, -1)
+    dense, stock_d = dl.Dense(10, activation="relu", backend=backend), keras.layers.Dense(10, activation="relu")
+    stock_d.build(h.shape)
+    dense.build(h.shape)
+    dense.set_weights(stock_d.get_weights())
+    y = np.asarray(dense(h))
+    assert_same_nonfinite(y, np.asarray(stock_d(h)), f"{backend} Dense")
+    assert np.isnan(y).all()
