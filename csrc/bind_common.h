@@ -21,6 +21,10 @@ namespace py = pybind11;
 
 // Geometry fields beyond this are refused before any product is formed (no int64 overflow).
 constexpr int64_t MAX_FIELD = int64_t(1) << 31;
+// Names of the 17 fields, in ConvGeometry.FIELDS order (dlconv/shapes.py), for error messages.
+constexpr const char* GEOMETRY_FIELDS[17] = {"batch", "in_h", "in_w", "in_c", "filters", "k_h", "k_w",
+                                             "stride_h", "stride_w", "dil_h", "dil_w", "pad_top",
+                                             "pad_bottom", "pad_left", "pad_right", "out_h", "out_w"};
 
 inline std::string shape_str(const std::vector<int64_t>& s) {
     std::string out = "(";
@@ -45,7 +49,8 @@ inline ConvGeometry geometry_from(const py::handle& obj, const char* kernel) {
         v[i] = item.cast<int64_t>();
         if (v[i] < 0 || v[i] > MAX_FIELD)
             throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": geometry field " +
-                                        std::to_string(i) + " = " + std::to_string(v[i]) + " is out of range");
+                                        std::to_string(i) + " (" + GEOMETRY_FIELDS[i] + ") = " +
+                                        std::to_string(v[i]) + " is out of range 0.." + std::to_string(MAX_FIELD));
     }
     ConvGeometry g{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8],
                    v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16]};

@@ -1,6 +1,7 @@
 // cpu_act.h — the activation derivative dL/dz = act'(y) · dL/dy, written in terms of the
 // activation's output y (so the pre-activation z need not be kept), for the element-wise
-// activations of geometry.h:  relu: dy where y > 0, else 0;  sigmoid: dy·y·(1 − y);
+// activations of geometry.h:  relu: dy·(y > 0 ? 1 : 0), TensorFlow's ReluGrad (a NaN or ±Inf dy
+// stays NaN even where y <= 0, and a NaN y gives 0·dy);  sigmoid: dy·y·(1 − y);
 // tanh: dy·(1 − y²);  linear: dy.
 // Two forms with the same arithmetic: `dact` over a run of floats (activation_backward, the
 // temporaries of the unfused paths) and `act_grad` on one AVX-512 vector (the convolution
@@ -21,7 +22,7 @@ inline void dact(const float* __restrict dy, const float* __restrict y, int act,
     switch (act) {
         case ACT_RELU:
 #pragma omp simd
-            for (i64 i = 0; i < n; ++i) dz[i] = y[i] > 0.f ? dy[i] : 0.f;
+            for (i64 i = 0; i < n; ++i) dz[i] = dy[i] * (y[i] > 0.f ? 1.f : 0.f);
             break;
         case ACT_SIGMOID:
 #pragma omp simd
@@ -37,12 +38,13 @@ inline void dact(const float* __restrict dy, const float* __restrict y, int act,
 }
 
 #if defined(__AVX512F__)
-// One vector of the same: 16 lanes of dy and of y.  relu compares ordered (a NaN y gives 0,
-// as y > 0.f does above).
+// One vector of the same: 16 lanes of dy and of y.  relu compares ordered (a NaN y gives
+// 0·dy, as y > 0.f does above) and multiplies, so a NaN dy is never masked to 0.
 static inline __m512 act_grad(__m512 dy, __m512 y, int act) {
     switch (act) {
         case ACT_RELU:
-            return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ), dy);
+            return _mm512_mul_ps(dy, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                                     _mm512_set1_ps(1.f)));
         case ACT_SIGMOID:
             return _mm512_mul_ps(dy, _mm512_mul_ps(y, _mm512_sub_ps(_mm512_set1_ps(1.f), y)));
         case ACT_TANH:

@@ -1,6 +1,8 @@
 // cpu_conv.cpp — 2-D convolution on the CPU: forward, backward-data, backward-filter (+ bias grad).
 //
 // Which kernel runs (first that applies):
+//   (Winograd reports a non-finite result, from ±Inf / NaN in its inputs, and the direct kernel
+//    then recomputes the call: the transforms would turn Inf − Inf into NaN; cpu_conv_winograd.h.)
 //   v3_winograd  (cpu_conv_winograd.h, AVX-512): 3x3, stride 1, dilation 1, C >= 8, F >= 16 —
 //                forward, backward-data (as a forward of dz with the flipped filter) and
 //                backward-filter, Winograd F(2x2, 3x3).
@@ -119,7 +121,8 @@ void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const
                     int variant) {
 #if defined(__AVX512F__)
     if (variant == CPU_CONV_AUTO) variant = winograd::applicable(g) ? CPU_CONV_WINOGRAD : CPU_CONV_DIRECT;
-    if (variant == CPU_CONV_WINOGRAD) return winograd::conv_forward(g, x, w, b, act, y);
+    if (variant == CPU_CONV_WINOGRAD && winograd::conv_forward(g, x, w, b, act, y)) return;
+    if (variant == CPU_CONV_WINOGRAD) variant = CPU_CONV_DIRECT;  // non-finite: the direct sum's ±Inf
     if (variant == CPU_CONV_DIRECT) return direct::conv_forward(g, x, w, b, act, y);
 #endif
     const i64 M = g.batch * g.out_h * g.out_w, K = g.k_h * g.k_w * g.in_c, F = g.filters;
@@ -153,7 +156,7 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
         f.pad_left = (g.k_w - 1) * g.dil_w - g.pad_left;
         f.pad_right = (g.k_w - 1) * g.dil_w - g.pad_right;
         f.out_h = g.in_h; f.out_w = g.in_w;
-        if (winograd::applicable(f)) return winograd::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx, y, act);
+        if (winograd::applicable(f) && winograd::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx, y, act)) return;
         const ActGrad dzg(g, dz, y, act);
         direct::conv_forward(f, dzg.dz, wf.data, nullptr, ACT_LINEAR, dx);
         return;
@@ -193,8 +196,8 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
 void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
                             const float* y, int act) {
 #if defined(__AVX512F__)
-    if (winograd::applicable(g)) winograd::conv_backward_filter(g, x, dz, dw, db, y, act);
-    else direct::conv_backward_filter(g, x, dz, dw, db, y, act);
+    if (!winograd::applicable(g) || !winograd::conv_backward_filter(g, x, dz, dw, db, y, act))
+        direct::conv_backward_filter(g, x, dz, dw, db, y, act);  // also when Winograd saw ±Inf / NaN
     return;
 #endif
     const ActGrad dzg(g, dz, y, act);

@@ -131,7 +131,7 @@ static void fwd_tile(const Seg* segs, int nseg, i64 aoff, i64 as, i64 boff, i64 
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v)
-            store_v(o + r * ldo + v * VL, relu ? _mm512_max_ps(c[r][v], zero) : c[r][v], v == NV - 1, m);
+            store_v(o + r * ldo + v * VL, relu ? _mm512_max_ps(zero, c[r][v]) : c[r][v], v == NV - 1, m);
 }
 
 // ---------------------------------------------------------------------------- filter tile

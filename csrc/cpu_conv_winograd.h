@@ -27,6 +27,16 @@
 //   derivative act'(gy) on the fly (the padding entries stay zero: 0 · act' = 0).
 // Memory per call: U (16·C·Fp floats, 16/9 of the weights), the zero pixel, per thread V
 //   (16·12·Cp) and M (16·12·64): never proportional to the batch.
+// Non-finite values: the transforms subtract (d0 − d2, m1 − m2 − m3), so an ±Inf in x, w or dz
+//   becomes Inf − Inf = NaN where the direct sum gives ±Inf.  Both entry points therefore watch
+//   their results before the activation (one FMA per stored vector: acc += r · 0 is NaN from the
+//   first ±Inf or NaN on and stays NaN) and return false when any was non-finite; the caller
+//   then recomputes with the direct kernel (cpu_conv.cpp).  A non-finite input always reaches a
+//   non-finite pre-activation result (every d, g and M entry has a ±1 or ½ coefficient in some
+//   transformed entry), so finite data pay one FMA per output vector and non-finite data get the
+//   direct kernel's (TensorFlow's) ±Inf / NaN.  Cheaper than an isfinite pass over x before
+//   the call (that pass alone is ~2% of a one-thread conv2 forward, the watch is within noise),
+//   and it also catches ±Inf / NaN in w and dz and overflow inside the transforms.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -142,10 +152,15 @@ static inline Gemm16Fn gemm16_kernel(int nv, int r) {
     return t[nv - 1][r - 1];
 }
 
+// True when every stored value is finite before the activation (NaN-watch accumulator, per
+// thread, of one vector; any unordered lane means a non-finite value was seen).
+static inline bool all_finite(__m512 acc) { return _mm512_cmp_ps_mask(acc, acc, _CMP_UNORD_Q) == 0; }
+
 // gy / gact (backward-data of an activated layer): x is then dL/dy of the activation whose output
 // is gy (same shape as x), and the kernel reads x as act'(gy) · x while it loads the patches, so
 // dL/dz is never written out.  gact = ACT_LINEAR (gy unused) for a plain forward.
-inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
+// Returns false when a result was non-finite (y then holds Winograd's values: recompute).
+inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
                          float* y, const float* gy = nullptr, int gact = ACT_LINEAR) {
     using direct::max_rows;
     using direct::Panel;
@@ -160,9 +175,12 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
     Buf U(16 * C * Fp), zrow(Cp);  // zrow: the zero "input pixel" every padding tap points at
     std::memset(zrow.data, 0, Cp * sizeof(float));
     const int T = omp_get_max_threads();
-#pragma omp parallel num_threads(T)
+    bool finite = true;
+#pragma omp parallel num_threads(T) reduction(&& : finite)
     {
         Buf V(16 * TILE_BLOCK * Cp), Mb(16 * TILE_BLOCK * PANEL);
+        const __m512 zero = _mm512_setzero_ps();
+        __m512 watch = zero;  // NaN once a non-finite pre-activation value was stored
         transform_weights(g, w, U.data, Fp);
 #pragma omp for schedule(dynamic, BLOCKS_PER_GRAB)
         for (i64 blk = 0; blk < blocks; ++blk) {
@@ -254,7 +272,9 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
                                                _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t2[a][1], t2[a][2]), t2[a][3]), b)};
                                 float* yp = yt + a * OW * F + v * VL;
                                 for (i64 s = 0; s < ncol; ++s) {
-                                    const __m512 r = act == ACT_RELU ? _mm512_max_ps(o[s], _mm512_setzero_ps()) : o[s];
+                                    watch = _mm512_fmadd_ps(o[s], zero, watch);
+                                    // relu as TensorFlow: max(0, NaN) is NaN (the 2nd operand)
+                                    const __m512 r = act == ACT_RELU ? _mm512_max_ps(zero, o[s]) : o[s];
                                     if (stream) _mm512_stream_ps(yp + s * F, r);
                                     else _mm512_mask_storeu_ps(yp + s * F, m, r);
                                 }
@@ -273,7 +293,9 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
             }
         }
         if (stream) _mm_sfence();  // non-temporal stores visible before the caller reads y
+        finite = all_finite(watch);
     }
+    return finite;
 }
 
 // ---------------------------------------------------------------------------- backward-filter
@@ -293,7 +315,8 @@ constexpr i64 FILTER_PARTIAL_BUDGET = i64(8) << 20;
 
 // gy / gact: dz is then dL/dy of the activation whose output is gy (same shape), read as
 // act'(gy) · dz when the Z tiles are formed (db sums the same values).
-inline void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
+// Returns false when a dw value was non-finite (dw, db then hold Winograd's values: recompute).
+inline bool conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
                                  const float* gy = nullptr, int gact = ACT_LINEAR) {
     using direct::filt_kernel;
     using direct::max_rows;
@@ -308,7 +331,8 @@ inline void conv_backward_filter(const ConvGeometry& g, const float* x, const fl
     const i64 P = std::max<i64>(1, std::min<i64>(chunks, std::max<i64>(T, std::min<i64>(FILTER_GROUPS_PER_THREAD * T, by_budget))));
     Buf part(P * 16 * C * Fp);
     std::vector<double> dbpart(db ? size_t(P * Fp) : 0, 0.0);
-#pragma omp parallel num_threads(T)
+    bool finite = true;
+#pragma omp parallel num_threads(T) reduction(&& : finite)
     {
         Buf V(16 * FILTER_TILES * Cp), Z(16 * FILTER_TILES * Fp), dsum(Fp);
         const float* xr[1];
@@ -415,6 +439,8 @@ inline void conv_backward_filter(const ConvGeometry& g, const float* x, const fl
             }
         }
         // ---- dw = G^T (Σ_groups M) G, per (c, 16 filters); partials summed in group order
+        const __m512 zero = _mm512_setzero_ps();
+        __m512 watch = zero;  // NaN once a non-finite dw value was stored
 #pragma omp for schedule(static)
         for (i64 c = 0; c < C; ++c) {
             for (i64 f0 = 0; f0 < F; f0 += VL) {
@@ -438,10 +464,14 @@ inline void conv_backward_filter(const ConvGeometry& g, const float* x, const fl
                     const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(t[kh][1], t[kh][2]));
                     const __m512 o[3] = {_mm512_add_ps(t[kh][0], s), _mm512_mul_ps(h, _mm512_sub_ps(t[kh][1], t[kh][2])),
                                          _mm512_add_ps(s, t[kh][3])};
-                    for (int kw = 0; kw < 3; ++kw) _mm512_mask_storeu_ps(dw + ((kh * 3 + kw) * C + c) * F + f0, m, o[kw]);
+                    for (int kw = 0; kw < 3; ++kw) {
+                        watch = _mm512_mask3_fmadd_ps(o[kw], zero, watch, m);  // lanes past F keep theirs
+                        _mm512_mask_storeu_ps(dw + ((kh * 3 + kw) * C + c) * F + f0, m, o[kw]);
+                    }
                 }
             }
         }
+        finite = all_finite(watch);
     }
     if (db) {
         for (i64 f = 0; f < F; ++f) {
@@ -450,6 +480,7 @@ inline void conv_backward_filter(const ConvGeometry& g, const float* x, const fl
             db[f] = float(s);
         }
     }
+    return finite;
 }
 
 }  // namespace winograd

@@ -184,7 +184,7 @@ static inline void pack_tail(const float* B, i64 ldb, i64 k0, i64 kc, i64 n0, i6
 // ---------------------------------------------------------------------------- epilogue
 static inline float activate1(float z, int act) {
     switch (act) {
-        case 1: return z > 0.f ? z : 0.f;
+        case 1: return z < 0.f ? 0.f : z;  // relu as TensorFlow: NaN stays NaN
         case 2: return 1.f / (1.f + std::exp(-z));
         case 3: return std::tanh(z);
         default: return z;
@@ -201,7 +201,7 @@ static inline void epilogue(float* C, i64 ldc, i64 rows, i64 N, const float* bia
         }
         if (act == 1) {
 #pragma omp simd
-            for (i64 j = 0; j < N; ++j) c[j] = c[j] > 0.f ? c[j] : 0.f;
+            for (i64 j = 0; j < N; ++j) c[j] = c[j] < 0.f ? 0.f : c[j];  // NaN stays NaN
         } else if (act == 2 || act == 3) {
             for (i64 j = 0; j < N; ++j) c[j] = activate1(c[j], act);
         }

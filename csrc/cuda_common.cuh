@@ -19,7 +19,7 @@ constexpr int64_t MAX_BLOCKS_1D = int64_t(1) << 20;
 // Activation codes of dlconv/activations.py (0 linear, 1 relu, 2 sigmoid, 3 tanh).
 __device__ __forceinline__ float act_forward(float z, int act) {
     switch (act) {
-        case 1: return z > 0.f ? z : 0.f;
+        case 1: return z < 0.f ? 0.f : z;  // relu as TensorFlow: NaN stays NaN
         case 2: return 1.f / (1.f + expf(-z));
         case 3: return tanhf(z);
         default: return z;

@@ -25,14 +25,21 @@ SUPPORTED = ELEMENTWISE + ("softmax",)
 
 
 def normalize(activation, *, allow_softmax: bool = True) -> str:
-    """``None`` / name (any case) → canonical name; ValueError for anything else."""
+    """``None`` / name (any case) → canonical name; ValueError for an unknown name.
+
+    Callables are refused (TypeError): a function is not known by its ``__name__`` (a user's
+    own function called ``relu`` used to be replaced silently by the built-in relu).  The
+    Keras layers map Keras' own activation functions to these names by identity
+    (:mod:`dlconv.layers`); in the op API pass the name, or apply the function to the result.
+    """
     if activation is None:
         return "linear"
     if not isinstance(activation, str):
-        name = getattr(activation, "__name__", None)
-        if name is None:
-            raise TypeError(f"activation must be None or one of {SUPPORTED}, got {activation!r}")
-        activation = name
+        what = (f"the callable {getattr(activation, '__name__', type(activation).__name__)!r}"
+                if callable(activation) else repr(activation))
+        raise TypeError(f"activation must be None or a name, one of {SUPPORTED}, got {what}; "
+                        "the op API fuses its activations by name (pass e.g. 'relu', or apply "
+                        "your own function to the result)")
     name = activation.lower()
     allowed = SUPPORTED if allow_softmax else ELEMENTWISE
     if name not in allowed:

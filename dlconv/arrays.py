@@ -15,6 +15,7 @@ Policy (the same for every backend):
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -202,8 +203,11 @@ def _pool_limit() -> int:
     try:
         mb = float(raw)
     except ValueError:
-        raise ValueError(f"DLCONV_HOST_POOL_MB must be a number of MiB, got {raw!r}") from None
-    return int(max(mb, 0.0) * (1 << 20))
+        mb = math.nan
+    if not math.isfinite(mb) or mb < 0:
+        raise ValueError(f"environment variable DLCONV_HOST_POOL_MB must be a number of MiB >= 0 "
+                         f"(0 turns the output pool off), got {raw!r}")
+    return int(mb * (1 << 20))
 
 
 #: The process-wide pool :func:`empty_host` draws from.

@@ -9,7 +9,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+#: The errors a command reports as one line and exit status 2 (bad input, files, memory,
+#: a backend or framework this machine lacks).  Anything else is a bug and keeps its
+#: traceback; DLCONV_TRACEBACK=1 shows the traceback of these too.
+USER_ERRORS = (ValueError, TypeError, OSError, MemoryError, ImportError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with its usage errors on one line (exit status 2, as argparse)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError):
+        return "out of memory" + (f": {text}" if text else "") + " (ask for a smaller case)"
+    if isinstance(exc, OSError) and not text:
+        return type(exc).__name__
+    return text or type(exc).__name__
 
 # subcommand → (module, one-line help)
 COMMANDS = {
@@ -21,7 +43,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dlconv", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="dlconv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_) in COMMANDS.items():
@@ -43,9 +65,16 @@ def _unavailable(exc) -> int:
 
 
 def main(argv=None) -> int:
+    """Run one command; every error of dlconv's own (see :data:`USER_ERRORS`) ends in one line
+    on stderr and exit status 2, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .backends.base import BackendUnavailable
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError) as exc:
-        parser.exit(2, f"dlconv {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"dlconv {args.command}: interrupted\n")
+    except USER_ERRORS + (BackendUnavailable,) as exc:
+        if os.environ.get("DLCONV_TRACEBACK"):
+            raise
+        parser.exit(2, f"dlconv {args.command}: error: {_one_line(exc)}\n")

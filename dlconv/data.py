@@ -38,6 +38,7 @@ import gzip
 import os
 import pathlib
 import sys
+import zipfile
 import zlib
 from typing import Optional, Tuple
 
@@ -177,13 +178,43 @@ def _load_folder(folder: pathlib.Path) -> MNIST:
     return MNIST(train[0], train[1], test[0], test[1], source=f"idx:{folder}", note=note)
 
 
+def _check_npz_array(path: pathlib.Path, key: str, a: np.ndarray, ndim: int, high: int) -> np.ndarray:
+    """One array of an MNIST npz as uint8: integers in 0..high with ``ndim`` dimensions.
+
+    Float images are refused, not scaled: the npz format (Keras' mnist.npz) holds uint8
+    pixels 0..255, and a float array may be scaled to [0, 1], to [0, 255] or standardised;
+    guessing would silently give all-0/1 images (the bug this replaces) or wrong ones."""
+    if a.dtype == object or a.dtype.kind not in "iu":
+        hint = (" (images scaled to [0, 1]: save (x * 255).round().astype(np.uint8))"
+                if a.dtype.kind == "f" and key.startswith("x") else "")
+        raise ValueError(f"{path}: {key} has dtype {a.dtype}, expected integers 0..{high} (uint8){hint}")
+    if a.ndim != ndim:
+        want = "(N, 28, 28)" if ndim == 3 else "(N,)"
+        raise ValueError(f"{path}: {key} has shape {a.shape}, expected {want}")
+    if a.size:
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi > high:
+            what = "labels" if key.startswith("y") else "pixel values"
+            raise ValueError(f"{path}: {key} holds {what} {lo}..{hi}, expected 0..{high}")
+    return a.astype(np.uint8, copy=False)
+
+
 def _load_npz(path: pathlib.Path, source: Optional[str] = None) -> MNIST:
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: unreadable or truncated npz file (not a zip archive of .npy arrays: "
+                         f"a text file, a lone .npy, a cut download)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in IDX_FILES if k not in f.files]
             if missing:
                 raise ValueError(f"{path}: not an MNIST npz: missing {missing} (has {f.files})")
-            arrays = {k: np.asarray(f[k]) for k in IDX_FILES}
+            arrays = {}
+            for k in IDX_FILES:
+                try:
+                    arrays[k] = np.asarray(f[k])
+                except ValueError as exc:   # object arrays: NumPy's allow_pickle message
+                    raise ValueError(f"{path}: {k} is an object (pickled) array, refused "
+                                     f"(allow_pickle=False); MNIST arrays are uint8 ({exc})") from None
     except (OSError, zlib.error, EOFError) as exc:
         raise ValueError(f"{path}: unreadable or truncated npz file ({exc})") from None
     except Exception as exc:  # zipfile.BadZipFile and friends
@@ -191,13 +222,14 @@ def _load_npz(path: pathlib.Path, source: Optional[str] = None) -> MNIST:
             raise
         raise ValueError(f"{path}: unreadable or truncated npz file ({type(exc).__name__}: {exc})") from None
     for split in ("train", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim != 3 or x.shape[1:] != (28, 28):
-            raise ValueError(f"{path}: x_{split} has shape {x.shape}, expected (N, 28, 28)")
+        xk, yk = f"x_{split}", f"y_{split}"
+        x = arrays[xk] = _check_npz_array(path, xk, arrays[xk], 3, 255)
+        y = arrays[yk] = _check_npz_array(path, yk, arrays[yk], 1, 9)
+        if x.shape[1:] != (28, 28):
+            raise ValueError(f"{path}: {xk} has shape {x.shape}, expected (N, 28, 28)")
         if len(x) != len(y):
             raise ValueError(f"{path}: labels/images count mismatch in the {split} split: "
                              f"{len(x)} images, {len(y)} labels")
-    arrays = {k: v.astype(np.uint8, copy=False) for k, v in arrays.items()}
     note = (f"MNIST from {path}: {len(arrays['x_train']):,} training and "
             f"{len(arrays['x_test']):,} test images")
     return MNIST(**arrays, source=source or f"npz:{path}", note=note)

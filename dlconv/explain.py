@@ -37,6 +37,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import numbers
+import os
+import pathlib
 import sys
 import types
 from typing import List, Optional, Sequence, Tuple
@@ -47,12 +49,27 @@ __all__ = ["explain", "Explanation", "AxisSteps", "Equation", "Term", "ReverseEq
            "ReverseTerm", "filter_letter", "filter_index", "draw_picture",
            "add_arguments", "run"]
 
-#: --all and --transposed refuse to enumerate more multiply terms than this (a 28×28×1
-#: input with 32 3×3 filters has 225,792; this bound keeps the listing under a minute).
-MAX_TERMS = 2_000_000
+#: --all, --transposed and --at refuse to enumerate more multiply terms than this: 150,000
+#: terms print in about 2 s and take about 80 MB here (a 2-core VM); past it the listing
+#: grows linearly (225,000 terms: 3 s, 117 MB).  --json costs ~5x more per term, hence its
+#: own bound.  A 28×28×1 input with 32 3×3 filters has 225,792 terms: --filter F or --at
+#: ROW,COL pick the part wanted.
+MAX_TERMS = 150_000
+MAX_JSON_TERMS = 30_000
 
-#: Grids wider or taller than this are drawn without per-cell labels (they would not fit).
-PICTURE_MAX_LABELLED = 24
+#: The most filters explain enumerates (their letters, equations per filter): the index map
+#: of one filter does not depend on how many there are.
+MAX_FILTERS = 100_000
+
+#: Grids wider or taller than this label only their highlighted cells (the window, its
+#: weights, the output): each label is a text object (~2 ms to lay out on a loaded 2-core VM),
+#: and a 24x24 grid of them took 2.5 s; up to 12 per side the whole picture takes ~0.3 s.
+PICTURE_MAX_LABELLED = 12
+#: ... and without cell borders (lines closer than ~4 pixels merge into grey).
+PICTURE_MAX_GRID_LINES = 128
+#: The largest padded grid --picture draws (each panel is one image, so time is no issue;
+#: past this a cell is under one pixel and the picture shows nothing).
+PICTURE_MAX_SIDE = 2048
 
 
 # ----------------------------------------------------------------------------- notation
@@ -409,7 +426,8 @@ def _position(value, name: str, rows: int, cols: int) -> Tuple[int, int]:
 # ----------------------------------------------------------------------------- the API
 def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="valid", dilation=1,
             batch: int = 1, at=None, filter=None, all_outputs: bool = False,
-            transposed: bool = False, picture: Optional[str] = None) -> Explanation:
+            transposed: bool = False, picture: Optional[str] = None,
+            json_output: bool = False) -> Explanation:
     """Explain one convolution's sizes and index maps; see the module docstring for notation.
 
     ``input``: ``H`` / ``(H, W)`` / ``(H, W, C)`` / ``"28x28x1"``, or a
@@ -422,6 +440,9 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
     lists all of that filter's outputs).  ``all_outputs``: every output equation.
     ``transposed``: the reverse map instead of the forward equations.
     ``picture``: a PNG path to draw the padded input, window, weights and outputs into.
+    ``json_output``: the result is for :meth:`Explanation.to_json` (a tighter size bound).
+    Sizes whose listing would take more than a few seconds are refused with ValueError
+    (:data:`MAX_TERMS`), naming ``--at`` / ``--filter`` as the way to the part wanted.
     """
     if isinstance(input, ConvGeometry):
         if (kernel, filters, stride, padding, dilation, batch) != (3, 1, 1, "valid", 1, 1):
@@ -431,6 +452,8 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
         pad_mode = "explicit"
     else:
         dims = _ints(input, "input", (1, 2, 3), "5x5 or 28x28x1")
+        if any(isinstance(d, numbers.Integral) and d < 1 for d in dims):
+            raise ValueError(f"input sizes must be >= 1, got input={input!r}")
         h, w, c = (dims[0], dims[0], 1) if len(dims) == 1 else \
             (dims[0], dims[1], 1) if len(dims) == 2 else dims
         k_h, k_w = _pair(kernel, "kernel")
@@ -440,6 +463,13 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
         pad_mode = pad if pad in ("valid", "same") else "explicit"
     if g.batch < 1:
         raise ValueError(f"batch must be >= 1, got {g.batch}")
+    if g.filters > MAX_FILTERS:
+        raise ValueError(f"filters={g.filters:,} is more than explain enumerates (at most {MAX_FILTERS:,}); "
+                         "one filter's index map does not depend on the count: explain fewer filters "
+                         "and pick one with --filter F")
+    if picture is not None:
+        _check_picture(g, picture)
+    limit = MAX_JSON_TERMS if json_output else MAX_TERMS
 
     axes = (_axis_steps(g, "height", pad_mode), _axis_steps(g, "width", pad_mode))
     weights = g.weight_count
@@ -449,18 +479,20 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
     equations: List[Equation] = []
     reverse: List[ReverseEquation] = []
     if transposed:
+        pixels = 1 if at is not None else g.in_h * g.in_w
+        _check_size(g.in_c * pixels * g.k_h * g.k_w * len(chosen), "--transposed", limit)
         if at is not None:
             ih, iw = _position(at, "at", g.in_h, g.in_w)
             cells = [(c, ih, iw) for c in range(g.in_c)]
         else:
             cells = [(c, ih, iw) for c in range(g.in_c) for ih in range(g.in_h) for iw in range(g.in_w)]
-        _check_size(len(cells) * g.k_h * g.k_w * len(chosen), "--transposed")
         reverse = [_reverse(g, c, ih, iw, chosen) for c, ih, iw in cells]
     elif at is not None:
         oh, ow = _position(at, "at", g.out_h, g.out_w)
+        _check_size(len(chosen) * g.k_h * g.k_w * g.in_c, "--at", limit)
         equations = [_forward(g, f, oh, ow) for f in chosen]
     elif all_outputs or filter is not None:
-        _check_size(len(chosen) * g.out_h * g.out_w * g.k_h * g.k_w * g.in_c, "--all")
+        _check_size(len(chosen) * g.out_h * g.out_w * g.k_h * g.k_w * g.in_c, "--all", limit)
         equations = [_forward(g, f, oh, ow) for f in chosen
                      for oh in range(g.out_h) for ow in range(g.out_w)]
 
@@ -478,10 +510,26 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
     return exp
 
 
-def _check_size(terms: int, flag: str) -> None:
-    if terms > MAX_TERMS:
-        raise ValueError(f"{flag} would list {terms:,} terms (more than {MAX_TERMS:,}); narrow it "
-                         "with --at ROW,COL or --filter F, or explain a smaller input")
+def _check_size(terms: int, flag: str, limit: int = MAX_TERMS) -> None:
+    if terms > limit:
+        how = ("--filter F (one filter), or fewer channels" if flag == "--at" else
+               "--at ROW,COL (one position) or --filter F (one filter), or explain a smaller input")
+        raise ValueError(f"{flag} would list {terms:,} terms, more than the {limit:,} explain prints "
+                         f"in a few seconds; get the part wanted with {how}")
+
+
+def _check_picture(g: ConvGeometry, picture) -> None:
+    """Refuse, before any work, a picture that cannot be written or would show nothing."""
+    folder = pathlib.Path(picture).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise ValueError(f"--picture {picture}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--picture {picture}: folder {folder} is not writable")
+    hp, wp = g.in_h + g.pad_top + g.pad_bottom, g.in_w + g.pad_left + g.pad_right
+    if max(hp, wp, g.out_h, g.out_w) > PICTURE_MAX_SIDE:
+        raise ValueError(f"--picture draws every cell: at most {PICTURE_MAX_SIDE}x{PICTURE_MAX_SIDE}, "
+                         f"but the padded input is {hp}x{wp}; draw a smaller input (the window at "
+                         "--at ROW,COL moves the same way on any size)")
 
 
 # ----------------------------------------------------------------------------- text
@@ -561,7 +609,9 @@ def draw_picture(g: ConvGeometry, path: str, f: int = 0, output_at: Optional[Tup
     """Draw the padded input (padding shaded), the weights of filter ``f`` and its output grid
     into a PNG at ``path``; highlight the window of ``output_at`` (0-based), or with ``input_at``
     the outputs that input feeds.  Channel 1 only when C > 1.  Returns ``path``."""
+    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import to_rgb
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
@@ -595,28 +645,46 @@ def draw_picture(g: ConvGeometry, path: str, f: int = 0, output_at: Optional[Tup
     grid = fig.add_gridspec(1, 3, width_ratios=[wp, g.k_w, g.out_w], wspace=0.25)
 
     def panel(ax, rows, cols, color, label, name):
-        ax.set_xlim(0, cols)
-        ax.set_ylim(rows, 0)
-        ax.set_aspect("equal")
+        """One grid as ONE image (imshow of an RGB array: a 400x400 grid costs what a 4x4 one
+        does), cell borders as two line collections while they stay visible, labels only
+        for small grids."""
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(name, fontsize=10)
-        show = max(rows, cols) <= PICTURE_MAX_LABELLED
-        size = max(5, 10 - max(rows, cols) // 4)
-        for r in range(rows):
-            for c in range(cols):
-                ax.add_patch(Rectangle((c, r), 1, 1, facecolor=color(r, c), edgecolor="#555555", lw=0.6))
-                text = label(r, c) if show else ""
-                if text:
-                    ax.text(c + 0.5, r + 0.5, text, ha="center", va="center", fontsize=size)
+        rgb = np.empty((rows, cols, 3))
+        rgb[...] = to_rgb(color(None, None))
+        for (r, c), col in color.cells(rows, cols):
+            rgb[r, c] = to_rgb(col)
+        ax.imshow(rgb, extent=(0, cols, rows, 0), interpolation="nearest", aspect="equal")
+        ax.set_xlim(0, cols)
+        ax.set_ylim(rows, 0)
+        if max(rows, cols) <= PICTURE_MAX_GRID_LINES:
+            ax.hlines(np.arange(rows + 1), 0, cols, colors="#555555", lw=0.6)
+            ax.vlines(np.arange(cols + 1), 0, rows, colors="#555555", lw=0.6)
+        if max(rows, cols) <= PICTURE_MAX_LABELLED:
+            where = [(r, c) for r in range(rows) for c in range(cols)]
+        else:
+            where = sorted(rc for rc, col in color.cells(rows, cols) if col == hit_c)
+        size = max(5, 10 - min(max(rows, cols), PICTURE_MAX_LABELLED) // 4)
+        for r, c in where:
+            text = label(r, c)
+            if text:
+                ax.text(c + 0.5, r + 0.5, text, ha="center", va="center", fontsize=size)
 
     ax_in = fig.add_subplot(grid[0])
 
     def in_color(r, c):
-        ih, iw = r - g.pad_top, c - g.pad_left
-        if not (0 <= ih < g.in_h and 0 <= iw < g.in_w):
-            return pad_c
-        return hit_c if (ih, iw) in hot_in else in_c
+        return in_c
+
+    def in_cells(rows, cols):     # padding bands, then the input elements the window reads
+        for r in range(rows):
+            if not 0 <= r - g.pad_top < g.in_h:
+                yield from (((r, c), pad_c) for c in range(cols))
+            else:
+                yield from (((r, c), pad_c) for c in (*range(g.pad_left), *range(g.pad_left + g.in_w, cols)))
+        yield from (((ih + g.pad_top, iw + g.pad_left), hit_c) for ih, iw in hot_in
+                    if 0 <= ih < g.in_h and 0 <= iw < g.in_w)
+    in_color.cells = in_cells
 
     def in_label(r, c):
         ih, iw = r - g.pad_top, c - g.pad_left
@@ -629,11 +697,17 @@ def draw_picture(g: ConvGeometry, path: str, f: int = 0, output_at: Optional[Tup
         ax_in.add_patch(Rectangle((ow * g.stride_w, oh * g.stride_h), g.k_w_eff, g.k_h_eff,
                                   fill=False, edgecolor="#d62728", lw=2.2))
 
+    def highlighted(base, hot):
+        def color(r, c):
+            return base
+        color.cells = lambda rows, cols: (((r, c), hit_c) for r, c in hot if r < rows and c < cols)
+        return color
+
     ax_w = fig.add_subplot(grid[1])
-    panel(ax_w, g.k_h, g.k_w, lambda r, c: hit_c if (r, c) in hot_w else w_c,
+    panel(ax_w, g.k_h, g.k_w, highlighted(w_c, hot_w),
           lambda r, c: f"{letter}{r * g.k_w + c + 1}", f"weights {letter}")
     ax_out = fig.add_subplot(grid[2])
-    panel(ax_out, g.out_h, g.out_w, lambda r, c: hit_c if (r, c) in hot_out else out_c,
+    panel(ax_out, g.out_h, g.out_w, highlighted(out_c, hot_out),
           lambda r, c: f"O{f * per + r * g.out_w + c + 1}", f"output of filter {letter}")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, format="png")
@@ -678,7 +752,7 @@ def run(args) -> int:
     e = explain(args.input, args.kernel, filters=args.filters, stride=args.stride,
                 padding=args.padding, dilation=args.dilation, batch=args.batch, at=args.at,
                 filter=args.filter, all_outputs=args.all_outputs, transposed=args.transposed,
-                picture=args.picture)
+                picture=args.picture, json_output=args.json)
     print(e.to_json() if args.json else e.text())
     return 0
 

@@ -38,11 +38,14 @@ def activate(z: np.ndarray, activation: str) -> np.ndarray:
 
 
 def activation_backward(dy: np.ndarray, y: np.ndarray, activation: str) -> np.ndarray:
-    """dL/dz from dL/dy and the activation's output y (see :mod:`dlconv.activations`)."""
-    dy = dy.astype(np.float64)
-    y = y.astype(np.float64)
+    """dL/dz from dL/dy and the activation's output y (see :mod:`dlconv.activations`);
+    y may be None for the linear activation only."""
+    dy = np.asarray(dy, np.float64)
     if activation == "linear":
         return dy
+    if y is None:
+        raise ValueError(f"y (the activation's output) is needed for activation {activation!r}")
+    y = np.asarray(y, np.float64)
     if activation == "relu":
         return dy * (y > 0)
     if activation == "sigmoid":
@@ -55,6 +58,8 @@ def activation_backward(dy: np.ndarray, y: np.ndarray, activation: str) -> np.nd
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
+    if z.shape[-1] == 0:            # no classes: an empty result, as TensorFlow's softmax
+        return np.zeros(z.shape, np.result_type(z, np.float32))
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
@@ -71,13 +76,23 @@ def _tap(xp: np.ndarray, g: ConvGeometry, kh: int, kw: int) -> np.ndarray:
               w0:w0 + (g.out_w - 1) * g.stride_w + 1:g.stride_w, :]
 
 
+def _inside(g: ConvGeometry, kh: int, kw: int) -> np.ndarray:
+    """(OH, OW, 1) mask: True where tap (kh, kw) of output pixel (oh, ow) reads x, not padding."""
+    ih = np.arange(g.out_h) * g.stride_h - g.pad_top + kh * g.dil_h
+    iw = np.arange(g.out_w) * g.stride_w - g.pad_left + kw * g.dil_w
+    return (((ih >= 0) & (ih < g.in_h))[:, None] & ((iw >= 0) & (iw < g.in_w))[None, :])[..., None]
+
+
 def conv2d_forward(x, w, b, g: ConvGeometry, activation: str = "linear") -> np.ndarray:
+    """Padding terms are absent, not products with 0: a ±Inf or NaN weight meets only real
+    pixels (as TensorFlow's conv2d; 0 · Inf would be NaN)."""
     xp = _pad(np.asarray(x, np.float64), g)
     w = np.asarray(w, np.float64)
     z = np.zeros(g.y_shape, np.float64)
     for kh in range(g.k_h):
         for kw in range(g.k_w):
-            z += _tap(xp, g, kh, kw) @ w[kh, kw]          # (N,OH,OW,C) @ (C,K)
+            with np.errstate(invalid="ignore"):
+                z += np.where(_inside(g, kh, kw), _tap(xp, g, kh, kw) @ w[kh, kw], 0.0)  # (N,OH,OW,C) @ (C,K)
     if b is not None:
         z += np.asarray(b, np.float64)
     return activate(z, activation).astype(np.float32)

@@ -55,9 +55,14 @@ PaddingSpec = Union[str, int, Sequence]
 #: a backend that cannot cope refuses clearly.
 INT32_MAX = 2**31 - 1
 
+#: Largest value of any size, stride, dilation or pad: the bound the C++ side checks every
+#: field of the record against (``MAX_FIELD`` in csrc/bind_common.h).  Anything larger is a
+#: mistake (a 2**40 pad would ask for a 144 TiB output) and is refused by name here.
+MAX_FIELD = 2**31
+
 
 # ----------------------------------------------------------------------------- helpers
-def _check_int(name: str, value, minimum: int) -> int:
+def _check_int(name: str, value, minimum: int, maximum: int = MAX_FIELD) -> int:
     """Return ``value`` as a Python int, or raise ValueError naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         # Accept integral floats such as 3.0?  No: a float kernel size is a bug upstream.
@@ -65,6 +70,8 @@ def _check_int(name: str, value, minimum: int) -> int:
     value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
@@ -98,10 +105,16 @@ def normalize_padding(padding) -> Union[str, Tuple[Tuple[int, int], Tuple[int, i
         items = list(padding)
         if len(items) == 4 and all(isinstance(p, (list, tuple)) for p in items):
             # TensorFlow explicit NHWC form; batch and channel pads must be zero.
+            if any(len(p) != 2 for p in items):
+                raise ValueError(f"padding in TensorFlow's 4x2 form needs 4 pairs, got {padding!r}")
             if tuple(items[0]) != (0, 0) or tuple(items[3]) != (0, 0):
                 raise ValueError(f"padding: batch and channel pads must be (0, 0), got {padding!r}")
             items = items[1:3]
-        if len(items) == 2 and all(isinstance(p, (list, tuple)) for p in items):
+        if len(items) == 2 and any(isinstance(p, (list, tuple)) for p in items):
+            for axis, p in zip(("height", "width"), items):
+                if not isinstance(p, (list, tuple)) or len(p) != 2:
+                    raise ValueError(f"padding for the {axis} must be a pair (before, after) in "
+                                     f"((top, bottom), (left, right)), got {p!r} in {padding!r}")
             (t, b), (l, r) = items  # noqa: E741
             return ((_check_int("padding top", t, 0), _check_int("padding bottom", b, 0)),
                     (_check_int("padding left", l, 0), _check_int("padding right", r, 0)))
@@ -176,6 +189,14 @@ def conv_output_size(in_size: int, kernel_size: int, stride: int = 1, padding=0,
 
 
 # ----------------------------------------------------------------------------- records
+#: Smallest legal value of each ConvGeometry field (1 for those not listed).
+_FIELD_MIN = {"batch": 0, "pad_top": 0, "pad_bottom": 0, "pad_left": 0, "pad_right": 0}
+#: Field tuples already validated (all Python ints), so a rebuilt record skips the checks;
+#: bounded (cleared when full: a model has a handful of geometries, a fuzz run thousands).
+_VALIDATED: set = set()
+_VALIDATED_MAX = 4096
+_INT_ONLY = {int}
+
 @dataclasses.dataclass(frozen=True)
 class ConvGeometry:
     """The resolved geometry of one 2-D convolution (NHWC activations, HWIO weights).
@@ -206,6 +227,43 @@ class ConvGeometry:
     # Field order shared with C++ (csrc/geometry.h) and Numba launchers.
     FIELDS = ("batch", "in_h", "in_w", "in_c", "filters", "k_h", "k_w", "stride_h", "stride_w",
               "dil_h", "dil_w", "pad_top", "pad_bottom", "pad_left", "pad_right", "out_h", "out_w")
+
+    def __post_init__(self):
+        """The one validation of a record, at construction (the record is immutable, so a
+        ConvGeometry that exists is valid): every backend may trust it.  Integral NumPy
+        scalars become ints; anything else, a value out of range or output sizes that do not
+        follow from the other fields raise ValueError naming the field and the values.
+        A record already validated (same 17 ints) is recognised in one set lookup: the op API
+        builds one per call, and the full check costs several microseconds."""
+        vals = tuple(self.__dict__.values())            # the 17 fields, in FIELDS order
+        if vals in _VALIDATED and set(map(type, vals)) == _INT_ONLY:
+            return
+        for name in self.FIELDS:
+            v = getattr(self, name)
+            if type(v) is not int:
+                if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                    raise ValueError(f"geometry field {name} must be an integer, got {v!r} "
+                                     f"({type(v).__name__})")
+                v = int(v)
+                object.__setattr__(self, name, v)
+            low = _FIELD_MIN.get(name, 1)
+            if v < low or v > MAX_FIELD:
+                raise ValueError(f"geometry field {name} must be in {low}..{MAX_FIELD}, got {v}")
+        for axis, n, k, s, d, before, after, out in (
+                ("h", self.in_h, self.k_h, self.stride_h, self.dil_h, self.pad_top, self.pad_bottom, self.out_h),
+                ("w", self.in_w, self.k_w, self.stride_w, self.dil_w, self.pad_left, self.pad_right, self.out_w)):
+            k_eff = (k - 1) * d + 1
+            padded = n + before + after
+            if k_eff > padded:
+                raise ValueError(f"geometry: k_{axis}={k} with dil_{axis}={d} (effective size {k_eff}) is "
+                                 f"larger than the padded input {n} + {before} + {after} = {padded}")
+            if out != (padded - k_eff) // s + 1:
+                raise ValueError(f"geometry field out_{axis} = {out} does not follow from the other fields: "
+                                 f"in_{axis}={n}, pads {before} + {after}, k_{axis}={k}, "
+                                 f"stride_{axis}={s}, dil_{axis}={d} give {(padded - k_eff) // s + 1}")
+        if len(_VALIDATED) >= _VALIDATED_MAX:
+            _VALIDATED.clear()
+        _VALIDATED.add(self.as_tuple())
 
     def as_tuple(self) -> Tuple[int, ...]:
         """All fields as a tuple of ints in :attr:`FIELDS` order."""

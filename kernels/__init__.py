@@ -16,3 +16,19 @@ kernels are cached on disk with ``cache=True``).  Each module has ``launch_*`` f
 taking arrays and a :class:`dlconv.shapes.ConvGeometry`, so benchmarks can time one
 variant directly.
 """
+
+import os as _os
+
+import numba as _numba
+
+#: Numba's threading layer for the ``parallel=True`` CPU kernels, pinned before any of them
+#: runs: ``workqueue`` survives ``fork()`` (multiprocessing's default start method on Linux,
+#: data-loader workers), while the ``omp`` layer Numba would pick here (GNU OpenMP) kills a
+#: forked child that runs a kernel ("fork() called from a process already using GNU
+#: OpenMP").  workqueue is not thread-safe, which dlconv.ops already provides for: host
+#: kernels run one at a time (ops.HOST_THREAD).  Measured on the 2-core test machine it is
+#: no slower than omp (conv2 forward, backward-filter, dense1 forward).  A user's own
+#: NUMBA_THREADING_LAYER, or a layer set in numba.config beforehand, is left alone.
+THREADING_LAYER = "workqueue"
+if "NUMBA_THREADING_LAYER" not in _os.environ and _numba.config.THREADING_LAYER == "default":
+    _numba.config.THREADING_LAYER = THREADING_LAYER

@@ -8,6 +8,9 @@ Index map (every kernel below; rows of the input outside ``[0, in_h)`` are zero 
     ih = oh * stride_h - pad_top  + kh * dil_h
     iw = ow * stride_w - pad_left + kw * dil_w
 
+NaN and ±Inf propagate as in TensorFlow: relu(NaN) is NaN (cpu_common.activate and
+vbias_act select 0 only for z < 0).
+
 Variants of the forward pass, fastest first:
 
 ``cpu_gemm``  implicit GEMM with a register-blocked micro-kernel.  The (pixel, tap)x(tap,

@@ -54,7 +54,7 @@ MICRO_NV = MICRO_NR // LANES
 def activate(z, act):
     """act(z) for one float32 element; ``act`` is an activation code."""
     if act == 1:
-        return z if z > 0 else np.float32(0.0)
+        return np.float32(0.0) if z < 0 else z   # NaN stays NaN, as TensorFlow's relu
     if act == 2:
         return np.float32(1.0) / (np.float32(1.0) + np.float32(math.exp(-z)))
     if act == 3:
@@ -174,15 +174,15 @@ def vfma(typingctx, a, b, c):
 @intrinsic
 def vbias_act(typingctx, z, bias, act):
     """act(z + bias) lane by lane for act linear (0) or relu (1) only; the caller sends the
-    other activations through the scalar :func:`activate`.  relu maps NaN to 0 like
-    ``activate`` (an ordered ``z > 0`` compare)."""
+    other activations through the scalar :func:`activate`.  relu keeps NaN like
+    ``activate`` and TensorFlow (an ordered ``z < 0`` compare selects 0, so NaN selects z)."""
     if not (z == f32x16 and bias == f32x16 and isinstance(act, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
         s = builder.fadd(args[0], args[1])
         zero = ir.Constant(_V16, [0.0] * LANES)
-        relu = builder.select(builder.fcmp_ordered(">", s, zero), s, zero)
+        relu = builder.select(builder.fcmp_ordered("<", s, zero), zero, s)
         is_relu = builder.icmp_signed("==", args[2], ir.Constant(args[2].type, 1))
         return builder.select(is_relu, relu, s)
     return f32x16(z, bias, act), codegen

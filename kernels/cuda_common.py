@@ -41,7 +41,7 @@ SIMULATOR_SMS = 4
 def activate(z, act):
     """act(z) for one float32 element."""
     if act == 1:
-        return z if z > np.float32(0.0) else np.float32(0.0)
+        return np.float32(0.0) if z < np.float32(0.0) else z   # NaN stays NaN (TensorFlow)
     if act == 2:
         return np.float32(1.0) / (np.float32(1.0) + math.exp(-z))
     if act == 3:

@@ -10,6 +10,9 @@ Index map::
     dw[p, o] = sum_i x[i, p] * dz[i, o]
     db[o]    = sum_i dz[i, o]
 
+NaN and ±Inf propagate as in TensorFlow: relu(NaN) is NaN (cpu_common.activate), and
+dz = dy * act'(y) is a product, so a NaN dy stays NaN even where relu's y <= 0.
+
 Forward: the conv kernels' 6 x 64 f32x16 register tile (cpu_common): x[i, p] broadcast
 against the contiguous w[p, o0:o0+64], the reduction over p in order, in chunks of w that
 stay in L2 while a group of row blocks sweeps them; bias + activation at the end.  Ragged

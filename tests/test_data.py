@@ -260,3 +260,45 @@ def test_split_limit_is_checked(tmp_path, rng):
     small = data.load_mnist(write_folder(tmp_path / "s", rng, n_test=9) and tmp_path / "s")
     with pytest.raises(ValueError, match="has 9 images; the workshop split needs 10000"):
         data.training_split(small)
+
+
+def _npz(tmp_path, **override):
+    arrays = dict(x_train=np.zeros((2, 28, 28), np.uint8), y_train=np.zeros(2, np.uint8),
+                  x_test=np.zeros((1, 28, 28), np.uint8), y_test=np.zeros(1, np.uint8))
+    arrays.update(override)
+    path = tmp_path / "mnist.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"x_train": np.full((2, 28, 28), 0.5, np.float32)}, r"x_train has dtype float32, expected integers 0\.\.255"),
+    ({"y_train": np.array([12, 1])}, r"y_train holds labels 1\.\.12, expected 0\.\.9"),
+    ({"y_test": np.array([-1])}, r"y_test holds labels -1\.\.-1, expected 0\.\.9"),
+    ({"x_test": np.full((1, 28, 28), 300, np.int32)}, r"x_test holds pixel values 300\.\.300, expected 0\.\.255"),
+    ({"y_test": np.zeros((1, 1), np.uint8)}, r"y_test has shape \(1, 1\), expected \(N,\)"),
+    ({"x_test": np.zeros((1, 784), np.uint8)}, r"x_test has shape \(1, 784\), expected \(N, 28, 28\)"),
+    ({"y_train": np.array([1.0, 2.0])}, r"y_train has dtype float64"),
+    ({"x_train": np.array([1, "a"], dtype=object)}, r"x_train is an object \(pickled\) array, refused"),
+])
+def test_npz_contents_are_checked(tmp_path, override, message):
+    """The npz path checks what the IDX path checks: float images are refused (not cast to
+    all-0/1 uint8), labels outside 0..9 (not wrapped to 255), shapes, object arrays; each
+    message names the file and the array."""
+    path = _npz(tmp_path, **override)
+    with pytest.raises(ValueError, match=message) as err:
+        data.load_mnist(path)
+    assert str(path) in str(err.value)
+
+
+def test_npz_that_is_not_a_zip(tmp_path):
+    for content in (b"hello, not an archive\n", np.lib.format.magic(1, 0) + b"\x00" * 20):
+        path = tmp_path / "mnist.npz"
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=rf"{path}: unreadable or truncated npz file \(not a zip"):
+            data.load_mnist(path)
+
+
+def test_npz_with_integer_labels_of_any_width(tmp_path):
+    ds = data.load_mnist(_npz(tmp_path, y_train=np.array([3, 9], np.int64)))
+    assert ds.y_train.dtype == np.uint8 and ds.y_train.tolist() == [3, 9]

@@ -342,8 +342,11 @@ def test_host_pool_size_from_the_environment(monkeypatch):
     monkeypatch.setenv("DLCONV_HOST_POOL_MB", "1.5")
     assert arrays._pool_limit() == 3 << 19
     monkeypatch.setenv("DLCONV_HOST_POOL_MB", "lots")
-    with pytest.raises(ValueError, match="DLCONV_HOST_POOL_MB must be a number of MiB, got 'lots'"):
-        arrays._pool_limit()
+    for bad in ("lots", "nan", "inf", "-1"):
+        monkeypatch.setenv("DLCONV_HOST_POOL_MB", bad)
+        with pytest.raises(ValueError, match=rf"variable DLCONV_HOST_POOL_MB must be a number of MiB >= 0 "
+                                             rf"\(0 turns the output pool off\), got '{bad}'"):
+            arrays._pool_limit()
 
 
 # ----------------------------------------------------------------------------- the host thread

@@ -10,7 +10,7 @@ from typing import List, Sequence
 from .builtins import TensorFlowBuiltin
 from .cases import ALL_PASSES, BATCH, LAYER_BY_NAME, TIMED_BACKENDS, plan
 from .machine import describe_machine, loadavg as _loadavg, machine_slug, real_gpu_present
-from .report import format_text, new_result, write_outputs
+from .report import format_text, new_result, writable_folder, write_outputs
 from .roofline import ensure_roof
 from .suite import run_kernels
 from .targets import summarize_targets
@@ -109,6 +109,10 @@ def run(args) -> int:
                            "its FLOPs count both products")
     name = args.name or f"{result['date']}-{machine_slug(machine, 'cuda' if kind == 'gpu' else 'cpu')}"
     print(f"dlconv bench: {machine['description']}", file=sys.stderr)
+    out_dir, out_note = writable_folder(args.out)    # before the run: never lose a finished one
+    if out_note:
+        print(f"dlconv bench: {out_note}", file=sys.stderr)
+        result["notes"].append(out_note)
     load_before = _loadavg()
     t0 = time.perf_counter()
 
@@ -139,7 +143,7 @@ def run(args) -> int:
         result["notes"].append(note)
     print("dlconv bench: measuring the roof (compute peak, memory bandwidth)", file=sys.stderr)
     ensure_roof(result)
-    paths = write_outputs(result, args.out, name)
+    paths = write_outputs(result, out_dir, name)
     print(format_text(result))
     print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}, {paths['roofline']} in "
           f"{result['elapsed_s']:.0f} s")

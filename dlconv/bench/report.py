@@ -9,7 +9,8 @@ import datetime as _dt
 import json
 import pathlib
 import sys
-from typing import Dict, List, Optional
+import tempfile
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -210,18 +211,45 @@ def write_chart(result: dict, path) -> pathlib.Path:
     return path
 
 
+def writable_folder(out_dir) -> Tuple[pathlib.Path, str]:
+    """(the folder results go to, a note) — ``out_dir`` when it can be created and written,
+    else a fresh temporary folder, named in the note.  Checked before the run, so a finished
+    run is never lost to an unwritable --out."""
+    out_dir = pathlib.Path(out_dir).expanduser()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".dlconv-write-check-"):
+            pass
+        return out_dir, ""
+    except OSError as exc:
+        fallback = pathlib.Path(tempfile.mkdtemp(prefix="dlconv-bench-"))
+        return fallback, (f"cannot write to --out {out_dir} ({exc.strerror or exc}); "
+                          f"writing the results to {fallback} instead")
+
+
 def write_outputs(result: dict, out_dir, name: str) -> Dict[str, pathlib.Path]:
-    """NAME.json, NAME.md, NAME.png (ratios to the built-in) and NAME-roofline.png; the roof
-    of each device with timed rows is measured now if ``result`` does not carry it yet."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """NAME.json (the record, first), NAME.md, NAME.png (ratios to the built-in) and
+    NAME-roofline.png; the roof of each device with timed rows is measured now if ``result``
+    does not carry it yet.  A folder that stopped being writable falls back as
+    :func:`writable_folder` does; a chart that cannot be drawn is reported without losing the
+    JSON and the table."""
+    out_dir, note = writable_folder(out_dir)
+    if note:
+        print(f"dlconv bench: {note}", file=sys.stderr)
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
              "png": out_dir / f"{name}.png", "roofline": out_dir / f"{name}-roofline.png"}
-    ensure_roof(result)
+    try:
+        ensure_roof(result)
+    except Exception as exc:  # the roof is a measurement: its failure must not lose the run
+        print(f"dlconv bench: the roofline's roof was not measured ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
     paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
     paths["md"].write_text(format_markdown(result))
-    write_chart(result, paths["png"])
-    write_roofline(result, paths["roofline"])
+    for key, draw in (("png", write_chart), ("roofline", write_roofline)):
+        try:
+            draw(result, paths[key])
+        except (OSError, ImportError, ValueError, MemoryError, KeyError, TypeError) as exc:
+            print(f"dlconv bench: the chart {paths[key]} was not written ({exc})", file=sys.stderr)
     return paths
 
 
