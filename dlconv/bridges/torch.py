@@ -191,7 +191,10 @@ def conv_pads(x_shape, w_shape, strides, padding, dilation) -> Tuple[List[int], 
     p = normalize_padding(padding)
     x_shape = tuple(x_shape)
     key = (1,) + tuple(int(v) for v in x_shape[1:]) if len(x_shape) == 4 else x_shape
-    g = conv_geometry_cached(key, tuple(int(v) for v in w_shape), s, p, d)
+    # Under torch.compile, Dynamo traces the resolution itself (it would skip the LRU cache
+    # anyway, with a warning); eager calls hit the cache.
+    resolve = conv_geometry_cached.__wrapped__ if torch.compiler.is_compiling() else conv_geometry_cached
+    g = resolve(key, tuple(int(v) for v in w_shape), s, p, d)
     return list(s), [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right], list(d)
 
 
@@ -283,6 +286,9 @@ def _conv2d_backward(ctx, dy):
     x, w, y = ctx.saved_tensors
     act, backend = ctx.activation, ctx.backend
     strides, pads, dilation = ctx.geometry
+    # Both backward ops read dy: a strided dy (Keras' max-pool gradient arrives NCHW-ordered)
+    # is made contiguous once here rather than once in each op.
+    dy = dy.contiguous()
     if act == "linear":
         d, y_arg = dy, None
     elif fuse_activation_grad(backend, ctx.on_device, act):
@@ -340,7 +346,7 @@ def _(x, w, dy, y, activation, backend):
 def _dense_setup_context(ctx, inputs, output):
     x, w, b, activation, backend = inputs
     ctx.activation, ctx.backend, ctx.has_bias = activation, backend, b is not None
-    ctx.save_for_backward(x, w, output if activation != "linear" else None)
+    ctx.save_for_backward(x, w, output)     # y: every backend's dense_backward may read it
 
 
 def _dense_backward(ctx, dy):
@@ -356,27 +362,27 @@ _dense_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
 
 # ----------------------------------------------------------------------------- the bridge API
 def conv2d(x, kernel, bias, *, strides=(1, 1), padding="valid", dilation=(1, 1), activation="linear",
-           backend="auto", out_shape=None):
+           backend="auto", out_shape=None, names=("x", "kernel", "bias")):
     """``act(conv2d(x, kernel) + bias)`` (NHWC / HWIO) as a differentiable torch op.
 
     ``bias`` may be None; ``padding`` anything :func:`dlconv.shapes.conv_geometry` accepts;
     ``activation`` one of linear/relu/sigmoid/tanh (or None); ``out_shape`` is ignored (torch
-    tensors carry their shape).
+    tensors carry their shape); ``names`` are the parameter names errors use.
     """
     act = _act.normalize(activation, allow_softmax=False)
-    _place((("x", x), ("kernel", kernel), ("bias", bias)))
-    _rank("x", x, 4)
-    _rank("kernel", kernel, 4)
+    _place(zip(names, (x, kernel, bias)))
+    _rank(names[0], x, 4)
+    _rank(names[1], kernel, 4)
     s, p, d = conv_pads(x.shape, kernel.shape, strides, padding, dilation)
     return torch.ops.dlconv.conv2d(x, kernel, bias, s, p, d, act, _check_backend(backend))
 
 
-def dense(x, kernel, bias, *, activation="linear", backend="auto"):
+def dense(x, kernel, bias, *, activation="linear", backend="auto", names=("x", "kernel", "bias")):
     """``act(x @ kernel + bias)`` for rank-2 ``x`` as a differentiable torch op (softmax too)."""
     act = _act.normalize(activation)
-    _place((("x", x), ("kernel", kernel), ("bias", bias)))
-    _rank("x", x, 2)
-    _rank("kernel", kernel, 2)
+    _place(zip(names, (x, kernel, bias)))
+    _rank(names[0], x, 2)
+    _rank(names[1], kernel, 2)
     # ValueError for a feature mismatch (batch-independent: 0 stands for any batch size)
     dense_geometry((0, int(x.shape[1])), tuple(int(v) for v in kernel.shape))
     return torch.ops.dlconv.dense(x, kernel, bias, act, _check_backend(backend))
