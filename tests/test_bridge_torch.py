@@ -358,6 +358,25 @@ def test_cuda_dense_and_zero_copy_input():
     assert x.grad.is_cuda and w.grad.is_cuda
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_outputs_come_from_torchs_caching_allocator():
+    """Numba's allocations go through torch's caching allocator (no cuMemFree, which would
+    synchronise the device), and are given back to it when the output tensor dies."""
+    x = torch.randn(32, 28, 28, 1, device="cuda")
+    w = torch.randn(3, 3, 1, 32, device="cuda")
+    dt.conv2d(x, w)                                   # installs the plugin, creates Numba's context
+    assert tb._ALLOCATOR["installed"], tb._ALLOCATOR["why"]
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    y = dt.conv2d(x, w)
+    assert torch.cuda.memory_allocated() - before >= y.numel() * 4
+    del y
+    import gc
+    gc.collect()
+    assert torch.cuda.memory_allocated() <= before
+
+
 # ----------------------------------------------------------------------------- packaging
 def test_import_dlconv_stays_framework_free():
     code = ("import sys, dlconv; dlconv.conv2d; "

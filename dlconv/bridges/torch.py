@@ -39,7 +39,9 @@ the kernels are launched on ``torch.cuda.current_stream()`` (handed to the ops a
 external stream), the stream every producer of the inputs was queued on, so stream order is
 all the synchronisation needed.  The outputs (Numba device arrays, allocated on that stream)
 come back with ``torch.as_tensor`` (``__cuda_array_interface__``: no copy; the tensor keeps
-the Numba array alive).  No host round trip and no ``synchronize()``.
+the Numba array alive).  Numba takes that memory from torch's caching allocator (see
+:func:`_share_torch_allocator`: Numba's own would free it with ``cuMemFree``, a device-wide
+synchronisation).  No host round trip and no ``synchronize()``.
 
 Bad input
 ---------
@@ -117,9 +119,63 @@ def _host(t: Tensor):
 
 _STREAMS = {}
 
+#: Environment switch: "0" keeps Numba's own device allocator (cuMemAlloc/cuMemFree) instead
+#: of :func:`_share_torch_allocator`'s.
+ALLOCATOR_ENV = "DLCONV_TORCH_ALLOCATOR"
+_ALLOCATOR = {"installed": None, "why": "no CUDA tensor seen yet"}
+
+
+def _share_torch_allocator():
+    """Make Numba take device memory from torch's caching allocator (once, before Numba
+    creates its CUDA context).
+
+    Why: the kernels' outputs are Numba device arrays.  Numba's own allocator frees them with
+    ``cuMemFree``, which synchronises the whole device (Numba batches the frees, so a training
+    step would still stall on a few of them); torch's caching allocator reuses freed blocks in
+    stream order and never synchronises.  The plugin allocates on torch's current stream, the
+    one the kernels are launched on.  A Numba context that already exists (Numba used on the
+    GPU before the first CUDA tensor reached this bridge) keeps Numba's allocator: correct,
+    only with those frees.  ``DLCONV_TORCH_ALLOCATOR=0`` turns the plugin off.
+    """
+    if _ALLOCATOR["installed"] is not None:
+        return
+    import os
+    if os.environ.get(ALLOCATOR_ENV, "1") == "0":
+        _ALLOCATOR.update(installed=False, why=f"{ALLOCATOR_ENV}=0")
+        return
+    from numba import cuda
+    from numba.cuda.cudadrv import driver as _drv
+
+    class TorchNumbaMemoryManager(cuda.GetIpcHandleMixin, cuda.HostOnlyCUDAMemoryManager):
+        """Numba EMM plugin: device memory from ``torch.cuda.caching_allocator_alloc``."""
+
+        def initialize(self):
+            pass                                  # torch has initialised the device
+
+        def memalloc(self, size):
+            dev = self.context.device.id
+            ptr = torch.cuda.caching_allocator_alloc(size, dev, torch.cuda.current_stream(dev))
+            return cuda.MemoryPointer(self.context, _drv.get_devptr_for_active_ctx(ptr), size,
+                                      finalizer=lambda: torch.cuda.caching_allocator_delete(ptr))
+
+        def get_memory_info(self):
+            free, total = torch.cuda.mem_get_info(self.context.device.id)
+            return cuda.MemoryInfo(free=free, total=total)
+
+        @property
+        def interface_version(self):
+            return 1
+
+    try:
+        cuda.set_memory_manager(TorchNumbaMemoryManager)
+        _ALLOCATOR.update(installed=True, why="Numba allocates from torch's caching allocator")
+    except Exception as exc:   # an EMM interface this numba-cuda does not have: keep Numba's
+        _ALLOCATOR.update(installed=False, why=f"{type(exc).__name__}: {exc}")
+
 
 def _stream(device: torch.device):
     """``torch.cuda.current_stream(device)`` as a Numba stream (cached per handle)."""
+    _share_torch_allocator()
     handle = torch.cuda.current_stream(device).cuda_stream
     s = _STREAMS.get(handle)
     if s is None:
