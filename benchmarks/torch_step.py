@@ -14,7 +14,8 @@ each follows the other equally often; the medians and their ratio are reported.
 
 Per-call overhead: the forward of a 1x1 conv on a 1x1x1x1 tensor (no bias, linear), dlconv
 (through ``torch.ops.dlconv.conv2d``, eager, autograd off and on) vs
-``torch.nn.functional.conv2d``, median over blocks of calls, interleaved.
+``torch.nn.functional.conv2d``, median over blocks of calls, interleaved; the same kernel
+called through :mod:`dlconv.ops` on NumPy arrays shows what the bridge itself adds.
 """
 
 from __future__ import annotations
@@ -108,7 +109,10 @@ def per_call(backend: str, blocks: int = 15, calls: int = 400) -> dict:
     w = torch.randn(1, 1, 1, 1)
     x_nchw, w_oihw = x.permute(0, 3, 1, 2), w.permute(3, 2, 0, 1)
     xg = x.clone().requires_grad_()
+    import dlconv
+    xn, wn = x.numpy(), w.numpy()
     fns = {
+        "dlconv.ops on NumPy (no bridge)": lambda: dlconv.conv2d(xn, wn, backend=backend),
         "dlconv": lambda: dt.conv2d(x, w, backend=backend),
         "dlconv (autograd)": lambda: dt.conv2d(xg, w, backend=backend),
         "torch.nn.functional.conv2d": lambda: torch.nn.functional.conv2d(x_nchw, w_oihw),

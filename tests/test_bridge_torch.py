@@ -236,6 +236,31 @@ def test_torch_compile_fullgraph_matches_eager():
             assert_close(a, e, 1e-6, f"compiled gradient, batch {n}")
 
 
+def test_eager_fast_path_equals_the_dispatched_op():
+    """Eager calls run the op's implementation and autograd formula without the dispatcher;
+    the registered op (what torch.compile and fake tensors use) gives the same values and
+    gradients."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 6, 5, 3, generator=gen, requires_grad=True)
+    w = torch.randn(2, 3, 3, 4, generator=gen, requires_grad=True)
+    b = torch.randn(4, generator=gen, requires_grad=True)
+    assert tb._eager([x, w, b])
+    with FakeTensorMode() as mode:
+        assert not tb._eager([mode.from_tensor(x)])
+    geo = tb.conv_pads(x.shape, w.shape, (2, 1), "same", (1, 2))
+    fast = dt.conv2d(x, w, b, strides=(2, 1), padding="same", dilation=(1, 2), activation="sigmoid")
+    slow = torch.ops.dlconv.conv2d(x, w, b, *geo, "sigmoid", "auto")
+    assert torch.equal(fast, slow)
+    r = torch.randn(fast.shape, generator=gen)
+    for a, e in zip(torch.autograd.grad((fast * r).sum(), (x, w, b)),
+                    torch.autograd.grad((slow * r).sum(), (x, w, b))):
+        assert torch.equal(a, e)
+    with torch.no_grad():
+        assert torch.equal(dt.conv2d(x, w, b, strides=(2, 1), padding="same", dilation=(1, 2),
+                                     activation="sigmoid"), fast.detach())
+
+
 # ----------------------------------------------------------------------------- zero copy
 def test_cpu_tensors_reach_kernels_and_return_without_copy(monkeypatch):
     seen = {}

@@ -49,12 +49,19 @@ Refused before any kernel, naming the parameter: a dtype other than float32 (Typ
 tensors on different devices, a GPU that is not the current CUDA device, or a device that
 is neither CPU nor CUDA (ValueError).  Nothing is cast or moved silently.
 
+Eager calls (plain tensors, not compiling, no dispatch mode) skip the dispatcher: the op's
+implementation runs directly, with its autograd formula in a ``torch.autograd.Function``
+(the registered op's eager dispatch cost 2-4x the whole kernel call of a tiny conv).
+Everything else (``torch.compile``, fake tensors, ``opcheck``, functorch) goes through
+``torch.ops.dlconv``; both run the same functions.
+
 ``SUPPORTS_JIT`` is True: the ops run inside ``torch.compile`` graphs (Keras' torch backend
 compiles the step only for ``jit_compile=True``; its "auto" is eager).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -222,16 +229,11 @@ def _backend(name: str, on_device: bool):
 
 
 # ----------------------------------------------------------------------------- geometry
-def _pads_tuple(pads: Sequence[int]):
-    t, b, l, r = (int(p) for p in pads)  # noqa: E741
-    return ((t, b), (l, r))
-
-
 def _geometry(x_shape, w_shape, strides, pads, dilation):
-    """The cached :class:`~dlconv.shapes.ConvGeometry` for explicit pads."""
-    return conv_geometry_cached(tuple(int(d) for d in x_shape), tuple(int(d) for d in w_shape),
-                                (int(strides[0]), int(strides[1])), _pads_tuple(pads),
-                                (int(dilation[0]), int(dilation[1])))
+    """The cached :class:`~dlconv.shapes.ConvGeometry` for explicit pads (shapes are
+    ``torch.Size`` or int sequences; the op arguments int lists)."""
+    return conv_geometry_cached(tuple(x_shape), tuple(w_shape), tuple(strides),
+                                ((pads[0], pads[1]), (pads[2], pads[3])), tuple(dilation))
 
 
 def _rank(name, t, rank):
@@ -241,21 +243,74 @@ def _rank(name, t, rank):
 
 def conv_pads(x_shape, w_shape, strides, padding, dilation) -> Tuple[List[int], List[int], List[int]]:
     """(strides, pads [top, bottom, left, right], dilation) as int lists for the ops, from any
-    padding :func:`dlconv.shapes.conv_geometry` accepts (resolved there, batch-independent)."""
+    padding :func:`dlconv.shapes.conv_geometry` accepts (resolved there, batch-independent:
+    the batch is left out of the key)."""
+    spatial, w_shape = tuple(x_shape[1:]), tuple(w_shape)
+    if torch.compiler.is_compiling():
+        # Dynamo traces the resolution itself (it would skip an LRU cache, with a warning)
+        return _conv_pads.__wrapped__(spatial, w_shape, strides, padding, dilation)
+    try:
+        return _conv_pads(spatial, w_shape, strides, padding, dilation)
+    except TypeError:          # an unhashable spelling (lists): normalise it first
+        return _conv_pads(spatial, w_shape, normalize_pair("strides", strides),
+                          normalize_padding(padding), normalize_pair("dilation", dilation))
+
+
+@functools.lru_cache(maxsize=512)
+def _conv_pads(spatial, w_shape, strides, padding, dilation):
     s = normalize_pair("strides", strides)
     d = normalize_pair("dilation", dilation)
-    p = normalize_padding(padding)
-    x_shape = tuple(x_shape)
-    key = (1,) + tuple(int(v) for v in x_shape[1:]) if len(x_shape) == 4 else x_shape
-    # Under torch.compile, Dynamo traces the resolution itself (it would skip the LRU cache
-    # anyway, with a warning); eager calls hit the cache.
+    key = (1,) + tuple(int(v) for v in spatial) if len(spatial) == 3 else (None,) + spatial
     resolve = conv_geometry_cached.__wrapped__ if torch.compiler.is_compiling() else conv_geometry_cached
-    g = resolve(key, tuple(int(v) for v in w_shape), s, p, d)
+    g = resolve(key, tuple(int(v) for v in w_shape), s, normalize_padding(padding), d)
     return list(s), [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right], list(d)
 
 
+# ----------------------------------------------------------------------------- eager fast path
+#: op name → its plain Python implementation (what the custom op runs on real tensors).
+_IMPLS = {}
+
+
+def _op(name):
+    """``torch.library.custom_op("dlconv::<name>")``, keeping the plain function for
+    :func:`_call`'s eager fast path."""
+    def register(fn):
+        _IMPLS[name] = fn
+        return torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
+    return register
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _eager(tensors) -> bool:
+    """True when a call on ``tensors`` may skip the dispatcher: not compiling, no dispatch
+    mode (fake tensors, functionalisation, opcheck's checks) and only plain tensors (no
+    subclass, no vmap/grad wrapper).  Then the custom op's implementation is called directly,
+    and its autograd formula through a ``torch.autograd.Function``: the same functions the
+    registered op runs, without its eager dispatch overhead (see benchmarks/torch_step.py)."""
+    if torch.compiler.is_compiling() or _current_mode() is not None:
+        return False
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or _is_wrapped(t)):
+            return False
+    return True
+
+
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode  # noqa: E402
+
+
+def _call(name, *args):
+    """Op ``name`` on ``args``: its implementation directly when :func:`_eager`, else through
+    ``torch.ops.dlconv`` (compiled graphs, fake tensors, transforms)."""
+    if _eager([a for a in args if isinstance(a, Tensor)]):
+        return _IMPLS[name](*args)
+    return getattr(torch.ops.dlconv, name)(*args)
+
+
 # ----------------------------------------------------------------------------- conv ops
-@torch.library.custom_op(f"{NAMESPACE}::conv2d", mutates_args=())
+@_op("conv2d")
 def _conv2d_op(x: Tensor, w: Tensor, b: Optional[Tensor], strides: List[int], pads: List[int],
                dilation: List[int], activation: str, backend: str) -> Tensor:
     c = _Call(_place((("x", x), ("w", w), ("b", b))))
@@ -269,11 +324,13 @@ def _conv2d_op(x: Tensor, w: Tensor, b: Optional[Tensor], strides: List[int], pa
 def _(x, w, b, strides, pads, dilation, activation, backend):
     _place((("x", x), ("w", w), ("b", b)))
     _rank("x", x, 4)
-    g = _geometry((1, *x.shape[1:]), w.shape, strides, pads, dilation)
+    # int(): symbolic sizes (dynamic shapes) are specialised; the batch stays symbolic
+    g = _geometry((1, *(int(d) for d in x.shape[1:])), [int(d) for d in w.shape],
+                  [int(v) for v in strides], [int(v) for v in pads], [int(v) for v in dilation])
     return x.new_empty((x.shape[0], g.out_h, g.out_w, g.filters))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::conv2d_backward_data", mutates_args=())
+@_op("conv2d_backward_data")
 def _conv2d_backward_data_op(dy: Tensor, w: Tensor, y: Optional[Tensor], in_hw: List[int],
                              strides: List[int], pads: List[int], dilation: List[int],
                              activation: str, backend: str) -> Tensor:
@@ -292,7 +349,7 @@ def _(dy, w, y, in_hw, strides, pads, dilation, activation, backend):
     return dy.new_empty((dy.shape[0], int(in_hw[0]), int(in_hw[1]), w.shape[2]))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::conv2d_backward_filter", mutates_args=())
+@_op("conv2d_backward_filter")
 def _conv2d_backward_filter_op(x: Tensor, dy: Tensor, y: Optional[Tensor], k_hw: List[int],
                                strides: List[int], pads: List[int], dilation: List[int],
                                activation: str, backend: str) -> Tuple[Tensor, Tensor]:
@@ -312,7 +369,7 @@ def _(x, dy, y, k_hw, strides, pads, dilation, activation, backend):
             x.new_empty((dy.shape[3],)))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::activation_backward", mutates_args=())
+@_op("activation_backward")
 def _activation_backward_op(dy: Tensor, y: Tensor, activation: str, backend: str) -> Tensor:
     c = _Call(_place((("dy", dy), ("y", y))))
     if _act.normalize(activation) == "linear":
@@ -350,23 +407,37 @@ def _conv2d_backward(ctx, dy):
     elif fuse_activation_grad(backend, ctx.on_device, act):
         d, y_arg = dy, y            # the kernels apply act'(y) as they read dy
     else:
-        d, y_arg = torch.ops.dlconv.activation_backward(dy, y, act, backend), None
+        d, y_arg = _call("activation_backward", dy, y, act, backend), None
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dx = dw = db = None
     if need_x:
-        dx = torch.ops.dlconv.conv2d_backward_data(d, w, y_arg, ctx.in_hw, strides, pads, dilation,
-                                                   act, backend)
+        dx = _call("conv2d_backward_data", d, w, y_arg, ctx.in_hw, strides, pads, dilation,
+                   act, backend)
     if need_w or need_b:
-        dw, db = torch.ops.dlconv.conv2d_backward_filter(x, d, y_arg, ctx.k_hw, strides, pads,
-                                                         dilation, act, backend)
+        dw, db = _call("conv2d_backward_filter", x, d, y_arg, ctx.k_hw, strides, pads,
+                       dilation, act, backend)
     return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None
 
 
 _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
 
 
+def _function(name, setup_context, backward):
+    """A ``torch.autograd.Function`` running op ``name``'s implementation with the op's own
+    setup_context and backward formula (the eager fast path of :func:`_forward`)."""
+    impl = _IMPLS[name]
+    return type(f"_{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(impl),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
+    })
+
+
+_CONV2D_FUNCTION = _function("conv2d", _conv2d_setup_context, _conv2d_backward)
+
+
 # ----------------------------------------------------------------------------- dense ops
-@torch.library.custom_op(f"{NAMESPACE}::dense", mutates_args=())
+@_op("dense")
 def _dense_op(x: Tensor, w: Tensor, b: Optional[Tensor], activation: str, backend: str) -> Tensor:
     c = _Call(_place((("x", x), ("w", w), ("b", b))))
     y = _ops.dense(c.arr(x), c.arr(w), c.arr(b), activation=activation,
@@ -382,7 +453,7 @@ def _(x, w, b, activation, backend):
     return x.new_empty((x.shape[0], w.shape[1]))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::dense_backward", mutates_args=())
+@_op("dense_backward")
 def _dense_backward_op(x: Tensor, w: Tensor, dy: Tensor, y: Optional[Tensor], activation: str,
                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     c = _Call(_place((("x", x), ("w", w), ("dy", dy), ("y", y))))
@@ -407,13 +478,24 @@ def _dense_setup_context(ctx, inputs, output):
 
 def _dense_backward(ctx, dy):
     x, w, y = ctx.saved_tensors
-    dx, dw, db = torch.ops.dlconv.dense_backward(x, w, dy, y, ctx.activation, ctx.backend)
+    dx, dw, db = _call("dense_backward", x, w, dy, y, ctx.activation, ctx.backend)
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     return (dx if need_x else None, dw if need_w else None,
             db if (need_b and ctx.has_bias) else None, None, None)
 
 
 _dense_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
+_DENSE_FUNCTION = _function("dense", _dense_setup_context, _dense_backward)
+
+
+def _forward(name, function, tensors, *args):
+    """A forward op: eager calls skip the dispatcher (through ``function`` when a gradient is
+    needed, the bare implementation otherwise); the rest go through ``torch.ops.dlconv``."""
+    if not _eager(tensors):
+        return getattr(torch.ops.dlconv, name)(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return function.apply(*args)
+    return _IMPLS[name](*args)
 
 
 # ----------------------------------------------------------------------------- the bridge API
@@ -430,7 +512,8 @@ def conv2d(x, kernel, bias, *, strides=(1, 1), padding="valid", dilation=(1, 1),
     _rank(names[0], x, 4)
     _rank(names[1], kernel, 4)
     s, p, d = conv_pads(x.shape, kernel.shape, strides, padding, dilation)
-    return torch.ops.dlconv.conv2d(x, kernel, bias, s, p, d, act, _check_backend(backend))
+    return _forward("conv2d", _CONV2D_FUNCTION, (x, kernel, bias), x, kernel, bias, s, p, d, act,
+                    _check_backend(backend))
 
 
 def dense(x, kernel, bias, *, activation="linear", backend="auto", names=("x", "kernel", "bias")):
@@ -441,12 +524,17 @@ def dense(x, kernel, bias, *, activation="linear", backend="auto", names=("x", "
     _rank(names[1], kernel, 2)
     # ValueError for a feature mismatch (batch-independent: 0 stands for any batch size)
     dense_geometry((0, int(x.shape[1])), tuple(int(v) for v in kernel.shape))
-    return torch.ops.dlconv.dense(x, kernel, bias, act, _check_backend(backend))
+    return _forward("dense", _DENSE_FUNCTION, (x, kernel, bias), x, kernel, bias, act,
+                    _check_backend(backend))
+
+
+_BACKEND_NAMES = []
 
 
 def _check_backend(backend) -> str:
-    from .. import backends as _backends
-    allowed = ("auto",) + tuple(_backends.names())
-    if backend not in allowed:
-        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
+    if not _BACKEND_NAMES:
+        from .. import backends as _backends
+        _BACKEND_NAMES.extend(("auto",) + tuple(_backends.names()))
+    if backend not in _BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {tuple(_BACKEND_NAMES)}, got {backend!r}")
     return backend
