@@ -173,9 +173,17 @@ def _share_torch_allocator():
         def interface_version(self):
             return 1
 
+    # Contexts Numba created already keep the allocator they were created with.
+    devices = getattr(_drv.driver, "devices", None) or {}
+    existing = sorted(int(n) for n, dev in devices.items() if getattr(dev, "primary_context", None))
     try:
         cuda.set_memory_manager(TorchNumbaMemoryManager)
-        _ALLOCATOR.update(installed=True, why="Numba allocates from torch's caching allocator")
+        if existing:
+            _ALLOCATOR.update(installed=False, why=f"Numba's CUDA context on device(s) {existing} "
+                              "existed before the first CUDA tensor reached the torch bridge: it "
+                              "keeps Numba's own allocator (cuMemFree synchronises the device)")
+        else:
+            _ALLOCATOR.update(installed=True, why="Numba allocates from torch's caching allocator")
     except Exception as exc:   # an EMM interface this numba-cuda does not have: keep Numba's
         _ALLOCATOR.update(installed=False, why=f"{type(exc).__name__}: {exc}")
 
