@@ -66,6 +66,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode
 
 from .. import activations as _act
 from .. import ops as _ops
@@ -304,9 +305,6 @@ def _eager(tensors) -> bool:
         if t is not None and (type(t) not in _PLAIN or _is_wrapped(t)):
             return False
     return True
-
-
-from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_mode  # noqa: E402
 
 
 def _call(name, *args):
