@@ -31,7 +31,7 @@ _LAZY = {
 }
 _SUBMODULES = ("backends", "ops", "reference", "explain", "info", "layers", "models", "data",
                "bench", "cli", "kernels", "arrays", "activations", "shapes", "train", "runtime",
-               "bridges")
+               "bridges", "torch")
 
 __all__ = ["ConvGeometry", "DenseGeometry", "conv_geometry", "conv_output_size", "conv_param_count",
            "dense_geometry", "dense_param_count", *_LAZY]
