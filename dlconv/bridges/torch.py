@@ -250,14 +250,21 @@ def _rank(name, t, rank):
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(t.shape)}")
 
 
+@torch.compiler.assume_constant_result
+def _conv_pads_constant(spatial, w_shape, strides, padding, dilation):
+    return _conv_pads.__wrapped__(spatial, w_shape, strides, padding, dilation)
+
+
 def conv_pads(x_shape, w_shape, strides, padding, dilation) -> Tuple[List[int], List[int], List[int]]:
     """(strides, pads [top, bottom, left, right], dilation) as int lists for the ops, from any
     padding :func:`dlconv.shapes.conv_geometry` accepts (resolved there, batch-independent:
     the batch is left out of the key)."""
     spatial, w_shape = tuple(x_shape[1:]), tuple(w_shape)
     if torch.compiler.is_compiling():
-        # Dynamo traces the resolution itself (it would skip an LRU cache, with a warning)
-        return _conv_pads.__wrapped__(spatial, w_shape, strides, padding, dilation)
+        # Dynamo must not trace the resolution (an LRU cache, and ConvGeometry's set of
+        # records already validated, which it would guard on): its result is a constant of
+        # the static shapes and the layer's settings.
+        return _conv_pads_constant(spatial, w_shape, strides, padding, dilation)
     try:
         return _conv_pads(spatial, w_shape, strides, padding, dilation)
     except TypeError:          # an unhashable spelling (lists): normalise it first
