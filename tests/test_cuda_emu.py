@@ -9,11 +9,17 @@ driver, once per sanitizer set (cached by source hash under build/cuda_emu):
 * ``tsan``: ThreadSanitizer — the barrier/shared-memory kernels, the atomics, and one of each
   grid-stride kernel (blocks share no happens-before edge, so races between blocks show too).
 
+The dense GEMM's split-K path (cuda_dense.cu, cuda_workspace.cu) runs by the rule (long K on few
+tiles, the SM count set per call), forced through the binding's override, ragged, clamped to K, for
+the forward, dx and dw, each workspace NaN-filled and ASan-poisoned past splits x M x N floats; the
+traced grid z of each GEMM launch is checked, the workspace cache (reuse, growth, one per stream and
+host thread, eviction) and two host threads splitting on one stream at once are run under both sets.
+
 Each run must exit 0 with no sanitizer report, and every output must match dlconv.reference.
 Negative controls prove the harness can fail: every ``__syncthreads`` of every kernel, dropped one
 at a time, is reported by TSan as a data race; a float4 load forced onto a misaligned input is
-reported by UBSan; two blocks (0 and 2 of 3) adding to one float without an atomic is reported by
-TSan.  The stand-in is checked too (selftest.cu: shuffles, shared memory, atomics, launch limits,
+reported by UBSan; a workspace guarded one float short is reported by ASan; two blocks (0 and 2
+of 3) adding to one float without an atomic is reported by TSan.  The stand-in is checked too (selftest.cu: shuffles, shared memory, atomics, launch limits,
 and the errors it must raise).
 """
 
@@ -556,6 +562,25 @@ def test_split_k_reuses_the_workspace_across_operations(drivers, tmp_path):
     for c, (*_, splits) in zip(cases, sizes):
         c.check(run.d)
         assert _gemm_launches(run.launches[c.id]) == ([(splits, True)], [splits]), run.launches[c.id]
+
+
+@pytest.mark.parametrize("san", ("asan", "tsan"))
+def test_split_k_from_two_host_threads_on_one_stream(drivers, tmp_path, san):
+    """Two host threads launch the same split dense forward on one stream at once: each gets its own
+    workspace (one shared buffer would be a race TSan reports: both launches' blocks write the same
+    partials), and both outputs match the reference."""
+    rng = np.random.default_rng(11)
+    M, K, N = 5, 600, 70
+    x, w, b = _rand(rng, (M, K)), _rand(rng, (K, N)), _rand(rng, (N,))
+    want = ref.dense_forward(x, w, b, "tanh")
+    c = Case("threads", "dense_fwd_threads", {"M": M, "K": K, "N": N, "act": CODE["tanh"]},
+             {"x": (x, 0), "w": (w, 0), "b": (b, 0)}, {"y0": (want, 0, _tol(K)), "y1": (want, 0, _tol(K))})
+    run = _run_cases(drivers[san], [c], tmp_path)
+    _assert_clean(run.r, 1)
+    c.check(run.d)
+    # the two threads' launches interleave in any order
+    assert sorted(_kernel(x) for x in run.launches["threads"]) == ["gemm_tiled"] * 2 + ["splitk_reduce"] * 2
+    assert all(x.split()[2] == "grid=1,2,2" for x in run.launches["threads"] if _kernel(x) == "gemm_tiled")
 
 
 @settings(max_examples=4, deadline=None)

@@ -37,7 +37,7 @@
 //
 // Knobs: DLCONV_EMU_DROP_SYNC="kernel#n" makes the n-th __syncthreads of that function a no-op (the
 // race check's negative control); DLCONV_EMU_SM_COUNT (default 132, an H200) is what device queries
-// report; DLCONV_EMU_TRACE=1 prints each launch (name, grid, block, integer arguments).
+// report unless dlconv_emu_set_sm_count(n > 0) overrides it (the driver's sms=); DLCONV_EMU_TRACE=1 prints each launch (name, grid, block, integer arguments).
 // Build and run: csrc/emu/build.py, tests/test_cuda_emu.py; overview: csrc/emu/README.md.
 //
 // NOT emulated (a clean run says nothing about these): concurrency of blocks (timing-dependent

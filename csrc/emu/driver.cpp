@@ -12,6 +12,7 @@
 //     dense_bwd    M= K= N= act= x= w= dy= y= dx= dw= db=
 //     softmax      rows= cols= z= out=
 //     act_bwd      rows= cols= act= dy= y= out=
+//     dense_fwd_threads M= K= N= act= x= w= b= y0= y1=   (two host threads, one stream, at once)
 //     split_k_splits M= N= K= sms=            (prints the split-K rule's answer)
 //     workspace_reuse                          (the scratch-buffer cache: reuse, growth, per stream/thread,
 //                                               eviction; prints one "workspace <check> <0|1>" line each)
@@ -307,6 +308,28 @@ void run(Op& op) {
         check(cudaMemcpy(v, out, sizeof v, cudaMemcpyDeviceToHost), "cudaMemcpy");
         check(cudaFree(out), "cudaFree");
         std::printf("interblock_race sum %g flag %g\n", double(v[0]), double(v[1]));
+    } else if (n == "dense_fwd_threads") {
+        // Two host threads enqueue the same dense forward on ONE stream at the same time: with
+        // split-K each must get its own workspace (TSan reports the partials of two launches
+        // colliding in one buffer), and both results must be right.
+        const int64_t M = op.i("M"), K = op.i("K"), N = op.i("N");
+        const float* x = op.in("x", M * K);
+        const float* w = op.in("w", K * N);
+        const float* b = op.in("b", N);
+        float* y[2] = {op.out("y0", M * N), op.out("y1", M * N)};
+        std::string err[2];
+        std::vector<std::thread> ts;
+        for (int t = 0; t < 2; ++t)
+            ts.emplace_back([&, t] {
+                try {
+                    C::dense_forward(M, K, N, x, w, b, int(op.i("act")), y[t], s);
+                } catch (const std::exception& e) {
+                    err[t] = e.what();
+                }
+            });
+        for (auto& t : ts) t.join();
+        for (const auto& e : err)
+            if (!e.empty()) throw std::runtime_error(e);
     } else if (n == "split_k_splits") {
         std::printf("split_k_splits %lld\n",
                     static_cast<long long>(C::split_k_splits(op.i("M"), op.i("N"), op.i("K"), op.i("sms"))));
