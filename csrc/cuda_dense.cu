@@ -184,12 +184,13 @@ __global__ void act_backward_elementwise(int64_t n, const float* __restrict__ dy
 }  // namespace
 
 // How many K splits a GEMM of `tiles` output tiles and reduction length K gets on `sms` SMs:
-// 1 when the tiles already fill the SMs or K is short; else enough splits for
+// 1 when there is no output (no tiles: nothing to split, and no division by zero), the tiles
+// already fill the SMs or K is short; else enough splits for
 // SPLIT_K_BLOCKS_PER_SM blocks per SM, each split at least SPLIT_K_MIN_LEN long, at most
 // SPLIT_K_MAX, and a workspace (splits x M x N floats) within SPLIT_K_MAX_WORKSPACE.
 int64_t split_k_splits(int64_t M, int64_t N, int64_t K, int64_t sms) {
     const int64_t tiles = ((M + G_BM - 1) / G_BM) * ((N + G_BN - 1) / G_BN);
-    if (tiles >= sms || K < 2 * SPLIT_K_MIN_LEN) return 1;
+    if (tiles == 0 || tiles >= sms || K < 2 * SPLIT_K_MIN_LEN) return 1;
     int64_t splits = (SPLIT_K_BLOCKS_PER_SM * sms + tiles - 1) / tiles;
     if (splits > K / SPLIT_K_MIN_LEN) splits = K / SPLIT_K_MIN_LEN;
     if (splits > SPLIT_K_MAX) splits = SPLIT_K_MAX;

@@ -272,6 +272,7 @@ def test_split_k_heuristic():
     assert split(128, 128, 9216, 4) == 1         # 4 tiles on 4 SMs: no split
     assert split(1024, 1024, 1 << 20, 10000) == 16   # the 16 Mi-float workspace cap
     assert split(64, 64, 1 << 20, 1000) == 64    # at most 64 partials per element
+    assert split(0, 70, 600, 132) == 1           # no output tiles: no split (was a division by zero)
 
 
 @pytest.mark.gpu

@@ -9,11 +9,17 @@ driver, once per sanitizer set (cached by source hash under build/cuda_emu):
 * ``tsan``: ThreadSanitizer — the barrier/shared-memory kernels, the atomics, and one of each
   grid-stride kernel (blocks share no happens-before edge, so races between blocks show too).
 
+The dense GEMM's split-K path (cuda_dense.cu, cuda_workspace.cu) runs by the rule (long K on few
+tiles, the SM count set per call), forced through the binding's override, ragged, clamped to K, for
+the forward, dx and dw, each workspace NaN-filled and ASan-poisoned past splits x M x N floats; the
+traced grid z of each GEMM launch is checked, the workspace cache (reuse, growth, one per stream and
+host thread, eviction) and two host threads splitting on one stream at once are run under both sets.
+
 Each run must exit 0 with no sanitizer report, and every output must match dlconv.reference.
 Negative controls prove the harness can fail: every ``__syncthreads`` of every kernel, dropped one
 at a time, is reported by TSan as a data race; a float4 load forced onto a misaligned input is
-reported by UBSan; two blocks (0 and 2 of 3) adding to one float without an atomic is reported by
-TSan.  The stand-in is checked too (selftest.cu: shuffles, shared memory, atomics, launch limits,
+reported by UBSan; a workspace guarded one float short is reported by ASan; two blocks (0 and 2
+of 3) adding to one float without an atomic is reported by TSan.  The stand-in is checked too (selftest.cu: shuffles, shared memory, atomics, launch limits,
 and the errors it must raise).
 """
 
@@ -46,8 +52,11 @@ CODE = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3, "softmax": 4}
 RTOL, ATOL = 1e-4, 1e-4
 # Sanitizers stop at the first report and make the process fail (the drivers are built with
 # -fno-sanitize-recover=all); LeakSanitizer checks that the driver frees what it allocates.
+# The launchers' workspace cache lives as long as the process (as a CUDA context's allocations do):
+# lsan.supp exempts exactly the allocations made in dlconv::cuda::workspace.
 SAN_ENV = {
     "ASAN_OPTIONS": "halt_on_error=1:abort_on_error=0:detect_leaks=1:exitcode=23",
+    "LSAN_OPTIONS": f"suppressions={EMU / 'lsan.supp'}",
     "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=24",
     "TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0",
 }
@@ -84,6 +93,14 @@ class Case:
     inputs: dict          # name -> (array, offset in floats)
     outputs: dict         # name -> (reference array or None for "-", offset, atol)
     tsan: bool = False
+    gemm_z: tuple = None  # when set: the K splits (grid z) of each gemm_tiled launch, in order
+
+    def knobs(self, split_k=None, sms=None, ws=None):
+        """The driver's per-operation knobs: forced splits, reported SM count, workspace guard."""
+        for k, v in (("split_k", split_k), ("sms", sms), ("ws", ws)):
+            if v is not None:
+                self.params[k] = v
+        return self
 
     def line(self, d: pathlib.Path) -> str:
         toks = [self.op] + [f"{k}={v}" for k, v in self.params.items()]
@@ -169,6 +186,68 @@ def activation_backward_case(cid, rows, cols, act, rng, tsan=False):
                 {"out": (ref.activation_backward(dy, y, act).astype(np.float32), 0, _tol(cols))}, tsan)
 
 
+# Split-K (cuda_dense.cu): the launcher's arithmetic, mirrored as the oracle of the traced grid z.
+G_BM = G_BN = 64
+G_BK = 16
+
+
+def _launched_splits(M, N, K, forced=0, sms=132):
+    """Grid z of gemm_tiled for C[M, N] with reduction length K (launch_gemm)."""
+    splits = forced if forced > 0 else _rule(M, N, K, sms)
+    splits = min(splits, K) if K > 0 else 1
+    if splits <= 1:
+        return 1
+    k_len = -(-(-(-K // splits)) // G_BK) * G_BK
+    return -(-K // k_len)
+
+
+def _rule(M, N, K, sms):
+    """split_k_splits (cuda_dense.cu), for the generated cases only; test_split_k_rule pins the C++ rule."""
+    tiles = -(-M // G_BM) * -(-N // G_BN)
+    if tiles == 0 or tiles >= sms or K < 2 * 16 * G_BK:
+        return 1
+    splits = min(-(-2 * sms // tiles), K // (16 * G_BK), 64)
+    if splits * M * N > 1 << 24:
+        splits = (1 << 24) // (M * N)
+    return max(splits, 1)
+
+
+def split_cases(rng):
+    """Split-K dense forward, dx and dw: by the rule (long K on few tiles), forced through the same
+    override as _C_cuda._set_split_k, ragged M/N/K, clamped to K, and the reduce over many blocks.
+    ws= guards each workspace at exactly splits x M x N floats (ASan reports a partial past it)."""
+    out = []
+
+    def fwd(cid, M, K, N, act, forced=0, sms=None, bias=True, tsan=False):
+        z = _launched_splits(M, N, K, forced, sms or 132)
+        c = dense_forward_case(cid, M, K, N, act, rng, bias=bias, tsan=tsan)
+        c.gemm_z = (z,)
+        out.append(c.knobs(split_k=forced or None, sms=sms, ws=z * M * N if z > 1 else None))
+
+    def bwd(cid, M, K, N, act, want, forced=0, tsan=False):
+        zs, ws = [], 0
+        if "dx" in want:  # dx[M, K], reduction over N
+            zs.append(_launched_splits(M, K, N, forced))
+            ws = max(ws, zs[-1] * M * K)
+        if "dw" in want:  # dw[K, N], reduction over M
+            zs.append(_launched_splits(K, N, M, forced))
+            ws = max(ws, zs[-1] * K * N)
+        c = dense_backward_case(cid, M, K, N, act, rng, want=want, tsan=tsan)
+        c.gemm_z = tuple(zs)
+        out.append(c.knobs(split_k=forced or None, ws=ws if max(zs) > 1 else None))
+
+    fwd("splitk_fwd_rule", 5, 600, 70, "relu", tsan=True)            # 2 tiles on 132 SMs: 2 splits of 304
+    fwd("splitk_fwd_rule_sms", 5, 1100, 70, "tanh", sms=4)           # 4 SMs: 4 splits
+    fwd("splitk_fwd_full_gpu", 70, 600, 70, "linear", sms=2)         # 4 tiles fill 2 SMs: no split
+    fwd("splitk_fwd_forced_ragged", 70, 75, 9, "sigmoid", forced=3, bias=False, tsan=True)  # ragged K split
+    fwd("splitk_fwd_forced_clamped", 3, 20, 5, "relu", forced=64)   # 64 forced, K = 20: 2 splits
+    fwd("splitk_reduce_blocks", 70, 40, 70, "linear", forced=2)     # 4900 outputs: 20 reduce blocks
+    bwd("splitk_dx_rule", 5, 9, 600, "tanh", ("dx",))               # reduction over N = 600
+    bwd("splitk_dw_rule", 600, 9, 7, "relu", ("dw",), tsan=True)    # reduction over the batch M = 600
+    bwd("splitk_bwd_forced", 37, 20, 70, "sigmoid", ("dx", "dw", "db"), forced=5, tsan=True)
+    return out
+
+
 # Geometries: every forward path and edge, all small.
 G_VEC = conv_geometry((2, 7, 6, 8), (3, 3, 8, 12), padding="same")            # C, F % 4 == 0: v3 float4 path
 G_SCALAR = conv_geometry((3, 9, 7, 3), (3, 2, 3, 5), strides=(2, 1), dilation=(1, 2),
@@ -212,6 +291,14 @@ def all_cases():
     for act in ACTS:
         cases.append(activation_backward_case(f"act_bwd_{act}", 3, 300, act, rng, tsan=act == "sigmoid"))
     cases.append(activation_backward_case("act_bwd_softmax", 3, 300, "softmax", rng, tsan=True))
+    for c in cases:  # the unsplit dense cases: K too short for the rule on 132 SMs
+        if c.op == "dense_fwd":
+            c.gemm_z = (_launched_splits(c.params["M"], c.params["N"], c.params["K"]),)
+        elif c.op == "dense_bwd":
+            M, K, N = c.params["M"], c.params["K"], c.params["N"]
+            c.gemm_z = tuple(z for name, z in (("dx", _launched_splits(M, K, N)), ("dw", _launched_splits(K, N, M)))
+                             if c.outputs[name][0] is not None)
+    cases += split_cases(rng)
     return cases
 
 
@@ -300,7 +387,40 @@ def test_coverage_of_the_case_table():
     t = {c.id for c in CASES if c.tsan}
     assert {"fwd_v2_linear_vec", "fwd_v3_linear_vec", "fwd_v3_tanh_scalar", "fwd_v3_offset", "dense_fwd_linear",
             "dense_bwd_tanh", "softmax_wide", "act_bwd_softmax", "bwd_filter_chunks", "dense_bwd_db_only",
-            "fwd_v1_linear_vec", "bwd_data_scalar", "act_bwd_sigmoid"} <= t, t
+            "fwd_v1_linear_vec", "bwd_data_scalar", "act_bwd_sigmoid", "splitk_fwd_rule", "splitk_dw_rule",
+            "splitk_bwd_forced"} <= t, t
+    # split-K: by the rule and forced, forward, dx and dw, with and without a split
+    z = {c.id: c.gemm_z for c in CASES if c.gemm_z}
+    assert z["splitk_fwd_rule"] == (2,) and z["splitk_fwd_rule_sms"] == (4,) and z["splitk_fwd_full_gpu"] == (1,)
+    assert z["splitk_fwd_forced_ragged"] == (3,) and z["splitk_fwd_forced_clamped"] == (2,)
+    assert z["splitk_dx_rule"] == (2,) and z["splitk_dw_rule"] == (2,) and z["splitk_bwd_forced"] == (5, 3)
+    assert all(set(c.gemm_z) == {1} for c in CASES if c.op.startswith("dense") and not c.id.startswith("splitk_")
+               and c.gemm_z)  # the other dense cases take the unsplit path
+
+
+def _gemm_launches(ls):
+    """(grid z, workspace used) of each gemm_tiled launch, and the splitk_reduce launches' split counts."""
+    gemm = [(int(x.split()[2].split("=")[1].split(",")[2]), _raw_args(x)[-1] == "*")
+            for x in ls if _kernel(x) == "gemm_tiled"]
+    reduce = [int(_int_args(x)[2]) for x in ls if _kernel(x) == "splitk_reduce"]
+    return gemm, reduce
+
+
+def _raw_args(line):
+    return line.split("args=", 1)[1].split()
+
+
+def test_split_k_launches_match(asan_run, tsan_run):
+    """Each dense case launched gemm_tiled with the K splits expected (grid z), wrote partials to the
+    workspace exactly when split, and reduced them with splitk_reduce over the same split count."""
+    for run in (asan_run, tsan_run):
+        for c in CASES:
+            if c.gemm_z is None or c.id not in run.launches:
+                continue
+            gemm, reduce = _gemm_launches(run.launches[c.id])
+            assert [z for z, _ in gemm] == list(c.gemm_z), (c.id, run.launches[c.id])
+            assert [ws for _, ws in gemm] == [z > 1 for z in c.gemm_z], (c.id, run.launches[c.id])
+            assert reduce == [z for z in c.gemm_z if z > 1], (c.id, run.launches[c.id])
 
 
 def test_asan_ubsan_run_is_clean(asan_run):
@@ -389,7 +509,109 @@ def test_generated_dense_and_softmax_under_asan(drivers, tmp_path_factory, M, K,
         c.check(run.d)
 
 
+# (M, N, K, sms) -> splits, worked out by hand from split_k_splits' constants (64x64 tiles, a split
+# >= 16 BK = 256 long, 2 blocks per SM, <= 64 splits, <= 2^24 workspace floats).
+SPLIT_RULE = {
+    (128, 128, 9216, 132): 36,       # the dense forward 128x9216->128: 4 tiles, 66 wanted, 9216/256 = 36
+    (5, 70, 600, 132): 2,            # 2 tiles, 132 wanted, 600/256 = 2
+    (128, 128, 9216, 4): 1,          # 4 tiles fill 4 SMs
+    (64, 64, 511, 132): 1,           # K < 2 x 256: too short to split
+    (64, 64, 512, 132): 2,           # just long enough for two
+    (1, 1, 1 << 20, 132): 64,        # 264 wanted, capped at 64 partials
+    (2048, 2048, 1 << 20, 100000): 4,  # 1024 tiles, 196 wanted, 64 cap, 4 x 4 Mi floats fit 2^24
+    (5760, 5760, 1 << 20, 10000): 1,   # even 2 partials of 33 Mi floats exceed the workspace cap
+    (0, 70, 600, 132): 1,            # no rows, no tiles: nothing to split (was a division by zero)
+}
+
+
+def test_split_k_rule(drivers, tmp_path):
+    keys = list(SPLIT_RULE)
+    r = run_driver(drivers["asan"], [f"split_k_splits M={m} N={n} K={k} sms={s}" for m, n, k, s in keys], tmp_path)
+    _assert_clean(r, len(keys))
+    got = [int(x.split()[1]) for x in r.stdout.splitlines() if x.startswith("split_k_splits ")]
+    assert dict(zip(keys, got)) == SPLIT_RULE
+    # the generated cases' oracle agrees with the C++ rule on every pinned point
+    assert {k: _rule(*k) for k in keys} == SPLIT_RULE
+
+
+@pytest.mark.parametrize("san", ("asan", "tsan"))
+def test_workspace_reuse(drivers, tmp_path, san):
+    """The workspace cache: one buffer reused per stream, grown (old one freed) when too small, one per
+    stream and per host thread (a second thread on the same stream gets its own), and bounded: 32 new
+    streams add only as many buffers as the cache holds, the least recently used being freed."""
+    r = run_driver(drivers[san], ["workspace_reuse"], tmp_path)
+    _assert_clean(r, 1)
+    checks = dict(x.split()[1:3] for x in r.stdout.splitlines() if x.startswith("workspace ") and
+                  x.split()[1] != "cache_grew_by")
+    assert checks == {k: "1" for k in ("reused_on_one_stream", "null_for_zero_floats", "grows_past_its_size",
+                                       "kept_after_growth", "own_buffer_per_stream", "own_buffer_per_host_thread",
+                                       "bounded_by_eviction")}, r.stdout
+
+
+def test_split_k_reuses_the_workspace_across_operations(drivers, tmp_path):
+    """Split GEMMs of growing size on one stream: the first sizes the workspace, the next reuse it, a
+    bigger one grows it (stream synchronised, old buffer freed) with every partial still correct."""
+    rng = np.random.default_rng(7)
+    cases = []
+    # 64 x 64 x 70 partials = 1.1 MiB: past the first 1 MiB buffer
+    sizes = ((5, 40, 9, 2), (3, 40, 7, 2), (64, 1024, 70, 64), (5, 40, 9, 2))
+    for i, (M, K, N, splits) in enumerate(sizes):
+        cases.append(dense_forward_case(f"reuse{i}", M, K, N, "relu", rng).knobs(split_k=splits))
+    run = _run_cases(drivers["asan"], cases, tmp_path)
+    _assert_clean(run.r, len(cases))
+    for c, (*_, splits) in zip(cases, sizes):
+        c.check(run.d)
+        assert _gemm_launches(run.launches[c.id]) == ([(splits, True)], [splits]), run.launches[c.id]
+
+
+@pytest.mark.parametrize("san", ("asan", "tsan"))
+def test_split_k_from_two_host_threads_on_one_stream(drivers, tmp_path, san):
+    """Two host threads launch the same split dense forward on one stream at once: each gets its own
+    workspace (one shared buffer would be a race TSan reports: both launches' blocks write the same
+    partials), and both outputs match the reference."""
+    rng = np.random.default_rng(11)
+    M, K, N = 5, 600, 70
+    x, w, b = _rand(rng, (M, K)), _rand(rng, (K, N)), _rand(rng, (N,))
+    want = ref.dense_forward(x, w, b, "tanh")
+    c = Case("threads", "dense_fwd_threads", {"M": M, "K": K, "N": N, "act": CODE["tanh"]},
+             {"x": (x, 0), "w": (w, 0), "b": (b, 0)}, {"y0": (want, 0, _tol(K)), "y1": (want, 0, _tol(K))})
+    run = _run_cases(drivers[san], [c], tmp_path)
+    _assert_clean(run.r, 1)
+    c.check(run.d)
+    # the two threads' launches interleave in any order
+    assert sorted(_kernel(x) for x in run.launches["threads"]) == ["gemm_tiled"] * 2 + ["splitk_reduce"] * 2
+    assert all(x.split()[2] == "grid=1,2,2" for x in run.launches["threads"] if _kernel(x) == "gemm_tiled")
+
+
+@settings(max_examples=4, deadline=None)
+@given(M=st.integers(1, 70), K=st.integers(1, 100), N=st.integers(1, 70), forced=st.integers(2, 8),
+       act=st.sampled_from(ACTS), seed=st.integers(0, 2**31 - 1))
+def test_generated_split_k_under_asan(drivers, tmp_path_factory, M, K, N, forced, act, seed):
+    """Ragged forced split-K forward and backward (dx, dw, db): each workspace guarded at its size."""
+    rng = np.random.default_rng(seed)
+    zf = _launched_splits(M, N, K, forced)
+    fwd = dense_forward_case("gen_split_fwd", M, K, N, act, rng).knobs(split_k=forced, ws=zf * M * N)
+    zx, zw = _launched_splits(M, K, N, forced), _launched_splits(K, N, M, forced)
+    dx = dense_backward_case("gen_split_dx", M, K, N, act, rng, want=("dx", "db")).knobs(split_k=forced,
+                                                                                        ws=zx * M * K)
+    dw = dense_backward_case("gen_split_dw", M, K, N, act, rng, want=("dw",)).knobs(split_k=forced, ws=zw * K * N)
+    cases = [fwd, dx, dw]
+    run = _run_cases(drivers["asan"], cases, tmp_path_factory.mktemp("emu_gen_split"))
+    _assert_clean(run.r, len(cases))
+    for c, zs in zip(cases, ((zf,), (zx,), (zw,))):
+        c.check(run.d)
+        assert [z for z, _ in _gemm_launches(run.launches[c.id])[0]] == list(zs)
+
+
 # ----------------------------------------------------------------------------- negative controls
+def test_asan_reports_a_split_k_partial_past_its_workspace(drivers, tmp_path):
+    """The ws= guard can fail: one float less than splits x M x N and the last partial hits poison."""
+    case = dense_forward_case("ws_short", 5, 600, 70, "relu", np.random.default_rng(3)).knobs(ws=2 * 5 * 70 - 1)
+    r = run_driver(drivers["asan"], [case.line(tmp_path)], tmp_path)
+    assert r.returncode != 0 and "AddressSanitizer: use-after-poison" in r.stderr, r.stdout + r.stderr[-3000:]
+    assert "gemm_tiled" in r.stderr.split("AddressSanitizer")[1][:3000]
+
+
 def _sync_sites():
     """Every __syncthreads of the kernels, by the name rewrite.py gives it (function#k)."""
     spec = importlib.util.spec_from_file_location("dlconv_emu_rewrite", EMU / "rewrite.py")

@@ -35,7 +35,9 @@ SANITIZERS = {
     "tsan": ["-fsanitize=thread"],
 }
 # Kernels are CUDA sources; the driver is plain host C++ against the same stand-in.
-KERNEL_SOURCES = ("cuda_conv.cu", "cuda_dense.cu", "selftest.cu")  # selftest.cu: the emulator's own checks
+# cuda_workspace.cu: the launchers' scratch buffers, split-K override and SM count (host code only);
+# cuda_device.cu: the device queries (host code only); selftest.cu: the emulator's own checks.
+KERNEL_SOURCES = ("cuda_conv.cu", "cuda_dense.cu", "cuda_workspace.cu", "cuda_device.cu", "selftest.cu")
 APPEND = {"cuda_conv.cu": os.path.join(HERE, "controls.cu")}
 
 

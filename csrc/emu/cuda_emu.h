@@ -37,7 +37,7 @@
 //
 // Knobs: DLCONV_EMU_DROP_SYNC="kernel#n" makes the n-th __syncthreads of that function a no-op (the
 // race check's negative control); DLCONV_EMU_SM_COUNT (default 132, an H200) is what device queries
-// report; DLCONV_EMU_TRACE=1 prints each launch (name, grid, block, integer arguments).
+// report unless dlconv_emu_set_sm_count(n > 0) overrides it (the driver's sms=); DLCONV_EMU_TRACE=1 prints each launch (name, grid, block, integer arguments).
 // Build and run: csrc/emu/build.py, tests/test_cuda_emu.py; overview: csrc/emu/README.md.
 //
 // NOT emulated (a clean run says nothing about these): concurrency of blocks (timing-dependent
@@ -312,8 +312,13 @@ inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b)
     return cudaSuccess;
 }
 
-// One emulated device; its SM count (DLCONV_EMU_SM_COUNT, default an H200's 132) feeds any grid heuristic.
+// One emulated device; its SM count feeds any grid heuristic (split-K): dlconv_emu_set_sm_count(n) when
+// n > 0 (the driver's per-operation sms=), else DLCONV_EMU_SM_COUNT, else an H200's 132.
+inline std::atomic<int>& emu_sm_count_override() { static std::atomic<int> n{0}; return n; }
+inline void dlconv_emu_set_sm_count(int n) { emu_sm_count_override().store(n, std::memory_order_relaxed); }
 inline int emu_sm_count() {
+    const int forced = emu_sm_count_override().load(std::memory_order_relaxed);
+    if (forced > 0) return forced;
     const char* e = std::getenv("DLCONV_EMU_SM_COUNT");
     return e ? std::atoi(e) : 132;
 }

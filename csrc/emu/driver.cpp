@@ -12,7 +12,15 @@
 //     dense_bwd    M= K= N= act= x= w= dy= y= dx= dw= db=
 //     softmax      rows= cols= z= out=
 //     act_bwd      rows= cols= act= dy= y= out=
+//     dense_fwd_threads M= K= N= act= x= w= b= y0= y1=   (two host threads, one stream, at once)
+//     split_k_splits M= N= K= sms=            (prints the split-K rule's answer)
+//     workspace_reuse                          (the scratch-buffer cache: reuse, growth, per stream/thread,
+//                                               eviction; prints one "workspace <check> <0|1>" line each)
 //     force_v3_vec g= act= x= w= b= y=        (negative control: float4 path on any alignment)
+//   Any operation also takes  split_k=<n>  (the binding's _set_split_k override for this operation),
+//   sms=<n>  (the SM count the device reports for it) and  ws=<floats>  (the launcher's workspace on
+//   this stream is NaN-filled and everything past its first <floats> floats is ASan-poisoned for the
+//   operation: a split-K partial written or read past splits x M x N is reported).
 //     interblock_race                          (negative control: a race between two blocks)
 //     selftest     name= n= out=               (the emulator's own checks, selftest.cu)
 //
@@ -25,6 +33,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <thread>
 #include <map>
 #include <sstream>
 #include <stdexcept>
@@ -150,6 +159,7 @@ class Op {
             if (!f) throw std::runtime_error(name_ + ": cannot write " + b.path);
         }
     }
+    bool has(const std::string& k) const { return kv_.count(k) != 0; }
     cudaStream_t stream() const { return stream_; }
     void set_stream(cudaStream_t s) { stream_ = s; }
 
@@ -167,6 +177,78 @@ class Op {
     std::vector<Buf> bufs_;
     cudaStream_t stream_ = nullptr;
 };
+
+size_t live_bytes(const void* p) {
+    std::lock_guard<std::mutex> lk(dlconv_emu::allocs().mu);
+    auto it = dlconv_emu::allocs().live.find(reinterpret_cast<uintptr_t>(p));
+    return it == dlconv_emu::allocs().live.end() ? 0 : it->second;
+}
+
+size_t live_count() {
+    std::lock_guard<std::mutex> lk(dlconv_emu::allocs().mu);
+    return dlconv_emu::allocs().live.size();
+}
+
+// ws=<floats>: the workspace the launchers will get on this stream (the same buffer: same stream,
+// same host thread, no growth), NaN-filled, its tail past `floats` poisoned until the operation ends.
+class WorkspaceGuard {
+  public:
+    WorkspaceGuard(size_t floats, cudaStream_t s) : floats_(floats) {
+        p_ = dlconv::cuda::workspace(floats, s, "driver ws=");
+        bytes_ = live_bytes(p_);
+        std::memset(p_, NAN_FILL, bytes_);
+        DLCONV_EMU_POISON(reinterpret_cast<char*>(p_) + floats * sizeof(float), bytes_ - floats * sizeof(float));
+    }
+    // Throws when the operation replaced the buffer (it needed more than ws= said).
+    void finish(cudaStream_t s) {
+        float* now = dlconv::cuda::workspace(1, s, "driver ws=");
+        if (now != p_ || live_bytes(p_) != bytes_)
+            throw std::runtime_error("the workspace grew past ws=" + std::to_string(floats_));
+        release();
+    }
+    ~WorkspaceGuard() { release(); }
+
+  private:
+    void release() {
+        if (p_ && live_bytes(p_) == bytes_) DLCONV_EMU_UNPOISON(p_, bytes_);
+        p_ = nullptr;
+    }
+    size_t floats_, bytes_ = 0;
+    float* p_ = nullptr;
+};
+
+// The workspace cache of cuda_workspace.cu, checked from the outside (addresses and live allocations).
+void workspace_reuse(cudaStream_t s1) {
+    namespace C = dlconv::cuda;
+    auto say = [](const char* what, bool ok) { std::printf("workspace %s %d\n", what, int(ok)); };
+    cudaStream_t s2 = nullptr;
+    check(cudaStreamCreateWithFlags(&s2, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    float* a = C::workspace(100, s1, "workspace_reuse");
+    say("reused_on_one_stream", C::workspace(200, s1, "workspace_reuse") == a);
+    say("null_for_zero_floats", C::workspace(0, s1, "workspace_reuse") == nullptr);
+    const size_t big = live_bytes(a) / sizeof(float) + 1;  // one float more than it holds
+    float* g = C::workspace(big, s1, "workspace_reuse");
+    say("grows_past_its_size", live_bytes(g) >= big * sizeof(float));
+    say("kept_after_growth", C::workspace(100, s1, "workspace_reuse") == g);
+    float* b = C::workspace(100, s2, "workspace_reuse");
+    say("own_buffer_per_stream", b != g && live_bytes(b) > 0);
+    float* t = nullptr;
+    std::thread other([&] { t = C::workspace(100, s1, "workspace_reuse"); });
+    other.join();
+    say("own_buffer_per_host_thread", t != g && t != b && live_bytes(t) > 0);
+    // Fill the cache: every new (stream, thread) past its capacity frees the least recently used buffer.
+    std::vector<cudaStream_t> more(32);
+    const size_t before = live_count();
+    for (auto& s : more) {
+        check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+        C::workspace(100, s, "workspace_reuse");
+    }
+    const size_t grown = live_count() - before;
+    say("bounded_by_eviction", grown > 0 && grown < more.size());
+    std::printf("workspace cache_grew_by %zu for %zu streams\n", grown, more.size());
+    for (auto& s : more) check(cudaStreamDestroy(s), "cudaStreamDestroy");
+    check(cudaStreamDestroy(s2), "cudaStreamDestroy");
+}
 
 void run(Op& op) {
     namespace C = dlconv::cuda;
@@ -226,6 +308,33 @@ void run(Op& op) {
         check(cudaMemcpy(v, out, sizeof v, cudaMemcpyDeviceToHost), "cudaMemcpy");
         check(cudaFree(out), "cudaFree");
         std::printf("interblock_race sum %g flag %g\n", double(v[0]), double(v[1]));
+    } else if (n == "dense_fwd_threads") {
+        // Two host threads enqueue the same dense forward on ONE stream at the same time: with
+        // split-K each must get its own workspace (TSan reports the partials of two launches
+        // colliding in one buffer), and both results must be right.
+        const int64_t M = op.i("M"), K = op.i("K"), N = op.i("N");
+        const float* x = op.in("x", M * K);
+        const float* w = op.in("w", K * N);
+        const float* b = op.in("b", N);
+        float* y[2] = {op.out("y0", M * N), op.out("y1", M * N)};
+        std::string err[2];
+        std::vector<std::thread> ts;
+        for (int t = 0; t < 2; ++t)
+            ts.emplace_back([&, t] {
+                try {
+                    C::dense_forward(M, K, N, x, w, b, int(op.i("act")), y[t], s);
+                } catch (const std::exception& e) {
+                    err[t] = e.what();
+                }
+            });
+        for (auto& t : ts) t.join();
+        for (const auto& e : err)
+            if (!e.empty()) throw std::runtime_error(e);
+    } else if (n == "split_k_splits") {
+        std::printf("split_k_splits %lld\n",
+                    static_cast<long long>(C::split_k_splits(op.i("M"), op.i("N"), op.i("K"), op.i("sms"))));
+    } else if (n == "workspace_reuse") {
+        workspace_reuse(s);
     } else if (n == "selftest") {
         const int64_t count = op.i("n");
         emu_selftest(op.get("name"), op.out("out", count), size_t(count));
@@ -258,7 +367,22 @@ int main(int argc, char** argv) {
         try {
             Op op(line);
             op.set_stream(stream);
-            run(op);
+            // per-operation knobs, reset whatever happens
+            struct Knobs {
+                ~Knobs() {
+                    dlconv::cuda::set_split_k_override(0);
+                    dlconv_emu_set_sm_count(0);
+                }
+            } knobs;
+            if (op.has("split_k")) dlconv::cuda::set_split_k_override(int(op.i("split_k")));
+            if (op.has("sms")) dlconv_emu_set_sm_count(int(op.i("sms")));
+            if (op.has("ws")) {
+                WorkspaceGuard guard(size_t(op.i("ws")), stream);
+                run(op);
+                guard.finish(stream);
+            } else {
+                run(op);
+            }
         } catch (const std::exception& e) {
             std::fprintf(stderr, "driver: line %d: %s\n", lineno, e.what());
             return 2;
