@@ -19,8 +19,7 @@ namespace bind {
 
 namespace py = pybind11;
 
-// Geometry fields beyond this are refused before any product is formed (no int64 overflow).
-constexpr int64_t MAX_FIELD = int64_t(1) << 31;
+using ::dlconv::MAX_FIELD;
 
 inline std::string shape_str(const std::vector<int64_t>& s) {
     std::string out = "(";
