@@ -136,11 +136,11 @@ def _check_bias(b, n):
 @functools.lru_cache(maxsize=256)
 def _conv_op(g, act: str, backend, has_bias: bool):
     """The custom_vjp function ``op(x, w[, b]) -> y`` for one geometry and setting."""
-    on_device = _on_gpu()
+    use_ffi = path_for(backend) == "ffi"
+    on_device = use_ffi and _on_gpu()        # callbacks always get host (NumPy) arrays
     be = resolve_backend(backend, on_device)
     code = _act.code(act)
     geo = g.as_tuple()
-    use_ffi = path_for(backend) == "ffi"
     fused = fuse_activation_grad(backend, on_device, act)
 
     if use_ffi:
@@ -233,11 +233,10 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
 @functools.lru_cache(maxsize=256)
 def _dense_op(x_shape, w_shape, act: str, backend, has_bias: bool):
     """The custom_vjp function ``op(x, w[, b]) -> y`` for one shape and setting."""
-    on_device = _on_gpu()
-    be = resolve_backend(backend, on_device)
+    use_ffi = path_for(backend) == "ffi"
+    be = resolve_backend(backend, use_ffi and _on_gpu())
     dg = dense_geometry(x_shape, w_shape)
     y_shape, b_shape = dg.y_shape, (dg.out_features,)
-    use_ffi = path_for(backend) == "ffi"
     softmax = act == "softmax"
     code = 0 if softmax else _act.code(act)
 
