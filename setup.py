@@ -165,7 +165,7 @@ def _extensions():
     cpu_inc, cpu_macros = list(inc), list(SIMD_MACROS)
     ffi_inc, why = _xla_ffi_include()
     if ffi_inc is not None:
-        print(f"dlconv: XLA FFI handlers built into dlconv._C (headers from {ffi_inc})")
+        print(f"dlconv: XLA FFI handlers built into dlconv._C and dlconv._C_cuda (headers from {ffi_inc})")
         cpu_src.append("csrc/ffi_cpu.cpp")
         cpu_inc.append(ffi_inc)
         cpu_macros.append(("DLCONV_XLA_FFI", "1"))
@@ -177,7 +177,13 @@ def _extensions():
     nvcc = _cuda_wanted()
     if nvcc is not None:
         cu = sorted(glob.glob("csrc/*.cu")) + ["csrc/bind_cuda.cpp"]
-        ext = Extension("dlconv._C_cuda", cu, include_dirs=list(inc), language="c++",
+        cuda_inc, cuda_macros = list(inc), []
+        if ffi_inc is not None:
+            cu.append("csrc/ffi_cuda.cpp")
+            cuda_inc.append(ffi_inc)
+            cuda_macros.append(("DLCONV_XLA_FFI", "1"))
+        ext = Extension("dlconv._C_cuda", cu, include_dirs=cuda_inc, language="c++",
+                        define_macros=cuda_macros,
                         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"])
         ext.nvcc = nvcc
         exts.append(ext)
@@ -193,8 +199,9 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["dlconv", "dlconv.backends", "dlconv.kernels"],
-    package_dir={"dlconv": "dlconv", "dlconv.backends": "dlconv/backends", "dlconv.kernels": "kernels"},
+    packages=["dlconv", "dlconv.backends", "dlconv.bridges", "dlconv.kernels"],
+    package_dir={"dlconv": "dlconv", "dlconv.backends": "dlconv/backends", "dlconv.bridges": "dlconv/bridges",
+                 "dlconv.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},
     install_requires=[

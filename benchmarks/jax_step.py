@@ -141,6 +141,20 @@ def per_call_overhead(backends=("cpp", "numba", "reference"), calls=OVERHEAD_CAL
         fns[key] = jax.jit(lambda x, w, b=b: bridge.conv2d(
             x, w, None, strides=(1, 1), padding="valid", dilation=(1, 1), backend=b))
         how[key] = "FFI custom call" if bridge.path_for(b) == "ffi" else "jax.pure_callback"
+    if "cpp" in backends and bridge.path_for("cpp") == "ffi":
+        # the same kernel through jax.pure_callback (what a dlconv._C without the FFI handlers
+        # does): the FFI's saving, measured
+        path_for = bridge.path_for
+        bridge.path_for = lambda b: "callback"
+        try:
+            f = jax.jit(lambda x, w: bridge.conv2d(x, w, None, strides=(1, 1), padding="valid",
+                                                   dilation=(1, 1), backend="cpp"))
+            f(x, w).block_until_ready()          # traced and compiled while patched
+        finally:
+            bridge.path_for = path_for
+            bridge._conv_op.cache_clear()
+        fns["dlconv(cpp, pure_callback)"] = f
+        how["dlconv(cpp, pure_callback)"] = "jax.pure_callback"
     for f in fns.values():
         for _ in range(20):
             f(x, w).block_until_ready()

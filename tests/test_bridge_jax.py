@@ -236,3 +236,30 @@ def test_ffi_handlers_return_errors_instead_of_crashing():
         jax.block_until_ready(call(x, w, geometry=geo, act=np.int64(9), variant=np.int64(0)))
     y = call(x, w, geometry=geo, **attrs)          # and a good call still works afterwards
     np.testing.assert_allclose(y, np.full(g.y_shape, 27.0, np.float32))
+
+
+def test_cpp_without_ffi_handlers_falls_back_to_pure_callback(monkeypatch):
+    """A dlconv._C built without the XLA FFI headers: the cpp kernels run through
+    jax.pure_callback instead, with the same values and gradients."""
+    monkeypatch.setattr(bridge, "path_for", lambda backend: "callback")
+    bridge._conv_op.cache_clear()
+    bridge._dense_op.cache_clear()
+    try:
+        text = _hlo("cpp")
+        assert "callback" in text.lower() and "dlconv_conv2d_forward" not in text
+        rng = np.random.default_rng(3)
+        x, w, b = _f32(rng, (2, 7, 6, 3)), _f32(rng, (3, 2, 3, 4), 0.5), _f32(rng, (4,))
+        g = conv_geometry(x.shape, w.shape, (2, 1), ((1, 2), (0, 1)), (1, 2))
+
+        def ours(x, w, b):
+            return bridge.conv2d(x, w, b, strides=(2, 1), padding=((1, 2), (0, 1)), dilation=(1, 2),
+                                 activation="sigmoid", backend="cpp")
+
+        np.testing.assert_allclose(jax.jit(ours)(x, w, b), _lax_conv(x, w, b, g, "sigmoid"), rtol=RTOL, atol=ATOL)
+        got = jax.jit(jax.grad(_loss(ours), argnums=(0, 1, 2)))(x, w, b)
+        want = jax.grad(_loss(lambda x, w, b: _lax_conv(x, w, b, g, "sigmoid")), argnums=(0, 1, 2))(x, w, b)
+        for a, c in zip(got, want):
+            np.testing.assert_allclose(a, c, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    finally:
+        bridge._conv_op.cache_clear()
+        bridge._dense_op.cache_clear()
