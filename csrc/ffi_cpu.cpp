@@ -18,11 +18,28 @@
 // As in bind_cpu.cpp, act 1-3 with y on the conv backward passes means dz holds dL/dy and act'(y)
 // is applied inside the kernels.
 //
-// Threading: XLA calls a handler from whichever of its threads runs the thunk.  The kernels run one
-// at a time under cpu::host_mutex() — the mutex the pybind11 entry points take too, so a jitted
-// step never overlaps a kernel called through dlconv.ops (cpu_host.h says why one at a time).
+// Threading: XLA calls a handler from whichever of its threads runs the thunk: the caller's thread
+// or one of its intra-op pool ("XLAEigen") threads, since independent thunks (a layer's
+// backward-data and backward-filter) may start concurrently.  libgomp keeps one team of workers
+// per thread that opens a parallel region, so kernels run in place there left a team behind on
+// every such thread (measured: OpenMP workers named after both the main and the XLAEigen threads
+// after a few Keras steps), each spinning after its regions on the same cores.  So, as
+// dlconv.runtime.HostThread does for the Python way in, work that uses OpenMP is handed to one
+// long-lived C++ thread, "dlconv-xla", and the XLA thread waits (asleep) for it: one team.  Small
+// work (SerialIfSmall: a team of one, no workers) runs in place, so the per-call overhead of a small
+// op stays a few microseconds.  Either way the kernel runs under cpu::host_mutex() — the mutex the
+// pybind11 entry points take too, so a jitted step never overlaps a kernel called through
+// dlconv.ops (cpu_host.h says why one at a time).  DLCONV_FFI_IN_PLACE=1 runs everything in place
+// (for measuring this choice).
+#include <pthread.h>
+
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <functional>
 #include <mutex>
+#include <thread>
 #include <utility>
 
 #include "cpu_host.h"
@@ -39,13 +56,87 @@ namespace {
 constexpr int64_t MAX_ELEMENTWISE = 3;  // linear, relu, sigmoid, tanh
 constexpr int64_t SOFTMAX = 4;          // activation_backward's row-wise code
 
-// One kernel call: the host lock, small work on this thread alone, exceptions → ffi::Error.
+// The one thread that runs the FFI handlers' OpenMP work (see the header).  Callers hand it one
+// task at a time and sleep until it is done; an exception thrown by the task is rethrown in the
+// caller.  Never destroyed (joining a thread during static destruction can hang at exit); a forked
+// child, which has no such thread, starts a new one on its first call.
+class KernelThread {
+   public:
+    static KernelThread& get() {
+        static std::once_flag at_fork;
+        std::call_once(at_fork, [] { pthread_atfork(nullptr, nullptr, [] { instance() = nullptr; }); });
+        std::lock_guard<std::mutex> lk(create_mutex());
+        if (instance() == nullptr) instance() = new KernelThread();
+        return *instance();
+    }
+
+    void run(const std::function<void()>& task) {
+        std::lock_guard<std::mutex> one_caller(submit_);
+        std::unique_lock<std::mutex> lk(m_);
+        task_ = &task;
+        error_ = nullptr;
+        cv_.notify_one();
+        done_cv_.wait(lk, [&] { return task_ == nullptr; });
+        if (error_) std::rethrow_exception(error_);
+    }
+
+   private:
+    KernelThread() : thread_([this] { loop(); }) {
+        pthread_setname_np(thread_.native_handle(), "dlconv-xla");
+        thread_.detach();
+    }
+    static KernelThread*& instance() {
+        static KernelThread* p = nullptr;
+        return p;
+    }
+    static std::mutex& create_mutex() {
+        static std::mutex m;
+        return m;
+    }
+    void loop() {
+        std::unique_lock<std::mutex> lk(m_);
+        for (;;) {
+            cv_.wait(lk, [&] { return task_ != nullptr; });
+            try {
+                (*task_)();
+            } catch (...) {
+                error_ = std::current_exception();
+            }
+            task_ = nullptr;
+            done_cv_.notify_one();
+        }
+    }
+
+    std::mutex submit_, m_;
+    std::condition_variable cv_, done_cv_;
+    const std::function<void()>* task_ = nullptr;
+    std::exception_ptr error_;
+    std::thread thread_;
+};
+
+bool in_place_always() {
+    static const bool v = [] {
+        const char* e = std::getenv("DLCONV_FFI_IN_PLACE");
+        return e != nullptr && e[0] == '1';
+    }();
+    return v;
+}
+
+// One kernel call: the host lock, small work in place on this thread alone, larger work on the
+// kernel thread; exceptions → ffi::Error.
 template <typename F>
 ffi::Error run(const char* kernel, double work, double serial_below, F&& fn) {
+    const bool small = work < serial_below;
     return guarded(kernel, [&] {
-        std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
-        dlconv::cpu::SerialIfSmall serial(work < serial_below);
-        fn();
+        const std::function<void()> task = [&] {
+            std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
+            dlconv::cpu::SerialIfSmall serial(small);
+            fn();
+        };
+        if (small || in_place_always())
+            task();
+        else
+            KernelThread::get().run(task);
     });
 }
 
