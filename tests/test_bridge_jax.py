@@ -211,6 +211,15 @@ def test_bad_dtype_and_shapes_are_refused_at_trace_time(wrap):
         wrap(lambda a, b: bridge.dense(a, b, None))(jnp.zeros((2, 4), jnp.float16), jnp.zeros((4, 3), jnp.float32))
 
 
+def test_float64_numpy_input_is_refused_not_narrowed():
+    with pytest.raises(TypeError, match="x must be float32, got float64"):
+        _conv(np.zeros((1, 5, 5, 3)), jnp.zeros((3, 3, 3, 2), jnp.float32))
+    with pytest.raises(TypeError, match="kernel must be float32, got float64"):
+        bridge.dense(jnp.zeros((2, 4), jnp.float32), np.zeros((4, 3)), None)
+    with pytest.raises(TypeError, match="x must be a float32 array, got list"):
+        bridge.dense([[1, 2]], jnp.zeros((2, 3), jnp.float32), None)
+
+
 def test_ffi_handlers_return_errors_instead_of_crashing():
     """Called directly with a wrong geometry, a wrong shape or a wrong dtype, the handlers
     report an error naming the buffer (XLA raises it); the process carries on."""

@@ -119,10 +119,14 @@ def _callback(fn, out_shapes, *args):
 
 # ----------------------------------------------------------------------------- checks
 def _check_f32(name, a):
+    """TypeError unless ``a`` (None allowed) is float32 already: nothing is converted, not
+    even a float64 NumPy array that ``jnp.asarray`` would quietly narrow."""
     if a is None:
         return
     dtype = getattr(a, "dtype", None)
-    if dtype != _F32:
+    if dtype is None:
+        raise TypeError(f"{name} must be a float32 array, got {type(a).__name__}")
+    if np.dtype(dtype) != np.float32:
         raise TypeError(f"{name} must be float32, got {dtype} (dlconv kernels are float32; "
                         f"no silent conversion)")
 
@@ -213,10 +217,10 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
     ``out_shape`` (from the layer) is checked against the resolved geometry when fully known.
     """
     act = _act.normalize(activation, allow_softmax=False)
+    for name, a in (("x", x), ("kernel", kernel), ("bias", bias)):   # before any conversion
+        _check_f32(name, a)
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     bias = None if bias is None else jnp.asarray(bias)
-    for name, a in (("x", x), ("kernel", kernel), ("bias", bias)):
-        _check_f32(name, a)
     if isinstance(padding, list):
         padding = tuple(tuple(p) if isinstance(p, list) else p for p in padding)
     g = conv_geometry_cached(tuple(x.shape), tuple(kernel.shape), tuple(strides), padding,
@@ -286,10 +290,10 @@ def dense(x, kernel, bias, *, activation="linear", backend="auto"):
     ``bias`` may be None.  ``activation`` one of :data:`dlconv.activations.SUPPORTED`.
     """
     act = _act.normalize(activation)
+    for name, a in (("x", x), ("kernel", kernel), ("bias", bias)):   # before any conversion
+        _check_f32(name, a)
     x, kernel = jnp.asarray(x), jnp.asarray(kernel)
     bias = None if bias is None else jnp.asarray(bias)
-    for name, a in (("x", x), ("kernel", kernel), ("bias", bias)):
-        _check_f32(name, a)
     dg = dense_geometry(tuple(x.shape), tuple(kernel.shape))
     _check_bias(bias, dg.out_features)
     op = _dense_op(dg.x_shape, dg.w_shape, act, backend, bias is not None)
