@@ -192,6 +192,9 @@ def _extensions():
     return exts
 
 
+TORCH = "torch>=2.4"
+JAX = "jax>=0.5"
+
 setup(
     name="dlconv",
     version="0.1.0",
@@ -215,7 +218,15 @@ setup(
         "scikit-learn>=1.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100"],
+        # The Keras torch and JAX backends: any torch with torch.library.custom_op (2.4+),
+        # any JAX with the public jax.ffi API.
+        "torch": [TORCH],
+        "jax": [JAX],
+        # The tests run the layers on all three Keras backends.  The upper bound on torch keeps
+        # pip on the newest CPU build it can find locally on the project's machines (2.13.0+cpu);
+        # a range admitting newer releases pulls a CUDA build of several GB.
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "pybind11>=2.12",
+                 f"{TORCH},<2.14", JAX],
     },
     entry_points={"console_scripts": ["dlconv = dlconv.cli:main"]},
     zip_safe=False,

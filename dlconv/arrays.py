@@ -57,15 +57,17 @@ def _check(name: str, shape, dtype, contiguous: bool, rank=None):
 
 
 def host_array(a, name: str, rank=None) -> np.ndarray:
-    """Validate a host array → the same buffer as a float32 C-contiguous ndarray."""
+    """Validate a host array → a float32 C-contiguous ndarray: the same buffer when it is one
+    already (read-only ones too: the kernels never write their inputs), else one contiguous
+    copy (a transposed or strided view, e.g. ``dlconv.dense(x, W.T)``)."""
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     if not isinstance(a, np.ndarray):
         if not hasattr(a, "__array__") and not hasattr(a, "__array_interface__"):
             raise TypeError(f"{name} must be a NumPy array or array-like, got {type(a).__name__}")
         a = np.asarray(a)
-    _check(name, a.shape, a.dtype, a.flags.c_contiguous, rank)
-    return a
+    _check(name, a.shape, a.dtype, True, rank)
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def device_array(a, name: str, rank=None):

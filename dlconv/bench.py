@@ -56,6 +56,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from . import shapes
+from .bench_keras import BRIDGE_COST_TARGET
 
 SCHEMA = "dlconv-bench/1"
 
@@ -709,11 +710,22 @@ def summarize_targets(rows: Sequence[dict], train_rows: Sequence[dict] = ()) -> 
     for r in train_rows:
         if r.get("target") is None:
             continue
-        out.append({"label": f"MNIST CNN train step dlconv({r['backend']}) vs stock Keras (time ratio)",
-                    "device": r["device"], "layer": "mnist_cnn", "pass": "train-step",
+        out.append({"label": r.get("label") or
+                             f"MNIST CNN train step dlconv({r['backend']}) vs stock Keras (time ratio)",
+                    "device": r.get("device", "cpu"), "layer": "mnist_cnn", "pass": "train-step",
                     "backend": r["backend"], "target": f"≤ {r['target']:g}× time",
                     "best_impl": r["impl"], "value": r.get("time_ratio"), "met": r.get("target_met"),
                     "why": r.get("why") if r.get("time_ratio") is None else None})
+    for r in train_rows:
+        if r.get("keras_backend") in (None, "tensorflow") or r.get("backend") != "cpp":
+            continue
+        value = r.get("vs_tensorflow")
+        out.append({"label": f"dlconv(cpp) train step on Keras {r['keras_backend']} vs on TensorFlow "
+                             f"(what the bridge costs)",
+                    "device": "cpu", "layer": "mnist_cnn", "pass": "train-step", "backend": "cpp",
+                    "target": f"≤ {BRIDGE_COST_TARGET:g}×", "best_impl": r["impl"], "value": value,
+                    "met": None if value is None else bool(value <= BRIDGE_COST_TARGET),
+                    "why": r.get("why") if value is None else None})
     return out
 
 
@@ -967,8 +979,22 @@ def train_table_rows(result: dict) -> List[List[str]]:
     for r in result.get("train_rows", []):
         target = "" if r.get("target") is None else f"≤ {r['target']:g}× {_met(r['target_met'])}"
         med = _fmt_time(r["median_s"]) if r["status"] == "ok" else r["status"]
+        note = r.get("why") or ""
+        if r.get("vs_tensorflow") is not None:
+            note = f"{r['vs_tensorflow']:.2f}× dlconv's own step on TensorFlow" + (f"; {note}" if note else "")
         out.append([r["impl"], med, _fmt_ratio(r.get("time_ratio")), _mark(r.get("correct")),
-                    target, r.get("why") or ""])
+                    target, note])
+    return out
+
+
+def overhead_table_rows(result: dict) -> List[List[str]]:
+    out = []
+    for r in result.get("overhead_rows", []):
+        if r["status"] != "ok":
+            out.append([r["keras_backend"], r["status"], "", "", r.get("why") or ""])
+            continue
+        out.append([r["keras_backend"], _fmt_time(r["dlconv_s"]), _fmt_time(r["stock_s"]),
+                    f"{r['ratio']:.2f}×", f"backend {r['backend']}"])
     return out
 
 
@@ -976,6 +1002,8 @@ KERNEL_HEADER = ["layer", "pass", "device", "backend/variant", "median", "GFLOP/
                  "ratio vs built-in", "correct", "target", "note"]
 TRAIN_HEADER = ["MNIST CNN train step", "median", "time ratio ours/stock (≤1 good)", "correct",
                 "target", "note"]
+OVERHEAD_HEADER = ["bridge per-call overhead (1×1 conv, 1×1×1×1)", "dlconv", "stock op",
+                   "time ratio", "note"]
 
 
 def _text_table(header, rows) -> str:
@@ -1013,6 +1041,8 @@ def format_text(result: dict) -> str:
              "", _text_table(KERNEL_HEADER, table_rows(result))]
     if result.get("train_rows"):
         parts += ["", _text_table(TRAIN_HEADER, train_table_rows(result))]
+    if result.get("overhead_rows"):
+        parts += ["", _text_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):
         parts += ["", "targets:", _text_table(TARGETS_HEADER, _targets_rows(result))]
     return "\n".join(parts)
@@ -1032,6 +1062,8 @@ def format_markdown(result: dict, title: Optional[str] = None) -> str:
     parts += [_md_table(KERNEL_HEADER, table_rows(result))]
     if result.get("train_rows"):
         parts += ["", _md_table(TRAIN_HEADER, train_table_rows(result))]
+    if result.get("overhead_rows"):
+        parts += ["", _md_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):
         parts += ["", _md_table(TARGETS_HEADER, _targets_rows(result))]
     return "\n".join(parts) + "\n"
@@ -1100,7 +1132,8 @@ def new_result(kind: str, machine: dict, settings: Settings, builtin_label: str,
     return {"schema": SCHEMA, "kind": kind, "date": now.strftime("%Y-%m-%d"),
             "timestamp": now.isoformat(timespec="seconds"), "machine": machine,
             "settings": dataclasses.asdict(settings), "builtin": builtin_label,
-            "tolerance": TOLERANCE, "rows": [], "train_rows": [], "targets": [], "notes": [], **extra}
+            "tolerance": TOLERANCE, "rows": [], "train_rows": [], "overhead_rows": [], "targets": [],
+            "notes": [], **extra}
 
 
 def _loadavg():
@@ -1158,6 +1191,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size (default 128)")
     parser.add_argument("--no-train-step", action="store_true",
                         help="skip the end-to-end MNIST CNN training step")
+    parser.add_argument("--no-keras-backends", action="store_true",
+                        help="skip the train step and bridge overhead on the torch and JAX Keras "
+                             "backends (each measured in a child process)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: CPU, plus CUDA when a real GPU is present")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -1218,6 +1254,14 @@ def run(args) -> int:
     result["rows"] = rows
     if not args.no_train_step:
         result["train_rows"] = run_train_step(backends, settings, progress=progress)
+        if not args.no_keras_backends:
+            from .bench_keras import run_keras_backends
+            print("dlconv bench: the train step and bridge overhead on the torch and JAX Keras "
+                  "backends (a process each)", file=sys.stderr)
+            kb_rows, result["overhead_rows"] = run_keras_backends(
+                backends, settings.batch, settings.train_repeats, settings.warmup,
+                tf_rows=result["train_rows"])
+            result["train_rows"] += kb_rows
     result["targets"] = summarize_targets(rows, result["train_rows"])
     result["elapsed_s"] = time.perf_counter() - t0
     result["loadavg"] = {"before": load_before, "after": _loadavg()}

@@ -14,7 +14,7 @@ import os
 import platform
 from importlib import metadata
 
-PACKAGES = ("tensorflow", "keras", "numba", "numba-cuda", "numpy", "pybind11")
+PACKAGES = ("tensorflow", "keras", "torch", "jax", "jaxlib", "numba", "numba-cuda", "numpy", "pybind11")
 
 
 def _version(dist: str) -> str:
@@ -67,7 +67,7 @@ def cpu_description() -> str:
 
 def info() -> dict:
     """Everything ``dlconv info`` prints, as a JSON-serialisable dict."""
-    from . import __version__, backends
+    from . import __version__, backends, bridges
 
     cuda_ext = _extension("dlconv._C_cuda")
     if cuda_ext.get("built"):
@@ -86,6 +86,7 @@ def info() -> dict:
         "versions": {p: _version(p) for p in PACKAGES},
         "extensions": {"dlconv._C": _extension("dlconv._C"), "dlconv._C_cuda": cuda_ext},
         "numba_cuda": _numba_gpus(),
+        "keras_backends": {name: {"usable": ok, "why": why} for name, (ok, why) in bridges.status().items()},
         "backends": {name: {"cpu": {"usable": a["cpu"][0], "why": a["cpu"][1]},
                             "cuda": {"usable": a["cuda"][0], "why": a["cuda"][1]},
                             "variants": a.get("variants", []),
@@ -110,6 +111,9 @@ def format_info(d: dict) -> str:
             lines.append(f"  {'':<15} GPUs seen: none ({e['gpus_error']})")
     nc = d["numba_cuda"]
     lines += ["", "GPUs seen by Numba: " + (", ".join(nc["gpus"]) if nc["gpus"] else f"none ({nc.get('why')})")]
+    lines += ["", "Keras backends dlconv.layers can run on:"]
+    for name, k in d["keras_backends"].items():
+        lines.append(f"  {name:<10} {'yes' if k['usable'] else 'no '}  {k['why']}")
     lines += ["", "backends:"]
     for name, b in d["backends"].items():
         for side in ("cpu", "cuda"):

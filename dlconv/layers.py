@@ -13,25 +13,36 @@ and ``.keras`` files save and load in a fresh process after ``import dlconv.laye
 (both classes are registered as ``dlconv>Conv2D`` and ``dlconv>Dense``).
 
 Forward and backward passes run dlconv kernels through the bridge of the current Keras
-backend (:mod:`dlconv.bridges`: TensorFlow, torch or JAX), chosen when the layer is built
-and called; each bridge uses its framework's own custom-op mechanism.
-Activations the kernels fuse (linear/None, relu, sigmoid, tanh; softmax for Dense) run
-fused; any other activation (``"gelu"``, a callable, ...) is applied by Keras after the
-kernel's linear output.
+backend (:mod:`dlconv.bridges`: TensorFlow, torch or JAX); each bridge uses its framework's
+own custom-op mechanism.  Activations the kernels fuse (linear/None, relu, sigmoid, tanh;
+softmax for Dense) run fused; any other activation (``"gelu"``, a callable, ...) is applied
+by Keras after the kernel's linear output.
 
-What is refused, with a clear error
------------------------------------
-* a Keras backend without a bridge (numpy, openvino): RuntimeError at construction;
-* ``groups != 1``, LoRA (``lora_rank`` / ``enable_lora``), quantization: ValueError;
-* a compute dtype other than float32 (e.g. the ``mixed_float16`` policy): ValueError when
-  the layer is built — the kernels are float32; give the layer ``dtype="float32"``;
-* XLA on TensorFlow: there the layers set ``supports_jit = False`` (the TensorFlow bridge's
-  ops are Python callbacks), so Keras' ``jit_compile="auto"`` resolves to False and
-  ``jit_compile=True`` falls back to False with Keras' warning.  On JAX the ops are
-  ``jax.ffi`` calls and the step is jitted as usual.
+What the stock layers do, and how these do it
+---------------------------------------------
+* ``groups=G`` (Conv2D): G convolutions of C/G input channels and F/G filters each, through
+  the same kernels, concatenated on the channel axis (the weights keep the stock shape
+  ``(kh, kw, C/G, F)``);
+* LoRA (``lora_rank``, ``enable_lora``): the stock ``kernel`` property adds the low-rank
+  update, and the kernels run on the sum (gradients reach both LoRA factors);
+* mixed precision (``mixed_float16``, ``mixed_bfloat16``): the kernels are float32, so inputs
+  and weights are cast to float32 at the layer's edge and the output back to the policy's
+  compute dtype, as the stock layers return it.  A float64 compute dtype is refused
+  (ValueError): float32 kernels would silently lose its precision;
+* quantization (``quantize("int8")``, an int8/int4/float8 dtype policy): Keras routes a
+  quantized layer to its own quantized kernels (``quantized_call``); dlconv's kernels are not
+  used for it;
+* sparse inputs (Dense): Keras' own sparse matmul (the kernels are dense; densifying could
+  take far more memory, and on TensorFlow the kernel's gradient stays sparse);
+* ``data_format="channels_first"``: transposed to NHWC around the kernels (the weights are
+  HWIO in both formats, as in Keras);
+* ``layer.activation = None`` after construction: linear, as for the stock layer.
 
-``data_format="channels_first"`` is supported by transposing to NHWC around the kernels
-(the kernels are NHWC; the weights are HWIO in both formats, as in Keras).
+Refused, with a clear error: a Keras backend without a bridge (numpy, openvino):
+RuntimeError at construction; non-float inputs: TypeError.  XLA on TensorFlow: there the
+layers set ``supports_jit = False`` (the TensorFlow bridge's ops are Python callbacks), so
+Keras' ``jit_compile="auto"`` resolves to False; on JAX the ops are ``jax.ffi`` calls and the
+step is jitted as usual.
 """
 
 from __future__ import annotations
@@ -66,44 +77,65 @@ def _check_backend(backend):
     return backend
 
 
+#: Compute dtypes the layers accept: the kernels compute in float32; the others are cast.
+_COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+
 def _check_dtype(layer):
-    if layer.compute_dtype != "float32":
+    if layer.compute_dtype not in _COMPUTE_DTYPES:
         raise ValueError(
-            f"{type(layer).__module__}.{type(layer).__name__} {layer.name!r} computes in float32 "
-            f"only, but its dtype policy {layer.dtype_policy.name!r} has compute dtype "
-            f"{layer.compute_dtype!r} (mixed precision is not supported by the dlconv kernels). "
-            f"Pass dtype='float32' to this layer, or use the stock keras layer.")
+            f"{type(layer).__module__}.{type(layer).__name__} {layer.name!r}: compute dtype "
+            f"{layer.compute_dtype!r} (dtype policy {layer.dtype_policy.name!r}) is not supported: "
+            f"the dlconv kernels compute in float32 (float16/bfloat16 policies are cast at the "
+            f"layer's edges); a float64 layer would silently lose precision. Use the stock keras "
+            f"layer for {layer.compute_dtype}.")
 
 
 def _check_input_dtype(layer, inputs):
     dtype = keras.backend.standardize_dtype(inputs.dtype)
-    if dtype != "float32":
-        raise TypeError(f"{type(layer).__name__} {layer.name!r}: inputs must be float32, got {dtype}")
+    if dtype not in _COMPUTE_DTYPES:
+        raise TypeError(f"{type(layer).__name__} {layer.name!r}: inputs must be float32 (or the "
+                        f"float16/bfloat16 of a mixed-precision policy), got {dtype}")
 
 
-def _refuse_lora(layer, lora_rank):
-    if lora_rank:
-        raise ValueError(f"{type(layer).__name__}: lora_rank={lora_rank!r} is not supported by "
-                         "dlconv layers (use the stock keras layer for LoRA)")
+def _is_sparse(x) -> bool:
+    return bool(getattr(x, "sparse", False)) or type(x).__name__ in ("SparseTensor", "BCOO")
+
+
+def _f32(t):
+    return t if t is None or keras.backend.standardize_dtype(t.dtype) == "float32" else ops.cast(t, "float32")
 
 
 class _DlconvLayer:
-    """What both dlconv layers add to their stock base class: the ``backend`` argument,
-    the refusals (LoRA, non-float32 compute), no XLA, and ``backend`` in the config."""
+    """What both dlconv layers add to their stock base class: the ``backend`` argument, the
+    bridge of the Keras backend, float32 at the kernels' edge, and ``backend`` in the config."""
 
     def _setup_dlconv(self, backend):
         bridge = _bridge()
         self.backend = _check_backend(backend)
-        _refuse_lora(self, self.lora_rank)
         self.supports_jit = bridge.SUPPORTS_JIT
 
     def _weights(self):
-        """(kernel, bias or None) as the backend's tensors (gradients flow to the variables)."""
-        return (ops.convert_to_tensor(self.kernel),
-                ops.convert_to_tensor(self.bias) if self.use_bias else None)
+        """(kernel, bias or None) as float32 tensors of the backend (gradients flow to the
+        variables; the stock ``kernel`` property adds LoRA's update when it is enabled)."""
+        return (_f32(ops.convert_to_tensor(self.kernel)),
+                _f32(ops.convert_to_tensor(self.bias)) if self.use_bias else None)
 
-    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
-        _refuse_lora(self, rank)
+    def _activation_split(self, fused_table):
+        """(the dlconv name of the fused activation, or "linear"; the activation Keras applies
+        after the kernel, or None)."""
+        act = self.activation
+        if act is None:
+            return "linear", None
+        fused = fused_table.get(act)
+        return (fused, None) if fused is not None else ("linear", act)
+
+    def _finish(self, y, after):
+        if after is not None:
+            y = after(y)
+        if self.compute_dtype != "float32":
+            y = ops.cast(y, self.compute_dtype)
+        return y
 
     def build(self, input_shape):
         _check_dtype(self)
@@ -120,13 +152,10 @@ class Conv2D(_DlconvLayer, keras.layers.Conv2D):
     """``keras.layers.Conv2D`` whose forward and backward passes run dlconv kernels.
 
     Same arguments as ``keras.layers.Conv2D`` plus ``backend`` (see the module docstring).
-    ``groups`` must be 1.
     """
 
     def __init__(self, *args, backend="auto", **kwargs):
         super().__init__(*args, **kwargs)
-        if self.groups != 1:
-            raise ValueError(f"Conv2D: groups must be 1 for dlconv layers, got groups={self.groups}")
         self._setup_dlconv(backend)
 
     def compute_output_shape(self, input_shape):
@@ -149,25 +178,32 @@ class Conv2D(_DlconvLayer, keras.layers.Conv2D):
     def call(self, inputs):
         bridge = _bridge()
         _check_input_dtype(self, inputs)
-        fused = _FUSED_CONV.get(self.activation)
-        x = inputs
+        fused, after = self._activation_split(_FUSED_CONV)
+        x = _f32(inputs)
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
         n, h, w, c = x.shape
-        out_shape = self.compute_output_shape((n, h, w, c) if self.data_format == "channels_last"
-                                              else (n, c, h, w))
-        if self.data_format == "channels_first":
-            out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
         kernel, bias = self._weights()
-        y = bridge.conv2d(
-            x, kernel, bias, strides=tuple(self.strides), padding=self.padding,
-            dilation=tuple(self.dilation_rate), activation=fused or "linear", backend=self.backend,
-            out_shape=out_shape)
+        g = self.groups
+        cg, fg = (c // g if c is not None else None), self.filters // g
+        ys = []
+        for i in range(g):   # one convolution per group (g = 1: the whole layer)
+            xi = x if g == 1 else x[..., i * cg:(i + 1) * cg]
+            ki = kernel if g == 1 else kernel[..., i * fg:(i + 1) * fg]
+            bi = bias if bias is None or g == 1 else bias[i * fg:(i + 1) * fg]
+            out_shape = self.compute_output_shape((n, h, w, cg) if self.data_format == "channels_last"
+                                                  else (n, cg, h, w))
+            if self.data_format == "channels_first":
+                out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
+            out_shape = out_shape[:3] + (fg,)
+            ys.append(bridge.conv2d(
+                xi, ki, bi, strides=tuple(self.strides), padding=self.padding,
+                dilation=tuple(self.dilation_rate), activation=fused, backend=self.backend,
+                out_shape=out_shape))
+        y = ys[0] if g == 1 else ops.concatenate(ys, axis=-1)
         if self.data_format == "channels_first":
             y = ops.transpose(y, (0, 3, 1, 2))
-        if fused is None:
-            y = self.activation(y)
-        return y
+        return self._finish(y, after)
 
 
 @keras.saving.register_keras_serializable(package="dlconv")
@@ -180,26 +216,29 @@ class Dense(_DlconvLayer, keras.layers.Dense):
 
     def __init__(self, *args, backend="auto", **kwargs):
         super().__init__(*args, **kwargs)
-        if self.quantization_config is not None:
-            raise ValueError("Dense: quantization_config is not supported by dlconv layers")
         self._setup_dlconv(backend)
 
-    def quantize(self, mode=None, *args, **kwargs):
-        raise ValueError(f"Dense: quantize(mode={mode!r}) is not supported by dlconv layers "
-                         "(the kernels are float32)")
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Keras' own quantization (int8, int4, float8, GPTQ, AWQ): the quantized layer runs
+        Keras' quantized kernels.  As for the stock Dense, subclasses of this class refuse it."""
+        if type_check and type(self) is not Dense:
+            raise self._not_implemented_error(self.quantize)
+        return super().quantize(mode, type_check=False, config=config)
 
     def call(self, inputs, training=None):
+        if _is_sparse(inputs):
+            # The kernels are dense; Keras' own sparse matmul keeps the input (and, on
+            # TensorFlow, the kernel's gradient) sparse.
+            return super().call(inputs, training=training)
         bridge = _bridge()
         _check_input_dtype(self, inputs)
-        fused = _FUSED_DENSE.get(self.activation)
-        x = inputs
+        fused, after = self._activation_split(_FUSED_DENSE)
+        x = _f32(inputs)
         rank = len(inputs.shape)
         if rank != 2:
             x = ops.reshape(x, (-1, inputs.shape[-1]))
         kernel, bias = self._weights()
-        y = bridge.dense(x, kernel, bias, activation=fused or "linear", backend=self.backend)
+        y = bridge.dense(x, kernel, bias, activation=fused, backend=self.backend)
         if rank != 2:
             y = ops.reshape(y, (*ops.shape(inputs)[:-1], self.units))
-        if fused is None:
-            y = self.activation(y)
-        return y
+        return self._finish(y, after)

@@ -1,6 +1,7 @@
 """Train a workshop model on MNIST with dlconv layers (``dlconv train``).
 
     dlconv train --model cnn --backend cpp --epochs 2 --batch-size 128 --compare
+    dlconv train --keras-backend torch        (or jax, tensorflow: Keras' backend for the run)
 
 trains with Keras' progress bar, then prints the test accuracy and the time per epoch;
 ``--compare`` also trains the stock Keras twin (same seed, same initial weights, same
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from typing import List, Optional
@@ -24,6 +26,7 @@ from typing import List, Optional
 __all__ = ["RunResult", "train_model", "add_arguments", "run", "MODEL_NAMES", "BACKEND_NAMES"]
 
 MODEL_NAMES = ("cnn", "dense", "wide", "deep")
+KERAS_BACKENDS = ("tensorflow", "torch", "jax")
 BACKEND_NAMES = ("auto", "cpp", "numba", "reference")
 
 
@@ -60,6 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cnn (default), dense (784-64-64-10), wide (784-512-512-10), deep")
     p.add_argument("--backend", choices=BACKEND_NAMES, default="auto",
                    help="kernels behind the dlconv layers (default: auto, the fastest here)")
+    p.add_argument("--keras-backend", choices=KERAS_BACKENDS, default=None,
+                   help="Keras backend of the run (default: $KERAS_BACKEND, else tensorflow)")
     p.add_argument("--epochs", type=_positive_int("--epochs"), default=2)
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=128)
     p.add_argument("--compare", action="store_true",
@@ -137,9 +142,28 @@ def _check_backend(name: str) -> Optional[str]:
     return None if ok else why
 
 
+def _select_keras_backend(name: Optional[str]) -> Optional[str]:
+    """Make ``name`` Keras' backend for this process (before keras is imported): None when
+    done, else why not."""
+    if name is None:
+        return None
+    keras = sys.modules.get("keras")
+    if keras is not None:
+        current = keras.config.backend()
+        return None if current == name else (
+            f"keras was already imported with the {current!r} backend in this process; "
+            f"run dlconv train --keras-backend {name} in a fresh one")
+    os.environ["KERAS_BACKEND"] = name
+    return None
+
+
 def run(args) -> int:
     from . import data
 
+    reason = _select_keras_backend(args.keras_backend)
+    if reason is not None:
+        print(f"dlconv train: --keras-backend {args.keras_backend}: {reason}", file=sys.stderr)
+        return 2
     reason = _check_backend(args.backend)
     if reason is not None:
         print(f"dlconv train: backend {args.backend!r} cannot run on this CPU: {reason}",
@@ -148,6 +172,8 @@ def run(args) -> int:
     ds = data.load_mnist(args.data, download=not args.offline)
     x_tr, y_tr, x_te, y_te, desc = data.training_split(ds, args.limit)
     print(f"data: {desc}")
+    import keras
+    print(f"Keras backend: {keras.config.backend()}")
     print(f"model: {args.model}, {len(x_tr):,} training / {len(x_te):,} test images, "
           f"{args.epochs} epoch(s), batch size {args.batch_size}, seed {args.seed}")
     kw = dict(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,

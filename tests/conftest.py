@@ -19,6 +19,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pathlib  # noqa: E402
 
+# tests/keras_suite runs once per Keras backend, each in its own process started by
+# tests/test_keras_backends.py (which sets DLCONV_KERAS_SUITE=1); never in this one.
+collect_ignore = [] if os.environ.get("DLCONV_KERAS_SUITE") else ["keras_suite", "keras_own"]
+
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 

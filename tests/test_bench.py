@@ -225,3 +225,42 @@ def test_variants_for_offers_only_what_can_run_the_layer():
     assert "cpu_v3_winograd" not in conv1 and "cpu_v2_direct" in conv1   # C = 1: no Winograd
     assert conv2[0] == "cpu_v3_winograd"
     assert bench.variants_for("cpp", all_cpu, layers["conv2"], "backward-data", False) == [None]
+
+
+# ----------------------------------------------------------------------------- Keras backends
+def test_keras_backend_rows_say_why_when_a_framework_is_missing(monkeypatch):
+    from dlconv import bench_keras, bridges
+
+    monkeypatch.setattr(bridges, "status", lambda: {
+        "tensorflow": (False, "tensorflow is not installed"),
+        "torch": (False, "torch is not installed (pip install 'dlconv[torch]')"),
+        "jax": (False, "jax is not installed (pip install 'dlconv[jax]')")})
+    train, overhead = bench_keras.run_keras_backends(["cpp"], 8, 1, 0)
+    assert [(r["keras_backend"], r["status"], r["target"]) for r in train] == [
+        ("torch", "skipped", 0.6), ("jax", "skipped", 0.3)]
+    assert train[0]["why"] == "torch is not installed (pip install 'dlconv[torch]')"
+    assert [(r["keras_backend"], r["status"]) for r in overhead] == [
+        ("torch", "skipped"), ("jax", "skipped"), ("tensorflow", "skipped")]
+
+
+def test_bridge_cost_target_is_the_ratio_to_dlconvs_own_tensorflow_step():
+    rows = [{"keras_backend": "torch", "backend": "cpp", "impl": "dlconv(cpp) on torch",
+             "status": "ok", "median_s": 0.055, "time_ratio": 0.4, "target": 0.6,
+             "target_met": True, "vs_tensorflow": 1.1, "label": "torch step"}]
+    targets = bench.summarize_targets([], rows)
+    assert [(t["label"], t["value"], t["met"]) for t in targets] == [
+        ("torch step", 0.4, True),
+        ("dlconv(cpp) train step on Keras torch vs on TensorFlow (what the bridge costs)", 1.1, True)]
+
+
+def test_keras_backend_child_measures_the_bridge_overhead():
+    """The child protocol end to end on the TensorFlow backend: one JSON line back, a
+    1x1 conv that computed 2.0 before it was timed."""
+    from dlconv import bench_keras
+
+    res = bench_keras._child("tensorflow", ["reference"], 8, 1, 0, False, 300)
+    assert "error" not in res, res
+    o = res["overhead"]
+    assert o["keras_backend"] == "tensorflow" and o["backend"] == "reference"
+    assert 0 < o["dlconv_s"] < 0.1 and 0 < o["stock_s"] < 0.1
+    assert o["ratio"] == pytest.approx(o["dlconv_s"] / o["stock_s"])

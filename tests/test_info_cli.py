@@ -18,7 +18,7 @@ import dlconv
 from dlconv import backends
 
 ROOT = pathlib.Path(dlconv.__file__).resolve().parent
-PACKAGES = ("tensorflow", "keras", "numba", "numba-cuda", "numpy", "pybind11")
+PACKAGES = ("tensorflow", "keras", "torch", "jax", "jaxlib", "numba", "numba-cuda", "numpy", "pybind11")
 BACKENDS = ("reference", "numba", "cpp")
 CUDA_EXT_BUILT = any(ROOT.glob("_C_cuda*.so")) or any(ROOT.glob("_C_cuda*.pyd"))
 
@@ -163,3 +163,26 @@ def test_info_survives_sys_modules_none_for_the_cuda_extension():
             "print(json.dumps(d['extensions']['dlconv._C_cuda']))\n")
     ext = json.loads(_py(code).stdout)
     assert ext["built"] is False and "dlconv._C_cuda" in ext["why"]
+
+
+def test_info_lists_the_keras_backends_and_why_not(monkeypatch):
+    from importlib import metadata
+
+    from dlconv import bridges, info
+
+    d = info.info()
+    assert set(d["keras_backends"]) == {"tensorflow", "torch", "jax"}
+    assert "Keras backends dlconv.layers can run on:" in info.format_info(d)
+    real = metadata.version
+
+    def without_torch(dist):
+        if dist == "torch":
+            raise metadata.PackageNotFoundError(dist)
+        if dist == "jax":
+            return "0.4.1"
+        return real(dist)
+
+    monkeypatch.setattr(metadata, "version", without_torch)
+    status = bridges.status()
+    assert status["torch"] == (False, "torch is not installed (pip install 'dlconv[torch]')")
+    assert status["jax"] == (False, "jax 0.4.1 is older than 0.5, the oldest the bridge supports")

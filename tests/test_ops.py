@@ -62,13 +62,28 @@ def test_rejects_non_array(backend):
 
 
 # ----------------------------------------------------------------------------- layout and rank
-def test_rejects_non_contiguous(backend):
+def test_strided_views_are_copied_once_and_computed(backend):
+    """The workshop writes each neuron's weights as a row and transposes: dense(x, W.T)."""
     x = f32(1, 6, 8, 2)[:, :, ::2, :]
-    with pytest.raises(ValueError, match=r"x must be C-contiguous.*\(1, 6, 4, 2\)"):
-        ops.conv2d(x, f32(3, 3, 2, 2), backend=backend)
-    w = f32(4, 3)[::2]
-    with pytest.raises(ValueError, match=r"w must be C-contiguous"):
-        ops.dense(f32(2, 2), w, backend=backend)
+    w = f32(3, 3, 2, 2)
+    np.testing.assert_allclose(ops.conv2d(x, w, backend=backend),
+                               ref.conv2d_forward(np.ascontiguousarray(x), w, None,
+                                                  conv_geometry(x.shape, w.shape)), rtol=1e-5, atol=1e-6)
+    W = f32(3, 4)                    # 3 neurons, 4 inputs each
+    xd = f32(2, 4)
+    np.testing.assert_allclose(ops.dense(xd, W.T, backend=backend), xd @ W.T, rtol=1e-5, atol=1e-6)
+
+
+def test_contiguous_and_read_only_inputs_are_not_copied():
+    from dlconv.arrays import host_array
+
+    a = f32(2, 3)
+    assert host_array(a, "a") is a
+    a.flags.writeable = False
+    assert host_array(a, "a") is a
+    t = host_array(a.T, "a")
+    assert t.flags.c_contiguous and not np.shares_memory(t, a)
+    np.testing.assert_array_equal(t, a.T)
 
 
 def test_rejects_wrong_rank(backend):

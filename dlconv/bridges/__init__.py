@@ -26,8 +26,10 @@ Importing this package imports no framework; :func:`load` imports one bridge.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from importlib import metadata
 
-__all__ = ["BRIDGES", "load", "unsupported_reason"]
+__all__ = ["BRIDGES", "MECHANISMS", "REQUIRES", "load", "unsupported_reason", "status"]
 
 #: Keras backend name → the bridge module that runs dlconv ops on it.
 BRIDGES = {
@@ -35,6 +37,49 @@ BRIDGES = {
     "torch": "dlconv.bridges.torch",
     "jax": "dlconv.bridges.jax",
 }
+
+
+#: Keras backend → how its bridge attaches dlconv's kernels.
+MECHANISMS = {
+    "tensorflow": "tf.custom_gradient over numpy_function callbacks",
+    "torch": "torch.library.custom_op (dlconv:: ops) + register_autograd",
+    "jax": "jax.custom_vjp over jax.ffi handlers (pure_callback for numba/reference)",
+}
+#: Keras backend → (distribution, oldest version the bridge supports).
+REQUIRES = {"tensorflow": ("tensorflow", "2.16"), "torch": ("torch", "2.4"), "jax": ("jax", "0.5")}
+
+
+def _release(version: str):
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def status() -> dict:
+    """Keras backend → ``(usable, why)``: whether dlconv.layers can run on it here, read from
+    package metadata (imports no framework)."""
+    out = {}
+    try:
+        keras_version = metadata.version("keras")
+    except metadata.PackageNotFoundError:
+        keras_version = None
+    for name, (dist, oldest) in REQUIRES.items():
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = None
+        if keras_version is None:
+            out[name] = (False, "keras is not installed")
+        elif version is None or importlib.util.find_spec(dist) is None:
+            extra = "" if name == "tensorflow" else f" (pip install 'dlconv[{name}]')"
+            out[name] = (False, f"{dist} is not installed{extra}")
+        elif _release(version) < _release(oldest):
+            out[name] = (False, f"{dist} {version} is older than {oldest}, the oldest the bridge supports")
+        else:
+            out[name] = (True, f"{dist} {version}, keras {keras_version}: {MECHANISMS[name]}")
+    return out
 
 
 def unsupported_reason(keras_backend: str) -> str:

@@ -1,0 +1,28 @@
+"""Keras' own layer tests for Conv2D and Dense (the conv_test.py and dense_test.py of the
+installed Keras), run with dlconv's classes in place of the stock ones: a drop-in layer
+passes what the stock one passes.  ``keras.src.layers.Conv2D``/``Dense`` are replaced before
+Keras' test modules are imported (their parameter tables name the classes), in this process
+only.  tests/test_keras_backends.py runs this folder twice per Keras backend, each time in a
+process of its own: with the stock classes (``DLCONV_KERAS_OWN=stock``) and with dlconv's,
+and requires every test the stock layers pass to pass with dlconv's.  By hand:
+
+    DLCONV_KERAS_SUITE=1 KERAS_BACKEND=torch pytest tests/keras_own
+"""
+
+import importlib
+import os
+
+import keras.src.layers as _klayers
+
+if os.environ.get("DLCONV_KERAS_OWN") != "stock":
+    import dlconv.layers as dl
+
+    _klayers.Conv2D = dl.Conv2D
+    _klayers.Dense = dl.Dense
+
+_conv = importlib.import_module("keras.src.layers.convolutional.conv_test")
+_dense = importlib.import_module("keras.src.layers.core.dense_test")
+
+ConvBasicTest = _conv.ConvBasicTest
+ConvCorrectnessTest = _conv.ConvCorrectnessTest
+DenseTest = _dense.DenseTest

@@ -1,0 +1,73 @@
+"""dlconv.layers under each Keras backend, each run in a fresh pytest process (Keras fixes
+its backend when it is first imported):
+
+* tests/keras_suite — dlconv's own checks against the stock layers (values, gradients, fit,
+  saving, the workshop models, the CLI, MNIST accuracy);
+* tests/keras_own — Keras' own Conv2D/Dense layer tests, once with the stock classes and once
+  with dlconv's: every test the stock layers pass on that backend must pass with dlconv's.
+"""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+
+HERE = pathlib.Path(__file__).parent
+FRAMEWORK = {"tensorflow": "tensorflow", "torch": "torch", "jax": "jax"}
+KERAS_BACKENDS = sorted(FRAMEWORK)
+
+
+def _need(keras_backend):
+    if importlib.util.find_spec(FRAMEWORK[keras_backend]) is None:
+        pytest.skip(f"{FRAMEWORK[keras_backend]} is not installed (pip install -e '.[test]' brings it)")
+
+
+def _pytest(keras_backend, folder, junit=None, **env):
+    env = dict(os.environ, KERAS_BACKEND=keras_backend, DLCONV_KERAS_SUITE="1",
+               TF_CPP_MIN_LOG_LEVEL="3", **env)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(HERE / folder)]
+    if junit is not None:
+        cmd += [f"--junitxml={junit}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500)
+    return out, out.stdout[-6000:] + out.stderr[-3000:]
+
+
+def _outcomes(junit):
+    """test id → "passed" / "failed" / "skipped" from a JUnit XML report."""
+    out = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            out[name] = "failed"
+        elif case.find("skipped") is not None:
+            out[name] = "skipped"
+        else:
+            out[name] = "passed"
+    return out
+
+
+@pytest.mark.parametrize("keras_backend", KERAS_BACKENDS)
+def test_keras_suite(keras_backend):
+    _need(keras_backend)
+    out, tail = _pytest(keras_backend, "keras_suite")
+    print(tail)
+    assert out.returncode == 0, f"Keras suite on {keras_backend} failed:\n{tail}"
+    assert " passed" in out.stdout and " failed" not in out.stdout
+
+
+@pytest.mark.parametrize("keras_backend", KERAS_BACKENDS)
+def test_keras_own_layer_tests_pass_as_for_the_stock_layers(keras_backend, tmp_path):
+    _need(keras_backend)
+    _pytest(keras_backend, "keras_own", tmp_path / "stock.xml", DLCONV_KERAS_OWN="stock")
+    _, tail = _pytest(keras_backend, "keras_own", tmp_path / "dlconv.xml", DLCONV_KERAS_OWN="dlconv")
+    stock, ours = _outcomes(tmp_path / "stock.xml"), _outcomes(tmp_path / "dlconv.xml")
+    passed_stock = {t for t, o in stock.items() if o == "passed"}
+    assert len(passed_stock) >= 50, (len(passed_stock), stock)
+    lost = sorted(t for t in passed_stock if ours.get(t) != "passed")
+    print(f"Keras' own tests on {keras_backend}: stock {len(passed_stock)}/{len(stock)} passed, "
+          f"dlconv {sum(o == 'passed' for o in ours.values())}/{len(ours)}")
+    assert not lost, f"pass with the stock layers but not with dlconv's on {keras_backend}: {lost}\n{tail}"
