@@ -17,8 +17,11 @@ activation derivative (:func:`dlconv.runtime.fuse_activation_grad`).  What runs:
 ``jax.ffi.register_ffi_target(..., platform="cpu")``).  The jitted program holds a custom
 call; XLA calls the C++ handler on its own buffers, no Python runs per call and nothing is
 copied.  The geometry travels as one int64 array attribute in ``ConvGeometry.FIELDS``
-order, the activation as its :mod:`dlconv.activations` code.  The handlers take the C++
-host lock the pybind11 entry points take (``csrc/cpu_host.h``): one kernel at a time.
+order, the activation as its :mod:`dlconv.activations` code.  XLA calls a handler from
+whichever of its threads runs that part of the program; the handler hands OpenMP-sized work
+to one C++ thread (``dlconv-xla``: one OpenMP team, as :class:`dlconv.runtime.HostThread`
+gives the Python way in) and runs it under the C++ host lock the pybind11 entry points take
+too (``csrc/cpu_host.h``): one kernel at a time, whichever way it came in.
 
 *cpp on a CUDA GPU* — the same targets registered with platform ``"CUDA"`` from
 ``dlconv._C_cuda`` (``csrc/ffi_cuda.cpp``), launched on XLA's stream, no host round trip.
@@ -39,6 +42,7 @@ chosen from ``jax.default_backend()`` ("gpu" → the CUDA one) when the call is 
 from __future__ import annotations
 
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -69,7 +73,6 @@ def ffi_status(platform: str):
     XLA, else (False, why not).  Registered once per process."""
     module = "dlconv._C" if platform == "cpu" else "dlconv._C_cuda"
     try:
-        import importlib
         lib = importlib.import_module(module)
     except ImportError as exc:
         return False, f"{module} is not importable ({exc})"
