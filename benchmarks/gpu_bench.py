@@ -130,82 +130,27 @@ def simulator_place():
 
 
 # ----------------------------------------------------------------------------- built-ins
-def _activation(torch, act):
-    return {"relu": torch.relu, "softmax": lambda z: torch.softmax(z, dim=1),
-            "linear": lambda z: z, "sigmoid": torch.sigmoid, "tanh": torch.tanh}[act]
+# torch's cuDNN / cuBLAS ops, from the bench package's table of passes (imports torch lazily).
+from dlconv.bench.builtins import TorchBuiltin  # noqa: E402
 
 
-class TorchBuiltin:
-    """torch's cuDNN / cuBLAS ops (or torch's CPU ops in a dry run), at their best."""
-
-    def __init__(self, torch, device: str):
-        self.torch = torch
-        self.dev = device
-        self.label = (f"torch {torch.__version__} " +
-                      (f"(cuDNN {torch.backends.cudnn.version()}, cuBLAS; TF32 off)" if device == "cuda"
-                       else "(CPU ops, dry-run stand-in for cuDNN)"))
-
-    def _t(self, a):
-        return self.torch.from_numpy(a).to(self.dev)
-
-    def modes(self, problem, place):
-        torch = self.torch
-        F = torch.nn.functional
-        p, g, a = problem, problem.geometry, problem.inputs
-        act = p.layer.activation
-        if p.layer.kind == "conv":
-            if (g.pad_top, g.pad_left) != (g.pad_bottom, g.pad_right):
-                raise ValueError(f"torch's conv takes symmetric pads only, got {g}")
-            kw = dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_top, g.pad_left),
-                      dilation=(g.dil_h, g.dil_w))
-            nchw = lambda t: t.permute(0, 3, 1, 2).contiguous()                  # noqa: E731
-            to_nhwc = lambda t: t.permute(0, 2, 3, 1)                           # noqa: E731
-            oihw = lambda t: t.permute(3, 2, 0, 1).contiguous()                 # noqa: E731
-            to_hwio = lambda t: t.permute(2, 3, 1, 0)                           # noqa: E731
-            modes = []
-            for name, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
-                if p.pass_ == "forward":
-                    x = nchw(self._t(a["x"])).to(memory_format=fmt)
-                    w = oihw(self._t(a["w"])).to(memory_format=fmt)
-                    b = self._t(a["b"])
-                    post = _activation(torch, act)
-                    modes.append((name, lambda x=x, w=w, b=b: post(F.conv2d(x, w, b, **kw)), to_nhwc))
-                elif p.pass_ == "backward-data":
-                    dy = nchw(self._t(a["dy"])).to(memory_format=fmt)
-                    w = oihw(self._t(a["w"])).to(memory_format=fmt)
-                    shape = (g.batch, g.in_c, g.in_h, g.in_w)
-                    modes.append((name, lambda dy=dy, w=w: torch.nn.grad.conv2d_input(shape, w, dy, **kw),
-                                  to_nhwc))
-                else:
-                    x = nchw(self._t(a["x"])).to(memory_format=fmt)
-                    dy = nchw(self._t(a["dy"])).to(memory_format=fmt)
-                    wshape = (g.filters, g.in_c, g.k_h, g.k_w)
-                    modes.append((name, lambda x=x, dy=dy: (
-                        torch.nn.grad.conv2d_weight(x, wshape, dy, **kw), dy.sum(dim=(0, 2, 3))),
-                        lambda o: (to_hwio(o[0]), o[1])))
-            return modes
-        x, w = self._t(a["x"]), self._t(a["w"])
-        if p.pass_ == "forward":
-            b = self._t(a["b"])
-            post = _activation(torch, act)
-            return [("addmm", lambda: post(torch.addmm(b, x, w)))]
-        dy, y = self._t(a["dy"]), self._t(a["y"])
-
-        def dz_of():
-            if act == "relu":
-                return torch.ops.aten.threshold_backward(dy, y, 0.0)
-            if act == "softmax":
-                return torch._softmax_backward_data(dy, y, 1, torch.float32)
-            if act == "sigmoid":
-                return torch.ops.aten.sigmoid_backward(dy, y)
-            if act == "tanh":
-                return torch.ops.aten.tanh_backward(dy, y)
-            return dy
-
-        def backward():
-            dz = dz_of()
-            return torch.mm(dz, w.t()), torch.mm(x.t(), dz), dz.sum(dim=0)
-        return [("mm", backward)]
+def tf32_table(rows) -> str:
+    """Markdown: the built-in with TF32 allowed beside its fp32 (TF32 off) time, per layer/pass."""
+    lines = []
+    for r in rows:
+        if r.get("backend") != "builtin" or not r.get("side_modes"):
+            continue
+        fp32 = r.get("median_s")
+        for mode, t in r["side_modes"].items():
+            speed = f"{fp32 / t:.2f}x" if (fp32 and t) else "-"
+            lines.append(f"| {r['layer']} | {r['pass']} | {mode} | "
+                         f"{'-' if t is None else f'{t * 1e3:.3f} ms'} | "
+                         f"{'-' if fp32 is None else f'{fp32 * 1e3:.3f} ms'} | {speed} |")
+    if not lines:
+        return ""
+    return ("### The built-in with TF32 (reported beside, not compared against)\n\n"
+            "| layer | pass | mode | time | fp32 (TF32 off) time | TF32 speed-up |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
 
 
 # ----------------------------------------------------------------------------- main
@@ -295,6 +240,10 @@ def main(argv=None) -> int:
                              on_row=save)
     save(rows)
     paths = bench.write_outputs(result, out, args.name)
+    side = tf32_table(rows)
+    if side:
+        with open(paths["md"], "a") as f:
+            f.write("\n" + side)
     print(bench.format_text(result), flush=True)
     print(f"\ngpu_bench: wrote {', '.join(str(p) for p in paths.values())} "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -1,23 +1,33 @@
 #!/usr/bin/env bash
-# GPU check for a machine with one NVIDIA GPU, CUDA's nvcc, Python 3.12 with numba,
-# numba-cuda, pybind11, pytest, torch and CuPy, and no TensorFlow and no network.
+# GPU check for a machine with one NVIDIA GPU, CUDA's nvcc and compute-sanitizer, Python 3.12
+# with numba, numba-cuda, pybind11, pytest, torch and CuPy, and no TensorFlow and no network.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR] [--dry-run]        (OUT_DIR defaults to $OUT, else ./gpu-check-out)
 #
-# Steps, each logged to OUT_DIR/<step>.log, all under one deadline (8 minutes in all):
-#   1 machine   nvidia-smi, nvcc, python, package versions
-#   2 build     pip install --no-build-isolation --no-deps --no-index -e .   (dlconv._C and
-#               dlconv._C_cuda for this GPU's compute capability only; nothing is downloaded);
-#               fallback: setup.py build_ext --inplace + PYTHONPATH
-#   3 info      dlconv info, and a check that importing dlconv's op path never imports TensorFlow
-#   4 tests     pytest -m gpu tests/   (Numba and C++ CUDA kernels against the NumPy reference)
-#   5 bench     benchmarks/gpu_bench.py: our kernels vs cuDNN/cuBLAS through torch (CUDA events)
-# Results: OUT_DIR/gpu-bench.{json,md,png}, OUT_DIR/pytest-gpu.xml, OUT_DIR/summary.md, logs.
+# Steps, all under one deadline (8 minutes in all), each with its own cap:
+#   machine    nvidia-smi, nvcc, compute-sanitizer, python, package versions
+#   build      pip install --no-build-isolation --no-deps --no-index -e .  for this GPU's
+#              compute capability only (sm_90 on an H200); nothing is downloaded
+#   info       dlconv info, and importing dlconv's op path never imports TensorFlow
+#   tests      pytest -m gpu tests/ with DLCONV_REQUIRE_GPU=1 (a gpu test that would be
+#              skipped fails instead) -> pytest-gpu.xml
+#   sanitizer  compute-sanitizer memcheck, racecheck, initcheck, synccheck over
+#              benchmarks/gpu_sanitize.py (every C++ CUDA kernel once, small shapes)
+#   keras      benchmarks/gpu_keras_epoch.py: one MNIST CNN epoch through Keras on torch and
+#              on JAX, dlconv layers vs stock (cuDNN) -> gpu-keras.json; Keras comes from the
+#              wheels benchmarks/fetch_gpu_wheels.sh left in .whl/
+#   bench      benchmarks/gpu_bench.py: every kernel vs cuDNN/cuBLAS through torch with CUDA
+#              events, TF32 off, and the TF32 default reported beside -> gpu-bench.{json,md,png}
 #
-# --dry-run rehearses the same steps on a CPU-only machine: the build compiles into a scratch
-# folder (the installed package is left alone), TensorFlow is hidden from Python (as on the GPU
-# machine), Numba runs its CUDA simulator, the bench uses tiny shapes and, without torch, the
-# NumPy reference as its stand-in built-in.  Exit status: 0 when every step passed.
+# Result files (at most 8 come back from the GPU machine): gpu_check.log (every step's output),
+# summary.md, pytest-gpu.xml, gpu-bench.json, gpu-bench.md, gpu-bench.png, gpu-bench-roofline.png,
+# gpu-keras.json.
+#
+# --dry-run rehearses every step on a CPU-only machine: the build compiles into a scratch folder
+# (the installed package is left alone), TensorFlow is hidden from Python (as on the GPU
+# machine), Numba runs its CUDA simulator, the sanitizer step prints its commands and runs the
+# driver's own --dry-run, the bench uses tiny shapes with torch's CPU ops (or the reference) as
+# the stand-in built-in.  Exit status: 0 when every step passed.
 set -uo pipefail
 
 DRY=0
@@ -25,7 +35,7 @@ OUT_DIR=""
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     -*) echo "gpu_check.sh: unknown option $arg" >&2; exit 2 ;;
     *) OUT_DIR="$arg" ;;
   esac
@@ -38,14 +48,18 @@ REPO="$(pwd)"
 PY="${PYTHON:-python3}"
 TOTAL_S="${GPU_CHECK_TOTAL_S:-470}"      # the whole check must end within 8 minutes
 START=$(date +%s)
+LOG="$OUT_DIR/gpu_check.log"
 SUMMARY="$OUT_DIR/summary.md"
+SCRATCH="$(mktemp -d)"                    # never inside OUT_DIR: only result files go there
+trap 'rm -rf "$SCRATCH"' EXIT
 FAILED=0
 
-exec > >(tee -a "$OUT_DIR/gpu_check.log") 2>&1
+exec > >(tee -a "$LOG") 2>&1
 
 remaining() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 
-# run_step NAME CAP_SECONDS COMMAND...: runs under `timeout`, logs, records the outcome.
+# run_step NAME CAP_SECONDS COMMAND...: runs under `timeout` (output into the one log), records
+# the outcome in summary.md.
 run_step() {
   local name="$1" cap="$2"; shift 2
   local left; left=$(remaining)
@@ -59,14 +73,20 @@ run_step() {
   echo "== $name (limit ${limit} s): $*"
   local t0; t0=$(date +%s)
   # bash -c so that the exported shell functions below can be steps too
-  timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@" 2>&1 | tee "$OUT_DIR/$name.log"
-  local rc=${PIPESTATUS[0]}
+  timeout --kill-after=10 "$limit" bash -c '"$@"' _ "$@"
+  local rc=$?
   local dt=$(( $(date +%s) - t0 ))
   local what="ok"
   if (( rc == 124 || rc == 137 )); then what="timed out after ${limit} s"; elif (( rc != 0 )); then what="failed (exit $rc)"; fi
   echo "== $name: $what in ${dt} s"
   echo "| $name | $what | ${dt} s |" >> "$SUMMARY"
   return $rc
+}
+
+# note_step NAME WHAT: a step that did not run, and why, in the log and the summary.
+note_step() {
+  echo "== $1: $2"
+  echo "| $1 | $2 | 0 s |" >> "$SUMMARY"
 }
 
 {
@@ -81,37 +101,45 @@ run_step() {
 if (( DRY )); then
   export NUMBA_ENABLE_CUDASIM=1
   # Hide TensorFlow, as on the GPU machine: `import tensorflow` fails on this path.
-  NOTF="$(mktemp -d)"
-  mkdir -p "$NOTF/tensorflow"
+  mkdir -p "$SCRATCH/notf/tensorflow"
   echo 'raise ModuleNotFoundError("No module named tensorflow (hidden by gpu_check.sh --dry-run: the GPU machine has none)", name="tensorflow")' \
-    > "$NOTF/tensorflow/__init__.py"
-  export PYTHONPATH="$NOTF${PYTHONPATH:+:$PYTHONPATH}"
+    > "$SCRATCH/notf/tensorflow/__init__.py"
+  export PYTHONPATH="$SCRATCH/notf${PYTHONPATH:+:$PYTHONPATH}"
 else
   unset NUMBA_ENABLE_CUDASIM
+  export DLCONV_REQUIRE_GPU=1            # a gpu-marked test that would be skipped fails
 fi
 export NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0
 export TF_CPP_MIN_LOG_LEVEL=2
-export PY OUT_DIR REPO
+export PY OUT_DIR REPO SCRATCH DRY
 
-# 1. machine -------------------------------------------------------------------------------
+# compute-sanitizer: on PATH, else beside nvcc's toolkit
+SANITIZER="$(command -v compute-sanitizer || true)"
+for cand in "${CUDA_HOME:-/usr/local/cuda}/compute-sanitizer/compute-sanitizer" "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer"; do
+  [[ -z "$SANITIZER" && -x "$cand" ]] && SANITIZER="$cand"
+done
+export SANITIZER
+
+# machine ------------------------------------------------------------------------------------
 machine() {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   nvidia-smi || echo "nvidia-smi: not available"
   (nvcc --version || echo "nvcc: not found") | tail -n 2
+  if [[ -n "$SANITIZER" ]]; then "$SANITIZER" --version | tail -n 1; else echo "compute-sanitizer: not found"; fi
   "$PY" --version
-  "$PY" -m pip list 2>/dev/null | grep -i -E '^(numba|numba-cuda|torch|cupy|cupy-cuda[0-9x]+|pybind11|numpy|pytest|setuptools|tensorflow) ' || true
+  "$PY" -m pip list 2>/dev/null | grep -i -E '^(numba|numba-cuda|torch|jax|jaxlib|keras|cupy|cupy-cuda[0-9x]+|pybind11|numpy|pytest|setuptools|tensorflow) ' || true
   nproc
 }
 export -f machine
 run_step machine 30 machine
 
-# 2. build -----------------------------------------------------------------------------------
+# build: this GPU's compute capability only (half the nvcc time of two architectures) ------
 ARCH=""
 if command -v nvidia-smi >/dev/null 2>&1; then
   ARCH="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' .')"
 fi
 if [[ "$ARCH" =~ ^[0-9]+$ ]]; then
-  export DLCONV_CUDA_ARCHS="$ARCH"       # only this GPU's SASS: half the nvcc time
+  export DLCONV_CUDA_ARCHS="$ARCH"
 else
   export DLCONV_CUDA_ARCHS="${DLCONV_CUDA_ARCHS:-90}"
 fi
@@ -125,26 +153,22 @@ build_real() {
   "$PY" setup.py build_ext --inplace || return 1
   # setup.py maps dlconv.kernels to the top-level kernels/ folder; mirror that for PYTHONPATH use.
   [[ -e dlconv/kernels ]] || ln -s ../kernels dlconv/kernels
-  echo "$REPO" > "$OUT_DIR/.pythonpath"
+  echo "$REPO" > "$SCRATCH/pythonpath"
 }
 build_dry() {
   # Same compiler path, into a scratch folder: the installed package here is left untouched.
-  local scratch; scratch="$(mktemp -d)"
-  "$PY" setup.py build_ext -b "$scratch/lib" -t "$scratch/tmp"
-  local rc=$?
-  ls -l "$scratch"/lib/dlconv/ 2>/dev/null
-  rm -rf "$scratch"
-  return $rc
+  "$PY" setup.py build_ext -b "$SCRATCH/lib" -t "$SCRATCH/tmp" || return 1
+  ls -l "$SCRATCH"/lib/dlconv/
 }
 export -f build_real build_dry
 if (( DRY )); then
   run_step build 400 build_dry || FAILED=1
 else
   run_step build 240 build_real || FAILED=1
-  if [[ -f "$OUT_DIR/.pythonpath" ]]; then export PYTHONPATH="$(cat "$OUT_DIR/.pythonpath")${PYTHONPATH:+:$PYTHONPATH}"; fi
+  if [[ -f "$SCRATCH/pythonpath" ]]; then export PYTHONPATH="$(cat "$SCRATCH/pythonpath")${PYTHONPATH:+:$PYTHONPATH}"; fi
 fi
 
-# 3. info ------------------------------------------------------------------------------------
+# info ---------------------------------------------------------------------------------------
 info() {
   "$PY" -m dlconv info || return 1
   "$PY" - <<'EOF'
@@ -158,56 +182,61 @@ EOF
 export -f info
 run_step info 60 info || FAILED=1
 
-# 4. tests -------------------------------------------------------------------------------------
+# tests --------------------------------------------------------------------------------------
 tests() {
   "$PY" -m pytest -m gpu tests/ -q -rfEs -p no:cacheprovider --continue-on-collection-errors \
     --junitxml="$OUT_DIR/pytest-gpu.xml"
-  local rc=$?
-  # Modules that need TensorFlow cannot be collected here; they are reported, not counted as
-  # kernel failures.  Failing tests are.
-  "$PY" - "$OUT_DIR/pytest-gpu.xml" <<'EOF'
-import sys, xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except Exception as exc:
-    print(f"no junit report: {exc}"); sys.exit(1)
-cases = list(root.iter("testcase"))
-fail = [c for c in cases if c.find("failure") is not None]
-err = [c for c in cases if c.find("error") is not None]
-def collection(c):   # a whole module that failed to import, or skipped itself at import
-    e = c.find("error") if c.find("error") is not None else c.find("skipped")
-    return e is not None and "collection" in (e.get("message") or "")
-coll = [c for c in cases if collection(c)]
-run_err = [c for c in err if c not in coll]
-skip = [c for c in cases if c.find("skipped") is not None and c not in coll]
-passed = len(cases) - len(fail) - len(run_err) - len(skip) - len(coll)
-print(f"gpu tests: {passed} passed, {len(fail)} failed, {len(run_err)} errors, {len(skip)} skipped; "
-      f"{len(coll)} module(s) not imported or skipped at import here: " + ", ".join(c.get("name") for c in coll))
-# A module that holds gpu-marked tests but cannot be imported here (e.g. it imports TensorFlow
-# at the top) hides those tests: that is a failure of this step, not a detail.
-hidden = []
-for c in coll:
-    path = c.get("name", "").replace(".", "/") + ".py"
-    try:
-        if "mark.gpu" in open(path).read():
-            hidden.append(path)
-    except OSError:
-        pass
-if hidden:
-    print("gpu tests HIDDEN: these modules have gpu-marked tests but fail or skip at import here "
-          "(no TensorFlow on the GPU machine: import it inside the tests that compare with "
-          "TensorFlow, not at module level): " + ", ".join(hidden))
-sys.exit(1 if fail or run_err or hidden else 0)
-EOF
-  local verdict=$?
-  (( verdict != 0 )) && return $verdict
-  (( rc == 0 || rc == 5 )) && return 0      # 5: no gpu-marked test collected
-  return 0                                   # collection errors of modules without gpu tests
+  # the verdict: failures, errors, and modules with gpu tests that did not import (pytest's own
+  # exit status also counts collection errors of modules that need TensorFlow and have no gpu test)
+  "$PY" benchmarks/gpu_check_junit.py "$OUT_DIR/pytest-gpu.xml"
 }
 export -f tests
 run_step tests 120 tests || FAILED=1
 
-# 5. bench -------------------------------------------------------------------------------------
+# sanitizer ----------------------------------------------------------------------------------
+export SAN_TOOLS="memcheck racecheck initcheck synccheck"
+sanitizer() {
+  local tool rc=0
+  for tool in $SAN_TOOLS; do
+    local cmd=("${SANITIZER:-compute-sanitizer}" --tool "$tool" --error-exitcode 1 --print-limit 20
+               "$PY" benchmarks/gpu_sanitize.py)
+    if (( DRY )); then echo "-- would run: ${cmd[*]}"; continue; fi
+    echo "-- $tool"
+    "${cmd[@]}" || { echo "-- $tool: FAILED"; rc=1; }
+  done
+  if (( DRY )); then "$PY" benchmarks/gpu_sanitize.py --dry-run || rc=1; fi
+  return $rc
+}
+export -f sanitizer
+if [[ -z "$SANITIZER" ]] && (( ! DRY )); then
+  note_step sanitizer "failed (compute-sanitizer not found)"; FAILED=1
+else
+  run_step sanitizer 100 sanitizer || FAILED=1
+fi
+
+# keras: one MNIST CNN epoch through Keras on torch and on JAX, dlconv vs stock -------------
+# Keras, namex and optree are not on the GPU machine: benchmarks/fetch_gpu_wheels.sh puts
+# their wheels in .whl/ beforehand (carried with the checkout); they go into a scratch folder.
+keras_epochs() {
+  if ! "$PY" -c "import keras" 2>/dev/null; then
+    if ! ls .whl/*.whl >/dev/null 2>&1; then
+      echo "keras is not importable and .whl/ holds no wheels: run benchmarks/fetch_gpu_wheels.sh first"
+      return 1
+    fi
+    local site; site="$(mktemp -d)"
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl || return 1
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  "$PY" benchmarks/gpu_keras_epoch.py "$OUT_DIR" --budget-s 110 "$@"
+}
+export -f keras_epochs
+if (( DRY )); then
+  run_step keras 120 keras_epochs --dry-run || FAILED=1
+else
+  run_step keras 120 keras_epochs || FAILED=1
+fi
+
+# bench: gets what is left of the 8 minutes -------------------------------------------------
 LEFT=$(remaining)
 BENCH_CAP=$(( LEFT - 5 ))
 BUDGET=$(( BENCH_CAP - 45 )); (( BUDGET < 20 )) && BUDGET=20
@@ -219,10 +248,14 @@ fi
 
 {
   echo
-  echo "Finished in $(( $(date +%s) - START )) s; overall: $( ((FAILED)) && echo 'FAILED (see the step logs)' || echo 'all steps passed')."
+  echo "Finished in $(( $(date +%s) - START )) s; overall: $( ((FAILED)) && echo 'FAILED (see gpu_check.log)' || echo 'all steps passed')."
   echo
   [[ -f "$OUT_DIR/gpu-bench.md" ]] && cat "$OUT_DIR/gpu-bench.md"
+  [[ -f "$OUT_DIR/gpu-keras.json" ]] && { echo; "$PY" benchmarks/gpu_keras_epoch.py --table "$OUT_DIR/gpu-keras.json"; }
 } >> "$SUMMARY"
+n_files=$(find "$OUT_DIR" -type f | wc -l)
+echo "== result files in $OUT_DIR: $n_files (at most 8 come back)"
+(( n_files > 8 )) && { echo "== ERROR: more than 8 result files"; FAILED=1; }
 echo "== summary: $SUMMARY"
 cat "$SUMMARY"
 exit $FAILED

@@ -132,6 +132,12 @@ def _table(results) -> str:
     return "\n".join(lines)
 
 
+def _report(results) -> str:
+    lines = ["### One MNIST CNN epoch through Keras: dlconv layers vs stock", ""]
+    lines += [f"- {r['keras_backend']}: data {r['data']}; batch {r['batch']}" for r in results if "data" in r]
+    return "\n".join(lines + ["", _table(results)])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out_dir", nargs="?", default=os.environ.get("OUT", "gpu-check-out"))
@@ -140,7 +146,12 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=None)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--child", choices=BACKENDS, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--table", metavar="JSON", default=None,
+                   help="print the Markdown table of a gpu-keras.json and exit")
     args = p.parse_args(argv)
+    if args.table:
+        print(_report(json.loads(pathlib.Path(args.table).read_text())))
+        return 0
     batch = args.batch or (64 if args.dry_run else 128)
     data_path = args.data or os.environ.get("DLCONV_MNIST") or str(REPO.parent / "shared" / "data" / "mnist")
     if args.child:
@@ -171,12 +182,7 @@ def main(argv=None) -> int:
         else:
             results.append(json.loads(line.split(" ", 1)[1]))
     (out_dir / "gpu-keras.json").write_text(json.dumps(results, indent=2))
-    print("### One MNIST CNN epoch through Keras: dlconv layers vs stock\n")
-    for r in results:
-        if "data" in r:
-            print(f"- {r['keras_backend']}: data {r['data']}; batch {r['batch']}")
-    print()
-    print(_table(results))
+    print(_report(results))
     ok = True
     for r in results:
         runs = {x["model"]: x for x in r.get("runs", [])}

@@ -24,6 +24,21 @@ from dlconv import bench  # noqa: E402  (imports neither TensorFlow nor Numba)
 
 KINDS = (("cpu", "CPU"), ("gpu", "GPU"))
 
+#: GPU targets checked by benchmarks/gpu_check.sh outside the bench's timings.
+GPU_CHECK_TARGETS = (("compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over every "
+                      "C++ CUDA kernel", "0 errors"),)
+
+
+def unmeasured_gpu_targets() -> str:
+    """The GPU targets, each "not yet measured": what the README says until a GPU run exists."""
+    lines = ["| what | target | result |", "|---|---|---|"]
+    for t in bench.TARGETS:
+        if t.device == "cuda":
+            lines.append(f"| {t.label} (fp32, TF32 off) | ≥ {t.min_ratio:g}× | not yet measured |")
+    for label, goal in GPU_CHECK_TARGETS:
+        lines.append(f"| {label} | {goal} | not yet measured |")
+    return "\n".join(lines) + "\n"
+
 
 def load_results(folder: pathlib.Path) -> list:
     out = []
@@ -36,6 +51,8 @@ def load_results(folder: pathlib.Path) -> list:
         if d.get("schema") != bench.SCHEMA:
             continue
         d["_file"] = path.name
+        roof = path.with_name(f"{path.stem}-roofline.png")
+        d["_roofline"] = roof.name if roof.exists() else None
         out.append(d)
     return out
 
@@ -75,10 +92,12 @@ def _best_rows(result: dict) -> list:
 
 
 def render(result: dict, title: str, full: bool) -> str:
-    if full:
-        return bench.format_markdown(result, title=f"{title} ({result['_file']})")
-    compact = dict(result, rows=_best_rows(result))
-    return bench.format_markdown(compact, title=f"{title} ({result['_file']})")
+    shown = result if full else dict(result, rows=_best_rows(result))
+    text = bench.format_markdown(shown, title=f"{title} ({result['_file']})")
+    if result.get("_roofline"):
+        text += (f"\nRoofline (GFLOP/s against FLOP/byte under the roof this run measured): "
+                 f"`benchmarks/results/{result['_roofline']}`\n")
+    return text
 
 
 def main(argv=None) -> int:
@@ -94,7 +113,9 @@ def main(argv=None) -> int:
             parts.append(f"### {title} — not yet measured\n\nNo {title} result in "
                          f"benchmarks/results/ yet"
                          + (" (run `benchmarks/gpu_check.sh OUT_DIR` on a GPU machine and commit "
-                            "OUT_DIR/gpu-bench.json there)." if kind == "gpu" else
+                            "OUT_DIR/gpu-bench.json there). No dlconv CUDA kernel has been timed "
+                            "or sanitized on a GPU; every GPU target is not yet measured:\n\n"
+                            + unmeasured_gpu_targets() if kind == "gpu" else
                             " (run `dlconv bench --out benchmarks/results`).") + "\n")
             continue
         parts.append(render(r, title, args.full))

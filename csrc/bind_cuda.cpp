@@ -5,6 +5,11 @@
 // flag — and checks every one against the geometry before a launch: no copies, no trust.
 // `stream` is a CUDA stream handle as an int (numba: stream.handle.value; torch:
 // torch.cuda.current_stream().cuda_stream; 0 = the default stream).  Launches are asynchronous.
+// Producer streams (CAI v3): an array whose interface names a `stream` other than the launch
+// stream was written (or is still being written) there; before the launch, an event recorded on
+// that stream is waited on by the launch stream (cudaEventRecord + cudaStreamWaitEvent: the host
+// does not block).  Handles 1 (legacy default stream) and 0 (the default stream, which is the legacy
+// one in this build) count as the same stream; 2 is cudaStreamPerThread.
 //   conv2d_forward(x, w, b|None, geometry, act, y, variant=3, stream=0)   variant 1 v1_direct,
 //                                                        2 v2_smem_tiled, 3 v3_implicit_gemm
 //   conv2d_backward_data(dz, w, geometry, dx, stream=0)
@@ -42,10 +47,16 @@ int cuda_runtime_version();
 
 namespace {
 
+// CAI `stream` entry absent or None: nothing to wait for.
+constexpr int64_t NO_STREAM = -1;
+// CAI v3 stream values with a fixed meaning (0 is disallowed by the protocol: read as default).
+constexpr uintptr_t CAI_LEGACY_STREAM = 1;
+
 struct DevArg {
     float* ptr = nullptr;
     int64_t bytes = 0;
     const char* name = "";
+    int64_t stream = NO_STREAM;  // the producer's stream from __cuda_array_interface__
 };
 
 // Read and check obj.__cuda_array_interface__: float32 ('<f4'), C-contiguous, exactly `shape`,
@@ -85,6 +96,11 @@ DevArg dev_checked(const char* kernel, const char* name, const py::handle& obj, 
     a.ptr = reinterpret_cast<float*>(p);
     a.bytes = count * 4;
     a.name = name;
+    if (cai.contains("stream") && !cai["stream"].is_none()) {
+        const int64_t st = cai["stream"].cast<int64_t>();
+        if (st < 0) throw std::invalid_argument(who + " has a negative CAI stream " + std::to_string(st));
+        a.stream = st;
+    }
     if (count == 0) return a;
     if (p == 0) throw std::invalid_argument(who + " has a null data pointer");
     if (p % 4) throw std::invalid_argument(who + " is not aligned to 4 bytes");
@@ -164,6 +180,41 @@ Shape cai_shape(const char* kernel, const char* name, const py::handle& obj, siz
 
 cudaStream_t to_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+void check_cuda(cudaError_t e, const char* kernel, const std::string& what) {
+    if (e != cudaSuccess) {
+        cudaGetLastError();
+        throw std::runtime_error(std::string("dlconv CUDA kernel ") + kernel + ": " + what + " failed: " +
+                                 cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
+    }
+}
+
+bool same_stream(uintptr_t a, uintptr_t b) {
+    auto legacy = [](uintptr_t s) { return s == 0 || s == CAI_LEGACY_STREAM; };
+    return a == b || (legacy(a) && legacy(b));
+}
+
+// Make `launch` wait for the work already queued on every producer stream of `args` (each distinct
+// stream once).  Called without the GIL, after every check, just before the launch.
+void order_after_producers(const char* kernel, uintptr_t launch, std::initializer_list<const DevArg*> args) {
+    std::vector<uintptr_t> done;
+    for (const DevArg* a : args) {
+        if (a->stream == NO_STREAM || !a->ptr || !a->bytes) continue;
+        const uintptr_t p = uintptr_t(a->stream);
+        if (same_stream(p, launch)) continue;
+        bool seen = false;
+        for (uintptr_t d : done) seen = seen || same_stream(d, p);
+        if (seen) continue;
+        done.push_back(p);
+        cudaEvent_t ev;
+        check_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), kernel,
+                   "cudaEventCreateWithFlags (producer stream)");
+        cudaError_t e = cudaEventRecord(ev, to_stream(p));
+        if (e == cudaSuccess) e = cudaStreamWaitEvent(to_stream(launch), ev, 0);
+        cudaEventDestroy(ev);  // released once the wait is satisfied
+        check_cuda(e, kernel, std::string("waiting for the producer stream of ") + a->name);
+    }
+}
+
 Shape xs(const ConvGeometry& g) { return {g.batch, g.in_h, g.in_w, g.in_c}; }
 Shape ws(const ConvGeometry& g) { return {g.k_h, g.k_w, g.in_c, g.filters}; }
 Shape ys(const ConvGeometry& g) { return {g.batch, g.out_h, g.out_w, g.filters}; }
@@ -181,6 +232,7 @@ void conv2d_forward(py::object x, py::object w, py::object b, py::object geometr
     no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
     require_device(K, {&ax, &aw, &ab, &ay});
     py::gil_scoped_release nogil;
+    order_after_producers(K, stream, {&ax, &aw, &ab, &ay});
     dlconv::cuda::conv2d_forward(g, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr, variant, to_stream(stream));
 }
 
@@ -192,6 +244,7 @@ void conv2d_backward_data(py::object dz, py::object w, py::object geometry, py::
     no_alias(K, {{"dx", &adx}}, {{"dz", &adz}, {"w", &aw}});
     require_device(K, {&adz, &aw, &adx});
     py::gil_scoped_release nogil;
+    order_after_producers(K, stream, {&adz, &aw, &adx});
     dlconv::cuda::conv2d_backward_data(g, adz.ptr, aw.ptr, adx.ptr, to_stream(stream));
 }
 
@@ -204,6 +257,7 @@ void conv2d_backward_filter(py::object x, py::object dz, py::object geometry, py
     no_alias(K, {{"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"dz", &adz}});
     require_device(K, {&ax, &adz, &adw, &adb});
     py::gil_scoped_release nogil;
+    order_after_producers(K, stream, {&ax, &adz, &adw, &adb});
     dlconv::cuda::conv2d_backward_filter(g, ax.ptr, adz.ptr, adw.ptr, adb.ptr, to_stream(stream));
 }
 
@@ -217,6 +271,7 @@ void dense_forward(py::object x, py::object w, py::object b, int act, py::object
     no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
     require_device(K, {&ax, &aw, &ab, &ay});
     py::gil_scoped_release nogil;
+    order_after_producers(K, stream, {&ax, &aw, &ab, &ay});
     dlconv::cuda::dense_forward(M, Kf, N, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr, to_stream(stream));
 }
 
@@ -237,6 +292,7 @@ void dense_backward(py::object x, py::object w, py::object dy, py::object y, int
     no_alias(K, {{"dx", &adx}, {"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"w", &aw}, {"dy", &ady}, {"y", &ayy}});
     require_device(K, {&ax, &aw, &ady, &ayy, &adx, &adw, &adb});
     py::gil_scoped_release nogil;
+    order_after_producers(K, stream, {&ax, &aw, &ady, &ayy, &adx, &adw, &adb});
     dlconv::cuda::dense_backward(M, Kf, N, ax.ptr, aw.ptr, ady.ptr, ayy.ptr, act, adx.ptr, adw.ptr, adb.ptr,
                                  to_stream(stream));
 }
@@ -248,6 +304,7 @@ void softmax(py::object z, py::object out, uintptr_t stream) {
     no_alias(K, {{"out", &ao}}, {{"z", &az}});
     require_device(K, {&az, &ao});
     py::gil_scoped_release nogil;
+    order_after_producers(K, stream, {&az, &ao});
     dlconv::cuda::softmax(s[0], s[1], az.ptr, ao.ptr, to_stream(stream));
 }
 
@@ -263,6 +320,7 @@ void activation_backward(py::object dy, py::object y, int act, py::object out, u
     else for (auto d : s) cols *= d;
     require_device(K, {&ady, &ay, &ao});
     py::gil_scoped_release nogil;
+    order_after_producers(K, stream, {&ady, &ay, &ao});
     dlconv::cuda::activation_backward(rows, cols, ady.ptr, ay.ptr, act, ao.ptr, to_stream(stream));
 }
 
@@ -312,6 +370,10 @@ PYBIND11_MODULE(_C_cuda, m) {
     m.def("dense_backward", &dense_backward, py::arg("x"), py::arg("w"), py::arg("dy"), py::arg("y"),
           py::arg("activation"), py::arg("dx"), py::arg("dw"), py::arg("db"), py::arg("stream") = 0,
           "dx, dw, db (each None = skip) of y = act(x @ w + b) given dL/dy and y.");
+    m.def("split_k_splits", &dlconv::cuda::split_k_splits, py::arg("M"), py::arg("N"), py::arg("K"), py::arg("sms"),
+          "K splits the dense GEMM C[M, N] = A[M, K] B[K, N] gets on `sms` SMs (1 = no split).");
+    m.def("_set_split_k", &dlconv::cuda::set_split_k_override, py::arg("splits"),
+          "Test hook: force this many K splits in every dense GEMM (0 = the heuristic).");
     m.def("softmax", &softmax, py::arg("z"), py::arg("out"), py::arg("stream") = 0, "Row-wise softmax.");
     m.def("activation_backward", &activation_backward, py::arg("dy"), py::arg("y"), py::arg("activation"),
           py::arg("out"), py::arg("stream") = 0, "dL/dz from dL/dy and the activation output y (4 = softmax).");

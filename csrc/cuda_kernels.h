@@ -38,5 +38,16 @@ void activation_backward(int64_t rows, int64_t cols, const float* dy, const floa
 void column_sums(int64_t P, int64_t F, const float* dz, const float* y, int act, float* db, cudaStream_t stream,
                  const char* kernel);
 
+// Internal (cuda_workspace.cu): a scratch buffer of at least `floats` floats owned by
+// `stream` (see that file: reused per stream, never shared between streams), the SM count of
+// the current device, and a test hook forcing the number of K splits of the dense GEMMs
+// (0 = the heuristic of cuda_dense.cu).
+// K splits of the dense GEMM C[M, N] = A[M, K] B[K, N] on `sms` SMs (cuda_dense.cu).
+int64_t split_k_splits(int64_t M, int64_t N, int64_t K, int64_t sms);
+float* workspace(size_t floats, cudaStream_t stream, const char* kernel);
+int sm_count(const char* kernel);
+void set_split_k_override(int splits);
+int split_k_override();
+
 }  // namespace cuda
 }  // namespace dlconv

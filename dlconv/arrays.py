@@ -70,29 +70,45 @@ def host_array(a, name: str, rank=None) -> np.ndarray:
     return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
-def device_array(a, name: str, rank=None):
-    """Validate a CUDA array → a Numba device array viewing the same memory (no copy)."""
+def device_array(a, name: str, rank=None, stream=None):
+    """Validate a CUDA array → a Numba device array viewing the same memory (no copy), ordered
+    on the launch ``stream`` (None: the default stream): a producer stream named by its
+    ``__cuda_array_interface__`` is waited on by the launch stream (an event, no host wait),
+    and a ``__dlpack__`` producer is told the launch stream (:mod:`dlconv.streams`).  The
+    result is bound to the launch stream, so code it is handed to next (the C++ binding reads
+    the interface again) sees nothing left to wait for."""
     if _is_simulator_array(a):
         _check(name, a.shape, a.dtype, a.is_c_contiguous(), rank)
         return a
     from numba import cuda
 
+    from . import streams
+
     if not cuda.is_cuda_array(a):
         if not hasattr(a, "__dlpack__"):
             raise TypeError(f"{name} is not a CUDA array")
-        a = dlpack_view(a, name)
-    a = cuda.as_cuda_array(a)   # keeps `a` (and so the producer's memory) alive
+        a = dlpack_view(a, name, stream)
+    producer = streams.cai_stream(a)
+    # sync=False: no host-blocking synchronisation of the producer stream (Numba's default);
+    # the launch stream waits for it on the device instead.  Keeps `a` (and so the producer's
+    # memory) alive.
+    a = cuda.as_cuda_array(a, sync=False)
     _check(name, a.shape, a.dtype, a.is_c_contiguous(), rank)
-    return a
+    streams.order_after_producers([producer], stream)
+    return a.bind(streams.numba_stream(stream) if stream is not None else 0)
 
 
-def dlpack_view(a, name: str):
+def dlpack_view(a, name: str, stream=None):
     """A CUDA ``__dlpack__`` object → a :class:`dlconv.dlpack.CudaView` (no copy) that Numba
-    accepts through ``__cuda_array_interface__``; dtype and layout are checked by the caller."""
+    accepts through ``__cuda_array_interface__``; dtype and layout are checked by the caller.
+    The producer is given the consumer's (launch) stream, so it orders its pending work on
+    that tensor before it (DLPack's ``stream=`` contract)."""
+    from . import streams
     from .dlpack import CudaView
 
+    consumer = streams.dlpack_stream_arg(streams.stream_handle(stream), streams._per_thread_default())
     try:
-        capsule = a.__dlpack__(stream=None)
+        capsule = a.__dlpack__(stream=consumer)
     except TypeError:  # producers of the older protocol take no stream argument
         capsule = a.__dlpack__()
     return CudaView(capsule, name)

@@ -55,6 +55,15 @@ def _numba_gpus() -> dict:
         return {"available": False, "why": str(exc), "gpus": []}
 
 
+def _tf_ops_status() -> dict:
+    """Which path the TensorFlow bridge takes with the cpp backend (dlconv.tf_ops; imports no TF)."""
+    try:
+        from . import tf_ops
+        return tf_ops.status()
+    except Exception as exc:  # never raise for a missing piece
+        return {"native": False, "why": f"{type(exc).__name__}: {exc}"}
+
+
 def cpu_description() -> str:
     """CPU model and core count, e.g. "Intel(R) Xeon(R) Processor, 2 cores" (py-cpuinfo)."""
     try:
@@ -87,6 +96,7 @@ def info() -> dict:
         "extensions": {"dlconv._C": _extension("dlconv._C"), "dlconv._C_cuda": cuda_ext},
         "numba_cuda": _numba_gpus(),
         "keras_backends": {name: {"usable": ok, "why": why} for name, (ok, why) in bridges.status().items()},
+        "tensorflow_ops": _tf_ops_status(),
         "backends": {name: {"cpu": {"usable": a["cpu"][0], "why": a["cpu"][1]},
                             "cuda": {"usable": a["cuda"][0], "why": a["cuda"][1]},
                             "variants": a.get("variants", []),
@@ -114,6 +124,10 @@ def format_info(d: dict) -> str:
     lines += ["", "Keras backends dlconv.layers can run on:"]
     for name, k in d["keras_backends"].items():
         lines.append(f"  {name:<10} {'yes' if k['usable'] else 'no '}  {k['why']}")
+    t = d.get("tensorflow_ops")
+    if t is not None:
+        lines.append(f"  TensorFlow bridge (cpp backend, CPU): "
+                     f"{'native ops' if t['native'] else 'numpy_function callbacks'} ({t['why']})")
     lines += ["", "backends:"]
     for name, b in d["backends"].items():
         for side in ("cpu", "cuda"):

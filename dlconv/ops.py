@@ -62,11 +62,15 @@ def _resolve_backend(backend, on_device: bool):
     return b
 
 
-def _prepare(named, ranks):
-    """Validate every (name, array) pair; → (on_device, list of arrays)."""
+def _prepare(named, ranks, stream=None):
+    """Validate every (name, array) pair; → (on_device, list of arrays).  Device arrays are
+    ordered on the launch ``stream`` (their producer streams waited on: dlconv.streams)."""
     on_device = _arr.same_place(named)
-    conv = _arr.device_array if on_device else _arr.host_array
-    out = [None if a is None else conv(a, name, rank=ranks[name]) for name, a in named]
+    if on_device:
+        out = [None if a is None else _arr.device_array(a, name, rank=ranks[name], stream=stream)
+               for name, a in named]
+    else:
+        out = [None if a is None else _arr.host_array(a, name, rank=ranks[name]) for name, a in named]
     return on_device, out
 
 
@@ -105,7 +109,7 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
     ``dlconv.backends.available()``); None picks the backend's best.
     """
     act = _act.normalize(activation, allow_softmax=False)
-    on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 4, "w": 4, "b": 1})
+    on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 4, "w": 4, "b": 1}, stream)
     g = _geometry(geometry, x.shape, w.shape, strides, padding, dilation)
     if b is not None:
         _check_shape("b", b, (g.filters,))
@@ -148,7 +152,7 @@ def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
     dL/dy instead, and dL/dz = act'(y) · dy is applied on the way: inside the kernels where
     the backend can (``cpp`` on the CPU: dz is never written to memory), else first.
     """
-    on_device, (dy, w, y) = _prepare((("dy", dy), ("w", w), ("y", y)), {"dy": 4, "w": 4, "y": 4})
+    on_device, (dy, w, y) = _prepare((("dy", dy), ("w", w), ("y", y)), {"dy": 4, "w": 4, "y": 4}, stream)
     g = _geometry(geometry, x_shape, w.shape, strides, padding, dilation)
     _check_shape("dy", dy, g.y_shape)
     act = _activation_grad(activation, y, g)
@@ -167,7 +171,7 @@ def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=
 
     ``y`` and ``activation`` as for :func:`conv2d_backward_data` (``dy`` is then dL/dy).
     """
-    on_device, (x, dy, y) = _prepare((("x", x), ("dy", dy), ("y", y)), {"x": 4, "dy": 4, "y": 4})
+    on_device, (x, dy, y) = _prepare((("x", x), ("dy", dy), ("y", y)), {"x": 4, "dy": 4, "y": 4}, stream)
     g = _geometry(geometry, x.shape, w_shape, strides, padding, dilation)
     _check_shape("dy", dy, g.y_shape)
     act = _activation_grad(activation, y, g)
@@ -188,7 +192,7 @@ def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=
 def dense(x, w, b=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
     """``y = act(x @ w + b)`` with x (batch, in), w (in, out); activation may be "softmax"."""
     act = _act.normalize(activation)
-    on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 2, "w": 2, "b": 1})
+    on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 2, "w": 2, "b": 1}, stream)
     g = dense_geometry(x.shape, w.shape)
     if b is not None:
         _check_shape("b", b, (g.out_features,))
@@ -208,7 +212,7 @@ def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, s
     needed for any activation other than linear."""
     act = _act.normalize(activation)
     named = (("x", x), ("w", w), ("dy", dy), ("y", y))
-    on_device, (x, w, dy, y) = _prepare(named, {"x": 2, "w": 2, "dy": 2, "y": 2})
+    on_device, (x, w, dy, y) = _prepare(named, {"x": 2, "w": 2, "dy": 2, "y": 2}, stream)
     g = dense_geometry(x.shape, w.shape)
     _check_shape("dy", dy, g.y_shape)
     if act != "linear":
@@ -233,7 +237,7 @@ def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, s
 
 def softmax(z, backend=DEFAULT_BACKEND, stream=None):
     """Row-wise softmax of a (batch, classes) array."""
-    on_device, (z,) = _prepare((("z", z),), {"z": 2})
+    on_device, (z,) = _prepare((("z", z),), {"z": 2}, stream)
     be = _resolve_backend(backend, on_device)
     if z.shape[0] == 0:
         return _empty(z.shape, on_device, stream)
@@ -243,7 +247,7 @@ def softmax(z, backend=DEFAULT_BACKEND, stream=None):
 def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None):
     """dL/dz from dL/dy and the activation's output y (same shapes; softmax row-wise)."""
     act = _act.normalize(activation)
-    on_device, (dy, y) = _prepare((("dy", dy), ("y", y)), {"dy": None, "y": None})
+    on_device, (dy, y) = _prepare((("dy", dy), ("y", y)), {"dy": None, "y": None}, stream)
     _check_shape("y", y, dy.shape)
     if act == "softmax" and len(dy.shape) != 2:
         raise ValueError(f"softmax backward needs rank-2 arrays, got shape {tuple(dy.shape)}")

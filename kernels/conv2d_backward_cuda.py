@@ -23,8 +23,9 @@ The M = N*OH*OW pixels are cut into ``splits`` fixed chunks (a function of M onl
 fastest: coalesced dy reads, broadcast x reads) and sums chunk s in pixel order into
 partial[s, e]; taps in the padding are skipped by one guard.  Pass 2: one thread per
 element adds partial[0..splits) in order.  db is the same two passes over dy alone.
-Results never depend on the GPU or on scheduling.  Launch: pass 1 grid
-(cdiv(KH*KW*C*K, BWD_THREADS), splits); pass 2 1-D grid.
+Results never depend on the GPU or on scheduling.  The partials live in the stream's
+cached workspace (:func:`cuda_common.workspace`): per call only dw and db are allocated.
+Launch: pass 1 grid (cdiv(KH*KW*C*K, BWD_THREADS), splits); pass 2 1-D grid.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from .cuda_common import cdiv, stream_or_default
+from .cuda_common import cdiv, stream_or_default, workspace
 
 __all__ = ["launch_backward_data", "launch_backward_filter", "filter_splits"]
 
@@ -148,12 +149,13 @@ def launch_backward_filter(x, dy, g, stream=None):
     chunk = cdiv(g.gemm_m, splits)
     n_w = g.gemm_k * g.filters
     dy2 = dy.reshape(g.gemm_m, g.filters)
-    part = cuda.device_array((splits, n_w), np.float32, stream=s)
+    scratch = workspace(splits * (n_w + g.filters), s)     # both partial buffers, one workspace
+    part = scratch[:splits * n_w].reshape(splits, n_w)
+    part_b = scratch[splits * n_w:].reshape(splits, g.filters)
     _bwd_filter_partial_kernel[(cdiv(n_w, BWD_THREADS), splits), BWD_THREADS, s](
         x, dy2, part, chunk, *g.as_tuple())
     dw = cuda.device_array(n_w, np.float32, stream=s)
     _sum_splits_kernel[cdiv(n_w, BWD_THREADS), BWD_THREADS, s](part, dw)
-    part_b = cuda.device_array((splits, g.filters), np.float32, stream=s)
     _bias_partial_kernel[(cdiv(g.filters, BWD_THREADS), splits), BWD_THREADS, s](dy2, part_b, chunk)
     db = cuda.device_array(g.filters, np.float32, stream=s)
     _sum_splits_kernel[cdiv(g.filters, BWD_THREADS), BWD_THREADS, s](part_b, db)

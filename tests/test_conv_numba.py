@@ -86,14 +86,23 @@ def arrays(g, seed, bias=True):
 
 
 def tf_ok(g) -> bool:
-    """tf.nn.conv2d cannot combine dilation > 1 with stride > 1."""
-    return tf is not None and (g.dil_h == 1 and g.dil_w == 1) or (g.stride_h == 1 and g.stride_w == 1)
+    """TensorFlow is importable, and the geometry is one tf.nn.conv2d runs (it cannot combine
+    dilation > 1 with stride > 1)."""
+    return tf is not None and ((g.dil_h == 1 and g.dil_w == 1) or (g.stride_h == 1 and g.stride_w == 1))
 
 
 def _tf_conv(xt, wt, g):
     pads = [[0, 0], [g.pad_top, g.pad_bottom], [g.pad_left, g.pad_right], [0, 0]]
     return tf.nn.conv2d(xt, wt, strides=[1, g.stride_h, g.stride_w, 1], padding=pads,
                         dilations=[1, g.dil_h, g.dil_w, 1])
+
+
+def test_tf_ok_is_false_without_tensorflow(monkeypatch):
+    # `tf is not None and A or B` once bound as `(tf is not None and A) or B`: a stride-1
+    # geometry then asked for TensorFlow on a machine without it
+    g = conv_geometry((1, 6, 6, 1), (3, 3, 1, 1), 1, "valid", 2)
+    monkeypatch.setitem(globals(), "tf", None)
+    assert not tf_ok(g) and not tf_grads_ok(g)
 
 
 def tf_forward(x, w, b, g, act):
@@ -371,18 +380,16 @@ MNIST_CONV2 = ((128, 26, 26, 32), (3, 3, 32, 64))
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ccuda.VARIANTS)
 def test_gpu_mnist_conv2_forward_and_backward(variant):
+    """MNIST conv2 at batch 128 against the float64 reference (the GPU machine has no
+    TensorFlow; where TensorFlow is importable it is checked too)."""
     g = conv_geometry(*MNIST_CONV2)
     x, w, b, dy = arrays(g, 1)
     xd, wd, bd, dyd = _dev(x, w, b, dy)
-    ty = tf_forward(x, w, b, g, "relu")
-    tdx, tdw, tdb = tf_grads(x, w, g, dy)
     y = ccuda.forward(xd, wd, bd, g, A.RELU, variant).copy_to_host()
-    np.testing.assert_allclose(y, ty, **tol(g.gemm_k))
+    check_forward(y, x, w, b, g, "relu")
     dx = cbw.launch_backward_data(dyd, wd, g).copy_to_host()
     dw, db = cbw.launch_backward_filter(xd, dyd, g)
-    np.testing.assert_allclose(dx, tdx, **tol(9 * 64))
-    np.testing.assert_allclose(dw.copy_to_host(), tdw, rtol=1e-4, atol=5e-2)
-    np.testing.assert_allclose(db.copy_to_host(), tdb, rtol=1e-4, atol=5e-2)
+    check_backward(dx, dw.copy_to_host(), db.copy_to_host(), x, w, dy, g)
 
 
 @pytest.mark.gpu

@@ -646,6 +646,34 @@ def test_stream_handle_parsing():
     assert cpp_backend.stream_handle(0) == 0
     assert cpp_backend.stream_handle(NumbaLike()) == 1234
     assert cpp_backend.stream_handle(TorchLike()) == 5678
+
+    class CupyLike:          # cupy.cuda.Stream: .ptr and the CUDA stream protocol
+        ptr = 4321
+
+        def __cuda_stream__(self):
+            return (0, 4321)
+
+    class PtrOnly:           # older CuPy: .ptr only
+        ptr = 999
+
+    class ProtocolOnly:      # cuda.core / cuda-python style
+        def __cuda_stream__(self):
+            return (0, 31337)
+
+    class NullProtocol:      # the legacy default stream as NULL
+        def __cuda_stream__(self):
+            return (0, None)
+
+    class BadProtocol:
+        def __cuda_stream__(self):
+            return 31337
+
+    assert cpp_backend.stream_handle(CupyLike()) == 4321
+    assert cpp_backend.stream_handle(PtrOnly()) == 999
+    assert cpp_backend.stream_handle(ProtocolOnly()) == 31337
+    assert cpp_backend.stream_handle(NullProtocol()) == 0
+    with pytest.raises(TypeError, match=r"__cuda_stream__\(\) must return \(version, handle\)"):
+        cpp_backend.stream_handle(BadProtocol())
     with pytest.raises(TypeError, match="stream"):
         cpp_backend.stream_handle("default")
     with pytest.raises(ValueError, match="stream handle must be >= 0"):

@@ -160,6 +160,85 @@ def test_cuda_dense_forward_backward_match_reference_and_tf(shape, act, bias, se
     check(yd.copy_to_host(), [g.copy_to_host() for g in grads], x, w, b, dy, act)
 
 
+def _run_cuda(x, w, b, dy, act, splits):
+    xd, wd, bd, dyd = _dev(x, w, b, dy)
+    code = A.code(act)
+    yd = dcuda.launch_forward(xd, wd, bd, code, splits=splits)
+    grads = dcuda.launch_backward(xd, wd, dyd, yd, code, splits=splits)
+    return yd.copy_to_host(), [g.copy_to_host() for g in grads]
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_cuda_dense_split_k_matches_reference_and_repeats_bitwise(splits):
+    # reductions of 37 (forward), 5 (dx: fewer elements than splits x TILE) and 3 (dw);
+    # ragged tiles everywhere
+    x, w, b, dy = make(5, 3, 37, 5)
+    y, grads = _run_cuda(x, w, b, dy, "tanh", splits)
+    check(y, grads, x, w, b, dy, "tanh")
+    y2, grads2 = _run_cuda(x, w, b, dy, "tanh", splits)
+    assert np.array_equal(y, y2) and all(np.array_equal(g, h) for g, h in zip(grads, grads2))
+    assert dcuda._plan(3, 5, 37, splits)[0] == splits      # really split: 37 > 2 x 16
+
+
+def test_cuda_dense_split_k_heuristic():
+    split = dcuda.split_k_splits
+    assert split(128, 128, 9216, 132) == 5       # MNIST dense1 forward: 64 tiles → 320 blocks
+    assert split(128, 9216, 128, 132) == 1       # dx: 4608 tiles already
+    assert split(128, 10, 128, 132) == 1         # dense2: reduction too short
+    assert split(16, 16, 1 << 20, 132) == 64     # at most 64 partials per element
+    assert split(1024, 1024, 1 << 20, 10 ** 5) == 16   # the 16 Mi-float workspace cap
+
+
+def test_cuda_dense_row_tiles_beyond_the_grid_limit(monkeypatch):
+    # grid.y is capped (65535 on a GPU): a block then walks several row tiles.  With the cap
+    # at 1, 40 rows (3 tiles) and 40 inputs (dw's 3 row tiles) need the grid-stride loop.
+    monkeypatch.setattr(dcuda, "MAX_GRID_Y", 1)
+    assert dcuda._plan(40, 3, 2, 1)[2][1] == 1
+    x, w, b, dy = make(6, 40, 40, 3)
+    for splits in (1, 2):
+        y, grads = _run_cuda(x, w, b, dy, "relu", splits)
+        check(y, grads, x, w, b, dy, "relu")
+
+
+def test_cuda_workspace_is_reused_per_stream(monkeypatch):
+    from dlconv.kernels import conv2d_backward_cuda as cbw
+    from dlconv.kernels import cuda_common as cc
+    from dlconv.shapes import conv_geometry
+
+    monkeypatch.setattr(cc, "_WORKSPACES", type(cc._WORKSPACES)())
+    allocs = []
+    real = cuda.device_array
+
+    def counting(*args, **kwargs):
+        allocs.append(args[0] if args else kwargs.get("shape"))
+        return real(*args, **kwargs)
+
+    g = conv_geometry((2, 5, 4, 2), (2, 3, 2, 3), 1, ((1, 0), (2, 1)))
+    monkeypatch.setattr(cbw, "PIXELS_PER_SPLIT", 7)          # several partial chunks
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(g.x_shape).astype(np.float32)
+    dy = rng.standard_normal(g.y_shape).astype(np.float32)
+    xd, dyd = cuda.to_device(x), cuda.to_device(dy)
+    monkeypatch.setattr(cuda, "device_array", counting)
+    first = [a.copy_to_host() for a in cbw.launch_backward_filter(xd, dyd, g)]
+    n_first = len(allocs)
+    second = [a.copy_to_host() for a in cbw.launch_backward_filter(xd, dyd, g)]
+    assert len(allocs) - n_first == 2, f"the second call allocated {allocs[n_first:]}, not just dw and db"
+    assert n_first == 3                                       # dw, db and the workspace once
+    assert all(np.array_equal(p, q) for p, q in zip(first, second))
+    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
+    np.testing.assert_allclose(first[0], rdw, **tol(g.gemm_m))
+    np.testing.assert_allclose(first[1], rdb, **tol(g.gemm_m))
+    # another stream gets its own buffer; the same stream keeps its one
+    s1, s2 = cuda.stream(), cuda.stream()
+    n_before = len(allocs)
+    cc.workspace(10, s1)
+    cc.workspace(5, s1)
+    assert len(allocs) - n_before == 1
+    cc.workspace(10, s2)
+    assert len(allocs) - n_before == 2 and len(cc._WORKSPACES) == 3
+
+
 def test_cuda_softmax_rows_longer_than_a_warp():
     rng = np.random.default_rng(2)
     z = (rng.standard_normal((2, 45)) * 30).astype(np.float32)

@@ -22,6 +22,7 @@ import numpy as np
 from .. import activations as _act
 from ..arrays import empty_host
 from ..shapes import conv_geometry
+from ..streams import stream_handle  # noqa: F401  (re-exported: the handle the launchers take)
 from .base import Backend, BackendUnavailable
 
 #: A 3x3 stride-1 geometry every variant can run: what conv_variants() lists without a geometry.
@@ -49,35 +50,6 @@ def _import(name):
         return importlib.import_module(name), ""
     except ImportError as exc:
         return None, f"{name} is not importable ({exc}); rebuild with pip install --no-build-isolation -e ."
-
-
-def stream_handle(stream) -> int:
-    """A CUDA stream as the integer handle the C++ launchers take (0 = default stream).
-
-    Accepts None/0, an int, a Numba stream (``stream.handle`` is a ctypes pointer or a
-    cuda-python ``CUstream``) or anything with ``cuda_stream`` (torch, CuPy).
-    """
-    if stream is None:
-        return 0
-    if isinstance(stream, (bool, np.bool_)):
-        raise TypeError(f"stream must be a CUDA stream or an int handle, got {stream!r}")
-    if isinstance(stream, (int, np.integer)):
-        if stream < 0:
-            raise ValueError(f"stream handle must be >= 0, got {stream}")
-        return int(stream)
-    handle = getattr(stream, "handle", None)
-    if handle is None:
-        handle = getattr(stream, "cuda_stream", None)
-    if handle is None:
-        raise TypeError(f"stream must be a CUDA stream (Numba, torch, CuPy) or an int handle, "
-                        f"got {type(stream).__name__}")
-    value = getattr(handle, "value", handle)  # ctypes c_void_p → int or None (NULL)
-    if value is None:
-        return 0
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"cannot read a handle from stream {stream!r}") from None
 
 
 class CppBackend(Backend):

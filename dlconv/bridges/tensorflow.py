@@ -1,10 +1,30 @@
 """The TensorFlow bridge: where TensorFlow meets the dlconv ops.
 
 :func:`conv2d` and :func:`dense` take TensorFlow tensors and return a TensorFlow tensor
-whose forward *and* backward passes run dlconv kernels, attached with
-``tf.custom_gradient``.  They work eagerly, inside ``tf.function`` and in Keras'
-``fit``/``evaluate``/``predict`` (never under XLA: the ops below are Python callbacks,
-so :mod:`dlconv.layers` sets ``supports_jit = False``).
+whose forward *and* backward passes run dlconv kernels.  They work eagerly, inside
+``tf.function``, in Keras' ``fit``/``evaluate``/``predict`` and in ``model.export``
+(never under XLA: neither path below has an XLA kernel, so :mod:`dlconv.layers` sets
+``supports_jit = False``).  Two paths:
+
+Native ops (the default for the ``cpp`` backend on the CPU)
+-----------------------------------------------------------
+Importing this module loads dlconv's TensorFlow op library (:mod:`dlconv.tf_ops`: built on
+first use against the installed TensorFlow, cached).  When it is loaded, the backend resolves
+to ``cpp`` on the host and TensorFlow sees no GPU, the layers call the graph-native ops
+``DlconvConv2D`` / ``DlconvDense`` (CPU ``OpKernel`` s calling the C++ kernels: no Python,
+no GIL), whose gradients (``DlconvConv2DBackpropInput``, ``DlconvConv2DBackpropFilter``,
+``DlconvDenseGrad``) are registered with ``tf.RegisterGradient``: a graph of a ``fit`` step
+holds no ``PyFunc`` node, and an exported SavedModel runs in any process that loaded the
+library.  The geometry is still resolved here, once, by :mod:`dlconv.shapes`
+(:func:`dlconv.runtime.conv_geometry_cached`); the op's attrs carry the resolved pads,
+strides and dilation.  A "same"-padded layer whose input height or width is unknown when the
+graph is built (so its pads are not known) takes the callback path.
+
+Callbacks (the fallback: numba/reference backends, a GPU, or no op library)
+---------------------------------------------------------------------------
+``tf.custom_gradient`` over ``tf.numpy_function`` / ``tf.py_function`` callbacks into
+:mod:`dlconv.ops`.  A graph holding them cannot be exported to run elsewhere.
+:data:`NATIVE_REASON` says why the native ops are not loaded ("" when they are).
 
 How a tensor reaches a kernel
 -----------------------------
@@ -57,11 +77,14 @@ import tensorflow as tf
 
 from .. import activations as _act
 from .. import ops as _ops
+from .. import tf_ops as _tf_ops
 from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
+from ..shapes import normalize_padding
 
-__all__ = ["conv2d", "dense", "tf_sees_gpu", "SUPPORTS_JIT", "FUSED_CONV", "FUSED_DENSE"]
+__all__ = ["conv2d", "dense", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
+           "FUSED_DENSE", "NATIVE_REASON"]
 
-#: The callbacks are Python (``numpy_function``): XLA cannot compile them.
+#: Neither the native ops nor the callbacks have an XLA kernel.
 SUPPORTS_JIT = False
 
 #: Activations fused into the conv kernels' epilogue.
@@ -136,8 +159,24 @@ def _run_on_tensors(fn, tensors, out_dtypes):
         return [_to_tf_from_device(o, device_id) for o in outs]
 
 
+def _refuse_export(what):
+    """A graph traced for a SavedModel must not hold a Python callback: it would load nowhere
+    else.  Raised while ``tf.saved_model.save`` / ``model.export`` traces (the save context)."""
+    from tensorflow.python.saved_model import save_context
+    if save_context.in_save_context():
+        scope = tf.get_current_name_scope()   # Keras calls a layer under its name
+        raise RuntimeError(
+            f"dlconv {what} (layer {scope!r}): cannot export a dlconv layer that runs through Python callbacks "
+            f"(numpy_function), the SavedModel would not run in any other process. The graph-native "
+            f"TensorFlow ops are not used here: "
+            f"{NATIVE_REASON or 'the layer backend is not cpp on the CPU (or TensorFlow sees a GPU)'}. "
+            f"Use backend='cpp' (or 'auto') on the CPU with dlconv's op library available "
+            f"(python -m dlconv.tf_ops builds it), or export the stock Keras layers with the same weights.")
+
+
 def _callback(fn, inputs, n_out):
     """Run ``fn(arrays, on_device) -> list of n_out float32 arrays`` as a TF op."""
+    _refuse_export(getattr(fn, "__qualname__", "op").split(".")[0])
     tout = [tf.float32] * n_out
     if tf_sees_gpu():
         out = tf.py_function(lambda *t: _run_on_tensors(fn, t, tout), inputs, tout)
@@ -151,7 +190,74 @@ def _callback(fn, inputs, n_out):
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
+# ----------------------------------------------------------------------------- native ops
+try:
+    _LIB = _tf_ops.load()
+    NATIVE_REASON = ""
+except _tf_ops.TFOpsUnavailable as _exc:
+    _LIB = None
+    NATIVE_REASON = str(_exc)
+
+
+def uses_native(backend="auto") -> bool:
+    """Whether layers with this ``backend`` run the graph-native ops (else the callbacks)."""
+    if _LIB is None or tf_sees_gpu():
+        return False
+    try:
+        return resolve_backend(backend, False).name == "cpp"
+    except Exception:   # unavailable backend: the callback path raises the reason when run
+        return False
+
+
+def _no_bias():
+    """The ops' "no bias" input: a vector of length 0."""
+    return tf.zeros([0], tf.float32)
+
+
+def _conv_attrs(op):
+    return dict(strides=op.get_attr("strides"), dilations=op.get_attr("dilations"),
+                pads=op.get_attr("pads"), activation=op.get_attr("activation").decode())
+
+
+@tf.RegisterGradient("DlconvConv2D")
+def _conv2d_grad(op, dy):
+    """dx, dw, db of ``DlconvConv2D``: dy = dL/dy and y go to the backward kernels, which apply
+    the activation's derivative themselves.  TensorFlow prunes dx where nobody reads it (the
+    first layer)."""
+    x, w, b = op.inputs
+    y = op.outputs[0]
+    attrs = _conv_attrs(op)
+    dx = _LIB.dlconv_conv2d_backprop_input(dy, w, y, tf.shape(x, out_type=tf.int32), **attrs)
+    dw, db = _LIB.dlconv_conv2d_backprop_filter(x, dy, y, kernel_size=list(w.shape[:2]), **attrs)
+    return [dx, dw, db if b.shape[0] != 0 else None]
+
+
+@tf.RegisterGradient("DlconvDense")
+def _dense_grad(op, dy):
+    x, w, b = op.inputs
+    dx, dw, db = _LIB.dlconv_dense_grad(x, w, dy, op.outputs[0],
+                                        activation=op.get_attr("activation").decode())
+    return [dx, dw, db if b.shape[0] != 0 else None]
+
+
+def _native_pads(x_shape, w_shape, strides, padding, dilation):
+    """(top, bottom, left, right) resolved by dlconv.shapes, or None when "same" padding meets
+    an unknown height or width (its pads depend on the size)."""
+    n, h, w, c = x_shape
+    if h is not None and w is not None and c is not None:
+        g = conv_geometry_cached((1, h, w, c), w_shape, strides, padding, dilation)
+        return [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right]
+    pad = normalize_padding(padding)
+    if pad == "same":
+        return None
+    if pad == "valid":
+        return [0, 0, 0, 0]
+    (t, bo), (le, r) = pad
+    return [t, bo, le, r]
+
+
 # ----------------------------------------------------------------------------- conv2d
+@tf.autograph.experimental.do_not_convert   # plain Python: nothing for AutoGraph to convert
 def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
            backend="auto", out_shape=None):
     """``act(conv2d(x, kernel) + bias)`` (NHWC / HWIO) as a differentiable TF op.
@@ -164,6 +270,15 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
     kernel, bias = _read(kernel), _read(bias)
     w_shape = tuple(int(d) for d in kernel.shape)
     has_bias = bias is not None
+    if uses_native(backend):
+        x = tf.convert_to_tensor(x)
+        pads = _native_pads(tuple(x.shape), w_shape, strides, padding, dilation)
+        if pads is not None:
+            y = _LIB.dlconv_conv2d(x, kernel, bias if has_bias else _no_bias(), strides=list(strides),
+                                   dilations=list(dilation), pads=pads, activation=act)
+            if out_shape is not None:
+                y.set_shape(out_shape)
+            return y
 
     def geometry(x_shape):
         return conv_geometry_cached(tuple(x_shape), w_shape, strides, padding, dilation)
@@ -237,6 +352,7 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
 
 
 # ----------------------------------------------------------------------------- dense
+@tf.autograph.experimental.do_not_convert   # plain Python: nothing for AutoGraph to convert
 def dense(x, kernel, bias, *, activation="linear", backend="auto"):
     """``act(x @ kernel + bias)`` for rank-2 ``x`` as a differentiable TF op.
 
@@ -246,6 +362,8 @@ def dense(x, kernel, bias, *, activation="linear", backend="auto"):
     kernel, bias = _read(kernel), _read(bias)
     has_bias = bias is not None
     units = int(kernel.shape[1])
+    if uses_native(backend):
+        return _LIB.dlconv_dense(x, kernel, bias if has_bias else _no_bias(), activation=act)
 
     def forward(arrays, on_device):
         x_, w_ = arrays[0], arrays[1]

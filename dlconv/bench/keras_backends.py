@@ -2,7 +2,7 @@
 per-call overhead, measured under the torch and JAX Keras backends (and TensorFlow's).
 
 Keras fixes its backend when it is first imported, so each backend is measured in a child
-process (``python -m dlconv.bench_keras --keras-backend torch ...``), which prints one JSON
+process (``python -m dlconv.bench.keras_backends --keras-backend torch ...``), which prints one JSON
 object; :func:`run_keras_backends` starts the children and turns their answers into rows
 of the bench's train-step table.  Inside a child everything is same-process:
 
@@ -25,19 +25,16 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .cases import TOLERANCE  # the inference check before timing
+from .targets import BRIDGE_COST_TARGET, STEP_TARGETS  # noqa: F401  (re-exported)
+from .timing import rotating_round_robin
+
 #: Keras backends measured in child processes by :func:`run_keras_backends`.
 KERAS_BACKENDS = ("torch", "jax")
-#: Train-step time targets, dlconv(cpp) / stock Keras on the same backend (issue 10).
-STEP_TARGETS = {"torch": 0.6, "jax": 0.3, "tensorflow": 1.0}
-#: What a bridge may cost: dlconv's step on torch/JAX over dlconv's step on TensorFlow.
-BRIDGE_COST_TARGET = 1.25
-#: Relative tolerance of the inference check before timing (the bench's TOLERANCE).
-TOLERANCE = 1e-3
 #: Calls per timed sample of the per-call overhead, and samples.
 OVERHEAD_CALLS, OVERHEAD_SAMPLES = 200, 7
 
@@ -50,15 +47,7 @@ def _sync(y):
 
 def _round_robin(fns: dict, rounds: int) -> dict:
     """Median seconds of each zero-argument callable, sampled in turn, the order rotating."""
-    samples = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(rounds):
-        for j in range(len(names)):
-            k = names[(r + j) % len(names)]
-            t0 = time.perf_counter()
-            fns[k]()
-            samples[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {k: statistics.median(v) for k, v in rotating_round_robin(fns, rounds).items()}
 
 
 def measure_train_step(backends: Sequence[str], batch: int, rounds: int, warmup: int,
@@ -66,7 +55,7 @@ def measure_train_step(backends: Sequence[str], batch: int, rounds: int, warmup:
     """Rows for the stock CNN and the dlconv CNN on each backend, on this process' Keras."""
     import keras
 
-    from . import models
+    from .. import models
 
     kb = keras.config.backend()
     rng = np.random.default_rng(seed)
@@ -114,7 +103,7 @@ def measure_overhead(backend: str = "cpp") -> dict:
     ``keras.ops.conv`` on this process' Keras backend (both jitted on JAX)."""
     import keras
 
-    from . import bridges
+    from .. import bridges
 
     kb = keras.config.backend()
     bridge = bridges.load(kb)
@@ -150,7 +139,7 @@ def measure_overhead(backend: str = "cpp") -> dict:
 
 
 def child_main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dlconv.bench_keras")
+    p = argparse.ArgumentParser(prog="python -m dlconv.bench.keras_backends")
     p.add_argument("--keras-backend", required=True, choices=("tensorflow", "torch", "jax"))
     p.add_argument("--backends", default="cpp")
     p.add_argument("--batch", type=int, default=128)
@@ -161,7 +150,7 @@ def child_main(argv=None) -> int:
     os.environ["KERAS_BACKEND"] = args.keras_backend
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "keras" in sys.modules:
-        raise SystemExit("dlconv.bench_keras must run in a fresh process (keras is imported)")
+        raise SystemExit("dlconv.bench.keras_backends must run in a fresh process (keras is imported)")
     result = {"keras_backend": args.keras_backend, "train_rows": [], "overhead": None}
     backends = [b for b in args.backends.split(",") if b]
     if not args.no_train_step:
@@ -176,7 +165,7 @@ def child_main(argv=None) -> int:
 
 def _child(keras_backend: str, backends: Sequence[str], batch: int, rounds: int, warmup: int,
            train_step: bool, timeout_s: float) -> dict:
-    cmd = [sys.executable, "-m", "dlconv.bench_keras", "--keras-backend", keras_backend,
+    cmd = [sys.executable, "-m", "dlconv.bench.keras_backends", "--keras-backend", keras_backend,
            "--backends", ",".join(backends), "--batch", str(batch), "--rounds", str(rounds),
            "--warmup", str(warmup)] + ([] if train_step else ["--no-train-step"])
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
@@ -193,7 +182,7 @@ def _child(keras_backend: str, backends: Sequence[str], batch: int, rounds: int,
 
 
 def _installed(keras_backend: str) -> Optional[str]:
-    from .bridges import status
+    from ..bridges import status
     ok, why = status()[keras_backend]
     return None if ok else why
 

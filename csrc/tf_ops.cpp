@@ -1,0 +1,676 @@
+// tf_ops.cpp — the TensorFlow op library: dlconv's C++ CPU kernels as graph-native TF ops.
+//
+// Built by dlconv/tf_ops.py against the installed TensorFlow (tf.sysconfig flags) together with
+// cpu_conv.cpp and cpu_dense.cpp, loaded with tf.load_op_library.  No Python runs in these ops.
+//
+// Ops (float32, NHWC activations, HWIO conv weights, (in, out) dense weights):
+//   DlconvConv2D(x, w, b) -> y                      y = act(conv2d(x, w) + b)
+//   DlconvConv2DBackpropInput(dy, w, y, x_shape) -> dx
+//   DlconvConv2DBackpropFilter(x, dy, y) -> (dw, db)
+//   DlconvDense(x, w, b) -> y                       y = act(x @ w + b), act may be softmax
+//   DlconvDenseGrad(x, w, dy, y) -> (dx, dw, db)
+// `b` is a vector of `filters`/`units` values, or of length 0 for no bias.  The backward ops
+// take dy = dL/dy of the activation and y, the forward output: the kernels apply act'(y)
+// themselves (no dL/dz tensor, no separate activation-backward op).
+//
+// Geometry: resolution stays in Python (dlconv.shapes via dlconv.runtime.conv_geometry_cached).
+// The attrs carry the *resolved* record without the batch: strides, dilations and the explicit
+// pads (top, bottom, left, right) — "same" has already become numbers.  Given explicit pads the
+// output size is the one formula csrc/geometry.h checks (out = (in + pads - k_eff) / stride + 1);
+// the shape functions and the kernels form the ConvGeometry from the tensors' dims plus these
+// attrs and validate it with validate_geometry, so a hand-written graph with bad attrs or shapes
+// gets InvalidArgumentError naming the values, never a crash.
+//
+// Threading: dlconv's kernels parallelise with OpenMP and must run one at a time (two at once
+// fight for the cores), so every kernel call holds one process-wide mutex and runs on the
+// TensorFlow thread that called the op: small calls (below SERIAL_FLOPS) with a one-thread
+// OpenMP team (no workers to wake), larger ones with dlconv's full OpenMP team.  Measured
+// against the alternatives (DLCONV_TF_THREADING, below; benchmarks/tf_inference.py): handing
+// large calls to one dedicated dlconv thread (one OpenMP team, as dlconv.runtime.HostThread does
+// for the Python callbacks) made batch-1 inference 9-13x slower than stock on a loaded 2-core VM
+// (each hand-off is two thread wake-ups); every call single-threaded on TensorFlow's thread
+// (TensorFlow's inter-op threads instead of OpenMP) was close to this default.
+#include <omp.h>
+#include <pthread.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cpu_kernels.h"
+#include "geometry.h"
+#include "tensorflow/core/framework/common_shape_fns.h"
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/shape_inference.h"
+
+namespace dlconv {
+namespace tfops {
+
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Status;
+using ::tensorflow::Tensor;
+using ::tensorflow::TensorShape;
+using ::tensorflow::shape_inference::DimensionHandle;
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+namespace errors = ::tensorflow::errors;
+
+// Same thresholds as bind_cpu.cpp: below them a kernel runs on the calling thread alone
+// (waking OpenMP's sleeping workers costs 0.1-0.6 ms on a virtual machine, more than the op).
+constexpr double SERIAL_FLOPS = 2e7;        // ~0.1 ms on one AVX-512 core
+// Geometry fields beyond this are refused before any product is formed (no int64 overflow).
+constexpr int64_t MAX_FIELD = int64_t(1) << 31;
+// Activation code of softmax (dense only; geometry.h's element-wise codes are 0-3).
+constexpr int ACT_SOFTMAX = 4;
+
+// ----------------------------------------------------------------------------- threading
+// One kernel at a time, process-wide (see the threading note at the top).
+// DLCONV_TF_THREADING (read once): "openmp" (the default, described above), "worker" (large
+// calls on one dedicated dlconv thread, the caller sleeping meanwhile) or "serial" (every call
+// with a one-thread OpenMP team on TensorFlow's thread).
+enum class Threading { OPENMP, WORKER, SERIAL };
+
+Threading threading_mode() {
+    const char* v = std::getenv("DLCONV_TF_THREADING");
+    if (v && std::string(v) == "worker") return Threading::WORKER;
+    if (v && std::string(v) == "serial") return Threading::SERIAL;
+    return Threading::OPENMP;
+}
+
+class HostRunner {
+   public:
+    HostRunner() : mode_(threading_mode()) {
+        if (mode_ == Threading::WORKER) std::thread([this] { loop(); }).detach();
+    }
+
+    // Runs fn() under the process-wide kernel lock: in place with a one-thread team when
+    // `small`, else with dlconv's OpenMP team (in place, or on the dlconv thread for "worker").
+    void run(bool small, const std::function<void()>& fn) {
+        std::lock_guard<std::mutex> busy(busy_);
+        if (mode_ == Threading::SERIAL) small = true;
+        if (mode_ == Threading::OPENMP && !small) {
+            fn();
+            return;
+        }
+        if (small) {
+            const int saved = omp_get_max_threads();
+            omp_set_num_threads(1);
+            struct Restore {
+                int n;
+                ~Restore() { omp_set_num_threads(n); }
+            } restore{saved};
+            fn();
+            return;
+        }
+        std::unique_lock<std::mutex> lk(m_);
+        job_ = &fn;
+        error_ = nullptr;
+        done_ = false;
+        cv_.notify_one();
+        done_cv_.wait(lk, [this] { return done_; });
+        if (error_) std::rethrow_exception(error_);
+    }
+
+   private:
+    void loop() {
+        std::unique_lock<std::mutex> lk(m_);
+        for (;;) {
+            cv_.wait(lk, [this] { return job_ != nullptr; });
+            const std::function<void()>* job = job_;
+            lk.unlock();
+            std::exception_ptr err;
+            try {
+                (*job)();
+            } catch (...) {
+                err = std::current_exception();
+            }
+            lk.lock();
+            job_ = nullptr;
+            error_ = err;
+            done_ = true;
+            done_cv_.notify_one();
+        }
+    }
+
+    Threading mode_;
+    std::mutex busy_;                         // one kernel call at a time
+    std::mutex m_;                            // guards job_/done_/error_
+    std::condition_variable cv_, done_cv_;
+    const std::function<void()>* job_ = nullptr;
+    std::exception_ptr error_;
+    bool done_ = false;
+};
+
+// The runner is created on first use; a forked child (which has no dlconv thread, and whose
+// mutexes may be held by threads that do not exist there) starts afresh with a new one.
+std::atomic<HostRunner*> g_runner{nullptr};
+
+void forget_runner_in_child() { g_runner.store(nullptr); }  // the parent's one is leaked
+
+HostRunner& runner() {
+    HostRunner* r = g_runner.load();
+    if (r) return *r;
+    static std::once_flag atfork;
+    std::call_once(atfork, [] { pthread_atfork(nullptr, nullptr, forget_runner_in_child); });
+    HostRunner* fresh = new HostRunner();
+    HostRunner* expected = nullptr;
+    if (g_runner.compare_exchange_strong(expected, fresh)) return *fresh;
+    // Lost a race to another first caller: `fresh` is leaked, not deleted (in "worker" mode its
+    // thread is waiting on it).
+    return *expected;
+}
+
+// Runs a kernel; a C++ exception from it becomes an error status (never escapes into TF).
+void run_kernel(OpKernelContext* ctx, double flops, const std::function<void()>& fn) {
+    try {
+        runner().run(flops < SERIAL_FLOPS, fn);
+    } catch (const std::invalid_argument& e) {
+        ctx->SetStatus(errors::InvalidArgument(e.what()));
+    } catch (const std::exception& e) {
+        ctx->SetStatus(errors::Internal("dlconv kernel failed: ", e.what()));
+    }
+}
+
+// ----------------------------------------------------------------------------- attrs
+struct ConvAttrs {
+    int64_t stride_h = 1, stride_w = 1, dil_h = 1, dil_w = 1;
+    int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+    int act = ACT_LINEAR;
+};
+
+// Activation attr → code; `allow_softmax` for dense.
+Status activation_code(const std::string& name, bool allow_softmax, int* code) {
+    static const char* names[] = {"linear", "relu", "sigmoid", "tanh", "softmax"};
+    for (int i = 0; i < 5; ++i)
+        if (name == names[i] && (i < ACT_SOFTMAX || allow_softmax)) {
+            *code = i;
+            return Status();
+        }
+    return errors::InvalidArgument("dlconv: activation must be one of linear, relu, sigmoid, tanh",
+                                   allow_softmax ? ", softmax" : "", "; got '", name, "'");
+}
+
+std::string list_str(const std::vector<int64_t>& v) {
+    std::string s = "[";
+    for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+    return s + "]";
+}
+
+Status check_list(const char* name, const std::vector<int64_t>& v, size_t n, int64_t minimum) {
+    if (v.size() != n)
+        return errors::InvalidArgument("dlconv: attr ", name, " must have ", n, " values, got ", list_str(v));
+    for (int64_t x : v)
+        if (x < minimum || x > MAX_FIELD)
+            return errors::InvalidArgument("dlconv: attr ", name, " values must be in [", minimum, ", ",
+                                           MAX_FIELD, "], got ", list_str(v));
+    return Status();
+}
+
+// Reads and checks strides/dilations/pads/activation from a kernel construction or a shape
+// inference context (both have GetAttr with the same signature).
+template <class Ctx>
+Status read_conv_attrs(Ctx* c, bool with_activation, ConvAttrs* a) {
+    std::vector<int64_t> strides, dilations, pads;
+    TF_RETURN_IF_ERROR(c->GetAttr("strides", &strides));
+    TF_RETURN_IF_ERROR(c->GetAttr("dilations", &dilations));
+    TF_RETURN_IF_ERROR(c->GetAttr("pads", &pads));
+    TF_RETURN_IF_ERROR(check_list("strides", strides, 2, 1));
+    TF_RETURN_IF_ERROR(check_list("dilations", dilations, 2, 1));
+    TF_RETURN_IF_ERROR(check_list("pads (top, bottom, left, right)", pads, 4, 0));
+    a->stride_h = strides[0], a->stride_w = strides[1];
+    a->dil_h = dilations[0], a->dil_w = dilations[1];
+    a->pad_top = pads[0], a->pad_bottom = pads[1], a->pad_left = pads[2], a->pad_right = pads[3];
+    if (with_activation) {
+        std::string act;
+        TF_RETURN_IF_ERROR(c->GetAttr("activation", &act));
+        TF_RETURN_IF_ERROR(activation_code(act, false, &a->act));
+    }
+    return Status();
+}
+
+// Output size along one axis from explicit pads (csrc/geometry.h's check); -1 if impossible.
+int64_t out_size(int64_t in, int64_t k, int64_t stride, int64_t dil, int64_t before, int64_t after) {
+    const int64_t keff = (k - 1) * dil + 1, padded = in + before + after;
+    if (keff > padded) return -1;
+    return (padded - keff) / stride + 1;
+}
+
+Status impossible_axis(const char* axis, int64_t in, int64_t k, int64_t dil, int64_t before, int64_t after) {
+    return errors::InvalidArgument("dlconv: kernel ", axis, " ", k, " with dilation ", dil, " (effective ",
+                                   (k - 1) * dil + 1, ") is larger than the padded input ", axis, ": ", in,
+                                   " + ", before, " + ", after);
+}
+
+// The full record from x's NHWC dims, the kernel's (kh, kw, filters) and the attrs; validated.
+Status make_geometry(const char* op, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh, int64_t kw,
+                     int64_t wc, int64_t filters, const ConvAttrs& a, ConvGeometry* g) {
+    for (int64_t v : {n, h, w, c, kh, kw, wc, filters})
+        if (v > MAX_FIELD) return errors::InvalidArgument("dlconv ", op, ": dimension ", v, " is out of range");
+    if (wc != c)
+        return errors::InvalidArgument("dlconv ", op, ": channel mismatch: x has ", c, " channels but w expects ",
+                                       wc);
+    if (h < 1 || w < 1 || c < 1 || kh < 1 || kw < 1 || filters < 1)
+        return errors::InvalidArgument("dlconv ", op, ": sizes must be >= 1, got x (", n, ", ", h, ", ", w, ", ",
+                                       c, "), kernel (", kh, ", ", kw, ", ", wc, ", ", filters, ")");
+    const int64_t oh = out_size(h, kh, a.stride_h, a.dil_h, a.pad_top, a.pad_bottom);
+    if (oh < 0) return impossible_axis("height", h, kh, a.dil_h, a.pad_top, a.pad_bottom);
+    const int64_t ow = out_size(w, kw, a.stride_w, a.dil_w, a.pad_left, a.pad_right);
+    if (ow < 0) return impossible_axis("width", w, kw, a.dil_w, a.pad_left, a.pad_right);
+    *g = ConvGeometry{n, h, w, c, filters, kh, kw, a.stride_h, a.stride_w, a.dil_h, a.dil_w,
+                      a.pad_top, a.pad_bottom, a.pad_left, a.pad_right, oh, ow};
+    try {
+        validate_geometry(*g);
+    } catch (const std::invalid_argument& e) {
+        return errors::InvalidArgument(e.what());
+    }
+    return Status();
+}
+
+Status check_rank(const char* op, const char* name, const Tensor& t, int rank) {
+    if (t.dims() != rank)
+        return errors::InvalidArgument("dlconv ", op, ": ", name, " must have rank ", rank, ", got shape ",
+                                       t.shape().DebugString());
+    return Status();
+}
+
+Status check_shape(const char* op, const char* name, const Tensor& t, const TensorShape& want) {
+    if (t.shape() != want)
+        return errors::InvalidArgument("dlconv ", op, ": ", name, " has shape ", t.shape().DebugString(),
+                                       ", expected ", want.DebugString());
+    return Status();
+}
+
+// Bias: length `n`, or length 0 (no bias) → nullptr.
+Status bias_ptr(const char* op, const Tensor& b, int64_t n, const float** ptr) {
+    TF_RETURN_IF_ERROR(check_rank(op, "b", b, 1));
+    if (b.dim_size(0) != 0 && b.dim_size(0) != n)
+        return errors::InvalidArgument("dlconv ", op, ": b must have ", n, " values (or 0 for no bias), got ",
+                                       b.dim_size(0));
+    *ptr = b.dim_size(0) ? b.flat<float>().data() : nullptr;
+    return Status();
+}
+
+const float* fptr(const Tensor& t) { return t.flat<float>().data(); }
+float* fptr(Tensor* t) { return t->flat<float>().data(); }
+
+double conv_flops(const ConvGeometry& g) {
+    return 2.0 * double(g.batch) * double(g.out_h) * double(g.out_w) * double(g.k_h * g.k_w) * double(g.in_c) *
+           double(g.filters);
+}
+
+TensorShape x_shape(const ConvGeometry& g) { return TensorShape({g.batch, g.in_h, g.in_w, g.in_c}); }
+TensorShape w_shape(const ConvGeometry& g) { return TensorShape({g.k_h, g.k_w, g.in_c, g.filters}); }
+TensorShape y_shape(const ConvGeometry& g) { return TensorShape({g.batch, g.out_h, g.out_w, g.filters}); }
+
+// ----------------------------------------------------------------------------- shape functions
+// Unknown dims stay unknown (the batch, typically); known ones give the output dims, and bad
+// attrs or impossible geometry fail graph construction with the same messages as the kernels.
+Status conv_out_dim(InferenceContext* c, DimensionHandle in, int64_t k, int64_t stride, int64_t dil,
+                    int64_t before, int64_t after, const char* axis, DimensionHandle* out) {
+    if (!c->ValueKnown(in) || k < 0) {
+        *out = c->UnknownDim();
+        return Status();
+    }
+    const int64_t o = out_size(c->Value(in), k, stride, dil, before, after);
+    if (o < 0) return impossible_axis(axis, c->Value(in), k, dil, before, after);
+    *out = c->MakeDim(o);
+    return Status();
+}
+
+Status conv_forward_shape(InferenceContext* c) {
+    ConvAttrs a;
+    TF_RETURN_IF_ERROR(read_conv_attrs(c, true, &a));
+    ShapeHandle x, w, b;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &w));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &b));
+    DimensionHandle ch;
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 3), c->Dim(w, 2), &ch));
+    const int64_t kh = c->Value(c->Dim(w, 0)), kw = c->Value(c->Dim(w, 1));
+    DimensionHandle oh, ow;
+    TF_RETURN_IF_ERROR(conv_out_dim(c, c->Dim(x, 1), kh, a.stride_h, a.dil_h, a.pad_top, a.pad_bottom, "height", &oh));
+    TF_RETURN_IF_ERROR(conv_out_dim(c, c->Dim(x, 2), kw, a.stride_w, a.dil_w, a.pad_left, a.pad_right, "width", &ow));
+    c->set_output(0, c->MakeShape({c->Dim(x, 0), oh, ow, c->Dim(w, 3)}));
+    return Status();
+}
+
+Status conv_backprop_input_shape(InferenceContext* c) {
+    ConvAttrs a;
+    TF_RETURN_IF_ERROR(read_conv_attrs(c, true, &a));
+    ShapeHandle dy, w, y, xs;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &dy));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &w));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &y));
+    TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(3, &xs));
+    TF_RETURN_IF_ERROR(c->WithRank(xs, 4, &xs));
+    c->set_output(0, xs);
+    return Status();
+}
+
+Status conv_backprop_filter_shape(InferenceContext* c) {
+    ConvAttrs a;
+    TF_RETURN_IF_ERROR(read_conv_attrs(c, true, &a));
+    std::vector<int64_t> ks;
+    TF_RETURN_IF_ERROR(c->GetAttr("kernel_size", &ks));
+    TF_RETURN_IF_ERROR(check_list("kernel_size", ks, 2, 1));
+    ShapeHandle x, dy, y;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &dy));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &y));
+    c->set_output(0, c->MakeShape({c->MakeDim(ks[0]), c->MakeDim(ks[1]), c->Dim(x, 3), c->Dim(dy, 3)}));
+    c->set_output(1, c->Vector(c->Dim(dy, 3)));
+    return Status();
+}
+
+Status dense_shape(InferenceContext* c) {
+    std::string act;
+    int code;
+    TF_RETURN_IF_ERROR(c->GetAttr("activation", &act));
+    TF_RETURN_IF_ERROR(activation_code(act, true, &code));
+    ShapeHandle x, w, b;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &w));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &b));
+    DimensionHandle k;
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(w, 0), &k));
+    c->set_output(0, c->Matrix(c->Dim(x, 0), c->Dim(w, 1)));
+    return Status();
+}
+
+Status dense_grad_shape(InferenceContext* c) {
+    std::string act;
+    int code;
+    TF_RETURN_IF_ERROR(c->GetAttr("activation", &act));
+    TF_RETURN_IF_ERROR(activation_code(act, true, &code));
+    ShapeHandle x, w, dy, y;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 2, &x));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &w));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 2, &dy));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(3), 2, &y));
+    DimensionHandle k;
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 1), c->Dim(w, 0), &k));
+    c->set_output(0, x);
+    c->set_output(1, w);
+    c->set_output(2, c->Vector(c->Dim(w, 1)));
+    return Status();
+}
+
+// ----------------------------------------------------------------------------- conv kernels
+class ConvOpBase : public OpKernel {
+   public:
+    explicit ConvOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+        OP_REQUIRES_OK(ctx, read_conv_attrs(ctx, true, &attrs_));
+    }
+
+   protected:
+    // The record for x's NHWC shape (n, h, w, c) and weights of shape (kh, kw, wc, filters).
+    bool geometry(OpKernelContext* ctx, const char* op, const int64_t xs[4], int64_t kh, int64_t kw, int64_t wc,
+                  int64_t filters, ConvGeometry* g) {
+        Status s = make_geometry(op, xs[0], xs[1], xs[2], xs[3], kh, kw, wc, filters, attrs_, g);
+        if (!s.ok()) ctx->SetStatus(s);
+        return s.ok();
+    }
+    ConvAttrs attrs_;
+};
+
+class Conv2DOp : public ConvOpBase {
+   public:
+    using ConvOpBase::ConvOpBase;
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvConv2D";
+        const Tensor &x = ctx->input(0), &w = ctx->input(1), &b = ctx->input(2);
+        OP_REQUIRES_OK(ctx, check_rank(K, "x", x, 4));
+        OP_REQUIRES_OK(ctx, check_rank(K, "w", w, 4));
+        const int64_t xs[4] = {x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3)};
+        ConvGeometry g;
+        if (!geometry(ctx, K, xs, w.dim_size(0), w.dim_size(1), w.dim_size(2), w.dim_size(3), &g)) return;
+        const float* bp;
+        OP_REQUIRES_OK(ctx, bias_ptr(K, b, g.filters, &bp));
+        Tensor* y = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape(g), &y));
+        if (g.batch == 0) return;
+        const float *xp = fptr(x), *wp = fptr(w);
+        float* yp = fptr(y);
+        const int act = attrs_.act;
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_forward(g, xp, wp, bp, act, yp); });
+    }
+};
+
+class Conv2DBackpropInputOp : public ConvOpBase {
+   public:
+    using ConvOpBase::ConvOpBase;
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvConv2DBackpropInput";
+        const Tensor &dy = ctx->input(0), &w = ctx->input(1), &y = ctx->input(2), &xs_t = ctx->input(3);
+        OP_REQUIRES_OK(ctx, check_rank(K, "w", w, 4));
+        OP_REQUIRES(ctx, xs_t.dims() == 1 && xs_t.dim_size(0) == 4,
+                    errors::InvalidArgument("dlconv ", K, ": x_shape must be a vector of 4 ints, got shape ",
+                                            xs_t.shape().DebugString()));
+        int64_t xs[4];
+        for (int i = 0; i < 4; ++i) {
+            xs[i] = xs_t.dtype() == ::tensorflow::DT_INT32 ? int64_t(xs_t.vec<int32_t>()(i)) : xs_t.vec<int64_t>()(i);
+            OP_REQUIRES(ctx, xs[i] >= 0,
+                        errors::InvalidArgument("dlconv ", K, ": x_shape[", i, "] = ", xs[i], " is negative"));
+        }
+        ConvGeometry g;
+        if (!geometry(ctx, K, xs, w.dim_size(0), w.dim_size(1), w.dim_size(2), w.dim_size(3), &g)) return;
+        OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, y_shape(g)));
+        if (attrs_.act != ACT_LINEAR) OP_REQUIRES_OK(ctx, check_shape(K, "y", y, y_shape(g)));
+        Tensor* dx = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_shape(g), &dx));
+        if (g.batch == 0) return;
+        const float *dyp = fptr(dy), *wp = fptr(w), *yp = attrs_.act != ACT_LINEAR ? fptr(y) : nullptr;
+        float* dxp = fptr(dx);
+        const int act = attrs_.act;
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data(g, dyp, wp, dxp, yp, act); });
+    }
+};
+
+class Conv2DBackpropFilterOp : public ConvOpBase {
+   public:
+    explicit Conv2DBackpropFilterOp(OpKernelConstruction* ctx) : ConvOpBase(ctx) {
+        std::vector<int64_t> ks;
+        OP_REQUIRES_OK(ctx, ctx->GetAttr("kernel_size", &ks));
+        OP_REQUIRES_OK(ctx, check_list("kernel_size", ks, 2, 1));
+        kh_ = ks[0], kw_ = ks[1];
+    }
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvConv2DBackpropFilter";
+        const Tensor &x = ctx->input(0), &dy = ctx->input(1), &y = ctx->input(2);
+        OP_REQUIRES_OK(ctx, check_rank(K, "x", x, 4));
+        OP_REQUIRES_OK(ctx, check_rank(K, "dy", dy, 4));
+        const int64_t xs[4] = {x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3)};
+        ConvGeometry g;
+        if (!geometry(ctx, K, xs, kh_, kw_, xs[3], dy.dim_size(3), &g)) return;
+        OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, y_shape(g)));
+        if (attrs_.act != ACT_LINEAR) OP_REQUIRES_OK(ctx, check_shape(K, "y", y, y_shape(g)));
+        Tensor *dw = nullptr, *db = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, w_shape(g), &dw));
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g.filters}), &db));
+        const float *xp = fptr(x), *dyp = fptr(dy), *yp = attrs_.act != ACT_LINEAR ? fptr(y) : nullptr;
+        float *dwp = fptr(dw), *dbp = fptr(db);
+        const int act = attrs_.act;
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter(g, xp, dyp, dwp, dbp, yp, act); });
+    }
+
+   private:
+    int64_t kh_ = 1, kw_ = 1;
+};
+
+// ----------------------------------------------------------------------------- dense kernels
+class DenseOpBase : public OpKernel {
+   public:
+    explicit DenseOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+        std::string act;
+        OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &act));
+        OP_REQUIRES_OK(ctx, activation_code(act, true, &act_));
+    }
+
+   protected:
+    // M, K, N from x (M, K) and w (K, N), checked.
+    bool dims(OpKernelContext* ctx, const char* op, const Tensor& x, const Tensor& w, int64_t* M, int64_t* Kf,
+              int64_t* N) {
+        Status s = check_rank(op, "x", x, 2);
+        if (s.ok()) s = check_rank(op, "w", w, 2);
+        if (s.ok() && x.dim_size(1) != w.dim_size(0))
+            s = errors::InvalidArgument("dlconv ", op, ": feature mismatch: x has ", x.dim_size(1),
+                                        " features but w expects ", w.dim_size(0));
+        if (!s.ok()) {
+            ctx->SetStatus(s);
+            return false;
+        }
+        *M = x.dim_size(0), *Kf = x.dim_size(1), *N = w.dim_size(1);
+        return true;
+    }
+    int act_ = ACT_LINEAR;
+};
+
+class DenseOp : public DenseOpBase {
+   public:
+    using DenseOpBase::DenseOpBase;
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvDense";
+        const Tensor &x = ctx->input(0), &w = ctx->input(1), &b = ctx->input(2);
+        int64_t M, Kf, N;
+        if (!dims(ctx, K, x, w, &M, &Kf, &N)) return;
+        const float* bp;
+        OP_REQUIRES_OK(ctx, bias_ptr(K, b, N, &bp));
+        Tensor* y = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({M, N}), &y));
+        if (M == 0 || N == 0) return;
+        const float *xp = fptr(x), *wp = fptr(w);
+        float* yp = fptr(y);
+        const int act = act_;
+        run_kernel(ctx, 2.0 * double(M) * double(Kf) * double(N), [&] {
+            if (act == ACT_SOFTMAX) {
+                cpu::dense_forward(M, Kf, N, xp, wp, bp, ACT_LINEAR, yp);
+                cpu::softmax(M, N, yp, yp);  // row-wise, reads each row before writing it
+            } else {
+                cpu::dense_forward(M, Kf, N, xp, wp, bp, act, yp);
+            }
+        });
+    }
+};
+
+class DenseGradOp : public DenseOpBase {
+   public:
+    using DenseOpBase::DenseOpBase;
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvDenseGrad";
+        const Tensor &x = ctx->input(0), &w = ctx->input(1), &dy = ctx->input(2), &y = ctx->input(3);
+        int64_t M, Kf, N;
+        if (!dims(ctx, K, x, w, &M, &Kf, &N)) return;
+        OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, TensorShape({M, N})));
+        if (act_ != ACT_LINEAR) OP_REQUIRES_OK(ctx, check_shape(K, "y", y, TensorShape({M, N})));
+        Tensor *dx = nullptr, *dw = nullptr, *db = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(1, w.shape(), &dw));
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({N}), &db));
+        Tensor dz;  // softmax only: dL/dz, formed row-wise first
+        if (act_ == ACT_SOFTMAX) OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_FLOAT, dy.shape(), &dz));
+        const float *xp = fptr(x), *wp = fptr(w), *dyp = fptr(dy);
+        const float* yp = act_ != ACT_LINEAR ? fptr(y) : nullptr;
+        float *dxp = fptr(dx), *dwp = fptr(dw), *dbp = fptr(db);
+        float* dzp = act_ == ACT_SOFTMAX ? fptr(&dz) : nullptr;
+        const int act = act_;
+        run_kernel(ctx, 4.0 * double(M) * double(Kf) * double(N), [&] {
+            if (act == ACT_SOFTMAX) {
+                if (M * N > 0) cpu::activation_backward(M, N, dyp, yp, ACT_SOFTMAX, dzp);
+                cpu::dense_backward(M, Kf, N, xp, wp, dzp, nullptr, ACT_LINEAR, dxp, dwp, dbp);
+            } else {
+                cpu::dense_backward(M, Kf, N, xp, wp, dyp, yp, act, dxp, dwp, dbp);
+            }
+        });
+    }
+};
+
+}  // namespace tfops
+}  // namespace dlconv
+
+// ----------------------------------------------------------------------------- registration
+#define DLCONV_CONV_ATTRS                                                     \
+    Attr("strides: list(int) = [1, 1]")                                       \
+        .Attr("dilations: list(int) = [1, 1]")                                \
+        .Attr("pads: list(int) = [0, 0, 0, 0]")                               \
+        .Attr("activation: {'linear', 'relu', 'sigmoid', 'tanh'} = 'linear'")
+
+REGISTER_OP("DlconvConv2D")
+    .Input("x: float")
+    .Input("w: float")
+    .Input("b: float")
+    .Output("y: float")
+    .DLCONV_CONV_ATTRS
+    .SetShapeFn(dlconv::tfops::conv_forward_shape)
+    .Doc("y = act(conv2d(x, w) + b): x NHWC, w HWIO, b (filters,) or (0,); pads = (top, bottom, left, right), "
+         "resolved by dlconv.shapes.");
+
+REGISTER_OP("DlconvConv2DBackpropInput")
+    .Input("dy: float")
+    .Input("w: float")
+    .Input("y: float")
+    .Input("x_shape: int32")
+    .Output("dx: float")
+    .DLCONV_CONV_ATTRS
+    .SetShapeFn(dlconv::tfops::conv_backprop_input_shape)
+    .Doc("dL/dx of DlconvConv2D from dy = dL/dy and y, its output (read only when activation != linear).");
+
+REGISTER_OP("DlconvConv2DBackpropFilter")
+    .Input("x: float")
+    .Input("dy: float")
+    .Input("y: float")
+    .Output("dw: float")
+    .Output("db: float")
+    .DLCONV_CONV_ATTRS
+    .Attr("kernel_size: list(int)")
+    .SetShapeFn(dlconv::tfops::conv_backprop_filter_shape)
+    .Doc("(dL/dw, dL/db) of DlconvConv2D from x, dy = dL/dy and y (read only when activation != linear).");
+
+REGISTER_OP("DlconvDense")
+    .Input("x: float")
+    .Input("w: float")
+    .Input("b: float")
+    .Output("y: float")
+    .Attr("activation: {'linear', 'relu', 'sigmoid', 'tanh', 'softmax'} = 'linear'")
+    .SetShapeFn(dlconv::tfops::dense_shape)
+    .Doc("y = act(x @ w + b): x (batch, in), w (in, out), b (out,) or (0,).");
+
+REGISTER_OP("DlconvDenseGrad")
+    .Input("x: float")
+    .Input("w: float")
+    .Input("dy: float")
+    .Input("y: float")
+    .Output("dx: float")
+    .Output("dw: float")
+    .Output("db: float")
+    .Attr("activation: {'linear', 'relu', 'sigmoid', 'tanh', 'softmax'} = 'linear'")
+    .SetShapeFn(dlconv::tfops::dense_grad_shape)
+    .Doc("(dL/dx, dL/dw, dL/db) of DlconvDense from dy = dL/dy and y, its output.");
+
+using ::tensorflow::DEVICE_CPU;
+REGISTER_KERNEL_BUILDER(Name("DlconvConv2D").Device(DEVICE_CPU), dlconv::tfops::Conv2DOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvConv2DBackpropInput").Device(DEVICE_CPU).HostMemory("x_shape"),
+                        dlconv::tfops::Conv2DBackpropInputOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvConv2DBackpropFilter").Device(DEVICE_CPU), dlconv::tfops::Conv2DBackpropFilterOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvDense").Device(DEVICE_CPU), dlconv::tfops::DenseOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvDenseGrad").Device(DEVICE_CPU), dlconv::tfops::DenseGradOp);
+
+// Build facts for dlconv info / the loader (a plain C symbol: no TF types cross it).
+extern "C" __attribute__((visibility("default"))) const char* dlconv_tf_ops_build_info() {
+#if defined(DLCONV_HAVE_AVX512) && defined(__AVX512F__)
+    return "simd=avx512f+avx2+fma";
+#elif defined(DLCONV_HAVE_AVX2) && defined(__AVX2__)
+    return "simd=avx2+fma";
+#else
+    return "simd=scalar";
+#endif
+}

@@ -1,0 +1,256 @@
+"""What a run writes: the result record (:func:`new_result`, schema :data:`SCHEMA`), the
+text and Markdown tables, the bar chart of ratios to the built-in, and
+:func:`write_outputs` (JSON, Markdown, PNG, roofline PNG)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import pathlib
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .cases import TOLERANCE
+from .roofline import ensure_roof, roof_lines, write_roofline
+
+SCHEMA = "dlconv-bench/1"
+
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "—"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def _fmt_ratio(r: Optional[float]) -> str:
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def _met(met) -> str:
+    return "(not measured)" if met is None else ("met ✓" if met else "not met ✗")
+
+
+def _mark(ok) -> str:
+    return "—" if ok is None else ("✓" if ok else "✗")
+
+
+def table_rows(result: dict) -> List[List[str]]:
+    """Rows of the main table: layer, pass, device, impl, median, GFLOP/s, ratio, correct, target."""
+    out = []
+    for r in result["rows"]:
+        status = r["status"]
+        med = _fmt_time(r["median_s"]) if status == "ok" else status
+        target = "" if r.get("target") is None else f"≥ {r['target']:g}× {_met(r['target_met'])}"
+        note = "" if status == "ok" and not r.get("why") else (r.get("why") or "")
+        out.append([r["layer"], r["pass"], r["device"], r["impl"], med,
+                    "—" if r["gflops"] is None else f"{r['gflops']:.1f}", _fmt_ratio(r["ratio"]),
+                    _mark(r["correct"]), target, note])
+    return out
+
+
+def train_table_rows(result: dict) -> List[List[str]]:
+    out = []
+    for r in result.get("train_rows", []):
+        target = "" if r.get("target") is None else f"≤ {r['target']:g}× {_met(r['target_met'])}"
+        med = _fmt_time(r["median_s"]) if r["status"] == "ok" else r["status"]
+        note = r.get("why") or ""
+        if r.get("vs_tensorflow") is not None:
+            note = f"{r['vs_tensorflow']:.2f}× dlconv's own step on TensorFlow" + (f"; {note}" if note else "")
+        out.append([r["impl"], med, _fmt_ratio(r.get("time_ratio")), _mark(r.get("correct")),
+                    target, note])
+    return out
+
+
+def overhead_table_rows(result: dict) -> List[List[str]]:
+    out = []
+    for r in result.get("overhead_rows", []):
+        if r["status"] != "ok":
+            out.append([r["keras_backend"], r["status"], "", "", r.get("why") or ""])
+            continue
+        out.append([r["keras_backend"], _fmt_time(r["dlconv_s"]), _fmt_time(r["stock_s"]),
+                    f"{r['ratio']:.2f}×", f"backend {r['backend']}"])
+    return out
+
+
+KERNEL_HEADER = ["layer", "pass", "device", "backend/variant", "median", "GFLOP/s",
+                 "ratio vs built-in", "correct", "target", "note"]
+TRAIN_HEADER = ["MNIST CNN train step", "median", "time ratio ours/stock (≤1 good)", "correct",
+                "target", "note"]
+OVERHEAD_HEADER = ["bridge per-call overhead (1×1 conv, 1×1×1×1)", "dlconv", "stock op",
+                   "time ratio", "note"]
+
+
+def _text_table(header, rows) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
+    widths[-1] = min(widths[-1], 60)
+    line = lambda cells: "  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _md_table(header, rows) -> str:
+    esc = lambda c: str(c).replace("|", "\\|")  # noqa: E731
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _targets_rows(result: dict) -> List[List[str]]:
+    out = []
+    for t in result.get("targets", []):
+        value = "—" if t["value"] is None else f"{t['value']:.2f}×"
+        mark = "not measured" if t["met"] is None else ("met ✓" if t["met"] else "not met ✗")
+        out.append([t["label"], t["target"], t["best_impl"] or "—", value, mark, t.get("why") or ""])
+    return out
+
+
+TARGETS_HEADER = ["target", "goal", "best", "measured", "", "note"]
+
+
+def format_text(result: dict) -> str:
+    m = result["machine"]
+    parts = [f"dlconv bench — {result['date']} — {m['description']}",
+             f"batch {result['settings']['batch']}, median of {result['settings']['repeats']} samples "
+             f"after warm-up; ratio = t_built-in / t_ours (> 1: ours faster); built-in: "
+             f"{result['builtin']}; correctness vs dlconv.reference (max rel. error ≤ {TOLERANCE:g})",
+             "", _text_table(KERNEL_HEADER, table_rows(result))]
+    if result.get("train_rows"):
+        parts += ["", _text_table(TRAIN_HEADER, train_table_rows(result))]
+    if result.get("overhead_rows"):
+        parts += ["", _text_table(OVERHEAD_HEADER, overhead_table_rows(result))]
+    if result.get("targets"):
+        parts += ["", "targets:", _text_table(TARGETS_HEADER, _targets_rows(result))]
+    failed = user_failures(result)
+    if failed:
+        parts += ["", "your kernels that failed their check (not timed):"] + [f"  {f}" for f in failed]
+    roof = roof_lines(result)
+    if roof:
+        parts += [""] + roof
+    return "\n".join(parts)
+
+
+def user_failures(result: dict) -> List[str]:
+    """One line per failed user-kernel row, in full (the table's note column is cut)."""
+    return [f"{r['impl']} on {r['layer']} {r['pass']} [{r['device']}]: {r['why']}"
+            for r in result.get("rows", []) if r.get("backend") == "user"
+            and r.get("status") in ("failed", "error")]
+
+
+def format_markdown(result: dict, title: Optional[str] = None) -> str:
+    m = result["machine"]
+    s = result["settings"]
+    parts = [f"### {title or 'dlconv bench'} — {result['kind']} — {result['date']}", "",
+             f"Machine: {m['description']}", "",
+             f"Batch {s['batch']}; median of {s['repeats']} timed samples after warm-up; "
+             f"ratio = t_built-in / t_ours (> 1 means dlconv is faster); built-in: "
+             f"{result['builtin']}, measured in the same process; correct = max relative error "
+             f"against dlconv.reference ≤ {TOLERANCE:g} on the same inputs.", ""]
+    if result.get("notes") or roof_lines(result):
+        parts += [f"- {n}" for n in result.get("notes", []) + roof_lines(result)] + [""]
+    parts += [_md_table(KERNEL_HEADER, table_rows(result))]
+    if result.get("train_rows"):
+        parts += ["", _md_table(TRAIN_HEADER, train_table_rows(result))]
+    if result.get("overhead_rows"):
+        parts += ["", _md_table(OVERHEAD_HEADER, overhead_table_rows(result))]
+    if result.get("targets"):
+        parts += ["", _md_table(TARGETS_HEADER, _targets_rows(result))]
+    return "\n".join(parts) + "\n"
+
+
+def write_chart(result: dict, path) -> pathlib.Path:
+    """Horizontal bars: ratio to the built-in per layer/pass/impl (log scale, 1 = built-in)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if not r["is_builtin"]]
+    rows += [dict(r, layer="train", pass_="step", ratio=(1.0 / r["time_ratio"]) if r.get("time_ratio") else None)
+             for r in result.get("train_rows", []) if r["backend"] != "builtin"]
+    labels, values, colors = [], [], []
+    palette = {"cpp": "#1f77b4", "numba": "#ff7f0e", "user": "#2ca02c"}
+    for r in rows:
+        p = r.get("pass_") or r.get("pass", "")
+        labels.append(f"{r['layer']} {p} [{r['device']}] {r['impl']}")
+        values.append(r["ratio"] if r.get("ratio") else 0.0)
+        colors.append(palette.get(r["backend"], "#7f7f7f") if r.get("ratio") else "#d62728")
+    fig_h = max(2.5, 0.28 * len(rows) + 1.2)
+    fig, ax = plt.subplots(figsize=(10, fig_h))
+    ypos = np.arange(len(rows))[::-1]
+    marks = [v for v in values if v > 0] + [r["target"] for r in rows if r.get("target")] + [1.0]
+    lo, hi = min(marks) / 3.0, max(marks) * 3.0
+    for y, r, v, c in zip(ypos, rows, values, colors):
+        if v > 0:
+            ax.barh(y, v - lo, left=lo, color=c)
+            ax.text(v * 1.05, y, f"{v:.2f}×", va="center", fontsize=7)
+        else:
+            ax.text(lo * 1.1, y, f"{r.get('status') or 'n/a'} (not timed)", va="center",
+                    fontsize=7, color="#d62728")
+        t = r.get("target")
+        if t is not None and r["layer"] != "train":
+            ax.plot([t, t], [y - 0.4, y + 0.4], color="k", lw=1.2)
+    ax.set_xlim(lo, hi)
+    ax.axvline(1.0, color="k", ls="--", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(ypos)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("speed relative to the built-in (t_built-in / t_ours; train step: t_stock / t_ours); "
+                  "black tick = target; red = failed/not timed", fontsize=8)
+    ax.set_title(f"dlconv bench, {result['kind']}, {result['date']}\n{result['machine']['description'][:150]}",
+                 fontsize=8)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(result: dict, out_dir, name: str) -> Dict[str, pathlib.Path]:
+    """NAME.json, NAME.md, NAME.png (ratios to the built-in) and NAME-roofline.png; the roof
+    of each device with timed rows is measured now if ``result`` does not carry it yet."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
+             "png": out_dir / f"{name}.png", "roofline": out_dir / f"{name}-roofline.png"}
+    ensure_roof(result)
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    paths["md"].write_text(format_markdown(result))
+    write_chart(result, paths["png"])
+    write_roofline(result, paths["roofline"])
+    return paths
+
+
+def new_result(kind: str, machine: dict, settings, builtin_label: str, **extra) -> dict:
+    now = _dt.datetime.now().astimezone()
+    return {"schema": SCHEMA, "kind": kind, "date": now.strftime("%Y-%m-%d"),
+            "timestamp": now.isoformat(timespec="seconds"), "machine": machine,
+            "settings": dataclasses.asdict(settings), "builtin": builtin_label,
+            "tolerance": TOLERANCE, "rows": [], "train_rows": [], "overhead_rows": [], "targets": [],
+            "notes": [], **extra}
+
+
+
+def progress_bar(total: int, enabled: bool):
+    """A tqdm bar on stderr when enabled and installed, else an object that ignores calls."""
+    if enabled:
+        try:
+            from tqdm import tqdm
+            return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, leave=False)
+        except ImportError:
+            pass
+
+    class _Null:
+        def update(self, n=1):
+            pass
+
+        def set_description(self, s):
+            pass
+
+        def close(self):
+            pass
+    return _Null()

@@ -1,0 +1,90 @@
+"""Goals (the only typed-in numbers of the bench, and goals, not results): :data:`TARGETS`
+for the kernels' ratio to the built-in, :data:`TRAIN_TARGETS` for the train step, and
+:func:`summarize_targets`, which marks each met or not from a run's rows."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Sequence
+
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A goal for the best correct variant of ``backend`` on one layer/pass/device."""
+
+    device: str               # "cpu" | "cuda"
+    layer: str
+    pass_: str
+    backend: str
+    min_ratio: float
+    label: str
+
+    def matches(self, row: dict) -> bool:
+        return (row["device"] == self.device and row["layer"] == self.layer
+                and row["pass"] == self.pass_ and row["backend"] == self.backend)
+
+
+TARGETS = (
+    Target("cpu", "conv2", "forward", "cpp", 1.3, "C++ CPU conv2 forward vs tf.nn.conv2d"),
+    Target("cpu", "conv2", "backward-data", "cpp", 1.0, "C++ CPU conv2 backward-data"),
+    Target("cpu", "conv2", "backward-filter", "cpp", 1.0, "C++ CPU conv2 backward-filter"),
+    Target("cpu", "dense1", "forward", "cpp", 1.0, "C++ CPU dense 9216→128 + bias + relu"),
+    Target("cpu", "conv2", "forward", "numba", 0.5, "Numba CPU conv2 forward"),
+    Target("cuda", "conv2", "forward", "cpp", 0.7, "best CUDA C++ conv vs cuDNN"),
+    Target("cuda", "conv2", "forward", "numba", 0.5, "best Numba CUDA conv vs cuDNN"),
+    Target("cuda", "dense1", "forward", "cpp", 0.8, "CUDA C++ dense vs cuBLAS"),
+    Target("cuda", "dense1", "forward", "numba", 0.5, "Numba CUDA dense vs cuBLAS"),
+)
+#: Train step: dlconv(backend) time / stock Keras time must be at most this.
+TRAIN_TARGETS = {"cpp": 1.0}
+#: Train-step time targets on each Keras backend, dlconv(cpp) / stock Keras on the same
+#: backend (issue 10); measured by :mod:`.keras_backends`.
+STEP_TARGETS = {"torch": 0.6, "jax": 0.3, "tensorflow": 1.0}
+#: What a bridge may cost: dlconv's step on torch/JAX over dlconv's step on TensorFlow.
+BRIDGE_COST_TARGET = 1.25
+
+
+def target_for(row: dict) -> Optional[Target]:
+    for t in TARGETS:
+        if t.matches(row):
+            return t
+    return None
+
+
+
+def summarize_targets(rows: Sequence[dict], train_rows: Sequence[dict] = ()) -> List[dict]:
+    """One line per target: the best correct variant's ratio, met or not (or not measured)."""
+    out = []
+    for t in TARGETS:
+        cands = [r for r in rows if t.matches(r)]
+        if not cands:
+            continue
+        timed = [r for r in cands if r["ratio"] is not None]
+        best = max(timed, key=lambda r: r["ratio"]) if timed else None
+        out.append({"label": t.label, "device": t.device, "layer": t.layer, "pass": t.pass_,
+                    "backend": t.backend, "target": f"≥ {t.min_ratio:g}×",
+                    "best_impl": best["impl"] if best else None,
+                    "value": best["ratio"] if best else None,
+                    "met": bool(best and best["ratio"] >= t.min_ratio) if best else None,
+                    "why": None if best else "; ".join(sorted({str(r["why"]) for r in cands}))})
+    for r in train_rows:
+        if r.get("target") is None:
+            continue
+        out.append({"label": r.get("label") or
+                             f"MNIST CNN train step dlconv({r['backend']}) vs stock Keras (time ratio)",
+                    "device": r.get("device", "cpu"), "layer": "mnist_cnn", "pass": "train-step",
+                    "backend": r["backend"], "target": f"≤ {r['target']:g}× time",
+                    "best_impl": r["impl"], "value": r.get("time_ratio"), "met": r.get("target_met"),
+                    "why": r.get("why") if r.get("time_ratio") is None else None})
+    for r in train_rows:
+        if r.get("keras_backend") in (None, "tensorflow") or r.get("backend") != "cpp":
+            continue
+        value = r.get("vs_tensorflow")
+        out.append({"label": f"dlconv(cpp) train step on Keras {r['keras_backend']} vs on TensorFlow "
+                             f"(what the bridge costs)",
+                    "device": "cpu", "layer": "mnist_cnn", "pass": "train-step", "backend": "cpp",
+                    "target": f"≤ {BRIDGE_COST_TARGET:g}×", "best_impl": r["impl"], "value": value,
+                    "met": None if value is None else bool(value <= BRIDGE_COST_TARGET),
+                    "why": r.get("why") if value is None else None})
+    return out

@@ -1,0 +1,159 @@
+"""The end-to-end MNIST CNN training step on Keras' TensorFlow backend: dlconv layers vs
+the stock Keras layers, same weights, checked, then timed round-robin
+(:func:`run_train_step`).  The torch and JAX Keras backends: :mod:`.keras_backends`."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from typing import List, Sequence
+
+import numpy as np
+
+from .cases import TOLERANCE, max_rel_error
+from .report import progress_bar as _progress
+from .targets import TRAIN_TARGETS
+from .timing import Settings, rotating_round_robin
+
+
+def mnist_cnn_builder():
+    """``dlconv.models``' MNIST CNN builder, ``f(backend=..., stock=..., seed=...)``
+    (named ``cnn`` there; ``mnist_cnn`` accepted too).  Imports Keras and TensorFlow."""
+    import importlib
+    models = importlib.import_module("dlconv.models")
+    builder = getattr(models, "mnist_cnn", None) or getattr(models, "cnn", None)
+    if builder is None:
+        raise ImportError("dlconv.models has no MNIST CNN builder (cnn / mnist_cnn)")
+    return builder
+
+
+#: Steps per stock compile mode (tf.function, XLA) in the probe that picks the faster one.
+TRAIN_PROBE_STEPS = 5
+
+
+def run_train_step(backends: Sequence[str], settings: Settings, progress: bool = True) -> List[dict]:
+    """MNIST CNN, one optimizer step at ``settings.batch``: dlconv layers vs stock Keras.
+
+    Adam and sparse categorical cross-entropy (the workshop's settings).  Both models get
+    the same weights.  Correctness: loss and gradients of one batch (in
+    inference mode, so dropout does not differ) agree with the stock model's within
+    :data:`TOLERANCE`.  Timing: ``model.train_on_batch`` (dropout on, the real step), every
+    model sampled in turn, one step each per round (:attr:`Settings.train_repeats` rounds).
+    The stock model is compiled with and without XLA; a short interleaved probe
+    (:data:`TRAIN_PROBE_STEPS` steps each) picks the faster mode, and only that one joins the
+    round-robin with ours (the probe medians are kept in ``modes``): a mode several times
+    slower would otherwise leave its threads and caches behind for whichever step follows it.
+    """
+    rows = []
+    base = {"layer": "mnist_cnn", "pass": "train-step", "device": "cpu", "batch": settings.batch,
+            "status": None, "why": None, "median_s": None, "stock_median_s": None,
+            "time_ratio": None, "correct": None, "max_rel_err": None, "target": None,
+            "target_met": None}
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import keras
+        import tensorflow as tf
+        build_cnn = mnist_cnn_builder()
+    except Exception as exc:  # models not written yet, or no TensorFlow: the row says why
+        for b in backends:
+            rows.append(dict(base, impl=f"dlconv({b})", backend=b, status="skipped",
+                             why=f"dlconv.models' MNIST CNN unavailable: {type(exc).__name__}: {exc}"[:300],
+                             target=TRAIN_TARGETS.get(b)))
+        return rows
+
+    rng = np.random.default_rng(settings.seed)
+    x = rng.random((settings.batch, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 10, settings.batch).astype(np.int32)
+    bar = _progress(1 + len(backends), progress)
+
+    def compiled(model, jit):
+        # the workshop's settings (dlconv.models.compile_model), plus the XLA switch
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"], jit_compile=jit)
+        return model
+
+    def loss_and_grads(model):
+        loss_fn = keras.losses.SparseCategoricalCrossentropy()
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=False))
+        grads = tape.gradient(loss, model.trainable_variables)
+        return [np.asarray(loss)] + [np.asarray(g) for g in grads]
+
+    def warm(model):
+        model.train_on_batch(x, y)                       # traces the train function
+        for _ in range(settings.warmup):
+            model.train_on_batch(x, y)
+        return model
+
+    def time_round_robin(models, rounds=settings.train_repeats):
+        """Median step time of each model, one step of each per round, the order rotating
+        (:func:`~.timing.rotating_round_robin`: the XLA model's threads and caches, say, are
+        left behind for every contender equally often)."""
+        samples = rotating_round_robin({k: (lambda m=m: m.train_on_batch(x, y))
+                                        for k, m in models.items()}, rounds)
+        return {k: (statistics.median(v), v) for k, v in samples.items()}
+
+    bar.set_description("train step: stock Keras")
+    contenders = {}
+    stock_error = None
+    for jit in (False, True):
+        try:
+            contenders["xla" if jit else "tf.function"] = warm(
+                compiled(build_cnn(stock=True, seed=settings.seed), jit))
+        except Exception as exc:  # XLA may be unavailable: the other mode still counts
+            stock_error = f"{type(exc).__name__}: {exc}"[:300]
+    bar.update(1)
+    if not contenders:
+        for b in backends:
+            rows.append(dict(base, impl=f"dlconv({b})", backend=b, status="error",
+                             why=f"stock model failed: {stock_error}", target=TRAIN_TARGETS.get(b)))
+        bar.close()
+        return rows
+    stock_mode_names = list(contenders)
+    stock = build_cnn(stock=True, seed=settings.seed)
+    expected = loss_and_grads(stock)
+
+    ours_rows = {}
+    for b in backends:
+        bar.set_description(f"train step: dlconv({b})")
+        row = dict(base, impl=f"dlconv({b})", backend=b, target=TRAIN_TARGETS.get(b))
+        try:
+            ours = build_cnn(backend=b, stock=False, seed=settings.seed)
+            ours.set_weights(stock.get_weights())
+            err = max_rel_error(loss_and_grads(ours), expected)
+            row["max_rel_err"] = err if math.isfinite(err) else None
+            row["correct"] = bool(err <= TOLERANCE)
+            if not row["correct"]:
+                row.update(status="failed", why=f"loss/gradients differ from stock Keras: max "
+                                                f"relative error {err:.3g}; not timed")
+            else:
+                contenders[f"dlconv({b})"] = warm(compiled(ours, False))
+        except Exception as exc:  # the row shows the failure; other backends still run
+            row.update(status="error", why=f"{type(exc).__name__}: {exc}"[:300])
+        ours_rows[b] = row
+        bar.update(1)
+
+    bar.set_description("train step: probing the stock model's compile modes")
+    probe = time_round_robin({m: contenders[m] for m in stock_mode_names}, TRAIN_PROBE_STEPS)
+    stock_mode = min(stock_mode_names, key=lambda m: probe[m][0])
+    for m in stock_mode_names:
+        if m != stock_mode:
+            del contenders[m]
+    bar.set_description(f"train step: timing {len(contenders)} models interleaved")
+    timed = time_round_robin(contenders)
+    t_stock = timed[stock_mode][0]
+    rows.append(dict(base, impl=f"stock keras {keras.__version__} ({stock_mode})", backend="builtin",
+                     status="ok", median_s=t_stock, stock_median_s=t_stock, time_ratio=1.0,
+                     correct=True, modes={m: v[0] for m, v in probe.items()}))
+    for b, row in ours_rows.items():
+        row["stock_median_s"] = t_stock
+        if f"dlconv({b})" in timed:
+            t, samples = timed[f"dlconv({b})"]
+            row.update(status="ok", median_s=t, samples_s=samples, time_ratio=t / t_stock)
+        if row["target"] is not None:
+            row["target_met"] = (None if row["time_ratio"] is None
+                                 else bool(row["time_ratio"] <= row["target"]))
+        rows.append(row)
+    bar.close()
+    return rows

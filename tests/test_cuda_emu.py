@@ -1,0 +1,544 @@
+"""The CUDA C++ kernels (csrc/*.cu) executed on the CPU, under sanitizers, against the NumPy reference.
+
+csrc/emu/build.py rewrites the kernel sources mechanically (launches, ``__shared__``, barriers) and
+compiles them with g++ against the project's CUDA-runtime stand-in (csrc/emu/cuda_emu.h: one thread
+per CUDA thread, real barriers, per-block shared memory, warp shuffles, atomics) into a standalone
+driver, once per sanitizer set (cached by source hash under build/cuda_emu):
+
+* ``asan``: AddressSanitizer + UndefinedBehaviorSanitizer, no recovery — every kernel and variant;
+* ``tsan``: ThreadSanitizer — the barrier/shared-memory kernels, the atomics, and one of each
+  grid-stride kernel (blocks share no happens-before edge, so races between blocks show too).
+
+Each run must exit 0 with no sanitizer report, and every output must match dlconv.reference.
+Negative controls prove the harness can fail: every ``__syncthreads`` of every kernel, dropped one
+at a time, is reported by TSan as a data race; a float4 load forced onto a misaligned input is
+reported by UBSan; two blocks (0 and 2 of 3) adding to one float without an atomic is reported by
+TSan.  The stand-in is checked too (selftest.cu: shuffles, shared memory, atomics, launch limits,
+and the errors it must raise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from dlconv import reference as ref
+from dlconv.shapes import conv_geometry
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EMU = ROOT / "csrc" / "emu"
+BUILD_DIR = pathlib.Path(os.environ.get("DLCONV_EMU_BUILD", ROOT / "build" / "cuda_emu"))
+CXX = shutil.which(os.environ.get("CXX", "g++"))
+
+pytestmark = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++) to build the emulated CUDA kernels")
+
+ACTS = ("linear", "relu", "sigmoid", "tanh")
+CODE = {"linear": 0, "relu": 1, "sigmoid": 2, "tanh": 3, "softmax": 4}
+RTOL, ATOL = 1e-4, 1e-4
+# Sanitizers stop at the first report and make the process fail (the drivers are built with
+# -fno-sanitize-recover=all); LeakSanitizer checks that the driver frees what it allocates.
+SAN_ENV = {
+    "ASAN_OPTIONS": "halt_on_error=1:abort_on_error=0:detect_leaks=1:exitcode=23",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=24",
+    "TSAN_OPTIONS": "halt_on_error=1:exitcode=66:report_signal_unsafe=0",
+}
+REPORT = re.compile(r"ERROR: AddressSanitizer|ERROR: LeakSanitizer|runtime error:|WARNING: ThreadSanitizer|"
+                    r"dlconv_emu: ERROR")
+TIMEOUT_S = 300
+
+
+def _tol(k):
+    """Absolute tolerance for a sum of k products of O(1) terms in float32."""
+    return ATOL * max(1.0, np.sqrt(k))
+
+
+def _load_build():
+    spec = importlib.util.spec_from_file_location("dlconv_emu_build", EMU / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def drivers():
+    build = _load_build()
+    return {s: build.build(s, str(BUILD_DIR)) for s in ("asan", "tsan")}
+
+
+# ----------------------------------------------------------------------------- cases
+@dataclasses.dataclass
+class Case:
+    """One kernel call: a manifest line, its inputs, and the reference for each output."""
+    id: str
+    op: str
+    params: dict
+    inputs: dict          # name -> (array, offset in floats)
+    outputs: dict         # name -> (reference array or None for "-", offset, atol)
+    tsan: bool = False
+
+    def line(self, d: pathlib.Path) -> str:
+        toks = [self.op] + [f"{k}={v}" for k, v in self.params.items()]
+        for name, (a, off) in self.inputs.items():
+            if a is None:
+                toks.append(f"{name}=-")
+                continue
+            p = d / f"{self.id}.{name}.in"
+            np.ascontiguousarray(a, np.float32).tofile(p)
+            toks.append(f"{name}={p}@{off}" if off else f"{name}={p}")
+        for name, (r, off, _) in self.outputs.items():
+            toks.append(f"{name}=-" if r is None else (f"{name}={d / (self.id + '.' + name + '.out')}"
+                                                       + (f"@{off}" if off else "")))
+        return " ".join(toks)
+
+    def check(self, d: pathlib.Path) -> None:
+        for name, (r, _, atol) in self.outputs.items():
+            if r is None:
+                continue
+            got = np.fromfile(d / f"{self.id}.{name}.out", np.float32).reshape(r.shape)
+            np.testing.assert_allclose(got, r, rtol=RTOL, atol=atol, err_msg=f"{self.id}: {name}")
+
+
+def _rand(rng, shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def _gstr(g):
+    return ",".join(str(v) for v in g.as_tuple())
+
+
+def conv_forward_case(cid, g, variant, act, rng, bias=True, offsets=(0, 0, 0, 0), tsan=False, op="conv_fwd"):
+    x, w = _rand(rng, g.x_shape), _rand(rng, g.w_shape)
+    b = _rand(rng, (g.filters,)) if bias else None
+    params = {"g": _gstr(g), "act": CODE[act]}
+    if op == "conv_fwd":
+        params["variant"] = variant
+    return Case(cid, op, params, {"x": (x, offsets[0]), "w": (w, offsets[1]), "b": (b, offsets[2])},
+                {"y": (ref.conv2d_forward(x, w, b, g, act), offsets[3], _tol(g.gemm_k))}, tsan)
+
+
+def conv_backward_data_case(cid, g, rng, tsan=False):
+    dz, w = _rand(rng, g.y_shape), _rand(rng, g.w_shape)
+    return Case(cid, "conv_bwd_data", {"g": _gstr(g)}, {"dz": (dz, 0), "w": (w, 0)},
+                {"dx": (ref.conv2d_backward_data(dz, w, g), 0, _tol(g.k_h * g.k_w * g.filters))}, tsan)
+
+
+def conv_backward_filter_case(cid, g, rng, with_db=True, tsan=False):
+    x, dz = _rand(rng, g.x_shape), _rand(rng, g.y_shape)
+    dw, db = ref.conv2d_backward_filter(x, dz, g)
+    return Case(cid, "conv_bwd_filter", {"g": _gstr(g)}, {"x": (x, 0), "dz": (dz, 0)},
+                {"dw": (dw, 0, _tol(g.gemm_m)), "db": (db if with_db else None, 0, _tol(g.gemm_m))}, tsan)
+
+
+def dense_forward_case(cid, M, K, N, act, rng, bias=True, tsan=False):
+    x, w = _rand(rng, (M, K)), _rand(rng, (K, N))
+    b = _rand(rng, (N,)) if bias else None
+    return Case(cid, "dense_fwd", {"M": M, "K": K, "N": N, "act": CODE[act]},
+                {"x": (x, 0), "w": (w, 0), "b": (b, 0)}, {"y": (ref.dense_forward(x, w, b, act), 0, _tol(K))}, tsan)
+
+
+def dense_backward_case(cid, M, K, N, act, rng, want=("dx", "dw", "db"), tsan=False):
+    x, w, b, dy = _rand(rng, (M, K)), _rand(rng, (K, N)), _rand(rng, (N,)), _rand(rng, (M, N))
+    y = ref.dense_forward(x, w, b, act)
+    dx, dw, db = ref.dense_backward(x, w, dy, y, act)
+    return Case(cid, "dense_bwd", {"M": M, "K": K, "N": N, "act": CODE[act]},
+                {"x": (x, 0), "w": (w, 0), "dy": (dy, 0), "y": (y if act != "linear" else None, 0)},
+                {"dx": (dx if "dx" in want else None, 0, _tol(N)), "dw": (dw if "dw" in want else None, 0, _tol(M)),
+                 "db": (db if "db" in want else None, 0, _tol(M))}, tsan)
+
+
+def softmax_case(cid, rows, cols, rng, tsan=False):
+    z = 3 * _rand(rng, (rows, cols))
+    return Case(cid, "softmax", {"rows": rows, "cols": cols}, {"z": (z, 0)},
+                {"out": (ref.softmax(z.astype(np.float64)).astype(np.float32), 0, ATOL)}, tsan)
+
+
+def activation_backward_case(cid, rows, cols, act, rng, tsan=False):
+    z = _rand(rng, (rows, cols))
+    y = ref.activate(z.astype(np.float64), act).astype(np.float32)
+    dy = _rand(rng, (rows, cols))
+    return Case(cid, "act_bwd", {"rows": rows, "cols": cols, "act": CODE[act]}, {"dy": (dy, 0), "y": (y, 0)},
+                {"out": (ref.activation_backward(dy, y, act).astype(np.float32), 0, _tol(cols))}, tsan)
+
+
+# Geometries: every forward path and edge, all small.
+G_VEC = conv_geometry((2, 7, 6, 8), (3, 3, 8, 12), padding="same")            # C, F % 4 == 0: v3 float4 path
+G_SCALAR = conv_geometry((3, 9, 7, 3), (3, 2, 3, 5), strides=(2, 1), dilation=(1, 2),
+                         padding=((1, 2), (0, 3)))                              # C = 3: scalar path; asym pad
+G_TILES = conv_geometry((2, 10, 10, 4), (3, 3, 4, 68))                          # 2x2 v3 tiles, ragged F and K
+G_RAGGED = conv_geometry((1, 6, 5, 5), (2, 3, 5, 70), strides=2, padding="same")  # scalar, 2 ragged F tiles
+G_CHUNKS = conv_geometry((2, 13, 12, 3), (2, 2, 3, 4))                          # 264 pixels: 2 bwd-filter chunks
+V1, V2, V3 = 1, 2, 3
+
+
+def all_cases():
+    rng = np.random.default_rng(20261201)
+    cases = []
+    for v in (V1, V2, V3):
+        for act in ACTS:
+            cases.append(conv_forward_case(f"fwd_v{v}_{act}_vec", G_VEC, v, act, rng, tsan=act == "linear"))
+            cases.append(conv_forward_case(f"fwd_v{v}_{act}_scalar", G_SCALAR, v, act, rng,
+                                            tsan=v == V3 and act == "tanh"))
+        cases.append(conv_forward_case(f"fwd_v{v}_tiles", G_TILES, v, "relu", rng, tsan=v == V3))
+        cases.append(conv_forward_case(f"fwd_v{v}_ragged_nobias", G_RAGGED, v, "tanh", rng, bias=False,
+                                       tsan=v == V3))
+        # offset views: misaligned x, w, b and y (v3 must fall back to its scalar loads)
+        cases.append(conv_forward_case(f"fwd_v{v}_offset", G_VEC, v, "sigmoid", rng, offsets=(1, 2, 3, 1),
+                                       tsan=v == V3))
+    # the float4 path forced by hand on aligned buffers: the control kernel itself is right
+    cases.append(conv_forward_case("force_v3_vec_aligned", G_VEC, V3, "relu", rng, op="force_v3_vec"))
+    for name, g in (("vec", G_VEC), ("scalar", G_SCALAR), ("tiles", G_TILES), ("ragged", G_RAGGED)):
+        cases.append(conv_backward_data_case(f"bwd_data_{name}", g, rng, tsan=name == "scalar"))
+    cases.append(conv_backward_filter_case("bwd_filter_vec", G_VEC, rng))
+    cases.append(conv_backward_filter_case("bwd_filter_scalar_nodb", G_SCALAR, rng, with_db=False))
+    cases.append(conv_backward_filter_case("bwd_filter_chunks", G_CHUNKS, rng, tsan=True))
+    for act in ACTS:
+        cases.append(dense_forward_case(f"dense_fwd_{act}", 5, 37, 70, act, rng, tsan=act in ("linear", "relu")))
+        cases.append(dense_backward_case(f"dense_bwd_{act}", 5, 37, 70, act, rng, tsan=act in ("linear", "tanh")))
+    cases.append(dense_forward_case("dense_fwd_tall_nobias", 70, 16, 8, "relu", rng, bias=False))
+    cases.append(dense_backward_case("dense_bwd_dx_only", 70, 20, 9, "sigmoid", rng, want=("dx",)))
+    cases.append(dense_backward_case("dense_bwd_dw_only", 70, 20, 9, "relu", rng, want=("dw",)))
+    cases.append(dense_backward_case("dense_bwd_db_only", 300, 3, 9, "linear", rng, want=("db",), tsan=True))
+    cases.append(softmax_case("softmax_wide", 3, 300, rng, tsan=True))
+    cases.append(softmax_case("softmax_narrow", 5, 7, rng))
+    for act in ACTS:
+        cases.append(activation_backward_case(f"act_bwd_{act}", 3, 300, act, rng, tsan=act == "sigmoid"))
+    cases.append(activation_backward_case("act_bwd_softmax", 3, 300, "softmax", rng, tsan=True))
+    return cases
+
+
+CASES = all_cases()
+
+
+def run_driver(exe, lines, d: pathlib.Path, extra_env=None):
+    d.mkdir(parents=True, exist_ok=True)
+    manifest = d / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    env = dict(os.environ, **SAN_ENV, **(extra_env or {}))
+    r = subprocess.run([exe, str(manifest)], capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
+    if "unexpected memory mapping" in r.stderr and shutil.which("setarch"):
+        # TSan of GCC 12 cannot start under high-entropy ASLR (newer kernels): run without ASLR
+        r = subprocess.run(["setarch", os.uname().machine, "-R", exe, str(manifest)], capture_output=True,
+                           text=True, env=env, timeout=TIMEOUT_S)
+    return r
+
+
+@dataclasses.dataclass
+class Run:
+    r: subprocess.CompletedProcess
+    d: pathlib.Path
+    launches: dict  # case id -> the "launch ..." lines its operation made (DLCONV_EMU_TRACE)
+
+
+def _run_cases(exe, cases, d):
+    r = run_driver(exe, [c.line(d) for c in cases], d, {"DLCONV_EMU_TRACE": "1"})
+    per_op, cur = [], []
+    for line in r.stdout.splitlines():
+        if line.startswith("launch "):
+            cur.append(line)
+        elif line.startswith("ok "):
+            per_op.append(cur)
+            cur = []
+    return Run(r, d, {c.id: ls for c, ls in zip(cases, per_op)})
+
+
+def _kernel(line):
+    return line.split()[1]
+
+
+def _int_args(line):
+    return line.split("args=", 1)[1].split()
+
+
+# Every __global__ kernel of csrc/*.cu (not the emulator's own controls and self-tests).
+KERNELS = sorted({m for src in (ROOT / "csrc").glob("*.cu") for m in re.findall(
+    r"__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?(\w+)\s*\(", src.read_text())})
+
+
+@pytest.fixture(scope="session")
+def asan_run(drivers, tmp_path_factory):
+    return _run_cases(drivers["asan"], CASES, tmp_path_factory.mktemp("emu_asan"))
+
+
+@pytest.fixture(scope="session")
+def tsan_run(drivers, tmp_path_factory):
+    return _run_cases(drivers["tsan"], [c for c in CASES if c.tsan], tmp_path_factory.mktemp("emu_tsan"))
+
+
+def _report(stderr: str) -> str:
+    """The first sanitizer / emulator report in stderr (or its tail when there is none)."""
+    m = REPORT.search(stderr)
+    return stderr[max(0, m.start() - 200):m.start() + 6000] if m else stderr[-6000:]
+
+
+def _assert_clean(r, n_ops):
+    assert r.returncode == 0 and not REPORT.search(r.stderr), f"exit {r.returncode}; stderr:\n{_report(r.stderr)}"
+    assert r.stdout.count("ok ") == n_ops, r.stdout
+
+
+# ----------------------------------------------------------------------------- clean runs
+def test_coverage_of_the_case_table():
+    """Every launcher, every variant with every activation, both v3 paths, offsets, dense modes."""
+    ops = {c.op for c in CASES}
+    assert ops == {"conv_fwd", "force_v3_vec", "conv_bwd_data", "conv_bwd_filter", "dense_fwd", "dense_bwd",
+                   "softmax", "act_bwd"}
+    fwd = {(c.params["variant"], c.params["act"]) for c in CASES if c.op == "conv_fwd"}
+    assert fwd == {(v, CODE[a]) for v in (V1, V2, V3) for a in ACTS}
+    assert {c.params["act"] for c in CASES if c.op == "act_bwd"} == set(range(5))
+    assert G_VEC.in_c % 4 == 0 and G_VEC.filters % 4 == 0 and G_SCALAR.in_c % 4 != 0
+    assert G_CHUNKS.gemm_m > 256  # more than one BWF_CHUNK: atomics across blocks
+    # TSan: every shared-memory/barrier kernel (v2, v3 both paths, the GEMM in all three operand
+    # layouts, both block reductions), the cross-block atomics, and each grid-stride kernel once.
+    t = {c.id for c in CASES if c.tsan}
+    assert {"fwd_v2_linear_vec", "fwd_v3_linear_vec", "fwd_v3_tanh_scalar", "fwd_v3_offset", "dense_fwd_linear",
+            "dense_bwd_tanh", "softmax_wide", "act_bwd_softmax", "bwd_filter_chunks", "dense_bwd_db_only",
+            "fwd_v1_linear_vec", "bwd_data_scalar", "act_bwd_sigmoid"} <= t, t
+
+
+def test_asan_ubsan_run_is_clean(asan_run):
+    _assert_clean(asan_run.r, len(CASES))
+
+
+def test_tsan_run_is_clean(tsan_run):
+    _assert_clean(tsan_run.r, sum(c.tsan for c in CASES))
+
+
+@pytest.mark.parametrize("run", ("asan_run", "tsan_run"))
+def test_every_kernel_runs(request, run):
+    """Each __global__ kernel of csrc/*.cu is launched by the case table, under both sanitizer sets
+    (a kernel added to csrc without a case here fails this test)."""
+    launched = {_kernel(line) for ls in request.getfixturevalue(run).launches.values() for line in ls}
+    assert len(KERNELS) >= 10 and set(KERNELS) <= launched, sorted(set(KERNELS) - launched)
+
+
+def test_v3_takes_the_float4_path_exactly_where_it_may(asan_run, tsan_run):
+    """v3's last argument is its float4 switch: on for C, F % 4 == 0 and aligned buffers, off on a
+    scalar geometry and on offset (misaligned) views."""
+    for run in (asan_run, tsan_run):
+        for cid, ls in run.launches.items():
+            if not cid.startswith("fwd_v3_"):
+                continue
+            (line,) = [x for x in ls if _kernel(x) == "conv_fwd_v3_igemm"]
+            want = "1" if cid.endswith("_vec") or cid == "fwd_v3_tiles" else "0"
+            assert _int_args(line)[-1] == want, (cid, line)
+    assert sum(c.id.startswith("fwd_v3_") for c in CASES) >= 8
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_asan_outputs_match_reference(asan_run, case):
+    assert asan_run.r.returncode == 0, _report(asan_run.r.stderr)
+    case.check(asan_run.d)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.tsan], ids=lambda c: c.id)
+def test_tsan_outputs_match_reference(tsan_run, case):
+    assert tsan_run.r.returncode == 0, _report(tsan_run.r.stderr)
+    case.check(tsan_run.d)
+
+
+@st.composite
+def conv_geometries(draw):
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    c = draw(st.sampled_from((1, 3, 4, 8)))
+    f = draw(st.sampled_from((1, 4, 5, 33, 68)))
+    n = draw(st.integers(1, 3))
+    pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, (kh - 1) * dh + 1 - pads[0] - pads[1]), 9))
+    w = draw(st.integers(max(1, (kw - 1) * dw + 1 - pads[2] - pads[3]), 9))
+    return conv_geometry((n, h, w, c), (kh, kw, c, f), strides=(sh, sw), dilation=(dh, dw),
+                         padding=((pads[0], pads[1]), (pads[2], pads[3])))
+
+
+@settings(max_examples=8)
+@given(g=conv_geometries(), act=st.sampled_from(ACTS), seed=st.integers(0, 2**31 - 1))
+def test_generated_geometries_under_asan(drivers, tmp_path_factory, g, act, seed):
+    """Stride, asymmetric padding, dilation and ragged tiles drawn by hypothesis: all passes."""
+    rng = np.random.default_rng(seed)
+    cases = [conv_forward_case(f"gen_v{v}", g, v, act, rng) for v in (V1, V2, V3)]
+    cases += [conv_backward_data_case("gen_bwd_data", g, rng), conv_backward_filter_case("gen_bwd_filter", g, rng)]
+    run = _run_cases(drivers["asan"], cases, tmp_path_factory.mktemp("emu_gen"))
+    _assert_clean(run.r, len(cases))
+    for c in cases:
+        c.check(run.d)
+
+
+@settings(max_examples=6)
+@given(M=st.integers(1, 70), K=st.integers(1, 40), N=st.integers(1, 70), act=st.sampled_from(ACTS),
+       seed=st.integers(0, 2**31 - 1))
+def test_generated_dense_and_softmax_under_asan(drivers, tmp_path_factory, M, K, N, act, seed):
+    """Ragged dense shapes (1..70 rows/columns around the 64x64 tile, K around BK = 16)."""
+    rng = np.random.default_rng(seed)
+    cases = [dense_forward_case("gen_dense_fwd", M, K, N, act, rng),
+             dense_backward_case("gen_dense_bwd", M, K, N, act, rng),
+             # one block per softmax row: a few rows keep it quick
+             softmax_case("gen_softmax", 1 + M % 5, N, rng),
+             activation_backward_case("gen_act_bwd", 1 + K % 5, N, "softmax", rng)]
+    run = _run_cases(drivers["asan"], cases, tmp_path_factory.mktemp("emu_gen_dense"))
+    _assert_clean(run.r, len(cases))
+    for c in cases:
+        c.check(run.d)
+
+
+# ----------------------------------------------------------------------------- negative controls
+def _sync_sites():
+    """Every __syncthreads of the kernels, by the name rewrite.py gives it (function#k)."""
+    spec = importlib.util.spec_from_file_location("dlconv_emu_rewrite", EMU / "rewrite.py")
+    rw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rw)
+    sites = []
+    for src in sorted((ROOT / "csrc").glob("*.cu")):
+        sites += re.findall(r'syncthreads\("([^"]+)"\)', rw.rewrite(src.read_text(), str(src)))
+    return sites
+
+
+# A TSan case whose kernel passes each barrier at least twice (a K loop of >= 2 slices, two reductions).
+_SITE_CASE = {"conv_fwd_v2_smem": "fwd_v2_linear_vec", "conv_fwd_v3_igemm": "fwd_v3_tiles",
+              "gemm_tiled": "dense_fwd_relu", "block_reduce": "softmax_wide"}
+SYNC_SITES = _sync_sites()
+
+
+def test_every_barrier_has_a_control():
+    assert len(SYNC_SITES) >= 8 and {s.split("#")[0] for s in SYNC_SITES} <= set(_SITE_CASE), SYNC_SITES
+    by_id = {c.id: c for c in CASES}
+    for cid in _SITE_CASE.values():
+        assert by_id[cid].tsan  # its clean TSan run is the control's other half
+    assert G_VEC.gemm_k > 16 and G_TILES.gemm_k > 16  # >= 2 BK slices: the loop-end barriers matter
+
+
+@pytest.mark.parametrize("site", SYNC_SITES)
+def test_tsan_reports_a_dropped_syncthreads(drivers, tmp_path, site):
+    kernel = site.split("#")[0]
+    case = next(c for c in CASES if c.id == _SITE_CASE[kernel])
+    r = run_driver(drivers["tsan"], [case.line(tmp_path)], tmp_path, {"DLCONV_EMU_DROP_SYNC": site})
+    assert r.returncode != 0 and "WARNING: ThreadSanitizer: data race" in r.stderr, \
+        f"dropping {site} went unnoticed (exit {r.returncode}):\n{r.stderr[-3000:]}"
+    assert kernel in r.stderr.split("WARNING: ThreadSanitizer")[1][:4000]
+
+
+def test_ubsan_reports_float4_forced_on_misaligned_input(drivers, tmp_path):
+    case = conv_forward_case("force_v3_vec_misaligned", G_VEC, V3, "relu", np.random.default_rng(1),
+                             offsets=(1, 0, 0, 0), op="force_v3_vec")
+    r = run_driver(drivers["asan"], [case.line(tmp_path)], tmp_path)
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert re.search(r"runtime error: .*misaligned address .*float4.*16 byte alignment", r.stderr), r.stderr[-3000:]
+    assert "conv_fwd_v3_igemm" in r.stderr
+
+
+def test_tsan_reports_a_race_between_blocks(drivers, tmp_path):
+    r = run_driver(drivers["tsan"], ["interblock_race"], tmp_path)
+    assert r.returncode != 0 and "WARNING: ThreadSanitizer: data race" in r.stderr, r.stdout + r.stderr[-3000:]
+    assert "emu_control_interblock" in r.stderr
+    # the same kernel without TSan completes: the two blocks ran one after the other
+    r = run_driver(drivers["asan"], ["interblock_race"], tmp_path)
+    assert r.returncode == 0 and "interblock_race sum 2 flag 1" in r.stdout, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- the emulator itself
+def _assert_lines(stdout, lines):
+    for line in lines:
+        assert line in stdout.splitlines(), stdout
+
+
+def _lanes():
+    lane = np.arange(64) % 32
+    return np.stack([np.full(64, 496.0), np.where(lane % 8 < 7, lane + 1, lane),
+                           np.where(lane % 16 >= 2, lane - 2, lane), (lane // 8) * 8 + 3, np.ones(64)], axis=1)
+
+
+SELFTESTS = {  # name -> check(out floats, stdout); expected values from the CUDA programming guide
+    "shuffles": lambda out, _: np.testing.assert_array_equal(out[:320].reshape(64, 5), _lanes()),
+    "fresh_shared": lambda out, _: np.testing.assert_array_equal(np.isnan(out[:3]), True),
+    "dynamic_shared": lambda out, _: np.testing.assert_array_equal(out[:64], 63 - np.arange(64)),
+    "atomics": lambda out, _: (np.testing.assert_array_equal(out[0], 1024.0),
+                               np.testing.assert_array_equal(out[1:2].view(np.int32), [1023])),
+    "shared_float4_aligned": lambda out, _: np.testing.assert_array_equal(out[:8], 6.0),
+    "bad_config": lambda _, stdout: _assert_lines(stdout, ("threads 1025: cudaErrorInvalidConfiguration",
+                                                            "grid.y 65536: cudaErrorInvalidConfiguration",
+                                                            "smem 49 KiB: cudaErrorInvalidValue")),
+}
+SELFTEST_ERRORS = {  # name -> what the report must say
+    "divergent_barrier": r"dlconv_emu: ERROR: barrier divergence",
+    "shared_oob": r"runtime error: index 4 out of bounds|AddressSanitizer: heap-buffer-overflow",
+    "shared_too_big": r"dlconv_emu: ERROR: shared memory of the block \(53248 bytes\) exceeds 49152",
+    "shared_float4_unaligned": r"runtime error: .*misaligned address .*float4",
+}
+
+
+def _selftest(exe, name, d):
+    out = d / f"{name}.out"
+    r = run_driver(exe, [f"selftest name={name} n=320 out={out}"], d)
+    return r, (np.fromfile(out, np.float32) if out.exists() else None)
+
+
+@pytest.mark.parametrize("san", ("asan", "tsan"))
+@pytest.mark.parametrize("name", sorted(SELFTESTS))
+def test_emulator_selftest(drivers, tmp_path, name, san):
+    r, out = _selftest(drivers[san], name, tmp_path)
+    _assert_clean(r, 1)
+    SELFTESTS[name](out, r.stdout)
+
+
+@pytest.mark.parametrize("name", sorted(SELFTEST_ERRORS))
+def test_emulator_reports(drivers, tmp_path, name):
+    r, _ = _selftest(drivers["asan"], name, tmp_path)
+    assert r.returncode != 0 and re.search(SELFTEST_ERRORS[name], r.stderr), r.stdout + _report(r.stderr)
+
+
+# ----------------------------------------------------------------------------- the rewrite
+def _rewrite_module():
+    spec = importlib.util.spec_from_file_location("dlconv_emu_rewrite", EMU / "rewrite.py")
+    rw = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rw)
+    return rw
+
+
+def test_rewrite_launches_shared_and_barriers():
+    rw = _rewrite_module()
+    src = """template <int T>
+__global__ void __launch_bounds__(256)
+k(float* y, int n) {
+    __shared__ __align__(16) float a[T][T + 1];  // a comment with k<<<1, 2>>>(x)
+    extern __shared__ float dyn[];
+    __shared__ int count;
+    __syncthreads();
+    if (n) { __syncthreads(); }
+}
+void go(float* y, cudaStream_t s) {
+    k<16><<<dim3(2, 3),
+            256, 0, s>>>(y,
+                         4);
+    other<<<1, 32>>>();
+}
+"""
+    out = rw.rewrite(src, "t.cu")
+    assert out.count("\n") == src.count("\n")
+    assert '::dlconv_emu::launch("k<16>", k<16>, ::dlconv_emu::config(dim3(2, 3),\n            256, 0, s), y,' in out
+    assert '::dlconv_emu::launch("other", other, ::dlconv_emu::config(1, 32))' in out
+    assert 'auto& a = ::dlconv_emu::block_shared<float[T][T + 1]>("t.cu:4:a", 16);' in out
+    assert "float* dyn = ::dlconv_emu::dynamic_shared<float>();" in out
+    assert 'auto& count = ::dlconv_emu::block_shared<int>("t.cu:6:count", 0);' in out
+    assert out.count('syncthreads("k#1")') == 1 and out.count('syncthreads("k#2")') == 1
+    assert "// a comment with k<<<1, 2>>>(x)" in out  # comments are left alone
+
+
+@pytest.mark.parametrize("bad,why", [
+    ("__global__ void k() { __shared__ float a[4], b[4]; }", "one declarator"),
+    ("__global__ void k() { __shared__ float a[]; }", "needs sizes"),
+    ("void f() { k<<<1, 2>>>; }", "without an argument list"),
+    ("void f() { k<<<1>>>(); }", "1 configuration values"),
+    ("void f() { k<<<1, 2>>>(a, (b); }", "unbalanced"),
+])
+def test_rewrite_refuses_what_it_does_not_understand(bad, why):
+    rw = _rewrite_module()
+    with pytest.raises(rw.RewriteError, match=re.escape(why)):
+        rw.rewrite(bad, "t.cu")
