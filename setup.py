@@ -7,6 +7,14 @@ Environment:
   (unset)         build it when nvcc is on PATH or in $CUDA_HOME/bin
   DLCONV_CUDA_ARCHS="80;90"   SASS targets (PTX is added for the highest one)
   DLCONV_NATIVE=0 do not add -mavx2/-mfma/-mavx512f even if this machine has them
+  DLCONV_XLA_FFI=0  build dlconv._C without the XLA FFI handlers (csrc/ffi_cpu.cpp)
+  DLCONV_XLA_FFI_INCLUDE=dir  where xla/ffi/api/ffi.h lies (default: jaxlib's include/)
+
+The XLA FFI handlers (the JAX bridge's custom calls) need only XLA's FFI headers, which ship
+with jaxlib: pyproject.toml puts jaxlib in the isolated build environment, and a build
+without isolation takes them from the jaxlib installed there.  They are header-only (the
+handlers link nothing of jaxlib); without them dlconv._C is built without handlers and the
+JAX bridge falls back to jax.pure_callback.
 """
 
 import glob
@@ -88,6 +96,23 @@ def _cuda_wanted():
     return nvcc
 
 
+def _xla_ffi_include():
+    """The folder holding xla/ffi/api/ffi.h, or (None, why not).  jaxlib is located, not
+    imported (its import pulls in its whole runtime)."""
+    if os.environ.get("DLCONV_XLA_FFI", "").strip() == "0":
+        return None, "DLCONV_XLA_FFI=0"
+    cand = os.environ.get("DLCONV_XLA_FFI_INCLUDE")
+    if not cand:
+        import importlib.util
+        spec = importlib.util.find_spec("jaxlib")
+        if spec is None or not spec.submodule_search_locations:
+            return None, "jaxlib is not installed in the build environment"
+        cand = os.path.join(list(spec.submodule_search_locations)[0], "include")
+    if not os.path.exists(os.path.join(cand, "xla", "ffi", "api", "ffi.h")):
+        return None, f"no xla/ffi/api/ffi.h under {cand}"
+    return cand, ""
+
+
 SIMD_FLAGS, SIMD_MACROS = _cpu_flags()
 COMMON_CXX = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
 
@@ -149,13 +174,28 @@ class BuildExt(build_ext):
 def _extensions():
     inc = [pybind11.get_include(), os.path.join(HERE, "csrc")]
     cpu_src = sorted(glob.glob("csrc/cpu_*.cpp")) + ["csrc/bind_cpu.cpp"]
-    exts = [Extension("dlconv._C", cpu_src, include_dirs=inc, language="c++",
+    cpu_inc, cpu_macros = list(inc), list(SIMD_MACROS)
+    ffi_inc, why = _xla_ffi_include()
+    if ffi_inc is not None:
+        print(f"dlconv: XLA FFI handlers built into dlconv._C and dlconv._C_cuda (headers from {ffi_inc})")
+        cpu_src.append("csrc/ffi_cpu.cpp")
+        cpu_inc.append(ffi_inc)
+        cpu_macros.append(("DLCONV_XLA_FFI", "1"))
+    else:
+        print(f"dlconv: XLA FFI handlers not built ({why}); the JAX bridge will use jax.pure_callback")
+    exts = [Extension("dlconv._C", cpu_src, include_dirs=cpu_inc, language="c++",
                       extra_compile_args=COMMON_CXX + SIMD_FLAGS,
-                      extra_link_args=["-fopenmp"], define_macros=list(SIMD_MACROS))]
+                      extra_link_args=["-fopenmp"], define_macros=cpu_macros)]
     nvcc = _cuda_wanted()
     if nvcc is not None:
         cu = sorted(glob.glob("csrc/*.cu")) + ["csrc/bind_cuda.cpp"]
-        ext = Extension("dlconv._C_cuda", cu, include_dirs=list(inc), language="c++",
+        cuda_inc, cuda_macros = list(inc), []
+        if ffi_inc is not None:
+            cu.append("csrc/ffi_cuda.cpp")
+            cuda_inc.append(ffi_inc)
+            cuda_macros.append(("DLCONV_XLA_FFI", "1"))
+        ext = Extension("dlconv._C_cuda", cu, include_dirs=cuda_inc, language="c++",
+                        define_macros=cuda_macros,
                         extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"])
         ext.nvcc = nvcc
         exts.append(ext)

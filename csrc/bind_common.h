@@ -19,8 +19,7 @@ namespace bind {
 
 namespace py = pybind11;
 
-// Geometry fields beyond this are refused before any product is formed (no int64 overflow).
-constexpr int64_t MAX_FIELD = int64_t(1) << 31;
+using ::dlconv::MAX_FIELD;
 // Names of the 17 fields, in ConvGeometry.FIELDS order (dlconv/shapes.py), for error messages.
 constexpr const char* GEOMETRY_FIELDS[17] = {"batch", "in_h", "in_w", "in_c", "filters", "k_h", "k_w",
                                              "stride_h", "stride_w", "dil_h", "dil_w", "pad_top",

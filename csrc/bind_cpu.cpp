@@ -12,6 +12,8 @@
 //   dense_backward(x, w, dy, y|None, act, dx=None, dw=None, db=None) -> (dx, dw, db)
 //   softmax(z, out=None) -> out
 //   activation_backward(dy, y, act, out=None) -> out          (act 4 = softmax, rank 2)
+//   xla_ffi_handlers() -> {target name: PyCapsule}   the XLA FFI handlers of ffi_cpu.cpp (empty
+//     when built without the XLA FFI headers), for dlconv.bridges.jax
 // `geometry` is dlconv.shapes.ConvGeometry.as_tuple(); `act` is the code of dlconv.activations.
 // No conversion ever happens: a float64 array raises TypeError, a strided view ValueError.
 // The GIL is released while a kernel runs; every call owns its scratch memory (re-entrant).
@@ -24,7 +26,11 @@
 
 #include "bind_common.h"
 #include "cpu_gemm.h"
+#include "cpu_host.h"
 #include "cpu_kernels.h"
+#ifdef DLCONV_XLA_FFI
+#include "ffi_cpu.h"
+#endif
 #include "geometry.h"
 
 namespace py = pybind11;
@@ -102,35 +108,10 @@ void no_alias(const char* kernel, std::initializer_list<std::pair<const char*, c
     }
 }
 
-// Small work runs on the calling thread alone.  Between two dlconv calls (a framework runs
-// its own ops there) OpenMP's worker falls asleep; waking it costs 0.1-0.6 ms on a virtual
-// machine (measured here: a 128x128 -> 10 dense + softmax took 54 us back to back and 611 us
-// after a 5 ms pause), more than the whole op when the op is small.
-constexpr double SERIAL_FLOPS = 2e7;           // ~0.1 ms on one AVX-512 core
-constexpr double SERIAL_ELEMENTS = 131072;     // element-wise ops: ~1.5 MB moved
-
-// Caps this thread's OpenMP team at 1 for the guard's lifetime (a per-thread setting, so
-// concurrent callers do not affect each other).
-class SerialIfSmall {
-   public:
-    explicit SerialIfSmall(bool small) : saved_(omp_get_max_threads()), on_(small) {
-        if (on_) omp_set_num_threads(1);
-    }
-    ~SerialIfSmall() {
-        if (on_) omp_set_num_threads(saved_);
-    }
-    SerialIfSmall(const SerialIfSmall&) = delete;
-    SerialIfSmall& operator=(const SerialIfSmall&) = delete;
-
-   private:
-    int saved_;
-    bool on_;
-};
-
-double conv_flops(const ConvGeometry& g) {
-    return 2.0 * double(g.batch) * double(g.out_h) * double(g.out_w) * double(g.k_h * g.k_w) *
-           double(g.in_c) * double(g.filters);
-}
+using dlconv::cpu::conv_flops;
+using dlconv::cpu::SerialIfSmall;
+using dlconv::cpu::SERIAL_ELEMENTS;
+using dlconv::cpu::SERIAL_FLOPS;
 
 Shape x_shape(const ConvGeometry& g) { return {g.batch, g.in_h, g.in_w, g.in_c}; }
 Shape w_shape(const ConvGeometry& g) { return {g.k_h, g.k_w, g.in_c, g.filters}; }
@@ -160,6 +141,7 @@ py::array conv2d_forward(py::object x, py::object w, py::object b, py::object ge
     no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
     {
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
         SerialIfSmall serial(conv_flops(g) < SERIAL_FLOPS);
         if (g.batch > 0) dlconv::cpu::conv2d_forward(g, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr, variant);
     }
@@ -186,6 +168,7 @@ py::array conv2d_backward_data(py::object dz, py::object w, py::object geometry,
     no_alias(K, {{"dx", &adx}}, {{"dz", &adz}, {"w", &aw}, {"y", &ay}});
     {
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
         SerialIfSmall serial(conv_flops(g) < SERIAL_FLOPS);
         if (g.batch > 0) dlconv::cpu::conv2d_backward_data(g, adz.ptr, aw.ptr, adx.ptr, ay.ptr, act);
     }
@@ -202,6 +185,7 @@ py::tuple conv2d_backward_filter(py::object x, py::object dz, py::object geometr
     no_alias(K, {{"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"dz", &adz}, {"y", &ay}});
     {
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
         SerialIfSmall serial(conv_flops(g) < SERIAL_FLOPS);
         dlconv::cpu::conv2d_backward_filter(g, ax.ptr, adz.ptr, adw.ptr, adb.ptr, ay.ptr, act);
     }
@@ -218,6 +202,7 @@ py::array dense_forward(py::object x, py::object w, py::object b, int act, py::o
     no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
     {
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
         SerialIfSmall serial(2.0 * double(M) * double(Kf) * double(N) < SERIAL_FLOPS);
         dlconv::cpu::dense_forward(M, Kf, N, ax.ptr, aw.ptr, ab.ptr, act, ay.ptr);
     }
@@ -239,6 +224,7 @@ py::tuple dense_backward(py::object x, py::object w, py::object dy, py::object y
     no_alias(K, {{"dx", &adx}, {"dw", &adw}, {"db", &adb}}, {{"x", &ax}, {"w", &aw}, {"dy", &ady}, {"y", &ayy}});
     {
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
         SerialIfSmall serial(4.0 * double(M) * double(Kf) * double(N) < SERIAL_FLOPS);
         dlconv::cpu::dense_backward(M, Kf, N, ax.ptr, aw.ptr, ady.ptr, ayy.ptr, act, adx.ptr, adw.ptr, adb.ptr);
     }
@@ -253,6 +239,7 @@ py::array softmax(py::object z, py::object out) {
     no_alias(K, {{"out", &ao}}, {{"z", &az}});
     {
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
         SerialIfSmall serial(double(R) * double(Cn) < SERIAL_ELEMENTS);
         if (R > 0 && Cn > 0) dlconv::cpu::softmax(R, Cn, az.ptr, ao.ptr);
     }
@@ -276,6 +263,7 @@ py::array activation_backward(py::object dy, py::object y, int act, py::object o
     else for (auto s : shape) cols *= s;
     {
         py::gil_scoped_release nogil;
+        std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
         SerialIfSmall serial(double(rows) * double(cols) < SERIAL_ELEMENTS);
         if (rows * cols > 0) dlconv::cpu::activation_backward(rows, cols, ady.ptr, ay.ptr, act, ao.ptr);
     }
@@ -299,6 +287,11 @@ py::dict build_info() {
     d["compiler"] = __VERSION__;
     d["register_block"] = std::to_string(dlconv::cpu::MR) + "x" + std::to_string(dlconv::cpu::NR);
     d["threads"] = omp_get_max_threads();
+#ifdef DLCONV_XLA_FFI
+    d["xla_ffi"] = true;
+#else
+    d["xla_ffi"] = false;
+#endif
     return d;
 }
 
@@ -307,6 +300,15 @@ py::dict build_info() {
 PYBIND11_MODULE(_C, m) {
     m.doc() = "dlconv C++ CPU kernels (OpenMP + SIMD implicit GEMM); see csrc/bind_cpu.cpp for the API";
     m.def("build_info", &build_info, "How this extension was compiled (SIMD level, OpenMP, register block).");
+    m.def("xla_ffi_handlers", [] {
+              py::dict d;
+#ifdef DLCONV_XLA_FFI
+              for (const auto& [name, fn] : dlconv::xffi::cpu_handlers()) d[name] = py::capsule(fn);
+#endif
+              return d;
+          },
+          "XLA FFI handlers of the CPU kernels (target name -> PyCapsule for "
+          "jax.ffi.register_ffi_target(..., platform='cpu')); empty when built without the XLA FFI headers.");
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("geometry"),
           py::arg("activation"), py::arg("y") = py::none(), py::arg("variant") = 0,
           "y = act(conv2d(x, w) + b): x NHWC, w HWIO, b (filters,) or None, geometry = ConvGeometry.as_tuple(); "

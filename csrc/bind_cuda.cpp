@@ -17,6 +17,8 @@
 //   dense_forward(x, w, b|None, act, y, stream=0)
 //   dense_backward(x, w, dy, y|None, act, dx|None, dw|None, db|None, stream=0)
 //   softmax(z, out, stream=0);  activation_backward(dy, y, act, out, stream=0)   (act 4 = softmax)
+//   xla_ffi_handlers() -> {target name: PyCapsule}   the XLA FFI handlers of ffi_cuda.cpp (XLA's
+//     stream, for dlconv.bridges.jax; empty when built without the XLA FFI headers)
 // Errors: TypeError (not a CUDA float32 array), ValueError (shape, layout, overlap, geometry),
 // RuntimeError naming the kernel for anything CUDA reports (no GPU, bad pointer, launch failure).
 #include <cuda_runtime.h>
@@ -28,6 +30,9 @@
 
 #include "bind_common.h"
 #include "cuda_kernels.h"
+#ifdef DLCONV_XLA_FFI
+#include "ffi_cuda.h"
+#endif
 #include "geometry.h"
 
 namespace py = pybind11;
@@ -344,6 +349,15 @@ PYBIND11_MODULE(_C_cuda, m) {
     }, "Why no GPU is visible (empty string when some are).");
     m.attr("VARIANTS") = py::dict(py::arg("v1_direct") = 1, py::arg("v2_smem_tiled") = 2,
                                   py::arg("v3_implicit_gemm") = 3);
+    m.def("xla_ffi_handlers", [] {
+              py::dict d;
+#ifdef DLCONV_XLA_FFI
+              for (const auto& [name, fn] : dlconv::xffi::cuda_handlers()) d[name] = py::capsule(fn);
+#endif
+              return d;
+          },
+          "XLA FFI handlers of the CUDA kernels (target name -> PyCapsule for "
+          "jax.ffi.register_ffi_target(..., platform='CUDA')); empty when built without the XLA FFI headers.");
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("geometry"),
           py::arg("activation"), py::arg("y"), py::arg("variant") = 3, py::arg("stream") = 0,
           "y = act(conv2d(x, w) + b) on `stream`; variant 1 v1_direct, 2 v2_smem_tiled, 3 v3_implicit_gemm.");

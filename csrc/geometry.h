@@ -13,6 +13,11 @@
 
 namespace dlconv {
 
+// Geometry fields beyond this are refused before any product is formed (no int64 overflow).
+constexpr int64_t MAX_FIELD = int64_t(1) << 31;
+// Number of fields of the record (ConvGeometry.FIELDS).
+constexpr int GEOMETRY_FIELDS = 17;
+
 struct ConvGeometry {
     int64_t batch, in_h, in_w, in_c, filters;
     int64_t k_h, k_w, stride_h, stride_w, dil_h, dil_w;

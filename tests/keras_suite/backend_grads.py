@@ -33,8 +33,12 @@ def grads(layer, x, dy, training=False):
         tv = [v.value for v in layer.trainable_variables]
         ntv = [v.value for v in layer.non_trainable_variables]
 
+        # stateless_call hands its keyword arguments to call() as they are (unlike __call__,
+        # it does not drop `training` for a call() without it, e.g. Conv2D's)
+        kw = {"training": training} if layer._call_has_training_arg else {}
+
         def loss(tv, xv):
-            y, _ = layer.stateless_call(tv, ntv, xv, training=training)
+            y, _ = layer.stateless_call(tv, ntv, xv, **kw)
             return jnp.sum(y * dy), y
 
         (_, y), (gv, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(tv, jnp.asarray(x))

@@ -1,0 +1,303 @@
+"""The JAX bridge: dlconv kernels as differentiable, jittable JAX functions.
+
+:func:`conv2d` and :func:`dense` take JAX arrays (or tracers) and return one; the gradient
+is attached with ``jax.custom_vjp``, so they work eagerly, under ``jax.jit`` (Keras' JAX
+backend jits the train step: ``SUPPORTS_JIT = True``), ``jax.grad`` and ``jax.vmap``.
+
+How a call reaches a kernel
+---------------------------
+Everything static is decided when JAX traces the call: the
+:class:`~dlconv.shapes.ConvGeometry` (:func:`dlconv.runtime.conv_geometry_cached`, from the
+static shapes; a mismatch raises :mod:`dlconv.shapes`' ValueError then), the backend
+(:func:`dlconv.runtime.resolve_backend`) and whether the backward kernels take the
+activation derivative (:func:`dlconv.runtime.fuse_activation_grad`).  What runs:
+
+*cpp on the CPU, through XLA's FFI* — ``jax.ffi.ffi_call`` of the handlers that
+``dlconv._C`` exports (``csrc/ffi_cpu.cpp``, registered with
+``jax.ffi.register_ffi_target(..., platform="cpu")``).  The jitted program holds a custom
+call; XLA calls the C++ handler on its own buffers, no Python runs per call and nothing is
+copied.  The geometry travels as one int64 array attribute in ``ConvGeometry.FIELDS``
+order, the activation as its :mod:`dlconv.activations` code.  XLA calls a handler from
+whichever of its threads runs that part of the program; the handler hands OpenMP-sized work
+to one C++ thread (``dlconv-xla``: one OpenMP team, as :class:`dlconv.runtime.HostThread`
+gives the Python way in) and runs it under the C++ host lock the pybind11 entry points take
+too (``csrc/cpu_host.h``): one kernel at a time, whichever way it came in.
+
+*cpp on a CUDA GPU* — the same targets registered with platform ``"CUDA"`` from
+``dlconv._C_cuda`` (``csrc/ffi_cuda.cpp``), launched on XLA's stream, no host round trip.
+The CUDA backward kernels take dL/dz, so there an activation-backward call comes first.
+
+*numba, reference, or a dlconv._C built without the FFI headers* — ``jax.pure_callback``
+into :mod:`dlconv.ops` (NumPy arrays; on a GPU that is a host round trip).  It costs a
+Python call and the array hand-over per op (measured in ``benchmarks/jax_step.py``).
+
+``jax.vmap``: every call is declared with ``vmap_method="sequential"`` (the documented
+rule: one kernel call per vmapped element, in a loop), for the FFI calls and the callbacks
+alike; the custom_vjp batches its forward and backward with them.
+
+Which device: JAX places a traced computation on its default backend, so the path is
+chosen from ``jax.default_backend()`` ("gpu" → the CUDA one) when the call is traced.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import activations as _act
+from .. import ops as _ops
+from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
+from ..shapes import dense_geometry
+
+__all__ = ["conv2d", "dense", "SUPPORTS_JIT", "ffi_status", "path_for", "VMAP_METHOD"]
+
+#: Keras may jit a step holding these ops (they are FFI custom calls or pure callbacks).
+SUPPORTS_JIT = True
+
+#: How every call batches under ``jax.vmap`` (see the module docstring).
+VMAP_METHOD = "sequential"
+
+_F32 = jnp.float32
+#: activation_backward's code for softmax (row-wise), as in csrc/ffi_cpu.cpp.
+_SOFTMAX_CODE = 4
+
+
+# ----------------------------------------------------------------------------- FFI targets
+@functools.lru_cache(maxsize=None)
+def ffi_status(platform: str):
+    """(True, "") once the FFI handlers of ``platform`` ("cpu" or "CUDA") are registered with
+    XLA, else (False, why not).  Registered once per process."""
+    module = "dlconv._C" if platform == "cpu" else "dlconv._C_cuda"
+    try:
+        lib = importlib.import_module(module)
+    except ImportError as exc:
+        return False, f"{module} is not importable ({exc})"
+    handlers = getattr(lib, "xla_ffi_handlers", None)
+    table = handlers() if handlers is not None else {}
+    if not table:
+        return False, (f"{module} was built without the XLA FFI handlers (no XLA FFI headers at "
+                       f"build time; rebuild with jaxlib installed)")
+    for name, capsule in table.items():
+        jax.ffi.register_ffi_target(name, capsule, platform=platform)
+    return True, ""
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def path_for(backend) -> str:
+    """How ops of ``backend`` run here: "ffi" (XLA custom calls) or "callback"
+    (``jax.pure_callback``)."""
+    on_device = _on_gpu()
+    be = resolve_backend(backend, on_device)
+    if be.name == "cpp" and ffi_status("CUDA" if on_device else "cpu")[0]:
+        return "ffi"
+    return "callback"
+
+
+def _ffi(target, out_shapes, *args, **attrs):
+    """One FFI custom call; ``out_shapes`` a list of shapes (float32 results)."""
+    outs = [jax.ShapeDtypeStruct(tuple(s), _F32) for s in out_shapes]
+    call = jax.ffi.ffi_call(target, outs, vmap_method=VMAP_METHOD)
+    attrs = {k: (np.asarray(v, np.int64) if isinstance(v, tuple) else np.int64(v))
+             for k, v in attrs.items()}
+    return call(*args, **attrs)
+
+
+def _callback(fn, out_shapes, *args):
+    """``fn(*numpy arrays) -> list of float32 arrays`` as a ``jax.pure_callback``."""
+    outs = [jax.ShapeDtypeStruct(tuple(s), _F32) for s in out_shapes]
+
+    def host(*arrays):
+        res = fn(*[np.ascontiguousarray(a) for a in arrays])
+        return [np.asarray(r, np.float32) for r in res]
+
+    return jax.pure_callback(host, outs, *args, vmap_method=VMAP_METHOD)
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_f32(name, a):
+    """TypeError unless ``a`` (None allowed) is float32 already: nothing is converted, not
+    even a float64 NumPy array that ``jnp.asarray`` would quietly narrow."""
+    if a is None:
+        return
+    dtype = getattr(a, "dtype", None)
+    if dtype is None:
+        raise TypeError(f"{name} must be a float32 array, got {type(a).__name__}")
+    if np.dtype(dtype) != np.float32:
+        raise TypeError(f"{name} must be float32, got {dtype} (dlconv kernels are float32; "
+                        f"no silent conversion)")
+
+
+def _check_bias(b, n):
+    if b is not None and tuple(b.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(b.shape)}, expected ({n},)")
+
+
+# ----------------------------------------------------------------------------- conv2d
+@functools.lru_cache(maxsize=256)
+def _conv_op(g, act: str, backend, has_bias: bool):
+    """The custom_vjp function ``op(x, w[, b]) -> y`` for one geometry and setting."""
+    use_ffi = path_for(backend) == "ffi"
+    on_device = use_ffi and _on_gpu()        # callbacks always get host (NumPy) arrays
+    be = resolve_backend(backend, on_device)
+    code = _act.code(act)
+    geo = g.as_tuple()
+    fused = fuse_activation_grad(backend, on_device, act)
+
+    if use_ffi:
+        def forward(x, w, *b):
+            return _ffi("dlconv_conv2d_forward", [g.y_shape], x, w, *b,
+                        geometry=geo, act=code, variant=0)[0]
+
+        def act_backward(dy, y):
+            return _ffi("dlconv_activation_backward", [g.y_shape], dy, y, act=code)[0]
+
+        def backward_data(d, w):                     # d = [dz] or [dy, y]
+            return _ffi("dlconv_conv2d_backward_data", [g.x_shape], d[0], w, *d[1:],
+                        geometry=geo, act=code if len(d) == 2 else 0)[0]
+
+        def backward_filter(x, d):
+            return _ffi("dlconv_conv2d_backward_filter", [g.w_shape, (g.filters,)], x, *d,
+                        geometry=geo, act=code if len(d) == 2 else 0)
+    else:
+        def forward(x, w, *b):
+            return _callback(lambda x_, w_, *b_: [_ops.conv2d(
+                x_, w_, b_[0] if b_ else None, activation=act, backend=be, geometry=g)],
+                [g.y_shape], x, w, *b)[0]
+
+        def act_backward(dy, y):
+            return _callback(lambda dy_, y_: [_ops.activation_backward(dy_, y_, act, backend=be)],
+                             [g.y_shape], dy, y)[0]
+
+        def _kw(d):
+            return {"y": d[1], "activation": act} if len(d) == 2 else {}
+
+        def backward_data(d, w):
+            return _callback(lambda w_, *d_: [_ops.conv2d_backward_data(
+                d_[0], w_, g.x_shape, backend=be, geometry=g, **_kw(d_))],
+                [g.x_shape], w, *d)[0]
+
+        def backward_filter(x, d):
+            return _callback(lambda x_, *d_: list(_ops.conv2d_backward_filter(
+                x_, d_[0], g.w_shape, backend=be, geometry=g, **_kw(d_))),
+                [g.w_shape, (g.filters,)], x, *d)
+
+    @jax.custom_vjp
+    def op(x, w, *b):
+        return forward(x, w, *b)
+
+    def op_fwd(x, w, *b):
+        y = forward(x, w, *b)
+        return y, (x, w, y)
+
+    def op_bwd(res, dy):
+        x, w, y = res
+        if fused:
+            d = [dy, y]                      # the kernels apply act'(y) as they read dy
+        elif act == "linear":
+            d = [dy]
+        else:
+            d = [act_backward(dy, y)]        # dz = act'(y) · dy, formed once for both passes
+        dx = backward_data(d, w)
+        dw, db = backward_filter(x, d)
+        return (dx, dw, db) if has_bias else (dx, dw)
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
+           backend="auto", out_shape=None):
+    """``act(conv2d(x, kernel) + bias)`` (NHWC / HWIO) as a differentiable JAX function.
+
+    ``bias`` may be None.  ``activation`` one of :data:`dlconv.activations.ELEMENTWISE`.
+    ``out_shape`` (from the layer) is checked against the resolved geometry when fully known.
+    """
+    act = _act.normalize(activation, allow_softmax=False)
+    for name, a in (("x", x), ("kernel", kernel), ("bias", bias)):   # before any conversion
+        _check_f32(name, a)
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    bias = None if bias is None else jnp.asarray(bias)
+    if isinstance(padding, list):
+        padding = tuple(tuple(p) if isinstance(p, list) else p for p in padding)
+    g = conv_geometry_cached(tuple(x.shape), tuple(kernel.shape), tuple(strides), padding,
+                             tuple(dilation))
+    _check_bias(bias, g.filters)
+    if out_shape is not None and None not in tuple(out_shape) and tuple(out_shape) != g.y_shape:
+        raise ValueError(f"out_shape {tuple(out_shape)} does not match the geometry's output "
+                         f"{g.y_shape}")
+    op = _conv_op(g, act, backend, bias is not None)
+    return op(x, kernel, bias) if bias is not None else op(x, kernel)
+
+
+# ----------------------------------------------------------------------------- dense
+@functools.lru_cache(maxsize=256)
+def _dense_op(x_shape, w_shape, act: str, backend, has_bias: bool):
+    """The custom_vjp function ``op(x, w[, b]) -> y`` for one shape and setting."""
+    use_ffi = path_for(backend) == "ffi"
+    be = resolve_backend(backend, use_ffi and _on_gpu())
+    dg = dense_geometry(x_shape, w_shape)
+    y_shape, b_shape = dg.y_shape, (dg.out_features,)
+    softmax = act == "softmax"
+    code = 0 if softmax else _act.code(act)
+
+    if use_ffi:
+        def forward(x, w, *b):
+            y = _ffi("dlconv_dense_forward", [y_shape], x, w, *b, act=code)[0]
+            return _ffi("dlconv_softmax", [y_shape], y)[0] if softmax else y
+
+        def backward(x, w, y, dy):
+            if softmax:                      # dz = softmax's Jacobian-vector product, then linear
+                dy = _ffi("dlconv_activation_backward", [y_shape], dy, y, act=_SOFTMAX_CODE)[0]
+                return _ffi("dlconv_dense_backward", [x_shape, w_shape, b_shape], x, w, dy, act=0)
+            extra = (y,) if code else ()
+            return _ffi("dlconv_dense_backward", [x_shape, w_shape, b_shape], x, w, dy, *extra,
+                        act=code)
+    else:
+        def forward(x, w, *b):
+            return _callback(lambda x_, w_, *b_: [_ops.dense(x_, w_, b_[0] if b_ else None,
+                                                             activation=act, backend=be)],
+                             [y_shape], x, w, *b)[0]
+
+        def backward(x, w, y, dy):
+            return _callback(lambda x_, w_, y_, dy_: list(_ops.dense_backward(
+                x_, w_, dy_, y_, activation=act, backend=be)),
+                [x_shape, w_shape, b_shape], x, w, y, dy)
+
+    @jax.custom_vjp
+    def op(x, w, *b):
+        return forward(x, w, *b)
+
+    def op_fwd(x, w, *b):
+        y = forward(x, w, *b)
+        return y, (x, w, y)
+
+    def op_bwd(res, dy):
+        x, w, y = res
+        dx, dw, db = backward(x, w, y, dy)
+        return (dx, dw, db) if has_bias else (dx, dw)
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def dense(x, kernel, bias, *, activation="linear", backend="auto"):
+    """``act(x @ kernel + bias)`` for rank-2 ``x`` as a differentiable JAX function.
+
+    ``bias`` may be None.  ``activation`` one of :data:`dlconv.activations.SUPPORTED`.
+    """
+    act = _act.normalize(activation)
+    for name, a in (("x", x), ("kernel", kernel), ("bias", bias)):   # before any conversion
+        _check_f32(name, a)
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    bias = None if bias is None else jnp.asarray(bias)
+    dg = dense_geometry(tuple(x.shape), tuple(kernel.shape))
+    _check_bias(bias, dg.out_features)
+    op = _dense_op(dg.x_shape, dg.w_shape, act, backend, bias is not None)
+    return op(x, kernel, bias) if bias is not None else op(x, kernel)
