@@ -29,7 +29,7 @@ _LAZY = {
     "softmax": "dlconv.ops", "activation_backward": "dlconv.ops",
     "explain": "dlconv.explain",
 }
-_SUBMODULES = ("backends", "ops", "reference", "explain", "info", "layers", "models", "data",
+_SUBMODULES = ("jax", "backends", "ops", "reference", "explain", "info", "layers", "models", "data",
                "bench", "cli", "kernels", "arrays", "activations", "shapes", "train", "runtime",
                "bridges", "torch")
 
