@@ -184,3 +184,124 @@ def test_a_worker_whose_peer_never_comes_fails_clearly(tmp_path):
     code = "import threading, os\nthreading.Timer(20, lambda: os._exit(3)).start()\n" + code
     with pytest.raises(pytest.fail.Exception, match=r"worker 0 (exited with|did not finish)"):
         run_workers([code], [env], timeout=60)
+
+
+# ----------------------------------------------------------------------------- PyTorch
+TORCH_WORKER = """
+import os, sys
+import numpy as np
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+rank, world, port, kind, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+rng = np.random.default_rng(0)
+x = torch.from_numpy(rng.random(({n}, 12, 12, 1), dtype=np.float32))
+y = torch.from_numpy(rng.integers(0, 10, {n}))
+
+if kind == "plain":
+    import dlconv.torch as dt
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(7)
+            self.w1 = torch.nn.Parameter(torch.randn(3, 3, 1, 4, generator=g) * 0.3)
+            self.b1 = torch.nn.Parameter(torch.zeros(4))
+            self.w2 = torch.nn.Parameter(torch.randn(400, 10, generator=g) * 0.05)
+            self.b2 = torch.nn.Parameter(torch.zeros(10))
+
+        def forward(self, x):
+            h = dt.conv2d(x, self.w1, self.b1, activation="relu", backend="cpp")
+            return dt.dense(h.reshape(h.shape[0], -1), self.w2, self.b2, backend="cpp")
+    model = Net()
+    logits = lambda m, xb: m(xb)
+else:
+    import keras
+    import dlconv.layers as dl
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((12, 12, 1)), dl.Conv2D(4, 3, activation="relu", backend="cpp"),
+                              keras.layers.Flatten(), dl.Dense(10, backend="cpp")])
+    logits = lambda m, xb: m(xb)
+
+if world > 1:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{{port}}", rank=rank,
+                            world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+    net = torch.nn.parallel.DistributedDataParallel(model)
+else:
+    net = model
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for s in range({steps}):
+    rows = slice(s * {gb} + rank, (s + 1) * {gb}, world)     # this rank's share of the global batch
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(logits(net, x[rows]), y[rows])
+    loss.backward()                                            # DDP all-reduces (averages) here
+    opt.step()
+np.savez(out, *[p.detach().numpy() for p in model.parameters()])
+if world > 1:
+    dist.destroy_process_group()
+print("done", rank)
+"""
+
+
+@pytest.mark.parametrize("kind", ["plain", "keras"])
+def test_torch_ddp_two_processes_gloo(kind, tmp_path):
+    pytest.importorskip("torch")
+    code = TORCH_WORKER.format(n=GLOBAL_BATCH * STEPS, steps=STEPS, gb=GLOBAL_BATCH)
+    (port,) = free_ports(1)
+    env = _env(KERAS_BACKEND="torch", OMP_NUM_THREADS="1")
+    outs = [tmp_path / f"r{r}.npz" for r in range(2)] + [tmp_path / "single.npz"]
+    codes = [f"import sys; sys.argv = ['w', '{r}', '{w}', '{port}', '{kind}', '{o}']\n" + code
+             for r, w, o in ((0, 2, outs[0]), (1, 2, outs[1]), (0, 1, outs[2]))]
+    run_workers(codes, [env] * 3)
+    w0, w1, ref = (np.load(p) for p in outs)
+    assert len(ref.files) == 4
+    for k in ref.files:
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=f"ranks differ in {k}")
+        np.testing.assert_allclose(w0[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=f"DDP vs 1 process: {k}")
+
+
+# ----------------------------------------------------------------------------- JAX
+JAX_WORKER = """
+import os, sys
+import numpy as np
+devices = int(sys.argv[1]); out = sys.argv[2]
+import jax, jax.numpy as jnp, keras
+import dlconv.layers as dl, dlconv.jax as dj
+assert len(jax.devices()) == devices, jax.devices()
+rng = np.random.default_rng(0)
+x = rng.random(({n}, 12, 12, 1), dtype=np.float32)
+y = rng.integers(0, 10, {n})
+if devices > 1:
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+keras.utils.set_random_seed(7)
+m = keras.Sequential([keras.Input((12, 12, 1)), dl.Conv2D(4, 3, activation="relu", backend="cpp"),
+                      keras.layers.Flatten(), dl.Dense(10, activation="softmax", backend="cpp")])
+m.compile(optimizer=keras.optimizers.SGD(0.1), loss="sparse_categorical_crossentropy")
+m.fit(x, y, batch_size={gb}, epochs=1, shuffle=False, verbose=0)
+weights = m.get_weights()
+
+# a jitted step with the batch sharded over the devices, through dlconv's custom VJP
+w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 1, 4)), jnp.float32)
+xs = jnp.asarray(x[:{gb}])
+if devices > 1:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
+    xs = jax.device_put(xs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+loss = lambda w, xb: jnp.sum(dj.conv2d(xb, w, padding="same", activation="tanh", backend="cpp") ** 2)
+g = jax.jit(jax.grad(loss))(w, xs)
+np.savez(out, *weights, np.asarray(g))
+print("done", devices)
+"""
+
+
+def test_jax_data_parallel_over_cpu_devices(tmp_path):
+    pytest.importorskip("jax")
+    code = JAX_WORKER.format(n=GLOBAL_BATCH * STEPS, gb=GLOBAL_BATCH)
+    outs = [tmp_path / "two.npz", tmp_path / "one.npz"]
+    envs = [_env(KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+            _env(KERAS_BACKEND="jax")]
+    codes = [f"import sys; sys.argv = ['w', '{d}', '{o}']\n" + code for d, o in ((2, outs[0]), (1, outs[1]))]
+    stdout = run_workers(codes, envs)
+    assert "done 2" in stdout[0] and "done 1" in stdout[1]
+    two, one = np.load(outs[0]), np.load(outs[1])
+    assert len(one.files) == 5
+    for k in one.files:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=f"2 devices vs 1: {k}")
