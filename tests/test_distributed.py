@@ -305,3 +305,20 @@ def test_jax_data_parallel_over_cpu_devices(tmp_path):
     assert len(one.files) == 5
     for k in one.files:
         np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=f"2 devices vs 1: {k}")
+
+
+def test_a_port_in_use_fails_clearly(tmp_path):
+    """The rendezvous port is held by another socket: torch.distributed's store cannot bind it
+    and the worker exits non-zero within its timeout; the harness reports it (no hang)."""
+    pytest.importorskip("torch")
+    code = TORCH_WORKER.format(n=GLOBAL_BATCH * STEPS, steps=STEPS, gb=GLOBAL_BATCH)
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    try:
+        code = f"import sys; sys.argv = ['w', '0', '2', '{port}', 'plain', '{tmp_path / 'r0.npz'}']\n" + code
+        with pytest.raises(pytest.fail.Exception, match=r"(?s)worker 0 exited with.*EADDRINUSE"):
+            run_workers([code], [_env(OMP_NUM_THREADS="1")], timeout=120)
+    finally:
+        holder.close()
