@@ -218,7 +218,7 @@ fi
 # Keras, namex and optree are not on the GPU machine: benchmarks/fetch_gpu_wheels.sh puts
 # their wheels in .whl/ beforehand (carried with the checkout); they go into a scratch folder.
 keras_epochs() {
-  if ! "$PY" -c "import keras" 2>/dev/null; then
+  if ! KERAS_BACKEND=torch "$PY" -c "import keras" 2>/dev/null; then   # (no TensorFlow there)
     if ! ls .whl/*.whl >/dev/null 2>&1; then
       echo "keras is not importable and .whl/ holds no wheels: run benchmarks/fetch_gpu_wheels.sh first"
       return 1
