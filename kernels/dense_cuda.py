@@ -69,9 +69,10 @@ SPLIT_K_MAX_WORKSPACE = 1 << 24
 
 def split_k_splits(rows: int, cols: int, red: int, sms: int) -> int:
     """K splits of a (rows x cols) output with reduction length ``red`` on ``sms`` SMs: 1
-    when the output tiles already fill the SMs or the reduction is short."""
+    when the output is empty, its tiles already fill the SMs or the reduction is short (the
+    rule of split_k_splits in csrc/cuda_dense.cu)."""
     tiles = cdiv(rows, TILE) * cdiv(cols, TILE)
-    if tiles >= sms or red < 2 * SPLIT_K_MIN_LEN:
+    if tiles == 0 or tiles >= sms or red < 2 * SPLIT_K_MIN_LEN:
         return 1
     splits = min(cdiv(SPLIT_K_BLOCKS_PER_SM * sms, tiles), red // SPLIT_K_MIN_LEN, SPLIT_K_MAX)
     if rows * cols > 0:

@@ -187,6 +187,8 @@ def test_cuda_dense_split_k_heuristic():
     assert split(128, 10, 128, 132) == 1         # dense2: reduction too short
     assert split(16, 16, 1 << 20, 132) == 64     # at most 64 partials per element
     assert split(1024, 1024, 1 << 20, 10 ** 5) == 16   # the 16 Mi-float workspace cap
+    assert split(0, 10, 1 << 20, 132) == 1       # empty outputs: no tiles, nothing to split
+    assert split(10, 0, 1 << 20, 132) == 1
 
 
 def test_cuda_dense_row_tiles_beyond_the_grid_limit(monkeypatch):
