@@ -10,10 +10,14 @@
 // filters a slice of each w row (offset q·Fg): the loops below address them with those offsets,
 // so no channel is copied or transposed.
 //
+// Wide groups (Cg >= PACK_MIN_CG, Fg >= PACK_MIN_FG) instead run each group through cpu_conv.cpp's
+// ungrouped kernels on contiguous copies of its slices (see `packed` below): one op call, G kernel
+// runs inside it.
+//
 // Innermost loops run over a contiguous run of one pixel's channels/filters, vectorised by the
 // compiler: over f < Fg (grouped), or over the C channels themselves when Cg = Fg = 1
-// (depthwise with multiplier 1: the dedicated `depthwise` branches, one fused multiply-add
-// stream per tap).
+// (depthwise with multiplier 1: depthwise_forward / depthwise_backward_data keep one pixel's
+// DW_BLOCK channels in registers over all taps; backward-filter's `depthwise` branch streams).
 //
 // Forward:          one OpenMP thread owns whole output pixels (all F filters; a private F-float
 //                   accumulator row), static schedule over N·OH·OW pixels.
@@ -37,6 +41,7 @@
 
 #include "cpu_act.h"
 #include "cpu_gemm.h"
+#include "cpu_kernels.h"
 
 namespace dlconv {
 namespace cpu {
@@ -57,10 +62,140 @@ struct Dz {
     }
 };
 
+// Wide groups (Cg >= PACK_MIN_CG and Fg >= PACK_MIN_FG) run group by group through the ungrouped
+// kernels of cpu_conv.cpp (Winograd / direct / implicit GEMM, register-blocked), on contiguous
+// copies of the group's channel slice: the copies cost O(|x| + |y| + |w|) per call against
+// O(KH·KW·Cg) multiply-adds per output, so they pay once a group is a few vectors wide; narrower
+// groups (depthwise, Cg or Fg of a few channels) stay on the loops below, whose inner runs the
+// packed kernels' 16-wide tiles would mostly waste.
+constexpr i64 PACK_MIN_CG = 8;
+constexpr i64 PACK_MIN_FG = 16;
+
+bool packed(const ConvGeometry& g) {
+    return g.in_c / g.groups >= PACK_MIN_CG && g.filters / g.groups >= PACK_MIN_FG;
+}
+
+// One group's geometry: the same record with C/G channels, F/G filters, groups = 1.
+ConvGeometry one_group(const ConvGeometry& g) {
+    ConvGeometry o = g;
+    o.in_c = g.in_c / g.groups;
+    o.filters = g.filters / g.groups;
+    o.groups = 1;
+    return o;
+}
+
+// dst[r, 0 .. width) = src[r, off .. off + width) for rows r < rows (src row length ld).
+void slice_cols(i64 rows, i64 width, const float* src, i64 ld, i64 off, float* dst) {
+#pragma omp parallel for schedule(static)
+    for (i64 r = 0; r < rows; ++r) std::memcpy(dst + r * width, src + r * ld + off, width * sizeof(float));
+}
+
+// dst[r, off .. off + width) = src[r, 0 .. width): the inverse.
+void unslice_cols(i64 rows, i64 width, const float* src, float* dst, i64 ld, i64 off) {
+#pragma omp parallel for schedule(static)
+    for (i64 r = 0; r < rows; ++r) std::memcpy(dst + r * ld + off, src + r * width, width * sizeof(float));
+}
+
+// Depthwise with multiplier 1 (Cg = Fg = 1), AVX-512: channels are taken DW_BLOCK at a time, one
+// pixel's block of accumulators held in one vector register over all its taps (per tap: one load
+// of x, one of w, one FMA); the last block of a ragged C is masked (masked lanes never fault).
+// Builds without AVX-512 use the generic loops below (Cg = Fg = 1 branches).
+constexpr i64 DW_BLOCK = 16;  // floats per AVX-512 vector
+// Vectors accumulated side by side (DW_CHAINS·DW_BLOCK channels per step): one FMA chain per tap
+// would wait out the FMA latency (4 cycles) at every tap; 4 independent chains hide it.  Vectors
+// past C are fully masked (their loads read nothing), so C < 64 costs no more time than one chain.
+constexpr int DW_CHAINS = 4;
+
+#if defined(__AVX512F__)
+inline __mmask16 dw_mask(i64 nb) {
+    return nb >= DW_BLOCK ? __mmask16(0xFFFF) : nb <= 0 ? __mmask16(0) : __mmask16((1u << nb) - 1u);
+}
+
+void depthwise_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y) {
+    const i64 C = g.in_c, M = g.batch * g.out_h * g.out_w, ohw = g.out_h * g.out_w;
+#pragma omp parallel for schedule(static)
+    for (i64 m = 0; m < M; ++m) {
+        const i64 n = m / ohw, r = m - n * ohw, oh = r / g.out_w, ow = r - oh * g.out_w;
+        for (i64 c0 = 0; c0 < C; c0 += DW_CHAINS * DW_BLOCK) {
+            __mmask16 k[DW_CHAINS];
+            __m512 a[DW_CHAINS];
+            for (int u = 0; u < DW_CHAINS; ++u) {
+                k[u] = dw_mask(C - c0 - u * DW_BLOCK);
+                a[u] = b ? _mm512_maskz_loadu_ps(k[u], b + c0 + u * DW_BLOCK) : _mm512_setzero_ps();
+            }
+            for (i64 kh = 0; kh < g.k_h; ++kh) {
+                const i64 ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
+                if (ih < 0 || ih >= g.in_h) continue;
+                for (i64 kw = 0; kw < g.k_w; ++kw) {
+                    const i64 iw = ow * g.stride_w - g.pad_left + kw * g.dil_w;
+                    if (iw < 0 || iw >= g.in_w) continue;
+                    const float* xp = x + ((n * g.in_h + ih) * g.in_w + iw) * C + c0;
+                    const float* wt = w + (kh * g.k_w + kw) * C + c0;
+                    for (int u = 0; u < DW_CHAINS; ++u)
+                        a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], xp + u * DW_BLOCK),
+                                               _mm512_maskz_loadu_ps(k[u], wt + u * DW_BLOCK), a[u]);
+                }
+            }
+            for (int u = 0; u < DW_CHAINS; ++u) _mm512_mask_storeu_ps(y + m * C + c0 + u * DW_BLOCK, k[u], a[u]);
+        }
+        epilogue(y + m * C, C, 1, C, nullptr, act);
+    }
+}
+
+void depthwise_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx) {
+    const i64 C = g.in_c, M = g.batch * g.in_h * g.in_w, hw = g.in_h * g.in_w;
+#pragma omp parallel for schedule(static)
+    for (i64 m = 0; m < M; ++m) {
+        const i64 n = m / hw, r = m - n * hw, ih = r / g.in_w, iw = r - ih * g.in_w;
+        for (i64 c0 = 0; c0 < C; c0 += DW_CHAINS * DW_BLOCK) {
+            __mmask16 k[DW_CHAINS];
+            __m512 a[DW_CHAINS];
+            for (int u = 0; u < DW_CHAINS; ++u) {
+                k[u] = dw_mask(C - c0 - u * DW_BLOCK);
+                a[u] = _mm512_setzero_ps();
+            }
+            for (i64 kh = 0; kh < g.k_h; ++kh) {
+                const i64 ohn = ih + g.pad_top - kh * g.dil_h;
+                if (ohn < 0 || ohn % g.stride_h != 0) continue;
+                const i64 oh = ohn / g.stride_h;
+                if (oh >= g.out_h) continue;
+                for (i64 kw = 0; kw < g.k_w; ++kw) {
+                    const i64 own = iw + g.pad_left - kw * g.dil_w;
+                    if (own < 0 || own % g.stride_w != 0) continue;
+                    const i64 ow = own / g.stride_w;
+                    if (ow >= g.out_w) continue;
+                    const float* dp = dz + ((n * g.out_h + oh) * g.out_w + ow) * C + c0;
+                    const float* wt = w + (kh * g.k_w + kw) * C + c0;
+                    for (int u = 0; u < DW_CHAINS; ++u)
+                        a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], dp + u * DW_BLOCK),
+                                               _mm512_maskz_loadu_ps(k[u], wt + u * DW_BLOCK), a[u]);
+                }
+            }
+            for (int u = 0; u < DW_CHAINS; ++u) _mm512_mask_storeu_ps(dx + m * C + c0 + u * DW_BLOCK, k[u], a[u]);
+        }
+    }
+}
+#endif
+
 }  // namespace
 
 void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y) {
     const i64 C = g.in_c, F = g.filters, G = g.groups, Cg = C / G, Fg = F / G;
+#if defined(__AVX512F__)
+    if (Cg == 1 && Fg == 1) return depthwise_forward(g, x, w, b, act, y);
+#endif
+    if (packed(g)) {
+        const ConvGeometry o = one_group(g);
+        const i64 P = g.batch * g.in_h * g.in_w, M = g.batch * g.out_h * g.out_w, R = g.k_h * g.k_w * Cg;
+        Buf xs(P * Cg), ws(R * Fg), ys(M * Fg);
+        for (i64 q = 0; q < G; ++q) {
+            slice_cols(P, Cg, x, C, q * Cg, xs.data);
+            slice_cols(R, Fg, w, F, q * Fg, ws.data);
+            conv2d_forward(o, xs.data, ws.data, b ? b + q * Fg : nullptr, act, ys.data, CPU_CONV_AUTO);
+            unslice_cols(M, Fg, ys.data, y, F, q * Fg);
+        }
+        return;
+    }
     const i64 M = g.batch * g.out_h * g.out_w, ohw = g.out_h * g.out_w;
     const bool depthwise = Cg == 1 && Fg == 1;
 #pragma omp parallel for schedule(static)
@@ -102,6 +237,21 @@ void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, 
     const float* dz = dzt.p;
     const i64 C = g.in_c, F = g.filters, G = g.groups, Cg = C / G, Fg = F / G;
     const i64 M = g.batch * g.in_h * g.in_w, hw = g.in_h * g.in_w;
+#if defined(__AVX512F__)
+    if (Cg == 1 && Fg == 1) return depthwise_backward_data(g, dz, w, dx);
+#endif
+    if (packed(g)) {
+        const ConvGeometry o = one_group(g);
+        const i64 Mo = g.batch * g.out_h * g.out_w, R = g.k_h * g.k_w * Cg;
+        Buf dzs(Mo * Fg), ws(R * Fg), dxs(M * Cg);
+        for (i64 q = 0; q < G; ++q) {
+            slice_cols(Mo, Fg, dz, F, q * Fg, dzs.data);
+            slice_cols(R, Fg, w, F, q * Fg, ws.data);
+            conv2d_backward_data(o, dzs.data, ws.data, dxs.data, nullptr, ACT_LINEAR);
+            unslice_cols(M, Cg, dxs.data, dx, C, q * Cg);
+        }
+        return;
+    }
     const bool depthwise = Cg == 1 && Fg == 1;
 #pragma omp parallel for schedule(static)
     for (i64 m = 0; m < M; ++m) {
@@ -145,6 +295,19 @@ void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy
     const float* dz = dzt.p;
     const i64 C = g.in_c, F = g.filters, G = g.groups, Cg = C / G, Fg = F / G;
     const i64 P = g.batch * g.out_h * g.out_w, ohw = g.out_h * g.out_w, WS = g.w_size();
+    if (packed(g)) {
+        const ConvGeometry o = one_group(g);
+        const i64 Pin = g.batch * g.in_h * g.in_w, R = g.k_h * g.k_w * Cg;
+        Buf xs(Pin * Cg), dzs(P * Fg), dws(R * Fg), dbs(Fg);
+        for (i64 q = 0; q < G; ++q) {
+            slice_cols(Pin, Cg, x, C, q * Cg, xs.data);
+            slice_cols(P, Fg, dz, F, q * Fg, dzs.data);
+            conv2d_backward_filter(o, xs.data, dzs.data, dws.data, dbs.data, nullptr, ACT_LINEAR);
+            unslice_cols(R, Fg, dws.data, dw, F, q * Fg);
+            if (db) std::memcpy(db + q * Fg, dbs.data, Fg * sizeof(float));
+        }
+        return;
+    }
     const bool depthwise = Cg == 1 && Fg == 1;
     const int T = omp_get_max_threads();
     // One private dw (and db) per thread, each summing a contiguous slice of the P output pixels.

@@ -168,10 +168,22 @@ def test_numba_cpu_every_variant_runs_grouped(variant):
     _check_backend("numba", g, "relu", 5, variant=variant)
 
 
+@pytest.mark.parametrize("geometry", [
+    ((2, 9, 8, 16), (3, 3, 8, 32), (1, 1), "same", (1, 1), 2),              # Winograd per group
+    ((2, 9, 10, 27), (3, 2, 9, 48), (2, 1), ((1, 0), (2, 1)), (1, 2), 3),  # direct per group, ragged
+], ids=["g2_winograd", "g3_strided_dilated"])
+def test_cpp_wide_groups_run_the_ungrouped_kernels_per_group(geometry):
+    """Cg >= 8 and Fg >= 16: each group through cpu_conv.cpp's kernels on packed slices."""
+    pytest.importorskip("dlconv._C")
+    x_shape, w_shape, s, p, d, groups = geometry
+    _check_backend("cpp", conv_geometry(x_shape, w_shape, s, p, d, groups), "tanh", 8)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "numba"])
-@pytest.mark.parametrize("c, mult", [(16, 1), (7, 1), (5, 3)])
+@pytest.mark.parametrize("c, mult", [(16, 1), (7, 1), (70, 1), (5, 3)])
 def test_depthwise_matches_reference(backend, c, mult):
-    """G = C (depthwise), multiplier 1 (the dedicated C++ path, vector and ragged C) and 3."""
+    """G = C (depthwise), multiplier 1 (the dedicated C++ path: one vector, ragged, two steps of
+    four chains with a ragged tail) and 3."""
     if backend == "cpp":
         pytest.importorskip("dlconv._C")
     g = conv_geometry((2, 9, 8, c), (3, 3, 1, c * mult), (2, 1), ((1, 0), (2, 1)), (1, 2), groups=c)
@@ -233,3 +245,29 @@ def test_tf_native_ops_take_the_groups_attr():
     _close(db.numpy(), db_ref, g.gemm_m, "tf db")
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="groups"):
         lib.dlconv_conv2d(x, w, b, **dict(attrs, groups=4))
+
+
+# ----------------------------------------------------------------------------- plain torch / JAX
+def test_plain_torch_and_jax_conv2d_take_groups():
+    """dlconv.torch.conv2d and dlconv.jax.conv2d with groups: values and gradients vs the reference."""
+    g = conv_geometry((2, 6, 5, 6), (3, 3, 2, 6), 1, "same", 1, groups=3)
+    x, w, b, dy = _arrays(g, 21)
+    want = (ref.conv2d_forward(x, w, b, g), ref.conv2d_backward_data(dy, w, g),
+            ref.conv2d_backward_filter(x, dy, g)[0])
+    torch = pytest.importorskip("torch")
+    import dlconv.torch as dt
+    xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+    y = dt.conv2d(xt, wt, torch.tensor(b), padding="same", groups=3, backend="cpp")
+    (y * torch.tensor(dy)).sum().backward()
+    for got, exp, what in zip((y.detach().numpy(), xt.grad.numpy(), wt.grad.numpy()), want, ("y", "dx", "dw")):
+        _close(got, exp, g.gemm_m, f"torch {what}")
+    jax = pytest.importorskip("jax")
+    import dlconv.jax as dj
+
+    def loss(x_, w_):
+        return (dj.conv2d(x_, w_, b, padding="same", groups=3, backend="cpp") * dy).sum()
+
+    gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+    _close(np.asarray(dj.conv2d(x, w, b, padding="same", groups=3, backend="cpp")), want[0], g.gemm_k, "jax y")
+    _close(np.asarray(gx), want[1], g.gemm_m, "jax dx")
+    _close(np.asarray(gw), want[2], g.gemm_m, "jax dw")
