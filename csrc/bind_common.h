@@ -1,6 +1,6 @@
 // bind_common.h — argument checks shared by dlconv._C and dlconv._C_cuda.
 //
-// C++ never trusts its caller: the geometry arrives as the 17-int tuple
+// C++ never trusts its caller: the geometry arrives as the 18-int tuple
 // dlconv.shapes.ConvGeometry.as_tuple() and is re-validated; every buffer is checked against
 // the shape that record implies before any kernel runs.  Failures raise std::invalid_argument
 // (→ ValueError) or pybind11::type_error (→ TypeError) naming the kernel, the buffer and values.
@@ -20,10 +20,11 @@ namespace bind {
 namespace py = pybind11;
 
 using ::dlconv::MAX_FIELD;
-// Names of the 17 fields, in ConvGeometry.FIELDS order (dlconv/shapes.py), for error messages.
-constexpr const char* GEOMETRY_FIELDS[17] = {"batch", "in_h", "in_w", "in_c", "filters", "k_h", "k_w",
+// Names of the 18 fields, in ConvGeometry.FIELDS order (dlconv/shapes.py), for error messages.
+constexpr const char* GEOMETRY_FIELDS[18] = {"batch", "in_h", "in_w", "in_c", "filters", "k_h", "k_w",
                                              "stride_h", "stride_w", "dil_h", "dil_w", "pad_top",
-                                             "pad_bottom", "pad_left", "pad_right", "out_h", "out_w"};
+                                             "pad_bottom", "pad_left", "pad_right", "out_h", "out_w",
+                                             "groups"};
 
 inline std::string shape_str(const std::vector<int64_t>& s) {
     std::string out = "(";
@@ -34,13 +35,17 @@ inline std::string shape_str(const std::vector<int64_t>& s) {
 inline ConvGeometry geometry_from(const py::handle& obj, const char* kernel) {
     if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
         throw py::type_error(std::string("dlconv C++ ") + kernel +
-                             ": geometry must be the 17-int tuple ConvGeometry.as_tuple()");
+                             ": geometry must be the 18-int tuple ConvGeometry.as_tuple() (or its first "
+                             "17-int tuple, groups = 1)");
     auto seq = py::reinterpret_borrow<py::sequence>(obj);
-    if (seq.size() != 17)
-        throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": geometry must have 17 fields, got " +
-                                    std::to_string(seq.size()));
-    int64_t v[17];
-    for (size_t i = 0; i < 17; ++i) {
+    const size_t n = seq.size();
+    if (n != size_t(::dlconv::GEOMETRY_FIELDS) && n != size_t(::dlconv::GEOMETRY_FIELDS_UNGROUPED))
+        throw std::invalid_argument(std::string("dlconv C++ ") + kernel +
+                                    ": geometry must have 18 fields (or 17 fields: groups = 1), got " +
+                                    std::to_string(n));
+    int64_t v[18];
+    v[17] = 1;
+    for (size_t i = 0; i < n; ++i) {
         py::handle item = seq[i];
         if (!py::isinstance<py::int_>(item) || py::isinstance<py::bool_>(item))
             throw py::type_error(std::string("dlconv C++ ") + kernel + ": geometry field " + std::to_string(i) +
@@ -52,7 +57,7 @@ inline ConvGeometry geometry_from(const py::handle& obj, const char* kernel) {
                                         std::to_string(v[i]) + " is out of range 0.." + std::to_string(MAX_FIELD));
     }
     ConvGeometry g{v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7], v[8],
-                   v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16]};
+                   v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16], v[17]};
     validate_geometry(g);
     return g;
 }

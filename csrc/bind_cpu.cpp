@@ -114,7 +114,7 @@ using dlconv::cpu::SERIAL_ELEMENTS;
 using dlconv::cpu::SERIAL_FLOPS;
 
 Shape x_shape(const ConvGeometry& g) { return {g.batch, g.in_h, g.in_w, g.in_c}; }
-Shape w_shape(const ConvGeometry& g) { return {g.k_h, g.k_w, g.in_c, g.filters}; }
+Shape w_shape(const ConvGeometry& g) { return {g.k_h, g.k_w, g.group_in_c(), g.filters}; }
 Shape y_shape(const ConvGeometry& g) { return {g.batch, g.out_h, g.out_w, g.filters}; }
 
 int64_t dim(const char* kernel, const char* name, const py::handle& obj, int rank, int axis) {

@@ -216,7 +216,7 @@ void order_after_producers(const char* kernel, uintptr_t launch, std::initialize
 }
 
 Shape xs(const ConvGeometry& g) { return {g.batch, g.in_h, g.in_w, g.in_c}; }
-Shape ws(const ConvGeometry& g) { return {g.k_h, g.k_w, g.in_c, g.filters}; }
+Shape ws(const ConvGeometry& g) { return {g.k_h, g.k_w, g.group_in_c(), g.filters}; }
 Shape ys(const ConvGeometry& g) { return {g.batch, g.out_h, g.out_w, g.filters}; }
 
 void conv2d_forward(py::object x, py::object w, py::object b, py::object geometry, int act, py::object y,

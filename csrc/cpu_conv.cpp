@@ -1,6 +1,7 @@
 // cpu_conv.cpp — 2-D convolution on the CPU: forward, backward-data, backward-filter (+ bias grad).
 //
 // Which kernel runs (first that applies):
+//   grouped      (cpu_conv_grouped.cpp): every geometry with groups != 1, all three passes.
 //   (Winograd reports a non-finite result, from ±Inf / NaN in its inputs, and the direct kernel
 //    then recomputes the call: the transforms would turn Inf − Inf into NaN; cpu_conv_winograd.h.)
 //   v3_winograd  (cpu_conv_winograd.h, AVX-512): 3x3, stride 1, dilation 1, C >= 8, F >= 16 —
@@ -42,6 +43,7 @@
 
 #include "cpu_act.h"
 #include "cpu_conv_direct.h"
+#include "cpu_conv_grouped.h"
 #include "cpu_conv_winograd.h"
 #include "cpu_gemm.h"
 #include "cpu_kernels.h"
@@ -106,6 +108,7 @@ struct ActGrad {
 }  // namespace
 
 bool conv2d_forward_applicable(const ConvGeometry& g, int variant) {
+    if (g.groups != 1) return variant == CPU_CONV_AUTO;  // grouped: cpu_conv_grouped.cpp only
     switch (variant) {
         case CPU_CONV_AUTO:
         case CPU_CONV_IGEMM: return true;
@@ -119,6 +122,7 @@ bool conv2d_forward_applicable(const ConvGeometry& g, int variant) {
 
 void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y,
                     int variant) {
+    if (g.groups != 1) return grouped::conv_forward(g, x, w, b, act, y);
 #if defined(__AVX512F__)
     if (variant == CPU_CONV_AUTO) variant = winograd::applicable(g) ? CPU_CONV_WINOGRAD : CPU_CONV_DIRECT;
     if (variant == CPU_CONV_WINOGRAD && winograd::conv_forward(g, x, w, b, act, y)) return;
@@ -134,6 +138,7 @@ void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const
 
 void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx, const float* y,
                           int act) {
+    if (g.groups != 1) return grouped::conv_backward_data(g, dz, w, dx, y, act);
     const i64 M = g.batch * g.in_h * g.in_w, C = g.in_c, F = g.filters, T = g.k_h * g.k_w;
 #if defined(__AVX512F__)
     if (g.stride_h == 1 && g.stride_w == 1) {
@@ -195,6 +200,7 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
 
 void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
                             const float* y, int act) {
+    if (g.groups != 1) return grouped::conv_backward_filter(g, x, dz, dw, db, y, act);
 #if defined(__AVX512F__)
     if (!winograd::applicable(g) || !winograd::conv_backward_filter(g, x, dz, dw, db, y, act))
         direct::conv_backward_filter(g, x, dz, dw, db, y, act);  // also when Winograd saw ±Inf / NaN

@@ -53,7 +53,7 @@ class SerialIfSmall {
 
 inline double conv_flops(const ConvGeometry& g) {
     return 2.0 * double(g.batch) * double(g.out_h) * double(g.out_w) * double(g.k_h * g.k_w) *
-           double(g.in_c) * double(g.filters);
+           double(g.in_c / g.groups) * double(g.filters);
 }
 
 }  // namespace cpu

@@ -21,6 +21,11 @@
 //                   one pixel and tap are contiguous in x).  Grid (⌈M/64⌉, ⌈F/64⌉).
 // Ragged edges (m >= M, j >= K, k >= F) load zeros and skip stores: one guard per load/store.
 //
+// Grouped convolution (g.groups = G, w of shape (KH, KW, C/G, F)): filter k reads the input channels
+// c0 + ci, c0 = (k / (F/G))·(C/G), ci < C/G — a per-thread channel offset into each NHWC pixel row.
+// v1_direct, backward-data and backward-filter carry that offset (G = 1: c0 = 0, the plain sums);
+// grouped forwards run v1_direct whatever variant is asked (v2/v3 tile the G = 1 GEMM).
+//
 // Backward-data (direct): one thread owns one dx element (n, ih, iw, c); a tap (kh, kw) reaches it
 //   from oh = (ih + pad_top − kh·dil_h) / stride_h when that division is exact and 0 <= oh < OH
 //   (likewise ow); it sums dz[n, oh, ow, :] · w[kh, kw, c, :].
@@ -71,6 +76,7 @@ __global__ void conv_fwd_v1_direct(ConvGeometry g, const float* __restrict__ x, 
          idx += int64_t(gridDim.x) * blockDim.x) {
         const int64_t k = idx % F, m = idx / F;
         const int64_t ow = m % g.out_w, r = m / g.out_w, oh = r % g.out_h, n = r / g.out_h;
+        const int64_t cg = g.in_c / g.groups, c0 = (k / (F / g.groups)) * cg;  // filter k's channels
         float acc = b ? b[k] : 0.f;
         for (int64_t kh = 0; kh < g.k_h; ++kh) {
             const int64_t ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
@@ -78,9 +84,9 @@ __global__ void conv_fwd_v1_direct(ConvGeometry g, const float* __restrict__ x, 
             for (int64_t kw = 0; kw < g.k_w; ++kw) {
                 const int64_t iw = ow * g.stride_w - g.pad_left + kw * g.dil_w;
                 if (iw < 0 || iw >= g.in_w) continue;
-                const float* xp = x + ((n * g.in_h + ih) * g.in_w + iw) * g.in_c;
-                const float* wp = w + (kh * g.k_w + kw) * g.in_c * F + k;
-                for (int64_t c = 0; c < g.in_c; ++c) acc += xp[c] * wp[c * F];
+                const float* xp = x + ((n * g.in_h + ih) * g.in_w + iw) * g.in_c + c0;
+                const float* wp = w + (kh * g.k_w + kw) * cg * F + k;
+                for (int64_t c = 0; c < cg; ++c) acc += xp[c] * wp[c * F];
             }
         }
         y[idx] = act_forward(acc, act);
@@ -199,6 +205,8 @@ __global__ void conv_bwd_data_direct(ConvGeometry g, const float* __restrict__ d
          idx += int64_t(gridDim.x) * blockDim.x) {
         const int64_t c = idx % g.in_c, m = idx / g.in_c;
         const int64_t iw = m % g.in_w, r = m / g.in_w, ih = r % g.in_h, n = r / g.in_h;
+        // Channel c = q·cg + ci meets the filters [q·fg, (q+1)·fg) of its group through w[.., ci, k].
+        const int64_t cg = g.in_c / g.groups, fg = F / g.groups, ci = c % cg, k0 = (c / cg) * fg;
         float acc = 0.f;
         for (int64_t kh = 0; kh < g.k_h; ++kh) {
             const int64_t ohn = ih + g.pad_top - kh * g.dil_h;
@@ -210,9 +218,9 @@ __global__ void conv_bwd_data_direct(ConvGeometry g, const float* __restrict__ d
                 if (own < 0 || own % g.stride_w != 0) continue;
                 const int64_t ow = own / g.stride_w;
                 if (ow >= g.out_w) continue;
-                const float* dp = dz + ((n * g.out_h + oh) * g.out_w + ow) * F;
-                const float* wp = w + ((kh * g.k_w + kw) * g.in_c + c) * F;
-                for (int64_t k = 0; k < F; ++k) acc += dp[k] * wp[k];
+                const float* dp = dz + ((n * g.out_h + oh) * g.out_w + ow) * F + k0;
+                const float* wp = w + ((kh * g.k_w + kw) * cg + ci) * F + k0;
+                for (int64_t k = 0; k < fg; ++k) acc += dp[k] * wp[k];
             }
         }
         dx[idx] = acc;
@@ -221,11 +229,12 @@ __global__ void conv_bwd_data_direct(ConvGeometry g, const float* __restrict__ d
 
 __global__ void conv_bwd_filter_chunked(ConvGeometry g, const float* __restrict__ x, const float* __restrict__ dz,
                                         float* __restrict__ dw, int64_t chunk) {
-    const int64_t F = g.filters, wsize = g.k_h * g.k_w * g.in_c * F, P = g.batch * g.out_h * g.out_w;
+    const int64_t F = g.filters, cg = g.in_c / g.groups, wsize = g.k_h * g.k_w * cg * F, P = g.batch * g.out_h * g.out_w;
     const int64_t p_lo = int64_t(blockIdx.y) * chunk, p_hi = min(P, p_lo + chunk);
     for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < wsize;
          idx += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t k = idx % F, r = idx / F, c = r % g.in_c, t = r / g.in_c, kw = t % g.k_w, kh = t / g.k_w;
+        const int64_t k = idx % F, r = idx / F, ci = r % cg, t = r / cg, kw = t % g.k_w, kh = t / g.k_w;
+        const int64_t c = (k / (F / g.groups)) * cg + ci;  // the x channel of dw[kh, kw, ci, k]
         float acc = 0.f;
         for (int64_t p = p_lo; p < p_hi; ++p) {
             const int64_t ow = p % g.out_w, q = p / g.out_w, oh = q % g.out_h, n = q / g.out_h;
@@ -284,6 +293,8 @@ void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const
                     int variant, cudaStream_t stream) {
     const int64_t M = g.batch * g.out_h * g.out_w, F = g.filters;
     if (M == 0) return;
+    if (g.groups != 1 && (variant == V2_SMEM_TILED || variant == V3_IMPLICIT_GEMM))
+        variant = V1_DIRECT;  // grouped: v1 carries the per-group channel offsets (v2/v3 assume G = 1)
     if (variant == V1_DIRECT) {
         conv_fwd_v1_direct<<<grid_1d(M * F), THREADS_1D, 0, stream>>>(g, x, w, b, act, y);
         check_launch("conv2d_forward v1_direct");
@@ -314,7 +325,7 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
 
 void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
                             cudaStream_t stream) {
-    const int64_t wsize = g.k_h * g.k_w * g.in_c * g.filters, P = g.batch * g.out_h * g.out_w;
+    const int64_t wsize = g.w_size(), P = g.batch * g.out_h * g.out_w;
     const char* K = "conv2d_backward_filter";
     check_call(cudaMemsetAsync(dw, 0, size_t(wsize) * sizeof(float), stream), K, "cudaMemsetAsync(dw)");
     if (P > 0) {

@@ -59,15 +59,17 @@ inline ffi::Error dims2(const char* kernel, const char* name, const ffi::AnyBuff
 
 // The "geometry" attribute → a validated ConvGeometry (the rules of dlconv.shapes, re-checked).
 inline ffi::Error geometry_from(const char* kernel, ffi::Span<const int64_t> v, ConvGeometry* g) {
-    if (v.size() != size_t(GEOMETRY_FIELDS))
+    if (v.size() != size_t(GEOMETRY_FIELDS) && v.size() != size_t(GEOMETRY_FIELDS_UNGROUPED))
         return invalid(kernel, "geometry must have " + std::to_string(GEOMETRY_FIELDS) +
-                                   " fields (ConvGeometry.FIELDS), got " + std::to_string(v.size()));
+                                   " fields (ConvGeometry.FIELDS; or 17 fields: groups = 1), got " +
+                                   std::to_string(v.size()));
     for (size_t i = 0; i < v.size(); ++i)
         if (v[i] < 0 || v[i] > MAX_FIELD)
             return invalid(kernel, "geometry field " + std::to_string(i) + " = " + std::to_string(v[i]) +
                                        " is out of range");
     *g = ConvGeometry{v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],  v[7], v[8],
-                      v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16]};
+                      v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16],
+                      v.size() > size_t(GEOMETRY_FIELDS_UNGROUPED) ? v[17] : 1};
     try {
         validate_geometry(*g);
     } catch (const std::exception& e) {
@@ -85,7 +87,7 @@ inline ffi::Error check_activation(const char* kernel, int64_t act, int64_t max_
 }
 
 inline Shape x_shape(const ConvGeometry& g) { return {g.batch, g.in_h, g.in_w, g.in_c}; }
-inline Shape w_shape(const ConvGeometry& g) { return {g.k_h, g.k_w, g.in_c, g.filters}; }
+inline Shape w_shape(const ConvGeometry& g) { return {g.k_h, g.k_w, g.group_in_c(), g.filters}; }
 inline Shape y_shape(const ConvGeometry& g) { return {g.batch, g.out_h, g.out_w, g.filters}; }
 
 // The one optional trailing argument (bias, or the activation's output y) from RemainingArgs:

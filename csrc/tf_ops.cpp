@@ -185,6 +185,7 @@ void run_kernel(OpKernelContext* ctx, double flops, const std::function<void()>&
 struct ConvAttrs {
     int64_t stride_h = 1, stride_w = 1, dil_h = 1, dil_w = 1;
     int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+    int64_t groups = 1;  // grouped convolution: w is (kh, kw, C / groups, filters)
     int act = ACT_LINEAR;
 };
 
@@ -230,6 +231,11 @@ Status read_conv_attrs(Ctx* c, bool with_activation, ConvAttrs* a) {
     a->stride_h = strides[0], a->stride_w = strides[1];
     a->dil_h = dilations[0], a->dil_w = dilations[1];
     a->pad_top = pads[0], a->pad_bottom = pads[1], a->pad_left = pads[2], a->pad_right = pads[3];
+    int64_t groups = 1;
+    TF_RETURN_IF_ERROR(c->GetAttr("groups", &groups));
+    if (groups < 1 || groups > MAX_FIELD)
+        return errors::InvalidArgument("dlconv: attr groups must be in [1, ", MAX_FIELD, "], got ", groups);
+    a->groups = groups;
     if (with_activation) {
         std::string act;
         TF_RETURN_IF_ERROR(c->GetAttr("activation", &act));
@@ -256,9 +262,12 @@ Status make_geometry(const char* op, int64_t n, int64_t h, int64_t w, int64_t c,
                      int64_t wc, int64_t filters, const ConvAttrs& a, ConvGeometry* g) {
     for (int64_t v : {n, h, w, c, kh, kw, wc, filters})
         if (v > MAX_FIELD) return errors::InvalidArgument("dlconv ", op, ": dimension ", v, " is out of range");
-    if (wc != c)
+    if (c % a.groups != 0 || filters % a.groups != 0)
+        return errors::InvalidArgument("dlconv ", op, ": groups = ", a.groups, " must divide the ", c,
+                                       " input channels and the ", filters, " filters");
+    if (wc * a.groups != c)
         return errors::InvalidArgument("dlconv ", op, ": channel mismatch: x has ", c, " channels but w expects ",
-                                       wc);
+                                       wc, " x ", a.groups, " groups");
     if (h < 1 || w < 1 || c < 1 || kh < 1 || kw < 1 || filters < 1)
         return errors::InvalidArgument("dlconv ", op, ": sizes must be >= 1, got x (", n, ", ", h, ", ", w, ", ",
                                        c, "), kernel (", kh, ", ", kw, ", ", wc, ", ", filters, ")");
@@ -267,7 +276,7 @@ Status make_geometry(const char* op, int64_t n, int64_t h, int64_t w, int64_t c,
     const int64_t ow = out_size(w, kw, a.stride_w, a.dil_w, a.pad_left, a.pad_right);
     if (ow < 0) return impossible_axis("width", w, kw, a.dil_w, a.pad_left, a.pad_right);
     *g = ConvGeometry{n, h, w, c, filters, kh, kw, a.stride_h, a.stride_w, a.dil_h, a.dil_w,
-                      a.pad_top, a.pad_bottom, a.pad_left, a.pad_right, oh, ow};
+                      a.pad_top, a.pad_bottom, a.pad_left, a.pad_right, oh, ow, a.groups};
     try {
         validate_geometry(*g);
     } catch (const std::invalid_argument& e) {
@@ -304,12 +313,12 @@ const float* fptr(const Tensor& t) { return t.flat<float>().data(); }
 float* fptr(Tensor* t) { return t->flat<float>().data(); }
 
 double conv_flops(const ConvGeometry& g) {
-    return 2.0 * double(g.batch) * double(g.out_h) * double(g.out_w) * double(g.k_h * g.k_w) * double(g.in_c) *
-           double(g.filters);
+    return 2.0 * double(g.batch) * double(g.out_h) * double(g.out_w) * double(g.k_h * g.k_w) *
+           double(g.in_c / g.groups) * double(g.filters);
 }
 
 TensorShape x_shape(const ConvGeometry& g) { return TensorShape({g.batch, g.in_h, g.in_w, g.in_c}); }
-TensorShape w_shape(const ConvGeometry& g) { return TensorShape({g.k_h, g.k_w, g.in_c, g.filters}); }
+TensorShape w_shape(const ConvGeometry& g) { return TensorShape({g.k_h, g.k_w, g.group_in_c(), g.filters}); }
 TensorShape y_shape(const ConvGeometry& g) { return TensorShape({g.batch, g.out_h, g.out_w, g.filters}); }
 
 // ----------------------------------------------------------------------------- shape functions
@@ -334,8 +343,9 @@ Status conv_forward_shape(InferenceContext* c) {
     TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &w));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 1, &b));
-    DimensionHandle ch;
-    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 3), c->Dim(w, 2), &ch));
+    DimensionHandle ch, wch;
+    TF_RETURN_IF_ERROR(c->Multiply(c->Dim(w, 2), a.groups, &wch));
+    TF_RETURN_IF_ERROR(c->Merge(c->Dim(x, 3), wch, &ch));
     const int64_t kh = c->Value(c->Dim(w, 0)), kw = c->Value(c->Dim(w, 1));
     DimensionHandle oh, ow;
     TF_RETURN_IF_ERROR(conv_out_dim(c, c->Dim(x, 1), kh, a.stride_h, a.dil_h, a.pad_top, a.pad_bottom, "height", &oh));
@@ -367,7 +377,9 @@ Status conv_backprop_filter_shape(InferenceContext* c) {
     TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &dy));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &y));
-    c->set_output(0, c->MakeShape({c->MakeDim(ks[0]), c->MakeDim(ks[1]), c->Dim(x, 3), c->Dim(dy, 3)}));
+    DimensionHandle wc = c->Dim(x, 3);
+    if (a.groups != 1) TF_RETURN_IF_ERROR(c->Divide(c->Dim(x, 3), a.groups, true, &wc));
+    c->set_output(0, c->MakeShape({c->MakeDim(ks[0]), c->MakeDim(ks[1]), wc, c->Dim(dy, 3)}));
     c->set_output(1, c->Vector(c->Dim(dy, 3)));
     return Status();
 }
@@ -491,7 +503,10 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
         OP_REQUIRES_OK(ctx, check_rank(K, "dy", dy, 4));
         const int64_t xs[4] = {x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3)};
         ConvGeometry g;
-        if (!geometry(ctx, K, xs, kh_, kw_, xs[3], dy.dim_size(3), &g)) return;
+        OP_REQUIRES(ctx, xs[3] % attrs_.groups == 0,
+                    errors::InvalidArgument("dlconv ", K, ": groups = ", attrs_.groups, " must divide the ", xs[3],
+                                            " input channels"));
+        if (!geometry(ctx, K, xs, kh_, kw_, xs[3] / attrs_.groups, dy.dim_size(3), &g)) return;
         OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, y_shape(g)));
         if (attrs_.act != ACT_LINEAR) OP_REQUIRES_OK(ctx, check_shape(K, "y", y, y_shape(g)));
         Tensor *dw = nullptr, *db = nullptr;
@@ -602,6 +617,7 @@ class DenseGradOp : public DenseOpBase {
     Attr("strides: list(int) = [1, 1]")                                       \
         .Attr("dilations: list(int) = [1, 1]")                                \
         .Attr("pads: list(int) = [0, 0, 0, 0]")                               \
+        .Attr("groups: int = 1")                                              \
         .Attr("activation: {'linear', 'relu', 'sigmoid', 'tanh'} = 'linear'")
 
 REGISTER_OP("DlconvConv2D")

@@ -28,18 +28,20 @@ from .shapes import normalize_pair
 __all__ = ["conv2d", "dense"]
 
 
-def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None, backend="auto"):
+def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None, backend="auto",
+           groups=1):
     """``act(conv2d(x, w) + b)``: x ``(batch, height, width, channels)``, w ``(kernel_h,
     kernel_w, channels, filters)``, b ``(filters,)`` or None → ``(batch, out_h, out_w, filters)``.
 
     ``strides`` and ``dilation``: an int or a (height, width) pair.  ``padding``: ``"valid"``,
     ``"same"`` (TensorFlow's rule), an int, ``(pad_h, pad_w)`` or ``((top, bottom), (left,
     right))``.  ``activation``: None/"linear", "relu", "sigmoid" or "tanh" (fused into the
-    kernel).  ``backend``: "auto", "cpp", "numba" or "reference".
+    kernel).  ``backend``: "auto", "cpp", "numba" or "reference".  ``groups=G``: grouped
+    convolution, w ``(kernel_h, kernel_w, channels / G, filters)`` (G = channels: depthwise).
     """
     return _bridge.conv2d(x, w, b, strides=normalize_pair("strides", strides), padding=padding,
                           dilation=normalize_pair("dilation", dilation),
-                          activation=activation or "linear", backend=backend)
+                          activation=activation or "linear", backend=backend, groups=groups)
 
 
 def dense(x, w, b=None, activation=None, backend="auto"):

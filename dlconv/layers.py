@@ -20,9 +20,9 @@ by Keras after the kernel's linear output.
 
 What the stock layers do, and how these do it
 ---------------------------------------------
-* ``groups=G`` (Conv2D): G convolutions of C/G input channels and F/G filters each, through
-  the same kernels, concatenated on the channel axis (the weights keep the stock shape
-  ``(kh, kw, C/G, F)``);
+* ``groups=G`` (Conv2D): one grouped convolution, passed to the kernels as ``groups`` (each
+  filter reads its group's C/G input channels in place; the weights keep the stock shape
+  ``(kh, kw, C/G, F)``; depthwise is G = C);
 * LoRA (``lora_rank``, ``enable_lora``): the stock ``kernel`` property adds the low-rank
   update, and the kernels run on the sum (gradients reach both LoRA factors);
 * mixed precision (``mixed_float16``, ``mixed_bfloat16``): the kernels are float32, so inputs
@@ -182,25 +182,14 @@ class Conv2D(_DlconvLayer, keras.layers.Conv2D):
         x = _f32(inputs)
         if self.data_format == "channels_first":
             x = ops.transpose(x, (0, 2, 3, 1))
-        n, h, w, c = x.shape
         kernel, bias = self._weights()
-        g = self.groups
-        cg, fg = (c // g if c is not None else None), self.filters // g
-        ys = []
-        for i in range(g):   # one convolution per group (g = 1: the whole layer)
-            xi = x if g == 1 else x[..., i * cg:(i + 1) * cg]
-            ki = kernel if g == 1 else kernel[..., i * fg:(i + 1) * fg]
-            bi = bias if bias is None or g == 1 else bias[i * fg:(i + 1) * fg]
-            out_shape = self.compute_output_shape((n, h, w, cg) if self.data_format == "channels_last"
-                                                  else (n, cg, h, w))
-            if self.data_format == "channels_first":
-                out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
-            out_shape = out_shape[:3] + (fg,)
-            ys.append(bridge.conv2d(
-                xi, ki, bi, strides=tuple(self.strides), padding=self.padding,
-                dilation=tuple(self.dilation_rate), activation=fused, backend=self.backend,
-                out_shape=out_shape))
-        y = ys[0] if g == 1 else ops.concatenate(ys, axis=-1)
+        out_shape = self.compute_output_shape(tuple(inputs.shape))
+        if self.data_format == "channels_first":
+            out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
+        # groups=G: ONE kernel call; the kernels read each group's channel slice in place.
+        y = bridge.conv2d(x, kernel, bias, strides=tuple(self.strides), padding=self.padding,
+                          dilation=tuple(self.dilation_rate), activation=fused, backend=self.backend,
+                          out_shape=out_shape, groups=self.groups)
         if self.data_format == "channels_first":
             y = ops.transpose(y, (0, 3, 1, 2))
         return self._finish(y, after)

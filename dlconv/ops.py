@@ -111,11 +111,13 @@ def _empty(shape, on_device, stream=None):
     return np.zeros(shape, np.float32)
 
 
-def _geometry(geometry: Optional[ConvGeometry], x_shape, w_shape, strides, padding, dilation):
+def _geometry(geometry: Optional[ConvGeometry], x_shape, w_shape, strides, padding, dilation, groups=None):
     if geometry is None:
-        return conv_geometry(x_shape, w_shape, strides, padding, dilation)
+        return conv_geometry(x_shape, w_shape, strides, padding, dilation, 1 if groups is None else groups)
     if not isinstance(geometry, ConvGeometry):
         raise TypeError(f"geometry must be a dlconv.shapes.ConvGeometry, got {type(geometry).__name__}")
+    if groups is not None and groups != geometry.groups:
+        raise ValueError(f"groups={groups!r} but geometry has groups={geometry.groups}")
     if x_shape is not None and tuple(x_shape) != geometry.x_shape:
         raise ValueError(f"x has shape {tuple(x_shape)} but geometry expects {geometry.x_shape}")
     if tuple(w_shape) != geometry.w_shape:
@@ -125,8 +127,12 @@ def _geometry(geometry: Optional[ConvGeometry], x_shape, w_shape, strides, paddi
 
 # ----------------------------------------------------------------------------- conv2d
 def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None,
-           backend=DEFAULT_BACKEND, variant=None, stream=None, geometry=None):
+           backend=DEFAULT_BACKEND, variant=None, stream=None, geometry=None, groups=None):
     """``y = act(conv2d(x, w) + b)`` with x NHWC, w HWIO, b of length filters.
+
+    ``groups=G`` (default 1, or the ``geometry``'s): grouped convolution, w of shape
+    ``(kh, kw, C/G, F)`` as stock Keras; filter k reads input channels
+    ``[(k // (F/G))·(C/G), +C/G)``.  G = C is depthwise.  One kernel call for all groups.
 
     ``padding``: ``"valid"``, ``"same"`` (TensorFlow's rule), an int, ``(pad_h, pad_w)`` or
     ``((top, bottom), (left, right))``.  ``activation``: None/"linear", "relu", "sigmoid",
@@ -135,7 +141,7 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
     """
     act = _act.normalize(activation, allow_softmax=False)
     on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 4, "w": 4, "b": 1}, stream)
-    g = _geometry(geometry, x.shape, w.shape, strides, padding, dilation)
+    g = _geometry(geometry, x.shape, w.shape, strides, padding, dilation, groups)
     if b is not None:
         _check_shape("b", b, (g.filters,))
     be = _resolve_backend(backend, on_device)
@@ -174,7 +180,8 @@ def _grad_through(be, dy, y, act, on_device, stream):
 
 
 def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
-                         backend=DEFAULT_BACKEND, stream=None, geometry=None, y=None, activation=None):
+                         backend=DEFAULT_BACKEND, stream=None, geometry=None, y=None, activation=None,
+                         groups=None):
     """dL/dx (shape ``x_shape``) from dL/dz (the conv's linear output) and the weights.
 
     With an element-wise ``activation`` and ``y``, the layer's activated output, ``dy`` is
@@ -182,7 +189,7 @@ def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
     the backend can (``cpp`` on the CPU: dz is never written to memory), else first.
     """
     on_device, (dy, w, y) = _prepare((("dy", dy), ("w", w), ("y", y)), {"dy": 4, "w": 4, "y": 4}, stream)
-    g = _geometry(geometry, x_shape, w.shape, strides, padding, dilation)
+    g = _geometry(geometry, x_shape, w.shape, strides, padding, dilation, groups)
     _check_shape("dy", dy, g.y_shape)
     act = _activation_grad(activation, y, g)
     be = _resolve_backend(backend, on_device)
@@ -196,13 +203,15 @@ def conv2d_backward_data(dy, w, x_shape, strides=1, padding="valid", dilation=1,
 
 
 def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=1,
-                           backend=DEFAULT_BACKEND, stream=None, geometry=None, y=None, activation=None):
+                           backend=DEFAULT_BACKEND, stream=None, geometry=None, y=None, activation=None,
+                           groups=None):
     """(dL/dw with shape ``w_shape``, dL/db of length filters) from x and dL/dz.
+    ``groups`` as for :func:`conv2d` (``w_shape`` is then ``(kh, kw, C/G, F)``).
 
     ``y`` and ``activation`` as for :func:`conv2d_backward_data` (``dy`` is then dL/dy).
     """
     on_device, (x, dy, y) = _prepare((("x", x), ("dy", dy), ("y", y)), {"x": 4, "dy": 4, "y": 4}, stream)
-    g = _geometry(geometry, x.shape, w_shape, strides, padding, dilation)
+    g = _geometry(geometry, x.shape, w_shape, strides, padding, dilation, groups)
     _check_shape("dy", dy, g.y_shape)
     act = _activation_grad(activation, y, g)
     be = _resolve_backend(backend, on_device)

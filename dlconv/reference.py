@@ -7,6 +7,11 @@ kernels use (NHWC activations, HWIO weights, geometry ``g`` from :mod:`dlconv.sh
     ih = oh * stride_h - pad_top  + kh * dil_h
     iw = ow * stride_w - pad_left + kw * dil_w      (terms with ih, iw outside x are zero)
 
+Grouped convolution (``g.groups = G``): filter k belongs to group ``k // (F/G)`` and reads
+only that group's input channels, ``c = group · (C/G) + ci`` with ``w[kh, kw, ci, k]``
+(``w`` is ``(KH, KW, C/G, F)``).  The reference runs each group as its own ungrouped
+convolution on the channel slices (:func:`_per_group`), so grouping adds no index arithmetic.
+
 The loops run over the kernel taps (kh, kw) only; each tap is one strided slice of the
 zero-padded input and one matrix product, so the code stays short and exact.
 All arithmetic is float64 inside and returns float32, so the oracle is more accurate
@@ -14,6 +19,8 @@ than the kernels it judges.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -83,9 +90,29 @@ def _inside(g: ConvGeometry, kh: int, kw: int) -> np.ndarray:
     return (((ih >= 0) & (ih < g.in_h))[:, None] & ((iw >= 0) & (iw < g.in_w))[None, :])[..., None]
 
 
+def _per_group(g: ConvGeometry):
+    """(ungrouped geometry of one group, [(input-channel slice, filter slice) per group])."""
+    cg, fg = g.group_in_c, g.group_filters
+    one = dataclasses.replace(g, in_c=cg, filters=fg, groups=1)
+    return one, [(slice(i * cg, (i + 1) * cg), slice(i * fg, (i + 1) * fg)) for i in range(g.groups)]
+
+
 def conv2d_forward(x, w, b, g: ConvGeometry, activation: str = "linear") -> np.ndarray:
     """Padding terms are absent, not products with 0: a ±Inf or NaN weight meets only real
     pixels (as TensorFlow's conv2d; 0 · Inf would be NaN)."""
+    if g.groups > 1:
+        one, parts = _per_group(g)
+        x, w = np.asarray(x), np.asarray(w)
+        z = np.concatenate([_forward_linear(x[..., cs], w[..., fs], one) for cs, fs in parts], axis=-1)
+    else:
+        z = _forward_linear(x, w, g)
+    if b is not None:
+        z += np.asarray(b, np.float64)
+    return activate(z, activation).astype(np.float32)
+
+
+def _forward_linear(x, w, g: ConvGeometry) -> np.ndarray:
+    """z = conv2d(x, w) in float64, ungrouped."""
     xp = _pad(np.asarray(x, np.float64), g)
     w = np.asarray(w, np.float64)
     z = np.zeros(g.y_shape, np.float64)
@@ -93,13 +120,15 @@ def conv2d_forward(x, w, b, g: ConvGeometry, activation: str = "linear") -> np.n
         for kw in range(g.k_w):
             with np.errstate(invalid="ignore"):
                 z += np.where(_inside(g, kh, kw), _tap(xp, g, kh, kw) @ w[kh, kw], 0.0)  # (N,OH,OW,C) @ (C,K)
-    if b is not None:
-        z += np.asarray(b, np.float64)
-    return activate(z, activation).astype(np.float32)
+    return z
 
 
 def conv2d_backward_data(dy, w, g: ConvGeometry) -> np.ndarray:
     """dL/dx: every output gradient flows back to the inputs its window read (x's shape)."""
+    if g.groups > 1:
+        one, parts = _per_group(g)
+        dy, w = np.asarray(dy), np.asarray(w)
+        return np.concatenate([conv2d_backward_data(dy[..., fs], w[..., fs], one) for _, fs in parts], axis=-1)
     dy = np.asarray(dy, np.float64)
     w = np.asarray(w, np.float64)
     dxp = np.zeros((g.batch, g.in_h + g.pad_top + g.pad_bottom,
@@ -112,6 +141,12 @@ def conv2d_backward_data(dy, w, g: ConvGeometry) -> np.ndarray:
 
 def conv2d_backward_filter(x, dy, g: ConvGeometry):
     """(dL/dw in HWIO, dL/db of length filters)."""
+    if g.groups > 1:
+        one, parts = _per_group(g)
+        x, dy = np.asarray(x), np.asarray(dy)
+        pieces = [conv2d_backward_filter(x[..., cs], dy[..., fs], one) for cs, fs in parts]
+        return (np.concatenate([dw for dw, _ in pieces], axis=-1),
+                np.concatenate([db for _, db in pieces], axis=-1))
     xp = _pad(np.asarray(x, np.float64), g)
     dy = np.asarray(dy, np.float64)
     dw = np.zeros(g.w_shape, np.float64)

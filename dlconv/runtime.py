@@ -85,13 +85,13 @@ if hasattr(os, "register_at_fork"):     # a forked child has no such thread: sta
 
 # ----------------------------------------------------------------------------- caches
 @functools.lru_cache(maxsize=512)
-def conv_geometry_cached(x_shape, w_shape, strides, padding, dilation):
+def conv_geometry_cached(x_shape, w_shape, strides, padding, dilation, groups=1):
     """:func:`dlconv.shapes.conv_geometry`, memoised: one resolution per distinct shape.
 
     Every argument must be hashable (tuples, strings, ints): the bridges pass the layer's
     settings as tuples.
     """
-    return conv_geometry(x_shape, w_shape, strides, padding, dilation)
+    return conv_geometry(x_shape, w_shape, strides, padding, dilation, groups)
 
 
 _BACKENDS = {}

@@ -223,19 +223,23 @@ class ConvGeometry:
     pad_right: int
     out_h: int
     out_w: int
+    #: Grouped convolution: G groups of in_c/G input channels and filters/G filters each; filter
+    #: k reads input channels [(k // (filters/G))·(in_c/G), +in_c/G).  1 = ordinary, in_c = depthwise.
+    groups: int = 1
 
     # Field order shared with C++ (csrc/geometry.h) and Numba launchers.
     FIELDS = ("batch", "in_h", "in_w", "in_c", "filters", "k_h", "k_w", "stride_h", "stride_w",
-              "dil_h", "dil_w", "pad_top", "pad_bottom", "pad_left", "pad_right", "out_h", "out_w")
+              "dil_h", "dil_w", "pad_top", "pad_bottom", "pad_left", "pad_right", "out_h", "out_w",
+              "groups")
 
     def __post_init__(self):
         """The one validation of a record, at construction (the record is immutable, so a
         ConvGeometry that exists is valid): every backend may trust it.  Integral NumPy
         scalars become ints; anything else, a value out of range or output sizes that do not
         follow from the other fields raise ValueError naming the field and the values.
-        A record already validated (same 17 ints) is recognised in one set lookup: the op API
+        A record already validated (same 18 ints) is recognised in one set lookup: the op API
         builds one per call, and the full check costs several microseconds."""
-        vals = tuple(self.__dict__.values())            # the 17 fields, in FIELDS order
+        vals = tuple(self.__dict__.values())            # the 18 fields, in FIELDS order
         if vals in _VALIDATED and set(map(type, vals)) == _INT_ONLY:
             return
         for name in self.FIELDS:
@@ -261,6 +265,9 @@ class ConvGeometry:
                 raise ValueError(f"geometry field out_{axis} = {out} does not follow from the other fields: "
                                  f"in_{axis}={n}, pads {before} + {after}, k_{axis}={k}, "
                                  f"stride_{axis}={s}, dil_{axis}={d} give {(padded - k_eff) // s + 1}")
+        if self.in_c % self.groups or self.filters % self.groups:
+            raise ValueError(f"geometry: groups={self.groups} must divide both in_c={self.in_c} and "
+                             f"filters={self.filters}")
         if len(_VALIDATED) >= _VALIDATED_MAX:
             _VALIDATED.clear()
         _VALIDATED.add(self.as_tuple())
@@ -275,7 +282,18 @@ class ConvGeometry:
 
     @property
     def w_shape(self) -> Tuple[int, int, int, int]:
-        return (self.k_h, self.k_w, self.in_c, self.filters)
+        """HWIO, I = in_c / groups (the stock Keras shape of a grouped kernel)."""
+        return (self.k_h, self.k_w, self.group_in_c, self.filters)
+
+    @property
+    def group_in_c(self) -> int:
+        """Input channels one filter reads: ``in_c / groups``."""
+        return self.in_c // self.groups
+
+    @property
+    def group_filters(self) -> int:
+        """Filters of one group: ``filters / groups``."""
+        return self.filters // self.groups
 
     @property
     def y_shape(self) -> Tuple[int, int, int, int]:
@@ -291,8 +309,8 @@ class ConvGeometry:
 
     @property
     def gemm_k(self) -> int:
-        """Reduction length of the implicit GEMM: ``k_h * k_w * in_c``."""
-        return self.k_h * self.k_w * self.in_c
+        """Reduction length of the implicit GEMM: ``k_h * k_w * in_c / groups``."""
+        return self.k_h * self.k_w * self.group_in_c
 
     @property
     def gemm_m(self) -> int:
@@ -306,7 +324,8 @@ class ConvGeometry:
 
     @property
     def weight_count(self) -> int:
-        return conv_param_count((self.k_h, self.k_w), self.in_c, self.filters, use_bias=False)
+        return conv_param_count((self.k_h, self.k_w), self.in_c, self.filters, use_bias=False,
+                                groups=self.groups)
 
     @property
     def bias_count(self) -> int:
@@ -323,8 +342,10 @@ class ConvGeometry:
 
 
 def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides=1, padding="valid",
-                  dilation=1) -> ConvGeometry:
+                  dilation=1, groups=1) -> ConvGeometry:
     """Resolve the geometry of ``conv2d(x, w)`` from shapes ``x: NHWC`` and ``w: HWIO``.
+
+    ``groups=G``: w is ``(kh, kw, C/G, F)`` (stock Keras' grouped kernel), C and F divisible by G.
 
     Raises ValueError naming the parameter and numbers for impossible geometry or a
     channel mismatch.  A batch of 0 is allowed (the result is empty).
@@ -344,9 +365,15 @@ def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides=1, pad
     k_w = _check_int("w kernel width", w_shape[1], 1)
     w_c = _check_int("w in_channels", w_shape[2], 1)
     filters = _check_int("w filters", w_shape[3], 1)
-    if w_c != in_c:
+    groups = _check_int("groups", groups, 1)
+    if in_c % groups:
+        raise ValueError(f"groups={groups} must divide the input channels: x has {in_c} (shape {x_shape})")
+    if filters % groups:
+        raise ValueError(f"groups={groups} must divide the filters: w has {filters} (shape {w_shape})")
+    if w_c * groups != in_c:
+        what = f"{w_c}" if groups == 1 else f"{w_c} per group x {groups} groups = {w_c * groups}"
         raise ValueError(f"channel mismatch: x has {in_c} channels (shape {x_shape}) but w expects "
-                         f"{w_c} (shape {w_shape})")
+                         f"{what} (shape {w_shape})")
     s_h, s_w = normalize_pair("strides", strides)
     d_h, d_w = normalize_pair("dilation", dilation)
     pad = normalize_padding(padding)
@@ -357,7 +384,7 @@ def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides=1, pad
     pt, pb, oh = resolve_axis(in_h, k_h, s_h, d_h, pad_h, "height")
     pl, pr, ow = resolve_axis(in_w, k_w, s_w, d_w, pad_w, "width")
     return ConvGeometry(batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
-                        pt, pb, pl, pr, oh, ow)
+                        pt, pb, pl, pr, oh, ow, groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,12 +431,23 @@ def dense_geometry(x_shape: Sequence[int], w_shape: Sequence[int]) -> DenseGeome
 
 
 # ----------------------------------------------------------------------------- counts
-def conv_param_count(kernel_size, in_channels: int, filters: int, use_bias: bool = True) -> int:
-    """``N * N * D1 * K`` weights plus ``K`` biases (N may be a (height, width) pair)."""
+def conv_param_count(kernel_size, in_channels: int, filters: int, use_bias: bool = True,
+                     groups: int = 1) -> int:
+    """``N * N * (D1 / G) * K`` weights plus ``K`` biases (N may be a (height, width) pair;
+    G = ``groups``, which must divide D1 and K: each filter reads D1 / G input channels).
+
+    >>> conv_param_count(3, 32, 64, groups=4)      # 3*3*8*64 + 64
+    4672
+    >>> conv_param_count(3, 32, 32, groups=32)     # depthwise: 3*3*1*32 + 32
+    320
+    """
     k_h, k_w = normalize_pair("kernel_size", kernel_size)
     d1 = _check_int("in_channels", in_channels, 1)
     k = _check_int("filters", filters, 1)
-    return k_h * k_w * d1 * k + (k if use_bias else 0)
+    g = _check_int("groups", groups, 1)
+    if d1 % g or k % g:
+        raise ValueError(f"groups={g} must divide in_channels={d1} and filters={k}")
+    return k_h * k_w * (d1 // g) * k + (k if use_bias else 0)
 
 
 def dense_param_count(in_features: int, out_features: int, use_bias: bool = True) -> int:

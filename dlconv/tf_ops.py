@@ -63,10 +63,10 @@ __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "s
 OP_NAMES = ("DlconvConv2D", "DlconvConv2DBackpropInput", "DlconvConv2DBackpropFilter", "DlconvDense",
             "DlconvDenseGrad")
 #: Compiled into the library (relative to csrc/).
-SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_dense.cpp")
+SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_conv_grouped.cpp", "cpu_dense.cpp")
 #: Hashed too: a change in any header rebuilds.
 HEADERS = ("geometry.h", "cpu_kernels.h", "cpu_gemm.h", "cpu_act.h", "cpu_conv_direct.h",
-           "cpu_conv_winograd.h", "cpu_dense_backward.h")
+           "cpu_conv_winograd.h", "cpu_dense_backward.h", "cpu_conv_grouped.h")
 LIB_NAME = "_dlconv_tf_ops.so"
 #: Environment switch: "0" never builds or uses the library (the bridge uses callbacks).
 ENV_SWITCH = "DLCONV_TF_OPS"

@@ -34,7 +34,8 @@ __all__ = ["conv2d", "dense"]
 _NAMES = ("x", "w", "b")
 
 
-def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None, backend="auto"):
+def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None, backend="auto",
+           groups=1):
     """``act(conv2d(x, w) + b)``: x ``(batch, height, width, channels)``, w ``(kernel_h,
     kernel_w, channels, filters)``, b ``(filters,)`` or None → ``(batch, out_h, out_w, filters)``.
 
@@ -42,10 +43,11 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
     ``"same"`` (TensorFlow's rule: the odd extra row/column goes after), an int, ``(pad_h,
     pad_w)`` or ``((top, bottom), (left, right))``.  ``activation``: None/"linear", "relu",
     "sigmoid" or "tanh" (fused into the kernel).  ``backend``: "auto", "cpp", "numba" or
-    "reference".
+    "reference".  ``groups=G``: grouped convolution, w ``(kernel_h, kernel_w, channels / G,
+    filters)`` (G = channels: depthwise).
     """
     return _bridge.conv2d(x, w, b, strides=strides, padding=padding, dilation=dilation,
-                          activation=activation, backend=backend, names=_NAMES)
+                          activation=activation, backend=backend, names=_NAMES, groups=groups)
 
 
 def dense(x, w, b=None, activation=None, backend="auto"):

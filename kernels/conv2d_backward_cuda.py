@@ -8,6 +8,10 @@ Backward-data (the transposed convolution), gather formulation::
     over the taps with  th = ih + pad_top - kh*dil_h  divisible by stride_h and
     oh = th / stride_h in [0, out_h)   (same for iw, kw, pad_left, dil_w, stride_w)
 
+Grouped (``g.groups = G``, w (KH, KW, C/G, K)): channel c = q*(C/G) + ci meets only the
+filters k of its group q, ``[q*(K/G), (q+1)*(K/G))``, through w[kh, kw, ci, k]; dw element
+(kh, kw, ci, k) reads x channel ``(k // (K/G))*(C/G) + ci``.  G = 1 is the plain convolution.
+
 One thread owns one dx element (c fastest, so a warp writes consecutive floats); taps
 that fall between strides or outside dy are skipped by one guard, which also covers the
 rows and columns of x that no window reads (dx = 0 there) and the padding.  No atomics:
@@ -55,11 +59,15 @@ def filter_splits(g) -> int:
 @cuda.jit
 def _bwd_data_kernel(dy, w, dx,
                      batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
-                     p_t, p_b, p_l, p_r, out_h, out_w):
+                     p_t, p_b, p_l, p_r, out_h, out_w, groups):
     idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if idx >= batch * in_h * in_w * in_c:
         return
     c = idx % in_c
+    cg = in_c // groups
+    fg = filters // groups
+    k0 = (c // cg) * fg                      # the filters of channel c's group: [k0, k0 + fg)
+    ci = c % cg
     t = idx // in_c
     iw = t % in_w
     t = t // in_w
@@ -74,8 +82,8 @@ def _bwd_data_kernel(dy, w, dx,
                 tw = iw + p_l - kw * d_w
                 if tw >= 0 and tw % s_w == 0 and tw // s_w < out_w:
                     ow = tw // s_w
-                    for k in range(filters):
-                        acc += dy[n, oh, ow, k] * w[kh, kw, c, k]
+                    for k in range(k0, k0 + fg):
+                        acc += dy[n, oh, ow, k] * w[kh, kw, ci, k]
     dx[n, ih, iw, c] = acc
 
 
@@ -91,16 +99,18 @@ def launch_backward_data(dy, w, g, stream=None, out=None):
 @cuda.jit
 def _bwd_filter_partial_kernel(x, dy2, part, chunk,
                                batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
-                               p_t, p_b, p_l, p_r, out_h, out_w):
-    """dy2: dy viewed as (M, K); part: (splits, KH*KW*C*K)."""
+                               p_t, p_b, p_l, p_r, out_h, out_w, groups):
+    """dy2: dy viewed as (M, K); part: (splits, KH*KW*(C/G)*K)."""
     e = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     sp = cuda.blockIdx.y
-    if e >= k_h * k_w * in_c * filters:
+    cg = in_c // groups
+    if e >= k_h * k_w * cg * filters:
         return
     k = e % filters
     t = e // filters
-    c = t % in_c
-    t = t // in_c
+    ci = t % cg
+    c = (k // (filters // groups)) * cg + ci   # the x channel: filter k's group offset + ci
+    t = t // cg
     kw = t % k_w
     kh = t // k_w
     m_total = batch * out_h * out_w

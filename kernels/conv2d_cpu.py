@@ -38,6 +38,9 @@ Variants of the forward pass, fastest first:
 ``cpu_direct``  one ``prange`` iteration per output row (n, oh), one output pixel at a
     time, a K-vector accumulator, taps outside the input skipped by one explicit guard.
 
+Grouped convolution (``g.groups > 1``, depthwise included) runs the kernels of
+:mod:`conv2d_grouped_cpu` instead, whatever the variant.
+
 Backward-data is the gather formulation: dx[n, ih, iw, c] sums w[kh, kw, c, k] *
 dy[n, oh, ow, k] over the taps whose ``t = ih + pad_top - kh*dil_h`` is divisible by
 stride_h with ``oh = t / stride_h`` in ``[0, out_h)`` (same for w).  Each dx row is owned by
@@ -350,6 +353,9 @@ def forward(x, w, b, g, act: int, variant: str = "cpu_gemm") -> np.ndarray:
         launch = _LAUNCH[variant]
     except KeyError:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}") from None
+    if g.groups != 1:   # grouped / depthwise: one kernel for every variant (conv2d_grouped_cpu)
+        from . import conv2d_grouped_cpu
+        return conv2d_grouped_cpu.forward(x, w, b, g, act)
     return launch(x, w, b, g, act)
 
 
@@ -386,6 +392,10 @@ def _bwd_data_kernel(dy, wt, dx, s_h, s_w, d_h, d_w, p_t, p_l):
 def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
     """dL/dx (shape g.x_shape) from dL/dz (shape g.y_shape) and HWIO weights."""
     from dlconv.shapes import conv_geometry
+
+    if g.groups != 1:
+        from . import conv2d_grouped_cpu
+        return conv2d_grouped_cpu.backward_data(dy, w, g)
 
     top = (g.k_h - 1) * g.dil_h - g.pad_top
     left = (g.k_w - 1) * g.dil_w - g.pad_left
@@ -565,6 +575,9 @@ def bias_grad(dy2: np.ndarray) -> np.ndarray:
 
 def backward_filter(x: np.ndarray, dy: np.ndarray, g):
     """(dL/dw with shape g.w_shape, dL/db with shape (g.filters,)) from x and dL/dz."""
+    if g.groups != 1:
+        from . import conv2d_grouped_cpu
+        return conv2d_grouped_cpu.backward_filter(x, dy, g)
     db = bias_grad(dy.reshape(-1, g.filters))
     k = g.filters
     if k % MICRO_NR:

@@ -8,6 +8,11 @@ Every variant computes::
     ih = oh * stride_h - pad_top  + kh * dil_h
     iw = ow * stride_w - pad_left + kw * dil_w       (ih, iw outside x read as 0)
 
+Grouped convolution (``g.groups = G``, w of shape (KH, KW, C/G, K)): filter k reads the
+input channels ``c0 + c``, ``c0 = (k // (K/G)) * (C/G)``, ``c < C/G`` — a channel offset per
+thread in v1_direct, which is the variant grouped geometries run (depthwise included); v2 and
+v3 take the trailing ``groups`` argument for the shared field order and run G = 1 only.
+
 v1_direct
     One thread owns one output element (n, oh, ow, k); k is the fastest index of the flat
     thread id, so a warp writes 32 consecutive floats of y and reads 32 consecutive
@@ -87,11 +92,13 @@ V3_THREADS = (V3_BM // V3_TM) * (V3_BN // V3_TN)
 @cuda.jit
 def _v1_kernel(x, w, b, y, has_bias, act,
                batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
-               p_t, p_b, p_l, p_r, out_h, out_w):
+               p_t, p_b, p_l, p_r, out_h, out_w, groups):
     idx = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
     if idx >= batch * out_h * out_w * filters:
         return
     k = idx % filters
+    cg = in_c // groups                      # channels per group; filter k reads offset c0
+    c0 = (k // (filters // groups)) * cg
     t = idx // filters
     ow = t % out_w
     t = t // out_w
@@ -104,8 +111,8 @@ def _v1_kernel(x, w, b, y, has_bias, act,
             for kw in range(k_w):
                 iw = ow * s_w - p_l + kw * d_w
                 if iw >= 0 and iw < in_w:
-                    for c in range(in_c):
-                        acc += x[n, ih, iw, c] * w[kh, kw, c, k]
+                    for c in range(cg):
+                        acc += x[n, ih, iw, c0 + c] * w[kh, kw, c, k]
     if has_bias:
         acc += b[k]
     y[n, oh, ow, k] = activate(acc, act)
@@ -128,7 +135,7 @@ def launch_v1(x, w, b, g, act: int, stream=None, out=None):
 @cuda.jit
 def _v2_kernel(x, w, b, y, has_bias, act, cc, halo_h, halo_w,
                batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
-               p_t, p_b, p_l, p_r, out_h, out_w):
+               p_t, p_b, p_l, p_r, out_h, out_w, groups):
     xs = cuda.shared.array(V2_SMEM_X, np.float32)
     ws = cuda.shared.array(V2_SMEM_W, np.float32)
     tid = cuda.threadIdx.x
@@ -217,7 +224,7 @@ def launch_v2(x, w, b, g, act: int, stream=None, out=None):
 @cuda.jit
 def _v3_kernel(x, w2, b, y2, has_bias, act,
                batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
-               p_t, p_b, p_l, p_r, out_h, out_w):
+               p_t, p_b, p_l, p_r, out_h, out_w, groups):
     """w2: weights viewed as (R, K); y2: output viewed as (M, K)."""
     a_s = cuda.shared.array((V3_BK, V3_BM), np.float32)
     b_s = cuda.shared.array((V3_BK, V3_BN), np.float32)
@@ -298,9 +305,12 @@ _LAUNCH = {"v1_direct": launch_v1, "v2_smem_tiled": launch_v2, "v3_implicit_gemm
 
 
 def forward(x, w, b, g, act: int, variant: str = VARIANTS[0], stream=None):
-    """Dispatch to a variant by name (see :data:`VARIANTS`)."""
+    """Dispatch to a variant by name (see :data:`VARIANTS`).  Grouped geometries
+    (``g.groups > 1``) run v1_direct, the one variant with per-group channel offsets."""
     try:
         launch = _LAUNCH[variant]
     except KeyError:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}") from None
+    if g.groups != 1:
+        launch = launch_v1
     return launch(x, w, b, g, act, stream=stream)

@@ -255,6 +255,11 @@ G_SCALAR = conv_geometry((3, 9, 7, 3), (3, 2, 3, 5), strides=(2, 1), dilation=(1
 G_TILES = conv_geometry((2, 10, 10, 4), (3, 3, 4, 68))                          # 2x2 v3 tiles, ragged F and K
 G_RAGGED = conv_geometry((1, 6, 5, 5), (2, 3, 5, 70), strides=2, padding="same")  # scalar, 2 ragged F tiles
 G_CHUNKS = conv_geometry((2, 13, 12, 3), (2, 2, 3, 4))                          # 264 pixels: 2 bwd-filter chunks
+# Grouped: each filter reads a channel-strided slice of x (offset (k // (F/G))·(C/G)).
+G_GROUPED = conv_geometry((2, 9, 8, 6), (3, 2, 2, 9), strides=(2, 1), dilation=(1, 2),
+                          padding=((2, 0), (1, 3)), groups=3)                    # G = 3, Cg = 2, Fg = 3
+G_DEPTHWISE = conv_geometry((2, 12, 11, 5), (3, 3, 1, 10), padding="same", groups=5)  # G = C, multiplier 2,
+#                                                                                 264 pixels: 2 bwd-filter chunks
 V1, V2, V3 = 1, 2, 3
 
 
@@ -279,6 +284,12 @@ def all_cases():
     cases.append(conv_backward_filter_case("bwd_filter_vec", G_VEC, rng))
     cases.append(conv_backward_filter_case("bwd_filter_scalar_nodb", G_SCALAR, rng, with_db=False))
     cases.append(conv_backward_filter_case("bwd_filter_chunks", G_CHUNKS, rng, tsan=True))
+    # grouped / depthwise: every variant asked (v2, v3 run v1_direct), both backward passes
+    for name, g in (("grouped", G_GROUPED), ("depthwise", G_DEPTHWISE)):
+        for v in (V1, V2, V3):
+            cases.append(conv_forward_case(f"{name}_fwd_v{v}", g, v, "relu", rng, tsan=v == V1 and name == "grouped"))
+        cases.append(conv_backward_data_case(f"{name}_bwd_data", g, rng, tsan=name == "grouped"))
+        cases.append(conv_backward_filter_case(f"{name}_bwd_filter", g, rng, tsan=name == "depthwise"))
     for act in ACTS:
         cases.append(dense_forward_case(f"dense_fwd_{act}", 5, 37, 70, act, rng, tsan=act in ("linear", "relu")))
         cases.append(dense_backward_case(f"dense_bwd_{act}", 5, 37, 70, act, rng, tsan=act in ("linear", "tanh")))
@@ -439,6 +450,19 @@ def test_every_kernel_runs(request, run):
     assert len(KERNELS) >= 10 and set(KERNELS) <= launched, sorted(set(KERNELS) - launched)
 
 
+def test_grouped_forwards_run_v1_with_the_groups_field(asan_run, tsan_run):
+    """A grouped geometry runs conv_fwd_v1_direct whichever variant is asked (v2/v3 tile the
+    G = 1 GEMM), and its launches carry the groups field."""
+    assert G_GROUPED.groups == 3 and G_DEPTHWISE.groups == G_DEPTHWISE.in_c == 5
+    seen = 0
+    for run in (asan_run, tsan_run):
+        for cid, ls in run.launches.items():
+            if cid.startswith(("grouped_fwd_", "depthwise_fwd_")):
+                assert [_kernel(x) for x in ls] == ["conv_fwd_v1_direct"], (cid, ls)
+                seen += 1
+    assert seen >= 6
+
+
 def test_v3_takes_the_float4_path_exactly_where_it_may(asan_run, tsan_run):
     """v3's last argument is its float4 switch: on for C, F % 4 == 0 and aligned buffers, off on a
     scalar geometry and on offset (misaligned) views."""
@@ -470,19 +494,21 @@ def conv_geometries(draw):
     dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     c = draw(st.sampled_from((1, 3, 4, 8)))
-    f = draw(st.sampled_from((1, 4, 5, 33, 68)))
+    groups = draw(st.sampled_from(sorted({1, 2, c} & {d for d in (1, 2, c) if c % d == 0})))
+    f = draw(st.sampled_from((1, 4, 5, 33, 68))) if groups == 1 else groups * draw(st.integers(1, 3))
     n = draw(st.integers(1, 3))
     pads = tuple(draw(st.integers(0, 2)) for _ in range(4))
     h = draw(st.integers(max(1, (kh - 1) * dh + 1 - pads[0] - pads[1]), 9))
     w = draw(st.integers(max(1, (kw - 1) * dw + 1 - pads[2] - pads[3]), 9))
-    return conv_geometry((n, h, w, c), (kh, kw, c, f), strides=(sh, sw), dilation=(dh, dw),
-                         padding=((pads[0], pads[1]), (pads[2], pads[3])))
+    return conv_geometry((n, h, w, c), (kh, kw, c // groups, f), strides=(sh, sw), dilation=(dh, dw),
+                         padding=((pads[0], pads[1]), (pads[2], pads[3])), groups=groups)
 
 
 @settings(max_examples=8)
 @given(g=conv_geometries(), act=st.sampled_from(ACTS), seed=st.integers(0, 2**31 - 1))
 def test_generated_geometries_under_asan(drivers, tmp_path_factory, g, act, seed):
-    """Stride, asymmetric padding, dilation and ragged tiles drawn by hypothesis: all passes."""
+    """Stride, asymmetric padding, dilation, ragged tiles and groups (1, 2, C) drawn by hypothesis:
+    all passes."""
     rng = np.random.default_rng(seed)
     cases = [conv_forward_case(f"gen_v{v}", g, v, act, rng) for v in (V1, V2, V3)]
     cases += [conv_backward_data_case("gen_bwd_data", g, rng), conv_backward_filter_case("gen_bwd_filter", g, rng)]

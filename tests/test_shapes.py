@@ -209,7 +209,7 @@ def test_padding_forms_agree():
 
 def test_geometry_record_fields():
     g = conv_geometry((4, 28, 28, 1), (3, 3, 1, 32), padding="same")
-    assert g.as_tuple() == (4, 28, 28, 1, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 28, 28)
+    assert g.as_tuple() == (4, 28, 28, 1, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 28, 28, 1)  # groups last
     assert len(g.FIELDS) == len(g.as_tuple())
     assert g.gemm_m == 4 * 28 * 28 and g.gemm_k == 9 and g.flops == 2 * 4 * 28 * 28 * 9 * 32
     assert g.weight_count == 288 and g.bias_count == 32

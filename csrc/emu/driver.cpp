@@ -5,7 +5,7 @@
 //   driver MANIFEST        one operation per line: `op key=value ...`; buffers are raw float32 files,
 //                          `path@k` places the buffer k floats past a 256-byte aligned allocation
 //                          (an offset, misaligned view as from a Python slice), `-` means null.
-//     conv_fwd     g=<17 ints> variant= act= x= w= b= y=
+//     conv_fwd     g=<18 ints> variant= act= x= w= b= y=
 //     conv_bwd_data g= dz= w= dx=
 //     conv_bwd_filter g= x= dz= dw= db=
 //     dense_fwd    M= K= N= act= x= w= b= y=
@@ -111,9 +111,11 @@ class Op {
         std::stringstream ss(get("g"));
         std::string t;
         while (std::getline(ss, t, ',')) v.push_back(std::stoll(t));
-        if (v.size() != 17) throw std::runtime_error("g= needs 17 ints, got " + std::to_string(v.size()));
+        if (v.size() != 18 && v.size() != 17)
+            throw std::runtime_error("g= needs 18 ints (ConvGeometry.as_tuple(); 17: groups = 1), got " +
+                                     std::to_string(v.size()));
         dlconv::ConvGeometry g{v[0], v[1], v[2],  v[3],  v[4],  v[5],  v[6],  v[7], v[8],
-                               v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16]};
+                               v[9], v[10], v[11], v[12], v[13], v[14], v[15], v[16], v.size() == 18 ? v[17] : 1};
         dlconv::validate_geometry(g);
         return g;
     }

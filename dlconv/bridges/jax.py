@@ -213,8 +213,11 @@ def _conv_op(g, act: str, backend, has_bias: bool):
 
 
 def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
-           backend="auto", out_shape=None):
+           backend="auto", out_shape=None, groups=1):
     """``act(conv2d(x, kernel) + bias)`` (NHWC / HWIO) as a differentiable JAX function.
+
+    ``groups=G``: grouped convolution, kernel ``(kh, kw, C/G, F)``; the geometry record (and
+    so the FFI attribute) carries G, one call for all groups.
 
     ``bias`` may be None.  ``activation`` one of :data:`dlconv.activations.ELEMENTWISE`.
     ``out_shape`` (from the layer) is checked against the resolved geometry when fully known.
@@ -227,7 +230,7 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
     if isinstance(padding, list):
         padding = tuple(tuple(p) if isinstance(p, list) else p for p in padding)
     g = conv_geometry_cached(tuple(x.shape), tuple(kernel.shape), tuple(strides), padding,
-                             tuple(dilation))
+                             tuple(dilation), int(groups))
     _check_bias(bias, g.filters)
     if out_shape is not None and None not in tuple(out_shape) and tuple(out_shape) != g.y_shape:
         raise ValueError(f"out_shape {tuple(out_shape)} does not match the geometry's output "

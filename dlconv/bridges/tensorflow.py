@@ -216,7 +216,8 @@ def _no_bias():
 
 def _conv_attrs(op):
     return dict(strides=op.get_attr("strides"), dilations=op.get_attr("dilations"),
-                pads=op.get_attr("pads"), activation=op.get_attr("activation").decode())
+                pads=op.get_attr("pads"), groups=op.get_attr("groups"),
+                activation=op.get_attr("activation").decode())
 
 
 @tf.RegisterGradient("DlconvConv2D")
@@ -240,12 +241,12 @@ def _dense_grad(op, dy):
     return [dx, dw, db if b.shape[0] != 0 else None]
 
 
-def _native_pads(x_shape, w_shape, strides, padding, dilation):
+def _native_pads(x_shape, w_shape, strides, padding, dilation, groups=1):
     """(top, bottom, left, right) resolved by dlconv.shapes, or None when "same" padding meets
     an unknown height or width (its pads depend on the size)."""
     n, h, w, c = x_shape
     if h is not None and w is not None and c is not None:
-        g = conv_geometry_cached((1, h, w, c), w_shape, strides, padding, dilation)
+        g = conv_geometry_cached((1, h, w, c), w_shape, strides, padding, dilation, groups)
         return [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right]
     pad = normalize_padding(padding)
     if pad == "same":
@@ -259,8 +260,10 @@ def _native_pads(x_shape, w_shape, strides, padding, dilation):
 # ----------------------------------------------------------------------------- conv2d
 @tf.autograph.experimental.do_not_convert   # plain Python: nothing for AutoGraph to convert
 def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
-           backend="auto", out_shape=None):
+           backend="auto", out_shape=None, groups=1):
     """``act(conv2d(x, kernel) + bias)`` (NHWC / HWIO) as a differentiable TF op.
+
+    ``groups=G``: grouped convolution, kernel ``(kh, kw, C/G, F)``, one op for all groups.
 
     ``bias`` may be None.  ``activation`` must be one of :data:`FUSED_CONV`.
     ``out_shape`` is the static output shape to set (may hold None).
@@ -272,16 +275,16 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
     has_bias = bias is not None
     if uses_native(backend):
         x = tf.convert_to_tensor(x)
-        pads = _native_pads(tuple(x.shape), w_shape, strides, padding, dilation)
+        pads = _native_pads(tuple(x.shape), w_shape, strides, padding, dilation, groups)
         if pads is not None:
             y = _LIB.dlconv_conv2d(x, kernel, bias if has_bias else _no_bias(), strides=list(strides),
-                                   dilations=list(dilation), pads=pads, activation=act)
+                                   dilations=list(dilation), pads=pads, groups=groups, activation=act)
             if out_shape is not None:
                 y.set_shape(out_shape)
             return y
 
     def geometry(x_shape):
-        return conv_geometry_cached(tuple(x_shape), w_shape, strides, padding, dilation)
+        return conv_geometry_cached(tuple(x_shape), w_shape, strides, padding, dilation, groups)
 
     def forward(arrays, on_device):
         x_, w_ = arrays[0], arrays[1]

@@ -238,11 +238,11 @@ def _backend(name: str, on_device: bool):
 
 
 # ----------------------------------------------------------------------------- geometry
-def _geometry(x_shape, w_shape, strides, pads, dilation):
+def _geometry(x_shape, w_shape, strides, pads, dilation, groups=1):
     """The cached :class:`~dlconv.shapes.ConvGeometry` for explicit pads (shapes are
     ``torch.Size`` or int sequences; the op arguments int lists)."""
     return conv_geometry_cached(tuple(x_shape), tuple(w_shape), tuple(strides),
-                                ((pads[0], pads[1]), (pads[2], pads[3])), tuple(dilation))
+                                ((pads[0], pads[1]), (pads[2], pads[3])), tuple(dilation), int(groups))
 
 
 def _rank(name, t, rank):
@@ -251,11 +251,11 @@ def _rank(name, t, rank):
 
 
 @torch.compiler.assume_constant_result
-def _conv_pads_constant(spatial, w_shape, strides, padding, dilation):
-    return _conv_pads.__wrapped__(spatial, w_shape, strides, padding, dilation)
+def _conv_pads_constant(spatial, w_shape, strides, padding, dilation, groups=1):
+    return _conv_pads.__wrapped__(spatial, w_shape, strides, padding, dilation, groups)
 
 
-def conv_pads(x_shape, w_shape, strides, padding, dilation) -> Tuple[List[int], List[int], List[int]]:
+def conv_pads(x_shape, w_shape, strides, padding, dilation, groups=1) -> Tuple[List[int], List[int], List[int]]:
     """(strides, pads [top, bottom, left, right], dilation) as int lists for the ops, from any
     padding :func:`dlconv.shapes.conv_geometry` accepts (resolved there, batch-independent:
     the batch is left out of the key)."""
@@ -264,21 +264,21 @@ def conv_pads(x_shape, w_shape, strides, padding, dilation) -> Tuple[List[int], 
         # Dynamo must not trace the resolution (an LRU cache, and ConvGeometry's set of
         # records already validated, which it would guard on): its result is a constant of
         # the static shapes and the layer's settings.
-        return _conv_pads_constant(spatial, w_shape, strides, padding, dilation)
+        return _conv_pads_constant(spatial, w_shape, strides, padding, dilation, groups)
     try:
-        return _conv_pads(spatial, w_shape, strides, padding, dilation)
+        return _conv_pads(spatial, w_shape, strides, padding, dilation, groups)
     except TypeError:          # an unhashable spelling (lists): normalise it first
         return _conv_pads(spatial, w_shape, normalize_pair("strides", strides),
-                          normalize_padding(padding), normalize_pair("dilation", dilation))
+                          normalize_padding(padding), normalize_pair("dilation", dilation), groups)
 
 
 @functools.lru_cache(maxsize=512)
-def _conv_pads(spatial, w_shape, strides, padding, dilation):
+def _conv_pads(spatial, w_shape, strides, padding, dilation, groups=1):
     s = normalize_pair("strides", strides)
     d = normalize_pair("dilation", dilation)
     key = (1,) + tuple(int(v) for v in spatial) if len(spatial) == 3 else (None,) + spatial
     resolve = conv_geometry_cached.__wrapped__ if torch.compiler.is_compiling() else conv_geometry_cached
-    g = resolve(key, tuple(int(v) for v in w_shape), s, normalize_padding(padding), d)
+    g = resolve(key, tuple(int(v) for v in w_shape), s, normalize_padding(padding), d, groups)
     return list(s), [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right], list(d)
 
 
@@ -325,31 +325,31 @@ def _call(name, *args):
 # ----------------------------------------------------------------------------- conv ops
 @_op("conv2d")
 def _conv2d_op(x: Tensor, w: Tensor, b: Optional[Tensor], strides: List[int], pads: List[int],
-               dilation: List[int], activation: str, backend: str) -> Tensor:
+               dilation: List[int], activation: str, backend: str, groups: int = 1) -> Tensor:
     c = _Call(_place((("x", x), ("w", w), ("b", b))))
-    g = _geometry(x.shape, w.shape, strides, pads, dilation)
+    g = _geometry(x.shape, w.shape, strides, pads, dilation, groups)
     y = _ops.conv2d(c.arr(x), c.arr(w), c.arr(b), activation=activation,
                     backend=_backend(backend, c.on_device), geometry=g, stream=c.stream)
     return c.out(y)
 
 
 @_conv2d_op.register_fake
-def _(x, w, b, strides, pads, dilation, activation, backend):
+def _(x, w, b, strides, pads, dilation, activation, backend, groups=1):
     _place((("x", x), ("w", w), ("b", b)))
     _rank("x", x, 4)
     # int(): symbolic sizes (dynamic shapes) are specialised; the batch stays symbolic
     g = _geometry((1, *(int(d) for d in x.shape[1:])), [int(d) for d in w.shape],
-                  [int(v) for v in strides], [int(v) for v in pads], [int(v) for v in dilation])
+                  [int(v) for v in strides], [int(v) for v in pads], [int(v) for v in dilation], int(groups))
     return x.new_empty((x.shape[0], g.out_h, g.out_w, g.filters))
 
 
 @_op("conv2d_backward_data")
 def _conv2d_backward_data_op(dy: Tensor, w: Tensor, y: Optional[Tensor], in_hw: List[int],
                              strides: List[int], pads: List[int], dilation: List[int],
-                             activation: str, backend: str) -> Tensor:
+                             activation: str, backend: str, groups: int = 1) -> Tensor:
     c = _Call(_place((("dy", dy), ("w", w), ("y", y))))
-    x_shape = (dy.shape[0], int(in_hw[0]), int(in_hw[1]), w.shape[2])
-    g = _geometry(x_shape, w.shape, strides, pads, dilation)
+    x_shape = (dy.shape[0], int(in_hw[0]), int(in_hw[1]), w.shape[2] * groups)
+    g = _geometry(x_shape, w.shape, strides, pads, dilation, groups)
     kw = {} if y is None else {"y": c.arr(y), "activation": activation}
     dx = _ops.conv2d_backward_data(c.arr(dy), c.arr(w), g.x_shape, backend=_backend(backend, c.on_device),
                                    geometry=g, stream=c.stream, **kw)
@@ -357,18 +357,18 @@ def _conv2d_backward_data_op(dy: Tensor, w: Tensor, y: Optional[Tensor], in_hw: 
 
 
 @_conv2d_backward_data_op.register_fake
-def _(dy, w, y, in_hw, strides, pads, dilation, activation, backend):
+def _(dy, w, y, in_hw, strides, pads, dilation, activation, backend, groups=1):
     _place((("dy", dy), ("w", w), ("y", y)))
-    return dy.new_empty((dy.shape[0], int(in_hw[0]), int(in_hw[1]), w.shape[2]))
+    return dy.new_empty((dy.shape[0], int(in_hw[0]), int(in_hw[1]), w.shape[2] * groups))
 
 
 @_op("conv2d_backward_filter")
 def _conv2d_backward_filter_op(x: Tensor, dy: Tensor, y: Optional[Tensor], k_hw: List[int],
                                strides: List[int], pads: List[int], dilation: List[int],
-                               activation: str, backend: str) -> Tuple[Tensor, Tensor]:
+                               activation: str, backend: str, groups: int = 1) -> Tuple[Tensor, Tensor]:
     c = _Call(_place((("x", x), ("dy", dy), ("y", y))))
-    w_shape = (int(k_hw[0]), int(k_hw[1]), x.shape[3], dy.shape[3])
-    g = _geometry(x.shape, w_shape, strides, pads, dilation)
+    w_shape = (int(k_hw[0]), int(k_hw[1]), x.shape[3] // groups, dy.shape[3])
+    g = _geometry(x.shape, w_shape, strides, pads, dilation, groups)
     kw = {} if y is None else {"y": c.arr(y), "activation": activation}
     dw, db = _ops.conv2d_backward_filter(c.arr(x), c.arr(dy), w_shape, backend=_backend(backend, c.on_device),
                                          geometry=g, stream=c.stream, **kw)
@@ -376,9 +376,9 @@ def _conv2d_backward_filter_op(x: Tensor, dy: Tensor, y: Optional[Tensor], k_hw:
 
 
 @_conv2d_backward_filter_op.register_fake
-def _(x, dy, y, k_hw, strides, pads, dilation, activation, backend):
+def _(x, dy, y, k_hw, strides, pads, dilation, activation, backend, groups=1):
     _place((("x", x), ("dy", dy), ("y", y)))
-    return (x.new_empty((int(k_hw[0]), int(k_hw[1]), x.shape[3], dy.shape[3])),
+    return (x.new_empty((int(k_hw[0]), int(k_hw[1]), x.shape[3] // groups, dy.shape[3])),
             x.new_empty((dy.shape[3],)))
 
 
@@ -399,8 +399,10 @@ def _(dy, y, activation, backend):
 
 
 def _conv2d_setup_context(ctx, inputs, output):
-    x, w, b, strides, pads, dilation, activation, backend = inputs
+    x, w, b, strides, pads, dilation, activation, backend, *rest = inputs
     ctx.geometry = (list(strides), list(pads), list(dilation))
+    ctx.groups = int(rest[0]) if rest else 1
+    ctx.n_inputs = len(inputs)
     ctx.activation, ctx.backend, ctx.has_bias = activation, backend, b is not None
     ctx.in_hw = [x.shape[1], x.shape[2]]
     ctx.k_hw = [w.shape[0], w.shape[1]]
@@ -425,11 +427,11 @@ def _conv2d_backward(ctx, dy):
     dx = dw = db = None
     if need_x:
         dx = _call("conv2d_backward_data", d, w, y_arg, ctx.in_hw, strides, pads, dilation,
-                   act, backend)
+                   act, backend, ctx.groups)
     if need_w or need_b:
         dw, db = _call("conv2d_backward_filter", x, d, y_arg, ctx.k_hw, strides, pads,
-                       dilation, act, backend)
-    return dx, dw, (db if ctx.has_bias else None), None, None, None, None, None
+                       dilation, act, backend, ctx.groups)
+    return (dx, dw, (db if ctx.has_bias else None)) + (None,) * (ctx.n_inputs - 3)
 
 
 _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
@@ -513,20 +515,22 @@ def _forward(name, function, tensors, *args):
 
 # ----------------------------------------------------------------------------- the bridge API
 def conv2d(x, kernel, bias, *, strides=(1, 1), padding="valid", dilation=(1, 1), activation="linear",
-           backend="auto", out_shape=None, names=("x", "kernel", "bias")):
+           backend="auto", out_shape=None, names=("x", "kernel", "bias"), groups=1):
     """``act(conv2d(x, kernel) + bias)`` (NHWC / HWIO) as a differentiable torch op.
 
     ``bias`` may be None; ``padding`` anything :func:`dlconv.shapes.conv_geometry` accepts;
     ``activation`` one of linear/relu/sigmoid/tanh (or None); ``out_shape`` is ignored (torch
-    tensors carry their shape); ``names`` are the parameter names errors use.
+    tensors carry their shape); ``names`` are the parameter names errors use; ``groups=G``:
+    grouped convolution with kernel ``(kh, kw, C/G, F)``, one op for all groups.
     """
     act = _act.normalize(activation, allow_softmax=False)
     _place(zip(names, (x, kernel, bias)))
     _rank(names[0], x, 4)
     _rank(names[1], kernel, 4)
-    s, p, d = conv_pads(x.shape, kernel.shape, strides, padding, dilation)
+    groups = int(groups)
+    s, p, d = conv_pads(x.shape, kernel.shape, strides, padding, dilation, groups)
     return _forward("conv2d", _CONV2D_FUNCTION, (x, kernel, bias), x, kernel, bias, s, p, d, act,
-                    _check_backend(backend))
+                    _check_backend(backend), groups)
 
 
 def dense(x, kernel, bias, *, activation="linear", backend="auto", names=("x", "kernel", "bias")):
