@@ -669,7 +669,7 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
         oh, ow = _position(at, "at", g.out_h, g.out_w)
         _check_size(len(chosen) * g.k_h * g.k_w * g.in_c, "--at", limit)
         equations = [_forward(g, f, oh, ow) for f in chosen]
-    elif all_outputs or filter is not None:
+    elif all_outputs or (filter is not None and weight is None):
         _check_size(len(chosen) * g.out_h * g.out_w * g.k_h * g.k_w * g.in_c, "--all", limit)
         equations = [_forward(g, f, oh, ow) for f in chosen
                      for oh in range(g.out_h) for ow in range(g.out_w)]
