@@ -385,9 +385,10 @@ function renderGrids(hot) {
   const reads = groupChannels(g, f), readsC = c >= reads[0] && c < reads[1];
   drawGrid("grid-input", hp, wp, (r, q) => {
     const ih = r - g.pad_top, iw = q - g.pad_left;
-    if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return { text: "0", cls: "pad" };
+    if (ih < 0 || ih >= g.in_h || iw < 0 || iw >= g.in_w) return { text: "0", cls: hot.window.has(`${r},${q}`) ? "pad win" : "pad" };
     const key = `${c},${ih},${iw}`;
-    return { text: `I${ih * g.in_w + iw + 1}${ch}`, cls: hot.inputs.has(key) ? "hot" : "", kind: "input", at: [c, ih, iw] };
+    const cls = (hot.inputs.has(key) ? "hot" : "") + (hot.window.has(`${r},${q}`) ? " win" : "");
+    return { text: `I${ih * g.in_w + iw + 1}${ch}`, cls: cls.trim(), kind: "input", at: [c, ih, iw] };
   }, `padded input, channel ${c + 1} of ${g.in_c}`);
   drawGrid("grid-weights", g.k_h, g.k_w, (r, q) => ({
     text: readsC ? `${letter}${r * g.k_w + q + 1}${ch}` : "—", cls: hot.weights.has(`${r},${q}`) ? "hot" : (readsC ? "" : "pad"),
@@ -434,12 +435,15 @@ function onHover(ev) { if (!state.pinned && !state.timer) select(choiceOf(ev.cur
 
 // Select an output, an input or a weight: highlight what meets in it and show its sums.
 function select(choice) {
-  const g = state.g, hot = { inputs: new Set(), weights: new Set(), outputs: new Set() };
+  const g = state.g, hot = { inputs: new Set(), weights: new Set(), outputs: new Set(), window: new Set() };
   let text, loc;
   if (choice.kind === "output") {
     const eq = forward(g, choice.f, choice.oh, choice.ow);
     eq.terms.forEach(t => { hot.inputs.add(`${t.channel - 1},${t.row - 1},${t.col - 1}`); if (t.channel - 1 === state.c) hot.weights.add(`${t.kh},${t.kw}`); });
     hot.outputs.add(`${choice.oh},${choice.ow}`);
+    for (let kh = 0; kh < g.k_h; kh++) {          // the window's taps in padded coordinates (padding included)
+      for (let kw = 0; kw < g.k_w; kw++) hot.window.add(`${choice.oh * g.stride_h + kh * g.dil_h},${choice.ow * g.stride_w + kw * g.dil_w}`);
+    }
     text = eq.text; loc = locateOutput(g, choice.f, choice.oh, choice.ow);
     $("step").value = choice.oh * g.out_w + choice.ow;
   } else if (choice.kind === "input") {
