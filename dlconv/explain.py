@@ -859,11 +859,11 @@ def _location_lines(loc: dict) -> List[str]:
                      f"{cpu['register_row']}, zmm {cpu['zmm']}, lane {cpu['lane']}"
                      + (f" ({cpu['note']})" if cpu["note"] else ""))
         return lines
+    names = {"x_offset": "x offset", "w_offset": "w offset", "dy_offset": "dO offset"}
     key = "x_offset" if loc["kind"] == "input" else "w_offset"
-    lines = [f"{loc['name']}: {key.split('_')[0]} offset {loc[key]}"]
+    lines = [f"{loc['name']}: {names[key]} {loc[key]}"]
     for t in loc["terms"]:
-        lines.append("  " + t["label"] + ": " + ", ".join(f"{k.split('_')[0]} offset {t[k]}"
-                                                          for k in ("x_offset", "w_offset", "dy_offset") if k in t))
+        lines.append("  " + t["label"] + ": " + ", ".join(f"{names[k]} {t[k]}" for k in names if k in t))
     return lines
 
 
