@@ -1045,13 +1045,15 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.html:   # refuse an unwritable page before any work
+        from . import explain_html
+        explain_html.check_path(args.html)
     e = explain(args.input, args.kernel, filters=args.filters, stride=args.stride,
                 padding=args.padding, dilation=args.dilation, batch=args.batch, at=args.at,
                 filter=args.filter, all_outputs=args.all_outputs, transposed=args.transposed,
                 picture=args.picture, json_output=args.json, groups=args.groups, weight=args.weight)
     print(e.to_json() if args.json else e.text())
     if args.html:
-        from . import explain_html
         explain_html.write_page(e.geometry, args.html, padding=e.padding)
         print(("" if args.json else "\n") + f"Page written to {args.html}",
               file=sys.stderr if args.json else sys.stdout)

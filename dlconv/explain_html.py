@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import pathlib
 
 from .locate import KERNEL_CONSTANTS
 from .shapes import ConvGeometry
 
-__all__ = ["page", "write_page", "initial_config"]
+__all__ = ["page", "write_page", "check_path", "initial_config"]
 
 _HERE = pathlib.Path(__file__).resolve().parent
 SCRIPT = _HERE / "explain_page.js"
@@ -92,11 +93,19 @@ def page(g: ConvGeometry, padding: str = "explicit") -> str:
             + f"<script>\n{data}{SCRIPT.read_text(encoding='utf-8')}</script>\n</body></html>\n")
 
 
-def write_page(g: ConvGeometry, path, padding: str = "explicit") -> str:
-    """Write :func:`page` to ``path`` (UTF-8); returns the path.  ValueError if the folder
-    does not exist."""
+def check_path(path) -> pathlib.Path:
+    """ValueError naming ``--html`` when the page's folder is missing or not writable."""
     target = pathlib.Path(path).expanduser()
-    if not target.resolve().parent.is_dir():
-        raise ValueError(f"--html {path}: folder {target.resolve().parent} does not exist")
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise ValueError(f"--html {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--html {path}: folder {folder} is not writable")
+    return target
+
+
+def write_page(g: ConvGeometry, path, padding: str = "explicit") -> str:
+    """Write :func:`page` to ``path`` (UTF-8); returns the path (see :func:`check_path`)."""
+    target = check_path(path)
     target.write_text(page(g, padding), encoding="utf-8")
     return str(path)

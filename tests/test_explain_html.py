@@ -328,3 +328,31 @@ def test_page_maps_equal_the_python_maps(driver, tmp_path):
         if click[0] == "output":
             d = json.loads(explain_fn(**kw, at=(click[2] + 1, click[3] + 1), filter=click[1] + 1).to_json())
             assert js["equation"] == d["equations"][0], (kw, click)
+
+
+def test_generated_code_gives_the_shapes_it_states(driver, tmp_path):
+    """The page's PyTorch and Keras code, run (Keras on its torch backend, in a process of its
+    own), build layers whose output shapes are the ones the page states: dlconv.shapes'."""
+    import subprocess
+    import sys
+    page = tmp_path / "code.html"
+    assert cli.main(["explain", "--html", str(page)]) == 0
+    driver.get(page.as_uri())
+    from dlconv.explain_html import initial_config
+    cases = [kw for _, kw, _ in CASES if HAS_GROUPS or "groups" not in kw]
+    cases.append(dict(input="7x6x2", kernel=3, padding=(0, 2, 1, 0), filters=3))    # explicit asymmetric
+    script, expected = [], []
+    for lang, want in (("torch", lambda g: f"({g.batch}, {g.filters}, {g.out_h}, {g.out_w})"),
+                       ("keras", lambda g: f"(None, {g.out_h}, {g.out_w}, {g.filters})")):
+        for kw in cases:
+            e = explain_fn(**kw)
+            cfg = initial_config(e.geometry, e.padding)
+            code = driver.execute_script(f"return window.dlconv.{lang}Code(window.dlconv.geometry(arguments[0]));", cfg)
+            assert want(e.geometry) in code          # the shape the page states
+            script.append(code)
+            expected.append(want(e.geometry))
+    # one process for both (Keras' torch backend imports torch anyway)
+    out = subprocess.run([sys.executable, "-c", "\n".join(script)], capture_output=True, text=True,
+                         env=dict(os.environ, KERAS_BACKEND="torch"), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-len(expected) - 1:-1] == expected, out.stdout
