@@ -1031,7 +1031,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--picture", metavar="FILE.png",
                         help="draw the padded input (padding shaded), the window of the chosen output, "
                              "the weights and the output grid (matplotlib, Agg)")
-    parser.add_argument("--json", action="store_true", help="print the structured data as JSON")
     parser.add_argument("--groups", type=int, default=1, metavar="G",
                         help="grouped convolution: filter f reads only the C/G input channels of its "
                              "group (default 1)")
@@ -1042,6 +1041,7 @@ def add_arguments(parser) -> None:
                         help="write an interactive, self-contained page (no network) for this "
                              "geometry: grids, clickable equations, memory offsets, kernel threads, "
                              "conv_arithmetic, Keras/PyTorch code")
+    parser.add_argument("--json", action="store_true", help="print the structured data as JSON")
 
 
 def run(args) -> int:
@@ -1052,11 +1052,10 @@ def run(args) -> int:
                 padding=args.padding, dilation=args.dilation, batch=args.batch, at=args.at,
                 filter=args.filter, all_outputs=args.all_outputs, transposed=args.transposed,
                 picture=args.picture, json_output=args.json, groups=args.groups, weight=args.weight)
-    print(e.to_json() if args.json else e.text())
     if args.html:
         explain_html.write_page(e.geometry, args.html, padding=e.padding)
-        print(("" if args.json else "\n") + f"Page written to {args.html}",
-              file=sys.stderr if args.json else sys.stdout)
+        print(f"Page written to {args.html}", file=sys.stderr)
+    print(e.to_json() if args.json else e.text())
     return 0
 
 
