@@ -356,3 +356,38 @@ def test_generated_code_gives_the_shapes_it_states(driver, tmp_path):
                          env=dict(os.environ, KERAS_BACKEND="torch"), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-len(expected) - 1:-1] == expected, out.stdout
+
+
+def test_controls_recompute_and_the_step_control_slides(driver, tmp_path):
+    """Typing a new geometry into the controls recomputes the page (explicit asymmetric
+    padding, dilation, stride); the slider and play/pause move the window output by output."""
+    import time
+    from selenium.webdriver.common.by import By
+    page = tmp_path / "controls.html"
+    assert cli.main(["explain", "--html", str(page)]) == 0
+    driver.get(page.as_uri())
+    values = {"in-h": 7, "in-w": 6, "in-c": 2, "k-h": 2, "k-w": 3, "filters": 3, "s-h": 2, "s-w": 1,
+              "padding": "explicit", "p-t": 0, "p-b": 1, "p-l": 2, "p-r": 0, "d-h": 2, "d-w": 1}
+    driver.execute_script("for (const [id, v] of Object.entries(arguments[0])) document.getElementById(id).value = v;"
+                          "document.getElementById('in-h').dispatchEvent(new Event('change'));", values)
+    assert driver.find_element(By.ID, "error").text == ""
+    kw = dict(input=(7, 6, 2), kernel=(2, 3), filters=3, stride=(2, 1), padding=(0, 1, 2, 0), dilation=(2, 1))
+    g = explain_fn(**kw).geometry
+    driver.execute_script("const p = document.getElementById('filter-pick'); p.value = 2;"
+                          "p.dispatchEvent(new Event('change'));")
+    driver.find_element(By.CSS_SELECTOR, f'#grids td[data-kind="output"][data-at="2,{g.out_h - 1},0"]').click()
+    text, loc = _python_view(kw, ("output", 2, g.out_h - 1, 0))
+    shown_text, head, _ = _shown(driver)
+    assert shown_text == text and head == _expected_head(loc)
+    # the slider selects output i of the filter; play advances it, pause stops it
+    driver.execute_script("const s = document.getElementById('step'); s.value = 4; s.dispatchEvent(new Event('input'));")
+    assert _shown(driver)[0] == explain_fn(**kw, at=(4 // g.out_w + 1, 4 % g.out_w + 1), filter=3).equations[0].text
+    driver.find_element(By.ID, "play").click()
+    time.sleep(1.8)                                          # PLAY_MS = 700: two steps
+    driver.find_element(By.ID, "play").click()
+    step = int(driver.find_element(By.ID, "step").get_attribute("value"))
+    assert step in (5, 6, 7)
+    assert _shown(driver)[0] == explain_fn(**kw, at=(step // g.out_w + 1, step % g.out_w + 1), filter=3).equations[0].text
+    # an impossible geometry is named, not drawn
+    driver.execute_script("const e = document.getElementById('k-h'); e.value = 9; e.dispatchEvent(new Event('change'));")
+    assert "larger than the padded input" in driver.find_element(By.ID, "error").text
