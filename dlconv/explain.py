@@ -57,6 +57,10 @@ __all__ = ["explain", "Explanation", "AxisSteps", "Equation", "Term", "ReverseEq
 MAX_TERMS = 150_000
 MAX_JSON_TERMS = 30_000
 
+#: --at / --weight locate (offsets, threads, tiles) at most this many of their equations: one
+#: per filter (or channel) repeats the same arithmetic; --filter F picks the one wanted.
+MAX_LOCATED = 8
+
 #: The most filters explain enumerates (their letters, equations per filter): the index map
 #: of one filter does not depend on how many there are.
 MAX_FILTERS = 100_000
@@ -442,7 +446,7 @@ def _locations(g: ConvGeometry, equations, reverse, weight_grads) -> list:
     from . import locate
     out = []
     per = g.out_h * g.out_w
-    for eq in equations:
+    for eq in equations[:MAX_LOCATED]:
         f = (eq.output - 1) // per
         rec = {"kind": "output", "name": f"O{eq.output}", "filter": eq.filter,
                **locate.locate_output(g, f, eq.row - 1, eq.col - 1), "terms": []}
@@ -453,7 +457,7 @@ def _locations(g: ConvGeometry, equations, reverse, weight_grads) -> list:
                                  "w_offset": locate.w_offset(g, t.kh, t.kw, ci, f),
                                  "im2col_col": locate.im2col(g, 0, 0, 0, t.kh, t.kw, ci)[1]})
         out.append(rec)
-    for r in reverse:
+    for r in reverse[:MAX_LOCATED]:
         rec = {"kind": "input", "name": f"I{r.input}{_channel(r.channel - 1, g.in_c)}",
                "x_offset": locate.x_offset(g, 0, r.row - 1, r.col - 1, r.channel - 1), "terms": []}
         for t in r.terms:
@@ -801,6 +805,9 @@ def format_explanation(e: Explanation) -> str:
         lines += ["", "Memory (x, dO: NHWC; w: HWIO) and kernels (batch element 1):"]
         for loc in e.locations:
             lines += ["  " + t for t in _location_lines(loc)]
+        listed = len(e.equations) + len(e.reverse) + len(e.weight_grads)
+        if listed > len(e.locations):
+            lines.append(f"  (the first {len(e.locations)} of {listed}; --filter F picks one)")
     if not (e.equations or e.reverse or e.weight_grads):
         lines += ["", "Use --at ROW,COL (1-based) for one output's equation, --all for every one, "
                   "--transposed for the reverse map, --weight ROW,COL for a weight's gradient."]

@@ -201,3 +201,10 @@ def test_groups_are_refused_by_name():
         explain((5, 5, 3), 3, filters=4, groups=2)
     with pytest.raises(ValueError, match="groups must be an integer >= 1"):
         explain((5, 5, 3), 3, groups=0)
+
+
+def test_locations_are_bounded():
+    from dlconv.explain import MAX_LOCATED
+    e = explain(5, 3, filters=MAX_LOCATED + 3, at=(1, 1))
+    assert len(e.equations) == MAX_LOCATED + 3 and len(e.locations) == MAX_LOCATED
+    assert f"(the first {MAX_LOCATED} of {MAX_LOCATED + 3}; --filter F picks one)" in e.text()
