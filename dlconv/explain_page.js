@@ -4,10 +4,11 @@
 // in camelCase, the same loops and the same strings, so the page shows exactly what
 // `dlconv explain --json` prints (tests/test_explain_html.py compares the two in Chromium):
 //
-//   resolveAxis, geometry  dlconv/shapes.py      resolve_axis, conv_geometry
-//   forward, reverse,      dlconv/explain.py     _forward, _reverse, _weight_grad,
-//   weightGrad, arithmetic                        arithmetic, group_channels
-//   xOffset ... cpuTile    dlconv/locate.py      x_offset ... cpu_tile
+//   resolveAxis, geometry      dlconv/shapes.py           resolve_axis, conv_geometry
+//   forward, reverse,          dlconv/explain.py          _forward, _reverse, _weight_grad,
+//   weightGrad, groupChannels                             group_channels, _locations
+//   arithmetic                 dlconv/conv_arithmetic.py  arithmetic
+//   xOffset ... cpuTile        dlconv/locate.py           x_offset ... cpu_tile
 //
 // KERNEL_CONSTANTS (the kernels' launch constants) and INITIAL (the geometry the page was
 // written for) are put in front of this script by dlconv/explain_html.py.
@@ -231,7 +232,7 @@ function locateWeight(g, f, c, kh, kw) {
 function allFilters(g) { return Array.from({ length: g.filters }, (_, f) => f); }
 function filterIndex(letters) { let n = 0; for (const ch of letters) n = n * 26 + ch.charCodeAt(0) - 64; return n - 1; }
 
-// ------------------------------------------------------------------ conv_arithmetic (dlconv.explain.arithmetic)
+// ------------------------------------------------------------------ conv_arithmetic (dlconv.conv_arithmetic)
 function arithmetic(g) {
   const axes = [];
   for (const [axis, i, k, s, d, pb, pa, o] of [
