@@ -43,11 +43,12 @@ import sys
 import types
 from typing import List, Optional, Sequence, Tuple
 
-from .shapes import ConvGeometry, conv_geometry, conv_param_count
+from .conv_arithmetic import arithmetic
+from .shapes import ConvGeometry, conv_geometry
 
 __all__ = ["explain", "Explanation", "AxisSteps", "Equation", "Term", "ReverseEquation",
-           "ReverseTerm", "filter_letter", "filter_index", "draw_picture",
-           "add_arguments", "run"]
+           "ReverseTerm", "WeightEquation", "filter_letter", "filter_index", "draw_picture",
+           "arithmetic", "group_channels", "add_arguments", "run"]
 
 #: --all, --transposed and --at refuse to enumerate more multiply terms than this: 150,000
 #: terms print in about 2 s and take about 80 MB here (a 2-core VM); past it the listing
@@ -56,6 +57,10 @@ __all__ = ["explain", "Explanation", "AxisSteps", "Equation", "Term", "ReverseEq
 #: ROW,COL pick the part wanted.
 MAX_TERMS = 150_000
 MAX_JSON_TERMS = 30_000
+
+#: --at / --weight locate (offsets, threads, tiles) at most this many of their equations: one
+#: per filter (or channel) repeats the same arithmetic; --filter F picks the one wanted.
+MAX_LOCATED = 8
 
 #: The most filters explain enumerates (their letters, equations per filter): the index map
 #: of one filter does not depend on how many there are.
@@ -164,6 +169,32 @@ class ReverseEquation:
 
 
 @dataclasses.dataclass(frozen=True)
+class WeightTerm:
+    """Input ``input`` (at in_row, in_col) met output ``output`` through this weight."""
+
+    input: int
+    output: int
+    in_row: int
+    in_col: int
+    out_row: int
+    out_col: int
+    label: str
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightEquation:
+    """``dB5[c] = sum of I · dO``: the backward-filter sum of one weight (row, col 1-based tap)."""
+
+    filter: str
+    weight: int
+    channel: int
+    row: int
+    col: int
+    terms: Tuple[WeightTerm, ...]
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
 class AxisSteps:
     """How one axis is sized, with the arithmetic written out in ``steps``."""
 
@@ -198,6 +229,12 @@ class Explanation:
     equations: Tuple[Equation, ...]
     reverse: Tuple[ReverseEquation, ...]
     picture: Optional[str]
+    groups: int = 1
+    weight_grads: Tuple[WeightEquation, ...] = ()
+    #: conv_arithmetic's relationships per axis (:func:`arithmetic`)
+    arithmetic: Tuple[dict, ...] = ()
+    #: for --at / --weight: memory offsets, im2col row/column, CUDA threads, CPU tile
+    locations: Tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -324,6 +361,15 @@ def _join(items: Sequence[int]) -> str:
 
 
 # ----------------------------------------------------------------------------- index maps
+def group_channels(g: ConvGeometry, f: int) -> range:
+    """The input channels (0-based) filter ``f`` reads: with G groups, filter f belongs to
+    group q = f // (F/G) and reads channels q·(C/G) .. (q+1)·(C/G) − 1 (all of them when G = 1)."""
+    groups = getattr(g, "groups", 1)
+    per = g.in_c // groups
+    q = f // (g.filters // groups)
+    return range(q * per, (q + 1) * per)
+
+
 def _forward(g: ConvGeometry, f: int, oh: int, ow: int) -> Equation:
     """The equation of output (f, oh, ow), all 0-based."""
     letter = filter_letter(f)
@@ -334,14 +380,14 @@ def _forward(g: ConvGeometry, f: int, oh: int, ow: int) -> Equation:
             iw = ow * g.stride_w - g.pad_left + kw * g.dil_w
             if not (0 <= ih < g.in_h and 0 <= iw < g.in_w):      # the one guard: padding
                 continue
-            for c in range(g.in_c):
+            for c in group_channels(g, f):
                 weight, inp = kh * g.k_w + kw + 1, ih * g.in_w + iw + 1
                 ch = _channel(c, g.in_c)
                 terms.append(Term(letter, weight, c + 1, inp, ih + 1, iw + 1, kh, kw,
                                   f"{letter}{weight}{ch}·I{inp}{ch}"))
     number = f * g.out_h * g.out_w + oh * g.out_w + ow + 1
     rhs = " + ".join(t.label for t in terms) if terms else "0"
-    return Equation(number, letter, oh + 1, ow + 1, tuple(terms), g.k_h * g.k_w * g.in_c,
+    return Equation(number, letter, oh + 1, ow + 1, tuple(terms), g.k_h * g.k_w * len(group_channels(g, f)),
                     f"O{number} = {rhs}")
 
 
@@ -351,6 +397,8 @@ def _reverse(g: ConvGeometry, c: int, ih: int, iw: int, filters: Sequence[int]) 
     terms = []
     ch = _channel(c, g.in_c)
     for f in filters:
+        if c not in group_channels(g, f):        # groups: f reads only its group's channels
+            continue
         letter = filter_letter(f)
         for kh in range(g.k_h):
             num_h = ih + g.pad_top - kh * g.dil_h
@@ -371,6 +419,67 @@ def _reverse(g: ConvGeometry, c: int, ih: int, iw: int, filters: Sequence[int]) 
     rhs = " + ".join(t.label for t in terms) if terms else "0"
     note = "" if terms else "   (no output reads it)"
     return ReverseEquation(inp, c + 1, ih + 1, iw + 1, tuple(terms), f"dI{inp}{ch} = {rhs}{note}")
+
+
+def _weight_grad(g: ConvGeometry, f: int, c: int, kh: int, kw: int) -> "WeightEquation":
+    """The backward-filter sum of weight (kh, kw, c) of filter f (0-based): every (input,
+    output) pair that meets in it, ``dW = Σ I·dO`` over the outputs whose tap (kh, kw) is
+    inside the input."""
+    letter = filter_letter(f)
+    ch = _channel(c, g.in_c)
+    per = g.out_h * g.out_w
+    terms = []
+    for oh in range(g.out_h):
+        ih = oh * g.stride_h - g.pad_top + kh * g.dil_h
+        for ow in range(g.out_w):
+            iw = ow * g.stride_w - g.pad_left + kw * g.dil_w
+            if 0 <= ih < g.in_h and 0 <= iw < g.in_w:
+                inp, out = ih * g.in_w + iw + 1, f * per + oh * g.out_w + ow + 1
+                terms.append(WeightTerm(inp, out, ih + 1, iw + 1, oh + 1, ow + 1, f"I{inp}{ch}·dO{out}"))
+    weight = kh * g.k_w + kw + 1
+    rhs = " + ".join(t.label for t in terms) if terms else "0"
+    return WeightEquation(letter, weight, c + 1, kh + 1, kw + 1, tuple(terms),
+                          f"d{letter}{weight}{ch} = {rhs}")
+
+
+def _locations(g: ConvGeometry, equations, reverse, weight_grads) -> list:
+    """Memory offsets, im2col positions and kernel threads of what --at / --weight chose."""
+    from . import locate
+    out = []
+    per = g.out_h * g.out_w
+    for eq in equations[:MAX_LOCATED]:
+        f = (eq.output - 1) // per
+        rec = {"kind": "output", "name": f"O{eq.output}", "filter": eq.filter,
+               **locate.locate_output(g, f, eq.row - 1, eq.col - 1), "terms": []}
+        for t in eq.terms:
+            ci = t.channel - 1 - group_channels(g, f).start
+            rec["terms"].append({"label": t.label,
+                                 "x_offset": locate.x_offset(g, 0, t.row - 1, t.col - 1, t.channel - 1),
+                                 "w_offset": locate.w_offset(g, t.kh, t.kw, ci, f),
+                                 "im2col_col": locate.im2col(g, 0, 0, 0, t.kh, t.kw, ci)[1]})
+        out.append(rec)
+    for r in reverse[:MAX_LOCATED]:
+        rec = {"kind": "input", "name": f"I{r.input}{_channel(r.channel - 1, g.in_c)}",
+               "x_offset": locate.x_offset(g, 0, r.row - 1, r.col - 1, r.channel - 1), "terms": []}
+        for t in r.terms:
+            f = filter_index(t.filter, g.filters)
+            kh, kw = divmod(t.weight - 1, g.k_w)
+            ci = r.channel - 1 - group_channels(g, f).start
+            rec["terms"].append({"label": t.label,
+                                 "dy_offset": locate.y_offset(g, 0, t.row - 1, t.col - 1, f),
+                                 "w_offset": locate.w_offset(g, kh, kw, ci, f)})
+        out.append(rec)
+    for wq in weight_grads:
+        f = filter_index(wq.filter, g.filters)
+        ci = wq.channel - 1 - group_channels(g, f).start
+        rec = {"kind": "weight", "name": wq.text.split(" = ")[0][1:],
+               "w_offset": locate.w_offset(g, wq.row - 1, wq.col - 1, ci, f), "terms": []}
+        for t in wq.terms:
+            rec["terms"].append({"label": t.label,
+                                 "x_offset": locate.x_offset(g, 0, t.in_row - 1, t.in_col - 1, wq.channel - 1),
+                                 "dy_offset": locate.y_offset(g, 0, t.out_row - 1, t.out_col - 1, f)})
+        out.append(rec)
+    return out
 
 
 # ----------------------------------------------------------------------------- argument parsing
@@ -427,7 +536,7 @@ def _position(value, name: str, rows: int, cols: int) -> Tuple[int, int]:
 def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="valid", dilation=1,
             batch: int = 1, at=None, filter=None, all_outputs: bool = False,
             transposed: bool = False, picture: Optional[str] = None,
-            json_output: bool = False) -> Explanation:
+            json_output: bool = False, groups: int = 1, weight=None) -> Explanation:
     """Explain one convolution's sizes and index maps; see the module docstring for notation.
 
     ``input``: ``H`` / ``(H, W)`` / ``(H, W, C)`` / ``"28x28x1"``, or a
@@ -441,11 +550,17 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
     ``transposed``: the reverse map instead of the forward equations.
     ``picture``: a PNG path to draw the padded input, window, weights and outputs into.
     ``json_output``: the result is for :meth:`Explanation.to_json` (a tighter size bound).
+    ``groups``: G groups (C and filters divisible by G): filter f reads only the C/G channels
+    of its group (:func:`group_channels`).  ``weight``: a 1-based ``(row, col)`` or
+    ``(row, col, channel)`` of the kernel: the backward-filter sum ``dW = Σ I·dO`` of that
+    weight of ``filter`` (default A; channel default: the filter's first).
+    With ``at`` or ``weight``, :attr:`Explanation.locations` holds the memory offsets,
+    im2col row/column and the kernel thread / tile of the chosen terms (:mod:`dlconv.locate`).
     Sizes whose listing would take more than a few seconds are refused with ValueError
     (:data:`MAX_TERMS`), naming ``--at`` / ``--filter`` as the way to the part wanted.
     """
     if isinstance(input, ConvGeometry):
-        if (kernel, filters, stride, padding, dilation, batch) != (3, 1, 1, "valid", 1, 1):
+        if (kernel, filters, stride, padding, dilation, batch, groups) != (3, 1, 1, "valid", 1, 1, 1):
             raise ValueError("explain: pass either a ConvGeometry or the geometry arguments "
                              "(kernel, filters, stride, padding, dilation, batch), not both")
         g = input
@@ -458,8 +573,8 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
             (dims[0], dims[1], 1) if len(dims) == 2 else dims
         k_h, k_w = _pair(kernel, "kernel")
         pad = _padding(padding)
-        g = conv_geometry((batch, h, w, c), (k_h, k_w, c, filters), _pair(stride, "stride"), pad,
-                          _pair(dilation, "dilation"))
+        g = _geometry((batch, h, w, c), (k_h, k_w), filters, _pair(stride, "stride"), pad,
+                      _pair(dilation, "dilation"), groups)
         pad_mode = pad if pad in ("valid", "same") else "explicit"
     if g.batch < 1:
         raise ValueError(f"batch must be >= 1, got {g.batch}")
@@ -473,7 +588,7 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
 
     axes = (_axis_steps(g, "height", pad_mode), _axis_steps(g, "width", pad_mode))
     weights = g.weight_count
-    params = conv_param_count((g.k_h, g.k_w), g.in_c, g.filters)
+    params = weights + g.bias_count
 
     chosen = [filter_index(filter, g.filters)] if filter is not None else list(range(g.filters))
     equations: List[Equation] = []
@@ -491,14 +606,26 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
         oh, ow = _position(at, "at", g.out_h, g.out_w)
         _check_size(len(chosen) * g.k_h * g.k_w * g.in_c, "--at", limit)
         equations = [_forward(g, f, oh, ow) for f in chosen]
-    elif all_outputs or filter is not None:
+    elif all_outputs or (filter is not None and weight is None):
         _check_size(len(chosen) * g.out_h * g.out_w * g.k_h * g.k_w * g.in_c, "--all", limit)
         equations = [_forward(g, f, oh, ow) for f in chosen
                      for oh in range(g.out_h) for ow in range(g.out_w)]
+    weight_grads: List[WeightEquation] = []
+    if weight is not None:
+        wf = chosen[0]
+        spec = _ints(weight, "weight", (2, 3), "ROW,COL or ROW,COL,CHANNEL (1-based)")
+        kh, kw = _position(spec[:2], "weight", g.k_h, g.k_w)
+        mine = group_channels(g, wf)
+        c = mine.start if len(spec) == 2 else _channel_arg(spec[2], g, wf)
+        _check_size(g.out_h * g.out_w, "--weight", limit)
+        weight_grads = [_weight_grad(g, wf, c, kh, kw)]
+    locations = _locations(g, equations, reverse, weight_grads) \
+        if (at is not None or weight is not None) and not all_outputs else []
 
     exp = Explanation(g, pad_mode, axes, g.y_shape, weights, g.bias_count, params,
                       tuple(filter_letter(f) for f in range(g.filters)), tuple(equations),
-                      tuple(reverse), picture)
+                      tuple(reverse), picture, getattr(g, "groups", 1), tuple(weight_grads),
+                      tuple(arithmetic(g)), tuple(locations))
     if picture is not None:
         f = chosen[0]
         if transposed:
@@ -508,6 +635,31 @@ def explain(input=(5, 5), kernel=3, *, filters: int = 1, stride=1, padding="vali
             pos = _position(at, "at", g.out_h, g.out_w) if at is not None else (0, 0)
             draw_picture(g, picture, f, output_at=pos)
     return exp
+
+
+def _geometry(x_shape, kernel, filters, stride, pad, dilation, groups) -> ConvGeometry:
+    """dlconv.shapes' record; with groups, the grouped kernel shape (k_h, k_w, C/G, F)."""
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be an integer >= 1, got {groups!r}")
+    c = x_shape[3]
+    if groups == 1:
+        return conv_geometry(x_shape, (*kernel, c, filters), stride, pad, dilation)
+    if not isinstance(c, numbers.Integral) or c % groups or filters % groups:
+        raise ValueError(f"groups={groups} must divide the input channels ({c}) and the filters ({filters})")
+    try:
+        return conv_geometry(x_shape, (*kernel, c // groups, filters), stride, pad, dilation,
+                             groups=groups)
+    except TypeError:  # a dlconv.shapes without grouped convolution
+        raise ValueError(f"groups={groups}: this dlconv.shapes has no grouped convolution") from None
+
+
+def _channel_arg(value, g: ConvGeometry, f: int) -> int:
+    """1-based channel of --weight ROW,COL,CHANNEL → 0-based, one filter f reads."""
+    mine = group_channels(g, f)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value - 1 not in mine:
+        raise ValueError(f"weight channel must be one filter {filter_letter(f)} reads "
+                         f"({mine.start + 1}..{mine.stop}, 1-based), got {value!r}")
+    return int(value) - 1
 
 
 def _check_size(terms: int, flag: str, limit: int = MAX_TERMS) -> None:
@@ -557,8 +709,15 @@ def format_explanation(e: Explanation) -> str:
     if g.filters > 4:
         maps.append(f"..., {letters[-1]}: O{(g.filters - 1) * per + 1}–O{g.filters * per}")
     lines.append("  outputs by filter: " + "; ".join(maps))
-    lines.append(f"Weights N·N·D1·K = {g.k_h}·{g.k_w}·{g.in_c}·{g.filters} = {e.weights}, "
-                 f"biases K = {e.biases}, parameters {e.params}")
+    if e.groups == 1:
+        lines.append(f"Weights N·N·D1·K = {g.k_h}·{g.k_w}·{g.in_c}·{g.filters} = {e.weights}, "
+                     f"biases K = {e.biases}, parameters {e.params}")
+    else:
+        lines.append(f"Weights N·N·(D1/G)·K = {g.k_h}·{g.k_w}·{g.in_c // e.groups}·{g.filters} = "
+                     f"{e.weights}, biases K = {e.biases}, parameters {e.params}")
+        lines.append(f"Groups G = {e.groups}: each filter reads {g.in_c // e.groups} of the {g.in_c} "
+                     f"input channels (kernel shape {g.k_h}×{g.k_w}×{g.in_c // e.groups}×{g.filters}):")
+        lines += ["  " + t for t in _group_lines(g, e.groups, letters)]
     if e.equations:
         lines += ["", "Equations (" + ("channel in brackets, " if g.in_c > 1 else "")
                   + "padding terms left out, bias not shown):"]
@@ -571,14 +730,81 @@ def format_explanation(e: Explanation) -> str:
         lines += ["", "Reverse map (what backward-data computes): each input element collects the "
                   "gradient of every output it feeds, times the weight between them:"]
         lines += ["  " + r.text for r in e.reverse]
-    if not (e.equations or e.reverse):
+    if e.weight_grads:
+        lines += ["", "Backward-filter (each weight collects input · output-gradient over the pairs "
+                  "that meet in it):"]
+        lines += ["  " + w.text for w in e.weight_grads]
+    if e.locations:
+        lines += ["", "Memory (x, dO: NHWC; w: HWIO) and kernels (batch element 1):"]
+        for loc in e.locations:
+            lines += ["  " + t for t in _location_lines(loc)]
+        listed = len(e.equations) + len(e.reverse) + len(e.weight_grads)
+        if listed > len(e.locations):
+            lines.append(f"  (the first {len(e.locations)} of {listed}; --filter F picks one)")
+    if not (e.equations or e.reverse or e.weight_grads):
         lines += ["", "Use --at ROW,COL (1-based) for one output's equation, --all for every one, "
-                  "--transposed for the reverse map."]
+                  "--transposed for the reverse map, --weight ROW,COL for a weight's gradient."]
+    if e.arithmetic:
+        lines += ["", "conv_arithmetic's relationships for these numbers (i input, k kernel, s stride, "
+                  "p padding, d dilation; * = this convolution's case):"]
+        same = e.arithmetic[0]["relations"] == e.arithmetic[1]["relations"] and \
+            e.arithmetic[0]["transposed"] == e.arithmetic[1]["transposed"]
+        for ax in e.arithmetic[:1] if same else e.arithmetic:
+            lines.append(f"  {'height and width' if same else ax['axis']}: i = {ax['i']}, k = {ax['k']}, "
+                         f"s = {ax['s']}, p = {ax['p_before']}"
+                         + (f"+{ax['p_after']}" if ax['p_after'] != ax['p_before'] else "") + f", d = {ax['d']}")
+            for r in ax["relations"]:
+                lines.append(f"    {'*' if r['this'] else ' '} {r['name'] + ':':<34} {r['text']}")
+            lines.append("      " + ax["transposed"]["text"])
     if g.batch > 1 and (e.equations or e.reverse):
         lines.append(f"(the same for each of the {g.batch} images in the batch)")
     if e.picture:
         lines += ["", f"Picture written to {e.picture}"]
     return "\n".join(lines)
+
+
+def _group_lines(g: ConvGeometry, groups: int, letters) -> List[str]:
+    per_f = g.filters // groups
+    out = []
+    for q in range(groups):
+        fs = letters[q * per_f:(q + 1) * per_f]
+        chans = group_channels(g, q * per_f)
+        names = ", ".join(fs) if len(fs) <= 4 else f"{fs[0]}..{fs[-1]}"
+        out.append(f"group {q + 1}: filter{'s' if len(fs) > 1 else ''} {names} read channel"
+                   + (f"s c{chans.start + 1}–c{chans.stop}" if len(chans) > 1 else f" c{chans.start + 1}"))
+        if q == 3 and groups > 5:
+            out.append(f"... ({groups} groups)")
+            break
+    return out
+
+
+def _location_lines(loc: dict) -> List[str]:
+    if loc["kind"] == "output":
+        cu, cpu = loc["cuda"], loc["cpu"]
+
+        def thr(v):
+            t = f"block {tuple(v['block'])}, thread {tuple(v['thread'])}"
+            if v["register"]:
+                t += f", acc[{v['register'][0]}][{v['register'][1]}]"
+            return t + (f" ({v['note']})" if v["note"] else "")
+        lines = [f"{loc['name']}: y offset {loc['y_offset']}, im2col row {loc['im2col_row']}"]
+        for t in loc["terms"]:
+            lines.append(f"  {t['label']}: x offset {t['x_offset']}, w offset {t['w_offset']}, "
+                         f"im2col column {t['im2col_col']}")
+        for kset, name in (("numba", "Numba CUDA"), ("cpp", "C++ CUDA")):
+            lines.append(f"  {name}: " + "; ".join(f"{v} {thr(cu[kset][v])}" for v in ("v1", "v2", "v3")))
+        lines.append(f"  C++ CPU direct: row item {cpu['row_item']}, panel {cpu['panel']}, pixel tile "
+                     f"{cpu['tile']} (columns {cpu['tile_pixels'][0] + 1}..{cpu['tile_pixels'][1]}, "
+                     f"{cpu['tile_shape'][0]}×{cpu['tile_shape'][1]} zmm), register row "
+                     f"{cpu['register_row']}, zmm {cpu['zmm']}, lane {cpu['lane']}"
+                     + (f" ({cpu['note']})" if cpu["note"] else ""))
+        return lines
+    names = {"x_offset": "x offset", "w_offset": "w offset", "dy_offset": "dO offset"}
+    key = "x_offset" if loc["kind"] == "input" else "w_offset"
+    lines = [f"{loc['name']}: {names[key]} {loc[key]}"]
+    for t in loc["terms"]:
+        lines.append("  " + t["label"] + ": " + ", ".join(f"{names[k]} {t[k]}" for k in names if k in t))
+    return lines
 
 
 def _window_note(g: ConvGeometry, eq: Equation) -> str:
@@ -745,14 +971,30 @@ def add_arguments(parser) -> None:
     parser.add_argument("--picture", metavar="FILE.png",
                         help="draw the padded input (padding shaded), the window of the chosen output, "
                              "the weights and the output grid (matplotlib, Agg)")
+    parser.add_argument("--groups", type=int, default=1, metavar="G",
+                        help="grouped convolution: filter f reads only the C/G input channels of its "
+                             "group (default 1)")
+    parser.add_argument("--weight", metavar="ROW,COL[,CH]",
+                        help="1-based kernel tap (and channel) of --filter F (default A): its "
+                             "backward-filter sum dW = Σ I·dO")
+    parser.add_argument("--html", metavar="FILE.html",
+                        help="write an interactive, self-contained page (no network) for this "
+                             "geometry: grids, clickable equations, memory offsets, kernel threads, "
+                             "conv_arithmetic, Keras/PyTorch code")
     parser.add_argument("--json", action="store_true", help="print the structured data as JSON")
 
 
 def run(args) -> int:
+    if args.html:   # refuse an unwritable page before any work
+        from . import explain_html
+        explain_html.check_path(args.html)
     e = explain(args.input, args.kernel, filters=args.filters, stride=args.stride,
                 padding=args.padding, dilation=args.dilation, batch=args.batch, at=args.at,
                 filter=args.filter, all_outputs=args.all_outputs, transposed=args.transposed,
-                picture=args.picture, json_output=args.json)
+                picture=args.picture, json_output=args.json, groups=args.groups, weight=args.weight)
+    if args.html:
+        explain_html.write_page(e.geometry, args.html, padding=e.padding)
+        print(f"Page written to {args.html}", file=sys.stderr)
     print(e.to_json() if args.json else e.text())
     return 0
 
