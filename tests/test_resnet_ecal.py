@@ -32,6 +32,15 @@ def test_auc_equals_the_pair_count(n, levels, seed):
     assert metrics.roc_auc(y, s) == pytest.approx(want, abs=1e-12)
 
 
+def test_auc_without_scikit_learn(monkeypatch):
+    """roc_auc falls back to the rank formula where scikit-learn cannot be imported."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)   # import now raises ImportError
+    y, s = np.array([0, 1, 1, 0, 1]), np.array([0.3, 0.3, 0.8, 0.1, 0.05])
+    assert metrics.roc_auc(y, s) == brute_force_auc(y, s) == pytest.approx(7 / 12)
+
+
 def test_auc_known_values_and_refusals():
     assert metrics.mann_whitney_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
     assert metrics.mann_whitney_auc([0, 0, 1, 1], [0.4, 0.3, 0.2, 0.1]) == 0.0
