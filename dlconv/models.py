@@ -173,8 +173,8 @@ def resnet_ecal(input_shape=ECAL_INPUT_SHAPE, num_classes: int = 2, backend: str
     * 5 ResBlocks of 32 filters;
     * global max pooling, then Dense ``num_classes`` softmax (the classifier).
 
-    No normalisation layers (the paper's ResNet has none; it also keeps the dlconv model
-    and its stock twin free of batch-statistics state).  Pooling, additions and the relu
+    No normalisation layers (the architecture as described has none; it also keeps the
+    dlconv model and its stock twin free of batch-statistics state).  Pooling, additions and the relu
     after each addition are stock Keras layers; every Conv2D and the Dense are dlconv
     layers (``stock=True``: ``keras.layers``, the same weights with the same seed).
 
