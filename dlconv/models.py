@@ -13,7 +13,14 @@ deep       784-512-512-10-10 (relu, relu, relu, softmax)            (784,)      
 cnn        Conv2D 32 3x3 relu → Conv2D 64 3x3 relu → MaxPool 2x2    (28, 28, 1)   1,199,882
            → Dropout 0.25 → Flatten → Dense 128 relu → Dropout 0.5
            → Dense 10 softmax
+resnet_    Conv2D 16 7x7/2 relu → 5 ResBlocks of 16 → ResBlock of   (32, 32, 1)     130,978
+ecal       32 /2 (1x1/2 projection) → 5 ResBlocks of 32 →
+           GlobalMaxPool → Dense 2 softmax (see :func:`resnet_ecal`)
 =========  =======================================================  ===========  ==========
+
+``dense``, ``wide``, ``deep`` and ``cnn`` (:data:`MODELS`) train on MNIST
+(:func:`prepare_images`); ``resnet_ecal`` (:data:`ECAL_MODELS`) on the generated calorimeter
+images of :mod:`dlconv.showers`.  :func:`build` builds any of them.
 
 Importing this module imports Keras (and, through :mod:`dlconv.layers`, TensorFlow).
 """
@@ -25,7 +32,8 @@ from typing import Optional
 import keras
 import numpy as np
 
-__all__ = ["dense", "wide", "deep", "cnn", "build", "MODELS", "INPUT_SHAPES", "PARAM_COUNTS",
+__all__ = ["dense", "wide", "deep", "cnn", "resnet_ecal", "build", "MODELS", "ECAL_MODELS",
+           "INPUT_SHAPES", "PARAM_COUNTS", "ECAL_INPUT_SHAPE", "ECAL_PARAM_COUNT", "ECAL_STAGES",
            "prepare_images", "compile_model"]
 
 #: Input shape of each model (without the batch axis).
@@ -61,11 +69,13 @@ class _Factory:
             return keras.layers.Dense(units, activation=activation, **self._init())
         return self.dl.Dense(units, activation=activation, backend=self.backend, **self._init())
 
-    def conv(self, filters, kernel_size, activation):
+    def conv(self, filters, kernel_size, activation, **kwargs):
+        """A Conv2D; ``kwargs`` (strides, padding, ...) go to the layer unchanged."""
         if self.stock:
-            return keras.layers.Conv2D(filters, kernel_size, activation=activation, **self._init())
+            return keras.layers.Conv2D(filters, kernel_size, activation=activation,
+                                       **self._init(), **kwargs)
         return self.dl.Conv2D(filters, kernel_size, activation=activation, backend=self.backend,
-                              **self._init())
+                              **self._init(), **kwargs)
 
     def dropout(self, rate):
         return keras.layers.Dropout(rate, seed=self._seed())
@@ -73,6 +83,10 @@ class _Factory:
     def model(self, name, input_shape, layers):
         suffix = "stock" if self.stock else "dlconv"
         return keras.Sequential([keras.Input(shape=input_shape), *layers], name=f"{name}_{suffix}")
+
+    def functional(self, name, inputs, outputs):
+        suffix = "stock" if self.stock else "dlconv"
+        return keras.Model(inputs, outputs, name=f"{name}_{suffix}")
 
 
 def dense(backend: str = "auto", stock: bool = False, seed: Optional[int] = None) -> keras.Model:
@@ -112,15 +126,101 @@ def cnn(backend: str = "auto", stock: bool = False, seed: Optional[int] = None) 
     ])
 
 
+# ----------------------------------------------------------------------------- ECAL ResNet
+#: Default input of :func:`resnet_ecal`: a 32×32-crystal crop, one channel (energy, GeV).
+ECAL_INPUT_SHAPE = (32, 32, 1)
+#: Trainable parameters of :func:`resnet_ecal` (any input size: the pooling is global).
+ECAL_PARAM_COUNT = 130_978
+#: The ResNet's stages: (filters, blocks, stride of the stage's first block).  A block with
+#: stride 2 halves the map and has a 1×1 stride-2 projection shortcut.
+ECAL_STAGES = ((16, 5, 1), (32, 1, 2), (32, 5, 1))
+_ECAL_STEM = dict(filters=16, kernel_size=(7, 7), strides=2)
+
+
+def _check_input_shape(input_shape):
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if (shape is None or len(shape) != 3
+            or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 1
+                       for d in shape)):
+        raise ValueError(f"input_shape must be (height, width, channels) of positive ints, "
+                         f"got {input_shape!r}")
+    return tuple(int(d) for d in shape)
+
+
+def _res_block(f: _Factory, x, filters: int, strides: int):
+    """He et al.'s basic block: conv3x3(relu) → conv3x3 → + shortcut → relu.
+
+    The shortcut is the identity, or a 1×1 convolution with the block's stride (the
+    projection) where the block changes the map size or the channel count."""
+    y = f.conv(filters, (3, 3), "relu", strides=strides, padding="same")(x)
+    y = f.conv(filters, (3, 3), None, padding="same")(y)
+    if strides != 1 or x.shape[-1] != filters:
+        x = f.conv(filters, (1, 1), None, strides=strides)(x)
+    return keras.layers.ReLU()(keras.layers.Add()([y, x]))
+
+
+def resnet_ecal(input_shape=ECAL_INPUT_SHAPE, num_classes: int = 2, backend: str = "auto",
+                stock: bool = False, seed: Optional[int] = None) -> keras.Model:
+    """The end-to-end ECAL event classifier (130,978 parameters for two classes).
+
+    The ResNet of Andrews, Paulini, Gleyzer and Poczos, "End-to-end event classification
+    of high-energy physics data", J. Phys.: Conf. Ser. 1085 (2018) 042022, on images of
+    electromagnetic-calorimeter crystals:
+
+    * stem: Conv2D 16 filters 7×7, stride 2, "same" padding, relu;
+    * 5 ResBlocks of 16 filters (two 3×3 "same" convolutions, identity shortcut);
+    * 1 ResBlock of 32 filters, stride 2 (its shortcut a 1×1 stride-2 projection);
+    * 5 ResBlocks of 32 filters;
+    * global max pooling, then Dense ``num_classes`` softmax (the classifier).
+
+    No normalisation layers (the paper's ResNet has none; it also keeps the dlconv model
+    and its stock twin free of batch-statistics state).  Pooling, additions and the relu
+    after each addition are stock Keras layers; every Conv2D and the Dense are dlconv
+    layers (``stock=True``: ``keras.layers``, the same weights with the same seed).
+
+    ``input_shape`` (height, width, channels), default ``(32, 32, 1)``: a 32×32-crystal
+    crop of the ECAL around the most energetic crystal, as the seed workshop's images
+    (the e/γ crops of the same authors).  At 2.2 cm crystals and a 2.19 cm Molière radius
+    a crop of ±16 crystals holds > 99.9 % of an electromagnetic shower and every π⁰ → γγ
+    pair above 5 GeV (:mod:`dlconv.showers`); a larger crop adds noise cells only.  The
+    stem then gives 16×16 maps and the stride-2 block 8×8.  Any size works (the pooling
+    is global, so the parameter count does not depend on it): ``(64, 64, 1)`` gives the
+    stem 64×64 → 32×32 of the issue's benchmark table.
+    """
+    input_shape = _check_input_shape(input_shape)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+            or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    f = _Factory(backend, stock, seed)
+    inputs = keras.Input(shape=input_shape)
+    x = f.conv(activation="relu", padding="same", **_ECAL_STEM)(inputs)
+    for filters, blocks, stride in ECAL_STAGES:
+        for b in range(blocks):
+            x = _res_block(f, x, filters, strides=stride if b == 0 else 1)
+    x = keras.layers.GlobalMaxPooling2D()(x)
+    outputs = f.dense(int(num_classes), "softmax")(x)
+    return f.functional("resnet_ecal", inputs, outputs)
+
+
+#: The MNIST models (input :data:`INPUT_SHAPES`, images from :func:`prepare_images`).
 MODELS = {"dense": dense, "wide": wide, "deep": deep, "cnn": cnn}
+#: The calorimeter models (images from :mod:`dlconv.showers`).
+ECAL_MODELS = {"resnet_ecal": resnet_ecal}
+_ALL = {**MODELS, **ECAL_MODELS}
 
 
 def build(name: str, backend: str = "auto", stock: bool = False,
-          seed: Optional[int] = None) -> keras.Model:
-    """The model called ``name`` (one of :data:`MODELS`)."""
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {tuple(MODELS)}, got {name!r}")
-    return MODELS[name](backend=backend, stock=stock, seed=seed)
+          seed: Optional[int] = None, **kwargs) -> keras.Model:
+    """The model called ``name`` (one of :data:`MODELS` or :data:`ECAL_MODELS`).
+
+    ``kwargs`` go to the builder: ``input_shape=`` and ``num_classes=`` for
+    ``resnet_ecal``; the MNIST models take none."""
+    if name not in _ALL:
+        raise ValueError(f"model must be one of {tuple(_ALL)}, got {name!r}")
+    if kwargs and name not in ECAL_MODELS:
+        raise TypeError(f"model {name!r} takes no arguments besides backend, stock and seed, "
+                        f"got {sorted(kwargs)}")
+    return _ALL[name](backend=backend, stock=stock, seed=seed, **kwargs)
 
 
 def prepare_images(x: np.ndarray, name: str) -> np.ndarray:
