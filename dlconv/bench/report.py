@@ -181,7 +181,7 @@ def format_markdown(result: dict, title: Optional[str] = None) -> str:
     s = result["settings"]
     parts = [f"### {title or 'dlconv bench'} — {result['kind']} — {result['date']}", "",
              f"Machine: {m['description']}", "",
-             f"{_batch_text(result).capitalize()}; median of {s['repeats']} timed samples after warm-up; "
+             f"B{_batch_text(result)[1:]}; median of {s['repeats']} timed samples after warm-up; "
              f"ratio = t_built-in / t_ours (> 1 means dlconv is faster); built-in: "
              f"{result['builtin']}, measured in the same process; correct = max relative error "
              f"against dlconv.reference ≤ {TOLERANCE:g} on the same inputs.", ""]
