@@ -180,3 +180,18 @@ def test_resnet_train_step_is_checked_and_timed_against_stock():
     assert ours["target"] == 0.9 and ours["time_ratio"] == pytest.approx(ours["median_s"] / stock["median_s"])
     t = bench.summarize_targets([], rows)
     assert t[-1]["label"] == "ECAL ResNet train step dlconv(cpp) vs stock Keras (time ratio)"
+
+
+def test_docs_shape_suite_section_is_make_tables(capsys):
+    """The shape-suite figures of docs/benchmarks.md are make_table's rendering of the
+    committed run (none typed in)."""
+    spec = importlib.util.spec_from_file_location("make_table", ROOT / "benchmarks" / "make_table.py")
+    mt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mt)
+    results = ROOT / "benchmarks" / "results"
+    if mt.latest(mt.load_results(results), "cpu", mt.SHAPE_SUITES) is None:
+        pytest.skip("no shape-suite run is committed in benchmarks/results/")
+    assert mt.main(["--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    section = out[out.index("### CPU, shape suite"):].strip()
+    assert section in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
