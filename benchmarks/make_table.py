@@ -6,8 +6,10 @@
 
 Reads the JSON files written by ``dlconv bench`` (kind "cpu", or "gpu" when dlconv bench ran
 on a GPU machine) and ``benchmarks/gpu_bench.py`` (kind "gpu"); dry runs are ignored.  For
-each kind the newest full run is used (a --quick run only when no full run exists).  Every
-number printed comes from those files; a kind with no file says "not yet measured".
+each kind the newest full run of the default MNIST suite is used (a --quick run only when no
+full run exists); after them, the newest CPU run of the shape suite (``dlconv bench --suite
+ecal`` or ``all``), when there is one.  Every number printed comes from those files; a kind
+with no file says "not yet measured".
 """
 
 from __future__ import annotations
@@ -57,9 +59,14 @@ def load_results(folder: pathlib.Path) -> list:
     return out
 
 
-def latest(results: list, kind: str):
-    """Newest full run of ``kind`` (else the newest quick run), or None."""
-    cands = [r for r in results if r.get("kind") == kind]
+#: Suites of ``dlconv bench --suite`` shown in their own section (runs without a suite
+#: field predate the option and are MNIST runs).
+SHAPE_SUITES = ("ecal", "all")
+
+
+def latest(results: list, kind: str, suites=("mnist",)):
+    """Newest full run of ``kind`` among runs of ``suites`` (else the newest quick run), or None."""
+    cands = [r for r in results if r.get("kind") == kind and r.get("suite", "mnist") in suites]
     if not cands:
         return None
     return max(cands, key=lambda r: (not r.get("quick", False), r.get("timestamp", ""), r["_file"]))
@@ -119,6 +126,9 @@ def main(argv=None) -> int:
                             " (run `dlconv bench --out benchmarks/results`).") + "\n")
             continue
         parts.append(render(r, title, args.full))
+    r = latest(results, "cpu", SHAPE_SUITES)
+    if r is not None:
+        parts.append(render(r, f"CPU, shape suite `--suite {r['suite']}`", args.full))
     print("\n".join(parts))
     return 0
 

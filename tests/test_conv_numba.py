@@ -346,7 +346,7 @@ def test_cuda_v2_channel_chunks_and_refusal(monkeypatch):
 
 def test_backend_selects_each_variant():
     be = get("numba")
-    assert tuple(be.conv_variants(False)) == ccpu.VARIANTS
+    assert tuple(be.conv_variants(False)) == ccpu.VARIANTS + ("cpu_v3_gemm_small",)
     assert tuple(be.conv_variants(True)) == ccuda.VARIANTS
     g = conv_geometry((1, 4, 5, 2), (2, 3, 2, 3), (1, 2), "same", 1)
     x, w, b, _ = arrays(g, 2)

@@ -24,7 +24,8 @@ from dlconv.shapes import conv_geometry
 tf = pytest.importorskip("tensorflow")
 
 CPU_CASES = [("reference", None), ("numba", "cpu_gemm"), ("numba", "cpu_direct"),
-             ("cpp", "cpu_v3_winograd"), ("cpp", "cpu_v2_direct"), ("cpp", "cpu_v1_igemm")]
+             ("numba", "cpu_v3_gemm_small"), ("cpp", "cpu_v3_winograd"), ("cpp", "cpu_v2_direct"),
+             ("cpp", "cpu_v1_igemm")]
 # (strides, padding, dilation): the first is Winograd's geometry (3x3, stride 1); the second
 # takes the strided paths (igemm backward-data), the third the dilated direct ones.
 GEOMETRIES = [(1, "same", 1), (1, "valid", 1), (2, ((1, 0), (0, 2)), 1), (1, "valid", 2)]

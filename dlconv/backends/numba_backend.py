@@ -19,8 +19,15 @@ from .base import Backend
 __all__ = ["NumbaBackend", "CPU_VARIANTS", "CUDA_VARIANTS"]
 
 #: Conv-forward variants, default first (the same tuples as the kernel modules' VARIANTS,
-#: repeated here so that listing them does not import Numba).
-CPU_VARIANTS = ("cpu_gemm", "cpu_direct")
+#: repeated here so that listing them does not import Numba).  ``cpu_v3_gemm_small``
+#: (kernels/conv2d_cpu_small.py) runs any geometry and is the default for a geometry of at
+#: most SMALL_TILE_MAX_FILTERS filters.
+CPU_VARIANTS = ("cpu_gemm", "cpu_direct", "cpu_v3_gemm_small")
+#: Up to 32 filters the 8-pixel tile of cpu_v3_gemm_small beats cpu_gemm's (6 x 64, or
+#: 12 x 32): 1.6-3.1x on the ResNet / issue-13 shapes and the MNIST conv1 (2-core EPYC).
+SMALL_TILE_MAX_FILTERS = 32
+#: Variant → the kernel module that runs it (others: conv2d_cpu).
+_CPU_FORWARD_MODULE = {"cpu_v3_gemm_small": "conv2d_cpu_small"}
 CUDA_VARIANTS = ("v3_implicit_gemm", "v2_smem_tiled", "v1_direct")
 
 
@@ -59,10 +66,14 @@ class NumbaBackend(Backend):
             return False, f"numba.cuda cannot start: {type(exc).__name__}: {exc}"
 
     def conv_variants(self, on_device, geometry=None):
-        return CUDA_VARIANTS if on_device else CPU_VARIANTS
+        if on_device:
+            return CUDA_VARIANTS
+        if geometry is not None and geometry.filters <= SMALL_TILE_MAX_FILTERS:
+            return ("cpu_v3_gemm_small",) + tuple(v for v in CPU_VARIANTS if v != "cpu_v3_gemm_small")
+        return CPU_VARIANTS
 
-    def _variant(self, variant, on_device):
-        names = self.conv_variants(on_device)
+    def _variant(self, variant, on_device, geometry=None):
+        names = self.conv_variants(on_device, geometry)
         if variant is None:
             return names[0]
         if variant not in names:
@@ -73,11 +84,11 @@ class NumbaBackend(Backend):
     # -- convolution ---------------------------------------------------------------
     def conv2d_forward(self, x, w, b, g, activation, *, on_device, variant=None, stream=None):
         self.require(on_device)
-        v = self._variant(variant, on_device)
+        v = self._variant(variant, on_device, g)
         code = _act.code(activation)
         if on_device:
             return _kernels("conv2d_cuda").forward(x, w, b, g, code, v, stream=stream)
-        return _kernels("conv2d_cpu").forward(x, w, b, g, code, v)
+        return _kernels(_CPU_FORWARD_MODULE.get(v, "conv2d_cpu")).forward(x, w, b, g, code, v)
 
     def conv2d_backward_data(self, dy, w, g, *, on_device, stream=None):
         self.require(on_device)

@@ -16,6 +16,8 @@ and conv-forward kernel variant, next to the built-in op measured in the same pr
   is the GPU check for machines without TensorFlow (torch's cuDNN/cuBLAS).
 
 Plus the end-to-end MNIST CNN training step, dlconv layers vs stock Keras layers.
+``--suite ecal`` measures the physics ResNet's conv shapes and issue 13's instead (each at
+its own batch) and the ResNet's train step; ``--suite all`` both (:mod:`.suites`).
 
 Honesty rules the harness enforces
 ----------------------------------
@@ -47,7 +49,9 @@ Where things are
                        the first wrong element, the ``dlconv explain`` command reproducing it
 ``roofline``           the machine's measured compute peak and memory bandwidth; the roofline PNG
 ``targets``            the goals (the only typed-in numbers) and whether a run met them
-``train_step``         the MNIST CNN train step on Keras' TensorFlow backend
+``suites``             the shape suites (``--suite mnist|ecal|all``): layers, and models whose
+                       Conv2D shapes are read off (the physics ResNet)
+``train_step``         the train step (MNIST CNN, physics ResNet) on Keras' TensorFlow backend
 ``keras_backends``     the train step and bridge overhead on torch/JAX (child processes)
 ``machine``            CPU, GPU and versions of the machine a run came from
 ``report``             result record, text/Markdown tables, bar chart, outputs
@@ -71,12 +75,14 @@ from .passes import PASS_BY_OP, PASSES, Pass
 from .report import (SCHEMA, format_markdown, format_text, new_result, overhead_table_rows,
                      table_rows, train_table_rows, write_chart, write_outputs)
 from .suite import our_call, our_impls, run_kernels, variants_for
-from .targets import (BRIDGE_COST_TARGET, STEP_TARGETS, TARGETS, TRAIN_TARGETS, Target,
-                      summarize_targets, target_for)
+from .suites import (ECAL_BATCH, ISSUE13_LAYERS, SUITE_CHOICES, SUITE_TRAIN_STEPS, SUITES,
+                     ModelShapes, model_conv_layers, suite_layers, suite_train_steps)
+from .targets import (BRIDGE_COST_TARGET, MODEL_TRAIN_TARGETS, STEP_TARGETS, SUITE_TARGETS,
+                      TARGETS, TRAIN_TARGETS, SuiteTarget, Target, summarize_targets, target_for)
 from .timing import (MAX_INNER, MIN_SAMPLE_S, HostPlace, NumbaCudaPlace, Settings, Timing,
                      calibrate, measure, measure_interleaved)
 from .user_kernels import (UserKernel, check_kernel, clear_kernels, load_kernel,
                            register_kernel, registered)
-from .train_step import TRAIN_PROBE_STEPS, mnist_cnn_builder, run_train_step
+from .train_step import TRAIN_MODELS, TRAIN_PROBE_STEPS, TrainModel, mnist_cnn_builder, run_train_step
 
 __all__ = [n for n in dir() if not n.startswith("__") and n not in ("annotations",)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -40,13 +40,29 @@ class Layer:
     padding: object = "valid"
     strides: object = 1
     dilation: object = 1
+    #: The layer's own realistic batch (the shape suites' layers); None: the run's batch
+    #: (:data:`BATCH` unless ``--batch`` says otherwise).
+    batch: Optional[int] = None
+    #: The suite the shape comes from (:mod:`.suites`): rows and suite targets carry it.
+    suite: str = "mnist"
+    #: Where the shape comes from, shown after its description ("×10 in resnet_ecal").
+    note: str = ""
 
-    def geometry(self, batch: int):
+    def geometry(self, batch: Optional[int] = None):
+        """The resolved geometry at ``batch`` (default: the layer's own, else :data:`BATCH`)."""
+        batch = self.batch_for() if batch is None else batch
         if self.kind == "conv":
             return shapes.conv_geometry((batch, *self.sample_shape), self.w_shape,
                                         strides=self.strides, padding=self.padding,
                                         dilation=self.dilation)
         return shapes.dense_geometry((batch, *self.sample_shape), self.w_shape)
+
+    def batch_for(self, run_batch: Optional[int] = None, fixed: bool = False) -> int:
+        """The batch this layer runs at: ``run_batch`` when ``fixed`` (``--batch`` given) or
+        when the layer has no batch of its own, else its own; :data:`BATCH` without either."""
+        if fixed and run_batch is not None:
+            return run_batch
+        return self.batch or run_batch or BATCH
 
     @property
     def passes(self):
@@ -56,10 +72,15 @@ class Layer:
         if self.kind == "conv":
             h, w, c = self.sample_shape
             kh, kw, _, f = self.w_shape
-            return f"{h}×{w}×{c} → {f}, {kh}×{kw} {self.padding}, {self.activation}"
-        return f"{self.w_shape[0]} → {self.w_shape[1]}, {self.activation}"
+            g = self.geometry(1)
+            stride = "" if (g.stride_h, g.stride_w) == (1, 1) else (
+                f" stride {g.stride_h}" if g.stride_h == g.stride_w else f" stride {g.stride_h}×{g.stride_w}")
+            text = f"{h}×{w}×{c} → {f}, {kh}×{kw} {self.padding}{stride}, {self.activation}"
+        else:
+            text = f"{self.w_shape[0]} → {self.w_shape[1]}, {self.activation}"
+        return f"{text} ({self.note})" if self.note else text
 
-    def flops(self, pass_: str, batch: int) -> int:
+    def flops(self, pass_: str, batch: Optional[int] = None) -> int:
         """Multiply-adds × 2 of one pass; a dense backward is dx and dw: twice the forward."""
         return _passes.get(self.kind, pass_).flops(self.geometry(batch))
 
@@ -102,9 +123,11 @@ class Problem:
         return FLOAT32_BYTES * int(n)
 
 
-def make_problem(layer: Layer, pass_: str, batch: int = BATCH, seed: int = 0) -> Problem:
-    """Random inputs (fixed seed) and the reference outputs, computed once."""
+def make_problem(layer: Layer, pass_: str, batch: Optional[int] = None, seed: int = 0) -> Problem:
+    """Random inputs (fixed seed) and the reference outputs, computed once.  ``batch``: the
+    batch to run at (default: the layer's own, else :data:`BATCH`)."""
     spec = _passes.get(layer.kind, pass_)
+    batch = batch or layer.batch_for()
     rng = np.random.default_rng(seed + 1000 * LAYERS.index(layer) if layer in LAYERS else seed)
     g = layer.geometry(batch)
     fan_in = int(np.prod(layer.w_shape[:-1]))

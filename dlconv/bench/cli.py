@@ -9,6 +9,7 @@ from typing import List, Sequence
 
 from .builtins import TensorFlowBuiltin
 from .cases import ALL_PASSES, BATCH, LAYER_BY_NAME, TIMED_BACKENDS, plan
+from .suites import SUITE_CHOICES, select, suite_layers, suite_train_steps
 from .machine import describe_machine, loadavg as _loadavg, machine_slug, real_gpu_present
 from .report import format_text, new_result, writable_folder, write_outputs
 from .roofline import ensure_roof
@@ -36,16 +37,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--backends", default=",".join(TIMED_BACKENDS),
                         help="backends to time, comma-separated (default cpp,numba; the reference "
                              "backend is the correctness oracle and is never timed)")
-    parser.add_argument("--layers", default=",".join(LAYER_BY_NAME),
-                        help="layers, comma-separated: conv1,conv2,dense1,dense2")
+    parser.add_argument("--suite", choices=SUITE_CHOICES, default="mnist",
+                        help="which shapes: mnist (default: the MNIST CNN at batch 128), ecal (every "
+                             "conv shape of the physics ResNet at batch 32 and the shapes of issue "
+                             "13's table, each at its own batch, and the ResNet's train step), all")
+    parser.add_argument("--layers", default=None,
+                        help="layers of the suite, comma-separated (default all; mnist: "
+                             + ",".join(LAYER_BY_NAME) + "; an unknown name lists the suite's)")
     parser.add_argument("--passes", default="forward,backward",
                         help="passes, comma-separated: forward, backward-data, backward-filter, "
                              "backward (dense; also selects both conv backward passes)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed samples per case, median reported (default 7, --quick 3)")
-    parser.add_argument("--batch", type=int, default=BATCH, help="batch size (default 128)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"batch size of every layer and train step (default {BATCH}; the ecal "
+                             "suite's layers and ResNet step at their own batch)")
     parser.add_argument("--no-train-step", action="store_true",
-                        help="skip the end-to-end MNIST CNN training step")
+                        help="skip the end-to-end training steps (MNIST CNN, ResNet)")
     parser.add_argument("--no-keras-backends", action="store_true",
                         help="skip the train step and bridge overhead on the torch and JAX Keras "
                              "backends (each measured in a child process)")
@@ -63,7 +71,10 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    layers = [LAYER_BY_NAME[n] for n in _csv(args.layers, tuple(LAYER_BY_NAME), "layers")]
+    suite = getattr(args, "suite", "mnist")
+    layers = suite_layers(suite)
+    if args.layers is not None:
+        layers = select(layers, _csv(args.layers, tuple(layer.name for layer in layers), "layers"))
     passes = _csv(args.passes, ALL_PASSES, "passes")
     if "backward" in passes:
         passes = sorted(set(passes) | {"backward-data", "backward-filter"}, key=ALL_PASSES.index)
@@ -74,11 +85,12 @@ def run(args) -> int:
         notes.append("the reference backend is the correctness oracle and is not timed")
     if args.repeats is not None and args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    settings = Settings(batch=args.batch)
+    batch = dict(batch=BATCH if args.batch is None else args.batch, batch_fixed=args.batch is not None)
+    settings = Settings(**batch)
     if args.quick:
-        settings = Settings(batch=args.batch, repeats=3, warmup=1, min_sample_s=0.02, train_repeats=7)
+        settings = Settings(**batch, repeats=3, warmup=1, min_sample_s=0.02, train_repeats=7)
     if args.repeats is not None:
         settings.repeats = settings.train_repeats = args.repeats
     progress = not args.no_progress
@@ -104,10 +116,11 @@ def run(args) -> int:
         notes.append("TensorFlow sees no GPU: CUDA rows have no built-in to compare with")
     kind = "gpu" if any(p.device == "cuda" for p in places) else "cpu"
     result = new_result(kind, machine, settings, builtin.label if builtin else "none",
-                        quick=bool(args.quick), notes=notes)
+                        quick=bool(args.quick), notes=notes, suite=suite)
     result["notes"].append("dense backward = dx, dw and db in one op (the layer's backward); "
                            "its FLOPs count both products")
-    name = args.name or f"{result['date']}-{machine_slug(machine, 'cuda' if kind == 'gpu' else 'cpu')}"
+    name = args.name or (f"{result['date']}-{machine_slug(machine, 'cuda' if kind == 'gpu' else 'cpu')}"
+                         + ("" if suite == "mnist" else f"-{suite}"))
     print(f"dlconv bench: {machine['description']}", file=sys.stderr)
     out_dir, out_note = writable_folder(args.out)    # before the run: never lose a finished one
     if out_note:
@@ -119,15 +132,17 @@ def run(args) -> int:
     rows = run_kernels(plan(layers, passes), places, backends, builtin, settings,
                        progress=progress, builtin_why=builtin_why, kernels=kernels)
     result["rows"] = rows
-    if not args.no_train_step:
-        result["train_rows"] = run_train_step(backends, settings, progress=progress)
+    train_models = [] if args.no_train_step else suite_train_steps(suite)
+    for model in train_models:
+        result["train_rows"] += run_train_step(backends, settings, progress=progress, model=model)
+    if "mnist_cnn" in train_models:
         if not args.no_keras_backends:
             from .keras_backends import run_keras_backends
             print("dlconv bench: the train step and bridge overhead on the torch and JAX Keras "
                   "backends (a process each)", file=sys.stderr)
             kb_rows, result["overhead_rows"] = run_keras_backends(
                 backends, settings.batch, settings.train_repeats, settings.warmup,
-                tf_rows=result["train_rows"])
+                tf_rows=[r for r in result["train_rows"] if r["layer"] == "mnist_cnn"])
             result["train_rows"] += kb_rows
     result["targets"] = summarize_targets(rows, result["train_rows"])
     result["elapsed_s"] = time.perf_counter() - t0

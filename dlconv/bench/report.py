@@ -45,20 +45,30 @@ def _mark(ok) -> str:
 def table_rows(result: dict) -> List[List[str]]:
     """Rows of the main table: layer, pass, device, impl, median, GFLOP/s, ratio, correct, target."""
     out = []
+    batch = result.get("settings", {}).get("batch")
     for r in result["rows"]:
         status = r["status"]
+        layer = r["layer"] if r.get("batch") in (None, batch) else f"{r['layer']} (b{r['batch']})"
         med = _fmt_time(r["median_s"]) if status == "ok" else status
         target = "" if r.get("target") is None else f"≥ {r['target']:g}× {_met(r['target_met'])}"
         note = "" if status == "ok" and not r.get("why") else (r.get("why") or "")
-        out.append([r["layer"], r["pass"], r["device"], r["impl"], med,
+        out.append([layer, r["pass"], r["device"], r["impl"], med,
                     "—" if r["gflops"] is None else f"{r['gflops']:.1f}", _fmt_ratio(r["ratio"]),
                     _mark(r["correct"]), target, note])
     return out
 
 
-def train_table_rows(result: dict) -> List[List[str]]:
+def train_models(result: dict) -> List[str]:
+    """The models with train-step rows, in order (rows without a model are the MNIST CNN's)."""
+    return list(dict.fromkeys(r.get("layer", "mnist_cnn") for r in result.get("train_rows", [])))
+
+
+def train_table_rows(result: dict, model: Optional[str] = None) -> List[List[str]]:
+    """Rows of the train-step table of ``model`` (default: every row)."""
     out = []
     for r in result.get("train_rows", []):
+        if model is not None and r.get("layer", "mnist_cnn") != model:
+            continue
         target = "" if r.get("target") is None else f"≤ {r['target']:g}× {_met(r['target_met'])}"
         med = _fmt_time(r["median_s"]) if r["status"] == "ok" else r["status"]
         note = r.get("why") or ""
@@ -84,6 +94,29 @@ KERNEL_HEADER = ["layer", "pass", "device", "backend/variant", "median", "GFLOP/
                  "ratio vs built-in", "correct", "target", "note"]
 TRAIN_HEADER = ["MNIST CNN train step", "median", "time ratio ours/stock (≤1 good)", "correct",
                 "target", "note"]
+#: Titles of the train-step models (first column of their tables).
+TRAIN_TITLES = {"mnist_cnn": "MNIST CNN", "resnet_ecal": "ECAL ResNet"}
+
+
+def _train_tables(result: dict, table) -> List[str]:
+    """One train-step table per model: ``table(header, rows)`` each, a blank line before."""
+    parts = []
+    for model in train_models(result):
+        rows = train_table_rows(result, model)
+        batch = next((r.get("batch") for r in result["train_rows"]
+                      if r.get("layer", "mnist_cnn") == model and r.get("batch")), None)
+        title = f"{TRAIN_TITLES.get(model, model)} train step"
+        if model != "mnist_cnn" and batch:
+            title += f" (batch {batch})"
+        parts += ["", table([title] + TRAIN_HEADER[1:], rows)]
+    return parts
+
+
+def _batch_text(result: dict) -> str:
+    s = result["settings"]
+    if result.get("suite", "mnist") == "mnist" or s.get("batch_fixed"):
+        return f"batch {s['batch']}"
+    return f"batch {s['batch']} unless the layer says (bN: the layer's own batch)"
 OVERHEAD_HEADER = ["bridge per-call overhead (1×1 conv, 1×1×1×1)", "dlconv", "stock op",
                    "time ratio", "note"]
 
@@ -117,12 +150,12 @@ TARGETS_HEADER = ["target", "goal", "best", "measured", "", "note"]
 def format_text(result: dict) -> str:
     m = result["machine"]
     parts = [f"dlconv bench — {result['date']} — {m['description']}",
-             f"batch {result['settings']['batch']}, median of {result['settings']['repeats']} samples "
+             f"{_batch_text(result)}, median of {result['settings']['repeats']} samples "
              f"after warm-up; ratio = t_built-in / t_ours (> 1: ours faster); built-in: "
              f"{result['builtin']}; correctness vs dlconv.reference (max rel. error ≤ {TOLERANCE:g})",
              "", _text_table(KERNEL_HEADER, table_rows(result))]
     if result.get("train_rows"):
-        parts += ["", _text_table(TRAIN_HEADER, train_table_rows(result))]
+        parts += _train_tables(result, _text_table)
     if result.get("overhead_rows"):
         parts += ["", _text_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):
@@ -148,7 +181,7 @@ def format_markdown(result: dict, title: Optional[str] = None) -> str:
     s = result["settings"]
     parts = [f"### {title or 'dlconv bench'} — {result['kind']} — {result['date']}", "",
              f"Machine: {m['description']}", "",
-             f"Batch {s['batch']}; median of {s['repeats']} timed samples after warm-up; "
+             f"B{_batch_text(result)[1:]}; median of {s['repeats']} timed samples after warm-up; "
              f"ratio = t_built-in / t_ours (> 1 means dlconv is faster); built-in: "
              f"{result['builtin']}, measured in the same process; correct = max relative error "
              f"against dlconv.reference ≤ {TOLERANCE:g} on the same inputs.", ""]
@@ -156,7 +189,7 @@ def format_markdown(result: dict, title: Optional[str] = None) -> str:
         parts += [f"- {n}" for n in result.get("notes", []) + roof_lines(result)] + [""]
     parts += [_md_table(KERNEL_HEADER, table_rows(result))]
     if result.get("train_rows"):
-        parts += ["", _md_table(TRAIN_HEADER, train_table_rows(result))]
+        parts += _train_tables(result, _md_table)
     if result.get("overhead_rows"):
         parts += ["", _md_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):

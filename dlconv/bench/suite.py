@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from .builtins import BuiltinProvider
-from .cases import BATCH, TOLERANCE, Layer, Problem, as_tuple, make_problem, max_rel_error, to_host
+from .cases import TOLERANCE, Layer, Problem, as_tuple, make_problem, max_rel_error, to_host
 from .report import progress_bar as _progress
 from .targets import target_for
 from .timing import Settings, measure, measure_interleaved
@@ -56,13 +56,14 @@ def variants_for(name: str, variants, layer: "Layer", pass_: str, on_device: boo
         return [None]
     from .. import backends as registry
 
-    fits = set(registry.get(name).conv_variants(on_device, layer.geometry(BATCH)))
+    fits = set(registry.get(name).conv_variants(on_device, layer.geometry()))
     return [v for v in variants if v in fits] or [None]
 
 
 # ----------------------------------------------------------------------------- the suite
 def _row(problem: Problem, device: str, impl: str, backend: str, variant, mode=None) -> dict:
     return {"layer": problem.layer.name, "layer_desc": problem.layer.describe(),
+            "suite": problem.layer.suite,
             "pass": problem.pass_, "device": device, "batch": problem.batch,
             "impl": impl, "backend": backend, "variant": variant, "mode": mode,
             "is_builtin": backend == "builtin", "flops": problem.flops,
@@ -159,7 +160,8 @@ def run_kernels(pairs, places, backends, builtin: Optional[BuiltinProvider], set
     for place, layer, p, impls in jobs:
         where = f"{layer.name} {p} ({place.device})"
         bar.set_description(f"{where}: reference")
-        problem = make_problem(layer, p, settings.batch, settings.seed)
+        problem = make_problem(layer, p, layer.batch_for(settings.batch, settings.batch_fixed),
+                               settings.seed)
         over_budget = settings.budget_s is not None and time.perf_counter() - t_start > settings.budget_s
         timed: List[tuple] = []
 

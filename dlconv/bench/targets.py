@@ -38,6 +38,34 @@ TARGETS = (
 )
 #: Train step: dlconv(backend) time / stock Keras time must be at most this.
 TRAIN_TARGETS = {"cpp": 1.0}
+#: The same per train-step model (:data:`~.train_step.TRAIN_MODELS`): the physics ResNet's
+#: step at batch 32 (issue 13).
+MODEL_TRAIN_TARGETS = {"mnist_cnn": TRAIN_TARGETS, "resnet_ecal": {"cpp": 0.9}}
+#: Titles of the train-step models in the targets' labels.
+MODEL_TITLES = {"mnist_cnn": "MNIST CNN", "resnet_ecal": "ECAL ResNet"}
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteTarget:
+    """A goal for every pass of every shape of a suite (:mod:`.suites`): the best correct
+    variant of ``backend`` on each (layer, pass) of the rows whose ``suite`` is ``suite``."""
+
+    suite: str
+    device: str
+    backend: str
+    min_ratio: float
+    label: str
+
+    def matches(self, row: dict) -> bool:
+        return (row.get("suite") == self.suite and row["device"] == self.device
+                and row["backend"] == self.backend)
+
+
+#: Issue 13's targets over the ecal suite (ResNet and issue-table shapes).
+SUITE_TARGETS = (
+    SuiteTarget("ecal", "cpu", "cpp", 1.0, "C++ CPU, every pass of every ecal-suite shape"),
+    SuiteTarget("ecal", "cpu", "numba", 0.5, "Numba CPU, every pass of every ecal-suite shape"),
+)
 #: Train-step time targets on each Keras backend, dlconv(cpp) / stock Keras on the same
 #: backend (issue 10); measured by :mod:`.keras_backends`.
 STEP_TARGETS = {"torch": 0.6, "jax": 0.3, "tensorflow": 1.0}
@@ -45,11 +73,50 @@ STEP_TARGETS = {"torch": 0.6, "jax": 0.3, "tensorflow": 1.0}
 BRIDGE_COST_TARGET = 1.25
 
 
-def target_for(row: dict) -> Optional[Target]:
-    for t in TARGETS:
+def target_for(row: dict):
+    """The :class:`Target` (or else :class:`SuiteTarget`) a row is measured against, or None."""
+    for t in TARGETS + SUITE_TARGETS:
         if t.matches(row):
             return t
     return None
+
+
+def _suite_met(met: int, timed: int, missing: bool) -> Optional[bool]:
+    """False when a timed (layer, pass) misses the goal; True when every one is timed and
+    meets it; None (not measured) otherwise."""
+    if met < timed:
+        return False
+    return None if missing or not timed else True
+
+
+def _suite_line(t: SuiteTarget, rows: Sequence[dict]) -> Optional[dict]:
+    """One line for a suite target: on how many (layer, pass) the best variant met it, and
+    the worst of them."""
+    groups: dict = {}
+    for r in rows:
+        if t.matches(r):
+            groups.setdefault((r["layer"], r["pass"]), []).append(r)
+    if not groups:
+        return None
+    best = {}
+    for key, cands in groups.items():
+        timed = [r for r in cands if r["ratio"] is not None]
+        best[key] = max(timed, key=lambda r: r["ratio"]) if timed else None
+    timed = {k: r for k, r in best.items() if r is not None}
+    met = sum(1 for r in timed.values() if r["ratio"] >= t.min_ratio)
+    worst = min(timed.items(), key=lambda kv: kv[1]["ratio"]) if timed else None
+    missing = [f"{k[0]} {k[1]}" for k, r in best.items() if r is None]
+    why = f"{met} of {len(best)} (layer, pass) met"
+    if worst is not None:
+        why += f"; worst {worst[0][0]} {worst[0][1]} ({worst[1]['impl']})"
+    if missing:
+        why += "; not timed: " + ", ".join(missing)
+    return {"label": t.label, "device": t.device, "layer": f"suite:{t.suite}", "pass": "all",
+            "backend": t.backend, "target": f"≥ {t.min_ratio:g}×",
+            "best_impl": worst[1]["impl"] if worst else None,
+            "value": worst[1]["ratio"] if worst else None,
+            "met": _suite_met(met, len(timed), bool(missing)),
+            "why": why, "met_count": met, "count": len(best)}
 
 
 
@@ -68,12 +135,18 @@ def summarize_targets(rows: Sequence[dict], train_rows: Sequence[dict] = ()) -> 
                     "value": best["ratio"] if best else None,
                     "met": bool(best and best["ratio"] >= t.min_ratio) if best else None,
                     "why": None if best else "; ".join(sorted({str(r["why"]) for r in cands}))})
+    for st in SUITE_TARGETS:
+        line = _suite_line(st, rows)
+        if line is not None:
+            out.append(line)
     for r in train_rows:
         if r.get("target") is None:
             continue
+        model = r.get("layer", "mnist_cnn")
         out.append({"label": r.get("label") or
-                             f"MNIST CNN train step dlconv({r['backend']}) vs stock Keras (time ratio)",
-                    "device": r.get("device", "cpu"), "layer": "mnist_cnn", "pass": "train-step",
+                             f"{MODEL_TITLES.get(model, model)} train step dlconv({r['backend']}) "
+                             f"vs stock Keras (time ratio)",
+                    "device": r.get("device", "cpu"), "layer": model, "pass": "train-step",
                     "backend": r["backend"], "target": f"≤ {r['target']:g}× time",
                     "best_impl": r["impl"], "value": r.get("time_ratio"), "met": r.get("target_met"),
                     "why": r.get("why") if r.get("time_ratio") is None else None})

@@ -149,6 +149,9 @@ def rotating_round_robin(fns: dict, rounds: int) -> dict:
 @dataclasses.dataclass
 class Settings:
     batch: int = BATCH
+    #: True: every layer runs at ``batch`` (``--batch`` given); False: a layer with its own
+    #: realistic batch (the shape suites', :mod:`.suites`) keeps it.
+    batch_fixed: bool = False
     repeats: int = 7
     warmup: int = 2
     min_sample_s: float = MIN_SAMPLE_S

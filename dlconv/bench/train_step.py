@@ -1,80 +1,138 @@
-"""The end-to-end MNIST CNN training step on Keras' TensorFlow backend: dlconv layers vs
-the stock Keras layers, same weights, checked, then timed round-robin
-(:func:`run_train_step`).  The torch and JAX Keras backends: :mod:`.keras_backends`."""
+"""The end-to-end training step on Keras' TensorFlow backend: dlconv layers vs the stock
+Keras layers, same weights, checked, then timed round-robin (:func:`run_train_step`), for
+each model of :data:`TRAIN_MODELS` (the MNIST CNN; the physics ResNet of the ``ecal``
+suite).  The torch and JAX Keras backends: :mod:`.keras_backends`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import statistics
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .cases import TOLERANCE, max_rel_error
 from .report import progress_bar as _progress
-from .targets import TRAIN_TARGETS
+from .targets import MODEL_TRAIN_TARGETS
 from .timing import Settings, rotating_round_robin
+
+
+#: The ResNet's gradients against stock Keras: 23 convolutions with relu and a global max
+#: pool between the loss and the first layers.  Where float32 summation order moves a
+#: pre-activation across 0 or changes the pool's argmax, that gradient takes another route:
+#: measured 2.8e-3 at batch 32 (same for the cpp and numba kernels) while the probabilities
+#: agree to 3e-7 and the loss to 1e-7.  An indexing bug still gives errors of order 1.
+RESNET_GRAD_TOLERANCE = 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainModel:
+    """A model whose train step the bench times: the first of ``builders`` that
+    ``dlconv.models`` has, each called as ``f(backend=..., stock=..., seed=...)``;
+    ``batch`` None: the run's batch.  Input shape and class count are read off the model."""
+
+    name: str
+    title: str
+    builders: Tuple[str, ...]
+    batch: Optional[int] = None
+    #: Largest accepted max relative error of the loss and gradients against stock Keras.
+    tolerance: float = TOLERANCE
+
+    def builder(self):
+        """Imports Keras and TensorFlow."""
+        import importlib
+        models = importlib.import_module("dlconv.models")
+        for b in self.builders:
+            if getattr(models, b, None) is not None:
+                return getattr(models, b)
+        raise ImportError(f"dlconv.models has no {self.title} builder ({' / '.join(self.builders)})")
+
+
+#: The models a train step can be timed for (rows' ``layer``), see :mod:`.suites`.
+TRAIN_MODELS = {m.name: m for m in (
+    TrainModel("mnist_cnn", "MNIST CNN", ("mnist_cnn", "cnn")),
+    TrainModel("resnet_ecal", "ECAL ResNet", ("resnet_ecal",), batch=32,
+               tolerance=RESNET_GRAD_TOLERANCE),
+)}
 
 
 def mnist_cnn_builder():
     """``dlconv.models``' MNIST CNN builder, ``f(backend=..., stock=..., seed=...)``
     (named ``cnn`` there; ``mnist_cnn`` accepted too).  Imports Keras and TensorFlow."""
-    import importlib
-    models = importlib.import_module("dlconv.models")
-    builder = getattr(models, "mnist_cnn", None) or getattr(models, "cnn", None)
-    if builder is None:
-        raise ImportError("dlconv.models has no MNIST CNN builder (cnn / mnist_cnn)")
-    return builder
+    return TRAIN_MODELS["mnist_cnn"].builder()
 
 
 #: Steps per stock compile mode (tf.function, XLA) in the probe that picks the faster one.
 TRAIN_PROBE_STEPS = 5
 
 
-def run_train_step(backends: Sequence[str], settings: Settings, progress: bool = True) -> List[dict]:
-    """MNIST CNN, one optimizer step at ``settings.batch``: dlconv layers vs stock Keras.
+def _loss(keras, model):
+    """The loss the model's head calls for: sparse categorical cross-entropy over several
+    classes, binary over one; from logits unless the last layer applies softmax/sigmoid."""
+    act = getattr(getattr(model.layers[-1], "activation", None), "__name__", "linear")
+    probs = act in ("softmax", "sigmoid")
+    if model.output_shape[-1] == 1:
+        return keras.losses.BinaryCrossentropy(from_logits=not probs)
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=not probs)
 
-    Adam and sparse categorical cross-entropy (the workshop's settings).  Both models get
-    the same weights.  Correctness: loss and gradients of one batch (in
-    inference mode, so dropout does not differ) agree with the stock model's within
-    :data:`TOLERANCE`.  Timing: ``model.train_on_batch`` (dropout on, the real step), every
-    model sampled in turn, one step each per round (:attr:`Settings.train_repeats` rounds).
+
+def run_train_step(backends: Sequence[str], settings: Settings, progress: bool = True,
+                   model: str = "mnist_cnn") -> List[dict]:
+    """One optimizer step of ``model`` (:data:`TRAIN_MODELS`; default the MNIST CNN at
+    ``settings.batch``, the ResNet at its own batch unless ``settings.batch_fixed``): dlconv
+    layers vs stock Keras, random inputs of the model's input shape, random labels.
+
+    Adam and (sparse categorical) cross-entropy (the workshop's settings).  Both models get
+    the same weights.  Correctness: loss and gradients of one batch (in inference mode, so
+    dropout does not differ) agree with the stock model's within the model's
+    :attr:`TrainModel.tolerance`.  Timing: ``model.train_on_batch`` (dropout on, the real
+    step), every model sampled in turn, one step each per round
+    (:attr:`Settings.train_repeats` rounds).
     The stock model is compiled with and without XLA; a short interleaved probe
     (:data:`TRAIN_PROBE_STEPS` steps each) picks the faster mode, and only that one joins the
     round-robin with ours (the probe medians are kept in ``modes``): a mode several times
     slower would otherwise leave its threads and caches behind for whichever step follows it.
     """
+    tm = TRAIN_MODELS[model]
+    targets = MODEL_TRAIN_TARGETS.get(model, {})
+    batch = settings.batch if settings.batch_fixed or tm.batch is None else tm.batch
     rows = []
-    base = {"layer": "mnist_cnn", "pass": "train-step", "device": "cpu", "batch": settings.batch,
+    base = {"layer": model, "pass": "train-step", "device": "cpu", "batch": batch,
             "status": None, "why": None, "median_s": None, "stock_median_s": None,
             "time_ratio": None, "correct": None, "max_rel_err": None, "target": None,
-            "target_met": None}
+            "target_met": None, "tol": tm.tolerance}
     try:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import keras
         import tensorflow as tf
-        build_cnn = mnist_cnn_builder()
+        build_cnn = tm.builder()
+        probe_model = build_cnn(stock=True, seed=settings.seed)
     except Exception as exc:  # models not written yet, or no TensorFlow: the row says why
         for b in backends:
             rows.append(dict(base, impl=f"dlconv({b})", backend=b, status="skipped",
-                             why=f"dlconv.models' MNIST CNN unavailable: {type(exc).__name__}: {exc}"[:300],
-                             target=TRAIN_TARGETS.get(b)))
+                             why=f"dlconv.models' {tm.title} unavailable: {type(exc).__name__}: {exc}"[:300],
+                             target=targets.get(b)))
         return rows
 
     rng = np.random.default_rng(settings.seed)
-    x = rng.random((settings.batch, 28, 28, 1), dtype=np.float32)
-    y = rng.integers(0, 10, settings.batch).astype(np.int32)
+    x = rng.random((batch, *probe_model.input_shape[1:]), dtype=np.float32)
+    classes = int(probe_model.output_shape[-1])
+    y = rng.integers(0, max(classes, 2), batch).astype(np.int32 if classes > 1 else np.float32)
+    if classes == 1:
+        y = y.reshape(-1, 1)
+    loss_fn = _loss(keras, probe_model)
+    del probe_model
     bar = _progress(1 + len(backends), progress)
 
     def compiled(model, jit):
         # the workshop's settings (dlconv.models.compile_model), plus the XLA switch
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn,
                       metrics=["accuracy"], jit_compile=jit)
         return model
 
     def loss_and_grads(model):
-        loss_fn = keras.losses.SparseCategoricalCrossentropy()
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=False))
         grads = tape.gradient(loss, model.trainable_variables)
@@ -107,7 +165,7 @@ def run_train_step(backends: Sequence[str], settings: Settings, progress: bool =
     if not contenders:
         for b in backends:
             rows.append(dict(base, impl=f"dlconv({b})", backend=b, status="error",
-                             why=f"stock model failed: {stock_error}", target=TRAIN_TARGETS.get(b)))
+                             why=f"stock model failed: {stock_error}", target=targets.get(b)))
         bar.close()
         return rows
     stock_mode_names = list(contenders)
@@ -117,13 +175,13 @@ def run_train_step(backends: Sequence[str], settings: Settings, progress: bool =
     ours_rows = {}
     for b in backends:
         bar.set_description(f"train step: dlconv({b})")
-        row = dict(base, impl=f"dlconv({b})", backend=b, target=TRAIN_TARGETS.get(b))
+        row = dict(base, impl=f"dlconv({b})", backend=b, target=targets.get(b))
         try:
             ours = build_cnn(backend=b, stock=False, seed=settings.seed)
             ours.set_weights(stock.get_weights())
             err = max_rel_error(loss_and_grads(ours), expected)
             row["max_rel_err"] = err if math.isfinite(err) else None
-            row["correct"] = bool(err <= TOLERANCE)
+            row["correct"] = bool(err <= tm.tolerance)
             if not row["correct"]:
                 row.update(status="failed", why=f"loss/gradients differ from stock Keras: max "
                                                 f"relative error {err:.3g}; not timed")
