@@ -367,24 +367,29 @@ weights = m.get_weights()
 rng1 = np.random.default_rng(1)
 w = jnp.asarray(rng1.standard_normal((3, 3, 1, 4)), jnp.float32)
 b = jnp.asarray(rng1.standard_normal(4), jnp.float32)
+wd = jnp.asarray(rng1.standard_normal((14 * 14 * 4, 10)) * 0.05, jnp.float32)
 xs = jnp.asarray(x[:{gb}])
-loss = lambda w, b, xb: jnp.sum(dj.conv2d(xb, w, b, strides=2, padding="same", activation="tanh",
-                                          backend="cpp") ** 2)
-step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+def loss(w, b, wd, xb):
+    h = dj.conv2d(xb, w, b, strides=2, padding="same", activation="tanh", backend="cpp")
+    p = dj.dense(h.reshape(h.shape[0], -1), wd, activation="softmax", backend="cpp")
+    return jnp.sum(jnp.log(p[:, 0]))
+
+step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 if devices > 1:
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("batch",))
     xs = jax.device_put(xs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
-    replicated = step.lower(w, b, xs).compile().as_text()      # no mesh: XLA replicates the calls
+    replicated = step.lower(w, b, wd, xs).compile().as_text()  # no mesh: XLA replicates the calls
     with jax.set_mesh(mesh):
-        hlo = step.lower(w, b, xs).compile().as_text()
-        grads = step(w, b, xs)
+        hlo = step.lower(w, b, wd, xs).compile().as_text()
+        grads = step(w, b, wd, xs)
     calls = {{l.split('custom_call_target="')[1].split('"')[0]: l.split("=")[1].split("custom-call")[0].strip()
              for l in hlo.splitlines() if 'custom_call_target="dlconv' in l}}
     print("HLO", json.dumps({{"all_gather": "all-gather" in hlo, "all_reduce": "all-reduce" in hlo,
                              "replicated_all_gather": "all-gather" in replicated, "calls": calls,
-                             "dx_sharding": str(grads[2].sharding.spec)}}))
+                             "dx_sharding": str(grads[3].sharding.spec)}}))
 else:
-    grads = step(w, b, xs)
+    grads = step(w, b, wd, xs)
 np.savez(out, *weights, *[np.asarray(a) for a in grads])
 print("done", devices)
 """
@@ -400,17 +405,19 @@ def test_jax_data_parallel_over_cpu_devices(tmp_path):
     stdout = run_workers(codes, envs)
     assert "done 2" in stdout[0] and "done 1" in stdout[1]
     two, one = np.load(outs[0]), np.load(outs[1])
-    assert len(one.files) == 11     # the CNN's 8 weights and the sharded step's 3 gradients
+    assert len(one.files) == 12     # the CNN's 8 weights and the sharded step's 4 gradients
     for k in one.files:
         scale = max(float(np.abs(one[k]).max()), 1e-30)
         np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-5 * scale, err_msg=f"2 devices vs 1: {k}")
-    # The compiled sharded step: every dlconv custom call sees its device's 4 of the 8 rows,
+    # The compiled sharded step (conv → dense softmax): every dlconv custom call sees its
+    # device's 4 of the 8 rows,
     # the weight/bias gradients are all-reduced, x is never all-gathered, dx stays sharded.
     hlo = json.loads(stdout[0].split("HLO", 1)[1].splitlines()[0])
     half = GLOBAL_BATCH // 2
     assert hlo["calls"]["dlconv_conv2d_forward"].startswith(f"f32[{half},"), hlo
     assert hlo["calls"]["dlconv_conv2d_backward_data"].startswith(f"f32[{half},"), hlo
-    assert "dlconv_conv2d_backward_filter" in hlo["calls"], hlo
+    assert hlo["calls"]["dlconv_dense_forward"].startswith(f"f32[{half},"), hlo
+    assert "dlconv_conv2d_backward_filter" in hlo["calls"] and "dlconv_dense_backward" in hlo["calls"], hlo
     assert hlo["all_reduce"] and not hlo["all_gather"], hlo
     assert "batch" in hlo["dx_sharding"], hlo
     # Without a mesh XLA treats the custom calls as replicated: it all-gathers the batch first.

@@ -10,6 +10,8 @@ weight and bias gradients — sums over the batch — are ``psum``-med over the 
 axes.  Under Shardy the rule is an einsum-like string (``b`` the batch factor, every other
 dimension a factor of its own, so nothing but the batch is ever sharded).
 
+The dense calls get the same rule (rows sharded, weight and bias gradients psum-med).
+
 When it applies: the call is traced under a mesh (``jax.set_mesh(mesh)`` or
 ``jax.sharding.use_mesh``: JAX's way of saying the program runs on a mesh) and not under
 ``jax.vmap`` (``custom_partitioning`` has no batching rule; ``vmap`` of a ``jit`` that holds
@@ -26,7 +28,7 @@ import jax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["wanted", "batch_partitioned", "conv_parts"]
+__all__ = ["wanted", "batch_partitioned", "conv_parts", "dense_parts"]
 
 #: Factor names of the Shardy rule for the non-batch dimensions (each used once per rule).
 _FACTORS = "cdefghijklmnopqrstuvwxyz"
@@ -130,3 +132,18 @@ def conv_parts(local_parts, has_bias: bool, fused: bool, act: str):
         return filt(x, *d)
 
     return forward, act_backward, backward_data, backward_filter
+
+
+def dense_parts(local_parts, has_bias: bool):
+    """The dense op's two functions (forward(x, w, *b), backward(x, w, y, dy) -> (dx, dw, db),
+    as dlconv.bridges.jax._dense_op calls them) wrapped with the batch rule."""
+    nb = 1 if has_bias else 0
+    fwd = batch_partitioned(lambda n: lambda x, w, *b: (local_parts(n)[0](x, w, *b),),
+                            [2, 2] + [1] * nb, [True, False] + [False] * nb, [2], [True])
+    bwd = batch_partitioned(lambda n: lambda x, w, y, dy: tuple(local_parts(n)[1](x, w, y, dy)),
+                            [2, 2, 2, 2], [True, False, True, True], [2, 2, 1], [True, False, False])
+
+    def forward(x, w, *b):
+        return fwd(x, w, *b)[0]
+
+    return forward, bwd
