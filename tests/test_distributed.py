@@ -352,15 +352,22 @@ assert len(jax.devices()) == devices, jax.devices()
 rng = np.random.default_rng(0)
 x = rng.random(({n}, 28, 28, 1), dtype=np.float32)
 y = rng.integers(0, 10, {n})
-if devices > 1:
-    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
+import contextlib
 from dlconv import models
+from dlconv.bridges import jax_sharding
+on_mesh = contextlib.nullcontext()
+if devices > 1:
+    dist = keras.distribution.DataParallel(devices=jax.devices())
+    keras.distribution.set_distribution(dist)
+    on_mesh = jax.set_mesh(dist.device_mesh.backend_mesh)    # dlconv's calls get the batch rule
 # One program over the global batch (JAX is single-controller): the dropout masks are drawn
 # for the whole batch from the same seed, whatever the sharding (threefry is partitionable).
 m = models.cnn(backend="cpp", seed=7)
 m.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
-m.fit(x, y, batch_size={gb}, epochs=1, shuffle=False, verbose=0)
+with on_mesh:
+    m.fit(x, y, batch_size={gb}, epochs=1, shuffle=False, verbose=0)
 weights = m.get_weights()
+print("FIT_PARTITIONED", json.dumps({{k: dict(v) for k, v in jax_sharding.PARTITIONED.items()}}))
 
 # a jitted step with the batch sharded over the devices, through dlconv's custom VJP: under a
 # mesh each device runs the FFI calls on its own rows (dlconv.bridges.jax_sharding)
@@ -422,6 +429,10 @@ def test_jax_data_parallel_over_cpu_devices(tmp_path):
     assert "batch" in hlo["dx_sharding"], hlo
     # Without a mesh XLA treats the custom calls as replicated: it all-gathers the batch first.
     assert hlo["replicated_all_gather"], hlo
+    # Keras' DataParallel fit under its mesh: XLA partitioned dlconv's calls over the 2 devices.
+    fit = json.loads(stdout[0].split("FIT_PARTITIONED", 1)[1].splitlines()[0])
+    for name in ("conv2d_forward", "conv2d_backward_filter", "dense_forward", "dense_backward"):
+        assert fit.get(name, {}).get("2", 0) >= 1, fit
 
 
 def test_a_port_in_use_fails_clearly(tmp_path):

@@ -17,18 +17,24 @@ When it applies: the call is traced under a mesh (``jax.set_mesh(mesh)`` or
 ``jax.vmap`` (``custom_partitioning`` has no batching rule; ``vmap`` of a ``jit`` that holds
 dlconv calls under a mesh is therefore not supported).  Otherwise the plain custom call is
 used, which XLA treats as replicated (above).  A batch that does not divide evenly over the
-mesh axes is computed replicated.
+mesh axes is computed replicated.  Keras' ``DataParallel`` ``fit`` gets the rule when run
+under its mesh: ``with jax.set_mesh(distribution.device_mesh.backend_mesh): model.fit(...)``.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-__all__ = ["wanted", "batch_partitioned", "conv_parts", "dense_parts"]
+__all__ = ["wanted", "batch_partitioned", "conv_parts", "dense_parts", "PARTITIONED"]
+
+#: How many times XLA partitioned each kind of call with the rule, and over how many shards
+#: (name -> Counter of shard counts): what tests and curious users read to see it applied.
+PARTITIONED = collections.defaultdict(collections.Counter)
 
 #: Factor names of the Shardy rule for the non-batch dimensions (each used once per rule).
 _FACTORS = "cdefghijklmnopqrstuvwxyz"
@@ -54,7 +60,7 @@ def _rule(ranks_in, batched_in, ranks_out, batched_out) -> str:
     return f"{ins} -> {outs}"
 
 
-def batch_partitioned(make, ranks_in, batched_in, ranks_out, batched_out):
+def batch_partitioned(name, make, ranks_in, batched_in, ranks_out, batched_out):
     """``call(*arrays) -> tuple`` running ``make(batch)(*arrays)`` per batch shard.
 
     ``make(n)`` returns the function computing the outputs for ``n`` rows.  ``batched_in`` /
@@ -88,6 +94,7 @@ def batch_partitioned(make, ranks_in, batched_in, ranks_out, batched_out):
 
     def partition(mesh, arg_shapes, result_shape):
         axes, local = layout(mesh, arg_shapes)
+        PARTITIONED[name][arg_shapes[first].shape[0] // local if local else 1] += 1
         fn = make(local)
 
         def lower(*arrays):
@@ -109,14 +116,18 @@ def conv_parts(local_parts, has_bias: bool, fused: bool, act: str):
     ``local_parts(n)`` gives the unwrapped four for a batch of ``n`` rows.
     """
     nb = 1 if has_bias else 0
-    fwd = batch_partitioned(lambda n: lambda x, w, *b: (local_parts(n)[0](x, w, *b),),
+    fwd = batch_partitioned("conv2d_forward",
+                            lambda n: lambda x, w, *b: (local_parts(n)[0](x, w, *b),),
                             [4, 4] + [1] * nb, [True, False] + [False] * nb, [4], [True])
-    act_b = batch_partitioned(lambda n: lambda dy, y: (local_parts(n)[1](dy, y),),
+    act_b = batch_partitioned("activation_backward",
+                              lambda n: lambda dy, y: (local_parts(n)[1](dy, y),),
                               [4, 4], [True, True], [4], [True])
     nd = 2 if fused else 1                   # d = [dy, y] (fused derivative) or [dz]
-    data = batch_partitioned(lambda n: lambda w, *d: (local_parts(n)[2](list(d), w),),
+    data = batch_partitioned("conv2d_backward_data",
+                             lambda n: lambda w, *d: (local_parts(n)[2](list(d), w),),
                              [4] + [4] * nd, [False] + [True] * nd, [4], [True])
-    filt = batch_partitioned(lambda n: lambda x, *d: tuple(local_parts(n)[3](x, list(d))),
+    filt = batch_partitioned("conv2d_backward_filter",
+                             lambda n: lambda x, *d: tuple(local_parts(n)[3](x, list(d))),
                              [4] + [4] * nd, [True] + [True] * nd, [4, 1], [False, False])
 
     def forward(x, w, *b):
@@ -138,9 +149,11 @@ def dense_parts(local_parts, has_bias: bool):
     """The dense op's two functions (forward(x, w, *b), backward(x, w, y, dy) -> (dx, dw, db),
     as dlconv.bridges.jax._dense_op calls them) wrapped with the batch rule."""
     nb = 1 if has_bias else 0
-    fwd = batch_partitioned(lambda n: lambda x, w, *b: (local_parts(n)[0](x, w, *b),),
+    fwd = batch_partitioned("dense_forward",
+                            lambda n: lambda x, w, *b: (local_parts(n)[0](x, w, *b),),
                             [2, 2] + [1] * nb, [True, False] + [False] * nb, [2], [True])
-    bwd = batch_partitioned(lambda n: lambda x, w, y, dy: tuple(local_parts(n)[1](x, w, y, dy)),
+    bwd = batch_partitioned("dense_backward",
+                            lambda n: lambda x, w, y, dy: tuple(local_parts(n)[1](x, w, y, dy)),
                             [2, 2, 2, 2], [True, False, True, True], [2, 2, 1], [True, False, False])
 
     def forward(x, w, *b):
