@@ -9,6 +9,7 @@ the GPU machine has no TensorFlow (docs/layers.md, "TensorFlow's native ops").
 import ctypes
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -132,3 +133,29 @@ def test_missing_sources_are_a_reason_not_a_crash(tmp_path):
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "REASON the C++ sources (csrc/tf_ops.cpp) are not found" in out
+
+
+# ----------------------------------------------------------------------------- the documented deploy
+def _doc_blocks(heading):
+    """The ```py blocks of docs/layers.md's section `heading` (test_readme runs the ```python
+    ones in-process; these two need two processes)."""
+    with open(os.path.join(ROOT, "docs", "layers.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split(f"### {heading}\n", 1)[1].split("\n### ", 1)[0]
+    return re.findall(r"```py\n(.*?)```", section, flags=re.S)
+
+
+def test_the_documented_deploy_runs_in_two_processes_and_tflite_names_the_op(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    blocks = _doc_blocks("Deploying with TensorFlow")
+    assert len(blocks) == 2
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    for i, block in enumerate(blocks):
+        p = subprocess.run([sys.executable, "-c", block], cwd=str(tmp_path), env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, (f"docs block {i + 1}", p.stderr[-3000:])
+    assert "keras" not in blocks[1] and "dlconv.layers" not in blocks[1]
+    # TFLite does not convert dlconv's ops: the converter's error names the op.
+    tf_ops.load()
+    with pytest.raises(Exception, match=r"'tf\.DlconvConv2D' op is neither a custom op nor a flex op"):
+        tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "saved")).convert()
