@@ -22,9 +22,10 @@ How it is built and found
 The plain package does not need TensorFlow to build or import (``pip install`` builds with
 build isolation, where TensorFlow is absent).  So the op library is built *on first use*, the
 way PyTorch's C++ extension loader does it: :func:`load` compiles ``tf_ops.cpp`` with
-``cpu_conv.cpp`` and ``cpu_dense.cpp`` (and the CUDA sources, above) against the installed TensorFlow's headers and flags
-(``tf.sysconfig.get_compile_flags()`` / ``get_link_flags()``) with ``g++`` into a cache folder
-keyed by the TensorFlow version and a hash of the sources, compiler, SIMD flags and CUDA choice::
+``cpu_conv.cpp`` and ``cpu_dense.cpp`` (and the CUDA sources, above) against the installed
+TensorFlow's headers and flags (``tf.sysconfig.get_compile_flags()`` / ``get_link_flags()``)
+with ``g++`` into a cache folder keyed by the TensorFlow version and a hash of the sources,
+compiler, SIMD flags and CUDA choice::
 
     $DLCONV_TF_OPS_CACHE  or  $XDG_CACHE_HOME/dlconv/tf_ops  or  ~/.cache/dlconv/tf_ops
         tf2.21.0-<hash>/_dlconv_tf_ops.so   (+ build.json: versions, command)
@@ -66,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from importlib import metadata
 
 __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "status", "OP_NAMES",
@@ -251,17 +253,38 @@ def library_path() -> str:
     return os.path.join(cache_root(), _key(), LIB_NAME)
 
 
-def _compile_all(jobs):
-    """Run the (name, command) compile jobs side by side; the first failure is the reason."""
-    procs = [(name, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-             for name, cmd in jobs]
+def _failed(name, cmd, log) -> str:
+    """The one-line reason of a failed compile: its first line naming an error, else its last."""
+    log.seek(0)
+    out = log.read().splitlines()
+    last = [ln for ln in out if "error" in ln][:1] or out[-1:]
+    return f"compiling {name} failed ({os.path.basename(cmd[0])}): {last[0] if last else 'no output'}"
+
+
+def _compile_all(jobs, logdir):
+    """Run the (name, command) compile jobs side by side; the first failure is the reason, and
+    the jobs still running then are stopped (a broken compiler does not wait for nvcc)."""
+    running = []
+    for name, cmd in jobs:
+        log = open(os.path.join(logdir, name + ".log"), "w+")   # a file: no pipe to fill up
+        running.append((name, cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
     failure = None
-    for name, cmd, p in procs:
-        out, _ = p.communicate()
-        if p.returncode != 0 and failure is None:
-            last = [ln for ln in out.splitlines() if "error" in ln][:1] or out.splitlines()[-1:]
-            failure = (f"compiling {name} failed ({os.path.basename(cmd[0])}): "
-                       f"{last[0] if last else 'no output'}")
+    try:
+        while failure is None and any(p.poll() is None for _, _, p, _ in running):
+            for name, cmd, p, log in running:
+                if p.poll() not in (None, 0):
+                    failure = _failed(name, cmd, log)
+                    break
+            time.sleep(0.05)
+        for name, cmd, p, log in running:
+            if failure is None and p.wait() != 0:
+                failure = _failed(name, cmd, log)
+    finally:
+        for _, _, p, log in running:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
     if failure:
         raise TFOpsUnavailable(failure)
 
@@ -298,22 +321,31 @@ def _build(folder: str) -> None:
                            for d in ("lib64", "lib", os.path.join("targets", f"{platform.machine()}-linux", "lib"))
                            if os.path.exists(os.path.join(root, d, "libcudart_static.a"))), None)
             if cudart is None:
-                raise TFOpsUnavailable(f"libcudart_static.a not found under {root} (needed for the DEVICE_GPU kernels)")
+                raise TFOpsUnavailable(f"libcudart_static.a not found under {root} (needed for the DEVICE_GPU "
+                                       f"kernels; {CUDA_SWITCH}=0 builds without them)")
             # static cudart, its symbols kept out of the library's exports (TensorFlow has its own
             # libcudart; the stream handle TensorFlow passes is a driver CUstream either can use)
             lflags += [cudart, "-Wl,--exclude-libs,libcudart_static.a", "-ldl", "-lrt", "-lpthread"]
             cuda = {"nvcc": nvcc, "root": root, "archs": archs}
         for name in SOURCES:   # one compiler per source, in parallel
             obj = os.path.join(tmp, name + ".o")
-            extra = ["-DGOOGLE_CUDA=1", f"-I{os.path.join(cuda['root'], 'include')}"] if cuda and name == "tf_ops.cpp" else []
+            extra = []
+            if cuda and name == "tf_ops.cpp":   # the DEVICE_GPU kernels and their registration
+                extra = ["-DGOOGLE_CUDA=1", f"-I{os.path.join(cuda['root'], 'include')}"]
             jobs.append((name, [cxx, "-c", os.path.join(src, name), "-o", obj] + cflags + extra))
             objs.append(obj)
-        _compile_all(jobs)
+        hint = f" ({CUDA_SWITCH}=0 builds it without the DEVICE_GPU kernels)" if cuda else ""
+        try:
+            _compile_all(jobs, tmp)
+        except TFOpsUnavailable as exc:   # the hint only where nvcc's part failed
+            cuda_part = any(str(exc).startswith(f"compiling {n} ") for n in CUDA_SOURCES)
+            raise TFOpsUnavailable(f"{exc}{hint if cuda_part else ''}") from None
         tmp_lib = os.path.join(tmp, LIB_NAME)
         cmd = [cxx] + objs + ["-o", tmp_lib] + lflags
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
-            raise TFOpsUnavailable(f"linking the op library failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise TFOpsUnavailable(f"linking the op library failed: "
+                                   f"{(p.stderr.strip().splitlines() or ['?'])[-1]}{hint}")
         info = {"tensorflow": tf.__version__, "tf_dir": _tf_dir(), "compiler": cxx, "simd": _simd_flags(),
                 "compile_flags": cflags, "link_flags": lflags, "gpu_kernels": cuda is not None, "cuda": cuda,
                 "no_cuda_reason": no_cuda}

@@ -1,8 +1,9 @@
 """dlconv layers inside each framework's own distributed engine, with several worker
 processes on loopback: the MNIST CNN (dlconv.models.cnn, or the same net on dlconv.torch's
 ops), dropout included, trains a few tiny steps and every worker ends with the same
-parameters, equal to one process training on the same global batches.  Every wait has a timeout; workers this test started
-are killed if they outlive it, and a worker that dies fails the test with its output."""
+parameters, equal to one process training on the same global batches.  Every wait has a
+timeout; workers this test started are killed if they outlive it, and a worker that dies
+fails the test with its output."""
 
 import json
 import os
