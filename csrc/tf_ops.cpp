@@ -1,7 +1,12 @@
-// tf_ops.cpp — the TensorFlow op library: dlconv's C++ CPU kernels as graph-native TF ops.
+// tf_ops.cpp — the TensorFlow op library: dlconv's C++ CPU kernels (and, in a GOOGLE_CUDA
+// build, its CUDA C++ kernels) as graph-native TF ops.
 //
 // Built by dlconv/tf_ops.py against the installed TensorFlow (tf.sysconfig flags) together with
 // cpu_conv.cpp and cpu_dense.cpp, loaded with tf.load_op_library.  No Python runs in these ops.
+// With nvcc and a CUDA build of TensorFlow it is compiled with -DGOOGLE_CUDA=1 and linked with
+// cuda_conv.cu, cuda_dense.cu and cuda_workspace.cu: the same op classes are then registered for
+// DEVICE_GPU too, launching on the op's stream (GpuLaunch, at the end of the namespace).  One
+// op class per op validates and allocates for both devices; CpuLaunch / GpuLaunch run it.
 //
 // Ops (float32, NHWC activations, HWIO conv weights, (in, out) dense weights):
 //   DlconvConv2D(x, w, b) -> y                      y = act(conv2d(x, w) + b)
