@@ -27,6 +27,7 @@ import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 try:
     import pybind11
@@ -171,6 +172,24 @@ class BuildExt(build_ext):
         super().build_extension(ext)
 
 
+class BuildPy(build_py):
+    """build_py that also ships csrc/'s C++/CUDA sources inside the package as dlconv/csrc: the
+    TensorFlow op library (dlconv/tf_ops.py) is compiled from them on first use, after
+    installation, and a wheel has no source tree beside it (an editable install reads csrc/)."""
+
+    CSRC_PATTERNS = ("*.cpp", "*.h", "*.cu", "*.cuh")
+
+    def run(self):
+        super().run()
+        if self.editable_mode:    # the source tree's csrc/ is found directly
+            return
+        dest = os.path.join(self.build_lib, "dlconv", "csrc")
+        self.mkpath(dest)
+        for pattern in self.CSRC_PATTERNS:
+            for src in sorted(glob.glob(os.path.join(HERE, "csrc", pattern))):
+                self.copy_file(src, os.path.join(dest, os.path.basename(src)))
+
+
 def _extensions():
     inc = [pybind11.get_include(), os.path.join(HERE, "csrc")]
     cpu_src = sorted(glob.glob("csrc/cpu_*.cpp")) + ["csrc/bind_cpu.cpp"]
@@ -217,7 +236,7 @@ setup(
     packages=["dlconv", "dlconv.backends", "dlconv.bench", "dlconv.bridges", "dlconv.kernels"],
     package_dir={"dlconv": "dlconv", "dlconv.backends": "dlconv/backends", "dlconv.kernels": "kernels"},
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
     install_requires=[
         "tensorflow>=2.21,<2.22",
         "numba>=0.61",

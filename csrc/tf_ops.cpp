@@ -1,7 +1,12 @@
-// tf_ops.cpp — the TensorFlow op library: dlconv's C++ CPU kernels as graph-native TF ops.
+// tf_ops.cpp — the TensorFlow op library: dlconv's C++ CPU kernels (and, in a GOOGLE_CUDA
+// build, its CUDA C++ kernels) as graph-native TF ops.
 //
 // Built by dlconv/tf_ops.py against the installed TensorFlow (tf.sysconfig flags) together with
 // cpu_conv.cpp and cpu_dense.cpp, loaded with tf.load_op_library.  No Python runs in these ops.
+// With nvcc and a CUDA build of TensorFlow it is compiled with -DGOOGLE_CUDA=1 and linked with
+// cuda_conv.cu, cuda_dense.cu and cuda_workspace.cu: the same op classes are then registered for
+// DEVICE_GPU too, launching on the op's stream (GpuLaunch, at the end of the namespace).  One
+// op class per op validates and allocates for both devices; CpuLaunch / GpuLaunch run it.
 //
 // Ops (float32, NHWC activations, HWIO conv weights, (in, out) dense weights):
 //   DlconvConv2D(x, w, b) -> y                      y = act(conv2d(x, w) + b)
@@ -44,6 +49,10 @@
 #include <thread>
 #include <vector>
 
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU  // Eigen::GpuDevice (the op's CUDA stream) in op_kernel.h's eigen_device<>()
+#include "cuda_kernels.h"
+#endif
 #include "cpu_kernels.h"
 #include "geometry.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
@@ -417,6 +426,51 @@ Status dense_grad_shape(InferenceContext* c) {
     return Status();
 }
 
+// ----------------------------------------------------------------------------- device launchers
+// The op classes below validate, allocate and then call Dev::<kernel>(...): CpuLaunch runs the C++
+// kernels under the process lock (run_kernel); GpuLaunch (GOOGLE_CUDA builds only, at the end
+// of this namespace) enqueues the CUDA C++ kernels on TensorFlow's stream for the op.
+struct CpuLaunch {
+    static void conv2d_forward(OpKernelContext* ctx, const ConvGeometry& g, const float* x, const float* w,
+                               const float* b, int act, float* y) {
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_forward(g, x, w, b, act, y); });
+    }
+    static void conv2d_backward_data(OpKernelContext* ctx, const ConvGeometry& g, const float* dy, const float* w,
+                                     const float* y, int act, float* dx) {
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data(g, dy, w, dx, y, act); });
+    }
+    static void conv2d_backward_filter(OpKernelContext* ctx, const ConvGeometry& g, const float* x, const float* dy,
+                                       const float* y, int act, float* dw, float* db) {
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter(g, x, dy, dw, db, y, act); });
+    }
+    static void dense_forward(OpKernelContext* ctx, int64_t M, int64_t K, int64_t N, const float* x, const float* w,
+                              const float* b, int act, float* y) {
+        run_kernel(ctx, 2.0 * double(M) * double(K) * double(N), [&] {
+            if (act == ACT_SOFTMAX) {
+                cpu::dense_forward(M, K, N, x, w, b, ACT_LINEAR, y);
+                cpu::softmax(M, N, y, y);  // row-wise, reads each row before writing it
+            } else {
+                cpu::dense_forward(M, K, N, x, w, b, act, y);
+            }
+        });
+    }
+    static void dense_backward(OpKernelContext* ctx, int64_t M, int64_t K, int64_t N, const float* x, const float* w,
+                               const float* dy, const float* y, int act, float* dx, float* dw, float* db) {
+        Tensor dz;  // softmax only: dL/dz, formed row-wise first
+        if (act == ACT_SOFTMAX)
+            OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_FLOAT, TensorShape({M, N}), &dz));
+        float* dzp = act == ACT_SOFTMAX ? fptr(&dz) : nullptr;
+        run_kernel(ctx, 4.0 * double(M) * double(K) * double(N), [&] {
+            if (act == ACT_SOFTMAX) {
+                if (M * N > 0) cpu::activation_backward(M, N, dy, y, ACT_SOFTMAX, dzp);
+                cpu::dense_backward(M, K, N, x, w, dzp, nullptr, ACT_LINEAR, dx, dw, db);
+            } else {
+                cpu::dense_backward(M, K, N, x, w, dy, y, act, dx, dw, db);
+            }
+        });
+    }
+};
+
 // ----------------------------------------------------------------------------- conv kernels
 class ConvOpBase : public OpKernel {
    public:
@@ -435,6 +489,7 @@ class ConvOpBase : public OpKernel {
     ConvAttrs attrs_;
 };
 
+template <class Dev>
 class Conv2DOp : public ConvOpBase {
    public:
     using ConvOpBase::ConvOpBase;
@@ -454,10 +509,11 @@ class Conv2DOp : public ConvOpBase {
         const float *xp = fptr(x), *wp = fptr(w);
         float* yp = fptr(y);
         const int act = attrs_.act;
-        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_forward(g, xp, wp, bp, act, yp); });
+        Dev::conv2d_forward(ctx, g, xp, wp, bp, act, yp);
     }
 };
 
+template <class Dev>
 class Conv2DBackpropInputOp : public ConvOpBase {
    public:
     using ConvOpBase::ConvOpBase;
@@ -484,10 +540,11 @@ class Conv2DBackpropInputOp : public ConvOpBase {
         const float *dyp = fptr(dy), *wp = fptr(w), *yp = attrs_.act != ACT_LINEAR ? fptr(y) : nullptr;
         float* dxp = fptr(dx);
         const int act = attrs_.act;
-        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data(g, dyp, wp, dxp, yp, act); });
+        Dev::conv2d_backward_data(ctx, g, dyp, wp, yp, act, dxp);
     }
 };
 
+template <class Dev>
 class Conv2DBackpropFilterOp : public ConvOpBase {
    public:
     explicit Conv2DBackpropFilterOp(OpKernelConstruction* ctx) : ConvOpBase(ctx) {
@@ -515,7 +572,7 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
         const float *xp = fptr(x), *dyp = fptr(dy), *yp = attrs_.act != ACT_LINEAR ? fptr(y) : nullptr;
         float *dwp = fptr(dw), *dbp = fptr(db);
         const int act = attrs_.act;
-        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter(g, xp, dyp, dwp, dbp, yp, act); });
+        Dev::conv2d_backward_filter(ctx, g, xp, dyp, yp, act, dwp, dbp);
     }
 
    private:
@@ -550,6 +607,7 @@ class DenseOpBase : public OpKernel {
     int act_ = ACT_LINEAR;
 };
 
+template <class Dev>
 class DenseOp : public DenseOpBase {
    public:
     using DenseOpBase::DenseOpBase;
@@ -566,17 +624,11 @@ class DenseOp : public DenseOpBase {
         const float *xp = fptr(x), *wp = fptr(w);
         float* yp = fptr(y);
         const int act = act_;
-        run_kernel(ctx, 2.0 * double(M) * double(Kf) * double(N), [&] {
-            if (act == ACT_SOFTMAX) {
-                cpu::dense_forward(M, Kf, N, xp, wp, bp, ACT_LINEAR, yp);
-                cpu::softmax(M, N, yp, yp);  // row-wise, reads each row before writing it
-            } else {
-                cpu::dense_forward(M, Kf, N, xp, wp, bp, act, yp);
-            }
-        });
+        Dev::dense_forward(ctx, M, Kf, N, xp, wp, bp, act, yp);
     }
 };
 
+template <class Dev>
 class DenseGradOp : public DenseOpBase {
    public:
     using DenseOpBase::DenseOpBase;
@@ -591,23 +643,102 @@ class DenseGradOp : public DenseOpBase {
         OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &dx));
         OP_REQUIRES_OK(ctx, ctx->allocate_output(1, w.shape(), &dw));
         OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({N}), &db));
-        Tensor dz;  // softmax only: dL/dz, formed row-wise first
-        if (act_ == ACT_SOFTMAX) OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_FLOAT, dy.shape(), &dz));
         const float *xp = fptr(x), *wp = fptr(w), *dyp = fptr(dy);
         const float* yp = act_ != ACT_LINEAR ? fptr(y) : nullptr;
         float *dxp = fptr(dx), *dwp = fptr(dw), *dbp = fptr(db);
-        float* dzp = act_ == ACT_SOFTMAX ? fptr(&dz) : nullptr;
-        const int act = act_;
-        run_kernel(ctx, 4.0 * double(M) * double(Kf) * double(N), [&] {
-            if (act == ACT_SOFTMAX) {
-                if (M * N > 0) cpu::activation_backward(M, N, dyp, yp, ACT_SOFTMAX, dzp);
-                cpu::dense_backward(M, Kf, N, xp, wp, dzp, nullptr, ACT_LINEAR, dxp, dwp, dbp);
-            } else {
-                cpu::dense_backward(M, Kf, N, xp, wp, dyp, yp, act, dxp, dwp, dbp);
-            }
-        });
+        Dev::dense_backward(ctx, M, Kf, N, xp, wp, dyp, yp, act_, dxp, dwp, dbp);
     }
 };
+
+#if GOOGLE_CUDA
+// ----------------------------------------------------------------------------- GPU launchers
+// The CUDA C++ kernels of csrc/cuda_*.cu on the stream TensorFlow gives this op
+// (ctx->eigen_device<Eigen::GpuDevice>().stream(), the op's device-context stream), so they
+// are ordered with TensorFlow's own kernels; nothing synchronises.  Tensors are device memory
+// (TensorFlow allocated them), except BackpropInput's x_shape (HostMemory).  The CUDA backward
+// conv kernels take dL/dz, so a non-linear activation's derivative is applied first into a
+// temporary (activation_backward); dense's backward fuses it (softmax: a temporary too).  No
+// process lock: work on one stream is ordered, and the kernels' scratch (cuda_workspace.cu) is
+// per stream.  A CUDA error becomes an Internal status naming the kernel.
+void gpu_run(OpKernelContext* ctx, const std::function<void(cudaStream_t)>& fn) {
+    try {
+        fn(ctx->eigen_device<Eigen::GpuDevice>().stream());
+    } catch (const std::invalid_argument& e) {
+        ctx->SetStatus(errors::InvalidArgument(e.what()));
+    } catch (const std::exception& e) {
+        ctx->SetStatus(errors::Internal("dlconv CUDA kernel failed: ", e.what()));
+    }
+}
+
+// dL/dz of rows x cols from dy and y for activation `act` (a temporary on the device), or dy.
+bool dz_for(OpKernelContext* ctx, int64_t rows, int64_t cols, const float* dy, const float* y, int act,
+            Tensor* tmp, const float** dz) {
+    *dz = dy;
+    if (act == ACT_LINEAR) return true;
+    Status s = ctx->allocate_temp(::tensorflow::DT_FLOAT, TensorShape({rows, cols}), tmp);
+    if (!s.ok()) {
+        ctx->SetStatus(s);
+        return false;
+    }
+    float* out = fptr(tmp);
+    gpu_run(ctx, [&](cudaStream_t st) { cuda::activation_backward(rows, cols, dy, y, act, out, st); });
+    *dz = out;
+    return ctx->status().ok();
+}
+
+struct GpuLaunch {
+    static void conv2d_forward(OpKernelContext* ctx, const ConvGeometry& g, const float* x, const float* w,
+                               const float* b, int act, float* y) {
+        gpu_run(ctx, [&](cudaStream_t st) { cuda::conv2d_forward(g, x, w, b, act, y, cuda::V3_IMPLICIT_GEMM, st); });
+    }
+    static void conv2d_backward_data(OpKernelContext* ctx, const ConvGeometry& g, const float* dy, const float* w,
+                                     const float* y, int act, float* dx) {
+        Tensor tmp;
+        const float* dz;
+        if (!dz_for(ctx, g.batch * g.out_h * g.out_w, g.filters, dy, y, act, &tmp, &dz)) return;
+        gpu_run(ctx, [&](cudaStream_t st) { cuda::conv2d_backward_data(g, dz, w, dx, st); });
+    }
+    static void conv2d_backward_filter(OpKernelContext* ctx, const ConvGeometry& g, const float* x, const float* dy,
+                                       const float* y, int act, float* dw, float* db) {
+        Tensor tmp;
+        const float* dz;
+        if (!dz_for(ctx, g.batch * g.out_h * g.out_w, g.filters, dy, y, act, &tmp, &dz)) return;
+        gpu_run(ctx, [&](cudaStream_t st) { cuda::conv2d_backward_filter(g, x, dz, dw, db, st); });
+    }
+    static void dense_forward(OpKernelContext* ctx, int64_t M, int64_t K, int64_t N, const float* x, const float* w,
+                              const float* b, int act, float* y) {
+        if (act != ACT_SOFTMAX) {
+            gpu_run(ctx, [&](cudaStream_t st) { cuda::dense_forward(M, K, N, x, w, b, act, y, st); });
+            return;
+        }
+        Tensor z;  // the softmax kernel reads z and writes y through __restrict__ pointers: not in place
+        OP_REQUIRES_OK(ctx, ctx->allocate_temp(::tensorflow::DT_FLOAT, TensorShape({M, N}), &z));
+        float* zp = fptr(&z);
+        gpu_run(ctx, [&](cudaStream_t st) {
+            cuda::dense_forward(M, K, N, x, w, b, ACT_LINEAR, zp, st);
+            cuda::softmax(M, N, zp, y, st);
+        });
+    }
+    static void dense_backward(OpKernelContext* ctx, int64_t M, int64_t K, int64_t N, const float* x, const float* w,
+                               const float* dy, const float* y, int act, float* dx, float* dw, float* db) {
+        if (M == 0) {  // no rows: dw and db are zeros (dx is empty)
+            gpu_run(ctx, [&](cudaStream_t st) {
+                if (cudaMemsetAsync(dw, 0, size_t(K * N) * sizeof(float), st) != cudaSuccess ||
+                    cudaMemsetAsync(db, 0, size_t(N) * sizeof(float), st) != cudaSuccess)
+                    throw std::runtime_error("cudaMemsetAsync of dw/db failed");
+            });
+            return;
+        }
+        Tensor tmp;
+        const float* dz = dy;
+        if (act == ACT_SOFTMAX) {  // row-wise derivative first; the GEMMs fuse only element-wise ones
+            if (!dz_for(ctx, M, N, dy, y, act, &tmp, &dz)) return;
+            act = ACT_LINEAR, y = nullptr;
+        }
+        gpu_run(ctx, [&](cudaStream_t st) { cuda::dense_backward(M, K, N, x, w, dz, y, act, dx, dw, db, st); });
+    }
+};
+#endif  // GOOGLE_CUDA
 
 }  // namespace tfops
 }  // namespace dlconv
@@ -673,12 +804,20 @@ REGISTER_OP("DlconvDenseGrad")
     .Doc("(dL/dx, dL/dw, dL/db) of DlconvDense from dy = dL/dy and y, its output.");
 
 using ::tensorflow::DEVICE_CPU;
-REGISTER_KERNEL_BUILDER(Name("DlconvConv2D").Device(DEVICE_CPU), dlconv::tfops::Conv2DOp);
-REGISTER_KERNEL_BUILDER(Name("DlconvConv2DBackpropInput").Device(DEVICE_CPU).HostMemory("x_shape"),
-                        dlconv::tfops::Conv2DBackpropInputOp);
-REGISTER_KERNEL_BUILDER(Name("DlconvConv2DBackpropFilter").Device(DEVICE_CPU), dlconv::tfops::Conv2DBackpropFilterOp);
-REGISTER_KERNEL_BUILDER(Name("DlconvDense").Device(DEVICE_CPU), dlconv::tfops::DenseOp);
-REGISTER_KERNEL_BUILDER(Name("DlconvDenseGrad").Device(DEVICE_CPU), dlconv::tfops::DenseGradOp);
+#define DLCONV_REGISTER(DEVICE, LAUNCH)                                                                         \
+    REGISTER_KERNEL_BUILDER(Name("DlconvConv2D").Device(DEVICE), dlconv::tfops::Conv2DOp<LAUNCH>);             \
+    REGISTER_KERNEL_BUILDER(Name("DlconvConv2DBackpropInput").Device(DEVICE).HostMemory("x_shape"),            \
+                            dlconv::tfops::Conv2DBackpropInputOp<LAUNCH>);                                     \
+    REGISTER_KERNEL_BUILDER(Name("DlconvConv2DBackpropFilter").Device(DEVICE),                                 \
+                            dlconv::tfops::Conv2DBackpropFilterOp<LAUNCH>);                                    \
+    REGISTER_KERNEL_BUILDER(Name("DlconvDense").Device(DEVICE), dlconv::tfops::DenseOp<LAUNCH>);               \
+    REGISTER_KERNEL_BUILDER(Name("DlconvDenseGrad").Device(DEVICE), dlconv::tfops::DenseGradOp<LAUNCH>)
+
+DLCONV_REGISTER(DEVICE_CPU, dlconv::tfops::CpuLaunch);
+#if GOOGLE_CUDA
+using ::tensorflow::DEVICE_GPU;
+DLCONV_REGISTER(DEVICE_GPU, dlconv::tfops::GpuLaunch);
+#endif
 
 // Build facts for dlconv info / the loader (a plain C symbol: no TF types cross it).
 extern "C" __attribute__((visibility("default"))) const char* dlconv_tf_ops_build_info() {
@@ -688,5 +827,14 @@ extern "C" __attribute__((visibility("default"))) const char* dlconv_tf_ops_buil
     return "simd=avx2+fma";
 #else
     return "simd=scalar";
+#endif
+}
+
+// Whether the DEVICE_GPU kernels were compiled in (GOOGLE_CUDA build: nvcc + a CUDA TensorFlow).
+extern "C" __attribute__((visibility("default"))) int dlconv_tf_ops_has_gpu_kernels() {
+#if GOOGLE_CUDA
+    return 1;
+#else
+    return 0;
 #endif
 }

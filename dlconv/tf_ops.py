@@ -5,14 +5,27 @@ call dlconv's C++ kernels directly — no Python callback, no GIL::
 
     DlconvConv2D, DlconvConv2DBackpropInput, DlconvConv2DBackpropFilter, DlconvDense, DlconvDenseGrad
 
+GPU kernels: when ``nvcc`` is found and the installed TensorFlow is a CUDA build
+(``tf.sysconfig.get_build_info()['is_cuda_build']``, read without importing TensorFlow), the
+library is built with ``-DGOOGLE_CUDA=1`` and linked with ``csrc/cuda_{conv,dense,workspace}.cu``
+(nvcc, the ``DLCONV_CUDA_ARCHS`` of setup.py, static cudart), and every op is registered for
+``DEVICE_GPU`` too: the CUDA C++ kernels on the stream TensorFlow gives the op.
+``DLCONV_TF_OPS_CUDA=0`` builds without them, ``=1`` requires them.  They are compiled and
+registered (tests/test_tf_ops_build.py) but have **never run**: the development machine has
+no GPU, and the GPU machine has no TensorFlow.
+
+Sources: a wheel ships csrc/'s files inside the package as ``dlconv/csrc`` (setup.py's
+build_py); an editable install or a checkout reads the source tree's ``csrc/``.
+
 How it is built and found
 -------------------------
 The plain package does not need TensorFlow to build or import (``pip install`` builds with
 build isolation, where TensorFlow is absent).  So the op library is built *on first use*, the
-way PyTorch's C++ extension loader does it: :func:`load` compiles ``csrc/tf_ops.cpp`` with
-``cpu_conv.cpp`` and ``cpu_dense.cpp`` against the installed TensorFlow's headers and flags
-(``tf.sysconfig.get_compile_flags()`` / ``get_link_flags()``) with ``g++`` into a cache folder
-keyed by the TensorFlow version and a hash of the sources, compiler and SIMD flags::
+way PyTorch's C++ extension loader does it: :func:`load` compiles ``tf_ops.cpp`` with
+``cpu_conv.cpp`` and ``cpu_dense.cpp`` (and the CUDA sources, above) against the installed
+TensorFlow's headers and flags (``tf.sysconfig.get_compile_flags()`` / ``get_link_flags()``)
+with ``g++`` into a cache folder keyed by the TensorFlow version and a hash of the sources,
+compiler, SIMD flags and CUDA choice::
 
     $DLCONV_TF_OPS_CACHE  or  $XDG_CACHE_HOME/dlconv/tf_ops  or  ~/.cache/dlconv/tf_ops
         tf2.21.0-<hash>/_dlconv_tf_ops.so   (+ build.json: versions, command)
@@ -54,6 +67,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from importlib import metadata
 
 __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "status", "OP_NAMES",
@@ -67,9 +81,15 @@ SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_conv_grouped.cpp", "cpu_dense.cpp"
 #: Hashed too: a change in any header rebuilds.
 HEADERS = ("geometry.h", "cpu_kernels.h", "cpu_gemm.h", "cpu_act.h", "cpu_conv_direct.h",
            "cpu_conv_winograd.h", "cpu_dense_backward.h", "cpu_conv_grouped.h")
+#: The CUDA C++ kernels the DEVICE_GPU OpKernels call (compiled by nvcc when CUDA is used).
+CUDA_SOURCES = ("cuda_conv.cu", "cuda_dense.cu", "cuda_workspace.cu")
+CUDA_HEADERS = ("cuda_kernels.h", "cuda_common.cuh")
 LIB_NAME = "_dlconv_tf_ops.so"
 #: Environment switch: "0" never builds or uses the library (the bridge uses callbacks).
 ENV_SWITCH = "DLCONV_TF_OPS"
+#: "0" builds without the DEVICE_GPU kernels, "1" requires them (fails with the reason if nvcc
+#: or a CUDA build of TensorFlow is missing), unset: with them when both are there.
+CUDA_SWITCH = "DLCONV_TF_OPS_CUDA"
 
 
 class TFOpsUnavailable(RuntimeError):
@@ -77,10 +97,11 @@ class TFOpsUnavailable(RuntimeError):
 
 
 def _csrc() -> str:
-    """The folder holding the C++ sources: the source tree's csrc/ (editable installs) or a copy
-    shipped inside the package as dlconv/csrc."""
+    """The folder holding the C++ sources: the copy a wheel ships inside the package
+    (dlconv/csrc, put there by setup.py's build_py), else the source tree's csrc/ beside the
+    package (an editable install or a checkout)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(os.path.dirname(here), "csrc"), os.path.join(here, "csrc")):
+    for cand in (os.path.join(here, "csrc"), os.path.join(os.path.dirname(here), "csrc")):
         if os.path.exists(os.path.join(cand, "tf_ops.cpp")):
             return cand
     raise TFOpsUnavailable(f"the C++ sources (csrc/tf_ops.cpp) are not found next to {here}")
@@ -128,11 +149,84 @@ def _tf_dir() -> str:
     return list(spec.submodule_search_locations)[0]
 
 
+def _tf_build_info() -> dict:
+    """TensorFlow's build facts (``tf.sysconfig.get_build_info()``), read from its generated
+    ``python/platform/build_info.py`` without importing TensorFlow; {} if absent."""
+    path = os.path.join(_tf_dir(), "python", "platform", "build_info.py")
+    spec = importlib.util.spec_from_file_location("_dlconv_tf_build_info", path)
+    if spec is None or not os.path.exists(path):
+        return {}
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception:   # a build_info.py we cannot read is a TensorFlow without CUDA facts
+        return {}
+    return dict(getattr(mod, "build_info", {}))
+
+
+def _find_nvcc():
+    """nvcc on PATH or in $CUDA_HOME/bin (the lookup setup.py does for dlconv._C_cuda)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return None
+
+
+def _cuda_root(nvcc: str) -> str:
+    """$CUDA_HOME, else the TOP nvcc itself reports (nvcc may be a wrapper script outside the
+    toolkit), else the folder above nvcc's bin/ — as setup.py."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.isdir(os.path.join(home, "include")):
+        return home
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
+        for line in out.splitlines():
+            if line.startswith("#$ TOP="):
+                return os.path.realpath(line.split("=", 1)[1].strip())
+    except OSError:
+        pass
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+
+
+def _cuda_archs():
+    """SASS targets (setup.py's DLCONV_CUDA_ARCHS; PTX is added for the highest)."""
+    return [a for a in os.environ.get("DLCONV_CUDA_ARCHS", "80;90").split(";") if a]
+
+
+def cuda_plan():
+    """(nvcc, "") when the library gets its DEVICE_GPU kernels, else (None, why not).
+
+    They are built when nvcc is found and the installed TensorFlow is a CUDA build
+    (``is_cuda_build`` in ``tf.sysconfig.get_build_info()``), unless ``DLCONV_TF_OPS_CUDA=0``;
+    ``DLCONV_TF_OPS_CUDA=1`` makes their absence an error (:class:`TFOpsUnavailable`).
+    """
+    mode = os.environ.get(CUDA_SWITCH, "").strip()
+    if mode == "0":
+        return None, f"{CUDA_SWITCH}=0"
+    nvcc, why = _find_nvcc(), []
+    if nvcc is None:
+        why.append("nvcc was not found on PATH or in $CUDA_HOME/bin")
+    if not _tf_build_info().get("is_cuda_build"):
+        why.append("this TensorFlow is not a CUDA build (tf.sysconfig.get_build_info()['is_cuda_build'])")
+    if why:
+        if mode == "1":
+            raise TFOpsUnavailable(f"{CUDA_SWITCH}=1 but " + " and ".join(why))
+        return None, " and ".join(why)
+    return nvcc, ""
+
+
 def _key() -> str:
-    """Cache folder name: TensorFlow version + hash of sources, compiler, flags, Python ABI."""
+    """Cache folder name: TensorFlow version + hash of sources, compiler, flags, Python ABI,
+    and whether (with which nvcc and archs) the CUDA kernels are compiled in."""
     h = hashlib.sha256()
     src = _csrc()
-    for name in SOURCES + HEADERS:
+    nvcc, _ = cuda_plan()
+    names = SOURCES + HEADERS + ((CUDA_SOURCES + CUDA_HEADERS) if nvcc else ())
+    h.update(f"cuda={nvcc} archs={_cuda_archs() if nvcc else ''}".encode())
+    for name in names:
         path = os.path.join(src, name)
         if os.path.exists(path):
             h.update(name.encode())
@@ -159,6 +253,42 @@ def library_path() -> str:
     return os.path.join(cache_root(), _key(), LIB_NAME)
 
 
+def _failed(name, cmd, log) -> str:
+    """The one-line reason of a failed compile: its first line naming an error, else its last."""
+    log.seek(0)
+    out = log.read().splitlines()
+    last = [ln for ln in out if "error" in ln][:1] or out[-1:]
+    return f"compiling {name} failed ({os.path.basename(cmd[0])}): {last[0] if last else 'no output'}"
+
+
+def _compile_all(jobs, logdir):
+    """Run the (name, command) compile jobs side by side; the first failure is the reason, and
+    the jobs still running then are stopped (a broken compiler does not wait for nvcc)."""
+    running = []
+    for name, cmd in jobs:
+        log = open(os.path.join(logdir, name + ".log"), "w+")   # a file: no pipe to fill up
+        running.append((name, cmd, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+    failure = None
+    try:
+        while failure is None and any(p.poll() is None for _, _, p, _ in running):
+            for name, cmd, p, log in running:
+                if p.poll() not in (None, 0):
+                    failure = _failed(name, cmd, log)
+                    break
+            time.sleep(0.05)
+        for name, cmd, p, log in running:
+            if failure is None and p.wait() != 0:
+                failure = _failed(name, cmd, log)
+    finally:
+        for _, _, p, log in running:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.close()
+    if failure:
+        raise TFOpsUnavailable(failure)
+
+
 def _build(folder: str) -> None:
     """Compile the library into ``folder`` (called under the folder's lock)."""
     import tensorflow as tf
@@ -167,32 +297,58 @@ def _build(folder: str) -> None:
     if not os.path.exists(os.path.join(inc, "tensorflow", "core", "framework", "op_kernel.h")):
         raise TFOpsUnavailable(f"TensorFlow's C++ headers are missing ({inc}/tensorflow/core/framework/op_kernel.h)")
     cxx, src = _compiler(), _csrc()
+    nvcc, no_cuda = cuda_plan()
     print(f"dlconv: building the TensorFlow op library for TensorFlow {tf.__version__} (first use; "
-          f"about a minute) into {folder}", file=sys.stderr, flush=True)
+          f"about a minute) into {folder}; "
+          + (f"with DEVICE_GPU kernels (nvcc {nvcc})" if nvcc else f"CPU kernels only ({no_cuda})"),
+          file=sys.stderr, flush=True)
     cflags = list(tf.sysconfig.get_compile_flags()) + ["-O3", "-fPIC", "-fopenmp", "-fvisibility=hidden",
                                                       f"-I{src}"] + _simd_flags()
     lflags = ["-shared", "-fopenmp"] + list(tf.sysconfig.get_link_flags())
+    cuda = None
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        procs, objs = [], []
+        jobs, objs = [], []
+        if nvcc:
+            root, archs = _cuda_root(nvcc), _cuda_archs()
+            gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+            gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
+            for name in CUDA_SOURCES:   # as setup.py compiles them for dlconv._C_cuda
+                obj = os.path.join(tmp, name + ".o")
+                jobs.append((name, [nvcc, "-c", os.path.join(src, name), "-o", obj, "-O3", "-std=c++17",
+                                    "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{src}", *gencode]))
+                objs.append(obj)
+            cudart = next((os.path.join(root, d, "libcudart_static.a")
+                           for d in ("lib64", "lib", os.path.join("targets", f"{platform.machine()}-linux", "lib"))
+                           if os.path.exists(os.path.join(root, d, "libcudart_static.a"))), None)
+            if cudart is None:
+                raise TFOpsUnavailable(f"libcudart_static.a not found under {root} (needed for the DEVICE_GPU "
+                                       f"kernels; {CUDA_SWITCH}=0 builds without them)")
+            # static cudart, its symbols kept out of the library's exports (TensorFlow has its own
+            # libcudart; the stream handle TensorFlow passes is a driver CUstream either can use)
+            lflags += [cudart, "-Wl,--exclude-libs,libcudart_static.a", "-ldl", "-lrt", "-lpthread"]
+            cuda = {"nvcc": nvcc, "root": root, "archs": archs}
         for name in SOURCES:   # one compiler per source, in parallel
             obj = os.path.join(tmp, name + ".o")
-            cmd = [cxx, "-c", os.path.join(src, name), "-o", obj] + cflags
-            procs.append((name, cmd, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                                      text=True)))
+            extra = []
+            if cuda and name == "tf_ops.cpp":   # the DEVICE_GPU kernels and their registration
+                extra = ["-DGOOGLE_CUDA=1", f"-I{os.path.join(cuda['root'], 'include')}"]
+            jobs.append((name, [cxx, "-c", os.path.join(src, name), "-o", obj] + cflags + extra))
             objs.append(obj)
-        for name, cmd, p in procs:
-            out, _ = p.communicate()
-            if p.returncode != 0:
-                last = [ln for ln in out.splitlines() if "error" in ln][:1] or out.splitlines()[-1:]
-                raise TFOpsUnavailable(f"compiling {name} failed ({' '.join(cmd[:1])}): "
-                                       f"{last[0] if last else 'no output'}")
+        hint = f" ({CUDA_SWITCH}=0 builds it without the DEVICE_GPU kernels)" if cuda else ""
+        try:
+            _compile_all(jobs, tmp)
+        except TFOpsUnavailable as exc:   # the hint only where nvcc's part failed
+            cuda_part = any(str(exc).startswith(f"compiling {n} ") for n in CUDA_SOURCES)
+            raise TFOpsUnavailable(f"{exc}{hint if cuda_part else ''}") from None
         tmp_lib = os.path.join(tmp, LIB_NAME)
         cmd = [cxx] + objs + ["-o", tmp_lib] + lflags
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
-            raise TFOpsUnavailable(f"linking the op library failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+            raise TFOpsUnavailable(f"linking the op library failed: "
+                                   f"{(p.stderr.strip().splitlines() or ['?'])[-1]}{hint}")
         info = {"tensorflow": tf.__version__, "tf_dir": _tf_dir(), "compiler": cxx, "simd": _simd_flags(),
-                "compile_flags": cflags, "link_flags": lflags}
+                "compile_flags": cflags, "link_flags": lflags, "gpu_kernels": cuda is not None, "cuda": cuda,
+                "no_cuda_reason": no_cuda}
         with open(os.path.join(folder, "build.json"), "w") as f:
             json.dump(info, f, indent=1)
         os.replace(tmp_lib, os.path.join(folder, LIB_NAME))   # atomic: readers never see half a file
@@ -285,16 +441,20 @@ def status() -> dict:
         path = library_path()
     except TFOpsUnavailable as exc:
         return {"native": False, "why": f"{exc}: the TensorFlow bridge uses numpy_function callbacks"}
+    nvcc, no_cuda = cuda_plan()
+    gpu = ("; DEVICE_GPU kernels too (CUDA C++ kernels on TensorFlow's stream; never run: see docs/layers.md)"
+           if nvcc else f"; CPU kernels only ({no_cuda})")
     failed = os.path.join(os.path.dirname(path), "build-failed.txt")
     if os.path.exists(path):
-        return {"native": True, "why": f"graph-native ops (REGISTER_OP), library {path}", "file": path}
+        return {"native": True, "why": f"graph-native ops (REGISTER_OP), library {path}{gpu}", "file": path,
+                "gpu_kernels": nvcc is not None}
     if os.path.exists(failed):
         with open(failed) as f:
             why = f.read().strip()
         return {"native": False, "why": f"op library build failed: {why}; the TensorFlow bridge uses "
                                         f"numpy_function callbacks"}
-    return {"native": True, "why": f"graph-native ops (REGISTER_OP), built on first use into {path}",
-            "file": path}
+    return {"native": True, "why": f"graph-native ops (REGISTER_OP), built on first use into {path}{gpu}",
+            "file": path, "gpu_kernels": nvcc is not None}
 
 
 if __name__ == "__main__":   # python -m dlconv.tf_ops: build (if needed) and print the path

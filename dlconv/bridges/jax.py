@@ -141,8 +141,9 @@ def _check_bias(b, n):
 
 # ----------------------------------------------------------------------------- conv2d
 @functools.lru_cache(maxsize=256)
-def _conv_op(g, act: str, backend, has_bias: bool):
-    """The custom_vjp function ``op(x, w[, b]) -> y`` for one geometry and setting."""
+def _conv_op(g, act: str, backend, has_bias: bool, sharded: bool = False):
+    """The custom_vjp function ``op(x, w[, b]) -> y`` for one geometry and setting;
+    ``sharded``: its FFI calls carry the batch-sharding rule (:mod:`.jax_sharding`)."""
     use_ffi = path_for(backend) == "ffi"
     on_device = use_ffi and _on_gpu()        # callbacks always get host (NumPy) arrays
     be = resolve_backend(backend, on_device)
@@ -188,6 +189,12 @@ def _conv_op(g, act: str, backend, has_bias: bool):
                 x_, d_[0], g.w_shape, backend=be, geometry=g, **_kw(d_))),
                 [g.w_shape, (g.filters,)], x, *d)
 
+    parts = (forward, act_backward, backward_data, backward_filter)
+    if sharded and use_ffi:                  # each device runs the kernels on its own rows
+        from . import jax_sharding
+        forward, act_backward, backward_data, backward_filter = jax_sharding.conv_parts(
+            lambda n: _conv_op(g.with_batch(n), act, backend, has_bias).parts, has_bias, fused, act)
+
     @jax.custom_vjp
     def op(x, w, *b):
         return forward(x, w, *b)
@@ -209,6 +216,7 @@ def _conv_op(g, act: str, backend, has_bias: bool):
         return (dx, dw, db) if has_bias else (dx, dw)
 
     op.defvjp(op_fwd, op_bwd)
+    op.parts = parts
     return op
 
 
@@ -235,14 +243,16 @@ def conv2d(x, kernel, bias, *, strides, padding, dilation, activation="linear",
     if out_shape is not None and None not in tuple(out_shape) and tuple(out_shape) != g.y_shape:
         raise ValueError(f"out_shape {tuple(out_shape)} does not match the geometry's output "
                          f"{g.y_shape}")
-    op = _conv_op(g, act, backend, bias is not None)
+    from . import jax_sharding
+    op = _conv_op(g, act, backend, bias is not None, jax_sharding.wanted(x, kernel, bias))
     return op(x, kernel, bias) if bias is not None else op(x, kernel)
 
 
 # ----------------------------------------------------------------------------- dense
 @functools.lru_cache(maxsize=256)
-def _dense_op(x_shape, w_shape, act: str, backend, has_bias: bool):
-    """The custom_vjp function ``op(x, w[, b]) -> y`` for one shape and setting."""
+def _dense_op(x_shape, w_shape, act: str, backend, has_bias: bool, sharded: bool = False):
+    """The custom_vjp function ``op(x, w[, b]) -> y`` for one shape and setting;
+    ``sharded``: its FFI calls carry the batch-sharding rule (:mod:`.jax_sharding`)."""
     use_ffi = path_for(backend) == "ffi"
     be = resolve_backend(backend, use_ffi and _on_gpu())
     dg = dense_geometry(x_shape, w_shape)
@@ -273,6 +283,12 @@ def _dense_op(x_shape, w_shape, act: str, backend, has_bias: bool):
                 x_, w_, dy_, y_, activation=act, backend=be)),
                 [x_shape, w_shape, b_shape], x, w, y, dy)
 
+    parts = (forward, backward)
+    if sharded and use_ffi:                  # each device runs the kernels on its own rows
+        from . import jax_sharding
+        forward, backward = jax_sharding.dense_parts(
+            lambda n: _dense_op((n,) + tuple(x_shape[1:]), w_shape, act, backend, has_bias).parts, has_bias)
+
     @jax.custom_vjp
     def op(x, w, *b):
         return forward(x, w, *b)
@@ -287,6 +303,7 @@ def _dense_op(x_shape, w_shape, act: str, backend, has_bias: bool):
         return (dx, dw, db) if has_bias else (dx, dw)
 
     op.defvjp(op_fwd, op_bwd)
+    op.parts = parts
     return op
 
 
@@ -302,5 +319,6 @@ def dense(x, kernel, bias, *, activation="linear", backend="auto"):
     bias = None if bias is None else jnp.asarray(bias)
     dg = dense_geometry(tuple(x.shape), tuple(kernel.shape))
     _check_bias(bias, dg.out_features)
-    op = _dense_op(dg.x_shape, dg.w_shape, act, backend, bias is not None)
+    from . import jax_sharding
+    op = _dense_op(dg.x_shape, dg.w_shape, act, backend, bias is not None, jax_sharding.wanted(x, kernel, bias))
     return op(x, kernel, bias) if bias is not None else op(x, kernel)
