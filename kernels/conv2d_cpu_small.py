@@ -214,4 +214,7 @@ def forward(x, w, b, g, act: int, variant: str = VARIANT) -> np.ndarray:
     """The backend's entry (same arguments as :func:`.conv2d_cpu.forward`)."""
     if variant != VARIANT:
         raise ValueError(f"variant must be {VARIANT!r} for this module, got {variant!r}")
+    if g.groups != 1:   # grouped / depthwise: the one grouped kernel every variant runs
+        from . import conv2d_grouped_cpu
+        return conv2d_grouped_cpu.forward(x, w, b, g, act)
     return launch(x, w, b, g, act)
