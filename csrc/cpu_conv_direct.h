@@ -208,9 +208,20 @@ static inline Panel panel_at(i64 f0, i64 F) {
 }
 
 // ---------------------------------------------------------------------------- forward driver
+// Where output pixel (n, oh, ow) starts in y: y + n*img + oh*row + ow*pix (floats).  The default
+// is the dense NHWC output; the strided backward-data writes one sub-pixel phase of dx in place
+// (img = H*W*C, row = stride_h*W*C, pix = stride_w*C, y offset to the phase's first pixel).
+struct OutMap {
+    i64 img, row, pix;
+};
+static inline OutMap dense_out(const ConvGeometry& g) {
+    return {g.out_h * g.out_w * g.filters, g.out_w * g.filters, g.filters};
+}
+
 // y = act(conv(x, w) + b) for any geometry (pads may be negative: the backward-data call crops).
 inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
-                         float* y) {
+                         float* y, const OutMap* out_map = nullptr) {
+    const OutMap om = out_map ? *out_map : dense_out(g);
     const i64 C = g.in_c, F = g.filters, OW = g.out_w, OH = g.out_h, H = g.in_h, W = g.in_w;
     const i64 KH = g.k_h, KW = g.k_w;
     // Input columns a row of outputs touches: [iw_lo, iw_hi).
@@ -244,7 +255,7 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
 #pragma omp for schedule(dynamic, 8)
         for (i64 t = 0; t < rows; ++t) {
             const i64 n = t / OH, oh = t - n * OH;
-            float* yrow = y + t * OW * F;
+            float* yrow = y + n * om.img + oh * om.row;
             segs.clear();
             for (i64 kh = 0; kh < KH; ++kh) {
                 const i64 ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
@@ -274,10 +285,10 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
             }
             if (segs.empty()) {  // every tap in the padding: y = act(b)
                 for (i64 ow = 0; ow < OW; ++ow) {
-                    float* o = yrow + ow * F;
+                    float* o = yrow + ow * om.pix;
                     for (i64 f = 0; f < F; ++f) o[f] = bias ? bias[f] : 0.f;
                 }
-                epilogue(yrow, F, OW, F, nullptr, act);
+                epilogue(yrow, om.pix, OW, F, nullptr, act);
                 continue;
             }
             for (i64 f0 = 0; f0 < F; f0 += PANEL) {
@@ -287,10 +298,11 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
                 for (i64 i = 0; i < ntile; ++i) {
                     const i64 ow0 = i * OW / ntile, ow1 = (i + 1) * OW / ntile;
                     fwd_kernel(pn.nv, int(ow1 - ow0))(segs.data(), int(segs.size()), ow0 * as, as, f0, ldb,
-                                                      yrow + ow0 * F + f0, F, pn.mask, init, act == ACT_RELU);
+                                                      yrow + ow0 * om.pix + f0, om.pix, pn.mask, init,
+                                                      act == ACT_RELU);
                 }
             }
-            if (act == ACT_SIGMOID || act == ACT_TANH) epilogue(yrow, F, OW, F, nullptr, act);
+            if (act == ACT_SIGMOID || act == ACT_TANH) epilogue(yrow, om.pix, OW, F, nullptr, act);
         }
     }
 }
