@@ -183,15 +183,19 @@ inline void narrow_phase(const ConvGeometry& g, const TransposedGeometry& t, con
                 if (ih < 0 || ih >= f.in_h) continue;
                 const float* src = dz + (n * f.in_h + ih) * f.in_w * F;
                 float* d = buf.data + nr * Wb * Fp;
-                for (i64 b = 0; b < Wb; ++b) {
-                    const i64 iw = b - f.pad_left;
-                    if (iw >= 0 && iw < f.in_w) {
-                        std::memcpy(d + b * Fp, src + iw * F, F * sizeof(float));
+                // buffer columns [b0, b1) hold dz columns b - pad_left inside [0, in_w)
+                const i64 b0 = std::min(Wb, std::max<i64>(0, f.pad_left));
+                const i64 b1 = std::max(b0, std::min(Wb, f.in_w + f.pad_left));
+                std::memset(d, 0, b0 * Fp * sizeof(float));
+                if (Fp == F) {  // one run
+                    std::memcpy(d + b0 * Fp, src + (b0 - f.pad_left) * F, (b1 - b0) * F * sizeof(float));
+                } else {
+                    for (i64 b = b0; b < b1; ++b) {
+                        std::memcpy(d + b * Fp, src + (b - f.pad_left) * F, F * sizeof(float));
                         std::memset(d + b * Fp + F, 0, (Fp - F) * sizeof(float));
-                    } else {
-                        std::memset(d + b * Fp, 0, Fp * sizeof(float));
                     }
                 }
+                std::memset(d + b1 * Fp, 0, (Wb - b1) * Fp * sizeof(float));
                 rp[nr] = d;
                 jt[nr] = j;
                 ++nr;
