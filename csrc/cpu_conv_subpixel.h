@@ -19,7 +19,9 @@
 // What a thread owns: the direct forward's work item, one row of the phase's output — here one
 //   dx row ih of one image, every s_w-th pixel of it, all C channels — written in place through
 //   an OutMap (pixel stride s_w·C, row stride s_h·W·C), so no phase buffer and no scatter pass.
-//   The phases run one after the other, each a parallel region over its N·ceil((H − rh)/s_h) rows.
+//   All phases share one parallel region: a thread takes rows (dynamic) of one phase, then of
+//   the next, with no barrier between phases (direct::forward_rows; the narrow variant runs its
+//   phases one parallel region each).
 // Edges: the phase convolution's pads may be negative (it crops dz) or positive (dz padding, the
 //   ragged right/bottom edge); the direct kernel's zero-padded row buffer handles both.  A phase
 //   no tap reaches (kernel smaller than the stride, dilation sharing a factor with the stride)
@@ -215,26 +217,50 @@ inline void narrow_phase(const ConvGeometry& g, const TransposedGeometry& t, con
     }
 }
 
-// dx from dz (already multiplied by the activation derivative) and w, any stride.
+// dx from dz (already multiplied by the activation derivative) and w, any stride.  The direct
+// phases are prepared first (sub-filters, aligned) and then run in one parallel region, each
+// thread taking rows of one phase after another (no barrier between phases).
 inline void conv_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx) {
-    const bool narrow = g.in_c <= NARROW_MAX_C;
-    Buf wf(narrow ? 0 : g.k_h * g.k_w * g.in_c * g.filters);
     const direct::OutMap om = phase_map(g);
+    std::vector<TransposedGeometry> phases;
     for (i64 rh = 0; rh < g.stride_h; ++rh)
         for (i64 rw = 0; rw < g.stride_w; ++rw) {
             const TransposedGeometry t = transposed_geometry(g, rh, rw);
-            if (t.f.out_h == 0 || t.f.out_w == 0) continue;  // no dx pixel in this phase
-            if (t.empty()) {
-                zero_phase(g, t, dx);
-                continue;
-            }
-            if (narrow) {
-                narrow_phase(g, t, dz, w, dx);
-                continue;
-            }
-            phase_weights(g, t, w, wf.data);
-            direct::conv_forward(t.f, dz, wf.data, nullptr, ACT_LINEAR, dx + (rh * g.in_w + rw) * g.in_c, &om);
+            if (t.f.out_h > 0 && t.f.out_w > 0) phases.push_back(t);  // else: no dx pixel in the phase
         }
+    if (g.in_c <= NARROW_MAX_C) {
+        for (const TransposedGeometry& t : phases) {
+            if (t.empty()) zero_phase(g, t, dx);
+            else narrow_phase(g, t, dz, w, dx);
+        }
+        return;
+    }
+    const size_t P = phases.size();
+    std::vector<Buf> wf(P), wcopy(P);
+    std::vector<const float*> wp(P, nullptr);
+    std::vector<i64> ldb(P, 0);
+    for (size_t i = 0; i < P; ++i) {
+        if (phases[i].empty()) continue;
+        wf[i].resize(phases[i].f.k_h * phases[i].f.k_w * g.in_c * g.filters);
+        phase_weights(g, phases[i], w, wf[i].data);
+        wp[i] = direct::aligned_weights(phases[i].f, wf[i].data, wcopy[i], ldb[i]);
+    }
+#pragma omp parallel num_threads(omp_get_max_threads())
+    for (size_t i = 0; i < P; ++i) {
+        const TransposedGeometry& t = phases[i];
+        float* base = dx + (t.phase_h * g.in_w + t.phase_w) * g.in_c;
+        if (t.empty()) {  // no tap reaches the phase: zeros
+            const i64 rows = g.batch * t.f.out_h;
+#pragma omp for schedule(static) nowait
+            for (i64 r = 0; r < rows; ++r) {
+                const i64 n = r / t.f.out_h, q = r - n * t.f.out_h;
+                float* row = base + n * om.img + q * om.row;
+                for (i64 p = 0; p < t.f.out_w; ++p) std::memset(row + p * om.pix, 0, g.in_c * sizeof(float));
+            }
+            continue;
+        }
+        direct::forward_rows(t.f, dz, wp[i], ldb[i], nullptr, ACT_LINEAR, base, om);
+    }
 }
 
 }  // namespace subpixel
