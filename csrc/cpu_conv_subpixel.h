@@ -20,13 +20,13 @@
 //   dx row ih of one image, every s_w-th pixel of it, all C channels — written in place through
 //   an OutMap (pixel stride s_w·C, row stride s_h·W·C), so no phase buffer and no scatter pass.
 //   All phases share one parallel region: a thread takes rows (dynamic) of one phase, then of
-//   the next, with no barrier between phases (direct::forward_rows; the narrow variant runs its
-//   phases one parallel region each).
+//   the next, with no barrier between phases (direct::forward_rows, narrow_rows, zero_rows).
 // Edges: the phase convolution's pads may be negative (it crops dz) or positive (dz padding, the
 //   ragged right/bottom edge); the direct kernel's zero-padded row buffer handles both.  A phase
 //   no tap reaches (kernel smaller than the stride, dilation sharing a factor with the stride)
 //   is zero-filled; a phase with no dx pixel (H < stride) is skipped.
-// Memory per call: the sub-filter of one phase (at most the weights' size).
+// Memory per call: the sub-filters of all phases (the taps partition the filter: about the weights' size,
+//   twice with the aligned copy), and per thread one padded row buffer.
 //
 // Narrow variant (dx channels C <= NARROW_MAX_C, the input gradient of a stem on a 1-3-channel
 //   image): the direct kernel's vectors run over C and would use C of 16 lanes.  narrow_tile
@@ -75,12 +75,13 @@ inline direct::OutMap phase_map(const ConvGeometry& g) {
     return {g.in_h * g.in_w * g.in_c, g.stride_h * g.in_w * g.in_c, g.stride_w * g.in_c};
 }
 
-// dx[...phase t...] = 0 (no tap reaches these pixels).
-inline void zero_phase(const ConvGeometry& g, const TransposedGeometry& t, float* dx) {
+// dx[...phase t...] = 0 (no tap reaches these pixels): called by every thread of an enclosing
+// parallel region (static share of the rows, no barrier at the end).
+inline void zero_rows(const ConvGeometry& g, const TransposedGeometry& t, float* dx) {
     const i64 C = g.in_c, rows = g.batch * t.f.out_h;
     const direct::OutMap om = phase_map(g);
     float* base = dx + (t.phase_h * g.in_w + t.phase_w) * C;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static) nowait
     for (i64 r = 0; r < rows; ++r) {
         const i64 n = r / t.f.out_h, q = r - n * t.f.out_h;
         float* row = base + n * om.img + q * om.row;
@@ -148,15 +149,12 @@ static inline NarrowFn narrow_kernel(i64 c, int r) {
     return t[c - 1][r - 1];
 }
 
-// Phase t of dx (C <= NARROW_MAX_C) from dz, narrow register blocks.
-inline void narrow_phase(const ConvGeometry& g, const TransposedGeometry& t, const float* dz, const float* w,
-                         float* dx) {
-    const ConvGeometry& f = t.f;  // in = dz (F channels), filters = C
+// wk[j, i, c, k] = w[tap_last_h - j*step_h, tap_last_w - i*step_w, c, k] of phase t, k padded
+// to Fp with zeros (the narrow variant's sub-filter).
+inline void narrow_weights(const ConvGeometry& g, const TransposedGeometry& t, const float* w, Buf& wk) {
     const i64 C = g.in_c, F = g.filters, Fp = (F + VL - 1) / VL * VL;
-    const i64 OW = f.out_w, TW = f.k_w, TH = f.k_h;
-    const i64 Wb = OW + (TW - 1) * f.dil_w;  // buffer columns: dz columns -pad_left .. -pad_left + Wb
-    // wk[j, i, c, k] = w[tap_last_h - j*step_h, tap_last_w - i*step_w, c, k], k padded to Fp with zeros
-    Buf wk(TH * TW * C * Fp);
+    const i64 TW = t.f.k_w, TH = t.f.k_h;
+    wk.resize(TH * TW * C * Fp);
     for (i64 j = 0; j < TH; ++j)
         for (i64 i = 0; i < TW; ++i)
             for (i64 c = 0; c < C; ++c) {
@@ -165,17 +163,26 @@ inline void narrow_phase(const ConvGeometry& g, const TransposedGeometry& t, con
                 std::memcpy(d, w + ((kh * g.k_w + kw) * C + c) * F, F * sizeof(float));
                 std::memset(d + F, 0, (Fp - F) * sizeof(float));
             }
+}
+
+// Phase t of dx (C <= NARROW_MAX_C) from dz and its narrow_weights: called by every thread of
+// an enclosing parallel region, which share out the rows (dynamic, no barrier at the end).
+inline void narrow_rows(const ConvGeometry& g, const TransposedGeometry& t, const float* dz, const Buf& wk,
+                        float* dx) {
+    const ConvGeometry& f = t.f;  // in = dz (F channels), filters = C
+    const i64 C = g.in_c, F = g.filters, Fp = (F + VL - 1) / VL * VL;
+    const i64 OW = f.out_w, TW = f.k_w, TH = f.k_h;
+    const i64 Wb = OW + (TW - 1) * f.dil_w;  // buffer columns: dz columns -pad_left .. -pad_left + Wb
     const direct::OutMap om = phase_map(g);
     float* base = dx + (t.phase_h * g.in_w + t.phase_w) * C;
     const int Rm = narrow_rows(int(C));
     const i64 rows = g.batch * f.out_h;
-#pragma omp parallel
     {
         Buf buf(TH * Wb * Fp);
         std::vector<const float*> rp(static_cast<size_t>(TH));
         std::vector<i64> jt(static_cast<size_t>(TH));
         std::vector<const float*> tp(static_cast<size_t>(TH));
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, 8) nowait
         for (i64 row = 0; row < rows; ++row) {
             const i64 n = row / f.out_h, q = row - n * f.out_h;
             float* orow = base + n * om.img + q * om.row;
@@ -228,19 +235,17 @@ inline void conv_backward_data(const ConvGeometry& g, const float* dz, const flo
             const TransposedGeometry t = transposed_geometry(g, rh, rw);
             if (t.f.out_h > 0 && t.f.out_w > 0) phases.push_back(t);  // else: no dx pixel in the phase
         }
-    if (g.in_c <= NARROW_MAX_C) {
-        for (const TransposedGeometry& t : phases) {
-            if (t.empty()) zero_phase(g, t, dx);
-            else narrow_phase(g, t, dz, w, dx);
-        }
-        return;
-    }
     const size_t P = phases.size();
     std::vector<Buf> wf(P), wcopy(P);
+    const bool narrow = g.in_c <= NARROW_MAX_C;
     std::vector<const float*> wp(P, nullptr);
     std::vector<i64> ldb(P, 0);
     for (size_t i = 0; i < P; ++i) {
         if (phases[i].empty()) continue;
+        if (narrow) {
+            narrow_weights(g, phases[i], w, wf[i]);
+            continue;
+        }
         wf[i].resize(phases[i].f.k_h * phases[i].f.k_w * g.in_c * g.filters);
         phase_weights(g, phases[i], w, wf[i].data);
         wp[i] = direct::aligned_weights(phases[i].f, wf[i].data, wcopy[i], ldb[i]);
@@ -248,18 +253,10 @@ inline void conv_backward_data(const ConvGeometry& g, const float* dz, const flo
 #pragma omp parallel num_threads(omp_get_max_threads())
     for (size_t i = 0; i < P; ++i) {
         const TransposedGeometry& t = phases[i];
-        float* base = dx + (t.phase_h * g.in_w + t.phase_w) * g.in_c;
-        if (t.empty()) {  // no tap reaches the phase: zeros
-            const i64 rows = g.batch * t.f.out_h;
-#pragma omp for schedule(static) nowait
-            for (i64 r = 0; r < rows; ++r) {
-                const i64 n = r / t.f.out_h, q = r - n * t.f.out_h;
-                float* row = base + n * om.img + q * om.row;
-                for (i64 p = 0; p < t.f.out_w; ++p) std::memset(row + p * om.pix, 0, g.in_c * sizeof(float));
-            }
-            continue;
-        }
-        direct::forward_rows(t.f, dz, wp[i], ldb[i], nullptr, ACT_LINEAR, base, om);
+        if (t.empty()) zero_rows(g, t, dx);  // no tap reaches the phase
+        else if (narrow) narrow_rows(g, t, dz, wf[i], dx);
+        else direct::forward_rows(t.f, dz, wp[i], ldb[i], nullptr, ACT_LINEAR,
+                                  dx + (t.phase_h * g.in_w + t.phase_w) * g.in_c, om);
     }
 }
 
