@@ -5,6 +5,7 @@
 //   conv2d_forward(x, w, b|None, geometry, act, y=None, variant=0) -> y   (0 auto, 1 igemm, 2 direct, 3 winograd)
 //   forward_variant_applicable(geometry, variant) -> bool
 //   conv2d_backward_data(dz, w, geometry, dx=None, y=None, activation=0) -> dx
+//   transposed_geometry(geometry, phase_h=0, phase_w=0) -> (fields, tap_last_h, tap_last_w, tap_step_h, tap_step_w)
 //   conv2d_backward_filter(x, dz, geometry, dw=None, db=None, y=None, activation=0) -> (dw, db)
 //     (activation 1-3 with y, the activation's output: dz is then dL/dy and act'(y) is applied
 //      inside the kernels)
@@ -318,6 +319,17 @@ PYBIND11_MODULE(_C, m) {
                   dlconv::bind::geometry_from(geometry, "forward_variant_applicable"), variant);
           }, py::arg("geometry"), py::arg("variant"),
           "Whether conv-forward variant (1 igemm, 2 direct, 3 winograd) can run this geometry in this build.");
+    m.def("transposed_geometry", [](py::object geometry, int64_t phase_h, int64_t phase_w) {
+              const auto t = dlconv::transposed_geometry(
+                  dlconv::bind::geometry_from(geometry, "transposed_geometry"), phase_h, phase_w);
+              const ConvGeometry& f = t.f;
+              return py::make_tuple(py::make_tuple(f.batch, f.in_h, f.in_w, f.in_c, f.filters, f.k_h, f.k_w,
+                                                   f.stride_h, f.stride_w, f.dil_h, f.dil_w, f.pad_top,
+                                                   f.pad_bottom, f.pad_left, f.pad_right, f.out_h, f.out_w),
+                                    t.tap_last_h, t.tap_last_w, t.tap_step_h, t.tap_step_w);
+          }, py::arg("geometry"), py::arg("phase_h") = 0, py::arg("phase_w") = 0,
+          "geometry.h's backward-data phase record: (17 fields as TransposedGeometry.as_tuple(), tap_last_h, "
+          "tap_last_w, tap_step_h, tap_step_w); the C++ mirror of dlconv.shapes.transposed_geometry.");
     m.def("conv2d_backward_data", &conv2d_backward_data, py::arg("dz"), py::arg("w"), py::arg("geometry"),
           py::arg("dx") = py::none(), py::arg("y") = py::none(), py::arg("activation") = 0,
           "dL/dx from dL/dz (the conv's linear output) and w; with activation 1-3, dz is dL/dy of that "

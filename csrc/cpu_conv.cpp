@@ -7,9 +7,12 @@
 //   v3_winograd  (cpu_conv_winograd.h, AVX-512): 3x3, stride 1, dilation 1, C >= 8, F >= 16 —
 //                forward, backward-data (as a forward of dz with the flipped filter) and
 //                backward-filter, Winograd F(2x2, 3x3).
-//   v2_direct    (cpu_conv_direct.h, AVX-512): any other geometry for forward and backward-filter;
-//                backward-data with stride 1 (forward of dz with the flipped, transposed filter).
-//   v1 igemm     (below, on cpu_gemm.h): builds without AVX-512, and backward-data with stride > 1.
+//   v2_direct    (cpu_conv_direct.h, AVX-512): any other geometry for forward and backward-filter.
+//   v2_subpixel  (cpu_conv_subpixel.h, AVX-512): backward-data of any other geometry, as one
+//                v2_direct forward of dz per sub-pixel phase (stride_h·stride_w of them; stride 1:
+//                one, with the flipped, transposed filter), written into dx in place.  The phase
+//                geometry is dlconv.shapes.transposed_geometry, mirrored in geometry.h.
+//   v1 igemm     (below, on cpu_gemm.h): builds without AVX-512.
 // v1 is the implicit GEMM described next (no im2col buffer: A tiles are gathered from NHWC memory
 // as the microkernel needs them).
 //
@@ -44,6 +47,7 @@
 #include "cpu_act.h"
 #include "cpu_conv_direct.h"
 #include "cpu_conv_grouped.h"
+#include "cpu_conv_subpixel.h"
 #include "cpu_conv_winograd.h"
 #include "cpu_gemm.h"
 #include "cpu_kernels.h"
@@ -142,28 +146,18 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
     const i64 M = g.batch * g.in_h * g.in_w, C = g.in_c, F = g.filters, T = g.k_h * g.k_w;
 #if defined(__AVX512F__)
     if (g.stride_h == 1 && g.stride_w == 1) {
-        // Stride 1: dx = forward conv of dz with the flipped, transposed filter
-        //   wf[KH-1-kh, KW-1-kw, k, c] = w[kh, kw, c, k], pads (K-1)·dil − pad (negative = crop):
-        //   dx[n, ih, iw, c] = Σ dz[n, ih + pad_top − kh·dil_h, iw + pad_left − kw·dil_w, k] · w[kh, kw, c, k].
+        // Stride 1: one phase, every tap: dx = forward conv of dz with the flipped, transposed
+        // filter, pads (K-1)·dil − pad (negative = crop); Winograd when it applies.
+        const TransposedGeometry t = transposed_geometry(g);
         Buf wf(T * F * C);
-        for (i64 kh = 0; kh < g.k_h; ++kh)
-            for (i64 kw = 0; kw < g.k_w; ++kw) {
-                const float* src = w + (kh * g.k_w + kw) * C * F;
-                float* dst = wf.data + ((g.k_h - 1 - kh) * g.k_w + (g.k_w - 1 - kw)) * F * C;
-                for (i64 c = 0; c < C; ++c)
-                    for (i64 k = 0; k < F; ++k) dst[k * C + c] = src[c * F + k];
-            }
-        ConvGeometry f = g;
-        f.in_h = g.out_h; f.in_w = g.out_w; f.in_c = F; f.filters = C;
-        f.stride_h = f.stride_w = 1;
-        f.pad_top = (g.k_h - 1) * g.dil_h - g.pad_top;
-        f.pad_bottom = (g.k_h - 1) * g.dil_h - g.pad_bottom;
-        f.pad_left = (g.k_w - 1) * g.dil_w - g.pad_left;
-        f.pad_right = (g.k_w - 1) * g.dil_w - g.pad_right;
-        f.out_h = g.in_h; f.out_w = g.in_w;
-        if (winograd::applicable(f) && winograd::conv_forward(f, dz, wf.data, nullptr, ACT_LINEAR, dx, y, act)) return;
+        subpixel::phase_weights(g, t, w, wf.data);
+        if (winograd::applicable(t.f) &&
+            winograd::conv_forward(t.f, dz, wf.data, nullptr, ACT_LINEAR, dx, y, act))
+            return;
+    }
+    {
         const ActGrad dzg(g, dz, y, act);
-        direct::conv_forward(f, dzg.dz, wf.data, nullptr, ACT_LINEAR, dx);
+        subpixel::conv_backward_data(g, dzg.dz, w, dx);  // also Winograd's non-finite fallback
         return;
     }
 #endif

@@ -208,9 +208,38 @@ static inline Panel panel_at(i64 f0, i64 F) {
 }
 
 // ---------------------------------------------------------------------------- forward driver
-// y = act(conv(x, w) + b) for any geometry (pads may be negative: the backward-data call crops).
-inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
-                         float* y) {
+// Where output pixel (n, oh, ow) starts in y: y + n*img + oh*row + ow*pix (floats).  The default
+// is the dense NHWC output; the strided backward-data writes one sub-pixel phase of dx in place
+// (img = H*W*C, row = stride_h*W*C, pix = stride_w*C, y offset to the phase's first pixel).
+struct OutMap {
+    i64 img, row, pix;
+};
+static inline OutMap dense_out(const ConvGeometry& g) {
+    return {g.out_h * g.out_w * g.filters, g.out_w * g.filters, g.filters};
+}
+
+// Weight rows as the kernel reads them: 64-byte aligned, ldb a multiple of 16 floats.
+// A misaligned row makes every weight load split two cache lines (measured 230 -> 198 GF/s
+// per core), and NumPy only guarantees 16-byte alignment; copying weights is O(weights).
+// Returns w or the copy in wcopy; ldb is the row stride of what it returns.
+inline const float* aligned_weights(const ConvGeometry& g, const float* w, Buf& wcopy, i64& ldb) {
+    const i64 F = g.filters, J = g.k_h * g.k_w * g.in_c;
+    ldb = F;
+    if (!(reinterpret_cast<uintptr_t>(w) & 63) && F % VL == 0) return w;
+    ldb = (F + VL - 1) / VL * VL;
+    wcopy.resize(J * ldb);
+    for (i64 j = 0; j < J; ++j) {
+        std::memcpy(wcopy.data + j * ldb, w + j * F, F * sizeof(float));
+        std::memset(wcopy.data + j * ldb + F, 0, (ldb - F) * sizeof(float));
+    }
+    return wcopy.data;
+}
+
+// The rows of one forward (w as aligned_weights returns it): called by every thread of an
+// enclosing parallel region, which share out the output rows (dynamic, no barrier at the end,
+// so several convolutions, e.g. the phases of a strided backward-data, can share one region).
+inline void forward_rows(const ConvGeometry& g, const float* x, const float* w, i64 ldb, const float* bias, int act,
+                         float* y, const OutMap& om) {
     const i64 C = g.in_c, F = g.filters, OW = g.out_w, OH = g.out_h, H = g.in_h, W = g.in_w;
     const i64 KH = g.k_h, KW = g.k_w;
     // Input columns a row of outputs touches: [iw_lo, iw_hi).
@@ -220,31 +249,15 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
     const bool fused_kw = g.dil_w == 1;  // (kw, c) contiguous in an input row
     const i64 as = g.stride_w * C;       // A row stride: neighbouring output pixels
     const i64 rows = g.batch * OH;
-    // Weight rows as the kernel reads them: 64-byte aligned, ldb a multiple of 16 floats.
-    // A misaligned row makes every weight load split two cache lines (measured 230 -> 198 GF/s
-    // per core), and NumPy only guarantees 16-byte alignment; copying weights is O(weights).
-    i64 ldb = F;
-    Buf wcopy;
-    if ((reinterpret_cast<uintptr_t>(w) & 63) || F % VL) {
-        ldb = (F + VL - 1) / VL * VL;
-        wcopy.resize(KH * KW * C * ldb);
-        for (i64 j = 0; j < KH * KW * C; ++j) {
-            std::memcpy(wcopy.data + j * ldb, w + j * F, F * sizeof(float));
-            std::memset(wcopy.data + j * ldb + F, 0, (ldb - F) * sizeof(float));
-        }
-        w = wcopy.data;
-    }
-    const int T = omp_get_max_threads();
-#pragma omp parallel num_threads(T)
     {
         Buf rowbuf(padded ? KH * Wb * C : 0);
         std::vector<Seg> segs;
         segs.reserve(size_t(KH * KW));
         // dynamic, 8 rows a grab: a thread the OS (or a neighbour's spinning pool) preempts is helped
-#pragma omp for schedule(dynamic, 8)
+#pragma omp for schedule(dynamic, 8) nowait
         for (i64 t = 0; t < rows; ++t) {
             const i64 n = t / OH, oh = t - n * OH;
-            float* yrow = y + t * OW * F;
+            float* yrow = y + n * om.img + oh * om.row;
             segs.clear();
             for (i64 kh = 0; kh < KH; ++kh) {
                 const i64 ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
@@ -274,10 +287,10 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
             }
             if (segs.empty()) {  // every tap in the padding: y = act(b)
                 for (i64 ow = 0; ow < OW; ++ow) {
-                    float* o = yrow + ow * F;
+                    float* o = yrow + ow * om.pix;
                     for (i64 f = 0; f < F; ++f) o[f] = bias ? bias[f] : 0.f;
                 }
-                epilogue(yrow, F, OW, F, nullptr, act);
+                epilogue(yrow, om.pix, OW, F, nullptr, act);
                 continue;
             }
             for (i64 f0 = 0; f0 < F; f0 += PANEL) {
@@ -287,12 +300,25 @@ inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, 
                 for (i64 i = 0; i < ntile; ++i) {
                     const i64 ow0 = i * OW / ntile, ow1 = (i + 1) * OW / ntile;
                     fwd_kernel(pn.nv, int(ow1 - ow0))(segs.data(), int(segs.size()), ow0 * as, as, f0, ldb,
-                                                      yrow + ow0 * F + f0, F, pn.mask, init, act == ACT_RELU);
+                                                      yrow + ow0 * om.pix + f0, om.pix, pn.mask, init,
+                                                      act == ACT_RELU);
                 }
             }
-            if (act == ACT_SIGMOID || act == ACT_TANH) epilogue(yrow, F, OW, F, nullptr, act);
+            if (act == ACT_SIGMOID || act == ACT_TANH) epilogue(yrow, om.pix, OW, F, nullptr, act);
         }
     }
+}
+
+
+// y = act(conv(x, w) + b) for any geometry (pads may be negative: the backward-data call crops).
+inline void conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
+                         float* y, const OutMap* out_map = nullptr) {
+    const OutMap om = out_map ? *out_map : dense_out(g);
+    Buf wcopy;
+    i64 ldb;
+    w = aligned_weights(g, w, wcopy, ldb);
+#pragma omp parallel num_threads(omp_get_max_threads())
+    forward_rows(g, x, w, ldb, bias, act, y, om);
 }
 
 // ---------------------------------------------------------------------------- backward-filter driver

@@ -46,6 +46,10 @@ __all__ = [
     "normalize_pair",
     "normalize_padding",
     "effective_kernel_size",
+    "TransposedGeometry",
+    "transposed_axis",
+    "transposed_geometry",
+    "transposed_phases",
 ]
 
 PaddingSpec = Union[str, int, Sequence]
@@ -428,6 +432,105 @@ def dense_geometry(x_shape: Sequence[int], w_shape: Sequence[int]) -> DenseGeome
         raise ValueError(f"feature mismatch: x has {n_in} features (shape {x_shape}) but w expects "
                          f"{w_in} (shape {w_shape})")
     return DenseGeometry(batch, n_in, n_out)
+
+
+# ----------------------------------------------------------------------------- backward-data
+# Backward-data as forward convolutions (the one formula; csrc/geometry.h mirrors it as
+# transposed_axis / transposed_geometry and tests/test_cpu_conv_stride.py checks both agree).
+#
+#   dx[ih] = sum over taps kh of dz[oh] * w[kh],   oh = (ih + pad_before - kh*d) / s  when exact.
+#
+# Split the dx rows by phase r = ih mod s ("sub-pixel" decomposition): for ih = r + s*q the taps
+# that hit are those with (r + pad_before - kh*d) divisible by s, an arithmetic progression
+# kh = kh0, kh0 + s', ... (s' = s / gcd(s, d)), and for them oh = q + off(kh),
+# off(kh) = (r + pad_before - kh*d) / s, which falls by d' = d / gcd(s, d) from one hitting tap
+# to the next.  With the hitting taps in reverse order (j = 0 is the last one, kh_last) that is
+#   dx[r + s*q] = sum_j dz[q - pad' + j*d'] * w[kh_last - j*s'],   pad' = -off(kh_last):
+# a stride-1 forward convolution of dz with `taps` taps, dilation d', pad before pad' and pad
+# after chosen so that it has exactly the phase's rows q = 0 .. ceil((n - r) / s) - 1.  Pads may
+# be negative (the convolution crops dz).  Stride 1 has one phase, every tap, and
+# pad' = (k - 1)*d - pad_before: the classic "full correlation with the flipped filter".
+def transposed_axis(n: int, out: int, k: int, s: int, d: int, pad_before: int, phase: int):
+    """One spatial axis of :func:`transposed_geometry` → ``(taps, tap_last, tap_step, dil,
+    pad_before, pad_after, rows)``: ``taps`` kernel taps hit the dx rows ``phase::s`` (0: none
+    do, those rows are zero), the j-th tap of the stride-1 convolution is ``tap_last -
+    j*tap_step``, with dilation ``dil`` and the two pads (either may be negative), producing
+    ``rows`` dx rows (``ceil((n - phase) / s)``, 0 when ``phase >= n``).  ``n``/``out`` are
+    the input / output sizes of the forward convolution on this axis."""
+    if not 0 <= phase < s:
+        raise ValueError(f"phase must be in 0..{s - 1} (stride {s}), got {phase}")
+    g = math.gcd(s, d)
+    step, dil = s // g, d // g
+    rows = max(0, (n - phase + s - 1) // s)
+    kh0 = next((kh for kh in range(min(k, step)) if (phase + pad_before - kh * d) % s == 0), None)
+    if kh0 is None:
+        return 0, 0, step, 1, 0, 0, rows
+    taps = (k - 1 - kh0) // step + 1
+    last = kh0 + (taps - 1) * step
+    if taps == 1:
+        dil = 1
+    before = -((phase + pad_before - last * d) // s)
+    after = rows + (taps - 1) * dil - out - before
+    return taps, last, step, dil, before, after, rows
+
+
+@dataclasses.dataclass(frozen=True)
+class TransposedGeometry:
+    """Backward-data of a convolution ``g``, phase ``(phase_h, phase_w)``, as a stride-1 forward
+    convolution of dz (``batch x g.out_h x g.out_w x g.filters``) into the dx pixels
+    ``[:, phase_h::stride_h, phase_w::stride_w, :]`` with the sub-filter
+    ``wf[j, i, k, c] = w[tap_last_h - j*tap_step_h, tap_last_w - i*tap_step_w, c, k]``.
+    ``taps_h`` / ``taps_w`` == 0: no tap reaches the phase (its dx is zero).  The pads may be
+    negative, so this is not a :class:`ConvGeometry` (which forbids them); :meth:`as_tuple` gives
+    the 17 fields in ``ConvGeometry.FIELDS`` order, as ``csrc/geometry.h`` computes them."""
+
+    phase_h: int
+    phase_w: int
+    batch: int
+    in_h: int
+    in_w: int
+    in_c: int
+    filters: int
+    taps_h: int
+    taps_w: int
+    dil_h: int
+    dil_w: int
+    pad_top: int
+    pad_bottom: int
+    pad_left: int
+    pad_right: int
+    out_h: int
+    out_w: int
+    tap_last_h: int
+    tap_last_w: int
+    tap_step_h: int
+    tap_step_w: int
+
+    def as_tuple(self) -> Tuple[int, ...]:
+        return (self.batch, self.in_h, self.in_w, self.in_c, self.filters, self.taps_h, self.taps_w,
+                1, 1, self.dil_h, self.dil_w, self.pad_top, self.pad_bottom, self.pad_left,
+                self.pad_right, self.out_h, self.out_w)
+
+    @property
+    def empty(self) -> bool:
+        """No tap reaches the phase, or the phase has no dx pixel."""
+        return self.taps_h == 0 or self.taps_w == 0 or self.out_h == 0 or self.out_w == 0
+
+
+def transposed_geometry(g: ConvGeometry, phase_h: int = 0, phase_w: int = 0) -> TransposedGeometry:
+    """The backward-data-as-forward geometry of ``g`` for one sub-pixel phase (stride 1: the only
+    phase (0, 0), every tap, pads ``(k - 1)*dil - pad``).  See :func:`transposed_axis`."""
+    th, lh, sh, dh, pt, pb, qh = transposed_axis(g.in_h, g.out_h, g.k_h, g.stride_h, g.dil_h,
+                                                 g.pad_top, phase_h)
+    tw, lw, sw, dw, pl, pr, qw = transposed_axis(g.in_w, g.out_w, g.k_w, g.stride_w, g.dil_w,
+                                                 g.pad_left, phase_w)
+    return TransposedGeometry(phase_h, phase_w, g.batch, g.out_h, g.out_w, g.filters, g.in_c,
+                              th, tw, dh, dw, pt, pb, pl, pr, qh, qw, lh, lw, sh, sw)
+
+
+def transposed_phases(g: ConvGeometry):
+    """Every phase of ``g``'s backward-data (``stride_h * stride_w`` of them), row-major."""
+    return [transposed_geometry(g, r, c) for r in range(g.stride_h) for c in range(g.stride_w)]
 
 
 # ----------------------------------------------------------------------------- counts

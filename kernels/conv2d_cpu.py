@@ -391,23 +391,22 @@ def _bwd_data_kernel(dy, wt, dx, s_h, s_w, d_h, d_w, p_t, p_l):
 
 def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
     """dL/dx (shape g.x_shape) from dL/dz (shape g.y_shape) and HWIO weights."""
-    from dlconv.shapes import conv_geometry
+    from dlconv.shapes import conv_geometry, transposed_geometry
 
     if g.groups != 1:
         from . import conv2d_grouped_cpu
         return conv2d_grouped_cpu.backward_data(dy, w, g)
 
-    top = (g.k_h - 1) * g.dil_h - g.pad_top
-    left = (g.k_w - 1) * g.dil_w - g.pad_left
-    if g.stride_h == 1 and g.stride_w == 1 and top >= 0 and left >= 0:
+    if g.stride_h == 1 and g.stride_w == 1:
         # dx = "full" correlation of dy with the flipped weights, channels swapped:
-        # dx[n, ih, iw, c] = sum dy[n, ih + pad_top - kh*dil, ...] * w[kh, kw, c, k].
-        bottom = g.in_h + g.k_h_eff - 1 - g.out_h - top
-        right = g.in_w + g.k_w_eff - 1 - g.out_w - left
-        if bottom >= 0 and right >= 0:
+        # dx[n, ih, iw, c] = sum dy[n, ih + pad_top - kh*dil, ...] * w[kh, kw, c, k]; the pads
+        # are dlconv.shapes.transposed_geometry's (the C++ kernels use the same record), and
+        # this forward kernel takes them only when none is negative (a crop).
+        t = transposed_geometry(g)
+        if min(t.pad_top, t.pad_bottom, t.pad_left, t.pad_right) >= 0:
             wf = np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2))
-            gt = conv_geometry(dy.shape, wf.shape, 1, ((top, bottom), (left, right)),
-                               (g.dil_h, g.dil_w))
+            gt = conv_geometry(dy.shape, wf.shape, 1, ((t.pad_top, t.pad_bottom), (t.pad_left, t.pad_right)),
+                               (t.dil_h, t.dil_w))
             assert (gt.out_h, gt.out_w) == (g.in_h, g.in_w)
             return launch_gemm(dy, wf, None, gt, 0)
     return backward_data_gather(dy, w, g)
