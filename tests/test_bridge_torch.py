@@ -262,6 +262,32 @@ def test_eager_fast_path_equals_the_dispatched_op():
 
 
 # ----------------------------------------------------------------------------- zero copy
+def test_eager_gradient_path_binds_no_signature(monkeypatch):
+    """The fast path's autograd.Function has no separate setup_context, so Function.apply does
+    not bind each call's arguments with inspect.signature (a per-call cost as large as the rest
+    of a tiny conv's bridge); its gradients equal the registered op's."""
+    import inspect
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 4, 3, generator=gen)
+    w = torch.randn(3, 2, 3, 2, generator=gen, requires_grad=True)
+    d = torch.randn(2, 4, generator=gen, requires_grad=True)
+
+    def refuse(*a, **k):
+        raise AssertionError("inspect.signature called on the eager path")
+
+    with monkeypatch.context() as m:
+        m.setattr(inspect, "signature", refuse)
+        y = dt.conv2d(x, w, None, strides=(1, 2), padding="same", activation="tanh")
+        z = dt.dense(y.reshape(-1, 2), d, None, activation="relu")
+        gw, gd = torch.autograd.grad(z.sum(), (w, d))
+    geo = tb.conv_pads(x.shape, w.shape, (1, 2), "same", (1, 1))
+    y2 = torch.ops.dlconv.conv2d(x, w, None, *geo, "tanh", "auto")
+    z2 = torch.ops.dlconv.dense(y2.reshape(-1, 2), d, None, "relu", "auto")
+    assert torch.equal(z, z2)
+    for a, e in zip((gw, gd), torch.autograd.grad(z2.sum(), (w, d))):
+        assert torch.equal(a, e)
+
+
 def test_cpu_tensors_reach_kernels_and_return_without_copy(monkeypatch):
     seen = {}
     real = dlconv.ops.conv2d

@@ -298,6 +298,9 @@ def _op(name):
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+#: functorch transforms (vmap, grad, ...) in progress: the fast path's Function would need them
+#: to see a separate setup_context, so such calls go through the registered op.
+_transforms_active = torch._C._are_functorch_transforms_active
 
 
 def _eager(tensors) -> bool:
@@ -439,11 +442,22 @@ _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_conte
 
 def _function(name, setup_context, backward):
     """A ``torch.autograd.Function`` running op ``name``'s implementation with the op's own
-    setup_context and backward formula (the eager fast path of :func:`_forward`)."""
+    setup_context and backward formula (the eager fast path of :func:`_forward`).
+
+    The combined ``forward(ctx, *args)`` form, which calls ``setup_context`` itself: a Function
+    that defines a separate ``setup_context`` has ``Function.apply`` bind every call's arguments
+    with ``inspect.signature`` (measured: about half the bridge's per-call cost of a tiny conv
+    whose kernel requires grad).  The separate form is only needed under functorch transforms,
+    which never take this path (:func:`_forward` sends them to ``torch.ops.dlconv``)."""
     impl = _IMPLS[name]
+
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        return out
+
     return type(f"_{name}_function", (torch.autograd.Function,), {
-        "forward": staticmethod(impl),
-        "setup_context": staticmethod(setup_context),
+        "forward": staticmethod(forward),
         "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
     })
 
@@ -506,7 +520,7 @@ _DENSE_FUNCTION = _function("dense", _dense_setup_context, _dense_backward)
 def _forward(name, function, tensors, *args):
     """A forward op: eager calls skip the dispatcher (through ``function`` when a gradient is
     needed, the bare implementation otherwise); the rest go through ``torch.ops.dlconv``."""
-    if not _eager(tensors):
+    if not _eager(tensors) or _transforms_active():
         return getattr(torch.ops.dlconv, name)(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return function.apply(*args)
