@@ -159,3 +159,22 @@ def test_the_documented_deploy_runs_in_two_processes_and_tflite_names_the_op(tmp
     tf_ops.load()
     with pytest.raises(Exception, match=r"'tf\.DlconvConv2D' op is neither a custom op nor a flex op"):
         tf.lite.TFLiteConverter.from_saved_model(str(tmp_path / "saved")).convert()
+
+
+def test_the_source_hash_covers_every_header_the_sources_include():
+    # The cache key hashes SOURCES + HEADERS (+ the CUDA lists): a project header included by a
+    # compiled file but missing from HEADERS would let an edited kernel reuse a stale library.
+    csrc = os.path.join(os.path.dirname(__file__), os.pardir, "csrc")
+    listed = set(tf_ops.HEADERS) | set(tf_ops.CUDA_HEADERS)
+    todo, seen = list(tf_ops.SOURCES + tf_ops.CUDA_SOURCES), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        with open(os.path.join(csrc, name), encoding="utf-8") as f:
+            for inc in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read(), re.M):
+                if os.path.exists(os.path.join(csrc, inc)):
+                    todo.append(inc)
+    included = {n for n in seen if not n.endswith((".cpp", ".cu"))}
+    assert included <= listed, f"headers compiled into the op library but not hashed: {sorted(included - listed)}"
