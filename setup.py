@@ -235,6 +235,8 @@ setup(
     python_requires=">=3.10",
     packages=["dlconv", "dlconv.backends", "dlconv.bench", "dlconv.bridges", "dlconv.kernels"],
     package_dir={"dlconv": "dlconv", "dlconv.backends": "dlconv/backends", "dlconv.kernels": "kernels"},
+    # The script and style that `dlconv explain --html` inlines into its page.
+    package_data={"dlconv": ["explain_page.js", "explain_page.css"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
     install_requires=[
@@ -258,6 +260,8 @@ setup(
         # builds in an isolated environment that has it (pyproject.toml), but a rebuild in the
         # venv (pip install --no-build-isolation -e ., benchmarks/gpu_check.sh) needs it there.
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6.100", "pybind11>=2.12",
+                 # drives Debian's chromium (chromium-driver) in tests/test_explain_html.py
+                 "selenium>=4.10",
                  f"{TORCH},<2.14", JAX],
     },
     entry_points={"console_scripts": ["dlconv = dlconv.cli:main"]},
