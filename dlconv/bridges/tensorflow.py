@@ -397,6 +397,12 @@ def dense(x, kernel, bias, *, activation="linear", backend="auto"):
 
 
 # ----------------------------------------------------------------------------- conv2d_transpose
+def _no_y():
+    """The backward ops' "no activation output" input (read only for a fused activation; their
+    shape functions want rank 4): an empty rank-4 tensor."""
+    return tf.zeros([0, 0, 0, 0], tf.float32)
+
+
 @tf.RegisterGradient("DlconvConv2DBackpropInput")
 def _conv2d_backprop_input_grad(op, grad):
     """Gradients of ``DlconvConv2DBackpropInput`` used as a forward op (the transposed
@@ -411,7 +417,7 @@ def _conv2d_backprop_input_grad(op, grad):
             f"dlconv: no second derivative through DlconvConv2DBackpropInput with the fused "
             f"activation {attrs['activation']!r}")
     d_dy = _LIB.dlconv_conv2d(grad, w, _no_bias(), **attrs)
-    d_w, _ = _LIB.dlconv_conv2d_backprop_filter(grad, dy, _no_bias(), kernel_size=list(w.shape[:2]),
+    d_w, _ = _LIB.dlconv_conv2d_backprop_filter(grad, dy, _no_y(), kernel_size=list(w.shape[:2]),
                                                 **attrs)
     return [d_dy, d_w, None, None]
 
@@ -441,7 +447,7 @@ def conv2d_transpose(x, kernel, *, strides, padding, output_padding=None, dilati
         g = geometry((1, h, w, c))
         out = tf.stack([tf.shape(x, out_type=tf.int32)[0], g.in_h, g.in_w, g.in_c])
         y = _LIB.dlconv_conv2d_backprop_input(
-            x, kernel, _no_bias(), out, strides=list(strides), dilations=list(dilation),
+            x, kernel, _no_y(), out, strides=list(strides), dilations=list(dilation),
             pads=[g.pad_top, g.pad_bottom, g.pad_left, g.pad_right], activation="linear")
         y.set_shape((n, g.in_h, g.in_w, g.in_c))
         return y
