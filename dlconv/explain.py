@@ -746,6 +746,10 @@ def add_arguments(parser) -> None:
                         help="draw the padded input (padding shaded), the window of the chosen output, "
                              "the weights and the output grid (matplotlib, Agg)")
     parser.add_argument("--json", action="store_true", help="print the structured data as JSON")
+    parser.add_argument("--animate", metavar="FILE.gif",
+                        help="an animated GIF of the sliding window over the padded input, one frame "
+                             "per output (with --transposed: the transposed convolution as a direct "
+                             "one over dO with zeros inserted, one frame per input; dlconv.animate)")
 
 
 def run(args) -> int:
@@ -754,6 +758,13 @@ def run(args) -> int:
                 filter=args.filter, all_outputs=args.all_outputs, transposed=args.transposed,
                 picture=args.picture, json_output=args.json)
     print(e.to_json() if args.json else e.text())
+    if getattr(args, "animate", None):
+        from . import animate as _animate
+        g = e.geometry
+        f = filter_index(args.filter, g.filters) if args.filter is not None else 0
+        content, _ = _animate.animate(g, args.animate, transposed=args.transposed, filter=f)
+        print(("" if args.json else "\n") + _animate.describe(g, args.animate, args.transposed, len(content)),
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
