@@ -259,3 +259,59 @@ def test_explain_transposed_is_what_the_layer_computes(case):
                 x[0, t.row - 1, t.col - 1, f]
     assert len(e.reverse) == y.size
     _close(got, y, 1e-5, "explain --transposed vs the layer")
+
+
+def test_bridge_compiled_path():
+    """The bridge under the backend's compiler: TensorFlow's tf.function graph (native op with
+    its registered gradient and no Python callback where the op library is loaded), torch's
+    opcheck (fake tensors, autograd registration, AOT dispatch: what torch.compile uses), JAX's jit of the gradient (the FFI path with
+    the cpp backend) — each equal to the eager result."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 3, 4, 2)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 5, 2)).astype(np.float32)
+    kw = dict(strides=(2, 3), padding="same", output_padding=(1, 2), dilation=(1, 1), backend="cpp")
+    y_ref = dops.conv2d_transpose(x, w, backend="reference", **{k: v for k, v in kw.items()
+                                                                if k != "backend"})
+    dy = rng.standard_normal(y_ref.shape).astype(np.float32)
+    dx_ref, dw_ref, _ = dops.conv2d_transpose_backward(dy, x, w, backend="reference", strides=(2, 3),
+                                                       padding="same", output_padding=(1, 2))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+        from dlconv.bridges import tensorflow as bridge
+
+        @tf.function
+        def step(xt, wt):
+            with tf.GradientTape() as tape:
+                tape.watch([xt, wt])
+                y = bridge.conv2d_transpose(xt, wt, **kw)
+                loss = tf.reduce_sum(y * dy)
+            return (y, *tape.gradient(loss, [xt, wt]))
+
+        y, dx, dw = (t.numpy() for t in step(tf.constant(x), tf.constant(w)))
+        graph = step.get_concrete_function(tf.constant(x), tf.constant(w)).graph
+        types = {op.type for op in graph.get_operations()}
+        if bridge.uses_native("cpp"):
+            assert "DlconvConv2DBackpropInput" in types and not types & {"PyFunc", "EagerPyFunc"}
+    elif BACKEND == "torch":
+        import torch
+        from dlconv.bridges import torch as bridge
+
+        xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
+        s, p, d, out_hw = bridge._transpose_args((3, 4, 2), w.shape, (2, 3), "same", (1, 2), (1, 1))
+        torch.library.opcheck(torch.ops.dlconv.conv2d_transpose, (xt, wt, s, p, d, out_hw, "cpp"))
+        yt = bridge.conv2d_transpose(xt, wt, **kw)
+        (yt * torch.tensor(dy)).sum().backward()
+        y, dx, dw = yt.detach().numpy(), xt.grad.numpy(), wt.grad.numpy()
+    else:
+        import jax
+        from dlconv.bridges import jax as bridge
+
+        def loss(a, b):
+            y = bridge.conv2d_transpose(a, b, **kw)
+            return (y * dy).sum(), y
+
+        (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+        y, dx, dw = np.asarray(y), np.asarray(dx), np.asarray(dw)
+    _close(y, y_ref, 1e-5, "y")
+    _close(dx, dx_ref, 1e-4, "dL/dx")
+    _close(dw, dw_ref, 1e-4, "dL/dw")
