@@ -10,7 +10,9 @@ shape and order, and ``get_config`` entry is the stock one, plus one argument:
 
 Hence ``layer.set_weights(stock_layer.get_weights())`` works and gives the same outputs,
 and ``.keras`` files save and load in a fresh process after ``import dlconv.layers``
-(both classes are registered as ``dlconv>Conv2D`` and ``dlconv>Dense``).
+(the classes are registered as ``dlconv>Conv2D``, ``dlconv>Dense`` and
+``dlconv>Conv2DTranspose``).  ``Conv2DTranspose`` runs the backward-data kernels forward and
+the forward / backward-filter kernels for its gradients (see its docstring).
 
 Forward and backward passes run dlconv kernels through the bridge of the current Keras
 backend (:mod:`dlconv.bridges`: TensorFlow, torch or JAX); each bridge uses its framework's

@@ -272,8 +272,8 @@ def conv2d_transpose(x, w, b=None, strides=1, padding="valid", output_padding=No
 
     Why not a kernel of its own: the transposed convolution *is* the backward-data pass of the
     forward convolution from y to x, with w as that convolution's HWIO weights, so it runs on
-    the backward-data kernels (the zero insertion of stride > 1 is the gather's
-    divisibility test there, never stored).  ``padding``: "valid" or "same";
+    the backward-data kernels (the zeros a stride > 1 inserts between the inputs are never
+    stored: a backward-data kernel only visits the taps that meet an input).  ``padding``: "valid" or "same";
     ``output_padding``: None, an int or a pair, each below its stride (Keras' rule, see
     :func:`dlconv.shapes.conv_transpose_axis`).  The bias and activation are applied on the
     host (NumPy); for CUDA arrays pass b=None and activation=None (the framework bridges add
