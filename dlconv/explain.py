@@ -982,6 +982,10 @@ def add_arguments(parser) -> None:
                              "geometry: grids, clickable equations, memory offsets, kernel threads, "
                              "conv_arithmetic, Keras/PyTorch code")
     parser.add_argument("--json", action="store_true", help="print the structured data as JSON")
+    parser.add_argument("--animate", metavar="FILE.gif",
+                        help="an animated GIF of the sliding window over the padded input, one frame "
+                             "per output (with --transposed: the transposed convolution as a direct "
+                             "one over dO with zeros inserted, one frame per input; dlconv.animate)")
 
 
 def run(args) -> int:
@@ -996,6 +1000,13 @@ def run(args) -> int:
         explain_html.write_page(e.geometry, args.html, padding=e.padding)
         print(f"Page written to {args.html}", file=sys.stderr)
     print(e.to_json() if args.json else e.text())
+    if getattr(args, "animate", None):
+        from . import animate as _animate
+        g = e.geometry
+        f = filter_index(args.filter, g.filters) if args.filter is not None else 0
+        content, _ = _animate.animate(g, args.animate, transposed=args.transposed, filter=f)
+        print(("" if args.json else "\n") + _animate.describe(g, args.animate, args.transposed, len(content)),
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Keras 3 layers running dlconv kernels: drop-in ``Conv2D`` and ``Dense``.
+"""Keras 3 layers running dlconv kernels: drop-in ``Conv2D``, ``Dense`` and ``Conv2DTranspose``.
 
 ``dlconv.layers.Conv2D`` and ``dlconv.layers.Dense`` subclass ``keras.layers.Conv2D`` and
 ``keras.layers.Dense`` and override only ``call`` (and ``compute_output_shape``, which asks
@@ -10,7 +10,9 @@ shape and order, and ``get_config`` entry is the stock one, plus one argument:
 
 Hence ``layer.set_weights(stock_layer.get_weights())`` works and gives the same outputs,
 and ``.keras`` files save and load in a fresh process after ``import dlconv.layers``
-(both classes are registered as ``dlconv>Conv2D`` and ``dlconv>Dense``).
+(the classes are registered as ``dlconv>Conv2D``, ``dlconv>Dense`` and
+``dlconv>Conv2DTranspose``).  ``Conv2DTranspose`` runs the backward-data kernels forward and
+the forward / backward-filter kernels for its gradients (see its docstring).
 
 Forward and backward passes run dlconv kernels through the bridge of the current Keras
 backend (:mod:`dlconv.bridges`: TensorFlow, torch or JAX); each bridge uses its framework's
@@ -52,9 +54,9 @@ from keras import ops
 
 from . import backends as _backends
 from . import bridges as _bridges
-from .shapes import conv_output_size
+from .shapes import conv_output_size, conv_transpose_output_size
 
-__all__ = ["Conv2D", "Dense", "BACKENDS"]
+__all__ = ["Conv2D", "Dense", "Conv2DTranspose", "BACKENDS"]
 
 #: Values accepted by the ``backend`` argument.
 BACKENDS = ("auto",) + tuple(_backends.names())
@@ -231,3 +233,61 @@ class Dense(_DlconvLayer, keras.layers.Dense):
         if rank != 2:
             y = ops.reshape(y, (*ops.shape(inputs)[:-1], self.units))
         return self._finish(y, after)
+
+
+@keras.saving.register_keras_serializable(package="dlconv")
+class Conv2DTranspose(_DlconvLayer, keras.layers.Conv2DTranspose):
+    """``keras.layers.Conv2DTranspose`` whose forward and backward passes run dlconv kernels.
+
+    Same arguments as ``keras.layers.Conv2DTranspose`` (``output_padding`` and
+    ``dilation_rate`` included; kernel of the stock shape ``(kh, kw, filters, in_channels)``)
+    plus ``backend``.  Its forward is the backward-data kernels of the convolution from the
+    output back to the input (:func:`dlconv.shapes.conv_transpose_geometry`, Keras' output-size
+    rule, the one every Keras backend follows); dL/dx runs on the forward kernels and
+    dL/dkernel on the backward-filter kernels.  The bias is added and the activation applied
+    by Keras after the kernel (the backward-data kernels have no epilogue), as the stock layer
+    does.
+    """
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_dlconv(backend)
+
+    def compute_output_shape(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 4:
+            raise ValueError(f"Conv2DTranspose expects a rank-4 input (batch, height, width, "
+                             f"channels), got input_shape={input_shape}")
+        if self.data_format == "channels_first":
+            n, _, h, w = input_shape
+        else:
+            n, h, w, _ = input_shape
+        ops_ = self.output_padding or (None, None)
+        out = [None if size is None else conv_transpose_output_size(size, k, s, self.padding, op, d)
+               for size, k, s, op, d in zip((h, w), self.kernel_size, self.strides, ops_,
+                                            self.dilation_rate)]
+        if self.data_format == "channels_first":
+            return (n, self.filters, out[0], out[1])
+        return (n, out[0], out[1], self.filters)
+
+    def call(self, inputs):
+        bridge = _bridge()
+        _check_input_dtype(self, inputs)
+        x = _f32(inputs)
+        if self.data_format == "channels_first":
+            x = ops.transpose(x, (0, 2, 3, 1))
+        kernel, bias = self._weights()
+        n, h, w, _ = x.shape
+        out_shape = self.compute_output_shape((n, h, w, x.shape[3]) if self.data_format == "channels_last"
+                                              else (n, x.shape[3], h, w))
+        if self.data_format == "channels_first":
+            out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
+        y = bridge.conv2d_transpose(
+            x, kernel, strides=tuple(self.strides), padding=self.padding,
+            output_padding=None if self.output_padding is None else tuple(self.output_padding),
+            dilation=tuple(self.dilation_rate), backend=self.backend, out_shape=out_shape)
+        if bias is not None:
+            y = ops.add(y, ops.reshape(bias, (1, 1, 1, self.filters)))
+        if self.data_format == "channels_first":
+            y = ops.transpose(y, (0, 3, 1, 2))
+        return self._finish(y, self.activation)

@@ -21,6 +21,14 @@ Backward functions (used by :mod:`dlconv.layers`, usable directly):
 ``dense_backward(x, w, dy, y, activation)``     → (dL/dx, dL/dw, dL/db)
 ``activation_backward(dy, y, activation)``      → dL/dz (from the activation's output y)
 
+Transposed convolution (Keras' ``Conv2DTranspose``; its geometry from
+:func:`dlconv.shapes.conv_transpose_geometry`, the *forward* convolution it is the
+backward-data of) runs on the same kernels, roles exchanged:
+
+``conv2d_transpose(x, w, b, ...)``              → y: the backward-data kernels
+``conv2d_transpose_backward(dy, x, w, ...)``    → (dL/dx: the forward kernels,
+                                                   dL/dw: the backward-filter kernels, dL/db)
+
 The conv backward functions take the gradient with respect to the convolution's *linear*
 output z.  When the forward fused an activation, apply :func:`activation_backward` first,
 or pass dL/dy with ``y=`` (the activated output) and ``activation=``: the ``cpp`` CPU
@@ -34,6 +42,7 @@ decision to fuse an activation's derivative into the backward kernels) is in
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -43,9 +52,10 @@ from . import activations as _act
 from . import arrays as _arr
 from . import backends as _backends
 from .runtime import HOST_THREAD
-from .shapes import ConvGeometry, conv_geometry, dense_geometry
+from .shapes import ConvGeometry, conv_geometry, conv_transpose_geometry, dense_geometry
 
-__all__ = ["conv2d", "conv2d_backward_data", "conv2d_backward_filter", "dense", "dense_backward",
+__all__ = ["conv2d", "conv2d_backward_data", "conv2d_backward_filter", "conv2d_transpose",
+           "conv2d_transpose_backward", "transpose_geometry", "dense", "dense_backward",
            "softmax", "activation_backward", "DEFAULT_BACKEND", "HOST_THREAD"]
 
 DEFAULT_BACKEND = "numba"
@@ -234,6 +244,84 @@ def conv2d_backward_filter(x, dy, w_shape, strides=1, padding="valid", dilation=
         dz, kw = _grad_through(ref, dy, y, act, on_device, stream)
         dw, db = ref.conv2d_backward_filter(x, dz, g, on_device=on_device, stream=stream, **kw)
     return dw, db
+
+
+# ----------------------------------------------------------------------------- transposed
+@functools.lru_cache(maxsize=512)
+def _transpose_geometry_cached(x_shape, w_shape, strides, padding, output_padding, dilation):
+    """:func:`dlconv.shapes.conv_transpose_geometry`, cached (the bridges resolve one per call)."""
+    return conv_transpose_geometry(x_shape, w_shape, strides, padding, output_padding, dilation)
+
+
+def transpose_geometry(x_shape, w_shape, strides=1, padding="valid", output_padding=None,
+                       dilation=1, geometry=None) -> ConvGeometry:
+    """The forward convolution whose backward-data ``conv2d_transpose`` is
+    (:func:`dlconv.shapes.conv_transpose_geometry`), or ``geometry`` checked against the
+    shapes: ``x`` (the transposed input) is its output, ``w`` its HWIO weights."""
+    if geometry is None:
+        try:
+            return _transpose_geometry_cached(tuple(x_shape), tuple(w_shape), strides, padding,
+                                              output_padding, dilation)
+        except TypeError:      # an unhashable spelling (lists): resolved uncached
+            return conv_transpose_geometry(x_shape, w_shape, strides, padding, output_padding, dilation)
+    if not isinstance(geometry, ConvGeometry):
+        raise TypeError(f"geometry must be a dlconv.shapes.ConvGeometry, got {type(geometry).__name__}")
+    if tuple(x_shape) != geometry.y_shape:
+        raise ValueError(f"x has shape {tuple(x_shape)} but the transposed geometry expects "
+                         f"{geometry.y_shape} (the forward convolution's output)")
+    if tuple(w_shape) != geometry.w_shape:
+        raise ValueError(f"w has shape {tuple(w_shape)} but geometry expects {geometry.w_shape}")
+    return geometry
+
+
+def conv2d_transpose(x, w, b=None, strides=1, padding="valid", output_padding=None, dilation=1,
+                     activation=None, backend=DEFAULT_BACKEND, stream=None, geometry=None):
+    """Keras' ``Conv2DTranspose``: ``y = act(conv2d_transpose(x, w) + b)`` with x NHWC, w of
+    Keras' shape ``(k_h, k_w, filters, in_channels)``, b of length filters.
+
+    Why not a kernel of its own: the transposed convolution *is* the backward-data pass of the
+    forward convolution from y to x, with w as that convolution's HWIO weights, so it runs on
+    the backward-data kernels (the zeros a stride > 1 inserts between the inputs are never
+    stored: a backward-data kernel only visits the taps that meet an input).  ``padding``: "valid" or "same";
+    ``output_padding``: None, an int or a pair, each below its stride (Keras' rule, see
+    :func:`dlconv.shapes.conv_transpose_axis`).  The bias and activation are applied on the
+    host (NumPy); for CUDA arrays pass b=None and activation=None (the framework bridges add
+    the bias and the activation in the framework).
+    """
+    act = _act.normalize(activation, allow_softmax=False)
+    on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 4, "w": 4, "b": 1}, stream)
+    g = transpose_geometry(x.shape, w.shape, strides, padding, output_padding, dilation, geometry)
+    if b is not None:
+        _check_shape("b", b, (g.in_c,))
+    if on_device and (b is not None or act != "linear"):
+        raise ValueError("conv2d_transpose of CUDA arrays takes b=None and activation=None "
+                         "(add them with the array library; the kernels here are backward-data's)")
+    y = conv2d_backward_data(x, w, g.x_shape, backend=backend, stream=stream, geometry=g)
+    if on_device:
+        return y
+    if b is not None:
+        y += b
+    if act != "linear":
+        from .reference import activate
+        y = activate(y, act)
+    return y
+
+
+def conv2d_transpose_backward(dy, x, w, strides=1, padding="valid", output_padding=None,
+                              dilation=1, backend=DEFAULT_BACKEND, stream=None, geometry=None):
+    """(dL/dx, dL/dw, dL/db) of the linear :func:`conv2d_transpose` from dL/dy: dL/dx is the
+    forward convolution of dy (the forward kernels), dL/dw the backward-filter pass with dy as
+    its input and x as its output gradient, dL/db = Σ dy over batch, rows and columns (the
+    backward-filter kernels' own bias gradient is Σ x: not this one's)."""
+    on_device, (dy, x, w) = _prepare((("dy", dy), ("x", x), ("w", w)), {"dy": 4, "x": 4, "w": 4}, stream)
+    g = transpose_geometry(x.shape, w.shape, strides, padding, output_padding, dilation, geometry)
+    _check_shape("dy", dy, g.x_shape)
+    dx = conv2d(dy, w, backend=backend, stream=stream, geometry=g)
+    dw, _ = conv2d_backward_filter(dy, x, g.w_shape, backend=backend, stream=stream, geometry=g)
+    if on_device:
+        return dx, dw, None
+    db = dy.sum(axis=(0, 1, 2), dtype=np.float64).astype(np.float32)
+    return dx, dw, db
 
 
 # ----------------------------------------------------------------------------- dense

@@ -50,6 +50,9 @@ __all__ = [
     "transposed_axis",
     "transposed_geometry",
     "transposed_phases",
+    "conv_transpose_axis",
+    "conv_transpose_output_size",
+    "conv_transpose_geometry",
 ]
 
 PaddingSpec = Union[str, int, Sequence]
@@ -558,3 +561,112 @@ def dense_param_count(in_features: int, out_features: int, use_bias: bool = True
     n_in = _check_int("in_features", in_features, 1)
     n_out = _check_int("out_features", out_features, 1)
     return n_in * n_out + (n_out if use_bias else 0)
+
+
+# ----------------------------------------------------------------------------- transposed
+def conv_transpose_axis(in_size: int, kernel_size: int, stride: int = 1, padding="valid",
+                        output_padding=None, dilation: int = 1,
+                        axis: str = "") -> Tuple[int, int, int]:
+    """One axis of Keras' ``Conv2DTranspose`` → ``(pad_before, pad_after, out_size)`` of the
+    *forward* convolution whose backward-data it is (the convolution from the transposed
+    output, size ``out_size``, back to its input, size ``in_size``).
+
+    Keras' output size, with ``N_eff = (N - 1)·D + 1``::
+
+        "valid":  W0 = (W1 - 1)·S + N_eff + a,        a = output_padding (None: max(S - N_eff, 0))
+        "same":   W0 = (W1 - 1)·S + N_eff mod 2 + a,  a = output_padding (None: S - N_eff mod 2,
+                                                      so W0 = W1·S)
+
+    The transposed convolution is the direct convolution of the input with zeros inserted
+    between its elements (S - 1 of them), padded by ``(L, R)`` (Keras'
+    ``_convert_conv_transpose_padding_args_from_keras_to_jax``, the rule every Keras backend
+    follows), with the kernel flipped.  Seen as the forward convolution from the output, its
+    pads are ``N_eff - 1 - L`` before and ``N_eff - 1 - R`` after: the last ``a`` (< S) output
+    rows of a negative pad after lie past the last window (zeros in backward-data), so the
+    forward pad after is clamped at 0.  Raises ValueError naming the parameter for an
+    ``output_padding`` not below the stride, or a geometry with no output.
+    """
+    sfx = f" ({axis})" if axis else ""
+    in_size = _check_int("input size" + sfx, in_size, 1)
+    kernel_size = _check_int("kernel_size" + sfx, kernel_size, 1)
+    stride = _check_int("stride" + sfx, stride, 1)
+    dilation = _check_int("dilation" + sfx, dilation, 1)
+    if output_padding is not None:
+        output_padding = _check_int("output_padding" + sfx, output_padding, 0)
+        if output_padding >= stride:
+            raise ValueError(f"output_padding{sfx}={output_padding} must be smaller than the stride "
+                             f"{stride} (a larger one would add a whole window of zeros)")
+    mode = padding.lower() if isinstance(padding, str) else padding
+    if mode not in ("valid", "same"):
+        raise ValueError(f"padding for a transposed convolution must be 'valid' or 'same' (Keras' "
+                         f"Conv2DTranspose), got {padding!r}")
+    k_eff = effective_kernel_size(kernel_size, dilation)
+    if mode == "valid":
+        extra = max(k_eff, stride) - k_eff if output_padding is None else output_padding
+        left, right = k_eff - 1, k_eff - 1 + extra
+    else:
+        pad_len = stride + k_eff - 2 if output_padding is None else k_eff + k_eff % 2 - 2 + output_padding
+        left = min(pad_len // 2 + pad_len % 2, k_eff - 1)
+        right = pad_len - left
+    out = (in_size - 1) * stride + left + right - k_eff + 2
+    if out < 1:
+        raise ValueError(
+            f"transposed convolution{sfx}: input size {in_size}, kernel_size {kernel_size}"
+            + (f" (dilation {dilation}, effective {k_eff})" if dilation > 1 else "")
+            + f", stride {stride}, padding {padding!r}, output_padding {output_padding} give an output "
+              f"size of {out}; use output_padding >= 1 or padding='valid'")
+    before, after = k_eff - 1 - left, max(k_eff - 1 - right, 0)
+    return before, after, out
+
+
+def conv_transpose_output_size(in_size: int, kernel_size: int, stride: int = 1, padding="valid",
+                               output_padding=None, dilation: int = 1) -> int:
+    """Keras' ``Conv2DTranspose`` output size along one axis (see :func:`conv_transpose_axis`).
+
+    >>> conv_transpose_output_size(4, 3, stride=2, padding="same")
+    8
+    >>> conv_transpose_output_size(4, 3, stride=2, padding="valid", output_padding=1)
+    10
+    """
+    return conv_transpose_axis(in_size, kernel_size, stride, padding, output_padding, dilation)[2]
+
+
+def conv_transpose_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides=1,
+                            padding="valid", output_padding=None, dilation=1) -> ConvGeometry:
+    """The geometry of Keras' ``Conv2DTranspose`` of ``x: NHWC`` with a kernel of Keras'
+    shape ``(k_h, k_w, filters, in_channels)``, as the FORWARD convolution it is the
+    backward-data of: that record's input is the transposed output
+    ``(batch, out_h, out_w, filters)``, its weights the kernel as it is (HWIO with
+    I = filters, O = in_channels), its output the transposed input (``g.y_shape == x_shape``).
+
+    So ``y = conv2d_backward_data(x, kernel, g.x_shape, geometry=g)``; the gradients are
+    ``dL/dx = conv2d(dL/dy, kernel, geometry=g)`` and
+    ``dL/dkernel = conv2d_backward_filter(dL/dy, x, geometry=g)``.
+    ``output_padding``: None, an int or a pair; ``padding``: "valid" or "same".
+    """
+    x_shape, w_shape = tuple(x_shape), tuple(w_shape)
+    if len(x_shape) != 4:
+        raise ValueError(f"x must have rank 4 (batch, height, width, channels), got shape {x_shape}")
+    if len(w_shape) != 4:
+        raise ValueError(f"kernel must have rank 4 (kernel_h, kernel_w, filters, in_channels), "
+                         f"got shape {w_shape}")
+    batch = _check_int("x batch size", x_shape[0], 0)
+    in_c = _check_int("x channels", x_shape[3], 1)
+    k_h = _check_int("kernel height", w_shape[0], 1)
+    k_w = _check_int("kernel width", w_shape[1], 1)
+    filters = _check_int("kernel filters", w_shape[2], 1)
+    w_c = _check_int("kernel in_channels", w_shape[3], 1)
+    if w_c != in_c:
+        raise ValueError(f"channel mismatch: x has {in_c} channels (shape {x_shape}) but the kernel "
+                         f"expects {w_c} (shape {w_shape}: (k_h, k_w, filters, in_channels))")
+    s_h, s_w = normalize_pair("strides", strides)
+    d_h, d_w = normalize_pair("dilation", dilation)
+    if output_padding is None:
+        op_h = op_w = None
+    else:
+        op_h, op_w = normalize_pair("output_padding", output_padding, minimum=0)
+    pt, pb, oh = conv_transpose_axis(x_shape[1], k_h, s_h, padding, op_h, d_h, "height")
+    pl, pr, ow = conv_transpose_axis(x_shape[2], k_w, s_w, padding, op_w, d_w, "width")
+    return ConvGeometry(batch, oh, ow, filters, in_c, k_h, k_w, s_h, s_w, d_h, d_w,
+                        pt, pb, pl, pr, _check_int("x height", x_shape[1], 1),
+                        _check_int("x width", x_shape[2], 1))

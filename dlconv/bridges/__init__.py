@@ -17,6 +17,8 @@ the backend's own tensors (x NHWC, kernel HWIO, bias or None):
 
 ``conv2d(x, kernel, bias, *, strides, padding, dilation, activation, backend, out_shape)``
 ``dense(x, kernel, bias, *, activation, backend)``   (x of rank 2)
+``conv2d_transpose(x, kernel, *, strides, padding, output_padding, dilation, backend, out_shape)``
+    (Keras' Conv2DTranspose, linear, no bias: the backward-data kernels forward)
 
 and ``SUPPORTS_JIT`` (whether Keras may compile a step holding the op).  A bridge converts
 tensors (zero-copy where the framework allows), passes the framework's stream and registers

@@ -53,7 +53,7 @@ from .. import ops as _ops
 from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
 from ..shapes import dense_geometry
 
-__all__ = ["conv2d", "dense", "SUPPORTS_JIT", "ffi_status", "path_for", "VMAP_METHOD"]
+__all__ = ["conv2d", "conv2d_transpose", "dense", "SUPPORTS_JIT", "ffi_status", "path_for", "VMAP_METHOD"]
 
 #: Keras may jit a step holding these ops (they are FFI custom calls or pure callbacks).
 SUPPORTS_JIT = True
@@ -322,3 +322,70 @@ def dense(x, kernel, bias, *, activation="linear", backend="auto"):
     from . import jax_sharding
     op = _dense_op(dg.x_shape, dg.w_shape, act, backend, bias is not None, jax_sharding.wanted(x, kernel, bias))
     return op(x, kernel, bias) if bias is not None else op(x, kernel)
+
+
+# ----------------------------------------------------------------------------- conv2d_transpose
+@functools.lru_cache(maxsize=256)
+def _conv_transpose_op(g, backend):
+    """The custom_vjp function ``op(x, w) -> y`` of Keras' Conv2DTranspose (linear, no bias)
+    for one geometry ``g`` (the forward convolution whose backward-data it is): the
+    backward-data kernels forward; dL/dx the forward kernels, dL/dw the backward-filter ones."""
+    use_ffi = path_for(backend) == "ffi"
+    on_device = use_ffi and _on_gpu()
+    be = resolve_backend(backend, on_device)
+    geo = g.as_tuple()
+
+    if use_ffi:
+        def forward(x, w):
+            return _ffi("dlconv_conv2d_backward_data", [g.x_shape], x, w, geometry=geo, act=0)[0]
+
+        def grad_x(dy, w):
+            return _ffi("dlconv_conv2d_forward", [g.y_shape], dy, w, geometry=geo, act=0, variant=0)[0]
+
+        def grad_w(dy, x):
+            return _ffi("dlconv_conv2d_backward_filter", [g.w_shape, (g.filters,)], dy, x,
+                        geometry=geo, act=0)[0]
+    else:
+        def forward(x, w):
+            return _callback(lambda x_, w_: [_ops.conv2d_transpose(x_, w_, backend=be, geometry=g)],
+                             [g.x_shape], x, w)[0]
+
+        def grad_x(dy, w):
+            return _callback(lambda dy_, w_: [_ops.conv2d(dy_, w_, backend=be, geometry=g)],
+                             [g.y_shape], dy, w)[0]
+
+        def grad_w(dy, x):
+            return _callback(lambda dy_, x_: [_ops.conv2d_backward_filter(
+                dy_, x_, g.w_shape, backend=be, geometry=g)[0]], [g.w_shape], dy, x)[0]
+
+    @jax.custom_vjp
+    def op(x, w):
+        return forward(x, w)
+
+    def op_fwd(x, w):
+        return forward(x, w), (x, w)
+
+    def op_bwd(res, dy):
+        x, w = res
+        return grad_x(dy, w), grad_w(dy, x)
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def conv2d_transpose(x, kernel, *, strides, padding, output_padding=None, dilation=(1, 1),
+                     backend="auto", out_shape=None):
+    """Keras' ``Conv2DTranspose`` (linear, no bias) of NHWC ``x`` with a kernel of shape
+    ``(kh, kw, filters, in_channels)`` as a differentiable JAX function; the geometry from
+    :func:`dlconv.shapes.conv_transpose_geometry` when traced.  ``out_shape`` (from the layer)
+    is checked against it when fully known."""
+    for name, a in (("x", x), ("kernel", kernel)):
+        _check_f32(name, a)
+    x, kernel = jnp.asarray(x), jnp.asarray(kernel)
+    g = _ops.transpose_geometry(tuple(x.shape), tuple(kernel.shape), tuple(strides), padding,
+                                None if output_padding is None else tuple(output_padding),
+                                tuple(dilation))
+    if out_shape is not None and None not in tuple(out_shape) and tuple(out_shape) != g.x_shape:
+        raise ValueError(f"out_shape {tuple(out_shape)} does not match the transposed geometry's "
+                         f"output {g.x_shape}")
+    return _conv_transpose_op(g, backend)(x, kernel)

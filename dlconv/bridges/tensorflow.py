@@ -81,7 +81,7 @@ from .. import tf_ops as _tf_ops
 from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
 from ..shapes import normalize_padding
 
-__all__ = ["conv2d", "dense", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
+__all__ = ["conv2d", "conv2d_transpose", "dense", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
            "FUSED_DENSE", "NATIVE_REASON"]
 
 #: Neither the native ops nor the callbacks have an XLA kernel.
@@ -397,3 +397,94 @@ def dense(x, kernel, bias, *, activation="linear", backend="auto"):
 
     args = [x, kernel] + ([bias] if has_bias else [])
     return op(*args)
+
+
+# ----------------------------------------------------------------------------- conv2d_transpose
+def _no_y():
+    """The backward ops' "no activation output" input (read only for a fused activation; their
+    shape functions want rank 4): an empty rank-4 tensor."""
+    return tf.zeros([0, 0, 0, 0], tf.float32)
+
+
+@tf.RegisterGradient("DlconvConv2DBackpropInput")
+def _conv2d_backprop_input_grad(op, grad):
+    """Gradients of ``DlconvConv2DBackpropInput`` used as a forward op (the transposed
+    convolution, :func:`conv2d_transpose`): with respect to its dy input the forward
+    convolution of ``grad``, with respect to w the backward-filter pass with ``grad`` as the
+    input and dy as the output gradient.  Linear only: with a fused activation the op is
+    itself a gradient, and its second derivative is not implemented."""
+    dy, w = op.inputs[0], op.inputs[1]
+    attrs = _conv_attrs(op)
+    if attrs["activation"] != "linear":
+        raise NotImplementedError(
+            f"dlconv: no second derivative through DlconvConv2DBackpropInput with the fused "
+            f"activation {attrs['activation']!r}")
+    d_dy = _LIB.dlconv_conv2d(grad, w, _no_bias(), **attrs)
+    d_w, _ = _LIB.dlconv_conv2d_backprop_filter(grad, dy, _no_y(), kernel_size=list(w.shape[:2]),
+                                                **attrs)
+    return [d_dy, d_w, None, None]
+
+
+@tf.autograph.experimental.do_not_convert   # plain Python: nothing for AutoGraph to convert
+def conv2d_transpose(x, kernel, *, strides, padding, output_padding=None, dilation=(1, 1),
+                     backend="auto", out_shape=None):
+    """Keras' ``Conv2DTranspose`` (linear, no bias) of NHWC ``x`` with a kernel of shape
+    ``(kh, kw, filters, in_channels)`` as a differentiable TF op: the backward-data kernels
+    forward, the forward and backward-filter kernels for its gradients.
+
+    Native: ``DlconvConv2DBackpropInput`` (its gradient registered above), when the height and
+    width are known at graph-building time; otherwise callbacks into
+    :func:`dlconv.ops.conv2d_transpose` / :func:`dlconv.ops.conv2d_transpose_backward`.
+    """
+    strides, dilation = tuple(strides), tuple(dilation)
+    output_padding = None if output_padding is None else tuple(output_padding)
+    kernel = _read(kernel)
+    x = tf.convert_to_tensor(x)
+    w_shape = tuple(int(d) for d in kernel.shape)
+
+    def geometry(x_shape):
+        return _ops.transpose_geometry(tuple(x_shape), w_shape, strides, padding, output_padding, dilation)
+
+    n, h, w, c = tuple(x.shape)
+    if uses_native(backend) and None not in (h, w, c):
+        g = geometry((1, h, w, c))
+        out = tf.stack([tf.shape(x, out_type=tf.int32)[0], g.in_h, g.in_w, g.in_c])
+        y = _LIB.dlconv_conv2d_backprop_input(
+            x, kernel, _no_y(), out, strides=list(strides), dilations=list(dilation),
+            pads=[g.pad_top, g.pad_bottom, g.pad_left, g.pad_right], activation="linear")
+        y.set_shape((n, g.in_h, g.in_w, g.in_c))
+        return y
+
+    def forward(arrays, on_device):
+        x_, w_ = arrays
+        return [_ops.conv2d_transpose(x_, w_, backend=resolve_backend(backend, on_device),
+                                      geometry=geometry(x_.shape))]
+
+    def backward_data(arrays, on_device):        # dL/dx: the forward convolution of dy
+        dy_, w_, x_ = arrays                     # x_ only for its shape
+        g = geometry(x_.shape)
+        return [_ops.conv2d(dy_, w_, backend=resolve_backend(backend, on_device), geometry=g)]
+
+    def backward_filter(arrays, on_device):      # dL/dkernel: dy is the input, x the gradient
+        dy_, x_ = arrays
+        g = geometry(x_.shape)
+        dw, _ = _ops.conv2d_backward_filter(dy_, x_, w_shape, backend=resolve_backend(backend, on_device),
+                                            geometry=g)
+        return [dw]
+
+    @tf.custom_gradient
+    def op(x_t, w_t):
+        (y,) = _callback(forward, [x_t, w_t], 1)
+        if out_shape is not None:
+            y.set_shape(out_shape)
+
+        def grad(dy):
+            (dx,) = _callback(backward_data, [dy, w_t, x_t], 1)
+            (dw,) = _callback(backward_filter, [dy, x_t], 1)
+            dx.set_shape(x_t.shape)
+            dw.set_shape(w_t.shape)
+            return [dx, dw]
+
+        return y, grad
+
+    return op(x, kernel)

@@ -14,6 +14,8 @@ The ops
 ``dlconv::dense``                      ``act(x @ w + b)`` (softmax included)
 ``dlconv::dense_backward``             (dL/dx, dL/dw, dL/db) from dL/dy and y
 ``dlconv::activation_backward``        dL/dz from dL/dy and y (for unfused backends)
+``dlconv::conv2d_transpose``           Keras' Conv2DTranspose (linear) on the backward-data
+                                       kernels; its gradients: ``conv2d``, ``..._filter``
 =====================================  ===================================================
 
 Each is a ``torch.library.custom_op`` with a ``register_fake`` implementation (its shapes
@@ -73,7 +75,7 @@ from .. import ops as _ops
 from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
 from ..shapes import dense_geometry, normalize_padding, normalize_pair
 
-__all__ = ["conv2d", "dense", "conv_pads", "SUPPORTS_JIT", "NAMESPACE"]
+__all__ = ["conv2d", "conv2d_transpose", "dense", "conv_pads", "SUPPORTS_JIT", "NAMESPACE"]
 
 #: The ops are custom ops with fake (meta) implementations: torch.compile traces them.
 SUPPORTS_JIT = True
@@ -569,3 +571,88 @@ def _check_backend(backend) -> str:
     if backend not in _BACKEND_NAMES:
         raise ValueError(f"backend must be one of {tuple(_BACKEND_NAMES)}, got {backend!r}")
     return backend
+
+
+# ----------------------------------------------------------------------------- conv2d_transpose
+# ``dlconv::conv2d_transpose(x, w, strides, pads, dilation, out_hw, backend)``: Keras'
+# Conv2DTranspose (linear, no bias) on the backward-data kernels; its autograd formula runs
+# ``dlconv::conv2d`` (dL/dx) and ``dlconv::conv2d_backward_filter`` (dL/dw).  The geometry
+# travels as the forward convolution's (the one whose backward-data it is): pads and the
+# transposed output's height and width, resolved by dlconv.shapes.
+@_op("conv2d_transpose")
+def _conv2d_transpose_op(x: Tensor, w: Tensor, strides: List[int], pads: List[int],
+                         dilation: List[int], out_hw: List[int], backend: str) -> Tensor:
+    c = _Call(_place((("x", x), ("kernel", w))))
+    g = _geometry((x.shape[0], int(out_hw[0]), int(out_hw[1]), w.shape[2]), w.shape, strides, pads,
+                  dilation)
+    y = _ops.conv2d_transpose(c.arr(x), c.arr(w), backend=_backend(backend, c.on_device), geometry=g,
+                              stream=c.stream)
+    return c.out(y)
+
+
+@_conv2d_transpose_op.register_fake
+def _(x, w, strides, pads, dilation, out_hw, backend):
+    _place((("x", x), ("kernel", w)))
+    _rank("x", x, 4)
+    return x.new_empty((x.shape[0], int(out_hw[0]), int(out_hw[1]), w.shape[2]))
+
+
+def _conv2d_transpose_setup_context(ctx, inputs, output):
+    x, w, strides, pads, dilation, out_hw, backend = inputs
+    ctx.geometry = (list(strides), list(pads), list(dilation))
+    ctx.backend = backend
+    ctx.k_hw = [w.shape[0], w.shape[1]]
+    ctx.save_for_backward(x, w)
+
+
+def _conv2d_transpose_backward(ctx, dy):
+    x, w = ctx.saved_tensors
+    strides, pads, dilation = ctx.geometry
+    dy = dy.contiguous()
+    need_x, need_w = ctx.needs_input_grad[:2]
+    dx = dw = None
+    if need_x:      # the forward convolution of dy
+        dx = _call("conv2d", dy, w, None, strides, pads, dilation, "linear", ctx.backend)
+    if need_w:      # backward-filter with dy as the input and x as the output gradient
+        dw, _ = _call("conv2d_backward_filter", dy, x.contiguous(), None, ctx.k_hw, strides, pads,
+                      dilation, "linear", ctx.backend)
+    return dx, dw, None, None, None, None, None
+
+
+_conv2d_transpose_op.register_autograd(_conv2d_transpose_backward,
+                                       setup_context=_conv2d_transpose_setup_context)
+_CONV2D_TRANSPOSE_FUNCTION = _function("conv2d_transpose", _conv2d_transpose_setup_context,
+                                       _conv2d_transpose_backward)
+
+
+@functools.lru_cache(maxsize=512)
+def _transpose_args(spatial, w_shape, strides, padding, output_padding, dilation):
+    """(strides, pads [top, bottom, left, right], dilation, out_hw) as int lists for the op,
+    from :func:`dlconv.shapes.conv_transpose_geometry` (batch-independent)."""
+    from ..shapes import conv_transpose_geometry
+    g = conv_transpose_geometry((1,) + spatial, w_shape, strides, padding, output_padding, dilation)
+    return ([g.stride_h, g.stride_w], [g.pad_top, g.pad_bottom, g.pad_left, g.pad_right],
+            [g.dil_h, g.dil_w], [g.in_h, g.in_w])
+
+
+@torch.compiler.assume_constant_result
+def _transpose_args_constant(spatial, w_shape, strides, padding, output_padding, dilation):
+    return _transpose_args.__wrapped__(spatial, w_shape, strides, padding, output_padding, dilation)
+
+
+def conv2d_transpose(x, kernel, *, strides=(1, 1), padding="valid", output_padding=None,
+                     dilation=(1, 1), backend="auto", out_shape=None, names=("x", "kernel")):
+    """Keras' ``Conv2DTranspose`` (linear, no bias) of NHWC ``x`` with a kernel of shape
+    ``(kh, kw, filters, in_channels)`` as a differentiable torch op (``dlconv::conv2d_transpose``).
+    ``out_shape`` is ignored (torch tensors carry their shape)."""
+    _place(zip(names, (x, kernel)))
+    _rank(names[0], x, 4)
+    _rank(names[1], kernel, 4)
+    key = (tuple(int(v) for v in x.shape[1:]), tuple(int(v) for v in kernel.shape),
+           normalize_pair("strides", strides), padding,
+           None if output_padding is None else normalize_pair("output_padding", output_padding, 0),
+           normalize_pair("dilation", dilation))
+    resolve = _transpose_args_constant if torch.compiler.is_compiling() else _transpose_args
+    s, p, d, out_hw = resolve(*key)
+    return _forward("conv2d_transpose", _CONV2D_TRANSPOSE_FUNCTION, (x, kernel), x, kernel, s, p, d,
+                    out_hw, _check_backend(backend))

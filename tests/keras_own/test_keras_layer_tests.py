@@ -1,5 +1,5 @@
-"""Keras' own layer tests for Conv2D and Dense (the conv_test.py and dense_test.py of the
-installed Keras), run with dlconv's classes in place of the stock ones: a drop-in layer
+"""Keras' own layer tests for Conv2D, Dense and Conv2DTranspose (the conv_test.py,
+dense_test.py and conv_transpose_test.py of the installed Keras), run with dlconv's classes in place of the stock ones: a drop-in layer
 passes what the stock one passes.  ``keras.src.layers.Conv2D``/``Dense`` are replaced before
 Keras' test modules are imported (their parameter tables name the classes), in this process
 only.  tests/test_keras_backends.py runs this folder twice per Keras backend, each time in a
@@ -19,10 +19,26 @@ if os.environ.get("DLCONV_KERAS_OWN") != "stock":
 
     _klayers.Conv2D = dl.Conv2D
     _klayers.Dense = dl.Dense
+    _klayers.Conv2DTranspose = dl.Conv2DTranspose
 
 _conv = importlib.import_module("keras.src.layers.convolutional.conv_test")
 _dense = importlib.import_module("keras.src.layers.core.dense_test")
+_conv_transpose = importlib.import_module("keras.src.layers.convolutional.conv_transpose_test")
 
 ConvBasicTest = _conv.ConvBasicTest
 ConvCorrectnessTest = _conv.ConvCorrectnessTest
 DenseTest = _dense.DenseTest
+
+
+def _only_2d(cls):
+    """``cls`` without its Conv1DTranspose / Conv3DTranspose tests (dlconv has no such layers:
+    they would run the stock classes twice), as a subclass of the same name."""
+    sub = type(cls.__name__, (cls,), {"__module__": __name__})
+    for name in dir(cls):
+        if name.startswith("test_conv1d") or name.startswith("test_conv3d"):
+            setattr(sub, name, None)      # not callable: not collected
+    return sub
+
+
+ConvTransposeBasicTest = _only_2d(_conv_transpose.ConvTransposeBasicTest)
+ConvTransposeCorrectnessTest = _only_2d(_conv_transpose.ConvTransposeCorrectnessTest)
