@@ -245,6 +245,7 @@ setup(
         "numba-cuda>=0.20",
         "numpy>=1.26",
         "matplotlib>=3.8",
+        "pillow>=10",          # dlconv explain --animate writes its GIF with Pillow
         "tqdm>=4.66",
         "py-cpuinfo>=9",
         "scikit-learn>=1.4",

@@ -27,11 +27,12 @@ _LAZY = {
     "conv2d": "dlconv.ops", "conv2d_backward_data": "dlconv.ops",
     "conv2d_backward_filter": "dlconv.ops", "dense": "dlconv.ops", "dense_backward": "dlconv.ops",
     "softmax": "dlconv.ops", "activation_backward": "dlconv.ops",
+    "conv2d_transpose": "dlconv.ops", "conv2d_transpose_backward": "dlconv.ops",
     "explain": "dlconv.explain",
 }
 _SUBMODULES = ("jax", "backends", "ops", "reference", "explain", "info", "layers", "models", "data",
                "bench", "cli", "kernels", "arrays", "activations", "shapes", "train", "runtime",
-               "bridges", "torch")
+               "bridges", "torch", "showers", "metrics", "locate", "conv_arithmetic", "animate")
 
 __all__ = ["ConvGeometry", "DenseGeometry", "conv_geometry", "conv_output_size", "conv_param_count",
            "dense_geometry", "dense_param_count", *_LAZY]

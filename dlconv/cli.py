@@ -38,7 +38,7 @@ COMMANDS = {
     "info": ("dlconv.info", "versions, compiled extensions, GPUs, and which backends run here"),
     "explain": ("dlconv.explain", "convolution index arithmetic, step by step (teaching)"),
     "bench": ("dlconv.bench", "benchmark the kernels against TensorFlow/oneDNN (the main job)"),
-    "train": ("dlconv.train", "train a workshop model on MNIST with dlconv layers"),
+    "train": ("dlconv.train", "train a workshop model (MNIST) or the ECAL ResNet (generated showers) with dlconv layers"),
 }
 
 
