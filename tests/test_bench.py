@@ -159,6 +159,11 @@ def _tiny_result(tmp_path, broken):
 
 def test_outputs_json_markdown_png(tmp_path, broken):
     result = _tiny_result(tmp_path, broken)
+    # a Keras-backend train row as keras_backends.py returns it (no layer, no device): the chart
+    # once failed on it with KeyError 'device' and was silently not written
+    result["train_rows"].append({"keras_backend": "torch", "backend": "cpp", "impl": "dlconv(cpp) on torch",
+                                 "status": "ok", "why": None, "correct": True, "median_s": 0.3,
+                                 "stock_median_s": 0.4, "time_ratio": 0.75, "jit": False})
     paths = bench.write_outputs(result, tmp_path / "out", "2026-11-30-cpu-test")
     d = json.loads(paths["json"].read_text())
     assert d["schema"] == bench.SCHEMA and d["kind"] == "cpu" and len(d["rows"]) == len(result["rows"])

@@ -204,7 +204,11 @@ def write_chart(result: dict, path) -> pathlib.Path:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if not r["is_builtin"]]
-    rows += [dict(r, layer="train", pass_="step", ratio=(1.0 / r["time_ratio"]) if r.get("time_ratio") else None)
+    # train rows: the TensorFlow ones name their model and device; the Keras-backend ones
+    # (keras_backends.py, one child process per backend) name their backend instead.
+    rows += [dict(r, layer="train", pass_="step", device=r.get("device") or r.get("keras_backend", "cpu"),
+                  impl=f"{r['impl']} ({r['layer']})" if r.get("layer") else r["impl"],
+                  ratio=(1.0 / r["time_ratio"]) if r.get("time_ratio") else None)
              for r in result.get("train_rows", []) if r["backend"] != "builtin"]
     labels, values, colors = [], [], []
     palette = {"cpp": "#1f77b4", "numba": "#ff7f0e", "user": "#2ca02c"}
