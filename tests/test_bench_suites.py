@@ -67,9 +67,10 @@ def test_all_is_both_suites_each_shape_once():
     mnist, ecal, both = (suites.suite_layers(s) for s in ("mnist", "ecal", "all"))
     assert mnist == list(bench.LAYERS)
     assert [layer.name for layer in both] == [layer.name for layer in mnist] + [
-        layer.name for layer in ecal if layer.name != "conv2"]
+        layer.name for layer in ecal if layer.name != "conv2"] + [
+        layer.name for layer in suites.GROUP_LAYERS]
     assert suites.suite_train_steps("all") == ["mnist_cnn", "resnet_ecal"]
-    with pytest.raises(ValueError, match="--suite must be one of mnist, ecal, all; got 'cifar'"):
+    with pytest.raises(ValueError, match="--suite must be one of mnist, ecal, groups, all; got 'cifar'"):
         suites.suite_layers("cifar")
     with pytest.raises(ValueError, match="--layers must be .*conv1.*got conv9 "):
         suites.select(mnist, ["conv1", "conv9"])
@@ -195,3 +196,39 @@ def test_docs_shape_suite_section_is_make_tables(capsys):
     out = capsys.readouterr().out
     section = out[out.index("### CPU, shape suite"):].strip()
     assert section in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+
+
+def test_groups_suite_layers_are_grouped_and_count_flops_over_g():
+    layers = suites.suite_layers("groups")
+    assert [layer.groups for layer in layers] == [1, 2, 4, 64]
+    base = layers[0]
+    for layer in layers:
+        g = layer.geometry()
+        assert g.groups == layer.groups and layer.w_shape == (3, 3, 64 // layer.groups, 64)
+        assert g.x_shape == (suites.GROUPS_BATCH, 28, 28, 64) and g.y_shape[1:] == (28, 28, 64)
+        for p in layer.passes:
+            assert layer.flops(p) * layer.groups == base.flops(p)
+        prob = bench.make_problem(layer, "backward-filter", batch=1)
+        assert prob.expected[0].shape == layer.w_shape
+    assert "depthwise (groups 64)" in layers[-1].describe() and "groups 2" in layers[1].describe()
+    assert bench.LAYERS[1].groups == 1                      # the MNIST layers are untouched
+
+
+def test_cli_runs_the_groups_suite_on_tiny_batches(tmp_path):
+    """``dlconv bench --suite groups --quick`` at batch 1: every (layer, pass) has a correct,
+    timed TensorFlow row (grouped tf.nn.conv2d and its gradients) and cpp row, with a ratio."""
+    cmd = [sys.executable, "-m", "dlconv", "bench", "--suite", "groups", "--quick", "--batch", "1",
+           "--repeats", "1", "--backends", "cpp", "--no-progress", "--out", str(tmp_path),
+           "--name", "g"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    d = json.loads((tmp_path / "g.json").read_text())
+    assert d["suite"] == "groups" and not d["train_rows"] and not d.get("inference_rows")
+    want = {(layer.name, p) for layer in suites.GROUP_LAYERS for p in layer.passes}
+    assert len(want) == 4 * 3
+    for kind in ("builtin", "cpp"):
+        got = {(r["layer"], r["pass"]) for r in d["rows"]
+               if r["backend"] == kind and r["status"] == "ok" and r["correct"] is True}
+        assert got == want, (kind, want - got)
+    assert all(r["ratio"] > 0 for r in d["rows"] if r["backend"] == "cpp")
+    assert "grp_3x3_64to64_dw" in out.stdout

@@ -47,6 +47,11 @@ class Layer:
     suite: str = "mnist"
     #: Where the shape comes from, shown after its description ("×10 in resnet_ecal").
     note: str = ""
+    #: Grouped convolution (conv only): G groups, ``w_shape`` is ``(kh, kw, C/G, F)`` as in
+    #: stock Keras; G = C is depthwise.  The geometry carries it, so the problem's inputs,
+    #: the reference, dlconv's ops, TensorFlow's ops and the FLOPs (which divide by G) all
+    #: follow from it.
+    groups: int = 1
 
     def geometry(self, batch: Optional[int] = None):
         """The resolved geometry at ``batch`` (default: the layer's own, else :data:`BATCH`)."""
@@ -54,7 +59,7 @@ class Layer:
         if self.kind == "conv":
             return shapes.conv_geometry((batch, *self.sample_shape), self.w_shape,
                                         strides=self.strides, padding=self.padding,
-                                        dilation=self.dilation)
+                                        dilation=self.dilation, groups=self.groups)
         return shapes.dense_geometry((batch, *self.sample_shape), self.w_shape)
 
     def batch_for(self, run_batch: Optional[int] = None, fixed: bool = False) -> int:
@@ -75,13 +80,17 @@ class Layer:
             g = self.geometry(1)
             stride = "" if (g.stride_h, g.stride_w) == (1, 1) else (
                 f" stride {g.stride_h}" if g.stride_h == g.stride_w else f" stride {g.stride_h}×{g.stride_w}")
+            if self.groups > 1:
+                stride += (f", depthwise (groups {self.groups})" if self.groups == c
+                           else f", groups {self.groups}")
             text = f"{h}×{w}×{c} → {f}, {kh}×{kw} {self.padding}{stride}, {self.activation}"
         else:
             text = f"{self.w_shape[0]} → {self.w_shape[1]}, {self.activation}"
         return f"{text} ({self.note})" if self.note else text
 
     def flops(self, pass_: str, batch: Optional[int] = None) -> int:
-        """Multiply-adds × 2 of one pass; a dense backward is dx and dw: twice the forward."""
+        """Multiply-adds × 2 of one pass; a dense backward is dx and dw: twice the forward.
+        A grouped conv's count divides by G (each filter reduces over C/G channels)."""
         return _passes.get(self.kind, pass_).flops(self.geometry(batch))
 
 

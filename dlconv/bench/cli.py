@@ -40,7 +40,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--suite", choices=SUITE_CHOICES, default="mnist",
                         help="which shapes: mnist (default: the MNIST CNN at batch 128), ecal (every "
                              "conv shape of the physics ResNet at batch 32 and the shapes of issue "
-                             "13's table, each at its own batch, and the ResNet's train step), all")
+                             "13's table, each at its own batch, and the ResNet's train step), groups "
+                             "(grouped and depthwise 3x3 convs, issue 11), all")
     parser.add_argument("--layers", default=None,
                         help="layers of the suite, comma-separated (default all; mnist: "
                              + ",".join(LAYER_BY_NAME) + "; an unknown name lists the suite's)")
@@ -54,6 +55,10 @@ def add_arguments(parser) -> None:
                              "suite's layers and ResNet step at their own batch)")
     parser.add_argument("--no-train-step", action="store_true",
                         help="skip the end-to-end training steps (MNIST CNN, ResNet)")
+    parser.add_argument("--no-inference", action="store_true",
+                        help="skip the MNIST CNN inference rows at batch 1 and 8 (dlconv(cpp) vs "
+                             "stock Keras on TensorFlow; run with the MNIST train step, so "
+                             "--no-train-step skips them too)")
     parser.add_argument("--no-keras-backends", action="store_true",
                         help="skip the train step and bridge overhead on the torch and JAX Keras "
                              "backends (each measured in a child process)")
@@ -144,7 +149,15 @@ def run(args) -> int:
                 backends, settings.batch, settings.train_repeats, settings.warmup,
                 tf_rows=[r for r in result["train_rows"] if r["layer"] == "mnist_cnn"])
             result["train_rows"] += kb_rows
+    if "mnist_cnn" in train_models and not getattr(args, "no_inference", False) and "cpp" in backends:
+        from .inference import quick_settings, run_inference
+        print("dlconv bench: MNIST CNN inference at batch 1 and 8 vs stock Keras", file=sys.stderr)
+        result["inference_rows"] = run_inference("cpp", progress=progress, seed=settings.seed,
+                                                 **quick_settings(bool(args.quick)))
     result["targets"] = summarize_targets(rows, result["train_rows"])
+    if result.get("inference_rows"):
+        from .inference import inference_targets
+        result["targets"] += inference_targets(result["inference_rows"])
     result["elapsed_s"] = time.perf_counter() - t0
     result["loadavg"] = {"before": load_before, "after": _loadavg()}
     if load_before is not None:
@@ -162,7 +175,8 @@ def run(args) -> int:
     print(format_text(result))
     print(f"\nwrote {paths['json']}, {paths['md']}, {paths['png']}, {paths['roofline']} in "
           f"{result['elapsed_s']:.0f} s")
-    failed = [r["impl"] + " " + r["layer"] + " " + r["pass"] for r in rows + result["train_rows"]
+    failed = [r["impl"] + " " + r["layer"] + " " + r["pass"]
+              for r in rows + result["train_rows"] + result.get("inference_rows", [])
               if r["status"] in ("failed", "error") and r.get("backend") != "builtin"]
     if failed:
         print(f"dlconv bench: {len(failed)} case(s) failed their correctness check or raised: "

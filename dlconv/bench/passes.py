@@ -68,10 +68,24 @@ def _torch_activation_grad(torch, act, dy, y):
     return dy
 
 
+def _tf_same_pads(g) -> tuple:
+    """The (top, bottom, left, right) pads TensorFlow's ``padding="SAME"`` gives ``g``."""
+    out = []
+    for size, stride, k_eff in ((g.in_h, g.stride_h, g.k_h_eff), (g.in_w, g.stride_w, g.k_w_eff)):
+        total = max((-(-size // stride) - 1) * stride + k_eff - size, 0)
+        out += [total // 2, total - total // 2]
+    return tuple(out)
+
+
 def _tf_conv_kwargs(g) -> dict:
     pads = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right)
     kw = dict(strides=[1, g.stride_h, g.stride_w, 1], dilations=[1, g.dil_h, g.dil_w, 1])
-    if any(pads):
+    if g.groups > 1 and any(pads) and pads == _tf_same_pads(g):
+        # TensorFlow's CPU gradients of a grouped conv exist for "SAME"/"VALID" only
+        # (EXPLICIT: "Gradients for grouped convolutions are not supported on CPU"); "SAME"
+        # is also what stock Keras' Conv2D(padding="same") passes.
+        kw.update(padding="SAME")
+    elif any(pads):
         kw.update(padding="EXPLICIT", explicit_paddings=[0, 0, *pads, 0, 0])
     else:
         kw.update(padding="VALID")
@@ -82,7 +96,7 @@ def _torch_conv_kwargs(g) -> dict:
     if (g.pad_top, g.pad_left) != (g.pad_bottom, g.pad_right):
         raise ValueError(f"torch's conv takes symmetric pads only, got {g}")
     return dict(stride=(g.stride_h, g.stride_w), padding=(g.pad_top, g.pad_left),
-                dilation=(g.dil_h, g.dil_w))
+                dilation=(g.dil_h, g.dil_w), groups=g.groups)
 
 
 def _nhwc(t):
@@ -143,7 +157,7 @@ def _conv_backward_filter_tf(tf, g, act):
 
 
 def _conv_backward_filter_torch(torch, g, act):
-    kw, wshape = _torch_conv_kwargs(g), (g.filters, g.in_c, g.k_h, g.k_w)
+    kw, wshape = _torch_conv_kwargs(g), (g.filters, g.group_in_c, g.k_h, g.k_w)
     return ((lambda x, dy: (torch.nn.grad.conv2d_weight(x, wshape, dy, **kw), dy.sum(dim=(0, 2, 3)))),
             lambda o: (_hwio(o[0]), o[1]))
 

@@ -156,6 +156,9 @@ def format_text(result: dict) -> str:
              "", _text_table(KERNEL_HEADER, table_rows(result))]
     if result.get("train_rows"):
         parts += _train_tables(result, _text_table)
+    if result.get("inference_rows"):
+        from .inference import table_text
+        parts += table_text(result["inference_rows"], _text_table)
     if result.get("overhead_rows"):
         parts += ["", _text_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):
@@ -190,6 +193,9 @@ def format_markdown(result: dict, title: Optional[str] = None) -> str:
     parts += [_md_table(KERNEL_HEADER, table_rows(result))]
     if result.get("train_rows"):
         parts += _train_tables(result, _md_table)
+    if result.get("inference_rows"):
+        from .inference import table_text
+        parts += table_text(result["inference_rows"], _md_table)
     if result.get("overhead_rows"):
         parts += ["", _md_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):

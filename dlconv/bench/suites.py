@@ -8,7 +8,11 @@ which models' train steps.
            (2018) 042022) at batch :data:`ECAL_BATCH`, read off the model itself
            (:func:`model_conv_layers`), plus the shapes of issue 13's table
            (:data:`ISSUE13_LAYERS`), each at its own batch
-``all``    both
+``groups`` grouped convolution (issue 11): 3×3 same 64 → 64 on 28×28 at batch
+           :data:`GROUPS_BATCH` with G = 1 (the stock-shape baseline), 2, 4 and 64
+           (depthwise), :data:`GROUP_LAYERS`; against TensorFlow's grouped conv2d and its
+           gradients, as every other shape
+``all``    every suite
 =========  ==========================================================================
 
 A suite is data (:data:`SUITES`): tuples of :class:`~.cases.Layer` and
@@ -125,16 +129,35 @@ ISSUE13_LAYERS = (
           batch=64, suite="ecal", note="issue 13"),
 )
 
+#: Batch of the grouped-conv shapes: a mid-size training batch (issue 11 asked for 8–32).
+GROUPS_BATCH = 16
+#: Channels (= filters) of the grouped-conv shapes; G = GROUP_CHANNELS is depthwise.
+GROUP_CHANNELS = 64
+
+
+def _group_layer(groups: int) -> Layer:
+    c = GROUP_CHANNELS
+    tag = "dw" if groups == c else f"g{groups}"
+    return Layer(f"grp_3x3_{c}to{c}_{tag}", "conv", (28, 28, c), (3, 3, c // groups, c), "relu",
+                 padding="same", batch=GROUPS_BATCH, suite="groups", groups=groups,
+                 note="issue 11" if groups > 1 else "issue 11, ungrouped baseline")
+
+
+#: Issue 11's grouped shapes: the same layer at G = 1, 2, 4 and C (depthwise).
+GROUP_LAYERS = tuple(_group_layer(g) for g in (1, 2, 4, GROUP_CHANNELS))
+
 #: suite → its parts, in table order: layers, or models whose Conv2D shapes are read off.
 SUITES: Dict[str, tuple] = {
     "mnist": LAYERS,
     "ecal": (ModelShapes("resnet_ecal", "ecal", ECAL_BATCH, "ecal"), LAYER_BY_NAME["conv2"],
              *ISSUE13_LAYERS),
+    "groups": GROUP_LAYERS,
 }
 #: ``all`` is every suite, in this order.
 SUITE_CHOICES = (*SUITES, "all")
 #: suite → the models whose train step it measures (:data:`~.train_step.TRAIN_MODELS`).
-SUITE_TRAIN_STEPS: Dict[str, Tuple[str, ...]] = {"mnist": ("mnist_cnn",), "ecal": ("resnet_ecal",)}
+SUITE_TRAIN_STEPS: Dict[str, Tuple[str, ...]] = {"mnist": ("mnist_cnn",), "ecal": ("resnet_ecal",),
+                                                 "groups": ()}
 
 
 def _names(suite: str) -> List[str]:
@@ -149,11 +172,11 @@ def _geometry_key(layer: Layer) -> tuple:
     g = layer.geometry()
     return (layer.kind, g.x_shape, tuple(layer.w_shape)) + tuple(
         getattr(g, a, None) for a in ("stride_h", "stride_w", "pad_top", "pad_bottom",
-                                      "pad_left", "pad_right", "dil_h", "dil_w"))
+                                      "pad_left", "pad_right", "dil_h", "dil_w", "groups"))
 
 
 def suite_layers(suite: str) -> List[Layer]:
-    """The layers of ``suite`` (mnist, ecal or all), in table order.  A shape that occurs
+    """The layers of ``suite`` (mnist, ecal, groups or all), in table order.  A shape that occurs
     twice (same geometry and batch; an issue-table shape that is also a layer of the model)
     is measured once, under its first name."""
     out: List[Layer] = []

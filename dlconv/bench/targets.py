@@ -41,6 +41,9 @@ TRAIN_TARGETS = {"cpp": 1.0}
 #: The same per train-step model (:data:`~.train_step.TRAIN_MODELS`): the physics ResNet's
 #: step at batch 32 (issue 13).
 MODEL_TRAIN_TARGETS = {"mnist_cnn": TRAIN_TARGETS, "resnet_ecal": {"cpp": 0.9}}
+#: MNIST CNN inference on TensorFlow (issue 12): (backend, batch) → dlconv's best-mode time
+#: over stock Keras' best-mode time must be at most this (:mod:`.inference`).
+INFERENCE_TARGETS = {("cpp", 1): 1.0, ("cpp", 8): 1.0}
 #: Titles of the train-step models in the targets' labels.
 MODEL_TITLES = {"mnist_cnn": "MNIST CNN", "resnet_ecal": "ECAL ResNet"}
 
