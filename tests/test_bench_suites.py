@@ -176,8 +176,10 @@ def test_resnet_train_step_is_checked_and_timed_against_stock():
     stock, ours = rows
     assert stock["backend"] == "builtin" and stock["layer"] == "resnet_ecal" and stock["batch"] == 2
     assert ours["impl"] == "dlconv(cpp)" and ours["correct"] is True and ours["status"] == "ok", ours
-    from dlconv.bench.train_step import RESNET_GRAD_TOLERANCE
-    assert ours["tol"] == RESNET_GRAD_TOLERANCE and ours["max_rel_err"] <= RESNET_GRAD_TOLERANCE
+    from dlconv.bench.cases import TOLERANCE
+    # held to the usual tolerance, against the float64 reference (TF's oneDNN is the outlier)
+    assert ours["tol"] == TOLERANCE and ours["max_rel_err"] <= TOLERANCE
+    assert "dlconv.reference" in ours["note"] and ours["stock_max_rel_err"] is not None
     assert ours["target"] == 0.9 and ours["time_ratio"] == pytest.approx(ours["median_s"] / stock["median_s"])
     t = bench.summarize_targets([], rows)
     assert t[-1]["label"] == "ECAL ResNet train step dlconv(cpp) vs stock Keras (time ratio)"

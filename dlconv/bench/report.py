@@ -71,7 +71,7 @@ def train_table_rows(result: dict, model: Optional[str] = None) -> List[List[str
             continue
         target = "" if r.get("target") is None else f"≤ {r['target']:g}× {_met(r['target_met'])}"
         med = _fmt_time(r["median_s"]) if r["status"] == "ok" else r["status"]
-        note = r.get("why") or ""
+        note = "; ".join(n for n in (r.get("why"), r.get("note")) if n)
         if r.get("vs_tensorflow") is not None:
             note = f"{r['vs_tensorflow']:.2f}× dlconv's own step on TensorFlow" + (f"; {note}" if note else "")
         out.append([r["impl"], med, _fmt_ratio(r.get("time_ratio")), _mark(r.get("correct")),

@@ -19,12 +19,15 @@ from .targets import MODEL_TRAIN_TARGETS
 from .timing import Settings, rotating_round_robin
 
 
-#: The ResNet's gradients against stock Keras: 23 convolutions with relu and a global max
-#: pool between the loss and the first layers.  Where float32 summation order moves a
-#: pre-activation across 0 or changes the pool's argmax, that gradient takes another route:
-#: measured 2.8e-3 at batch 32 (same for the cpp and numba kernels) while the probabilities
-#: agree to 3e-7 and the loss to 1e-7.  An indexing bug still gives errors of order 1.
-RESNET_GRAD_TOLERANCE = 1e-2
+#: Where the loss and gradients of a model are checked against: "stock" (the stock Keras
+#: model, TF's own ops) or "reference" (the same model on dlconv's reference backend, NumPy
+#: float64 inside).  The ResNet needs the reference: its 23 relu convolutions and global max
+#: pool amplify summation-order differences, and measured at batch 32 (2-core AMD EPYC,
+#: TF 2.21) TF's oneDNN path is the outlier: its conv2d_10 kernel gradient differs from the
+#: float64 reference by 2.8e-3 relative, while dlconv(cpp) agrees with it to 1.2e-6 and TF with
+#: oneDNN off (TF_ENABLE_ONEDNN_OPTS=0, Eigen) to 1.6e-6.  So ours is held to the usual
+#: TOLERANCE against the reference, and stock's own error is reported beside it.
+ORACLES = ("stock", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +40,10 @@ class TrainModel:
     title: str
     builders: Tuple[str, ...]
     batch: Optional[int] = None
-    #: Largest accepted max relative error of the loss and gradients against stock Keras.
+    #: Largest accepted max relative error of the loss and gradients against the oracle.
     tolerance: float = TOLERANCE
+    #: What the loss and gradients are checked against, one of :data:`ORACLES`.
+    oracle: str = "stock"
 
     def builder(self):
         """Imports Keras and TensorFlow."""
@@ -53,8 +58,7 @@ class TrainModel:
 #: The models a train step can be timed for (rows' ``layer``), see :mod:`.suites`.
 TRAIN_MODELS = {m.name: m for m in (
     TrainModel("mnist_cnn", "MNIST CNN", ("mnist_cnn", "cnn")),
-    TrainModel("resnet_ecal", "ECAL ResNet", ("resnet_ecal",), batch=32,
-               tolerance=RESNET_GRAD_TOLERANCE),
+    TrainModel("resnet_ecal", "ECAL ResNet", ("resnet_ecal",), batch=32, oracle="reference"),
 )}
 
 
@@ -86,8 +90,9 @@ def run_train_step(backends: Sequence[str], settings: Settings, progress: bool =
 
     Adam and (sparse categorical) cross-entropy (the workshop's settings).  Both models get
     the same weights.  Correctness: loss and gradients of one batch (in inference mode, so
-    dropout does not differ) agree with the stock model's within the model's
-    :attr:`TrainModel.tolerance`.  Timing: ``model.train_on_batch`` (dropout on, the real
+    dropout does not differ) agree with the model's oracle (:attr:`TrainModel.oracle`: the
+    stock model, or the same model on dlconv's float64 reference backend, with stock's own
+    error then reported as ``stock_max_rel_err``) within :attr:`TrainModel.tolerance`.  Timing: ``model.train_on_batch`` (dropout on, the real
     step), every model sampled in turn, one step each per round
     (:attr:`Settings.train_repeats` rounds).
     The stock model is compiled with and without XLA; a short interleaved probe
@@ -171,6 +176,14 @@ def run_train_step(backends: Sequence[str], settings: Settings, progress: bool =
     stock_mode_names = list(contenders)
     stock = build_cnn(stock=True, seed=settings.seed)
     expected = loss_and_grads(stock)
+    oracle_note = None
+    if tm.oracle == "reference":
+        oracle = build_cnn(backend="reference", stock=False, seed=settings.seed)
+        oracle.set_weights(stock.get_weights())
+        stock_expected, expected = expected, loss_and_grads(oracle)
+        stock_err = max_rel_error(stock_expected, expected)
+        oracle_note = (f"checked against dlconv.reference (float64 inside); stock Keras itself "
+                       f"differs from it by {stock_err:.2g}")
 
     ours_rows = {}
     for b in backends:
@@ -182,8 +195,11 @@ def run_train_step(backends: Sequence[str], settings: Settings, progress: bool =
             err = max_rel_error(loss_and_grads(ours), expected)
             row["max_rel_err"] = err if math.isfinite(err) else None
             row["correct"] = bool(err <= tm.tolerance)
+            if oracle_note:
+                row.update(note=oracle_note, stock_max_rel_err=stock_err)
             if not row["correct"]:
-                row.update(status="failed", why=f"loss/gradients differ from stock Keras: max "
+                what = "dlconv.reference" if tm.oracle == "reference" else "stock Keras"
+                row.update(status="failed", why=f"loss/gradients differ from {what}: max "
                                                 f"relative error {err:.3g}; not timed")
             else:
                 contenders[f"dlconv({b})"] = warm(compiled(ours, False))
