@@ -298,20 +298,20 @@ void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const
         variant = V1_DIRECT;  // grouped: v1 carries the per-group channel offsets (v2/v3 assume G = 1)
     if (variant == V1_DIRECT) {
         conv_fwd_v1_direct<<<grid_1d(M * F), THREADS_1D, 0, stream>>>(g, x, w, b, act, y);
-        check_launch("conv2d_forward v1_direct");
+        check_launch("conv2d_forward cuda_v1_direct");
     } else if (variant == V2_SMEM_TILED) {
         const int64_t gy = (F + V2_TILE - 1) / V2_TILE;
-        check_grid_y(gy, "conv2d_forward v2_smem_tiled");
+        check_grid_y(gy, "conv2d_forward cuda_v2_gemmtile");
         dim3 grid(unsigned((M + V2_TILE - 1) / V2_TILE), unsigned(gy)), block(V2_TILE, V2_TILE);
         conv_fwd_v2_smem<<<grid, block, 0, stream>>>(g, x, w, b, act, y);
-        check_launch("conv2d_forward v2_smem_tiled");
+        check_launch("conv2d_forward cuda_v2_gemmtile");
     } else if (variant == V3_IMPLICIT_GEMM) {
         const int64_t gy = (F + V3_BN - 1) / V3_BN;
-        check_grid_y(gy, "conv2d_forward v3_implicit_gemm");
+        check_grid_y(gy, "conv2d_forward cuda_v3_regblock");
         const int vec = (g.in_c % 4 == 0 && F % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(y)) ? 1 : 0;
         dim3 grid(unsigned((M + V3_BM - 1) / V3_BM), unsigned(gy));
         conv_fwd_v3_igemm<<<grid, V3_THREADS, 0, stream>>>(g, x, w, b, act, y, vec);
-        check_launch("conv2d_forward v3_implicit_gemm");
+        check_launch("conv2d_forward cuda_v3_regblock");
     } else {
         throw std::invalid_argument("dlconv CUDA conv2d_forward: unknown variant " + std::to_string(variant));
     }
