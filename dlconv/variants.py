@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Optional, Sequence, Tuple
 
 __all__ = ["Variant", "NUMBA_CPU", "NUMBA_CUDA", "TECHNIQUES", "PASSES", "NAME_RE", "from_cpp",
-           "names", "forward_names", "aliases", "by_name", "canonical", "canonical_any"]
+           "names", "forward_names", "forward_by_number", "aliases", "by_name", "canonical", "canonical_any"]
 
 #: The passes a variant may serve.
 PASSES = ("forward", "backward-data", "backward-filter")
@@ -133,6 +133,12 @@ def forward_names(table: Sequence[Variant], source: Optional[str] = None) -> Tup
     """Names of the entries that serve the forward pass (and are implemented in ``source``)."""
     return tuple(v.name for v in table
                  if "forward" in v.passes and (source is None or v.source == source))
+
+
+def forward_by_number(table: Sequence[Variant], source: Optional[str] = None) -> Tuple[str, ...]:
+    """:func:`forward_names`, highest number (the furthest step of the progression) first."""
+    number = {v.name: v.number for v in table}
+    return tuple(sorted(forward_names(table, source), key=lambda n: -number[n]))
 
 
 def by_name(table: Sequence[Variant]) -> Dict[str, Variant]:

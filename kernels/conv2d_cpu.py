@@ -77,8 +77,7 @@ __all__ = ["VARIANTS", "forward", "launch_gemm", "launch_direct", "backward_data
 
 #: Forward variants of this module: its entries of the one Numba CPU table
 #: (:data:`dlconv.variants.NUMBA_CPU`; names, passes, rules), highest number first.
-VARIANTS = tuple(sorted(_variants.forward_names(_variants.NUMBA_CPU, "conv2d_cpu"),
-                        key=lambda n: -_variants.by_name(_variants.NUMBA_CPU)[n].number))
+VARIANTS = _variants.forward_by_number(_variants.NUMBA_CPU, "conv2d_cpu")
 
 #: Input channels per work item of the backward-filter kernel for filter counts that are not
 #: a multiple of 64: the (CB, K) accumulator stays in L1 (16 x 64 floats = 4 KiB).

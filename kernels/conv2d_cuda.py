@@ -65,8 +65,7 @@ __all__ = ["VARIANTS", "launch_v1", "launch_v2", "launch_v3", "forward", "v2_cha
 #: Variants, default (fastest by design: register blocking + shared memory reuse) first: the
 #: forward entries of the one Numba CUDA table (:data:`dlconv.variants.NUMBA_CUDA`), highest
 #: number first.
-VARIANTS = tuple(sorted(_variants.forward_names(_variants.NUMBA_CUDA),
-                        key=lambda n: -_variants.by_name(_variants.NUMBA_CUDA)[n].number))
+VARIANTS = _variants.forward_by_number(_variants.NUMBA_CUDA)
 
 #: v1: threads per block; 128 = 4 warps, enough to hide latency with any occupancy limit.
 V1_THREADS = 128

@@ -24,14 +24,10 @@ __all__ = ["NumbaBackend", "CPU_VARIANTS", "CUDA_VARIANTS"]
 #: listing them imports no Numba), highest number first.  ``cpu_v3_smalltile``
 #: (kernels/conv2d_cpu_small.py) runs any geometry but is the default only for a geometry of
 #: at most SMALL_TILE_MAX_FILTERS filters; above that ``cpu_v2_regblock`` leads.
-def _by_number(table):
-    return tuple(sorted(_variants.forward_names(table), key=lambda n: -_variants.by_name(table)[n].number))
-
-
-#: The forward variant that leads only for few filters.
 SMALL_TILE_VARIANT = next(v.name for v in _variants.NUMBA_CPU if v.technique == "smalltile")
-CPU_VARIANTS = tuple(n for n in _by_number(_variants.NUMBA_CPU) if n != SMALL_TILE_VARIANT) + (SMALL_TILE_VARIANT,)
-CUDA_VARIANTS = _by_number(_variants.NUMBA_CUDA)
+CPU_VARIANTS = (tuple(n for n in _variants.forward_by_number(_variants.NUMBA_CPU) if n != SMALL_TILE_VARIANT)
+                + (SMALL_TILE_VARIANT,))
+CUDA_VARIANTS = _variants.forward_by_number(_variants.NUMBA_CUDA)
 #: Up to 32 filters the 8-pixel tile of cpu_v3_smalltile beats cpu_v2_regblock's (6 x 64, or
 #: 12 x 32): 1.6-3.1x on the ResNet / issue-13 shapes and the MNIST conv1 (2-core EPYC).
 SMALL_TILE_MAX_FILTERS = 32
