@@ -145,7 +145,7 @@ def test_shape_dtype_layout_errors_come_before_any_cuda_call(conv_fakes):
         _C_cuda.conv2d_forward(FakeCuda(g.x_shape, ptr=0), w, b, t, 0, y)
     with pytest.raises(ValueError, match="aligned"):
         _C_cuda.conv2d_forward(FakeCuda(g.x_shape, ptr=(1 << 40) + 2), w, b, t, 0, y)
-    with pytest.raises(ValueError, match="variant must be 1"):
+    with pytest.raises(ValueError, match=r"variant must be one of cuda_v1_direct \(1\), cuda_v2_gemmtile \(2\)"):
         _C_cuda.conv2d_forward(x, w, b, t, 0, y, 4)
     with pytest.raises(ValueError, match="activation code must be 0..3"):
         _C_cuda.conv2d_forward(x, w, b, t, 7, y)

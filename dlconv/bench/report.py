@@ -94,7 +94,7 @@ KERNEL_HEADER = ["layer", "pass", "device", "backend/variant", "median", "GFLOP/
                  "ratio vs built-in", "correct", "target", "note"]
 #: The kernel table's legend for the target column (printed when the rows say which is default).
 TARGET_LEGEND = ("target: judged on the dispatch default of each (layer, pass, backend), the variant a "
-                 "user gets without asking for one; the other variants are shown without a target")
+                 "user gets without asking for one; the other variants are listed without a target")
 TRAIN_HEADER = ["MNIST CNN train step", "median", "time ratio ours/stock (≤1 good)", "correct",
                 "target", "note"]
 #: Titles of the train-step models (first column of their tables).
