@@ -72,6 +72,46 @@ def latest(results: list, kind: str, suites=("mnist",)):
     return max(cands, key=lambda r: (not r.get("quick", False), r.get("timestamp", ""), r["_file"]))
 
 
+def _alias_maps() -> dict:
+    """(backend, device) → {old variant name: new name}, from the variant tables (the Numba
+    ones in dlconv.variants, the C++ ones exported by dlconv._C when it is built)."""
+    from dlconv import backends, variants
+    maps = {("numba", "cpu"): variants.aliases(variants.NUMBA_CPU),
+            ("numba", "cuda"): variants.aliases(variants.NUMBA_CUDA)}
+    try:
+        cpp = backends.get("cpp")
+        maps[("cpp", "cpu")] = variants.aliases(cpp.variant_table(False))
+        maps[("cpp", "cuda")] = variants.aliases(cpp.variant_table(True))
+    except Exception:  # no extension here: C++ names print as they were recorded
+        pass
+    return maps
+
+
+def current_names(result: dict) -> dict:
+    """``result`` with the variant names of an older release replaced by today's (the
+    committed files stay as they were written; the tables print the names the code has)."""
+    maps = _alias_maps()
+    renames = {}
+    rows = []
+    for r in result["rows"]:
+        new = maps.get((r.get("backend"), r.get("device")), {}).get(r.get("variant"))
+        if new is not None:
+            renames[r["impl"]] = f"{r['backend']}/{new}"
+            r = dict(r, variant=new, impl=renames[r["impl"]])
+        rows.append(r)
+    targets = [dict(t, best_impl=renames.get(t.get("best_impl"), t.get("best_impl")),
+                    why=_rename_in(t.get("why"), renames)) for t in result.get("targets", [])]
+    return dict(result, rows=rows, targets=targets)
+
+
+def _rename_in(text, renames):
+    if not text:
+        return text
+    for old, new in renames.items():
+        text = text.replace(f"({old})", f"({new})")
+    return text
+
+
 def _best_rows(result: dict) -> list:
     """Built-in row and, per backend, the fastest correct variant of each layer/pass/device."""
     groups = {}
@@ -99,6 +139,7 @@ def _best_rows(result: dict) -> list:
 
 
 def render(result: dict, title: str, full: bool) -> str:
+    result = current_names(result)
     shown = result if full else dict(result, rows=_best_rows(result))
     text = bench.format_markdown(shown, title=f"{title} ({result['_file']})")
     if result.get("_roofline"):

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "conv_variants.h"
 #include "geometry.h"
 
 namespace dlconv {
@@ -67,6 +68,43 @@ inline void check_activation(const char* kernel, int act, int max_code) {
         throw std::invalid_argument(std::string("dlconv C++ ") + kernel + ": activation code must be 0.." +
                                     std::to_string(max_code) + " (linear, relu, sigmoid, tanh" +
                                     (max_code > 3 ? ", softmax" : "") + "), got " + std::to_string(act));
+}
+
+// A variant table of conv_variants.h as Python data: a tuple of dicts with the struct's fields
+// (passes and aliases split into tuples), the one table cpp_backend, bench, info and locate read.
+template <size_t N>
+py::tuple variants_to_py(const ConvVariantInfo (&table)[N]) {
+    auto split = [](const char* s) {
+        py::list out;
+        std::string cur;
+        for (const char* p = s; ; ++p) {
+            if (*p == ',' || *p == '\0') {
+                if (!cur.empty()) out.append(cur);
+                cur.clear();
+                if (*p == '\0') break;
+            } else if (*p != ' ') {
+                cur += *p;
+            }
+        }
+        return py::tuple(out);
+    };
+    py::list rows;
+    for (size_t i = 0; i < N; ++i) {
+        const ConvVariantInfo& v = table[i];
+        py::dict d;
+        d["name"] = v.name;
+        d["number"] = v.number;
+        d["code"] = v.code;
+        d["technique"] = v.technique;
+        d["passes"] = split(v.passes);
+        d["applies"] = v.applies;
+        d["default"] = v.default_rule;
+        d["description"] = v.description;
+        d["source"] = v.source;
+        d["aliases"] = split(v.aliases);
+        rows.append(d);
+    }
+    return py::tuple(rows);
 }
 
 }  // namespace bind

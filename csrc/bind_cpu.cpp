@@ -2,8 +2,9 @@
 //
 // Low-level entry points (NumPy float32 C-contiguous arrays; outputs optional and, when given,
 // written in place and returned; when None, allocated here):
-//   conv2d_forward(x, w, b|None, geometry, act, y=None, variant=0) -> y   (0 auto, 1 igemm, 2 direct, 3 winograd)
+//   conv2d_forward(x, w, b|None, geometry, act, y=None, variant=0) -> y   (0 auto, else a code of CONV_VARIANTS)
 //   forward_variant_applicable(geometry, variant) -> bool
+//   CONV_VARIANTS, CUDA_CONV_VARIANTS   the variant tables of conv_variants.h (tuples of dicts)
 //   conv2d_backward_data(dz, w, geometry, dx=None, y=None, activation=0) -> dx
 //   transposed_geometry(geometry, phase_h=0, phase_w=0) -> (fields, tap_last_h, tap_last_w, tap_step_h, tap_step_w)
 //   conv2d_backward_filter(x, dz, geometry, dw=None, db=None, y=None, activation=0) -> (dw, db)
@@ -133,9 +134,12 @@ py::array conv2d_forward(py::object x, py::object w, py::object b, py::object ge
     const char* K = "conv2d_forward";
     const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
     dlconv::bind::check_activation(K, act, 3);
+    const dlconv::ConvVariantInfo* v =
+        dlconv::variant_by_code(dlconv::CPU_CONV_VARIANTS, variant, "C++ conv2d_forward", true);
     if (!dlconv::cpu::conv2d_forward_applicable(g, variant))
-        throw std::invalid_argument("dlconv C++ conv2d_forward: variant " + std::to_string(variant) +
-                                    " cannot run " + dlconv::geometry_str(g) + " in this build (see forward_variant_applicable)");
+        throw std::invalid_argument(std::string("dlconv C++ conv2d_forward: variant ") + (v ? v->name : "auto") + " (" +
+                                    std::to_string(variant) + ") cannot run " + dlconv::geometry_str(g) +
+                                    " in this build (see forward_variant_applicable)");
     Arg ax = checked(K, "x", x, x_shape(g), false), aw = checked(K, "w", w, w_shape(g), false);
     Arg ab = optional_in(K, "b", b, {g.filters});
     Arg ay = output(K, "y", y, y_shape(g));
@@ -313,12 +317,16 @@ PYBIND11_MODULE(_C, m) {
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("geometry"),
           py::arg("activation"), py::arg("y") = py::none(), py::arg("variant") = 0,
           "y = act(conv2d(x, w) + b): x NHWC, w HWIO, b (filters,) or None, geometry = ConvGeometry.as_tuple(); "
-          "variant 0 auto, 1 igemm, 2 direct, 3 winograd.");
+          "variant 0 auto, else the code of a CONV_VARIANTS entry (1 cpu_v1_packgemm, 2 cpu_v2_regblock, "
+          "3 cpu_v3_winograd).");
+    m.attr("CONV_VARIANTS") = dlconv::bind::variants_to_py(dlconv::CPU_CONV_VARIANTS);
+    m.attr("CUDA_CONV_VARIANTS") = dlconv::bind::variants_to_py(dlconv::CUDA_CONV_VARIANTS);
     m.def("forward_variant_applicable", [](py::object geometry, int variant) {
+              dlconv::variant_by_code(dlconv::CPU_CONV_VARIANTS, variant, "C++ forward_variant_applicable", true);
               return dlconv::cpu::conv2d_forward_applicable(
                   dlconv::bind::geometry_from(geometry, "forward_variant_applicable"), variant);
           }, py::arg("geometry"), py::arg("variant"),
-          "Whether conv-forward variant (1 igemm, 2 direct, 3 winograd) can run this geometry in this build.");
+          "Whether conv-forward variant (a CONV_VARIANTS code) can run this geometry in this build.");
     m.def("transposed_geometry", [](py::object geometry, int64_t phase_h, int64_t phase_w) {
               const auto t = dlconv::transposed_geometry(
                   dlconv::bind::geometry_from(geometry, "transposed_geometry"), phase_h, phase_w);

@@ -10,8 +10,9 @@
 // that stream is waited on by the launch stream (cudaEventRecord + cudaStreamWaitEvent: the host
 // does not block).  Handles 1 (legacy default stream) and 0 (the default stream, which is the legacy
 // one in this build) count as the same stream; 2 is cudaStreamPerThread.
-//   conv2d_forward(x, w, b|None, geometry, act, y, variant=3, stream=0)   variant 1 v1_direct,
-//                                                        2 v2_smem_tiled, 3 v3_implicit_gemm
+//   conv2d_forward(x, w, b|None, geometry, act, y, variant=3, stream=0)   variant: the code of a
+//     CONV_VARIANTS entry (1 cuda_v1_direct, 2 cuda_v2_gemmtile, 3 cuda_v3_regblock)
+//   CONV_VARIANTS   the CUDA variant table of conv_variants.h (a tuple of dicts)
 //   conv2d_backward_data(dz, w, geometry, dx, stream=0)
 //   conv2d_backward_filter(x, dz, geometry, dw, db|None, stream=0)
 //   dense_forward(x, w, b|None, act, y, stream=0)
@@ -224,9 +225,7 @@ void conv2d_forward(py::object x, py::object w, py::object b, py::object geometr
     const char* K = "conv2d_forward";
     const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
     dlconv::bind::check_activation(K, act, 3);
-    if (variant < 1 || variant > 3)
-        throw std::invalid_argument("dlconv CUDA conv2d_forward: variant must be 1 (v1_direct), 2 (v2_smem_tiled) "
-                                    "or 3 (v3_implicit_gemm), got " + std::to_string(variant));
+    dlconv::variant_by_code(dlconv::CUDA_CONV_VARIANTS, variant, "CUDA conv2d_forward", false);
     DevArg ax = dev_checked(K, "x", x, xs(g), false), aw = dev_checked(K, "w", w, ws(g), false);
     DevArg ab = dev_optional(K, "b", b, {g.filters}, false), ay = dev_checked(K, "y", y, ys(g), true);
     no_alias(K, {{"y", &ay}}, {{"x", &ax}, {"w", &aw}, {"b", &ab}});
@@ -329,9 +328,17 @@ py::dict build_info() {
     d["archs"] = DLCONV_CUDA_ARCHS;
     int v = dlconv::cuda_runtime_version();
     d["cudart"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10) + " (static)";
-    d["conv_variants"] = py::make_tuple("v3_implicit_gemm", "v2_smem_tiled", "v1_direct");
+    py::list names;
+    for (const auto& v : dlconv::CUDA_CONV_VARIANTS) names.append(v.name);
+    d["conv_variants"] = py::tuple(names);
     return d;
 }
+
+// The table's codes are the launcher's enum (cuda_kernels.h): one name <-> code map.
+static_assert(dlconv::CUDA_CONV_VARIANTS[0].code == dlconv::cuda::V1_DIRECT &&
+                  dlconv::CUDA_CONV_VARIANTS[1].code == dlconv::cuda::V2_SMEM_TILED &&
+                  dlconv::CUDA_CONV_VARIANTS[2].code == dlconv::cuda::V3_IMPLICIT_GEMM,
+              "conv_variants.h CUDA_CONV_VARIANTS codes must match cuda_kernels.h ConvVariant");
 
 }  // namespace
 
@@ -347,8 +354,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         dlconv::cuda_devices(&why);
         return why;
     }, "Why no GPU is visible (empty string when some are).");
-    m.attr("VARIANTS") = py::dict(py::arg("v1_direct") = 1, py::arg("v2_smem_tiled") = 2,
-                                  py::arg("v3_implicit_gemm") = 3);
+    m.attr("CONV_VARIANTS") = dlconv::bind::variants_to_py(dlconv::CUDA_CONV_VARIANTS);
     m.def("xla_ffi_handlers", [] {
               py::dict d;
 #ifdef DLCONV_XLA_FFI
@@ -360,7 +366,8 @@ PYBIND11_MODULE(_C_cuda, m) {
           "jax.ffi.register_ffi_target(..., platform='CUDA')); empty when built without the XLA FFI headers.");
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("geometry"),
           py::arg("activation"), py::arg("y"), py::arg("variant") = 3, py::arg("stream") = 0,
-          "y = act(conv2d(x, w) + b) on `stream`; variant 1 v1_direct, 2 v2_smem_tiled, 3 v3_implicit_gemm.");
+          "y = act(conv2d(x, w) + b) on `stream`; variant: a CONV_VARIANTS code (1 cuda_v1_direct, "
+          "2 cuda_v2_gemmtile, 3 cuda_v3_regblock).");
     m.def("conv2d_backward_data", &conv2d_backward_data, py::arg("dz"), py::arg("w"), py::arg("geometry"),
           py::arg("dx"), py::arg("stream") = 0, "dx from dz (gradient of the linear output) and w.");
     m.def("conv2d_backward_filter", &conv2d_backward_filter, py::arg("x"), py::arg("dz"), py::arg("geometry"),

@@ -8,7 +8,7 @@
 // rows are read in place from x (row stride stride_w·C between neighbouring pixels) and whose B
 // is read in place from w.  Nothing proportional to the batch is ever allocated.
 //
-// v2_direct forward:  y[n, oh, ow, f] = act(b[f] + Σ_{kh, kw, c} x[n, ih, iw, c] · w[kh, kw, c, f])
+// cpu_v2_regblock forward:  y[n, oh, ow, f] = act(b[f] + Σ_{kh, kw, c} x[n, ih, iw, c] · w[kh, kw, c, f])
 //   ih = oh·stride_h − pad_top + kh·dil_h,  iw = ow·stride_w − pad_left + kw·dil_w.
 //   One OpenMP work item = one output row (n, oh): all OW pixels x all F filters.
 //   Register block: R pixels x NV·16 filters in R·NV zmm accumulators (R = 6 for NV = 4:
@@ -26,7 +26,7 @@
 //   The F tail (F % 16) is one masked vector; the last pixel tiles of a row are balanced
 //   (OW split into ceil(OW / R) tiles of near-equal size, R instantiated for 1..12).
 //
-// v2_direct backward-filter:  dw[kh, kw, c, f] = Σ_{n, oh, ow} x[n, ih, iw, c] · dz[n, oh, ow, f]
+// cpu_v2_regblock backward-filter:  dw[kh, kw, c, f] = Σ_{n, oh, ow} x[n, ih, iw, c] · dz[n, oh, ow, f]
 //   Rows of dw are taken in blocks of R consecutive j = (kw, c) of one kh (dil_w = 1: j runs over
 //   KW·C contiguous input floats; otherwise j = c of one kw).  Register block: R dw rows x NV·16
 //   filters; per output pixel: NV loads of dz[p, :], R broadcasts of x[p + tap, j0 .. j0+R), R·NV

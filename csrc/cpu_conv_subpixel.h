@@ -1,4 +1,4 @@
-// cpu_conv_subpixel.h — backward-data v2_subpixel: dx of a convolution of any stride, dilation
+// cpu_conv_subpixel.h — backward-data cpu_v2_subpixel: dx of a convolution of any stride, dilation
 // and padding as stride_h·stride_w stride-1 forward convolutions of dz, one per sub-pixel phase
 // (header-only, internal; cpu_conv.cpp uses it when the build has AVX-512).
 //
@@ -13,7 +13,7 @@
 //   dx[n, rh + s_h·q, rw + s_w·p, c] = Σ_{j, i, k} dz[n, q − pad_top' + j·dil_h', p − pad_left' + i·dil_w', k]
 //                                                · wf[j, i, k, c],
 //   wf[j, i, k, c] = w[tap_last_h − j·tap_step_h, tap_last_w − i·tap_step_w, c, k]:
-//   the v2_direct forward (cpu_conv_direct.h) of dz with the phase's sub-filter, every tap of
+//   the cpu_v2_regblock forward (cpu_conv_direct.h) of dz with the phase's sub-filter, every tap of
 //   which hits.  Stride 1 is one phase with every tap (the flipped, transposed filter).
 //
 // What a thread owns: the direct forward's work item, one row of the phase's output — here one

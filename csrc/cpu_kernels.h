@@ -10,11 +10,12 @@ namespace dlconv {
 namespace cpu {
 
 // y[N,OH,OW,K] = act(conv(x[N,H,W,C], w[KH,KW,C,K]) + b[K]); b may be null.
-// Conv-forward CPU variants, a numbered progression like the CUDA ones:
-//   1 igemm     implicit GEMM with packed tiles (cpu_gemm.h; every build)
-//   2 direct    pack-free AVX-512 6x64 register block on NHWC/HWIO in place (cpu_conv_direct.h)
-//   3 winograd  F(2x2, 3x3) for 3x3, stride 1, dilation 1, C >= 8, F >= 16 (cpu_conv_winograd.h)
-//   0 auto      the best applicable: 3, else 2, else 1
+// Conv-forward CPU variants, a numbered progression like the CUDA ones (names, passes and rules:
+// the one table CPU_CONV_VARIANTS of conv_variants.h, exported as dlconv._C.CONV_VARIANTS):
+//   1 cpu_v1_packgemm   implicit GEMM with packed tiles (cpu_gemm.h; every build)
+//   2 cpu_v2_regblock   pack-free AVX-512 6x64 register block on NHWC/HWIO in place (cpu_conv_direct.h)
+//   3 cpu_v3_winograd   Winograd (cpu_conv_winograd.h) where winograd::applicable
+//   0 auto              the best applicable: 3, else 2, else 1
 enum CpuConvVariant : int { CPU_CONV_AUTO = 0, CPU_CONV_IGEMM = 1, CPU_CONV_DIRECT = 2, CPU_CONV_WINOGRAD = 3 };
 // Whether `variant` can run geometry g in this build (AVX-512 for 2 and 3; 3 also needs its shape).
 bool conv2d_forward_applicable(const ConvGeometry& g, int variant);

@@ -1,4 +1,5 @@
-// cuda_conv.cu — 2-D convolution on CUDA: forward as a numbered progression, backward-data,
+// cuda_conv.cu — 2-D convolution on CUDA: forward as a numbered progression (names, codes and rules:
+// conv_variants.h CUDA_CONV_VARIANTS, the one table), backward-data,
 // backward-filter and the bias gradient.  NHWC activations, HWIO weights, geometry record g
 // from dlconv.shapes (never re-derived here).
 //
@@ -8,13 +9,13 @@
 //                                iw = ow·stride_w − pad_left + kw·dil_w,
 //   and A[m, j] = 0 when (ih, iw) lies in the padding (one bounds test, in gather_x).
 //
-// v1_direct         one thread owns one output element (n, oh, ow, k), k fastest so that a warp
+// cuda_v1_direct    one thread owns one output element (n, oh, ow, k), k fastest so that a warp
 //                   reads 32 consecutive filters of w and writes 32 consecutive outputs.
 //                   Grid-stride 1-D grid of THREADS_1D-thread blocks.
-// v2_smem_tiled     a 16x16 block owns a 16-pixel x 16-filter tile of y; it stages 16x16 tiles of
+// cuda_v2_gemmtile  a 16x16 block owns a 16-pixel x 16-filter tile of y; it stages 16x16 tiles of
 //                   A (gathered) and w in shared memory and each thread accumulates one output.
 //                   Grid (⌈M/16⌉, ⌈F/16⌉).
-// v3_implicit_gemm  a 256-thread block owns a 64x64 tile of y, each thread a 4x4 register block;
+// cuda_v3_regblock  a 256-thread block owns a 64x64 tile of y, each thread a 4x4 register block;
 //                   BK=16 slices of A (stored transposed, As[j][m]) and w go through shared memory;
 //                   the inner loop reads float4 from shared memory.  When C and F are multiples of 4
 //                   and the buffers 16-byte aligned, global loads/stores are float4 (4 channels of
@@ -23,8 +24,8 @@
 //
 // Grouped convolution (g.groups = G, w of shape (KH, KW, C/G, F)): filter k reads the input channels
 // c0 + ci, c0 = (k / (F/G))·(C/G), ci < C/G — a per-thread channel offset into each NHWC pixel row.
-// v1_direct, backward-data and backward-filter carry that offset (G = 1: c0 = 0, the plain sums);
-// grouped forwards run v1_direct whatever variant is asked (v2/v3 tile the G = 1 GEMM).
+// cuda_v1_direct, backward-data and backward-filter carry that offset (G = 1: c0 = 0, the plain sums);
+// grouped forwards run cuda_v1_direct whatever variant is asked (v2/v3 tile the G = 1 GEMM).
 //
 // Backward-data (direct): one thread owns one dx element (n, ih, iw, c); a tap (kh, kw) reaches it
 //   from oh = (ih + pad_top − kh·dil_h) / stride_h when that division is exact and 0 <= oh < OH
@@ -297,20 +298,20 @@ void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const
         variant = V1_DIRECT;  // grouped: v1 carries the per-group channel offsets (v2/v3 assume G = 1)
     if (variant == V1_DIRECT) {
         conv_fwd_v1_direct<<<grid_1d(M * F), THREADS_1D, 0, stream>>>(g, x, w, b, act, y);
-        check_launch("conv2d_forward v1_direct");
+        check_launch("conv2d_forward cuda_v1_direct");
     } else if (variant == V2_SMEM_TILED) {
         const int64_t gy = (F + V2_TILE - 1) / V2_TILE;
-        check_grid_y(gy, "conv2d_forward v2_smem_tiled");
+        check_grid_y(gy, "conv2d_forward cuda_v2_gemmtile");
         dim3 grid(unsigned((M + V2_TILE - 1) / V2_TILE), unsigned(gy)), block(V2_TILE, V2_TILE);
         conv_fwd_v2_smem<<<grid, block, 0, stream>>>(g, x, w, b, act, y);
-        check_launch("conv2d_forward v2_smem_tiled");
+        check_launch("conv2d_forward cuda_v2_gemmtile");
     } else if (variant == V3_IMPLICIT_GEMM) {
         const int64_t gy = (F + V3_BN - 1) / V3_BN;
-        check_grid_y(gy, "conv2d_forward v3_implicit_gemm");
+        check_grid_y(gy, "conv2d_forward cuda_v3_regblock");
         const int vec = (g.in_c % 4 == 0 && F % 4 == 0 && aligned16(x) && aligned16(w) && aligned16(y)) ? 1 : 0;
         dim3 grid(unsigned((M + V3_BM - 1) / V3_BM), unsigned(gy));
         conv_fwd_v3_igemm<<<grid, V3_THREADS, 0, stream>>>(g, x, w, b, act, y, vec);
-        check_launch("conv2d_forward v3_implicit_gemm");
+        check_launch("conv2d_forward cuda_v3_regblock");
     } else {
         throw std::invalid_argument("dlconv CUDA conv2d_forward: unknown variant " + std::to_string(variant));
     }

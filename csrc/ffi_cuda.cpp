@@ -11,7 +11,7 @@
 // Differences from the CPU handlers, as in bind_cuda.cpp:
 //   * the conv backward passes take dL/dz only (act must be 0: the bridge forms dz with
 //     dlconv_activation_backward first, dlconv.runtime.fuse_activation_grad says so on a device);
-//   * conv forward variant 0 ("auto") means v3_implicit_gemm, 1-3 pick a CUDA variant;
+//   * conv forward variant 0 ("auto") means cuda_v3_regblock, else a code of conv_variants.h CUDA_CONV_VARIANTS;
 //   * zero-sized work launches nothing (a grid of 0 blocks is a launch error): the reductions
 //     (dw, db) are zeroed on the stream instead.
 #include <cuda_runtime.h>
@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "conv_variants.h"
 #include "cuda_kernels.h"
 #include "ffi_common.h"
 #include "ffi_cuda.h"
@@ -59,9 +60,11 @@ ffi::Error conv_forward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
     ConvGeometry g;
     DLCONV_FFI_TRY(geometry_from(K, geometry, &g));
     DLCONV_FFI_TRY(check_activation(K, act, MAX_ELEMENTWISE));
-    if (variant < 0 || variant > dlconv::cuda::V3_IMPLICIT_GEMM)
-        return invalid(K, "CUDA variant must be 0 (auto), 1 (v1_direct), 2 (v2_smem_tiled) or 3 "
-                          "(v3_implicit_gemm), got " + std::to_string(variant));
+    try {
+        dlconv::variant_by_code(dlconv::CUDA_CONV_VARIANTS, int(variant), K, true);
+    } catch (const std::invalid_argument& e) {
+        return invalid(K, e.what());
+    }
     DLCONV_FFI_TRY(check(K, "x", x, x_shape(g)));
     DLCONV_FFI_TRY(check(K, "w", w, w_shape(g)));
     const float* b = nullptr;

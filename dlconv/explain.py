@@ -780,6 +780,7 @@ def _group_lines(g: ConvGeometry, groups: int, letters) -> List[str]:
 
 def _location_lines(loc: dict) -> List[str]:
     if loc["kind"] == "output":
+        from .locate import VARIANT_LABELS
         cu, cpu = loc["cuda"], loc["cpu"]
 
         def thr(v):
@@ -792,8 +793,9 @@ def _location_lines(loc: dict) -> List[str]:
             lines.append(f"  {t['label']}: x offset {t['x_offset']}, w offset {t['w_offset']}, "
                          f"im2col column {t['im2col_col']}")
         for kset, name in (("numba", "Numba CUDA"), ("cpp", "C++ CUDA")):
-            lines.append(f"  {name}: " + "; ".join(f"{v} {thr(cu[kset][v])}" for v in ("v1", "v2", "v3")))
-        lines.append(f"  C++ CPU direct: row item {cpu['row_item']}, panel {cpu['panel']}, pixel tile "
+            lines.append(f"  {name}: " + "; ".join(f"{VARIANT_LABELS[kset][v]} {thr(cu[kset][v])}"
+                                                    for v in ("v1", "v2", "v3")))
+        lines.append(f"  C++ CPU {VARIANT_LABELS['cpp_cpu']}: row item {cpu['row_item']}, panel {cpu['panel']}, pixel tile "
                      f"{cpu['tile']} (columns {cpu['tile_pixels'][0] + 1}..{cpu['tile_pixels'][1]}, "
                      f"{cpu['tile_shape'][0]}×{cpu['tile_shape'][1]} zmm), register row "
                      f"{cpu['register_row']}, zmm {cpu['zmm']}, lane {cpu['lane']}"

@@ -21,7 +21,7 @@ import json
 import os
 import pathlib
 
-from .locate import KERNEL_CONSTANTS
+from .locate import KERNEL_CONSTANTS, VARIANT_LABELS
 from .shapes import ConvGeometry
 
 __all__ = ["page", "write_page", "check_path", "initial_config"]
@@ -85,6 +85,7 @@ def page(g: ConvGeometry, padding: str = "explicit") -> str:
              f"groups {cfg['groups']}")
     # JSON inside <script>: "</" cannot occur in these numbers and names, but escape it anyway.
     data = (f"const KERNEL_CONSTANTS = {json.dumps(KERNEL_CONSTANTS)};\n"
+            f"const VARIANT_LABELS = {json.dumps(VARIANT_LABELS)};\n"
             f"const INITIAL = {json.dumps(cfg)};\n").replace("</", "<\\/")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
             f"<title>dlconv explain: {html.escape(title)}</title>\n"

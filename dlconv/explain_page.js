@@ -10,8 +10,9 @@
 //   arithmetic                 dlconv/conv_arithmetic.py  arithmetic
 //   xOffset ... cpuTile        dlconv/locate.py           x_offset ... cpu_tile
 //
-// KERNEL_CONSTANTS (the kernels' launch constants) and INITIAL (the geometry the page was
-// written for) are put in front of this script by dlconv/explain_html.py.
+// KERNEL_CONSTANTS (the kernels' launch constants), VARIANT_LABELS (the variant names, from the
+// variant tables: dlconv.locate.VARIANT_LABELS) and INITIAL (the geometry the page was written
+// for) are put in front of this script by dlconv/explain_html.py.
 // Notation (the workshop's): filters A, B, ...; I1, I2, ... one channel's input, row-major
 // from 1; B1, B2, ... filter B's taps; O1, O2, ... outputs, consecutive across filters;
 // with C > 1 the 1-based channel in brackets, I5[c2].  Indices in code are 0-based.
@@ -162,7 +163,7 @@ function numbaV2Refusal(g) {                  // kernels/conv2d_cuda.py v2_chann
 // Which block (blockIdx x, y) and thread (threadIdx x, y) of each CUDA forward computes y[n, oh, ow, k].
 function cudaThreads(g, n, oh, ow, k) {
   const m = (n * g.out_h + oh) * g.out_w + ow, F = g.filters, idx = m * F + k;  // v1: k fastest
-  const grouped = g.groups !== 1, noteGrouped = "grouped: runs v1_direct";
+  const grouped = g.groups !== 1, noteGrouped = "grouped: runs " + VARIANT_LABELS.numba.v1;
   const K = KERNEL_CONSTANTS.numba_cuda;
   const nb = { v1: { block: [Math.floor(idx / K.V1_THREADS), 0], thread: [idx % K.V1_THREADS, 0], register: null, note: "" } };
   const tilesW = cdiv(g.out_w, K.V2_TILE_W), tiles = cdiv(g.out_h, K.V2_TILE_H) * tilesW;
@@ -485,12 +486,12 @@ function renderDetails(loc) {
     for (const [kset, name] of [["numba", "Numba CUDA"], ["cpp", "C++ CUDA"]]) {
       for (const v of ["v1", "v2", "v3"]) {
         const t = loc.cuda[kset][v];
-        row(head, `cuda.${kset}.${v}`, `${name} ${v}`, `block (${t.block.join(", ")}), thread (${t.thread.join(", ")})`
+        row(head, `cuda.${kset}.${v}`, `${name} ${VARIANT_LABELS[kset][v]}`, `block (${t.block.join(", ")}), thread (${t.thread.join(", ")})`
             + (t.register ? `, acc[${t.register[0]}][${t.register[1]}]` : "") + (t.note ? ` (${t.note})` : ""));
       }
     }
     const p = loc.cpu;
-    row(head, "cpu", "C++ CPU direct tile", `row item ${p.row_item}, panel ${p.panel} (filters ${p.panel_filters[0]}..${p.panel_filters[1] - 1}), `
+    row(head, "cpu", `C++ CPU ${VARIANT_LABELS.cpp_cpu} tile`, `row item ${p.row_item}, panel ${p.panel} (filters ${p.panel_filters[0]}..${p.panel_filters[1] - 1}), `
         + `pixel tile ${p.tile} (columns ${p.tile_pixels[0] + 1}..${p.tile_pixels[1]}, ${p.tile_shape[0]}×${p.tile_shape[1]} zmm), `
         + `register row ${p.register_row}, zmm ${p.zmm}, lane ${p.lane}` + (p.note ? ` (${p.note})` : ""));
   } else {

@@ -102,7 +102,22 @@ def info() -> dict:
                             "variants": a.get("variants", []),
                             "cuda_variants": a.get("cuda_variants", [])}
                      for name, a in avail.items()},
+        "variant_tables": _variant_tables(),
     }
+
+
+def _variant_tables() -> dict:
+    """The variant table of each kernel set (dlconv.variants; the C++ ones from the bindings)."""
+    from dataclasses import asdict
+
+    from . import backends, variants
+    out = {"numba cpu": variants.NUMBA_CPU, "numba cuda": variants.NUMBA_CUDA}
+    try:
+        cpp = backends.get("cpp")
+        out.update({"cpp cpu": cpp.variant_table(False), "cpp cuda": cpp.variant_table(True)})
+    except Exception:  # the C++ backend does not import: its tables are not listed
+        pass
+    return {k: [asdict(v) for v in t] for k, t in out.items() if t}
 
 
 def format_info(d: dict) -> str:
@@ -138,6 +153,12 @@ def format_info(d: dict) -> str:
             lines.append(f"  {'':<10} conv variants (CPU): {', '.join(b['variants'])}")
         if b["cuda_variants"] and b["cuda"]["usable"]:
             lines.append(f"  {'':<10} conv variants (CUDA): {', '.join(b['cuda_variants'])}")
+    tables = d.get("variant_tables") or {}
+    if tables:
+        lines += ["", "conv kernel variants ({cpu,cuda}_v{N}_{technique}, v1 the baseline; dlconv.variants):"]
+        for kset, rows in tables.items():
+            lines.append(f"  {kset}:")
+            lines += [f"    {r['name']:<17} {', '.join(r['passes'])}: {r['description']}" for r in rows]
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-__all__ = ["KERNEL_CONSTANTS", "x_offset", "w_offset", "y_offset", "im2col", "cuda_threads",
+__all__ = ["KERNEL_CONSTANTS", "VARIANT_LABELS", "variant_labels", "x_offset", "w_offset", "y_offset", "im2col", "cuda_threads",
            "cpu_tile", "locate_output"]
 
 #: The launch constants of the kernels that compute a forward output, by source file.
@@ -37,10 +37,33 @@ KERNEL_CONSTANTS: Dict[str, Dict[str, int]] = {
     # csrc/cuda_conv.cu and csrc/cuda_common.cuh (C++ CUDA)
     "cpp_cuda": {"THREADS_1D": 256, "MAX_BLOCKS_1D": 1 << 20, "V2_TILE": 16,
                  "V3_BM": 64, "V3_BN": 64, "V3_BK": 16, "V3_TM": 4, "V3_TN": 4},
-    # csrc/cpu_conv_direct.h (C++ CPU, AVX-512 v2_direct): 16 floats per zmm, at most 4 zmm
+    # csrc/cpu_conv_direct.h (C++ CPU, AVX-512 cpu_v2_regblock): 16 floats per zmm, at most 4 zmm
     # (64 filters) per register row; max_rows(nv) pixels per register block.
     "cpp_cpu": {"VL": 16, "MAX_NV": 4, "MAX_R": 12},
 }
+
+
+def variant_labels() -> Dict[str, object]:
+    """The variant names the page and ``dlconv explain --at`` print, read from the variant
+    tables (:mod:`dlconv.variants`; the C++ ones from ``dlconv._C`` when it is built, else the
+    bare ``cuda_v{N}``): ``{"numba": {"v1": name, ...}, "cpp": {...}, "cpp_cpu": name}``."""
+    from . import variants
+
+    def by_number(table, fallback):
+        got = {f"v{v.number}": v.name for v in table if "forward" in v.passes}
+        return {k: got.get(k, f"{fallback}_{k}") for k in ("v1", "v2", "v3")}
+    cpp_cuda, cpp_cpu = (), ()
+    try:
+        from ._C import CONV_VARIANTS, CUDA_CONV_VARIANTS
+        cpp_cuda, cpp_cpu = variants.from_cpp(CUDA_CONV_VARIANTS), variants.from_cpp(CONV_VARIANTS)
+    except ImportError:  # not built: the bare numbers
+        pass
+    return {"numba": by_number(variants.NUMBA_CUDA, "cuda"), "cpp": by_number(cpp_cuda, "cuda"),
+            "cpp_cpu": next((v.name for v in cpp_cpu if v.technique == "regblock"), "cpu_v2")}
+
+
+#: :func:`variant_labels`, computed once.
+VARIANT_LABELS = variant_labels()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -92,7 +115,7 @@ def cuda_threads(g, n: int, oh: int, ow: int, k: int) -> Dict[str, Dict[str, dic
     F = g.filters
     idx = m * F + k                                   # v1's flat element index, k fastest
     grouped = _groups(g) != 1
-    note_grouped = "grouped: runs v1_direct"
+    note_grouped = "grouped: runs " + VARIANT_LABELS["numba"]["v1"]
 
     K = KERNEL_CONSTANTS["numba_cuda"]
     nb = {"v1": {"block": [idx // K["V1_THREADS"], 0], "thread": [idx % K["V1_THREADS"], 0],
@@ -133,7 +156,7 @@ def _max_rows(nv: int) -> int:
 
 
 def cpu_tile(g, n: int, oh: int, ow: int, k: int) -> dict:
-    """The register tile of the C++ CPU direct kernel (csrc/cpu_conv_direct.h) holding
+    """The register tile of the C++ CPU register-block kernel (csrc/cpu_conv_direct.h) holding
     y[n, oh, ow, k]: OpenMP work item (one output row), 64-filter column panel, pixel tile
     of that row (OW split into ceil(OW/R) near-equal tiles), and its register row / zmm / lane."""
     K = KERNEL_CONSTANTS["cpp_cpu"]

@@ -147,7 +147,7 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
     ``padding``: ``"valid"``, ``"same"`` (TensorFlow's rule), an int, ``(pad_h, pad_w)`` or
     ``((top, bottom), (left, right))``.  ``activation``: None/"linear", "relu", "sigmoid",
     "tanh".  ``variant``: a kernel variant name of the backend (see
-    ``dlconv.backends.available()``); None picks the backend's best.
+    ``dlconv.backends.available()`` and :mod:`dlconv.variants`); None picks the backend's best.
     """
     act = _act.normalize(activation, allow_softmax=False)
     on_device, (x, w, b) = _prepare((("x", x), ("w", w), ("b", b)), {"x": 4, "w": 4, "b": 1}, stream)
@@ -155,9 +155,7 @@ def conv2d(x, w, b=None, strides=1, padding="valid", dilation=1, activation=None
     if b is not None:
         _check_shape("b", b, (g.filters,))
     be = _resolve_backend(backend, on_device)
-    if variant is not None and variant not in be.conv_variants(on_device, g):
-        raise ValueError(f"variant must be one of {tuple(be.conv_variants(on_device, g))} for backend "
-                         f"{be.name!r}, got {variant!r}")
+    variant = be.resolve_variant(variant, on_device, g)  # an old name warns (DeprecationWarning)
     if g.batch == 0:
         return _empty(g.y_shape, on_device, stream)
     padded = (g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) != (0, 0, 0, 0)
@@ -337,10 +335,10 @@ def dense(x, w, b=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
         return _empty(g.y_shape, on_device, stream)
     if act == "softmax":
         def call():
-            z = be.dense_forward(x, w, b, "linear", on_device=on_device, stream=stream)
+            z = be.dense_forward(x, w, b, g, "linear", on_device=on_device, stream=stream)
             return be.softmax(z, on_device=on_device, stream=stream)
         return _run(on_device, call)
-    return _run(on_device, lambda: be.dense_forward(x, w, b, act, on_device=on_device, stream=stream))
+    return _run(on_device, lambda: be.dense_forward(x, w, b, g, act, on_device=on_device, stream=stream))
 
 
 def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, stream=None):
@@ -366,9 +364,9 @@ def dense_backward(x, w, dy, y=None, activation=None, backend=DEFAULT_BACKEND, s
     if act == "softmax":
         def call():
             dz = be.activation_backward(dy, y, "softmax", on_device=on_device, stream=stream)
-            return be.dense_backward(x, w, dz, y, "linear", on_device=on_device, stream=stream)
+            return be.dense_backward(x, w, dz, y, g, "linear", on_device=on_device, stream=stream)
         return _run(on_device, call)
-    return _run(on_device, lambda: be.dense_backward(x, w, dy, y, act, on_device=on_device, stream=stream))
+    return _run(on_device, lambda: be.dense_backward(x, w, dy, y, g, act, on_device=on_device, stream=stream))
 
 
 def softmax(z, backend=DEFAULT_BACKEND, stream=None):

@@ -4,17 +4,19 @@ One module per operation and target, each opening with what one thread / iterati
 its index map, padding and ragged-edge handling and launch geometry:
 
 ``cpu_common``            fused activation, its derivative, the stack micro-tile (CPU)
-``conv2d_cpu``            conv2d forward (cpu_gemm, cpu_direct), backward-data, -filter
+``conv2d_cpu``            conv2d forward (cpu_v2_regblock, cpu_v1_direct), backward-data, -filter
+``conv2d_cpu_small``      conv2d forward cpu_v3_smalltile (few filters)
 ``dense_cpu``             dense forward/backward, softmax, activation backward (CPU)
 ``cuda_common``           device functions shared by the CUDA kernels
-``conv2d_cuda``           conv2d forward v1_direct, v2_smem_tiled, v3_implicit_gemm
+``conv2d_cuda``           conv2d forward cuda_v1_direct, cuda_v2_halotile, cuda_v3_regblock
 ``conv2d_backward_cuda``  conv2d backward-data and backward-filter (CUDA)
 ``dense_cuda``            tiled matmul + epilogue, softmax, dense backward (CUDA)
 
 Nothing is compiled at import: Numba compiles each kernel on its first call (the CPU
 kernels are cached on disk with ``cache=True``).  Each module has ``launch_*`` functions
 taking arrays and a :class:`dlconv.shapes.ConvGeometry`, so benchmarks can time one
-variant directly.
+variant directly.  The variants' names, passes and rules: the one table per kernel set in
+:mod:`dlconv.variants` (``NUMBA_CPU``, ``NUMBA_CUDA``).
 """
 
 import os as _os

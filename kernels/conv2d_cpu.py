@@ -13,7 +13,7 @@ vbias_act select 0 only for z < 0).
 
 Variants of the forward pass, fastest first:
 
-``cpu_gemm``  implicit GEMM with a register-blocked micro-kernel.  The (pixel, tap)x(tap,
+``cpu_v2_regblock``  implicit GEMM with a register-blocked micro-kernel.  The (pixel, tap)x(tap,
     filter) product ``Y[M, K] = X_im2col[M, R] @ W[R, K]`` (M = N*OH*OW, R = KH*KW*C) is
     formed without materialising im2col: NHWC/HWIO let the kernel read both operands in
     place.  The A-row of pixel (n, oh, ow) at tap (kh, kw) is ``x[n, ih, iw:iw+C]`` and the
@@ -35,7 +35,7 @@ Variants of the forward pass, fastest first:
     K <= 32 filters (MNIST conv1; backward-data into 32 channels) take the narrow kernel
     instead: the same 24 accumulators as NARROW_MR = 12 pixels x 32 filters (2 weight
     vectors, 12 broadcasts, 24 FMAs per channel), so no FMA is spent on a half-empty panel.
-``cpu_direct``  one ``prange`` iteration per output row (n, oh), one output pixel at a
+``cpu_v1_direct``  one ``prange`` iteration per output row (n, oh), one output pixel at a
     time, a K-vector accumulator, taps outside the input skipped by one explicit guard.
 
 Grouped convolution (``g.groups > 1``, depthwise included) runs the kernels of
@@ -66,6 +66,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from dlconv import variants as _variants
 from dlconv.arrays import HOST_ALIGN, empty_host  # 64-byte aligned: TensorFlow adopts it without a copy
 
 from .cpu_common import (FASTMATH, LANES, MICRO_MR, MICRO_NR, MICRO_NV, activate,
@@ -74,8 +75,9 @@ from .cpu_common import (FASTMATH, LANES, MICRO_MR, MICRO_NR, MICRO_NV, activate
 __all__ = ["VARIANTS", "forward", "launch_gemm", "launch_direct", "backward_data",
            "backward_filter", "weight_matrix", "pad_input"]
 
-#: Forward variants, default (fastest on the MNIST conv2 shape) first.
-VARIANTS = ("cpu_gemm", "cpu_direct")
+#: Forward variants of this module: its entries of the one Numba CPU table
+#: (:data:`dlconv.variants.NUMBA_CPU`; names, passes, rules), highest number first.
+VARIANTS = _variants.forward_by_number(_variants.NUMBA_CPU, "conv2d_cpu")
 
 #: Input channels per work item of the backward-filter kernel for filter counts that are not
 #: a multiple of 64: the (CB, K) accumulator stays in L1 (16 x 64 floats = 4 KiB).
@@ -121,7 +123,7 @@ def _bias(b, k):
     return np.zeros(k, np.float32) if b is None else np.ascontiguousarray(b, dtype=np.float32)
 
 
-# ----------------------------------------------------------------------------- cpu_gemm
+# ----------------------------------------------------------------------------- cpu_v2_regblock
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
 def _gemm_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, ldw, out_h, out_w,
                  s_h, s_w, d_h, d_w, act):
@@ -221,7 +223,7 @@ NARROW_NR = 2 * LANES
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
 def _gemm_narrow_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, out_h, out_w,
                         s_h, s_w, d_h, d_w, act):
-    """cpu_gemm for K <= 32 filters (MNIST conv1, and backward-data into 32 channels).
+    """cpu_v2_regblock for K <= 32 filters (MNIST conv1, and backward-data into 32 channels).
 
     xf: padded input, flat (N, HP, WP, C); wm: weight matrix, flat (KH*KW*C, 32), filters
     zero-padded to 32.  Item (n, oh) writes y[n, oh, :, :]; per input channel of a tap:
@@ -288,7 +290,7 @@ def _gemm_narrow_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, o
 
 
 def launch_gemm(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray:
-    """``cpu_gemm`` forward: x NHWC, w HWIO, b (K,) or None, g a ConvGeometry, act a code.
+    """``cpu_v2_regblock`` forward: x NHWC, w HWIO, b (K,) or None, g a ConvGeometry, act a code.
 
     ``out`` (optional) is a float32 C-contiguous array of shape g.y_shape to write into.
     """
@@ -308,7 +310,7 @@ def launch_gemm(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.nd
     return y
 
 
-# ----------------------------------------------------------------------------- cpu_direct
+# ----------------------------------------------------------------------------- cpu_v1_direct
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _direct_kernel(x, w, b, y, s_h, s_w, d_h, d_w, p_t, p_l, act):
     n_img, in_h, in_w, c_in = x.shape
@@ -337,22 +339,21 @@ def _direct_kernel(x, w, b, y, s_h, s_w, d_h, d_w, p_t, p_l, act):
 
 
 def launch_direct(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray:
-    """``cpu_direct`` forward; same arguments as :func:`launch_gemm`."""
+    """``cpu_v1_direct`` forward; same arguments as :func:`launch_gemm`."""
     y = empty_host(g.y_shape) if out is None else out
     _direct_kernel(x, w, _bias(b, g.filters), y, g.stride_h, g.stride_w, g.dil_h, g.dil_w,
                    g.pad_top, g.pad_left, act)
     return y
 
 
-_LAUNCH = {"cpu_gemm": launch_gemm, "cpu_direct": launch_direct}
+_LAUNCH = {"cpu_v2_regblock": launch_gemm, "cpu_v1_direct": launch_direct}
+assert set(_LAUNCH) == set(VARIANTS), "kernels/conv2d_cpu.py launchers vs dlconv.variants.NUMBA_CPU"
 
 
-def forward(x, w, b, g, act: int, variant: str = "cpu_gemm") -> np.ndarray:
-    """Dispatch to a forward variant by name (see :data:`VARIANTS`)."""
-    try:
-        launch = _LAUNCH[variant]
-    except KeyError:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}") from None
+def forward(x, w, b, g, act: int, variant: str = VARIANTS[0]) -> np.ndarray:
+    """Dispatch to a forward variant by name (see :data:`VARIANTS`; an old name warns)."""
+    variant = _variants.canonical(variant, [v for v in _variants.NUMBA_CPU if v.name in VARIANTS])
+    launch = _LAUNCH[variant]
     if g.groups != 1:   # grouped / depthwise: one kernel for every variant (conv2d_grouped_cpu)
         from . import conv2d_grouped_cpu
         return conv2d_grouped_cpu.forward(x, w, b, g, act)

@@ -1,5 +1,5 @@
 """conv2d forward on the CPU with Numba for few filters and narrow outputs: variant
-``cpu_v3_gemm_small``, an implicit GEMM on an 8-pixel register tile.
+``cpu_v3_smalltile``, an implicit GEMM on an 8-pixel register tile.
 
 What it computes (NHWC activations, HWIO weights, geometry ``g`` from :mod:`dlconv.shapes`;
 nothing here re-derives a pad or a size)::
@@ -8,7 +8,7 @@ nothing here re-derives a pad or a size)::
     ih = oh * stride_h - pad_top  + kh * dil_h
     iw = ow * stride_w - pad_left + kw * dil_w
 
-Why another tile: ``cpu_gemm`` (:mod:`.conv2d_cpu`) holds 6 pixels x 64 filters, or
+Why another tile: ``cpu_v2_regblock`` (:mod:`.conv2d_cpu`) holds 6 pixels x 64 filters, or
 12 pixels x 32 filters when K <= 32.  On the physics ResNet's layers (16 filters; 32 filters
 on 8-pixel-wide outputs) half of those FMAs land on zero-padded filters, or every pixel of a
 row falls in its one-pixel ragged loop.  Here the tile is SMALL_MR = 8 pixels of one output
@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from dlconv import variants as _variants
 from dlconv.arrays import empty_host
 
 from .conv2d_cpu import pad_input
@@ -46,8 +47,8 @@ from .cpu_common import (FASTMATH, LANES, activate, stack_micro_tile, vbias_act,
 
 __all__ = ["VARIANT", "SMALL_MR", "launch", "forward"]
 
-#: This kernel's name in the Numba backend's variant table.
-VARIANT = "cpu_v3_gemm_small"
+#: This kernel's name: its entry of the one Numba CPU table (:data:`dlconv.variants.NUMBA_CPU`).
+VARIANT, = _variants.forward_names(_variants.NUMBA_CPU, "conv2d_cpu_small")
 
 #: Pixels per register tile: 8 independent accumulators per filter vector cover the FMA
 #: latency (4 cycles) times the FMA issue rate (2 per cycle on AVX-512 cores), and 8 divides
@@ -190,7 +191,7 @@ def _panel_width(k: int) -> int:
 
 
 def launch(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray:
-    """``cpu_v3_gemm_small`` forward: x NHWC, w HWIO, b (K,) or None, g a ConvGeometry,
+    """``cpu_v3_smalltile`` forward: x NHWC, w HWIO, b (K,) or None, g a ConvGeometry,
     act an activation code; ``out`` (optional) a float32 C-contiguous array of g.y_shape."""
     xp = np.ascontiguousarray(pad_input(x, g), dtype=np.float32)
     y = empty_host(g.y_shape) if out is None else out
@@ -212,8 +213,7 @@ def launch(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray
 
 def forward(x, w, b, g, act: int, variant: str = VARIANT) -> np.ndarray:
     """The backend's entry (same arguments as :func:`.conv2d_cpu.forward`)."""
-    if variant != VARIANT:
-        raise ValueError(f"variant must be {VARIANT!r} for this module, got {variant!r}")
+    _variants.canonical(variant, [v for v in _variants.NUMBA_CPU if v.name == VARIANT])  # old name: warns
     if g.groups != 1:   # grouped / depthwise: the one grouped kernel every variant runs
         from . import conv2d_grouped_cpu
         return conv2d_grouped_cpu.forward(x, w, b, g, act)

@@ -10,17 +10,17 @@ Every variant computes::
 
 Grouped convolution (``g.groups = G``, w of shape (KH, KW, C/G, K)): filter k reads the
 input channels ``c0 + c``, ``c0 = (k // (K/G)) * (C/G)``, ``c < C/G`` — a channel offset per
-thread in v1_direct, which is the variant grouped geometries run (depthwise included); v2 and
+thread in cuda_v1_direct, which is the variant grouped geometries run (depthwise included); v2 and
 v3 take the trailing ``groups`` argument for the shared field order and run G = 1 only.
 
-v1_direct
+cuda_v1_direct
     One thread owns one output element (n, oh, ow, k); k is the fastest index of the flat
     thread id, so a warp writes 32 consecutive floats of y and reads 32 consecutive
     weights w[kh, kw, c, k:k+32] while x[n, ih, iw, c] is a broadcast.  Padding: the
     taps with ih or iw outside the input are skipped by one guard.  Ragged edge: threads
     past the last element return.  Launch: 1-D grid of cdiv(N*OH*OW*K, V1_THREADS) blocks.
 
-v2_smem_tiled
+cuda_v2_halotile
     One block owns a V2_TILE_H x V2_TILE_W patch of output pixels of one image and a slice
     of V2_TILE_K filters; one thread owns one (pixel, filter) of it.  Channels are taken in
     chunks of ``cc``: per chunk the block stages in shared memory the input tile with its
@@ -35,7 +35,7 @@ v2_smem_tiled
     Launch: grid (N * cdiv(OH, V2_TILE_H) * cdiv(OW, V2_TILE_W), cdiv(K, V2_TILE_K)) (the
     unbounded count on x: grid.y/z stop at 65535), V2_TILE_H*V2_TILE_W*V2_TILE_K threads.
 
-v3_implicit_gemm
+cuda_v3_regblock
     The convolution as the GEMM ``Y[M, K] = A[M, R] @ W[R, K]`` with M = N*OH*OW pixels
     and R = KH*KW*C, where A (im2col) is never materialised: A[m, r] is computed from the
     index map when a tile is staged.  One block owns a V3_BM x V3_BN tile of Y; one
@@ -56,12 +56,16 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from dlconv import variants as _variants
+
 from .cuda_common import activate, cdiv, dummy_bias, stream_or_default
 
 __all__ = ["VARIANTS", "launch_v1", "launch_v2", "launch_v3", "forward", "v2_channel_chunk"]
 
-#: Variants, default (fastest by design: register blocking + shared memory reuse) first.
-VARIANTS = ("v3_implicit_gemm", "v2_smem_tiled", "v1_direct")
+#: Variants, default (fastest by design: register blocking + shared memory reuse) first: the
+#: forward entries of the one Numba CUDA table (:data:`dlconv.variants.NUMBA_CUDA`), highest
+#: number first.
+VARIANTS = _variants.forward_by_number(_variants.NUMBA_CUDA)
 
 #: v1: threads per block; 128 = 4 warps, enough to hide latency with any occupancy limit.
 V1_THREADS = 128
@@ -88,7 +92,7 @@ V3_TN = 4
 V3_THREADS = (V3_BM // V3_TM) * (V3_BN // V3_TN)
 
 
-# ----------------------------------------------------------------------------- v1_direct
+# ----------------------------------------------------------------------------- cuda_v1_direct
 @cuda.jit
 def _v1_kernel(x, w, b, y, has_bias, act,
                batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
@@ -119,7 +123,7 @@ def _v1_kernel(x, w, b, y, has_bias, act,
 
 
 def launch_v1(x, w, b, g, act: int, stream=None, out=None):
-    """v1_direct: x, w, b (or None) Numba device arrays, g a ConvGeometry, act a code.
+    """cuda_v1_direct: x, w, b (or None) Numba device arrays, g a ConvGeometry, act a code.
 
     Returns y (a new device array of shape g.y_shape, or ``out``)."""
     s = stream_or_default(stream)
@@ -131,7 +135,7 @@ def launch_v1(x, w, b, g, act: int, stream=None, out=None):
     return y
 
 
-# ----------------------------------------------------------------------------- v2_smem_tiled
+# ----------------------------------------------------------------------------- cuda_v2_halotile
 @cuda.jit
 def _v2_kernel(x, w, b, y, has_bias, act, cc, halo_h, halo_w,
                batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
@@ -201,14 +205,14 @@ def v2_channel_chunk(g):
     cc = min(g.in_c, V2_SMEM_X // (halo_h * halo_w), V2_SMEM_W // (g.k_h * g.k_w * V2_TILE_K))
     if cc < 1:
         raise ValueError(
-            f"variant 'v2_smem_tiled' cannot stage this geometry in shared memory: halo "
+            f"variant 'cuda_v2_halotile' cannot stage this geometry in shared memory: halo "
             f"{halo_h}x{halo_w} (needs <= {V2_SMEM_X} floats) and kernel {g.k_h}x{g.k_w}x"
-            f"{V2_TILE_K} filters (needs <= {V2_SMEM_W} floats); use 'v3_implicit_gemm'")
+            f"{V2_TILE_K} filters (needs <= {V2_SMEM_W} floats); use 'cuda_v3_regblock'")
     return cc, halo_h, halo_w
 
 
 def launch_v2(x, w, b, g, act: int, stream=None, out=None):
-    """v2_smem_tiled; same arguments as :func:`launch_v1`."""
+    """cuda_v2_halotile; same arguments as :func:`launch_v1`."""
     cc, halo_h, halo_w = v2_channel_chunk(g)
     s = stream_or_default(stream)
     y = cuda.device_array(g.y_shape, np.float32, stream=s) if out is None else out
@@ -220,7 +224,7 @@ def launch_v2(x, w, b, g, act: int, stream=None, out=None):
     return y
 
 
-# ----------------------------------------------------------------------------- v3_implicit_gemm
+# ----------------------------------------------------------------------------- cuda_v3_regblock
 @cuda.jit
 def _v3_kernel(x, w2, b, y2, has_bias, act,
                batch, in_h, in_w, in_c, filters, k_h, k_w, s_h, s_w, d_h, d_w,
@@ -290,7 +294,7 @@ def _v3_kernel(x, w2, b, y2, has_bias, act,
 
 
 def launch_v3(x, w, b, g, act: int, stream=None, out=None):
-    """v3_implicit_gemm; same arguments as :func:`launch_v1`."""
+    """cuda_v3_regblock; same arguments as :func:`launch_v1`."""
     s = stream_or_default(stream)
     y = cuda.device_array(g.y_shape, np.float32, stream=s) if out is None else out
     grid = (cdiv(g.gemm_m, V3_BM), cdiv(g.filters, V3_BN))
@@ -301,16 +305,15 @@ def launch_v3(x, w, b, g, act: int, stream=None, out=None):
     return y
 
 
-_LAUNCH = {"v1_direct": launch_v1, "v2_smem_tiled": launch_v2, "v3_implicit_gemm": launch_v3}
+_LAUNCH = {"cuda_v1_direct": launch_v1, "cuda_v2_halotile": launch_v2, "cuda_v3_regblock": launch_v3}
+assert set(_LAUNCH) == set(VARIANTS), "kernels/conv2d_cuda.py launchers vs dlconv.variants.NUMBA_CUDA"
 
 
 def forward(x, w, b, g, act: int, variant: str = VARIANTS[0], stream=None):
     """Dispatch to a variant by name (see :data:`VARIANTS`).  Grouped geometries
-    (``g.groups > 1``) run v1_direct, the one variant with per-group channel offsets."""
-    try:
-        launch = _LAUNCH[variant]
-    except KeyError:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}") from None
+    (``g.groups > 1``) run cuda_v1_direct, the one variant with per-group channel offsets.
+    An old name (``v3_implicit_gemm``, ...) warns DeprecationWarning."""
+    launch = _LAUNCH[_variants.canonical(variant, _variants.NUMBA_CUDA)]
     if g.groups != 1:
         launch = launch_v1
     return launch(x, w, b, g, act, stream=stream)

@@ -250,7 +250,7 @@ def test_variants_for_offers_only_what_can_run_the_layer():
     all_cpu = list(backends.get("cpp").conv_variants(False))
     conv1 = bench.variants_for("cpp", all_cpu, layers["conv1"], "forward", False)
     conv2 = bench.variants_for("cpp", all_cpu, layers["conv2"], "forward", False)
-    assert "cpu_v3_winograd" not in conv1 and "cpu_v2_direct" in conv1   # C = 1: no Winograd
+    assert "cpu_v3_winograd" not in conv1 and "cpu_v2_regblock" in conv1   # C = 1: no Winograd
     assert conv2[0] == "cpu_v3_winograd"
     assert bench.variants_for("cpp", all_cpu, layers["conv2"], "backward-data", False) == [None]
 

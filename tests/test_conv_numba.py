@@ -157,7 +157,7 @@ def check_backward(dx, dw, db, x, w, dy, g, with_tf=True):
 @settings(max_examples=60)
 @given(case=conv_cases(max_hw=9, max_c=6, max_k=70), seed=st.integers(0, 2**16))
 def test_cpu_forward_variants_match_reference_and_tf(case, seed):
-    # K up to 70 crosses the 64-filter panel of cpu_gemm (ragged second panel)
+    # K up to 70 crosses the 64-filter panel of cpu_v2_regblock (ragged second panel)
     g, bias, act = case
     x, w, b, _ = arrays(g, seed, bias)
     for variant in ccpu.VARIANTS:
@@ -256,7 +256,7 @@ def test_cpu_gemm_weight_matrix_in_place_copy_and_padded(k):
         assert not wm[:, k:].any()
         for wi, act, bias in ((wa, "relu", b), (_misaligned(w), "linear", b),
                               (wa, "tanh", None), (wa, "linear", b[::-1].copy()[::-1])):
-            y = ccpu.forward(x, wi, bias, g, A.code(act), "cpu_gemm")   # last: strided bias
+            y = ccpu.forward(x, wi, bias, g, A.code(act), "cpu_v2_regblock")   # last: strided bias
             check_forward(y, x, w, bias, g, act, with_tf=False)
 
 
@@ -340,13 +340,13 @@ def test_cuda_v2_channel_chunks_and_refusal(monkeypatch):
     y = ccuda.launch_v2(*_dev(x, w, b), g, A.TANH).copy_to_host()
     check_forward(y, x, w, b, g, "tanh", with_tf=False)
     huge = conv_geometry((1, 200, 200, 1), (60, 60, 1, 1), 1, "valid")
-    with pytest.raises(ValueError, match="v2_smem_tiled.*halo"):
+    with pytest.raises(ValueError, match="cuda_v2_halotile.*halo"):
         ccuda.v2_channel_chunk(huge)
 
 
 def test_backend_selects_each_variant():
     be = get("numba")
-    assert tuple(be.conv_variants(False)) == ccpu.VARIANTS + ("cpu_v3_gemm_small",)
+    assert tuple(be.conv_variants(False)) == ccpu.VARIANTS + ("cpu_v3_smalltile",)
     assert tuple(be.conv_variants(True)) == ccuda.VARIANTS
     g = conv_geometry((1, 4, 5, 2), (2, 3, 2, 3), (1, 2), "same", 1)
     x, w, b, _ = arrays(g, 2)
@@ -360,7 +360,7 @@ def test_backend_selects_each_variant():
         y = be.conv2d_forward(xd, wd, bd, g, "sigmoid", on_device=True, variant=v)
         check_forward(y.copy_to_host(), x, w, b, g, "sigmoid", with_tf=False)
     with pytest.raises(ValueError, match="variant must be one of"):
-        be.conv2d_forward(x, w, b, g, "linear", on_device=False, variant="v1_direct")
+        be.conv2d_forward(x, w, b, g, "linear", on_device=False, variant="cuda_v1_direct")
 
 
 def test_backend_status():

@@ -1,4 +1,4 @@
-"""The Numba CPU forward variant ``cpu_v3_gemm_small`` (kernels/conv2d_cpu_small.py) against
+"""The Numba CPU forward variant ``cpu_v3_smalltile`` (kernels/conv2d_cpu_small.py) against
 the float64 NumPy reference and TensorFlow's conv2d on generated geometries aimed at the
 tile's edges: output rows narrower than the 8-pixel tile, one pixel wider (the overlapping
 last block), filter counts of 1-16 (one-vector panel), 17-32 and 33+ (ragged 32-wide
@@ -80,7 +80,7 @@ def test_backend_picks_the_small_tile_for_few_filters_and_offers_it_everywhere()
     few = conv_geometry((1, 9, 9, 3), (3, 3, 3, 16), 1, "same")
     many = conv_geometry((1, 9, 9, 3), (3, 3, 3, 64), 1, "same")
     assert be.conv_variants(False, few)[0] == small.VARIANT
-    assert be.conv_variants(False, many)[0] == "cpu_gemm" and small.VARIANT in be.conv_variants(False, many)
+    assert be.conv_variants(False, many)[0] == "cpu_v2_regblock" and small.VARIANT in be.conv_variants(False, many)
     for g in (few, many):
         x, w, b, _ = arrays(g, 3)
         y_default = ops.conv2d(x, w, b, 1, "same", activation="relu", backend="numba")
@@ -88,5 +88,5 @@ def test_backend_picks_the_small_tile_for_few_filters_and_offers_it_everywhere()
         check_forward(y_small, x, w, b, g, "relu", with_tf=False)
         if g is few:                            # the default is this kernel: the same numbers
             np.testing.assert_array_equal(y_default, y_small)
-    with pytest.raises(ValueError, match="variant must be 'cpu_v3_gemm_small'"):
-        small.forward(x, w, b, many, A.RELU, variant="cpu_gemm")
+    with pytest.raises(ValueError, match=r"variant must be one of \('cpu_v3_smalltile',\)"):
+        small.forward(x, w, b, many, A.RELU, variant="cpu_v2_regblock")

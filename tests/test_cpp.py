@@ -590,23 +590,23 @@ def test_backend_status_and_variants():
     be = backends.get("cpp")
     ok, why = be.cpu_status()
     assert ok and _C.build_info()["simd"] in why
-    assert be.conv_variants(False) == ("cpu_v3_winograd", "cpu_v2_direct", "cpu_v1_igemm")
+    assert be.conv_variants(False) == ("cpu_v3_winograd", "cpu_v2_regblock", "cpu_v1_packgemm")
     # Winograd F(2x2, 3x3) only runs 3x3 stride-1 undilated kernels with C >= 8, F >= 16.
     assert be.conv_variants(False, conv_geometry((1, 28, 28, 1), (3, 3, 1, 32))) == (
-        "cpu_v2_direct", "cpu_v1_igemm")
+        "cpu_v2_regblock", "cpu_v1_packgemm")
     assert be.conv_variants(False, conv_geometry((1, 9, 9, 16), (3, 3, 16, 16), strides=2)) == (
-        "cpu_v2_direct", "cpu_v1_igemm")
-    assert be.conv_variants(True) == ("v3_implicit_gemm", "v2_smem_tiled", "v1_direct")
+        "cpu_v2_regblock", "cpu_v1_packgemm")
+    assert be.conv_variants(True) == ("cuda_v3_regblock", "cuda_v2_gemmtile", "cuda_v1_direct")
     x = np.ones((1, 4, 4, 1), np.float32)
     w = np.ones((3, 3, 1, 1), np.float32)
-    y = ops.conv2d(x, w, backend="cpp", variant="cpu_v1_igemm")
+    y = ops.conv2d(x, w, backend="cpp", variant="cpu_v1_packgemm")
     np.testing.assert_array_equal(y[0, :, :, 0], np.full((2, 2), 9.0, np.float32))
     with pytest.raises(ValueError, match="variant must be one of"):
-        ops.conv2d(x, w, backend="cpp", variant="v1_direct")
+        ops.conv2d(x, w, backend="cpp", variant="cuda_v1_direct")
     # Winograd asked for a geometry it cannot run: refused before any launch, in Python and in C++.
     with pytest.raises(ValueError, match="variant must be one of"):
         ops.conv2d(x, w, backend="cpp", variant="cpu_v3_winograd")
-    with pytest.raises(ValueError, match="variant 3 cannot run"):
+    with pytest.raises(ValueError, match=r"variant cpu_v3_winograd \(3\) cannot run"):
         _C.conv2d_forward(x, w, None, conv_geometry(x.shape, w.shape).as_tuple(), 0, variant=3)
 
 
@@ -627,7 +627,7 @@ def test_every_cpu_forward_variant_matches_reference(xs, ws, strides, padding, d
     b = rng.standard_normal(ws[3]).astype(np.float32)
     want = ref.conv2d_forward(x, w, b, g, act)
     variants = backends.get("cpp").conv_variants(False, g)
-    assert "cpu_v1_igemm" in variants
+    assert "cpu_v1_packgemm" in variants
     for v in variants:
         got = ops.conv2d(x, w, b, strides, padding, dilation, act, backend="cpp", variant=v)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.sqrt(g.gemm_k), err_msg=v)

@@ -36,7 +36,12 @@ except ImportError as exc:  # reported by test_extension_is_built_when_nvcc_exis
 
 needs_ext = pytest.mark.skipif(_C_cuda is None, reason="dlconv._C_cuda is not built (no nvcc, or DLCONV_CUDA=0)")
 ACTS = ("linear", "relu", "sigmoid", "tanh")
-VARIANTS = ("v3_implicit_gemm", "v2_smem_tiled", "v1_direct")
+VARIANTS = ("cuda_v3_regblock", "cuda_v2_gemmtile", "cuda_v1_direct")
+
+
+def _codes():
+    """name → launcher code, from the one C++ CUDA table (csrc/conv_variants.h)."""
+    return {r["name"]: r["code"] for r in _C_cuda.CONV_VARIANTS}
 
 
 # ----------------------------------------------------------------------------- build + status
@@ -50,8 +55,11 @@ def test_extension_is_built_when_nvcc_exists():
     requested = os.environ.get("DLCONV_CUDA_ARCHS", "80;90").split(";")
     assert sorted(info["archs"].split()) == sorted(a.strip() for a in requested if a.strip())
     assert info["cudart"].endswith("(static)")
-    assert info["conv_variants"] == VARIANTS
-    assert dict(_C_cuda.VARIANTS) == {"v1_direct": 1, "v2_smem_tiled": 2, "v3_implicit_gemm": 3}
+    assert set(info["conv_variants"]) == set(VARIANTS)
+    assert _codes() == {"cuda_v1_direct": 1, "cuda_v2_gemmtile": 2, "cuda_v3_regblock": 3}
+    # the CPU extension exports the same table, so a build without CUDA still names them
+    from dlconv import _C
+    assert _C.CUDA_CONV_VARIANTS == _C_cuda.CONV_VARIANTS
 
 
 @needs_ext
@@ -137,7 +145,7 @@ def test_shape_dtype_layout_errors_come_before_any_cuda_call(conv_fakes):
         _C_cuda.conv2d_forward(FakeCuda(g.x_shape, ptr=0), w, b, t, 0, y)
     with pytest.raises(ValueError, match="aligned"):
         _C_cuda.conv2d_forward(FakeCuda(g.x_shape, ptr=(1 << 40) + 2), w, b, t, 0, y)
-    with pytest.raises(ValueError, match="variant must be 1"):
+    with pytest.raises(ValueError, match=r"variant must be one of cuda_v1_direct \(1\), cuda_v2_gemmtile \(2\)"):
         _C_cuda.conv2d_forward(x, w, b, t, 0, y, 4)
     with pytest.raises(ValueError, match="activation code must be 0..3"):
         _C_cuda.conv2d_forward(x, w, b, t, 7, y)
@@ -204,7 +212,7 @@ def test_gpu_conv_forward_variants_match_reference(cuda, case, variant, rng):
         np.testing.assert_allclose(y, ref.conv2d_forward(x, w, b, g, act), rtol=1e-4, atol=_tol(g.gemm_k))
     # without bias, default stream, straight into the extension
     yd = cuda.device_array(g.y_shape, np.float32)
-    _C_cuda.conv2d_forward(xd, wd, None, g.as_tuple(), 0, yd, dict(_C_cuda.VARIANTS)[variant], 0)
+    _C_cuda.conv2d_forward(xd, wd, None, g.as_tuple(), 0, yd, _codes()[variant], 0)
     np.testing.assert_allclose(yd.copy_to_host(), ref.conv2d_forward(x, w, None, g), rtol=1e-4,
                                atol=_tol(g.gemm_k))
 

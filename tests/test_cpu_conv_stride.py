@@ -1,6 +1,6 @@
 """Backward-data as sub-pixel phases: dlconv.shapes.transposed_geometry (the one formula), its
 C++ mirror (csrc/geometry.h, exposed as _C.transposed_geometry), and the C++ CPU kernels that
-use it (v2_subpixel: direct register blocks per phase, and the narrow variant for <= 8 dx
+use it (cpu_v2_subpixel: direct register blocks per phase, and the narrow variant for <= 8 dx
 channels, csrc/cpu_conv_subpixel.h) against dlconv.reference and TensorFlow.
 
 Geometries are generated (hypothesis): strides 1-4 (more than the kernel, so that some phases

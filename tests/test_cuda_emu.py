@@ -284,7 +284,7 @@ def all_cases():
     cases.append(conv_backward_filter_case("bwd_filter_vec", G_VEC, rng))
     cases.append(conv_backward_filter_case("bwd_filter_scalar_nodb", G_SCALAR, rng, with_db=False))
     cases.append(conv_backward_filter_case("bwd_filter_chunks", G_CHUNKS, rng, tsan=True))
-    # grouped / depthwise: every variant asked (v2, v3 run v1_direct), both backward passes
+    # grouped / depthwise: every variant asked (v2, v3 run cuda_v1_direct), both backward passes
     for name, g in (("grouped", G_GROUPED), ("depthwise", G_DEPTHWISE)):
         for v in (V1, V2, V3):
             cases.append(conv_forward_case(f"{name}_fwd_v{v}", g, v, "relu", rng, tsan=v == V1 and name == "grouped"))

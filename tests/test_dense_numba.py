@@ -13,6 +13,7 @@ from dlconv import activations as A
 from dlconv import ops
 from dlconv import reference as ref
 from dlconv.backends import get
+from dlconv.shapes import dense_geometry
 
 try:
     import tensorflow as tf
@@ -86,8 +87,8 @@ dense_shapes = st.tuples(st.integers(1, 9), st.integers(1, 40), st.integers(1, 4
 def test_cpu_dense_forward_backward_match_reference_and_tf(shape, act, bias, seed):
     x, w, b, dy = make(seed, *shape, bias)
     be = get("numba")
-    y = be.dense_forward(x, w, b, act, on_device=False)
-    grads = be.dense_backward(x, w, dy, y, act, on_device=False)
+    y = be.dense_forward(x, w, b, dense_geometry(x.shape, w.shape), act, on_device=False)
+    grads = be.dense_backward(x, w, dy, y, dense_geometry(x.shape, w.shape), act, on_device=False)
     check(y, grads, x, w, b, dy, act)
     # the public op gives the same numbers
     np.testing.assert_array_equal(ops.dense(x, w, b, act), y)
@@ -115,8 +116,9 @@ def test_cpu_dense_mnist_head_matches_tf():
     x, w, b, dy = make(0, 128, 1600, 128)
     x *= 0.1
     be = get("numba")
-    h = be.dense_forward(x, w, b, "relu", on_device=False)
-    check(h, be.dense_backward(x, w, dy, h, "relu", on_device=False), x, w, b, dy, "relu")
+    h = be.dense_forward(x, w, b, dense_geometry(x.shape, w.shape), "relu", on_device=False)
+    check(h, be.dense_backward(x, w, dy, h, dense_geometry(x.shape, w.shape), "relu", on_device=False),
+          x, w, b, dy, "relu")
 
 
 @pytest.mark.parametrize("batch,n_in,n_out", [
@@ -130,14 +132,16 @@ def test_cpu_dense_backward_register_tile_edges(batch, n_in, n_out, act):
     """The 6 x 64 register-tile kernels of dx and dw at ragged row blocks and panels."""
     x, w, b, dy = make(3, batch, n_in, n_out)
     be = get("numba")
-    y = be.dense_forward(x, w, b, act, on_device=False)
-    check(y, be.dense_backward(x, w, dy, y, act, on_device=False), x, w, b, dy, act)
+    y = be.dense_forward(x, w, b, dense_geometry(x.shape, w.shape), act, on_device=False)
+    check(y, be.dense_backward(x, w, dy, y, dense_geometry(x.shape, w.shape), act, on_device=False),
+          x, w, b, dy, act)
 
 
 def test_cpu_dense_deterministic():
     x, w, b, dy = make(5, 37, 23, 19)
     be = get("numba")
-    runs = [be.dense_backward(x, w, dy, dcpu.forward(x, w, b, A.TANH), "tanh", on_device=False)
+    runs = [be.dense_backward(x, w, dy, dcpu.forward(x, w, b, A.TANH), dense_geometry(x.shape, w.shape), "tanh",
+                               on_device=False)
             for _ in range(2)]
     assert all(np.array_equal(a, c) for a, c in zip(*runs))
 
@@ -155,8 +159,8 @@ def test_cuda_dense_forward_backward_match_reference_and_tf(shape, act, bias, se
     x, w, b, dy = make(seed, *shape, bias)
     be = get("numba")
     xd, wd, bd, dyd = _dev(x, w, b, dy)
-    yd = be.dense_forward(xd, wd, bd, act, on_device=True)
-    grads = be.dense_backward(xd, wd, dyd, yd, act, on_device=True)
+    yd = be.dense_forward(xd, wd, bd, dense_geometry(xd.shape, wd.shape), act, on_device=True)
+    grads = be.dense_backward(xd, wd, dyd, yd, dense_geometry(xd.shape, wd.shape), act, on_device=True)
     check(yd.copy_to_host(), [g.copy_to_host() for g in grads], x, w, b, dy, act)
 
 
@@ -268,8 +272,8 @@ def test_gpu_dense_mnist_sizes(act):
     x, w, b, dy = make(1, 128, 1600, 128)
     be = get("numba")
     xd, wd, bd, dyd = _dev(x, w, b, dy)
-    yd = be.dense_forward(xd, wd, bd, act, on_device=True)
-    grads = be.dense_backward(xd, wd, dyd, yd, act, on_device=True)
+    yd = be.dense_forward(xd, wd, bd, dense_geometry(xd.shape, wd.shape), act, on_device=True)
+    grads = be.dense_backward(xd, wd, dyd, yd, dense_geometry(xd.shape, wd.shape), act, on_device=True)
     check(yd.copy_to_host(), [g.copy_to_host() for g in grads], x, w, b, dy, act)
 
 

@@ -156,7 +156,8 @@ def test_at_lists_offsets_threads_and_tile():
         ("B5·I1", 0, 9, 4), ("B6·I2", 1, 11, 5), ("B8·I5", 4, 15, 7), ("B9·I6", 5, 17, 8)]
     assert loc["cuda"]["cpp"]["v1"]["thread"] == [1, 0] and loc["cuda"]["numba"]["v3"]["register"] == [0, 1]
     assert loc["cpu"]["lane"] == 1 and loc["cpu"]["tile_shape"] == [4, 1]
-    assert "C++ CPU direct: row item 0, panel 0, pixel tile 0" in e.text()
+    assert "C++ CPU cpu_v2_regblock: row item 0, panel 0, pixel tile 0" in e.text()
+    assert "Numba CUDA: cuda_v1_direct block (0, 0), thread (1, 0); cuda_v2_halotile" in e.text()
 
 
 # ----------------------------------------------------------------------------- --groups

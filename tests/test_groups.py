@@ -162,7 +162,7 @@ def test_numba_cpu_grouped_matches_reference(case):
     _check_backend("numba", *case)
 
 
-@pytest.mark.parametrize("variant", ["cpu_gemm", "cpu_direct"])
+@pytest.mark.parametrize("variant", ["cpu_v2_regblock", "cpu_v1_direct"])
 def test_numba_cpu_every_variant_runs_grouped(variant):
     g = conv_geometry((2, 7, 6, 6), (3, 3, 2, 9), 2, "same", 1, groups=3)
     _check_backend("numba", g, "relu", 5, variant=variant)
@@ -207,9 +207,9 @@ def test_numba_cuda_grouped_matches_reference(case):
     _check_backend("numba", g, act, seed, to=cuda.to_device, back=lambda a: a.copy_to_host())
 
 
-@pytest.mark.parametrize("variant", ["v1_direct", "v2_smem_tiled", "v3_implicit_gemm"])
+@pytest.mark.parametrize("variant", ["cuda_v1_direct", "cuda_v2_halotile", "cuda_v3_regblock"])
 def test_numba_cuda_every_variant_runs_grouped(variant):
-    """Grouped geometries run v1_direct (its per-group channel offsets) whichever variant is asked."""
+    """Grouped geometries run cuda_v1_direct (its per-group channel offsets) whichever variant is asked."""
     cuda = _cuda()
     g = conv_geometry((1, 5, 4, 4), (3, 2, 1, 8), 1, "same", (1, 2), groups=4)
     x, w, b, _ = _arrays(g, 9)

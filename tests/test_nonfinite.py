@@ -23,9 +23,9 @@ from dlconv.shapes import conv_geometry
 
 tf = pytest.importorskip("tensorflow")
 
-CPU_CASES = [("reference", None), ("numba", "cpu_gemm"), ("numba", "cpu_direct"),
-             ("numba", "cpu_v3_gemm_small"), ("cpp", "cpu_v3_winograd"), ("cpp", "cpu_v2_direct"),
-             ("cpp", "cpu_v1_igemm")]
+CPU_CASES = [("reference", None), ("numba", "cpu_v2_regblock"), ("numba", "cpu_v1_direct"),
+             ("numba", "cpu_v3_smalltile"), ("cpp", "cpu_v3_winograd"), ("cpp", "cpu_v2_regblock"),
+             ("cpp", "cpu_v1_packgemm")]
 # (strides, padding, dilation): the first is Winograd's geometry (3x3, stride 1); the second
 # takes the strided paths (igemm backward-data), the third the dilated direct ones.
 GEOMETRIES = [(1, "same", 1), (1, "valid", 1), (2, ((1, 0), (0, 2)), 1), (1, "valid", 2)]
@@ -151,7 +151,7 @@ def test_relu_and_its_gradient_elementwise(backend):
     assert np.isnan(dz[3, 0]) and np.isnan(dz[4, 0]) and dz[0, 0] == 0
 
 
-@pytest.mark.parametrize("variant", ["v1_direct", "v2_smem_tiled", "v3_implicit_gemm"])
+@pytest.mark.parametrize("variant", ["cuda_v1_direct", "cuda_v2_halotile", "cuda_v3_regblock"])
 def test_numba_cuda_relu_keeps_nan(variant):
     """The Numba CUDA epilogues (under the simulator here: tiny shapes)."""
     cuda = pytest.importorskip("numba.cuda")

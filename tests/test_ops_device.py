@@ -25,7 +25,7 @@ def case():
     return x, w, b
 
 
-@pytest.mark.parametrize("variant", ["v1_direct", "v2_smem_tiled", "v3_implicit_gemm"])
+@pytest.mark.parametrize("variant", ["cuda_v1_direct", "cuda_v2_halotile", "cuda_v3_regblock"])
 def test_conv2d_device_in_device_out(case, variant):
     x, w, b = case
     pads = ((1, 0), (0, 2))

@@ -1,7 +1,8 @@
 """The interface every backend implements.
 
 All arrays arrive validated (float32, C-contiguous, right rank and sizes) by
-:mod:`dlconv.ops`; ``g`` is the resolved :class:`dlconv.shapes.ConvGeometry`;
+:mod:`dlconv.ops`; ``g`` is the resolved :class:`dlconv.shapes.ConvGeometry` (conv) or
+:class:`dlconv.shapes.DenseGeometry` (dense), never re-derived by a backend;
 ``activation`` is a canonical element-wise name from :mod:`dlconv.activations`
 (``"linear"``, ``"relu"``, ``"sigmoid"``, ``"tanh"``).  ``on_device`` is True when the
 arrays are Numba device arrays (CUDA); the backend then returns device arrays and
@@ -34,6 +35,39 @@ class Backend:
         those that can run it (a variant may need a 3x3 kernel, say)."""
         return ("default",)
 
+    def variant_table(self, on_device: bool):
+        """The kernel set's variant table (:class:`dlconv.variants.Variant` records, every pass),
+        empty for a backend without variants."""
+        return ()
+
+    def default_variant(self, on_device: bool, geometry=None) -> Optional[str]:
+        """The conv-forward variant the dispatch runs when none is asked for (None: no variants)."""
+        names = tuple(self.conv_variants(on_device, geometry))
+        return names[0] if names and self.variant_table(on_device) else None
+
+    def resolve_variant(self, variant: Optional[str], on_device: bool, geometry=None) -> Optional[str]:
+        """``variant``'s current name (an old name warns DeprecationWarning, naming the new one);
+        ValueError naming the valid ones when it is unknown or cannot run ``geometry``."""
+        if variant is None:
+            return None
+        from .. import variants as _variants
+        names = tuple(self.conv_variants(on_device, geometry))
+        where = (f"for backend {self.name!r} on the {'CUDA device' if on_device else 'CPU'}"
+                 + (" for this geometry" if geometry is not None else ""))
+        table = [v for v in self.variant_table(on_device) if v.name in names]
+        if not table:
+            if variant in names:
+                return variant
+            raise ValueError(f"variant must be one of {names} {where}, got {variant!r}")
+        # Old names resolve over the whole table, so an inapplicable one is named as such.
+        try:
+            new = _variants.canonical(variant, self.variant_table(on_device), where, stacklevel=4)
+        except ValueError:
+            new = None
+        if new not in names:
+            raise ValueError(f"variant must be one of {names} {where}, got {variant!r}")
+        return new
+
     def require(self, on_device: bool) -> None:
         ok, why = self.cuda_status() if on_device else self.cpu_status()
         if not ok:
@@ -59,11 +93,13 @@ class Backend:
         raise NotImplementedError  # abstract
 
     # -- dense -----------------------------------------------------------------------
-    def dense_forward(self, x, w, b, activation: str, *, on_device: bool, stream=None):
+    def dense_forward(self, x, w, b, g, activation: str, *, on_device: bool, stream=None):
+        """``g``: the resolved :class:`dlconv.shapes.DenseGeometry` (output shape ``g.y_shape``)."""
         raise NotImplementedError  # abstract
 
-    def dense_backward(self, x, w, dy, y, activation: str, *, on_device: bool, stream=None):
-        """→ (dx, dw, db); dy is dL/d(output), y the forward output (after activation)."""
+    def dense_backward(self, x, w, dy, y, g, activation: str, *, on_device: bool, stream=None):
+        """→ (dx, dw, db) with shapes g.x_shape, g.w_shape, (g.out_features,); dy is
+        dL/d(output), y the forward output (after activation), g the DenseGeometry."""
         raise NotImplementedError  # abstract
 
     def softmax(self, z, *, on_device: bool, stream=None):

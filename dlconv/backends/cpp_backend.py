@@ -20,6 +20,7 @@ import os
 import numpy as np
 
 from .. import activations as _act
+from .. import variants as _variants
 from ..arrays import empty_host
 from ..shapes import conv_geometry
 from ..streams import stream_handle  # noqa: F401  (re-exported: the handle the launchers take)
@@ -28,11 +29,11 @@ from .base import Backend, BackendUnavailable
 #: A 3x3 stride-1 geometry every variant can run: what conv_variants() lists without a geometry.
 _PROBE_GEOMETRY = conv_geometry((1, 8, 8, 16), (3, 3, 16, 16))
 
-#: CPU conv-forward variants, best first, → the code the C++ launcher takes (csrc/cpu_kernels.h).
-#: With no variant given, C++ picks the best one applicable (winograd, else direct).
-CPU_VARIANTS = {"cpu_v3_winograd": 3, "cpu_v2_direct": 2, "cpu_v1_igemm": 1}
-#: CUDA conv-forward variants (default first) → the code the C++ launcher takes.
-CUDA_VARIANTS = {"v3_implicit_gemm": 3, "v2_smem_tiled": 2, "v1_direct": 1}
+#: The variant tables live in C++ (csrc/conv_variants.h) and come from the bindings:
+#: ``dlconv._C.CONV_VARIANTS`` (CPU), ``dlconv._C_cuda.CONV_VARIANTS`` (CUDA; ``_C`` exports the
+#: same table as ``CUDA_CONV_VARIANTS``, so a build without CUDA still names them).  Each row's
+#: ``code`` is what the forward launcher takes; NOT_SELECTABLE marks a backward-only path.
+NOT_SELECTABLE = -1
 #: activation_backward's code for softmax (row-wise), beyond the element-wise codes.
 SOFTMAX_CODE = 4
 
@@ -58,6 +59,7 @@ class CppBackend(Backend):
     def __init__(self):
         self._c, self._c_why = _import("dlconv._C")
         self._cuda, self._cuda_why = _import("dlconv._C_cuda")
+        self._tables = {}
 
     # -- what can run here --------------------------------------------------------
     def cpu_status(self):
@@ -78,14 +80,32 @@ class CppBackend(Backend):
                            "host memory and the C++ CUDA kernels need real device arrays")
         return True, "dlconv._C_cuda on " + "; ".join(devices)
 
+    def variant_table(self, on_device):
+        """The C++ table of the CPU or CUDA kernel set (empty when neither extension is built)."""
+        key = "cuda" if on_device else "cpu"
+        table = self._tables.get(key)
+        if table is None:
+            rows = ()
+            if on_device and self._cuda is not None:
+                rows = self._cuda.CONV_VARIANTS
+            elif self._c is not None:
+                rows = self._c.CUDA_CONV_VARIANTS if on_device else self._c.CONV_VARIANTS
+            table = self._tables[key] = _variants.from_cpp(rows)
+        return table
+
+    def _forward(self, on_device):
+        """Selectable forward variants, highest number (the dispatch's preference) first."""
+        return sorted((v for v in self.variant_table(on_device)
+                       if "forward" in v.passes and v.code != NOT_SELECTABLE), key=lambda v: -v.number)
+
     def conv_variants(self, on_device, geometry=None):
         if on_device:
-            return tuple(CUDA_VARIANTS)
-        if self._c is None:
-            return tuple(CPU_VARIANTS)
-        return tuple(name for name, code in CPU_VARIANTS.items()
-                     if self._c.forward_variant_applicable(
-                         (geometry or _PROBE_GEOMETRY).as_tuple(), code))
+            return tuple(v.name for v in self._forward(True))
+        return tuple(v.name for v in self._forward(False)
+                     if self._c.forward_variant_applicable((geometry or _PROBE_GEOMETRY).as_tuple(), v.code))
+
+    def _code(self, variant, on_device):
+        return _variants.by_name(self.variant_table(on_device))[variant].code
 
     # -- helpers ---------------------------------------------------------------------
     def _cpu(self):
@@ -106,18 +126,15 @@ class CppBackend(Backend):
     def conv2d_forward(self, x, w, b, g, activation, *, on_device, variant=None, stream=None):
         code = _act.code(activation)
         if on_device:
-            variant = variant or "v3_implicit_gemm"
-            if variant not in CUDA_VARIANTS:
-                raise ValueError(f"variant must be one of {tuple(CUDA_VARIANTS)} on CUDA, got {variant!r}")
             lib = self._gpu()
+            variant = self.resolve_variant(variant, True, g) or self.default_variant(True, g)
             y = self._dev_empty(g.y_shape, stream)
-            lib.conv2d_forward(x, w, b, g.as_tuple(), code, y, CUDA_VARIANTS[variant], stream_handle(stream))
+            lib.conv2d_forward(x, w, b, g.as_tuple(), code, y, self._code(variant, True), stream_handle(stream))
             return y
-        if variant is not None and variant not in self.conv_variants(False, g):
-            raise ValueError(f"variant must be one of {self.conv_variants(False, g)} on the CPU for this "
-                             f"geometry, got {variant!r}")
-        return self._cpu().conv2d_forward(x, w, b, g.as_tuple(), code, empty_host(g.y_shape),
-                                          variant=CPU_VARIANTS.get(variant, 0))
+        lib = self._cpu()
+        variant = self.resolve_variant(variant, False, g)
+        return lib.conv2d_forward(x, w, b, g.as_tuple(), code, empty_host(g.y_shape),
+                                  variant=0 if variant is None else self._code(variant, False))
 
     def fuses_activation_grad(self, on_device):
         # The CPU kernels read dy through act'(y) (csrc/cpu_act.h); the CUDA ones do not.
@@ -148,21 +165,20 @@ class CppBackend(Backend):
                                                   activation=_act.code(activation))
 
     # -- dense -------------------------------------------------------------------------
-    def dense_forward(self, x, w, b, activation, *, on_device, stream=None):
+    def dense_forward(self, x, w, b, g, activation, *, on_device, stream=None):
         code = _act.code(activation)
-        shape = (x.shape[0], w.shape[1])
         if on_device:
             lib = self._gpu()
-            y = self._dev_empty(shape, stream)
+            y = self._dev_empty(g.y_shape, stream)
             lib.dense_forward(x, w, b, code, y, stream_handle(stream))
             return y
-        return self._cpu().dense_forward(x, w, b, code, empty_host(shape))
+        return self._cpu().dense_forward(x, w, b, code, empty_host(g.y_shape))
 
-    def dense_backward(self, x, w, dy, y, activation, *, on_device, stream=None):
+    def dense_backward(self, x, w, dy, y, g, activation, *, on_device, stream=None):
         code = _act.code(activation)
         if code == _act.LINEAR:
             y = None  # not needed; the caller may not have it
-        shapes = (tuple(x.shape), tuple(w.shape), (w.shape[1],))
+        shapes = (g.x_shape, g.w_shape, (g.out_features,))
         if on_device:
             lib = self._gpu()
             dx, dw, db = (self._dev_empty(s, stream) for s in shapes)

@@ -14,21 +14,25 @@ from __future__ import annotations
 import importlib
 
 from .. import activations as _act
+from .. import variants as _variants
 from .base import Backend
 
 __all__ = ["NumbaBackend", "CPU_VARIANTS", "CUDA_VARIANTS"]
 
-#: Conv-forward variants, default first (the same tuples as the kernel modules' VARIANTS,
-#: repeated here so that listing them does not import Numba).  ``cpu_v3_gemm_small``
-#: (kernels/conv2d_cpu_small.py) runs any geometry and is the default for a geometry of at
-#: most SMALL_TILE_MAX_FILTERS filters.
-CPU_VARIANTS = ("cpu_gemm", "cpu_direct", "cpu_v3_gemm_small")
-#: Up to 32 filters the 8-pixel tile of cpu_v3_gemm_small beats cpu_gemm's (6 x 64, or
+#: Conv-forward variants, default first: the forward entries of the one Numba tables,
+#: :data:`dlconv.variants.NUMBA_CPU` / :data:`~dlconv.variants.NUMBA_CUDA` (plain Python:
+#: listing them imports no Numba), highest number first.  ``cpu_v3_smalltile``
+#: (kernels/conv2d_cpu_small.py) runs any geometry but is the default only for a geometry of
+#: at most SMALL_TILE_MAX_FILTERS filters; above that ``cpu_v2_regblock`` leads.
+SMALL_TILE_VARIANT = next(v.name for v in _variants.NUMBA_CPU if v.technique == "smalltile")
+CPU_VARIANTS = (tuple(n for n in _variants.forward_by_number(_variants.NUMBA_CPU) if n != SMALL_TILE_VARIANT)
+                + (SMALL_TILE_VARIANT,))
+CUDA_VARIANTS = _variants.forward_by_number(_variants.NUMBA_CUDA)
+#: Up to 32 filters the 8-pixel tile of cpu_v3_smalltile beats cpu_v2_regblock's (6 x 64, or
 #: 12 x 32): 1.6-3.1x on the ResNet / issue-13 shapes and the MNIST conv1 (2-core EPYC).
 SMALL_TILE_MAX_FILTERS = 32
-#: Variant → the kernel module that runs it (others: conv2d_cpu).
-_CPU_FORWARD_MODULE = {"cpu_v3_gemm_small": "conv2d_cpu_small"}
-CUDA_VARIANTS = ("v3_implicit_gemm", "v2_smem_tiled", "v1_direct")
+#: Variant → the kernel module that runs it (the table's ``source``).
+_CPU_FORWARD_MODULE = {v.name: v.source for v in _variants.NUMBA_CPU}
 
 
 def _kernels(name: str):
@@ -65,21 +69,21 @@ class NumbaBackend(Backend):
         except Exception as exc:  # driver errors surface as many exception types
             return False, f"numba.cuda cannot start: {type(exc).__name__}: {exc}"
 
+    def variant_table(self, on_device):
+        return _variants.NUMBA_CUDA if on_device else _variants.NUMBA_CPU
+
     def conv_variants(self, on_device, geometry=None):
         if on_device:
             return CUDA_VARIANTS
         if geometry is not None and geometry.filters <= SMALL_TILE_MAX_FILTERS:
-            return ("cpu_v3_gemm_small",) + tuple(v for v in CPU_VARIANTS if v != "cpu_v3_gemm_small")
+            return (SMALL_TILE_VARIANT,) + tuple(v for v in CPU_VARIANTS if v != SMALL_TILE_VARIANT)
         return CPU_VARIANTS
 
     def _variant(self, variant, on_device, geometry=None):
         names = self.conv_variants(on_device, geometry)
         if variant is None:
             return names[0]
-        if variant not in names:
-            raise ValueError(f"variant must be one of {names} for backend 'numba' on the "
-                             f"{'CUDA device' if on_device else 'CPU'}, got {variant!r}")
-        return variant
+        return self.resolve_variant(variant, on_device, geometry)
 
     # -- convolution ---------------------------------------------------------------
     def conv2d_forward(self, x, w, b, g, activation, *, on_device, variant=None, stream=None):
@@ -88,7 +92,7 @@ class NumbaBackend(Backend):
         code = _act.code(activation)
         if on_device:
             return _kernels("conv2d_cuda").forward(x, w, b, g, code, v, stream=stream)
-        return _kernels(_CPU_FORWARD_MODULE.get(v, "conv2d_cpu")).forward(x, w, b, g, code, v)
+        return _kernels(_CPU_FORWARD_MODULE[v]).forward(x, w, b, g, code, v)
 
     def conv2d_backward_data(self, dy, w, g, *, on_device, stream=None):
         self.require(on_device)
@@ -103,17 +107,17 @@ class NumbaBackend(Backend):
         return _kernels("conv2d_cpu").backward_filter(x, dy, g)
 
     # -- dense -----------------------------------------------------------------------
-    def dense_forward(self, x, w, b, activation, *, on_device, stream=None):
+    def dense_forward(self, x, w, b, g, activation, *, on_device, stream=None):
         self.require(on_device)
         if activation == "softmax":
-            z = self.dense_forward(x, w, b, "linear", on_device=on_device, stream=stream)
+            z = self.dense_forward(x, w, b, g, "linear", on_device=on_device, stream=stream)
             return self.softmax(z, on_device=on_device, stream=stream)
         code = _act.code(activation)
         if on_device:
             return _kernels("dense_cuda").launch_forward(x, w, b, code, stream=stream)
         return _kernels("dense_cpu").forward(x, w, b, code)
 
-    def dense_backward(self, x, w, dy, y, activation, *, on_device, stream=None):
+    def dense_backward(self, x, w, dy, y, g, activation, *, on_device, stream=None):
         self.require(on_device)
         if activation == "softmax":
             dy = self.activation_backward(dy, y, "softmax", on_device=on_device, stream=stream)

@@ -29,11 +29,11 @@ class ReferenceBackend(Backend):
         self.require(on_device)
         return ref.conv2d_backward_filter(x, dy, g)
 
-    def dense_forward(self, x, w, b, activation, *, on_device, stream=None):
+    def dense_forward(self, x, w, b, g, activation, *, on_device, stream=None):
         self.require(on_device)
         return ref.dense_forward(x, w, b, activation)
 
-    def dense_backward(self, x, w, dy, y, activation, *, on_device, stream=None):
+    def dense_backward(self, x, w, dy, y, g, activation, *, on_device, stream=None):
         self.require(on_device)
         return ref.dense_backward(x, w, dy, y, activation)
 

@@ -92,6 +92,9 @@ def overhead_table_rows(result: dict) -> List[List[str]]:
 
 KERNEL_HEADER = ["layer", "pass", "device", "backend/variant", "median", "GFLOP/s",
                  "ratio vs built-in", "correct", "target", "note"]
+#: The kernel table's legend for the target column (printed when the rows say which is default).
+TARGET_LEGEND = ("target: judged on the dispatch default of each (layer, pass, backend), the variant a "
+                 "user gets without asking for one; the other variants are listed without a target")
 TRAIN_HEADER = ["MNIST CNN train step", "median", "time ratio ours/stock (≤1 good)", "correct",
                 "target", "note"]
 #: Titles of the train-step models (first column of their tables).
@@ -144,7 +147,13 @@ def _targets_rows(result: dict) -> List[List[str]]:
     return out
 
 
-TARGETS_HEADER = ["target", "goal", "best", "measured", "", "note"]
+TARGETS_HEADER = ["target", "goal", "default path", "measured", "", "note"]
+#: The same for results written before rows marked their default (judged on the best variant).
+TARGETS_HEADER_BEST = ["target", "goal", "best", "measured", "", "note"]
+
+
+def _targets_header(result: dict) -> List[str]:
+    return TARGETS_HEADER if _has_default(result) else TARGETS_HEADER_BEST
 
 
 def format_text(result: dict) -> str:
@@ -154,6 +163,8 @@ def format_text(result: dict) -> str:
              f"after warm-up; ratio = t_built-in / t_ours (> 1: ours faster); built-in: "
              f"{result['builtin']}; correctness vs dlconv.reference (max rel. error ≤ {TOLERANCE:g})",
              "", _text_table(KERNEL_HEADER, table_rows(result))]
+    if _has_default(result):
+        parts += [TARGET_LEGEND]
     if result.get("train_rows"):
         parts += _train_tables(result, _text_table)
     if result.get("inference_rows"):
@@ -162,7 +173,7 @@ def format_text(result: dict) -> str:
     if result.get("overhead_rows"):
         parts += ["", _text_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):
-        parts += ["", "targets:", _text_table(TARGETS_HEADER, _targets_rows(result))]
+        parts += ["", "targets:", _text_table(_targets_header(result), _targets_rows(result))]
     failed = user_failures(result)
     if failed:
         parts += ["", "your kernels that failed their check (not timed):"] + [f"  {f}" for f in failed]
@@ -170,6 +181,11 @@ def format_text(result: dict) -> str:
     if roof:
         parts += [""] + roof
     return "\n".join(parts)
+
+
+def _has_default(result: dict) -> bool:
+    """Whether the rows mark their default variant (results before that field do not)."""
+    return any("default" in r for r in result.get("rows", []))
 
 
 def user_failures(result: dict) -> List[str]:
@@ -191,6 +207,8 @@ def format_markdown(result: dict, title: Optional[str] = None) -> str:
     if result.get("notes") or roof_lines(result):
         parts += [f"- {n}" for n in result.get("notes", []) + roof_lines(result)] + [""]
     parts += [_md_table(KERNEL_HEADER, table_rows(result))]
+    if _has_default(result):
+        parts += ["", TARGET_LEGEND + "."]
     if result.get("train_rows"):
         parts += _train_tables(result, _md_table)
     if result.get("inference_rows"):
@@ -199,7 +217,7 @@ def format_markdown(result: dict, title: Optional[str] = None) -> str:
     if result.get("overhead_rows"):
         parts += ["", _md_table(OVERHEAD_HEADER, overhead_table_rows(result))]
     if result.get("targets"):
-        parts += ["", _md_table(TARGETS_HEADER, _targets_rows(result))]
+        parts += ["", _md_table(_targets_header(result), _targets_rows(result))]
     return "\n".join(parts) + "\n"
 
 

@@ -1,6 +1,11 @@
 """Goals (the only typed-in numbers of the bench, and goals, not results): :data:`TARGETS`
 for the kernels' ratio to the built-in, :data:`TRAIN_TARGETS` for the train step, and
-:func:`summarize_targets`, which marks each met or not from a run's rows."""
+:func:`summarize_targets`, which marks each met or not from a run's rows.
+
+A kernel target is about what a user gets: it is judged on the row of the dispatch default
+of each (layer, pass, backend) — the variant the backend runs with no ``variant=`` for that
+geometry (rows with ``"default": True``) — never on a variant the user would have to ask for.
+Rows written before the ``default`` field existed are judged on their best variant, as then."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import List, Optional, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A goal for the best correct variant of ``backend`` on one layer/pass/device."""
+    """A goal for the default variant of ``backend`` on one layer/pass/device."""
 
     device: str               # "cpu" | "cuda"
     layer: str
@@ -50,8 +55,8 @@ MODEL_TITLES = {"mnist_cnn": "MNIST CNN", "resnet_ecal": "ECAL ResNet"}
 
 @dataclasses.dataclass(frozen=True)
 class SuiteTarget:
-    """A goal for every pass of every shape of a suite (:mod:`.suites`): the best correct
-    variant of ``backend`` on each (layer, pass) of the rows whose ``suite`` is ``suite``."""
+    """A goal for every pass of every shape of a suite (:mod:`.suites`): the default variant
+    of ``backend`` on each (layer, pass) of the rows whose ``suite`` is ``suite``."""
 
     suite: str
     device: str
@@ -76,6 +81,15 @@ STEP_TARGETS = {"torch": 0.6, "jax": 0.3, "tensorflow": 1.0}
 BRIDGE_COST_TARGET = 1.25
 
 
+def _judged(cands: Sequence[dict]) -> Optional[dict]:
+    """The row a target is judged on among one (layer, pass, backend)'s rows: the default
+    variant's (timed or not); for rows without the field (older results), the best timed one."""
+    if any("default" in r for r in cands):
+        return next((r for r in cands if r.get("default")), None)
+    timed = [r for r in cands if r["ratio"] is not None]
+    return max(timed, key=lambda r: r["ratio"]) if timed else None
+
+
 def target_for(row: dict):
     """The :class:`Target` (or else :class:`SuiteTarget`) a row is measured against, or None."""
     for t in TARGETS + SUITE_TARGETS:
@@ -93,7 +107,7 @@ def _suite_met(met: int, timed: int, missing: bool) -> Optional[bool]:
 
 
 def _suite_line(t: SuiteTarget, rows: Sequence[dict]) -> Optional[dict]:
-    """One line for a suite target: on how many (layer, pass) the best variant met it, and
+    """One line for a suite target: on how many (layer, pass) the default variant met it, and
     the worst of them."""
     groups: dict = {}
     for r in rows:
@@ -103,8 +117,8 @@ def _suite_line(t: SuiteTarget, rows: Sequence[dict]) -> Optional[dict]:
         return None
     best = {}
     for key, cands in groups.items():
-        timed = [r for r in cands if r["ratio"] is not None]
-        best[key] = max(timed, key=lambda r: r["ratio"]) if timed else None
+        judged = _judged(cands)
+        best[key] = judged if judged is not None and judged["ratio"] is not None else None
     timed = {k: r for k, r in best.items() if r is not None}
     met = sum(1 for r in timed.values() if r["ratio"] >= t.min_ratio)
     worst = min(timed.items(), key=lambda kv: kv[1]["ratio"]) if timed else None
@@ -124,14 +138,15 @@ def _suite_line(t: SuiteTarget, rows: Sequence[dict]) -> Optional[dict]:
 
 
 def summarize_targets(rows: Sequence[dict], train_rows: Sequence[dict] = ()) -> List[dict]:
-    """One line per target: the best correct variant's ratio, met or not (or not measured)."""
+    """One line per target: the default variant's ratio, met or not (or not measured)."""
     out = []
     for t in TARGETS:
         cands = [r for r in rows if t.matches(r)]
         if not cands:
             continue
-        timed = [r for r in cands if r["ratio"] is not None]
-        best = max(timed, key=lambda r: r["ratio"]) if timed else None
+        best = _judged(cands)
+        if best is not None and best["ratio"] is None:
+            cands, best = [best], None      # the default path was not timed: say why
         out.append({"label": t.label, "device": t.device, "layer": t.layer, "pass": t.pass_,
                     "backend": t.backend, "target": f"≥ {t.min_ratio:g}×",
                     "best_impl": best["impl"] if best else None,
