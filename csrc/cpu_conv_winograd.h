@@ -26,14 +26,15 @@
 // So the r²·4 multiply-adds per (2x2 output tile, c, f) of the direct form become E: for each of
 // the E transformed positions e, a GEMM  M_e[tile, f] = Σ_c V_e[tile, c] · U_e[c, f]  (3x3: 36 →
 // 16, 2.25x fewer; 5x5: 100 → 36, 2.78x fewer; the transforms are a few adds / FMAs per entry).
-// Why F(2x2, 5x5) and not F(4x4, 5x5) (8x8 tiles, 4x fewer): its points (0, ±1, ±2, ±½, ∞) make
-// the transforms' entries span 1/90 .. 64 and the measured float32 error ~6x F(2x2, 5x5)'s, and
-// 64 positions x 12 tiles x 64 filters of M no longer fit L2.  Of the F(2x2, 5x5) point sets
-// tried (0 ±1 ±2 / 0 ±1 ±½ / 0 ±1 2 ½ / 0 ±1 2 −½) 0, ±1, 2, −½ gave the smallest error.
-// Rounding: relative to the size of the result (|y| ~ √(C·r²) for unit data) the error is about
-// 1e-6 for F(2x2, 3x3) and 5e-6 for F(2x2, 5x5) (measured in float32 over random patches, C = 64;
-// the direct kernel: ~2e-7), i.e. a few ulps per term times the transforms' norms (‖B^T‖∞ = 7,
-// ‖G‖∞ = 2, ‖A^T‖∞ = 5 for 5x5 vs 2, 1.5, 3 for 3x3).  tests/test_cpu_winograd5.py states the bound.
+// Why F(2x2, 5x5) and not F(4x4, 5x5) (8x8 tiles, 2.25x fewer multiplies again): with points
+// 0, ±1, ±2, ±½, ∞ its float32 error (the transforms simulated in NumPy over random patches,
+// C = 64) is ~6x F(2x2, 5x5)'s, and its M (64 positions x 12 tiles x 64 filters, 196 KB) plus
+// V no longer stay in L2 per thread.  Of the F(2x2, 5x5) point sets tried (0 ±1 ±2 / 0 ±1 ±½ /
+// 0 ±1 2 ½ / 0 ±1 2 −½) 0, ±1, 2, −½ gave the smallest error (~2x below 0, ±1, ±2).
+// Rounding: ‖B^T‖∞ = 7, ‖G‖∞ = 31/15, ‖A^T‖∞ = 5.5 for 5x5 (2, 1.5, 3 for 3x3) amplify the few
+// roundings of each transform; the worst error relative to max |y| measured on the tests is
+// ~1.4e-6 for F(2x2, 5x5) at C = 32 (the direct kernel: ~0.8e-6; F(2x2, 3x3): ~0.8e-6).
+// tests/test_cpu_winograd5.py derives a componentwise bound from the matrices and checks it.
 //
 // Index map: output tile (n, th, tw) covers y[n, 2th..2th+1, 2tw..2tw+1, :]; its input patch is
 //   x[n, 2th − pad_top + (0..α−1), 2tw − pad_left + (0..α−1), :]  (zero outside the input).
