@@ -1,23 +1,49 @@
-// cpu_conv_winograd.h — v3_winograd: 3x3, stride-1, dilation-1 convolution as Winograd
-// F(2x2, 3x3) on AVX-512 (header-only, internal; cpu_conv.cpp picks it when applicable()).
+// cpu_conv_winograd.h — v3_winograd: 3x3 and 5x5, stride-1, dilation-1 convolution as Winograd
+// F(2x2, 3x3) and F(2x2, 5x5) on AVX-512 (header-only, internal; cpu_conv.cpp picks it when
+// applicable()).  One templated body serves both: the tile type T (Tiles<m, r> below) fixes the
+// output tile m = 2, the filter size r, the input tile α = m + r − 1 (4 or 6), the E = α²
+// transformed positions and the transform matrices, all compile-time constants.
 //
-// Math (Lavin & Gray 2016): a 2x2 output tile Y of one filter is A^T [ Σ_c (G g_c G^T) ⊙
-// (B^T d_c B) ] A, where d_c is the 4x4 input patch of channel c, g_c the 3x3 filter and
-//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1],
-//   A^T = [1 1 1 0; 0 1 -1 -1].
-// So the 36 multiply-adds per (output 2x2 tile, c, f) of the direct form become 16: for each of
-// the 16 transformed positions e, a GEMM  M_e[tile, f] = Σ_c V_e[tile, c] · U_e[c, f]  (2.25x
-// fewer FLOPs; the transforms are additions only).  Rounding: the transforms add a few ulps
-// (|G| entries ½, sums of <= 9 terms); results agree with the direct kernel to ~1e-6 relative.
+// Math (Lavin & Gray 2016; Toom-Cook points as in Barabasz et al. 2020, "Error analysis and
+// improving the accuracy of Winograd convolution for deep neural networks"): a 2x2 output tile Y
+// of one filter is A^T [ Σ_c (G g_c G^T) ⊙ (B^T d_c B) ] A, d_c the α x α input patch of channel
+// c, g_c the r x r filter.  For points p_0..p_{α−2} and ∞: A^T[i][j] = p_j^i (column ∞: e_{m−1}),
+// G[j][k] = p_j^k / Π_{l≠j}(p_j − p_l) (row ∞: e_{r−1}), B^T the unique matrix that makes the
+// identity exact (tests/test_cpu_winograd5.py derives all three with rationals and checks them).
+//   F(2x2, 3x3), points 0, 1, −1, ∞:
+//     B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1],  G = [1 0 0; ½ ½ ½; ½ -½ ½; 0 0 1],
+//     A^T = [1 1 1 0; 0 1 -1 -1].
+//   F(2x2, 5x5), points 0, 1, −1, 2, −½, ∞:
+//     B^T = [1  3/2  -2  -3/2   1  0;      G = [    1      0      0      0      0;
+//            0  -1  -5/2 -1/2   1  0;             -1/3   -1/3   -1/3   -1/3   -1/3;
+//            0   1   1/2 -5/2   1  0;              1/3   -1/3    1/3   -1/3    1/3;
+//            0 -1/2  -1   1/2   1  0;              1/15   2/15   4/15   8/15  16/15;
+//            0   2   -1   -2    1  0;            -16/15   8/15  -4/15   2/15  -1/15;
+//            0   1   3/2  -2  -3/2 1],                 0      0      0      0      1],
+//     A^T = [1 1 1 1 1 0; 0 1 -1 2 -1/2 1].
+//   B^T and A^T entries are small multiples of ½ (exact in float); the thirds and fifteenths sit
+//   in G, so only the weight transform rounds them (once per call).
+// So the r²·4 multiply-adds per (2x2 output tile, c, f) of the direct form become E: for each of
+// the E transformed positions e, a GEMM  M_e[tile, f] = Σ_c V_e[tile, c] · U_e[c, f]  (3x3: 36 →
+// 16, 2.25x fewer; 5x5: 100 → 36, 2.78x fewer; the transforms are a few adds / FMAs per entry).
+// Why F(2x2, 5x5) and not F(4x4, 5x5) (8x8 tiles, 2.25x fewer multiplies again): with points
+// 0, ±1, ±2, ±½, ∞ its float32 error (the transforms simulated in NumPy over random patches,
+// C = 64) is ~6x F(2x2, 5x5)'s, and its M (64 positions x 12 tiles x 64 filters, 196 KB) plus
+// V no longer stay in L2 per thread.  Of the F(2x2, 5x5) point sets tried (0 ±1 ±2 / 0 ±1 ±½ /
+// 0 ±1 2 ½ / 0 ±1 2 −½) 0, ±1, 2, −½ gave the smallest error (~2x below 0, ±1, ±2).
+// Rounding: ‖B^T‖∞ = 7, ‖G‖∞ = 31/15, ‖A^T‖∞ = 5.5 for 5x5 (2, 1.5, 3 for 3x3) amplify the few
+// roundings of each transform; the worst error relative to max |y| measured on the tests is
+// ~1.4e-6 for F(2x2, 5x5) at C = 32 (the direct kernel: ~0.8e-6; F(2x2, 3x3): ~0.8e-6).
+// tests/test_cpu_winograd5.py derives a componentwise bound from the matrices and checks it.
 //
 // Index map: output tile (n, th, tw) covers y[n, 2th..2th+1, 2tw..2tw+1, :]; its input patch is
-//   x[n, 2th − pad_top + (0..3), 2tw − pad_left + (0..3), :]  (zero outside the input).
+//   x[n, 2th − pad_top + (0..α−1), 2tw − pad_left + (0..α−1), :]  (zero outside the input).
 // Work item (one OpenMP thread, dynamic, BLOCKS_PER_GRAB at a time): TILE_BLOCK consecutive
 //   tiles t of the flattened grid, t = (n·th_n + th)·tw_n + tw (a block may straddle tile rows and
-//   images), all F filters.  Per block: input transform (vectors over c) → V[16][TILE_BLOCK][Cp];
+//   images), all F filters.  Per block: input transform (vectors over c) → V[E][TILE_BLOCK][Cp];
 //   per 64-filter panel and per register tile of R tiles (R = 6 for 64 filters, 12 for <= 32):
-//   the 16 GEMMs in one gemm16 call (A = V_e rows in place, B = U_e, K = C, accumulators from
-//   zero) → M[16][R][64], then at once its output transform + bias + relu, stored with the ragged
+//   the E GEMMs in one gemm_e call (A = V_e rows in place, B = U_e, K = C, accumulators from
+//   zero) → M[E][R][64], then at once its output transform + bias + relu, stored with the ragged
 //   bottom row / right column (odd OH, OW) and the F tail masked out; non-temporal stores when
 //   y is 64-byte aligned and F % 16 == 0 (every store a whole line).
 // Edges: a patch inside the input is read from one base pointer (row stride W·C, pixel stride
@@ -25,18 +51,19 @@
 //   at a zero pixel (Cp zero floats), so the transform itself never tests bounds.
 // Backward-data runs this forward on dy; with gy / gact the patch loads apply the activation
 //   derivative act'(gy) on the fly (the padding entries stay zero: 0 · act' = 0).
-// Memory per call: U (16·C·Fp floats, 16/9 of the weights), the zero pixel, per thread V
-//   (16·12·Cp) and M (16·12·64): never proportional to the batch.
+// Memory per call: U (E·C·Fp floats, E/r² of the weights), the zero pixel, per thread V
+//   (E·12·Cp) and M (E·12·64): never proportional to the batch.
 // Non-finite values: the transforms subtract (d0 − d2, m1 − m2 − m3), so an ±Inf in x, w or dz
 //   becomes Inf − Inf = NaN where the direct sum gives ±Inf.  Both entry points therefore watch
 //   their results before the activation (one FMA per stored vector: acc += r · 0 is NaN from the
 //   first ±Inf or NaN on and stays NaN) and return false when any was non-finite; the caller
 //   then recomputes with the direct kernel (cpu_conv.cpp).  A non-finite input always reaches a
-//   non-finite pre-activation result (every d, g and M entry has a ±1 or ½ coefficient in some
-//   transformed entry), so finite data pay one FMA per output vector and non-finite data get the
-//   direct kernel's (TensorFlow's) ±Inf / NaN.  Cheaper than an isfinite pass over x before
-//   the call (that pass alone is ~2% of a one-thread conv2 forward, the watch is within noise),
-//   and it also catches ±Inf / NaN in w and dz and overflow inside the transforms.
+//   non-finite pre-activation result (every column of B^T, G and A^T has a nonzero entry, so
+//   every d, g and M entry reaches some transformed entry), so finite data pay one FMA per
+//   output vector and non-finite data get the direct kernel's (TensorFlow's) ±Inf / NaN.
+//   Cheaper than an isfinite pass over x before the call (that pass alone is ~2% of a one-thread
+//   conv2 forward, the watch is within noise), and it also catches ±Inf / NaN in w and dz and
+//   overflow inside the transforms.
 #pragma once
 
 #if defined(__AVX512F__)
@@ -51,11 +78,102 @@ namespace winograd {
 using direct::PANEL;
 using direct::VL;
 
+// ---------------------------------------------------------------------------- tile types
+// F(m x m, r x r): the matrices of the header, row-major.  m = 2 for both (output tiles of 2x2).
+template <int M, int R>
+struct Tiles;
+template <>
+struct Tiles<2, 3> {
+    static constexpr int m = 2, r = 3, alpha = 4;
+    static constexpr float BT[alpha][alpha] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
+    static constexpr float G[alpha][r] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+    static constexpr float AT[m][alpha] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
+};
+template <>
+struct Tiles<2, 5> {
+    static constexpr int m = 2, r = 5, alpha = 6;
+    static constexpr float BT[alpha][alpha] = {{1, 1.5f, -2, -1.5f, 1, 0},     {0, -1, -2.5f, -0.5f, 1, 0},
+                                               {0, 1, 0.5f, -2.5f, 1, 0},      {0, -0.5f, -1, 0.5f, 1, 0},
+                                               {0, 2, -1, -2, 1, 0},           {0, 1, 1.5f, -2, -1.5f, 1}};
+    static constexpr float G[alpha][r] = {{1, 0, 0, 0, 0},
+                                          {-1.f / 3, -1.f / 3, -1.f / 3, -1.f / 3, -1.f / 3},
+                                          {1.f / 3, -1.f / 3, 1.f / 3, -1.f / 3, 1.f / 3},
+                                          {1.f / 15, 2.f / 15, 4.f / 15, 8.f / 15, 16.f / 15},
+                                          {-16.f / 15, 8.f / 15, -4.f / 15, 2.f / 15, -1.f / 15},
+                                          {0, 0, 0, 0, 1}};
+    static constexpr float AT[m][alpha] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -0.5f, 1}};
+};
+using F2x3 = Tiles<2, 3>;
+using F2x5 = Tiles<2, 5>;
+
+// Matrix views with compile-time entries: at(i, j), rows x cols.
+template <class T>
+struct MatBT {
+    static constexpr int rows = T::alpha, cols = T::alpha;
+    static constexpr float at(int i, int j) { return T::BT[i][j]; }
+};
+template <class T>
+struct MatG {
+    static constexpr int rows = T::alpha, cols = T::r;
+    static constexpr float at(int i, int j) { return T::G[i][j]; }
+};
+template <class T>
+struct MatAT {
+    static constexpr int rows = T::m, cols = T::alpha;
+    static constexpr float at(int i, int j) { return T::AT[i][j]; }
+};
+template <class Mx>
+struct Transposed {
+    static constexpr int rows = Mx::cols, cols = Mx::rows;
+    static constexpr float at(int i, int j) { return Mx::at(j, i); }
+};
+
+// ---------------------------------------------------------------------------- transforms
+// Row o of Mx times a vector of cols zmm: the zero entries vanish at compile time, ±1 entries are
+// adds / subtracts, others one FMA with a broadcast constant.  The sum starts at the first +1
+// entry (else the first nonzero one), so d2 − d1 costs one subtract, not a negate and an add.
+template <class Mx, int o>
+constexpr int lead_term() {
+    for (int j = 0; j < Mx::cols; ++j)
+        if (Mx::at(o, j) == 1.0f) return j;
+    for (int j = 0; j < Mx::cols; ++j)
+        if (Mx::at(o, j) != 0.0f) return j;
+    return -1;
+}
+template <class Mx, int o, int j>
+static inline __m512 add_term(__m512 acc, __m512 v) {
+    constexpr float c = Mx::at(o, j);
+    if constexpr (j == lead_term<Mx, o>() || c == 0.0f) return acc;
+    else if constexpr (c == 1.0f) return _mm512_add_ps(acc, v);
+    else if constexpr (c == -1.0f) return _mm512_sub_ps(acc, v);
+    else return _mm512_fmadd_ps(_mm512_set1_ps(c), v, acc);
+}
+template <class Mx, int o, int... j>
+static inline __m512 row_dot(const __m512* in, int is, std::integer_sequence<int, j...>) {
+    constexpr int s = lead_term<Mx, o>();
+    static_assert(s >= 0, "a transform matrix row is all zeros");
+    __m512 acc = Mx::at(o, s) == 1.0f ? in[s * is] : _mm512_mul_ps(_mm512_set1_ps(Mx::at(o, s)), in[s * is]);
+    ((acc = add_term<Mx, o, j>(acc, in[j * is])), ...);
+    return acc;
+}
+template <class Mx, int... o>
+static inline void apply_rows(const __m512* in, int is, __m512* out, int os, std::integer_sequence<int, o...>) {
+    ((out[o * os] = row_dot<Mx, o>(in, is, std::make_integer_sequence<int, Mx::cols>{})), ...);
+}
+// out (rows x rows, row-major) = Mx · in · Mx^T for in (cols x cols, row-major).
+template <class Mx>
+static inline void transform2(const __m512* in, __m512* out) {
+    constexpr int R = Mx::rows, C = Mx::cols;
+    __m512 t[R * C];  // Mx · in
+    for (int s = 0; s < C; ++s) apply_rows<Mx>(in + s, C, t + s, C, std::make_integer_sequence<int, R>{});
+    for (int r = 0; r < R; ++r) apply_rows<Mx>(t + r * C, 1, out + r * R, 1, std::make_integer_sequence<int, R>{});
+}
+
 // Output tiles per block (one work item) of the flattened (n, th, tw) tile grid: 12 = two 6-tile
 // register tiles of the 6x64 block, or one 12-tile register tile of the 12x32 block (F <= 32,
 // e.g. backward-data into 32 channels).  Blocks cross tile-row boundaries, so a 13-tile row (a
 // 26-wide output) leaves no 1-tile remainder that would run the 1xNV block at a fraction of its
-// speed.  V (16 x 12 x C floats: 24 KB at C = 32, 48 KB at C = 64) stays in L1/L2 for the GEMMs.
+// speed.  V (E x 12 x C floats: 24 KB at 3x3, C = 32; 54 KB at 5x5, C = 32) stays in L1/L2.
 constexpr i64 TILE_BLOCK = 12;
 // Blocks per dynamic grab: ~1800 blocks at batch 128 leave plenty to balance a preempted thread.
 constexpr int BLOCKS_PER_GRAB = 2;
@@ -67,51 +185,80 @@ constexpr bool STREAM_OUTPUT = true;
 constexpr i64 MIN_IN_CHANNELS = 8;
 constexpr i64 MIN_FILTERS = 16;
 
+// The kernel sizes with a tile type (square, stride 1, undilated).
+inline bool tile_kernel(const ConvGeometry& g) {
+    return g.k_h == g.k_w && (g.k_h == F2x3::r || g.k_h == F2x5::r) && g.stride_h == 1 && g.stride_w == 1 &&
+           g.dil_h == 1 && g.dil_w == 1;
+}
 inline bool applicable(const ConvGeometry& g) {
-    return g.k_h == 3 && g.k_w == 3 && g.stride_h == 1 && g.stride_w == 1 && g.dil_h == 1 && g.dil_w == 1 &&
-           g.in_c >= MIN_IN_CHANNELS && g.filters >= MIN_FILTERS;
+    return tile_kernel(g) && g.in_c >= MIN_IN_CHANNELS && g.filters >= MIN_FILTERS;
+}
+
+static inline __mmask16 tail_mask(i64 left) {
+    return left >= VL ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
 }
 
 // U[e][c][f] = (G g G^T)[e] for g = w[:, :, c, f]; f padded to Fp with zeros.  Called inside
 // the caller's parallel region: the channels are shared out, the loop ends in a barrier.
+template <class T>
 inline void transform_weights(const ConvGeometry& g, const float* w, float* U, i64 Fp) {
+    constexpr int r = T::r, E = T::alpha * T::alpha;
     const i64 C = g.in_c, F = g.filters;
 #pragma omp for schedule(static)
     for (i64 c = 0; c < C; ++c) {
         for (i64 f0 = 0; f0 < Fp; f0 += VL) {
-            const __mmask16 m = F - f0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (F - f0)) - 1u);
-            __m512 k[3][3];
-            for (int i = 0; i < 3; ++i)
-                for (int j = 0; j < 3; ++j) k[i][j] = _mm512_maskz_loadu_ps(m, w + ((i * 3 + j) * C + c) * F + f0);
-            const __m512 h = _mm512_set1_ps(0.5f);
-            __m512 t[4][3];  // G g
-            for (int j = 0; j < 3; ++j) {
-                t[0][j] = k[0][j];
-                const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(k[0][j], k[2][j]));
-                t[1][j] = _mm512_fmadd_ps(h, k[1][j], s);
-                t[2][j] = _mm512_fnmadd_ps(h, k[1][j], s);
-                t[3][j] = k[2][j];
-            }
-            for (int i = 0; i < 4; ++i) {  // (G g) G^T
-                const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(t[i][0], t[i][2]));
-                const __m512 u[4] = {t[i][0], _mm512_fmadd_ps(h, t[i][1], s), _mm512_fnmadd_ps(h, t[i][1], s), t[i][2]};
-                for (int j = 0; j < 4; ++j) _mm512_store_ps(U + ((i * 4 + j) * C + c) * Fp + f0, u[j]);
-            }
+            const __mmask16 m = tail_mask(F - f0);
+            __m512 k[r * r], u[E];
+            for (int i = 0; i < r * r; ++i) k[i] = _mm512_maskz_loadu_ps(m, w + (i * C + c) * F + f0);
+            transform2<MatG<T>>(k, u);
+            for (int e = 0; e < E; ++e) _mm512_store_ps(U + (e * C + c) * Fp + f0, u[e]);
         }
     }
 }
 
-// ---------------------------------------------------------------------------- 16 GEMMs
-// The 16 GEMMs of one register tile in one call: for e < 16,
+// V[e·es + c] = (B^T d B)[e] for the α x α patch d at input (n, ih0.., iw0..), all C channels;
+// entries outside the input are zero.  With gact != linear x is dL/dy and gy the activation's
+// output: d = act'(gy) · x (the zero entries stay zero).  zpix: Cp zero floats.
+template <class T>
+static inline void transform_patch(const ConvGeometry& g, const float* x, const float* gy, int gact,
+                                   const float* zpix, i64 n, i64 ih0, i64 iw0, float* v, i64 es) {
+    constexpr int a = T::alpha, E = a * a;
+    const i64 C = g.in_c, H = g.in_h, W = g.in_w;
+    // Patch inside the input (most tiles): entry (r, s) at base + (r·W + s)·C, one pointer.
+    // Across the padding: one pointer per entry, the zero pixel where it falls outside.
+    const bool inside = ih0 >= 0 && ih0 + a <= H && iw0 >= 0 && iw0 + a <= W;
+    const i64 off = ((n * H + ih0) * W + iw0) * C;  // may be negative: only added to
+    const float* src[E];
+    const float* gsrc[E];  // gy at the same entries (the zero pixel stays zero: 0 · act' = 0)
+    for (int r = 0; r < a; ++r)
+        for (int s = 0; s < a; ++s) {
+            const i64 ih = ih0 + r, iw = iw0 + s;
+            const bool in = inside || (ih >= 0 && ih < H && iw >= 0 && iw < W);
+            src[r * a + s] = in ? x + off + (r * W + s) * C : zpix;
+            gsrc[r * a + s] = in && gact != ACT_LINEAR ? gy + off + (r * W + s) * C : zpix;
+        }
+    for (i64 c0 = 0; c0 < C; c0 += VL) {
+        const __mmask16 m = tail_mask(C - c0);
+        __m512 d[E], o[E];
+        for (int e = 0; e < E; ++e) d[e] = _mm512_maskz_loadu_ps(m, src[e] + c0);
+        if (gact != ACT_LINEAR)
+            for (int e = 0; e < E; ++e) d[e] = act_grad(d[e], _mm512_maskz_loadu_ps(m, gsrc[e] + c0), gact);
+        transform2<MatBT<T>>(d, o);
+        for (int e = 0; e < E; ++e) _mm512_store_ps(v + e * es + c0, o[e]);
+    }
+}
+
+// ---------------------------------------------------------------------------- E GEMMs
+// The E GEMMs of one register tile in one call: for e < E,
 //   Mb[e·ms + r·PANEL + f] = Σ_{c < C} V[e·vs + r·Cp + c] · U[e·us + c·Fp + f0 + f],  r < R, f < NV·16
 // on the R x NV·16 register block of cpu_conv_direct.h (R·NV <= 24 zmm accumulators, NV weight
-// vectors, one broadcast).  One call instead of 16 fwd_tile calls: accumulators start from zero
+// vectors, one broadcast).  One call instead of E fwd_tile calls: accumulators start from zero
 // registers (no init loads), and no per-GEMM call/prologue (K = C is only 32..64 steps here).
-template <int R, int NV>
-static void gemm16(const float* __restrict V, i64 vs, i64 Cp, const float* __restrict U, i64 us, i64 Fp, i64 C,
+template <int E, int R, int NV>
+static void gemm_e(const float* __restrict V, i64 vs, i64 Cp, const float* __restrict U, i64 us, i64 Fp, i64 C,
                    float* __restrict Mb, i64 ms, __mmask16 m) {
     using direct::load_v;
-    for (int e = 0; e < 16; ++e) {
+    for (int e = 0; e < E; ++e) {
         __m512 c[R][NV];
 #pragma GCC unroll 12
         for (int r = 0; r < R; ++r)
@@ -140,15 +287,16 @@ static void gemm16(const float* __restrict V, i64 vs, i64 Cp, const float* __res
             for (int v = 0; v < NV; ++v) _mm512_store_ps(o + r * PANEL + v * VL, c[r][v]);
     }
 }
-using Gemm16Fn = void (*)(const float*, i64, i64, const float*, i64, i64, i64, float*, i64, __mmask16);
-template <int NV, int... Rs>
-constexpr std::array<Gemm16Fn, direct::MAX_R> gemm16_row(std::integer_sequence<int, Rs...>) {
-    return {&gemm16<std::min(Rs + 1, direct::max_rows(NV)), NV>...};
+using GemmEFn = void (*)(const float*, i64, i64, const float*, i64, i64, i64, float*, i64, __mmask16);
+template <int E, int NV, int... Rs>
+constexpr std::array<GemmEFn, direct::MAX_R> gemm_e_row(std::integer_sequence<int, Rs...>) {
+    return {&gemm_e<E, std::min(Rs + 1, direct::max_rows(NV)), NV>...};
 }
-static inline Gemm16Fn gemm16_kernel(int nv, int r) {
+template <int E>
+static inline GemmEFn gemm_e_kernel(int nv, int r) {
     using S = std::make_integer_sequence<int, direct::MAX_R>;
-    static constexpr std::array<std::array<Gemm16Fn, direct::MAX_R>, direct::MAX_NV> t = {
-        gemm16_row<1>(S{}), gemm16_row<2>(S{}), gemm16_row<3>(S{}), gemm16_row<4>(S{})};
+    static constexpr std::array<std::array<GemmEFn, direct::MAX_R>, direct::MAX_NV> t = {
+        gemm_e_row<E, 1>(S{}), gemm_e_row<E, 2>(S{}), gemm_e_row<E, 3>(S{}), gemm_e_row<E, 4>(S{})};
     return t[nv - 1][r - 1];
 }
 
@@ -160,123 +308,69 @@ static inline bool all_finite(__m512 acc) { return _mm512_cmp_ps_mask(acc, acc, 
 // is gy (same shape as x), and the kernel reads x as act'(gy) · x while it loads the patches, so
 // dL/dz is never written out.  gact = ACT_LINEAR (gy unused) for a plain forward.
 // Returns false when a result was non-finite (y then holds Winograd's values: recompute).
-inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
-                         float* y, const float* gy = nullptr, int gact = ACT_LINEAR) {
+template <class T>
+inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
+                               float* y, const float* gy, int gact) {
     using direct::max_rows;
     using direct::Panel;
     using direct::panel_at;
-    const i64 C = g.in_c, F = g.filters, H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
+    constexpr int m = T::m, E = T::alpha * T::alpha;
+    const i64 C = g.in_c, F = g.filters, OH = g.out_h, OW = g.out_w;
     const i64 Cp = (C + VL - 1) / VL * VL, Fp = (F + VL - 1) / VL * VL;
-    const i64 th_n = (OH + 1) / 2, tw_n = (OW + 1) / 2, tile_img = th_n * tw_n, tiles = g.batch * tile_img;
+    const i64 th_n = (OH + m - 1) / m, tw_n = (OW + m - 1) / m, tile_img = th_n * tw_n, tiles = g.batch * tile_img;
     const i64 blocks = (tiles + TILE_BLOCK - 1) / TILE_BLOCK;
     // Non-temporal output stores when every vector store covers one whole 64-byte line of y.
     const bool stream = STREAM_OUTPUT && (reinterpret_cast<uintptr_t>(y) & 63) == 0 && F % VL == 0 &&
                         (act == ACT_LINEAR || act == ACT_RELU);
-    Buf U(16 * C * Fp), zrow(Cp);  // zrow: the zero "input pixel" every padding tap points at
+    Buf U(E * C * Fp), zrow(Cp);  // zrow: the zero "input pixel" every padding tap points at
     std::memset(zrow.data, 0, Cp * sizeof(float));
-    const int T = omp_get_max_threads();
+    const int nthreads = omp_get_max_threads();
     bool finite = true;
-#pragma omp parallel num_threads(T) reduction(&& : finite)
+#pragma omp parallel num_threads(nthreads) reduction(&& : finite)
     {
-        Buf V(16 * TILE_BLOCK * Cp), Mb(16 * TILE_BLOCK * PANEL);
+        Buf V(E * TILE_BLOCK * Cp), Mb(E * TILE_BLOCK * PANEL);
         const __m512 zero = _mm512_setzero_ps();
         __m512 watch = zero;  // NaN once a non-finite pre-activation value was stored
-        transform_weights(g, w, U.data, Fp);
+        transform_weights<T>(g, w, U.data, Fp);
 #pragma omp for schedule(dynamic, BLOCKS_PER_GRAB)
         for (i64 blk = 0; blk < blocks; ++blk) {
             const i64 t0 = blk * TILE_BLOCK, nt = std::min(TILE_BLOCK, tiles - t0);
-            // ---- input transform: V[e][i][c] = (B^T d B)[e], d = 4x4 patch of tile t0 + i
+            // ---- input transform: V[e][i][c] = (B^T d B)[e], d = α x α patch of tile t0 + i
             for (i64 i = 0; i < nt; ++i) {
                 const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n, tw = r0 - th * tw_n;
-                const i64 ih0 = 2 * th - g.pad_top, iw0 = 2 * tw - g.pad_left;
-                // Patch inside the input (most tiles): entry (r, s) at base + (r·W + s)·C, one pointer.
-                // Across the padding: one pointer per entry, the zero pixel where it falls outside.
-                const bool inside = ih0 >= 0 && ih0 + 4 <= H && iw0 >= 0 && iw0 + 4 <= W;
-                const i64 off = ((n * H + ih0) * W + iw0) * C;  // may be negative: only added to
-                const float* base = x + off;
-                const float* src[4][4];
-                const float* gsrc[4][4];  // gy at the same entries (the zero pixel stays zero: 0 · act' = 0)
-                if (!inside)
-                    for (int r = 0; r < 4; ++r)
-                        for (int s = 0; s < 4; ++s) {
-                            const i64 ih = ih0 + r, iw = iw0 + s;
-                            const bool in = ih >= 0 && ih < H && iw >= 0 && iw < W;
-                            src[r][s] = in ? base + (r * W + s) * C : zrow.data;
-                            gsrc[r][s] = in && gact != ACT_LINEAR ? gy + off + (r * W + s) * C : zrow.data;
-                        }
-                for (i64 c0 = 0; c0 < C; c0 += VL) {
-                    const __mmask16 m = C - c0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
-                    __m512 d[4][4];
-                    if (inside) {
-                        const float* p = base + c0;
-                        for (int r = 0; r < 4; ++r)
-                            for (int s = 0; s < 4; ++s) d[r][s] = _mm512_maskz_loadu_ps(m, p + (r * W + s) * C);
-                        if (gact != ACT_LINEAR) {
-                            const float* q = gy + off + c0;
-                            for (int r = 0; r < 4; ++r)
-                                for (int s = 0; s < 4; ++s)
-                                    d[r][s] = act_grad(d[r][s], _mm512_maskz_loadu_ps(m, q + (r * W + s) * C), gact);
-                        }
-                    } else {
-                        for (int r = 0; r < 4; ++r)
-                            for (int s = 0; s < 4; ++s) d[r][s] = _mm512_maskz_loadu_ps(m, src[r][s] + c0);
-                        if (gact != ACT_LINEAR)
-                            for (int r = 0; r < 4; ++r)
-                                for (int s = 0; s < 4; ++s)
-                                    d[r][s] = act_grad(d[r][s], _mm512_maskz_loadu_ps(m, gsrc[r][s] + c0), gact);
-                    }
-                    __m512 t4[4][4];  // B^T d
-                    for (int s = 0; s < 4; ++s) {
-                        t4[0][s] = _mm512_sub_ps(d[0][s], d[2][s]);
-                        t4[1][s] = _mm512_add_ps(d[1][s], d[2][s]);
-                        t4[2][s] = _mm512_sub_ps(d[2][s], d[1][s]);
-                        t4[3][s] = _mm512_sub_ps(d[1][s], d[3][s]);
-                    }
-                    float* v = V.data + i * Cp + c0;
-                    const i64 es = TILE_BLOCK * Cp;  // stride between transformed positions e
-                    for (int r = 0; r < 4; ++r) {  // (B^T d) B
-                        _mm512_store_ps(v + (r * 4 + 0) * es, _mm512_sub_ps(t4[r][0], t4[r][2]));
-                        _mm512_store_ps(v + (r * 4 + 1) * es, _mm512_add_ps(t4[r][1], t4[r][2]));
-                        _mm512_store_ps(v + (r * 4 + 2) * es, _mm512_sub_ps(t4[r][2], t4[r][1]));
-                        _mm512_store_ps(v + (r * 4 + 3) * es, _mm512_sub_ps(t4[r][1], t4[r][3]));
-                    }
-                }
+                transform_patch<T>(g, x, gy, gact, zrow.data, n, m * th - g.pad_top, m * tw - g.pad_left,
+                                   V.data + i * Cp, TILE_BLOCK * Cp);
             }
             for (i64 f0 = 0; f0 < F; f0 += PANEL) {
                 const Panel pn = panel_at(f0, F);
                 const i64 Rm = max_rows(pn.nv), nrt = (nt + Rm - 1) / Rm;
-                for (i64 q = 0; q < nrt; ++q) {  // register tile [i0, i1): its 16 GEMMs, then its outputs
+                for (i64 q = 0; q < nrt; ++q) {  // register tiles of near-equal size; then its outputs
                     const i64 i0 = q * nt / nrt, i1 = (q + 1) * nt / nrt;
-                    // ---- 16 GEMMs: Mb[e][i][f] = Σ_c V[e][i][c] · U[e][c][f0 + f]
-                    gemm16_kernel(pn.nv, int(i1 - i0))(V.data + i0 * Cp, TILE_BLOCK * Cp, Cp, U.data + f0, C * Fp, Fp,
-                                                       C, Mb.data + i0 * PANEL, TILE_BLOCK * PANEL, pn.mask);
+                    // ---- E GEMMs: Mb[e][i][f] = Σ_c V[e][i][c] · U[e][c][f0 + f]
+                    gemm_e_kernel<E>(pn.nv, int(i1 - i0))(V.data + i0 * Cp, TILE_BLOCK * Cp, Cp, U.data + f0, C * Fp,
+                                                          Fp, C, Mb.data + i0 * PANEL, TILE_BLOCK * PANEL, pn.mask);
                     // ---- output transform: Y = A^T M A (+ bias, relu), ragged edges masked
                     for (i64 i = i0; i < i1; ++i) {
                         const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n;
-                        const i64 oh0 = 2 * th, ow0 = 2 * (r0 - th * tw_n);
-                        const i64 nrow = std::min<i64>(2, OH - oh0), ncol = std::min<i64>(2, OW - ow0);
+                        const i64 oh0 = m * th, ow0 = m * (r0 - th * tw_n);
+                        const i64 nrow = std::min<i64>(m, OH - oh0), ncol = std::min<i64>(m, OW - ow0);
                         float* yt = y + ((n * OH + oh0) * OW + ow0) * F + f0;
                         for (int v = 0; v < pn.nv; ++v) {
-                            const __mmask16 m = v == pn.nv - 1 ? pn.mask : __mmask16(0xFFFF);
+                            const __mmask16 mk = v == pn.nv - 1 ? pn.mask : __mmask16(0xFFFF);
                             const float* mp = Mb.data + i * PANEL + v * VL;
-                            __m512 mm[4][4];
-                            for (int e = 0; e < 16; ++e) mm[e / 4][e % 4] = _mm512_load_ps(mp + e * TILE_BLOCK * PANEL);
-                            __m512 t2[2][4];
-                            for (int s = 0; s < 4; ++s) {
-                                t2[0][s] = _mm512_add_ps(_mm512_add_ps(mm[0][s], mm[1][s]), mm[2][s]);
-                                t2[1][s] = _mm512_sub_ps(_mm512_sub_ps(mm[1][s], mm[2][s]), mm[3][s]);
-                            }
-                            const __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + f0 + v * VL) : _mm512_setzero_ps();
+                            __m512 mm[E], o[m * m];
+                            for (int e = 0; e < E; ++e) mm[e] = _mm512_load_ps(mp + e * TILE_BLOCK * PANEL);
+                            transform2<MatAT<T>>(mm, o);
+                            const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + f0 + v * VL) : zero;
                             for (i64 a = 0; a < nrow; ++a) {
-                                __m512 o[2] = {_mm512_add_ps(_mm512_add_ps(t2[a][0], t2[a][1]), _mm512_add_ps(t2[a][2], b)),
-                                               _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(t2[a][1], t2[a][2]), t2[a][3]), b)};
                                 float* yp = yt + a * OW * F + v * VL;
                                 for (i64 s = 0; s < ncol; ++s) {
-                                    watch = _mm512_fmadd_ps(o[s], zero, watch);
+                                    const __m512 z = _mm512_add_ps(o[a * m + s], b);
+                                    watch = _mm512_fmadd_ps(z, zero, watch);
                                     // relu as TensorFlow: max(0, NaN) is NaN (the 2nd operand)
-                                    const __m512 r = act == ACT_RELU ? _mm512_max_ps(zero, o[s]) : o[s];
+                                    const __m512 r = act == ACT_RELU ? _mm512_max_ps(zero, z) : z;
                                     if (stream) _mm512_stream_ps(yp + s * F, r);
-                                    else _mm512_mask_storeu_ps(yp + s * F, m, r);
+                                    else _mm512_mask_storeu_ps(yp + s * F, mk, r);
                                 }
                             }
                         }
@@ -286,9 +380,9 @@ inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, 
             if (act == ACT_SIGMOID || act == ACT_TANH) {
                 for (i64 i = 0; i < nt; ++i) {
                     const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n;
-                    const i64 oh0 = 2 * th, ow0 = 2 * (r0 - th * tw_n);
-                    for (i64 a = 0; a < std::min<i64>(2, OH - oh0); ++a)
-                        epilogue(y + ((n * OH + oh0 + a) * OW + ow0) * F, F, std::min<i64>(2, OW - ow0), F, nullptr, act);
+                    const i64 oh0 = m * th, ow0 = m * (r0 - th * tw_n);
+                    for (i64 a = 0; a < std::min<i64>(m, OH - oh0); ++a)
+                        epilogue(y + ((n * OH + oh0 + a) * OW + ow0) * F, F, std::min<i64>(m, OW - ow0), F, nullptr, act);
                 }
             }
         }
@@ -298,134 +392,110 @@ inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, 
     return finite;
 }
 
+inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
+                         float* y, const float* gy = nullptr, int gact = ACT_LINEAR) {
+    return g.k_h == F2x5::r ? conv_forward_tiles<F2x5>(g, x, w, bias, act, y, gy, gact)
+                            : conv_forward_tiles<F2x3>(g, x, w, bias, act, y, gy, gact);
+}
+
 // ---------------------------------------------------------------------------- backward-filter
-// dw (3x3 per (c, f)) = Σ_tiles G^T [ (B^T d B) ⊙ (A z A^T) ] G  — the transpose of the forward
+// dw (r x r per (c, f)) = Σ_tiles G^T [ (B^T d B) ⊙ (A z A^T) ] G  — the transpose of the forward
 // identity (y = A^T [(G g G^T) ⊙ (B^T d B)] A is linear in g), where z is the 2x2 tile of dz
-// (zero past OH / OW) and d its 4x4 input patch:  A z A^T rows/cols  (z0, z0 + z1, z0 − z1, −z1).
-//   M_e[c, f] = Σ_tiles V_e[tile, c] · Z_e[tile, f]: 16 GEMMs whose reduction runs over tiles,
+// (zero past OH / OW) and d its α x α input patch (3x3: A z A^T rows/cols z0, z0 + z1, z0 − z1, −z1).
+//   M_e[c, f] = Σ_tiles V_e[tile, c] · Z_e[tile, f]: E GEMMs whose reduction runs over tiles,
 //   on the R x 64 backward-filter register block of cpu_conv_direct.h (broadcast V, load Z rows).
-// Work item: FILTER_TILES consecutive tiles of the flattened (n, th, tw) tile grid: V and Z of
-//   the chunk (16 x 48 x Cp and 16 x 48 x Fp floats) are built once, then swept by the GEMMs.
+// Work item: filter_tiles<T>() consecutive tiles of the flattened (n, th, tw) tile grid: V and Z
+//   of the chunk (E x tiles x Cp and E x tiles x Fp floats) are built once, then swept by the GEMMs.
 // Threads: chunks are cut into P contiguous groups, handed out dynamically; a group owns an
-//   M partial (16·C·Fp floats) and a db partial; partials are summed in group order
+//   M partial (E·C·Fp floats) and a db partial; partials are summed in group order
 //   (deterministic for a given thread count), then dw = G^T M G per (c, 16 filters).
-constexpr i64 FILTER_TILES = 48;  // tiles per chunk: 48-step reductions amortise the block's loads
+// Tiles x positions per chunk: 48 tiles at 3x3 (48-step reductions amortise the block's loads,
+//   V + Z = 48 x 16 x (Cp + Fp) floats); 5x5 keeps the same chunk size in floats (21 tiles).
+constexpr i64 FILTER_CHUNK_ENTRIES = 48 * 16;
+template <class T>
+constexpr i64 filter_tiles() { return FILTER_CHUNK_ENTRIES / (T::alpha * T::alpha); }
 constexpr int FILTER_GROUPS_PER_THREAD = 4;
 constexpr i64 FILTER_PARTIAL_BUDGET = i64(8) << 20;
 
 // gy / gact: dz is then dL/dy of the activation whose output is gy (same shape), read as
 // act'(gy) · dz when the Z tiles are formed (db sums the same values).
 // Returns false when a dw value was non-finite (dw, db then hold Winograd's values: recompute).
-inline bool conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
-                                 const float* gy = nullptr, int gact = ACT_LINEAR) {
+template <class T>
+inline bool conv_backward_filter_tiles(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
+                                       const float* gy, int gact) {
     using direct::filt_kernel;
     using direct::max_rows;
     using direct::Panel;
     using direct::panel_at;
-    const i64 C = g.in_c, F = g.filters, H = g.in_h, W = g.in_w, OH = g.out_h, OW = g.out_w;
+    constexpr int m = T::m, r = T::r, E = T::alpha * T::alpha;
+    constexpr i64 NT = filter_tiles<T>();
+    const i64 C = g.in_c, F = g.filters, OH = g.out_h, OW = g.out_w;
     const i64 Cp = (C + VL - 1) / VL * VL, Fp = (F + VL - 1) / VL * VL;
-    const i64 th_n = (OH + 1) / 2, tw_n = (OW + 1) / 2, tiles = g.batch * th_n * tw_n;
-    const i64 chunks = (tiles + FILTER_TILES - 1) / FILTER_TILES;
-    const int T = omp_get_max_threads();
-    const i64 by_budget = std::max<i64>(1, FILTER_PARTIAL_BUDGET / (16 * C * Fp * i64(sizeof(float))));
-    const i64 P = std::max<i64>(1, std::min<i64>(chunks, std::max<i64>(T, std::min<i64>(FILTER_GROUPS_PER_THREAD * T, by_budget))));
-    Buf part(P * 16 * C * Fp);
+    const i64 th_n = (OH + m - 1) / m, tw_n = (OW + m - 1) / m, tiles = g.batch * th_n * tw_n;
+    const i64 chunks = (tiles + NT - 1) / NT;
+    const int nthreads = omp_get_max_threads();
+    const i64 by_budget = std::max<i64>(1, FILTER_PARTIAL_BUDGET / (E * C * Fp * i64(sizeof(float))));
+    const i64 P = std::max<i64>(
+        1, std::min<i64>(chunks, std::max<i64>(nthreads, std::min<i64>(FILTER_GROUPS_PER_THREAD * nthreads, by_budget))));
+    Buf part(P * E * C * Fp), zpix(Cp);
+    std::memset(zpix.data, 0, Cp * sizeof(float));
     std::vector<double> dbpart(db ? size_t(P * Fp) : 0, 0.0);
     bool finite = true;
-#pragma omp parallel num_threads(T) reduction(&& : finite)
+#pragma omp parallel num_threads(nthreads) reduction(&& : finite)
     {
-        Buf V(16 * FILTER_TILES * Cp), Z(16 * FILTER_TILES * Fp), dsum(Fp);
+        Buf V(E * NT * Cp), Z(E * NT * Fp), dsum(Fp);
         const float* xr[1];
         const float* dr[1];
 #pragma omp for schedule(dynamic, 1)
         for (i64 grp = 0; grp < P; ++grp) {
-            float* Mg = part.data + grp * 16 * C * Fp;
-            std::memset(Mg, 0, 16 * C * Fp * sizeof(float));
+            float* Mg = part.data + grp * E * C * Fp;
+            std::memset(Mg, 0, E * C * Fp * sizeof(float));
             std::memset(dsum.data, 0, Fp * sizeof(float));
             for (i64 ch = grp * chunks / P; ch < (grp + 1) * chunks / P; ++ch) {
-                const i64 t0 = ch * FILTER_TILES, nt = std::min(FILTER_TILES, tiles - t0);
+                const i64 t0 = ch * NT, nt = std::min(NT, tiles - t0);
                 for (i64 i = 0; i < nt; ++i) {
                     const i64 t = t0 + i, n = t / (th_n * tw_n), r0 = t - n * th_n * tw_n;
                     const i64 th = r0 / tw_n, tw = r0 - th * tw_n;
-                    // ---- V: input transform of the 4x4 patch (zero outside the input)
-                    const float* src[4][4];
-                    for (int r = 0; r < 4; ++r)
-                        for (int q = 0; q < 4; ++q) {
-                            const i64 ih = 2 * th - g.pad_top + r, iw = 2 * tw - g.pad_left + q;
-                            src[r][q] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? x + ((n * H + ih) * W + iw) * C : nullptr;
-                        }
-                    const i64 es = FILTER_TILES * Cp;
-                    for (i64 c0 = 0; c0 < C; c0 += VL) {
-                        const __mmask16 m = C - c0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (C - c0)) - 1u);
-                        __m512 d[4][4];
-                        for (int r = 0; r < 4; ++r)
-                            for (int q = 0; q < 4; ++q)
-                                d[r][q] = src[r][q] ? _mm512_maskz_loadu_ps(m, src[r][q] + c0) : _mm512_setzero_ps();
-                        __m512 u[4][4];  // B^T d
-                        for (int q = 0; q < 4; ++q) {
-                            u[0][q] = _mm512_sub_ps(d[0][q], d[2][q]);
-                            u[1][q] = _mm512_add_ps(d[1][q], d[2][q]);
-                            u[2][q] = _mm512_sub_ps(d[2][q], d[1][q]);
-                            u[3][q] = _mm512_sub_ps(d[1][q], d[3][q]);
-                        }
-                        float* v = V.data + i * Cp + c0;
-                        for (int r = 0; r < 4; ++r) {
-                            _mm512_store_ps(v + (r * 4 + 0) * es, _mm512_sub_ps(u[r][0], u[r][2]));
-                            _mm512_store_ps(v + (r * 4 + 1) * es, _mm512_add_ps(u[r][1], u[r][2]));
-                            _mm512_store_ps(v + (r * 4 + 2) * es, _mm512_sub_ps(u[r][2], u[r][1]));
-                            _mm512_store_ps(v + (r * 4 + 3) * es, _mm512_sub_ps(u[r][1], u[r][3]));
-                        }
-                    }
+                    // ---- V: input transform of the α x α patch (zero outside the input)
+                    transform_patch<T>(g, x, nullptr, ACT_LINEAR, zpix.data, n, m * th - g.pad_top,
+                                       m * tw - g.pad_left, V.data + i * Cp, NT * Cp);
                     // ---- Z: A z A^T of the 2x2 dz tile (zero past OH / OW); db += Σ z
-                    i64 zo[2][2];  // element offsets of the tile's dz pixels, -1 past OH / OW
-                    for (int a = 0; a < 2; ++a)
-                        for (int b = 0; b < 2; ++b) {
-                            const i64 oh = 2 * th + a, ow = 2 * tw + b;
-                            zo[a][b] = (oh < OH && ow < OW) ? ((n * OH + oh) * OW + ow) * F : -1;
+                    i64 zo[m * m];  // element offsets of the tile's dz pixels, -1 past OH / OW
+                    for (int a = 0; a < m; ++a)
+                        for (int b = 0; b < m; ++b) {
+                            const i64 oh = m * th + a, ow = m * tw + b;
+                            zo[a * m + b] = (oh < OH && ow < OW) ? ((n * OH + oh) * OW + ow) * F : -1;
                         }
-                    const i64 fs = FILTER_TILES * Fp;
+                    const i64 fs = NT * Fp;
                     for (i64 f0 = 0; f0 < F; f0 += VL) {
-                        const __mmask16 m = F - f0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (F - f0)) - 1u);
-                        __m512 z[2][2];
-                        for (int a = 0; a < 2; ++a)
-                            for (int b = 0; b < 2; ++b) {
-                                if (zo[a][b] < 0) {
-                                    z[a][b] = _mm512_setzero_ps();
-                                    continue;
-                                }
-                                z[a][b] = _mm512_maskz_loadu_ps(m, dz + zo[a][b] + f0);
-                                if (gact != ACT_LINEAR)
-                                    z[a][b] = act_grad(z[a][b], _mm512_maskz_loadu_ps(m, gy + zo[a][b] + f0), gact);
+                        const __mmask16 mk = tail_mask(F - f0);
+                        __m512 z[m * m], az[E];
+                        for (int k = 0; k < m * m; ++k) {
+                            if (zo[k] < 0) {
+                                z[k] = _mm512_setzero_ps();
+                                continue;
                             }
+                            z[k] = _mm512_maskz_loadu_ps(mk, dz + zo[k] + f0);
+                            if (gact != ACT_LINEAR) z[k] = act_grad(z[k], _mm512_maskz_loadu_ps(mk, gy + zo[k] + f0), gact);
+                        }
                         if (db) {
-                            const __m512 s4 = _mm512_add_ps(_mm512_add_ps(z[0][0], z[0][1]), _mm512_add_ps(z[1][0], z[1][1]));
-                            _mm512_store_ps(dsum.data + f0, _mm512_add_ps(_mm512_load_ps(dsum.data + f0), s4));
+                            __m512 s = _mm512_load_ps(dsum.data + f0);
+                            for (int k = 0; k < m * m; ++k) s = _mm512_add_ps(s, z[k]);
+                            _mm512_store_ps(dsum.data + f0, s);
                         }
-                        __m512 az[4][2];  // A z: rows z0, z0 + z1, z0 − z1, −z1
-                        for (int b = 0; b < 2; ++b) {
-                            az[0][b] = z[0][b];
-                            az[1][b] = _mm512_add_ps(z[0][b], z[1][b]);
-                            az[2][b] = _mm512_sub_ps(z[0][b], z[1][b]);
-                            az[3][b] = _mm512_sub_ps(_mm512_setzero_ps(), z[1][b]);
-                        }
-                        float* zp = Z.data + i * Fp + f0;
-                        for (int r = 0; r < 4; ++r) {  // (A z) A^T: columns likewise
-                            _mm512_store_ps(zp + (r * 4 + 0) * fs, az[r][0]);
-                            _mm512_store_ps(zp + (r * 4 + 1) * fs, _mm512_add_ps(az[r][0], az[r][1]));
-                            _mm512_store_ps(zp + (r * 4 + 2) * fs, _mm512_sub_ps(az[r][0], az[r][1]));
-                            _mm512_store_ps(zp + (r * 4 + 3) * fs, _mm512_sub_ps(_mm512_setzero_ps(), az[r][1]));
-                        }
+                        transform2<Transposed<MatAT<T>>>(z, az);
+                        for (int e = 0; e < E; ++e) _mm512_store_ps(Z.data + i * Fp + f0 + e * fs, az[e]);
                     }
                 }
-                // ---- 16 GEMMs over the chunk's tiles: Mg[e][c][f] += Σ_i V[e][i][c] · Z[e][i][f]
+                // ---- E GEMMs over the chunk's tiles: Mg[e][c][f] += Σ_i V[e][i][c] · Z[e][i][f]
                 for (i64 f0 = 0; f0 < F; f0 += PANEL) {
                     const Panel pn = panel_at(f0, F);
                     const i64 Rm = max_rows(pn.nv), nb = (C + Rm - 1) / Rm;
-                    for (int e = 0; e < 16; ++e) {
-                        dr[0] = Z.data + e * FILTER_TILES * Fp + f0;
+                    for (int e = 0; e < E; ++e) {
+                        dr[0] = Z.data + e * NT * Fp + f0;
                         for (i64 bi = 0; bi < nb; ++bi) {
                             const i64 c0 = bi * C / nb, c1 = (bi + 1) * C / nb;
-                            xr[0] = V.data + e * FILTER_TILES * Cp + c0;
+                            xr[0] = V.data + e * NT * Cp + c0;
                             filt_kernel(pn.nv, int(c1 - c0))(xr, dr, 1, nt, Cp, Fp, Mg + (e * C + c0) * Fp + f0, Fp,
                                                              pn.mask);
                         }
@@ -444,30 +514,18 @@ inline bool conv_backward_filter(const ConvGeometry& g, const float* x, const fl
 #pragma omp for schedule(static)
         for (i64 c = 0; c < C; ++c) {
             for (i64 f0 = 0; f0 < F; f0 += VL) {
-                const __mmask16 m = F - f0 >= VL ? __mmask16(0xFFFF) : __mmask16((1u << (F - f0)) - 1u);
-                __m512 M[4][4];
-                for (int e = 0; e < 16; ++e) {
+                const __mmask16 mk = tail_mask(F - f0);
+                __m512 M[E], o[r * r];
+                for (int e = 0; e < E; ++e) {
                     __m512 acc = _mm512_load_ps(part.data + (e * C + c) * Fp + f0);
                     for (i64 p = 1; p < P; ++p)
-                        acc = _mm512_add_ps(acc, _mm512_load_ps(part.data + ((p * 16 + e) * C + c) * Fp + f0));
-                    M[e / 4][e % 4] = acc;
+                        acc = _mm512_add_ps(acc, _mm512_load_ps(part.data + ((p * E + e) * C + c) * Fp + f0));
+                    M[e] = acc;
                 }
-                const __m512 h = _mm512_set1_ps(0.5f);
-                __m512 t[3][4];  // G^T M: rows m0 + ½(m1 + m2),  ½(m1 − m2),  ½(m1 + m2) + m3
-                for (int q = 0; q < 4; ++q) {
-                    const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(M[1][q], M[2][q]));
-                    t[0][q] = _mm512_add_ps(M[0][q], s);
-                    t[1][q] = _mm512_mul_ps(h, _mm512_sub_ps(M[1][q], M[2][q]));
-                    t[2][q] = _mm512_add_ps(s, M[3][q]);
-                }
-                for (int kh = 0; kh < 3; ++kh) {  // (G^T M) G: columns likewise
-                    const __m512 s = _mm512_mul_ps(h, _mm512_add_ps(t[kh][1], t[kh][2]));
-                    const __m512 o[3] = {_mm512_add_ps(t[kh][0], s), _mm512_mul_ps(h, _mm512_sub_ps(t[kh][1], t[kh][2])),
-                                         _mm512_add_ps(s, t[kh][3])};
-                    for (int kw = 0; kw < 3; ++kw) {
-                        watch = _mm512_mask3_fmadd_ps(o[kw], zero, watch, m);  // lanes past F keep theirs
-                        _mm512_mask_storeu_ps(dw + ((kh * 3 + kw) * C + c) * F + f0, m, o[kw]);
-                    }
+                transform2<Transposed<MatG<T>>>(M, o);
+                for (int k = 0; k < r * r; ++k) {
+                    watch = _mm512_mask3_fmadd_ps(o[k], zero, watch, mk);  // lanes past F keep theirs
+                    _mm512_mask_storeu_ps(dw + (k * C + c) * F + f0, mk, o[k]);
                 }
             }
         }
@@ -481,6 +539,12 @@ inline bool conv_backward_filter(const ConvGeometry& g, const float* x, const fl
         }
     }
     return finite;
+}
+
+inline bool conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
+                                 const float* gy = nullptr, int gact = ACT_LINEAR) {
+    return g.k_h == F2x5::r ? conv_backward_filter_tiles<F2x5>(g, x, dz, dw, db, gy, gact)
+                            : conv_backward_filter_tiles<F2x3>(g, x, dz, dw, db, gy, gact);
 }
 
 }  // namespace winograd

@@ -591,7 +591,7 @@ def test_backend_status_and_variants():
     ok, why = be.cpu_status()
     assert ok and _C.build_info()["simd"] in why
     assert be.conv_variants(False) == ("cpu_v3_winograd", "cpu_v2_regblock", "cpu_v1_packgemm")
-    # Winograd F(2x2, 3x3) only runs 3x3 stride-1 undilated kernels with C >= 8, F >= 16.
+    # Winograd (F(2x2, 3x3) and F(2x2, 5x5)) only runs 3x3 and 5x5 stride-1 undilated kernels with C >= 8, F >= 16.
     assert be.conv_variants(False, conv_geometry((1, 28, 28, 1), (3, 3, 1, 32))) == (
         "cpu_v2_regblock", "cpu_v1_packgemm")
     assert be.conv_variants(False, conv_geometry((1, 9, 9, 16), (3, 3, 16, 16), strides=2)) == (
