@@ -1,0 +1,225 @@
+"""conv2d backward-data on the CPU with Numba for any stride: the sub-pixel decomposition
+into ``stride_h * stride_w`` stride-1 convolutions of dz, one per phase, each written into
+its own dx pixels (the Python/Numba twin of ``csrc/cpu_conv_subpixel.h``).
+
+What it computes (NHWC, HWIO, geometry ``g`` from :mod:`dlconv.shapes`)::
+
+    dx[n, ih, iw, c] = sum_{kh, kw, k} dz[n, oh, ow, k] * w[kh, kw, c, k]
+    over the taps with oh = (ih + pad_top - kh*dil_h) / stride_h exact and in [0, out_h)
+
+The generic gather (:func:`.conv2d_cpu.backward_data_gather`) tests every tap of every dx
+pixel for that exact division; at stride 2 three taps in four miss.
+
+Index map (:func:`dlconv.shapes.transposed_geometry`; nothing here re-derives it): the dx
+pixels of phase (rh, rw) are ``ih = rh + stride_h*q``, ``iw = rw + stride_w*p``.  Only the
+taps ``kh = tap_last_h - j*tap_step_h`` (j < taps_h) reach them, from
+``oh = q - pad_top' + j*dil_h'``, so::
+
+    dx[n, rh + s_h*q, rw + s_w*p, c] = sum_{j, i, k} dz[n, q - pad_top' + j*dil_h',
+                                                        p - pad_left' + i*dil_w', k] * wf[j, i, k, c]
+    wf[j, i, k, c] = w[tap_last_h - j*tap_step_h, tap_last_w - i*tap_step_w, c, k]
+
+a stride-1 forward convolution of dz with the phase's sub-filter (every tap of which hits).
+
+Edges: dz is copied once into a zero-padded buffer shared by all phases, its origin at
+``(ORG_H, ORG_W)`` = the largest positive phase pads; phase t reads it from row
+``ORG_H - pad_top'`` and column ``ORG_W - pad_left'`` (a negative pad, i.e. a crop of dz, is
+a larger offset).  The buffer is sized so that every tap of every phase, including the
+narrow kernel's overhanging tile rows and lanes, reads inside it.  A phase no tap reaches
+(kernel smaller than the stride, or dilation sharing a factor with it) is zero-filled; a
+phase with no dx pixel (in_h < stride) is skipped.
+
+Two paths by the dx channel count C:
+
+``C > NARROW_MAX_C``  the phase convolution runs on the forward's register-tiled inner
+    kernels, unchanged (:mod:`.conv2d_cpu_small` ``_k16_kernel`` / ``_k32_kernel`` up to 32
+    channels, :mod:`.conv2d_cpu` ``_gemm_kernel`` above): they vectorise over their filters,
+    here the dx channels.  The buffer is NHWC (F channels); each phase writes a contiguous
+    (N, q, p, C) block that :func:`_scatter_phase` (one ``prange`` iteration per block row)
+    copies to dx[:, rh::s_h, rw::s_w, :].
+``C <= NARROW_MAX_C``  (the input gradient of a stem on a 1-3 channel image) a filter-
+    vectorised tile would use C of 16 lanes.  :func:`_narrow_kernel` vectorises over 16
+    consecutive phase pixels p instead: dz is copied transposed, (N, F, HB, WB), so that a
+    row of one dz channel is contiguous.  One ``prange`` iteration owns NARROW_ROWS phase
+    rows (n, q0 .. q0+7) of one phase for every p-vector and channel c; its register tile is
+    NARROW_ROWS f32x16 accumulators (one per row, 16 pixels each), and per (j, i, k) it
+    broadcasts wf[j, i, k, c] once and loads one dz vector per row (8 FMAs).  The tile may
+    overhang the phase (rows past qh, lanes past qw: they read the buffer's zero margin) and
+    only the pixels inside are stored, straight into dx.
+
+Results do not depend on the thread count (every dx element is written by one iteration,
+its sum in a fixed order).  Launch geometry: ``prange`` loops split by Numba's threading
+layer over all cores; one launch per non-empty phase.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from dlconv.arrays import empty_host
+from dlconv.shapes import transposed_phases
+
+from . import conv2d_cpu_small as small
+from .conv2d_cpu import _gemm_kernel, weight_matrix
+from .cpu_common import FASTMATH, LANES, stack_micro_tile, vbroadcast, vfma, vload, vstore, vzero
+
+__all__ = ["backward_data", "NARROW_MAX_C", "NARROW_ROWS"]
+
+#: Most dx channels the pixel-vectorised narrow kernel takes: from 9 channels on, the forward's
+#: filter-vectorised tiles fill more than half of their 16 lanes (as csrc/cpu_conv_subpixel.h).
+NARROW_MAX_C = 8
+#: Phase rows per narrow tile = independent FMA chains: 8 cover the FMA latency (4 cycles) at
+#: 2 FMAs per cycle, and leave registers for the weight broadcast and loop state.
+NARROW_ROWS = 8
+#: dx channels the small-tile forward kernels take (their widest panels are 32 filters).
+SMALL_MAX_C = 2 * LANES
+
+
+# ----------------------------------------------------------------------------- helpers
+def _sub_filter(w: np.ndarray, t) -> np.ndarray:
+    """wf[j, i, k, c] of phase t (HWIO of the phase convolution: F inputs, C filters)."""
+    kh = t.tap_last_h - t.tap_step_h * np.arange(t.taps_h)
+    kw = t.tap_last_w - t.tap_step_w * np.arange(t.taps_w)
+    return w[kh][:, kw].transpose(0, 1, 3, 2)
+
+
+def _buffer_extent(g, phases, rows_round: int, cols_round: int):
+    """(org_h, org_w, HB, WB) of the padded dz buffer every phase reads: the origin is the
+    largest positive pad; HB/WB cover every phase's taps on its output rounded up to
+    ``rows_round`` rows and ``cols_round`` columns (the narrow tile's overhang)."""
+    org_h = max([0] + [t.pad_top for t in phases])
+    org_w = max([0] + [t.pad_left for t in phases])
+    hb, wb = org_h + g.out_h, org_w + g.out_w
+    for t in phases:
+        qh = -(-t.out_h // rows_round) * rows_round
+        qw = -(-t.out_w // cols_round) * cols_round
+        hb = max(hb, org_h - t.pad_top + qh - 1 + (t.taps_h - 1) * t.dil_h + 1)
+        wb = max(wb, org_w - t.pad_left + qw - 1 + (t.taps_w - 1) * t.dil_w + 1)
+    return org_h, org_w, hb, wb
+
+
+@njit(parallel=True, cache=True)
+def _fill_transposed(dz, buf, org_h, org_w):
+    """buf[n, k, org_h + oh, org_w + ow] = dz[n, oh, ow, k] (buf zero elsewhere)."""
+    n_img, out_h, out_w, f = dz.shape
+    for row in prange(n_img * out_h):
+        n = row // out_h
+        oh = row % out_h
+        for ow in range(out_w):
+            for k in range(f):
+                buf[n, k, org_h + oh, org_w + ow] = dz[n, oh, ow, k]
+
+
+@njit(parallel=True, cache=True)
+def _scatter_phase(yb, dx, rh, rw, s_h, s_w):
+    """dx[n, rh + s_h*q, rw + s_w*p, :] = yb[n, q, p, :]."""
+    n_img, qh, qw, c_in = yb.shape
+    for row in prange(n_img * qh):
+        n = row // qh
+        q = row % qh
+        for p in range(qw):
+            for c in range(c_in):
+                dx[n, rh + s_h * q, rw + s_w * p, c] = yb[n, q, p, c]
+
+
+# ----------------------------------------------------------------------------- narrow kernel
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+def _narrow_kernel(bf, wk, dxf, n_img, f, hb, wb, r0, c0, taps_h, taps_w, d_h, d_w, qh, qw,
+                   c_in, in_h, in_w, rh, rw, s_h, s_w):
+    """One phase, C <= NARROW_MAX_C.  bf: the transposed buffer, flat (N, F, HB, WB); wk: the
+    sub-filter as flat (C, TH, TW, F); (r0, c0): the phase's first buffer row / column.
+    Item (n, row block) writes dx[n, rh + s_h*q, rw + s_w*p, c] for q in the block, every p, c."""
+    rr = NARROW_ROWS
+    n_rb = -(-qh // rr)
+    n_pv = -(-qw // LANES)
+    plane = hb * wb
+    for item in prange(n_img * n_rb):
+        n = item // n_rb
+        q0 = (item % n_rb) * rr
+        acc = stack_micro_tile()                       # acc[r]: phase row q0 + r, 16 pixels
+        tile = np.empty(rr * LANES, np.float32)
+        for c in range(c_in):
+            for pv in range(n_pv):
+                p0 = pv * LANES
+                for r in range(rr):
+                    acc[r] = vzero()
+                for j in range(taps_h):
+                    for i in range(taps_w):
+                        w0 = ((c * taps_h + j) * taps_w + i) * f
+                        b0 = n * f * plane + (r0 + q0 + j * d_h) * wb + c0 + p0 + i * d_w
+                        for k in range(f):
+                            wv = vbroadcast(wk, w0 + k)
+                            bk = b0 + k * plane
+                            for r in range(rr):
+                                acc[r] = vfma(vload(bf, bk + r * wb), wv, acc[r])
+                for r in range(rr):
+                    vstore(tile, r * LANES, acc[r])
+                for r in range(min(rr, qh - q0)):
+                    ih = rh + s_h * (q0 + r)
+                    base = ((n * in_h + ih) * in_w + rw) * c_in + c
+                    for l in range(min(LANES, qw - p0)):
+                        dxf[base + s_w * (p0 + l) * c_in] = tile[r * LANES + l]
+
+
+# ----------------------------------------------------------------------------- launcher
+def backward_data(dz: np.ndarray, w: np.ndarray, g) -> np.ndarray:
+    """dL/dx (shape g.x_shape) from dL/dz (shape g.y_shape) and HWIO weights, any stride,
+    dilation and padding (g.groups == 1)."""
+    if g.groups != 1:
+        raise ValueError(f"the sub-pixel backward-data takes groups == 1, got groups={g.groups}")
+    dz = np.ascontiguousarray(dz, dtype=np.float32)
+    w = np.asarray(w, dtype=np.float32)
+    dx = empty_host(g.x_shape)
+    phases = [t for t in transposed_phases(g) if t.out_h > 0 and t.out_w > 0]
+    live = [t for t in phases if not t.empty]
+    for t in phases:
+        if t.empty:                                    # no tap reaches these dx pixels
+            dx[:, t.phase_h::g.stride_h, t.phase_w::g.stride_w, :] = 0.0
+    if not live:
+        return dx
+    c_in, f = g.in_c, g.filters
+    if c_in <= NARROW_MAX_C:
+        org_h, org_w, hb, wb = _buffer_extent(g, live, NARROW_ROWS, LANES)
+        buf = np.zeros((g.batch, f, hb, wb), np.float32)
+        _fill_transposed(dz, buf, org_h, org_w)
+        bf = buf.reshape(-1)
+        for t in live:
+            wk = np.ascontiguousarray(_sub_filter(w, t).transpose(3, 0, 1, 2)).reshape(-1)
+            _narrow_kernel(bf, wk, dx.reshape(-1), g.batch, f, hb, wb, org_h - t.pad_top,
+                           org_w - t.pad_left, t.taps_h, t.taps_w, t.dil_h, t.dil_w, t.out_h,
+                           t.out_w, c_in, g.in_h, g.in_w, t.phase_h, t.phase_w, g.stride_h,
+                           g.stride_w)
+        return dx
+    org_h, org_w, hb, wb = _buffer_extent(g, live, 1, 1)
+    buf = np.zeros((g.batch, hb, wb, f), np.float32)
+    buf[:, org_h:org_h + g.out_h, org_w:org_w + g.out_w, :] = dz
+    bflat = buf.reshape(-1)
+    one_phase = len(phases) == 1                       # stride 1: the phase is dx itself
+    for t in live:
+        xf = bflat[((org_h - t.pad_top) * wb + org_w - t.pad_left) * f:]
+        yb = dx if one_phase else empty_host((g.batch, t.out_h, t.out_w, c_in))
+        wf = _sub_filter(w, t)
+        _phase_forward(xf, wf, yb.reshape(-1), g.batch, hb, wb, f, t, c_in)
+        if not one_phase:
+            _scatter_phase(yb, dx, t.phase_h, t.phase_w, g.stride_h, g.stride_w)
+    return dx
+
+
+def _phase_forward(xf, wf, yf, n_img, hb, wb, f, t, c_in):
+    """yf (flat (N, q, p, C)) = the stride-1 phase convolution of the buffer view xf with wf,
+    on the forward's inner kernels (linear, no bias)."""
+    args = (n_img, hb, wb, f, t.taps_h, t.taps_w, c_in)
+    tail = (t.out_h, t.out_w, 1, 1, t.dil_h, t.dil_w, 0)
+    if c_in <= SMALL_MAX_C:
+        ldw = small._panel_width(c_in)
+        wm = np.zeros((t.taps_h * t.taps_w * f, ldw), np.float32)
+        wm[:, :c_in] = wf.reshape(-1, c_in)
+        bias = np.zeros(ldw, np.float32)
+        if ldw == small.PANEL16:
+            small._k16_kernel(xf, wm.reshape(-1), bias, yf, *args, *tail)
+        else:
+            small._k32_kernel(xf, wm.reshape(-1), bias, yf, *args, ldw, *tail)
+        return
+    wm, ldw = weight_matrix(np.ascontiguousarray(wf))
+    _gemm_kernel(xf, wm.reshape(-1), np.zeros(ldw, np.float32), yf, *args, ldw, *tail)
