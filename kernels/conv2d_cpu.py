@@ -612,17 +612,18 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
 _BWF_TILE_KERNELS = {nv: _make_bwf_tile_kernel(rb, nv) for nv, rb in BWF_TILES.items()}
 
 
-def _bwf_tile_shape(g):
+def _bwf_tile_shape(g, always: bool = False):
     """(nv, rb, cpad, ldf) of the channel-blocked backward-filter kernel for g, or None when
     its channel padding would exceed BWF_MAX_PAD_FRACTION of the rows, or when the 6 x 64
-    offset-row kernel has no ragged block (K a multiple of 64, KH*KW*C of 6)."""
+    offset-row kernel has no ragged block (K a multiple of 64, KH*KW*C of 6).  ``always``:
+    the shape even then (tests run the kernel on every geometry)."""
     k = g.filters
-    if k % MICRO_NR == 0 and (g.k_h * g.k_w * g.in_c) % MICRO_MR == 0:
+    if not always and k % MICRO_NR == 0 and (g.k_h * g.k_w * g.in_c) % MICRO_MR == 0:
         return None                  # whole 6 x 64 tiles of the offset-row kernel (MNIST conv2)
     nv = 4 if k % MICRO_NR == 0 or k > 2 * LANES else (2 if k > LANES else 1)
     rb = BWF_TILES[nv]
     cpad = -(-g.in_c // rb) * rb
-    if cpad - g.in_c > BWF_MAX_PAD_FRACTION * cpad:
+    if not always and cpad - g.in_c > BWF_MAX_PAD_FRACTION * cpad:
         return None
     ldf = -(-k // (nv * LANES)) * nv * LANES
     return nv, rb, cpad, ldf
