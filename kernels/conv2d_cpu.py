@@ -60,7 +60,8 @@ X_im2col[m, (kh, kw, c)] * dy[m, k].  Three kernels, chosen by :func:`_bwf_tile_
   chunks of BWF_CHUNK_PIXELS (at most BWF_CHUNKS), their partials added in chunk order.
   Ragged edges: channels padded to a multiple of RB (the padding rows read the next floats of
   x, with slack at the end, and are dropped; taken only when they are at most
-  BWF_MAX_PAD_FRACTION of the rows), filters to NV*16 (dy copied with zero columns).
+  BWF_MAX_PAD_FRACTION of the rows), filters to NV*16 (dy copied with zero columns).  db
+  comes from the same launch: the tap-0, block-0 items also sum their chunk's dy rows.
 - K a multiple of MICRO_NR with KH*KW*C a multiple of MICRO_MR (MNIST conv2: 64 filters, 288
   rows): the forward's 6 x 64 tile over rows j = (kh, kw, c) at per-row x offsets; BWF_CHUNKS
   fixed pixel chunks, one iteration per chunk sweeping every 6-row block (dy rows in L2).
@@ -555,11 +556,12 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
     are compile-time constants of the closure: the tile loops unroll into registers)."""
 
     @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-    def kernel(xf, dyf, part, toffs, n_img, hp, wpad, c_in, cpad, out_h, out_w, s_h, s_w, ldf,
-               n_chunks):
+    def kernel(xf, dyf, part, dbpart, toffs, n_img, hp, wpad, c_in, cpad, out_h, out_w, s_h,
+               s_w, ldf, n_chunks):
         """part[ch, t*cpad + c, k] = sum over the pixels m of chunk ch of
         x[n, oh*s_h + kh*d_h, ow*s_w + kw*d_w, c] * dy[m, k] (padded x: every tap inside;
-        toffs[t] = the x offset of tap t = (kh, kw) from a pixel's window origin).
+        toffs[t] = the x offset of tap t = (kh, kw) from a pixel's window origin), and
+        dbpart[ch, k] = sum over the same pixels of dy[m, k] (by the tap-0, block-0 items).
         Item = (chunk, tap, block of rb channels, panel of nv*16 filters)."""
         n_cb = cpad // rb
         n_taps = toffs.size
@@ -568,6 +570,7 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
         n_pix = n_img * out_h * out_w
         step = (n_pix + n_chunks - 1) // n_chunks
         per_chunk = n_taps * n_cb * n_panels
+        ones = np.ones(LANES, np.float32)
         for item in prange(n_chunks * per_chunk):
             ch = item // per_chunk
             rest = item - ch * per_chunk
@@ -605,6 +608,15 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
             for q in range(rb):
                 for v in range(nv):
                     vstore(part, (o + q) * ldf + k0 + v * LANES, acc[q * nv + v])
+            if t == 0 and cb == 0:                     # db: the chunk's dy rows, still in L2
+                one = vload(ones, 0)                   # dy * 1 + sum: an exact add
+                for v in range(nv):
+                    zt[v] = vzero()
+                for m in range(m0, m1):
+                    for v in range(nv):
+                        zt[v] = vfma(vload(dyf, m * ldf + k0 + v * LANES), one, zt[v])
+                for v in range(nv):
+                    vstore(dbpart, ch * ldf + k0 + v * LANES, zt[v])
 
     return kernel
 
@@ -629,10 +641,10 @@ def _bwf_tile_shape(g, always: bool = False):
     return nv, rb, cpad, ldf
 
 
-def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None) -> np.ndarray:
-    """dw (g.w_shape) on the channel-blocked register tile (split-K over fixed pixel chunks,
-    the partials added in chunk order: deterministic for any thread count).  ``shape`` as
-    :func:`_bwf_tile_shape` returns it (computed when None; it must not be None)."""
+def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
+    """(dw with shape g.w_shape, db) on the channel-blocked register tile (split-K over fixed
+    pixel chunks, the partials added in chunk order: deterministic for any thread count).
+    ``shape`` as :func:`_bwf_tile_shape` returns it (computed when None; it must not be None)."""
     nv, rb, cpad, ldf = shape or _bwf_tile_shape(g)
     k, c = g.filters, g.in_c
     xp = pad_input(x, g)
@@ -654,17 +666,28 @@ def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None) -> np.nd
     toffs = ((kh * g.dil_h * wpad + kw * g.dil_w) * c).reshape(-1).astype(np.int64)
     rows = toffs.size * cpad
     part = np.empty((n_chunks, rows, ldf), np.float32)
-    _BWF_TILE_KERNELS[nv](xf, dyf.reshape(-1), part.reshape(-1), toffs, g.batch, hp, wpad, c,
-                          cpad, g.out_h, g.out_w, g.stride_h, g.stride_w, ldf, n_chunks)
+    dbpart = np.empty((n_chunks, ldf), np.float32)
+    _BWF_TILE_KERNELS[nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), toffs,
+                          g.batch, hp, wpad, c, cpad, g.out_h, g.out_w, g.stride_h, g.stride_w,
+                          ldf, n_chunks)
+    db = _sum_rows_in_order(dbpart)[:k].copy()
+    dw = empty_host(g.w_shape)
     if cpad == c and ldf == k:
-        dw = empty_host(g.w_shape)
         _sum_chunks(part, dw.reshape(-1, k))
-        return dw
+        return dw, db
     full = np.empty((rows, ldf), np.float32)
     _sum_chunks(part, full)
-    dw = empty_host(g.w_shape)
     dw[...] = full.reshape(g.k_h, g.k_w, cpad, ldf)[:, :, :c, :k]
-    return dw
+    return dw, db
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _sum_rows_in_order(a):
+    """a[0] + a[1] + ... (rows added in order)."""
+    out = a[0].copy()
+    for i in range(1, a.shape[0]):
+        out += a[i]
+    return out
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -725,11 +748,11 @@ def backward_filter(x: np.ndarray, dy: np.ndarray, g):
     if g.groups != 1:
         from . import conv2d_grouped_cpu
         return conv2d_grouped_cpu.backward_filter(x, dy, g)
-    db = bias_grad(dy.reshape(-1, g.filters))
-    k = g.filters
     tile = _bwf_tile_shape(g)
     if tile is not None:
-        return backward_filter_tiled(x, dy, g, tile), db
+        return backward_filter_tiled(x, dy, g, tile)
+    db = bias_grad(dy.reshape(-1, g.filters))
+    k = g.filters
     if k % MICRO_NR:
         dw = empty_host(g.w_shape)
         _bwd_filter_channel_kernel(x, dy, dw, g.stride_h, g.stride_w, g.dil_h, g.dil_w, g.pad_top,

@@ -35,8 +35,9 @@ Two paths by the dx channel count C:
     kernels, unchanged (:mod:`.conv2d_cpu_small` ``_k16_kernel`` / ``_k32_kernel`` up to 32
     channels, :mod:`.conv2d_cpu` ``_gemm_kernel`` above): they vectorise over their filters,
     here the dx channels.  The buffer is NHWC (F channels); each phase writes a contiguous
-    (N, q, p, C) block that :func:`_scatter_phase` (one ``prange`` iteration per block row)
-    copies to dx[:, rh::s_h, rw::s_w, :].
+    (N, q, p, C) block and one :func:`_scatter_phases` launch (one ``prange`` iteration per
+    (phase, n, q) row) copies them all to dx[:, rh::s_h, rw::s_w, :] (stride 1: the one
+    phase is written to dx directly).
 ``C <= NARROW_MAX_C``  (the input gradient of a stem on a 1-3 channel image) a filter-
     vectorised tile would use C of 16 lanes.  :func:`_narrow_kernel` vectorises over 16
     consecutive phase pixels p instead: dz is copied transposed, (N, F, HB, WB), so that a
@@ -49,10 +50,12 @@ Two paths by the dx channel count C:
 
 Results do not depend on the thread count (every dx element is written by one iteration,
 its sum in a fixed order).  Launch geometry: ``prange`` loops split by Numba's threading
-layer over all cores; one launch per non-empty phase.
+layer over all cores; one kernel launch per phase that a tap reaches, plus one scatter.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 from numba import njit, prange
@@ -77,10 +80,10 @@ SMALL_MAX_C = 2 * LANES
 
 
 # ----------------------------------------------------------------------------- helpers
-def _sub_filter(w: np.ndarray, t) -> np.ndarray:
-    """wf[j, i, k, c] of phase t (HWIO of the phase convolution: F inputs, C filters)."""
-    kh = t.tap_last_h - t.tap_step_h * np.arange(t.taps_h)
-    kw = t.tap_last_w - t.tap_step_w * np.arange(t.taps_w)
+def _sub_filter(w: np.ndarray, taps) -> np.ndarray:
+    """wf[j, i, k, c] = w[kh[j], kw[i], c, k] of a phase whose taps are ``(kh, kw)`` (HWIO of
+    the phase convolution: F inputs, C filters)."""
+    kh, kw = taps
     return w[kh][:, kw].transpose(0, 1, 3, 2)
 
 
@@ -112,15 +115,39 @@ def _fill_transposed(dz, buf, org_h, org_w):
 
 
 @njit(parallel=True, cache=True)
-def _scatter_phase(yb, dx, rh, rw, s_h, s_w):
-    """dx[n, rh + s_h*q, rw + s_w*p, :] = yb[n, q, p, :]."""
-    n_img, qh, qw, c_in = yb.shape
-    for row in prange(n_img * qh):
-        n = row // qh
-        q = row % qh
+def _scatter_phases(yf, dx, meta, s_h, s_w):
+    """dx[n, rh + s_h*q, rw + s_w*p, :] = phase t's block (N, qh, qw, C) of yf for every
+    phase row; meta[t] = (first row of t in the row numbering, offset of t in yf, qh, qw, rh,
+    rw), the last entry holding the total row count.  One iteration per (phase, n, q)."""
+    n_img, in_h, in_w, c_in = dx.shape
+    n_ph = meta.shape[0] - 1
+    for row in prange(meta[n_ph, 0]):
+        t = 0
+        while meta[t + 1, 0] <= row:
+            t += 1
+        r = row - meta[t, 0]
+        qh, qw, rh, rw = meta[t, 2], meta[t, 3], meta[t, 4], meta[t, 5]
+        n = r // qh
+        q = r - n * qh
+        src = meta[t, 1] + (n * qh + q) * qw * c_in
         for p in range(qw):
             for c in range(c_in):
-                dx[n, rh + s_h * q, rw + s_w * p, c] = yb[n, q, p, c]
+                dx[n, rh + s_h * q, rw + s_w * p, c] = yf[src + p * c_in + c]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(g):
+    """What a geometry's backward-data needs before any data: (live phases, whether some
+    phase with dx pixels has no tap, the padded buffer's extent (org_h, org_w, HB, WB),
+    each live phase's sub-filter tap indices (kh, kw))."""
+    phases = [t for t in transposed_phases(g) if t.out_h > 0 and t.out_w > 0]
+    live = tuple(t for t in phases if not t.empty)
+    narrow = g.in_c <= NARROW_MAX_C
+    extent = (_buffer_extent(g, live, NARROW_ROWS if narrow else 1, LANES if narrow else 1)
+              if live else None)
+    taps = tuple((t.tap_last_h - t.tap_step_h * np.arange(t.taps_h),
+                  t.tap_last_w - t.tap_step_w * np.arange(t.taps_w)) for t in live)
+    return live, len(live) < len(phases), extent, taps
 
 
 # ----------------------------------------------------------------------------- narrow kernel
@@ -170,39 +197,47 @@ def backward_data(dz: np.ndarray, w: np.ndarray, g) -> np.ndarray:
         raise ValueError(f"the sub-pixel backward-data takes groups == 1, got groups={g.groups}")
     dz = np.ascontiguousarray(dz, dtype=np.float32)
     w = np.asarray(w, dtype=np.float32)
+    live, some_empty, extent, taps = _plan(g)
     dx = empty_host(g.x_shape)
-    phases = [t for t in transposed_phases(g) if t.out_h > 0 and t.out_w > 0]
-    live = [t for t in phases if not t.empty]
-    for t in phases:
-        if t.empty:                                    # no tap reaches these dx pixels
-            dx[:, t.phase_h::g.stride_h, t.phase_w::g.stride_w, :] = 0.0
+    if some_empty:                                     # phases no tap reaches are zero
+        dx.fill(0.0)
     if not live:
         return dx
     c_in, f = g.in_c, g.filters
+    org_h, org_w, hb, wb = extent
     if c_in <= NARROW_MAX_C:
-        org_h, org_w, hb, wb = _buffer_extent(g, live, NARROW_ROWS, LANES)
         buf = np.zeros((g.batch, f, hb, wb), np.float32)
         _fill_transposed(dz, buf, org_h, org_w)
         bf = buf.reshape(-1)
-        for t in live:
-            wk = np.ascontiguousarray(_sub_filter(w, t).transpose(3, 0, 1, 2)).reshape(-1)
+        for t, tp in zip(live, taps):
+            wk = np.ascontiguousarray(_sub_filter(w, tp).transpose(3, 0, 1, 2)).reshape(-1)
             _narrow_kernel(bf, wk, dx.reshape(-1), g.batch, f, hb, wb, org_h - t.pad_top,
                            org_w - t.pad_left, t.taps_h, t.taps_w, t.dil_h, t.dil_w, t.out_h,
                            t.out_w, c_in, g.in_h, g.in_w, t.phase_h, t.phase_w, g.stride_h,
                            g.stride_w)
         return dx
-    org_h, org_w, hb, wb = _buffer_extent(g, live, 1, 1)
-    buf = np.zeros((g.batch, hb, wb, f), np.float32)
-    buf[:, org_h:org_h + g.out_h, org_w:org_w + g.out_w, :] = dz
+    if (org_h, org_w, hb, wb) == (0, 0, g.out_h, g.out_w):
+        buf = dz                                       # no phase reads outside dz
+    else:
+        buf = np.zeros((g.batch, hb, wb, f), np.float32)
+        buf[:, org_h:org_h + g.out_h, org_w:org_w + g.out_w, :] = dz
     bflat = buf.reshape(-1)
-    one_phase = len(phases) == 1                       # stride 1: the phase is dx itself
-    for t in live:
+    if g.stride_h == 1 and g.stride_w == 1:           # one phase: dx itself
+        t = live[0]
+        _phase_forward(bflat[((org_h - t.pad_top) * wb + org_w - t.pad_left) * f:],
+                       _sub_filter(w, taps[0]), dx.reshape(-1), g.batch, hb, wb, f, t, c_in)
+        return dx
+    meta = np.zeros((len(live) + 1, 6), np.int64)
+    for i, t in enumerate(live):
+        meta[i + 1, 0] = meta[i, 0] + g.batch * t.out_h
+        meta[i + 1, 1] = meta[i, 1] + g.batch * t.out_h * t.out_w * c_in
+        meta[i, 2:] = (t.out_h, t.out_w, t.phase_h, t.phase_w)
+    yf = np.empty(meta[-1, 1], np.float32)             # every phase's (N, qh, qw, C) block
+    for i, (t, tp) in enumerate(zip(live, taps)):
         xf = bflat[((org_h - t.pad_top) * wb + org_w - t.pad_left) * f:]
-        yb = dx if one_phase else empty_host((g.batch, t.out_h, t.out_w, c_in))
-        wf = _sub_filter(w, t)
-        _phase_forward(xf, wf, yb.reshape(-1), g.batch, hb, wb, f, t, c_in)
-        if not one_phase:
-            _scatter_phase(yb, dx, t.phase_h, t.phase_w, g.stride_h, g.stride_w)
+        _phase_forward(xf, _sub_filter(w, tp), yf[meta[i, 1]:meta[i + 1, 1]], g.batch, hb, wb,
+                       f, t, c_in)
+    _scatter_phases(yf, dx, meta, g.stride_h, g.stride_w)
     return dx
 
 

@@ -74,10 +74,11 @@ def test_backward_filter_tile_and_route_match_reference_and_tf(g, seed):
     t = tol(g.gemm_m)
     tiled = ccpu.backward_filter_tiled(x, dy, g, ccpu._bwf_tile_shape(g, always=True))
     dw, db = ccpu.backward_filter(x, dy, g)
-    for got in (tiled, dw):
-        assert got.shape == g.w_shape and got.dtype == np.float32
-        np.testing.assert_allclose(got, rdw, **t)
-    np.testing.assert_allclose(db, rdb, **t)
+    for got_w, got_b in (tiled, (dw, db)):
+        assert got_w.shape == g.w_shape and got_w.dtype == np.float32
+        assert got_b.shape == (g.filters,) and got_b.dtype == np.float32
+        np.testing.assert_allclose(got_w, rdw, **t)
+        np.testing.assert_allclose(got_b, rdb, **t)
     if tf_grads_ok(g):
         _, tdw, tdb = tf_grads(x, w, g, dy)
         np.testing.assert_allclose(dw, tdw, **t)
