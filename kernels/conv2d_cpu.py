@@ -43,9 +43,9 @@ Grouped convolution (``g.groups > 1``, depthwise included) runs the kernels of
 
 Backward-data: dx[n, ih, iw, c] sums w[kh, kw, c, k] * dy[n, oh, ow, k] over the taps
 whose ``t = ih + pad_top - kh*dil_h`` is divisible by stride_h with ``oh = t / stride_h`` in
-``[0, out_h)`` (same for w).  Stride 1 with pads no larger than the dilated kernel runs the
-forward micro-kernel (a "full" correlation of dy with the flipped, transposed weights);
-every other geometry runs the sub-pixel decomposition of :mod:`.conv2d_subpixel_cpu` (one
+``[0, out_h)`` (same for w).  Stride 1 with pads no larger than the dilated kernel and more
+than 8 dx channels runs the forward micro-kernel (a "full" correlation of dy with the
+flipped, transposed weights); every other geometry runs the sub-pixel decomposition of :mod:`.conv2d_subpixel_cpu` (one
 stride-1 convolution per phase, only the taps that hit).  The gather kernel
 (:func:`backward_data_gather`: each dx row owned by one iteration, every tap tested for the
 exact division) is kept as the naive variant for tests and benchmarks.
@@ -410,7 +410,8 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
         from . import conv2d_grouped_cpu
         return conv2d_grouped_cpu.backward_data(dy, w, g)
 
-    if g.stride_h == 1 and g.stride_w == 1:
+    from . import conv2d_subpixel_cpu
+    if g.stride_h == 1 and g.stride_w == 1 and g.in_c > conv2d_subpixel_cpu.NARROW_MAX_C:
         # dx = "full" correlation of dy with the flipped weights, channels swapped:
         # dx[n, ih, iw, c] = sum dy[n, ih + pad_top - kh*dil, ...] * w[kh, kw, c, k]; the pads
         # are dlconv.shapes.transposed_geometry's (the C++ kernels use the same record), and
@@ -422,9 +423,8 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
                                (t.dil_h, t.dil_w))
             assert (gt.out_h, gt.out_w) == (g.in_h, g.in_w)
             return launch_gemm(dy, wf, None, gt, 0)
-    # stride > 1 (or a crop at stride 1): the sub-pixel decomposition, one stride-1
-    # convolution per phase on the forward kernels (conv2d_subpixel_cpu)
-    from . import conv2d_subpixel_cpu
+    # stride > 1, a crop at stride 1, or few dx channels (the pixel-vectorised narrow kernel:
+    # MNIST conv1): the sub-pixel decomposition, one stride-1 convolution per phase
     return conv2d_subpixel_cpu.backward_data(dy, w, g)
 
 

@@ -103,15 +103,21 @@ def _buffer_extent(g, phases, rows_round: int, cols_round: int):
 
 
 @njit(parallel=True, cache=True)
-def _fill_transposed(dz, buf, org_h, org_w):
-    """buf[n, k, org_h + oh, org_w + ow] = dz[n, oh, ow, k] (buf zero elsewhere)."""
+def _fill_padded(dz, buf, org_h, org_w):
+    """buf[n, org_h + oh, org_w + ow, :] = dz[n, oh, ow, :], zero elsewhere (every element
+    written once).  One iteration per (n, buffer row)."""
     n_img, out_h, out_w, f = dz.shape
-    for row in prange(n_img * out_h):
-        n = row // out_h
-        oh = row % out_h
-        for ow in range(out_w):
-            for k in range(f):
-                buf[n, k, org_h + oh, org_w + ow] = dz[n, oh, ow, k]
+    hb, wb = buf.shape[1], buf.shape[2]
+    for item in prange(n_img * hb):
+        n = item // hb
+        hr = item % hb
+        oh = hr - org_h
+        if oh < 0 or oh >= out_h:
+            buf[n, hr] = 0.0
+            continue
+        buf[n, hr, :org_w] = 0.0
+        buf[n, hr, org_w:org_w + out_w] = dz[n, oh]
+        buf[n, hr, org_w + out_w:] = 0.0
 
 
 @njit(parallel=True, cache=True)
@@ -206,8 +212,9 @@ def backward_data(dz: np.ndarray, w: np.ndarray, g) -> np.ndarray:
     c_in, f = g.in_c, g.filters
     org_h, org_w, hb, wb = extent
     if c_in <= NARROW_MAX_C:
-        buf = np.zeros((g.batch, f, hb, wb), np.float32)
-        _fill_transposed(dz, buf, org_h, org_w)
+        buf = empty_host((g.batch, f, hb, wb))        # pooled: no page faults per call
+        buf.fill(0.0)
+        buf[:, :, org_h:org_h + g.out_h, org_w:org_w + g.out_w] = dz.transpose(0, 3, 1, 2)
         bf = buf.reshape(-1)
         for t, tp in zip(live, taps):
             wk = np.ascontiguousarray(_sub_filter(w, tp).transpose(3, 0, 1, 2)).reshape(-1)
@@ -219,8 +226,8 @@ def backward_data(dz: np.ndarray, w: np.ndarray, g) -> np.ndarray:
     if (org_h, org_w, hb, wb) == (0, 0, g.out_h, g.out_w):
         buf = dz                                       # no phase reads outside dz
     else:
-        buf = np.zeros((g.batch, hb, wb, f), np.float32)
-        buf[:, org_h:org_h + g.out_h, org_w:org_w + g.out_w, :] = dz
+        buf = empty_host((g.batch, hb, wb, f))
+        _fill_padded(dz, buf, org_h, org_w)
     bflat = buf.reshape(-1)
     if g.stride_h == 1 and g.stride_w == 1:           # one phase: dx itself
         t = live[0]
