@@ -42,7 +42,8 @@ Two paths by the dx channel count C:
     vectorised tile would use C of 16 lanes.  :func:`_narrow_kernel` vectorises over 16
     consecutive phase pixels p instead: dz is copied transposed, (N, F, HB, WB), so that a
     row of one dz channel is contiguous.  One ``prange`` iteration owns NARROW_ROWS phase
-    rows (n, q0 .. q0+7) of one phase for every p-vector and channel c; its register tile is
+    rows (n, q0 .. q0+7) of one phase for every p-vector and channel c (all phases' items in
+    one launch, a per-phase table giving each its geometry); its register tile is
     NARROW_ROWS f32x16 accumulators (one per row, 16 pixels each), and per (j, i, k) it
     broadcasts wf[j, i, k, c] once and loads one dz vector per row (8 FMAs).  The tile may
     overhang the phase (rows past qh, lanes past qw: they read the buffer's zero margin) and
@@ -50,7 +51,8 @@ Two paths by the dx channel count C:
 
 Results do not depend on the thread count (every dx element is written by one iteration,
 its sum in a fixed order).  Launch geometry: ``prange`` loops split by Numba's threading
-layer over all cores; one kernel launch per phase that a tap reaches, plus one scatter.
+layer over all cores; the narrow path is one launch, the other one launch per phase that
+a tap reaches plus one scatter.
 """
 
 from __future__ import annotations
@@ -157,19 +159,33 @@ def _plan(g):
 
 
 # ----------------------------------------------------------------------------- narrow kernel
+#: Columns of the narrow kernel's per-phase table (``pt``; row n_phases holds the totals).
+_PT_ITEM0, _PT_W0, _PT_R0, _PT_C0, _PT_TH, _PT_TW, _PT_DH, _PT_DW, _PT_QH, _PT_QW, _PT_RH, _PT_RW = range(12)
+
+
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-def _narrow_kernel(bf, wk, dxf, n_img, f, hb, wb, r0, c0, taps_h, taps_w, d_h, d_w, qh, qw,
-                   c_in, in_h, in_w, rh, rw, s_h, s_w):
-    """One phase, C <= NARROW_MAX_C.  bf: the transposed buffer, flat (N, F, HB, WB); wk: the
-    sub-filter as flat (C, TH, TW, F); (r0, c0): the phase's first buffer row / column.
-    Item (n, row block) writes dx[n, rh + s_h*q, rw + s_w*p, c] for q in the block, every p, c."""
+def _narrow_kernel(bf, wk, dxf, pt, n_img, f, hb, wb, c_in, in_h, in_w, s_h, s_w):
+    """Every phase, C <= NARROW_MAX_C, in one launch.  bf: the transposed buffer, flat
+    (N, F, HB, WB); wk: the phases' sub-filters, each flat (C, TH, TW, F) from offset
+    pt[t, W0]; pt[t]: the phase's first item, its first buffer row / column (R0, C0), taps,
+    dilations, rows / columns (QH, QW) and phase (RH, RW).  Item (phase, n, row block)
+    writes dx[n, rh + s_h*q, rw + s_w*p, c] for q in the block, every p and c."""
     rr = NARROW_ROWS
-    n_rb = -(-qh // rr)
-    n_pv = -(-qw // LANES)
+    n_ph = pt.shape[0] - 1
     plane = hb * wb
-    for item in prange(n_img * n_rb):
-        n = item // n_rb
-        q0 = (item % n_rb) * rr
+    for item in prange(pt[n_ph, _PT_ITEM0]):
+        t = 0
+        while pt[t + 1, _PT_ITEM0] <= item:
+            t += 1
+        taps_h, taps_w = pt[t, _PT_TH], pt[t, _PT_TW]
+        d_h, d_w = pt[t, _PT_DH], pt[t, _PT_DW]
+        qh, qw = pt[t, _PT_QH], pt[t, _PT_QW]
+        n_rb = -(-qh // rr)
+        local = item - pt[t, _PT_ITEM0]
+        n = local // n_rb
+        q0 = (local % n_rb) * rr
+        r0 = pt[t, _PT_R0] + q0
+        n_pv = -(-qw // LANES)
         acc = stack_micro_tile()                       # acc[r]: phase row q0 + r, 16 pixels
         tile = np.empty(rr * LANES, np.float32)
         for c in range(c_in):
@@ -179,8 +195,8 @@ def _narrow_kernel(bf, wk, dxf, n_img, f, hb, wb, r0, c0, taps_h, taps_w, d_h, d
                     acc[r] = vzero()
                 for j in range(taps_h):
                     for i in range(taps_w):
-                        w0 = ((c * taps_h + j) * taps_w + i) * f
-                        b0 = n * f * plane + (r0 + q0 + j * d_h) * wb + c0 + p0 + i * d_w
+                        w0 = pt[t, _PT_W0] + ((c * taps_h + j) * taps_w + i) * f
+                        b0 = n * f * plane + (r0 + j * d_h) * wb + pt[t, _PT_C0] + p0 + i * d_w
                         for k in range(f):
                             wv = vbroadcast(wk, w0 + k)
                             bk = b0 + k * plane
@@ -189,8 +205,8 @@ def _narrow_kernel(bf, wk, dxf, n_img, f, hb, wb, r0, c0, taps_h, taps_w, d_h, d
                 for r in range(rr):
                     vstore(tile, r * LANES, acc[r])
                 for r in range(min(rr, qh - q0)):
-                    ih = rh + s_h * (q0 + r)
-                    base = ((n * in_h + ih) * in_w + rw) * c_in + c
+                    ih = pt[t, _PT_RH] + s_h * (q0 + r)
+                    base = ((n * in_h + ih) * in_w + pt[t, _PT_RW]) * c_in + c
                     for l in range(min(LANES, qw - p0)):
                         dxf[base + s_w * (p0 + l) * c_in] = tile[r * LANES + l]
 
@@ -215,13 +231,16 @@ def backward_data(dz: np.ndarray, w: np.ndarray, g) -> np.ndarray:
         buf = empty_host((g.batch, f, hb, wb))        # pooled: no page faults per call
         buf.fill(0.0)
         buf[:, :, org_h:org_h + g.out_h, org_w:org_w + g.out_w] = dz.transpose(0, 3, 1, 2)
-        bf = buf.reshape(-1)
-        for t, tp in zip(live, taps):
-            wk = np.ascontiguousarray(_sub_filter(w, tp).transpose(3, 0, 1, 2)).reshape(-1)
-            _narrow_kernel(bf, wk, dx.reshape(-1), g.batch, f, hb, wb, org_h - t.pad_top,
-                           org_w - t.pad_left, t.taps_h, t.taps_w, t.dil_h, t.dil_w, t.out_h,
-                           t.out_w, c_in, g.in_h, g.in_w, t.phase_h, t.phase_w, g.stride_h,
-                           g.stride_w)
+        pt = np.zeros((len(live) + 1, 12), np.int64)
+        wks = []
+        for i, (t, tp) in enumerate(zip(live, taps)):
+            wks.append(_sub_filter(w, tp).transpose(3, 0, 1, 2).reshape(-1))   # (C, TH, TW, F)
+            pt[i + 1, _PT_ITEM0] = pt[i, _PT_ITEM0] + g.batch * -(-t.out_h // NARROW_ROWS)
+            pt[i + 1, _PT_W0] = pt[i, _PT_W0] + wks[-1].size
+            pt[i, _PT_R0:] = (org_h - t.pad_top, org_w - t.pad_left, t.taps_h, t.taps_w, t.dil_h,
+                              t.dil_w, t.out_h, t.out_w, t.phase_h, t.phase_w)
+        _narrow_kernel(buf.reshape(-1), np.concatenate(wks), dx.reshape(-1), pt, g.batch, f, hb,
+                       wb, c_in, g.in_h, g.in_w, g.stride_h, g.stride_w)
         return dx
     if (org_h, org_w, hb, wb) == (0, 0, g.out_h, g.out_w):
         buf = dz                                       # no phase reads outside dz
