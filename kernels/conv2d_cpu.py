@@ -437,6 +437,19 @@ def backward_data_gather(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- backward-filter
+@njit(inline="always")
+def _next_pixel(n, oh, ow, out_h, out_w):
+    """(n, oh, ow) of the output pixel after (n, oh, ow) in NHW order."""
+    ow += 1
+    if ow == out_w:
+        ow = 0
+        oh += 1
+        if oh == out_h:
+            oh = 0
+            n += 1
+    return n, oh, ow
+
+
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
 def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w, s_h, s_w, ldf,
                        n_chunks):
@@ -491,13 +504,7 @@ def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w,
                             acc[q * nv + 1] = vfma(xv, z_1, acc[q * nv + 1])
                             acc[q * nv + 2] = vfma(xv, z_2, acc[q * nv + 2])
                             acc[q * nv + 3] = vfma(xv, z_3, acc[q * nv + 3])
-                        ow += 1
-                        if ow == out_w:
-                            ow = 0
-                            oh += 1
-                            if oh == out_h:
-                                oh = 0
-                                n += 1
+                        n, oh, ow = _next_pixel(n, oh, ow, out_h, out_w)
                     for q in range(mr):
                         o = pbase + (j0 + q) * ldf + k0
                         vstore(part, o, acc[q * nv + 0])
@@ -521,13 +528,7 @@ def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w,
                         a_1 = vfma(xv, vload(dyf, d0 + LANES), a_1)
                         a_2 = vfma(xv, vload(dyf, d0 + 2 * LANES), a_2)
                         a_3 = vfma(xv, vload(dyf, d0 + 3 * LANES), a_3)
-                        ow += 1
-                        if ow == out_w:
-                            ow = 0
-                            oh += 1
-                            if oh == out_h:
-                                oh = 0
-                                n += 1
+                        n, oh, ow = _next_pixel(n, oh, ow, out_h, out_w)
                     o = pbase + (j0 + q) * ldf + k0
                     vstore(part, o, a_0)
                     vstore(part, o + LANES, a_1)
@@ -597,13 +598,7 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
                     xv = vbroadcast(xf, xb + q)
                     for v in range(nv):
                         acc[q * nv + v] = vfma(xv, zt[v], acc[q * nv + v])
-                ow += 1
-                if ow == out_w:
-                    ow = 0
-                    oh += 1
-                    if oh == out_h:
-                        oh = 0
-                        n += 1
+                n, oh, ow = _next_pixel(n, oh, ow, out_h, out_w)
             o = (ch * n_taps + t) * cpad + cb * rb
             for q in range(rb):
                 for v in range(nv):
