@@ -41,19 +41,32 @@ Variants of the forward pass, fastest first:
 Grouped convolution (``g.groups > 1``, depthwise included) runs the kernels of
 :mod:`conv2d_grouped_cpu` instead, whatever the variant.
 
-Backward-data is the gather formulation: dx[n, ih, iw, c] sums w[kh, kw, c, k] *
-dy[n, oh, ow, k] over the taps whose ``t = ih + pad_top - kh*dil_h`` is divisible by
-stride_h with ``oh = t / stride_h`` in ``[0, out_h)`` (same for w).  Each dx row is owned by
-one iteration: no atomics, deterministic.  Stride 1 with pads no larger than the dilated
-kernel is routed through the forward micro-kernel instead (a "full" correlation of dy
-with the flipped, transposed weights), which is the same sum in another order.
+Backward-data: dx[n, ih, iw, c] sums w[kh, kw, c, k] * dy[n, oh, ow, k] over the taps
+whose ``t = ih + pad_top - kh*dil_h`` is divisible by stride_h with ``oh = t / stride_h`` in
+``[0, out_h)`` (same for w).  Stride 1 with pads no larger than the dilated kernel and more
+than 8 dx channels runs the forward micro-kernel (a "full" correlation of dy with the
+flipped, transposed weights); every other geometry runs the sub-pixel decomposition of :mod:`.conv2d_subpixel_cpu` (one
+stride-1 convolution per phase, only the taps that hit).  The gather kernel
+(:func:`backward_data_gather`: each dx row owned by one iteration, every tap tested for the
+exact division) is kept as the naive variant for tests and benchmarks.
 
 Backward-filter: the same GEMM transposed, dw[(kh, kw, c), k] = sum over pixels of
-X_im2col[m, (kh, kw, c)] * dy[m, k].  With K a multiple of MICRO_NR (MNIST conv2: 64) it runs
-on the forward's 6 x 64 register tile: the pixels are cut into BWF_CHUNKS fixed chunks, one
-iteration per chunk sweeps every 6-row block of dw over its pixels in order (the chunk's dy
-rows stay in L2), and the chunk partials are added in chunk order.  Other K (conv1: 32):
-one iteration owns dw[kh, kw, c0:c0+CB, :] and reduces over every (n, oh, ow) in order.
+X_im2col[m, (kh, kw, c)] * dy[m, k].  Three kernels, chosen by :func:`_bwf_tile_shape`:
+
+- channel-blocked tile (default): one iteration owns (pixel chunk, tap (kh, kw), a block of
+  RB consecutive input channels, a panel of NV*16 filters) and reduces the chunk's pixels in
+  order on an RB x NV f32x16 register tile (BWF_TILES: 6 x 4, 8 x 2 or 16 x 1 by K), the
+  RB broadcasts of a pixel at one address + 0..RB-1.  Split-K: the pixels are cut into fixed
+  chunks of BWF_CHUNK_PIXELS (at most BWF_CHUNKS), their partials added in chunk order.
+  Ragged edges: channels padded to a multiple of RB (the padding rows read the next floats of
+  x, with slack at the end, and are dropped; taken only when they are at most
+  BWF_MAX_PAD_FRACTION of the rows), filters to NV*16 (dy copied with zero columns).  db
+  comes from the same launch: the tap-0, block-0 items also sum their chunk's dy rows.
+- K a multiple of MICRO_NR with KH*KW*C a multiple of MICRO_MR (MNIST conv2: 64 filters, 288
+  rows): the forward's 6 x 64 tile over rows j = (kh, kw, c) at per-row x offsets; BWF_CHUNKS
+  fixed pixel chunks, one iteration per chunk sweeping every 6-row block (dy rows in L2).
+- otherwise (few input channels, e.g. a 1-channel stem): one iteration owns
+  dw[kh, kw, c0:c0+CB, :] and reduces over every (n, oh, ow) in order.
 db is summed over fixed chunks of pixels, then the chunks in order.  Results never depend
 on the number of threads.
 
@@ -398,7 +411,8 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
         from . import conv2d_grouped_cpu
         return conv2d_grouped_cpu.backward_data(dy, w, g)
 
-    if g.stride_h == 1 and g.stride_w == 1:
+    from . import conv2d_subpixel_cpu
+    if g.stride_h == 1 and g.stride_w == 1 and g.in_c > conv2d_subpixel_cpu.NARROW_MAX_C:
         # dx = "full" correlation of dy with the flipped weights, channels swapped:
         # dx[n, ih, iw, c] = sum dy[n, ih + pad_top - kh*dil, ...] * w[kh, kw, c, k]; the pads
         # are dlconv.shapes.transposed_geometry's (the C++ kernels use the same record), and
@@ -410,7 +424,9 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
                                (t.dil_h, t.dil_w))
             assert (gt.out_h, gt.out_w) == (g.in_h, g.in_w)
             return launch_gemm(dy, wf, None, gt, 0)
-    return backward_data_gather(dy, w, g)
+    # stride > 1, a crop at stride 1, or few dx channels (the pixel-vectorised narrow kernel:
+    # MNIST conv1): the sub-pixel decomposition, one stride-1 convolution per phase
+    return conv2d_subpixel_cpu.backward_data(dy, w, g)
 
 
 def backward_data_gather(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
@@ -422,6 +438,19 @@ def backward_data_gather(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- backward-filter
+@njit(inline="always")
+def _next_pixel(n, oh, ow, out_h, out_w):
+    """(n, oh, ow) of the output pixel after (n, oh, ow) in NHW order."""
+    ow += 1
+    if ow == out_w:
+        ow = 0
+        oh += 1
+        if oh == out_h:
+            oh = 0
+            n += 1
+    return n, oh, ow
+
+
 @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
 def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w, s_h, s_w, ldf,
                        n_chunks):
@@ -476,13 +505,7 @@ def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w,
                             acc[q * nv + 1] = vfma(xv, z_1, acc[q * nv + 1])
                             acc[q * nv + 2] = vfma(xv, z_2, acc[q * nv + 2])
                             acc[q * nv + 3] = vfma(xv, z_3, acc[q * nv + 3])
-                        ow += 1
-                        if ow == out_w:
-                            ow = 0
-                            oh += 1
-                            if oh == out_h:
-                                oh = 0
-                                n += 1
+                        n, oh, ow = _next_pixel(n, oh, ow, out_h, out_w)
                     for q in range(mr):
                         o = pbase + (j0 + q) * ldf + k0
                         vstore(part, o, acc[q * nv + 0])
@@ -506,18 +529,161 @@ def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w,
                         a_1 = vfma(xv, vload(dyf, d0 + LANES), a_1)
                         a_2 = vfma(xv, vload(dyf, d0 + 2 * LANES), a_2)
                         a_3 = vfma(xv, vload(dyf, d0 + 3 * LANES), a_3)
-                        ow += 1
-                        if ow == out_w:
-                            ow = 0
-                            oh += 1
-                            if oh == out_h:
-                                oh = 0
-                                n += 1
+                        n, oh, ow = _next_pixel(n, oh, ow, out_h, out_w)
                     o = pbase + (j0 + q) * ldf + k0
                     vstore(part, o, a_0)
                     vstore(part, o + LANES, a_1)
                     vstore(part, o + 2 * LANES, a_2)
                     vstore(part, o + 3 * LANES, a_3)
+
+
+#: Register tiles of the channel-blocked backward-filter kernel, by f32x16 vectors of filters
+#: per panel (NV): rows = consecutive input channels of one tap (RB), so that the RB x
+#: broadcasts of a pixel share one address (no per-row offset registers).  NV=4 keeps the
+#: forward's 6 x 64 tile (24 accumulators); NV=2 (K <= 32) and NV=1 (K <= 16) hold 16
+#: accumulators (8 x 32, 16 x 16): 2 or 1 dy loads + 8 or 16 broadcasts per 16 FMAs.
+BWF_TILES = {4: MICRO_MR, 2: 8, 1: 16}
+#: Pixels per chunk of the channel-blocked kernel's split-K: 512 pixels of dy are 32-128 KiB
+#: (K = 16..64), L2-resident while every (tap, channel block, panel) item of the chunk sweeps
+#: them; the chunk count (at most BWF_CHUNKS) follows from the geometry alone.
+BWF_CHUNK_PIXELS = 512
+#: Channel padding the channel-blocked kernel accepts: rows computed for padding channels
+#: are wasted, so it runs only when they are at most a quarter of the rows (else the kernels
+#: above: the 6 x 64 offset-row tile or the (kh, kw, channel block) kernel).
+BWF_MAX_PAD_FRACTION = 0.25
+
+
+def _make_bwf_tile_kernel(rb: int, nv: int):
+    """The channel-blocked backward-filter kernel for an rb x (nv*16) register tile (rb, nv
+    are compile-time constants of the closure: the tile loops unroll into registers)."""
+
+    @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+    def kernel(xf, dyf, part, dbpart, toffs, n_img, hp, wpad, c_in, cpad, out_h, out_w, s_h,
+               s_w, ldf, n_chunks):
+        """part[ch, t*cpad + c, k] = sum over the pixels m of chunk ch of
+        x[n, oh*s_h + kh*d_h, ow*s_w + kw*d_w, c] * dy[m, k] (padded x: every tap inside;
+        toffs[t] = the x offset of tap t = (kh, kw) from a pixel's window origin), and
+        dbpart[ch, k] = sum over the same pixels of dy[m, k] (by the tap-0, block-0 items).
+        Item = (chunk, tap, block of rb channels, panel of nv*16 filters)."""
+        n_cb = cpad // rb
+        n_taps = toffs.size
+        nr = nv * LANES
+        n_panels = ldf // nr
+        n_pix = n_img * out_h * out_w
+        step = (n_pix + n_chunks - 1) // n_chunks
+        per_chunk = n_taps * n_cb * n_panels
+        ones = np.ones(LANES, np.float32)
+        for item in prange(n_chunks * per_chunk):
+            ch = item // per_chunk
+            rest = item - ch * per_chunk
+            t = rest // (n_cb * n_panels)
+            cb = (rest // n_panels) % n_cb
+            k0 = (rest % n_panels) * nr
+            off = toffs[t] + cb * rb
+            m0 = ch * step
+            m1 = min(n_pix, m0 + step)
+            acc = stack_micro_tile()                   # acc[q*nv + v]: channel q, filters v*16..
+            zt = stack_micro_tile()                    # the pixel's nv dy vectors
+            for i in range(rb * nv):
+                acc[i] = vzero()
+            n = m0 // (out_h * out_w)
+            r = m0 - n * out_h * out_w
+            oh = r // out_w
+            ow = r - oh * out_w
+            for m in range(m0, m1):
+                xb = ((n * hp + oh * s_h) * wpad + ow * s_w) * c_in + off
+                d0 = m * ldf + k0
+                for v in range(nv):
+                    zt[v] = vload(dyf, d0 + v * LANES)
+                for q in range(rb):
+                    xv = vbroadcast(xf, xb + q)
+                    for v in range(nv):
+                        acc[q * nv + v] = vfma(xv, zt[v], acc[q * nv + v])
+                n, oh, ow = _next_pixel(n, oh, ow, out_h, out_w)
+            o = (ch * n_taps + t) * cpad + cb * rb
+            for q in range(rb):
+                for v in range(nv):
+                    vstore(part, (o + q) * ldf + k0 + v * LANES, acc[q * nv + v])
+            if t == 0 and cb == 0:                     # db: the chunk's dy rows, still in L2
+                one = vload(ones, 0)                   # dy * 1 + sum: an exact add
+                for v in range(nv):
+                    zt[v] = vzero()
+                for m in range(m0, m1):
+                    for v in range(nv):
+                        zt[v] = vfma(vload(dyf, m * ldf + k0 + v * LANES), one, zt[v])
+                for v in range(nv):
+                    vstore(dbpart, ch * ldf + k0 + v * LANES, zt[v])
+
+    return kernel
+
+
+_BWF_TILE_KERNELS = {nv: _make_bwf_tile_kernel(rb, nv) for nv, rb in BWF_TILES.items()}
+
+
+def _bwf_tile_shape(g, always: bool = False):
+    """(nv, rb, cpad, ldf) of the channel-blocked backward-filter kernel for g, or None when
+    its channel padding would exceed BWF_MAX_PAD_FRACTION of the rows, or when the 6 x 64
+    offset-row kernel has no ragged block (K a multiple of 64, KH*KW*C of 6).  ``always``:
+    the shape even then (tests run the kernel on every geometry)."""
+    k = g.filters
+    if not always and k % MICRO_NR == 0 and (g.k_h * g.k_w * g.in_c) % MICRO_MR == 0:
+        return None                  # whole 6 x 64 tiles of the offset-row kernel (MNIST conv2)
+    nv = 4 if k % MICRO_NR == 0 or k > 2 * LANES else (2 if k > LANES else 1)
+    rb = BWF_TILES[nv]
+    cpad = -(-g.in_c // rb) * rb
+    if not always and cpad - g.in_c > BWF_MAX_PAD_FRACTION * cpad:
+        return None
+    ldf = -(-k // (nv * LANES)) * nv * LANES
+    return nv, rb, cpad, ldf
+
+
+def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
+    """(dw with shape g.w_shape, db) on the channel-blocked register tile (split-K over fixed
+    pixel chunks, the partials added in chunk order: deterministic for any thread count).
+    ``shape`` as :func:`_bwf_tile_shape` returns it (computed when None; it must not be None)."""
+    nv, rb, cpad, ldf = shape or _bwf_tile_shape(g)
+    k, c = g.filters, g.in_c
+    xp = pad_input(x, g)
+    hp, wpad = xp.shape[1], xp.shape[2]
+    xf = np.ascontiguousarray(xp, dtype=np.float32).reshape(-1)
+    if cpad > c:                     # the last block reads cpad - c floats past a pixel: slack
+        xs = np.empty(xf.size + cpad - c, np.float32)
+        xs[:xf.size] = xf
+        xs[xf.size:] = 0.0
+        xf = xs
+    dyf = np.ascontiguousarray(dy, dtype=np.float32).reshape(-1, k)
+    if ldf != k:                     # ragged filter panel: dy with zero columns up to ldf
+        dyp = np.zeros((dyf.shape[0], ldf), np.float32)
+        dyp[:, :k] = dyf
+        dyf = dyp
+    n_pix = g.batch * g.out_h * g.out_w
+    n_chunks = max(1, min(BWF_CHUNKS, -(-n_pix // BWF_CHUNK_PIXELS)))
+    kh, kw = np.meshgrid(np.arange(g.k_h), np.arange(g.k_w), indexing="ij")
+    toffs = ((kh * g.dil_h * wpad + kw * g.dil_w) * c).reshape(-1).astype(np.int64)
+    rows = toffs.size * cpad
+    part = np.empty((n_chunks, rows, ldf), np.float32)
+    dbpart = np.empty((n_chunks, ldf), np.float32)
+    _BWF_TILE_KERNELS[nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), toffs,
+                          g.batch, hp, wpad, c, cpad, g.out_h, g.out_w, g.stride_h, g.stride_w,
+                          ldf, n_chunks)
+    db = _sum_rows_in_order(dbpart)[:k].copy()
+    dw = empty_host(g.w_shape)
+    if cpad == c and ldf == k:
+        _sum_chunks(part, dw.reshape(-1, k))
+        return dw, db
+    full = np.empty((rows, ldf), np.float32)
+    _sum_chunks(part, full)
+    dw[...] = full.reshape(g.k_h, g.k_w, cpad, ldf)[:, :, :c, :k]
+    return dw, db
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def _sum_rows_in_order(a):
+    """a[0] + a[1] + ... (rows added in order)."""
+    out = a[0].copy()
+    for i in range(1, a.shape[0]):
+        out += a[i]
+    return out
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -578,6 +744,9 @@ def backward_filter(x: np.ndarray, dy: np.ndarray, g):
     if g.groups != 1:
         from . import conv2d_grouped_cpu
         return conv2d_grouped_cpu.backward_filter(x, dy, g)
+    tile = _bwf_tile_shape(g)
+    if tile is not None:
+        return backward_filter_tiled(x, dy, g, tile)
     db = bias_grad(dy.reshape(-1, g.filters))
     k = g.filters
     if k % MICRO_NR:

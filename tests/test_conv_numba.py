@@ -210,8 +210,9 @@ def test_cpu_backward_filter_register_tile(x_shape, w_shape, strides, padding, d
     assert np.array_equal(dw, again[0]) and np.array_equal(db, again[1])
 
 
-def test_cpu_backward_stride1_large_padding_uses_gather():
-    # pads larger than the dilated kernel: the "full correlation" route does not apply
+def test_cpu_backward_stride1_large_padding_uses_subpixel():
+    # pads larger than the dilated kernel: the "full correlation" route does not apply (its
+    # pads would be negative); the sub-pixel path's one phase crops dz instead
     g = conv_geometry((2, 4, 5, 3), (2, 2, 3, 4), 1, ((3, 0), (0, 4)), 1)
     x, w, _, dy = arrays(g, 7)
     dw, db = ccpu.backward_filter(x, dy, g)

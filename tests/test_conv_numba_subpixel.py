@@ -1,0 +1,167 @@
+"""The Numba CPU backward passes for strided and few-filter layers: the sub-pixel
+backward-data (dlconv.kernels.conv2d_subpixel_cpu, both of its paths) and the channel-blocked
+backward-filter tile (conv2d_cpu.backward_filter_tiled), against the float64 NumPy reference
+and TensorFlow's gradients of tf.nn.conv2d, on generated geometries: stride 1-3 in each axis
+separately, asymmetric explicit padding, dilation, ragged sizes, C and F of 1, 3, 16, 17 (and
+40 / 64 for the wide paths), relu fused through dlconv.ops.  TensorFlow's CPU gradients refuse
+dilation > 1: those cases are checked against the reference only (tf_grads_ok)."""
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlconv import ops
+from dlconv import reference as ref
+from dlconv.kernels import conv2d_cpu as ccpu
+from dlconv.kernels import conv2d_subpixel_cpu as sub
+from dlconv.shapes import conv_geometry, transposed_phases
+from test_conv_numba import _tf_conv, arrays, tf, tf_grads, tf_grads_ok, tol
+
+#: Channel / filter counts: 1 and 3 (the narrow path, a ragged 16-lane panel), 16 (one whole
+#: vector), 17 (one past it), 40 (dx through the 64-filter forward tile) and 64 (whole panels).
+CHANNELS = (1, 3, 16, 17, 40)
+FILTERS = (1, 3, 16, 17, 64)
+
+
+@st.composite
+def geometries(draw, max_hw=11):
+    """A valid convolution with independently drawn strides, dilations and four pads."""
+    batch = draw(st.sampled_from([1, 2]))
+    h, w = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    c, k = draw(st.sampled_from(CHANNELS)), draw(st.sampled_from(FILTERS))
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    strides = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    dil = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    kind = draw(st.sampled_from(["explicit", "explicit", "same", "valid"]))
+    pad = (((draw(st.integers(0, 3)), draw(st.integers(0, 3))),
+            (draw(st.integers(0, 3)), draw(st.integers(0, 3)))) if kind == "explicit" else kind)
+    while True:   # shrink the kernel into the padded input instead of rejecting the example
+        try:
+            return conv_geometry((batch, h, w, c), (kh, kw, c, k), strides, pad, dil)
+        except ValueError:
+            if kh > 1:
+                kh -= 1
+            elif kw > 1:
+                kw -= 1
+            else:
+                dil = (1, 1)
+
+
+def _check_dx(dx, dy, w, g, x):
+    assert dx.shape == g.x_shape and dx.dtype == np.float32
+    t = tol(g.k_h * g.k_w * g.filters)
+    np.testing.assert_allclose(dx, ref.conv2d_backward_data(dy, w, g), **t)
+    if tf_grads_ok(g):
+        np.testing.assert_allclose(dx, tf_grads(x, w, g, dy)[0], **t)
+
+
+@settings(max_examples=60)
+@given(g=geometries(), seed=st.integers(0, 2**16))
+def test_subpixel_backward_data_matches_reference_and_tf(g, seed):
+    x, w, _, dy = arrays(g, seed)
+    _check_dx(sub.backward_data(dy, w, g), dy, w, g, x)       # the sub-pixel kernel, any stride
+    _check_dx(ccpu.backward_data(dy, w, g), dy, w, g, x)      # and the route (gemm or sub-pixel)
+
+
+@settings(max_examples=60)
+@given(g=geometries(), seed=st.integers(0, 2**16))
+def test_backward_filter_tile_and_route_match_reference_and_tf(g, seed):
+    x, w, _, dy = arrays(g, seed)
+    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
+    t = tol(g.gemm_m)
+    tiled = ccpu.backward_filter_tiled(x, dy, g, ccpu._bwf_tile_shape(g, always=True))
+    dw, db = ccpu.backward_filter(x, dy, g)
+    for got_w, got_b in (tiled, (dw, db)):
+        assert got_w.shape == g.w_shape and got_w.dtype == np.float32
+        assert got_b.shape == (g.filters,) and got_b.dtype == np.float32
+        np.testing.assert_allclose(got_w, rdw, **t)
+        np.testing.assert_allclose(got_b, rdb, **t)
+    if tf_grads_ok(g):
+        _, tdw, tdb = tf_grads(x, w, g, dy)
+        np.testing.assert_allclose(dw, tdw, **t)
+        np.testing.assert_allclose(db, tdb, **t)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
+    ((2, 33, 37, 1), (7, 7, 1, 16), 2, "same"),            # stem: 17x19 phases, 2 lane vectors
+    ((1, 40, 21, 3), (5, 4, 3, 17), (2, 3), ((3, 1), (0, 2))),   # 3 channels, ragged F
+    ((2, 17, 19, 16), (3, 3, 16, 32), 2, "same"),          # block entry: the 16-channel tile
+    ((1, 15, 18, 17), (3, 3, 17, 64), (3, 2), ((2, 0), (1, 3))),  # 17 channels: 32-wide panel
+    ((2, 16, 16, 40), (1, 1, 40, 33), 2, "valid"),         # 1x1 stride 2: 3 phases all zero
+])
+def test_strided_backward_layers_match_tf(x_shape, w_shape, strides, padding):
+    """Shapes beyond the generated ones: narrow tiles of several row blocks and lane vectors,
+    the forward kernels' full 8-pixel blocks, zero-filled phases; both backward passes."""
+    g = conv_geometry(x_shape, w_shape, strides, padding)
+    x, w, _, dy = arrays(g, 3)
+    _check_dx(ccpu.backward_data(dy, w, g), dy, w, g, x)
+    dw, db = ccpu.backward_filter(x, dy, g)
+    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
+    np.testing.assert_allclose(dw, rdw, **tol(g.gemm_m))
+    if tf is not None:
+        _, tdw, tdb = tf_grads(x, w, g, dy)
+        np.testing.assert_allclose(dw, tdw, **tol(g.gemm_m))
+        np.testing.assert_allclose(db, tdb, **tol(g.gemm_m))
+
+
+def test_zero_phases_and_no_pixel_phases():
+    # 1x1 stride 3 on 2 rows: phases (0, *) hold the only taps, phase rows 1.. have no tap
+    # (zero-filled), and with in_h = 2 < stride the third phase row has no dx pixel at all
+    g = conv_geometry((2, 2, 7, 3), (1, 1, 3, 5), 3, "valid")
+    kinds = {(t.phase_h, t.phase_w): (t.empty, t.out_h) for t in transposed_phases(g)}
+    assert kinds[(0, 0)] == (False, 1) and kinds[(1, 1)] == (True, 1) and kinds[(2, 0)][1] == 0
+    x, w, _, dy = arrays(g, 1)
+    dx = ccpu.backward_data(dy, w, g)
+    _check_dx(dx, dy, w, g, x)
+    assert not dx[:, 1].any() and not dx[:, :, 1::3].any()
+
+
+@pytest.mark.parametrize("c", [1, 16, 40])
+def test_relu_fused_backward_through_ops_matches_tf(c):
+    """activation='relu' with y: ops applies relu'(y) before the Numba kernels (this backend
+    does not fuse it); stride 2 so both passes take the new kernels."""
+    g = conv_geometry((2, 13, 11, c), (3, 3, c, 16), 2, "same")
+    x, w, b, dy = arrays(g, c)
+    y = ref.conv2d_forward(x, w, b, g, "relu").astype(np.float32)
+    dz = dy * (y > 0)
+    args = (g.stride_h, "same", 1)
+    dx = ops.conv2d_backward_data(dy, w, g.x_shape, *args, backend="numba", y=y, activation="relu")
+    dw, db = ops.conv2d_backward_filter(x, dy, g.w_shape, *args, backend="numba", y=y,
+                                        activation="relu")
+    np.testing.assert_allclose(dx, ref.conv2d_backward_data(dz, w, g), **tol(9 * 16))
+    rdw, rdb = ref.conv2d_backward_filter(x, dz, g)
+    np.testing.assert_allclose(dw, rdw, **tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, **tol(g.gemm_m))
+    if tf is not None:
+        xt, wt, bt = tf.constant(x), tf.constant(w), tf.constant(b)
+        with tf.GradientTape() as tape:
+            tape.watch([xt, wt, bt])
+            out = tf.nn.relu(_tf_conv(xt, wt, g) + bt)
+        tdx, tdw, tdb = tape.gradient(out, [xt, wt, bt], output_gradients=tf.constant(dy))
+        np.testing.assert_allclose(dx, tdx.numpy(), **tol(9 * 16))
+        np.testing.assert_allclose(dw, tdw.numpy(), **tol(g.gemm_m))
+        np.testing.assert_allclose(db, tdb.numpy(), **tol(g.gemm_m))
+
+
+@pytest.mark.parametrize("c", [3, 16])
+def test_new_backward_kernels_do_not_depend_on_thread_count(c):
+    g = conv_geometry((3, 19, 17, c), (3, 3, c, 32), 2, ((1, 0), (2, 1)))
+    x, w, _, dy = arrays(g, 9)
+    threads = numba.get_num_threads()
+    runs = []
+    for n in sorted({1, threads}):
+        numba.set_num_threads(n)
+        try:
+            runs.append((ccpu.backward_data(dy, w, g), *ccpu.backward_filter(x, dy, g)))
+        finally:
+            numba.set_num_threads(threads)
+    for a, b in zip(runs[0], runs[-1]):
+        assert np.array_equal(a, b)
+
+
+def test_subpixel_rejects_groups():
+    g = conv_geometry((1, 6, 6, 4), (3, 3, 2, 4), 2, "same", groups=2)
+    with pytest.raises(ValueError, match="groups=2"):
+        sub.backward_data(np.zeros(g.y_shape, np.float32), np.zeros(g.w_shape, np.float32), g)
