@@ -61,9 +61,9 @@ inline constexpr ConvVariantInfo CPU_CONV_VARIANTS[] = {
      "dx as one cpu_v2_regblock forward of dz per stride phase (stride 1: one, flipped filter)",
      "cpu_conv_subpixel.h", ""},
     {"cpu_v3_winograd", 3, 3, "winograd", "forward,backward-data,backward-filter",
-     "3x3, stride 1, dilation 1, C >= 8, F >= 16, AVX-512 builds (backward-data: its stride-1 dz forward)",
+     "3x3 or 5x5 (square), stride 1, dilation 1, C >= 8, F >= 16, AVX-512 builds (backward-data: its stride-1 dz forward)",
      "every pass whose geometry it applies to",
-     "Winograd F(2x2, 3x3): 16 transformed positions, one batched GEMM per position",
+     "Winograd F(2x2, 3x3) and F(2x2, 5x5): 16 or 36 transformed positions, one batched GEMM per position",
      "cpu_conv_winograd.h", ""},
 };
 

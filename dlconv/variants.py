@@ -84,14 +84,16 @@ def from_cpp(rows: Iterable[dict]) -> Tuple[Variant, ...]:
 NUMBA_CPU: Tuple[Variant, ...] = (
     Variant("cpu_v1_direct", 1, "direct", PASSES,
             "any geometry",
-            "backward-data with stride > 1 or pads beyond the dilated kernel (the gather form); "
-            "backward-filter when the filter count is not a multiple of MICRO_NR",
+            "backward-filter when the filter count is not a multiple of MICRO_NR and the "
+            "channel-blocked tile does not apply (the gather form of backward-data is kept as "
+            "conv2d_cpu.backward_data_gather for tests)",
             "one prange iteration per output row (dx row, dw channel block), one pixel at a time, "
             "a vector of filters as accumulator; taps outside the input skipped by one guard",
             "conv2d_cpu", aliases=("cpu_direct",)),
     Variant("cpu_v2_regblock", 2, "regblock", PASSES,
-            "any geometry (backward-data: stride 1, pads <= the dilated kernel; backward-filter: "
-            "filters a multiple of MICRO_NR)",
+            "any geometry (backward-data: stride 1, pads <= the dilated kernel, more than "
+            "NARROW_MAX_C dx channels; backward-filter: filters a multiple of MICRO_NR, or the "
+            "channel-blocked split-K tile of backward_filter_tiled)",
             "forward with more than SMALL_TILE_MAX_FILTERS filters; the backward passes it applies to",
             "implicit GEMM on NHWC/HWIO in place, 6 pixels x 64 filters (12 x 32 for <= 32 filters) "
             "in 24 f32x16 register accumulators",
@@ -101,6 +103,14 @@ NUMBA_CPU: Tuple[Variant, ...] = (
             "forward with at most SMALL_TILE_MAX_FILTERS filters",
             "implicit GEMM on an 8-pixel x 16/32-filter register tile (few filters, narrow outputs)",
             "conv2d_cpu_small", aliases=("cpu_v3_gemm_small",)),
+    Variant("cpu_v2_subpixel", 2, "subpixel", ("backward-data",),
+            "any ungrouped geometry",
+            "backward-data with stride > 1, a crop (pads beyond the dilated kernel), or at most "
+            "NARROW_MAX_C dx channels",
+            "dx as stride-1 forwards of dz, one per stride phase (dlconv.shapes.transposed_phases), "
+            "on the forward's inner kernels, then one scatter; a pixel-vectorised narrow kernel "
+            "for <= NARROW_MAX_C channels",
+            "conv2d_subpixel_cpu"),
 )
 
 #: Numba CUDA (kernels/conv2d_cuda.py forward, kernels/conv2d_backward_cuda.py backward).
