@@ -110,3 +110,25 @@ def test_bridge_cost_is_the_step_ratio_in_probe_units():
     no_probe = bench_keras.bridge_cost({"median_s": 0.2}, tf_row)
     assert no_probe["vs_tensorflow"] == pytest.approx(2.5) and "no kernel probe" in no_probe["bridge_cost_method"]
     assert bench_keras.bridge_cost(torch_row, None) == {}
+
+
+def test_step_scripts_print_the_packages_measurement():
+    """benchmarks/torch_step.py and jax_step.py are thin callers of dlconv.bench.keras_backends
+    (script_main); what they print comes from format_here."""
+    from dlconv.bench import keras_backends as bench_keras
+
+    for script in ("torch_step.py", "jax_step.py"):
+        text = (HERE.parent / "benchmarks" / script).read_text()
+        assert "script_main" in text and "round_robin" not in text and "perf_counter" not in text
+    res = {"keras_backend": "torch",
+           "train_rows": [{"impl": "stock keras on torch", "median_s": 0.1, "time_ratio": 1.0},
+                          {"impl": "dlconv(cpp) on torch", "median_s": 0.05, "time_ratio": 0.5,
+                           "probe_s": 0.02, "kernel_share": 0.4}],
+           "overhead_rows": [{"status": "ok", "backend": "cpp", "dlconv_s": 2e-5, "stock_s": 1e-5,
+                              "ratio": 2.0, "ops_s": 1.5e-5, "empty_op_s": 8e-6}]}
+    lines = bench_keras.format_here(res)
+    assert any("dlconv(cpp) on torch" in ln and "50.0 ms" in ln and "0.50x stock" in ln
+               and "40% of the step" in ln for ln in lines), lines
+    assert any("dlconv(cpp) 20.0 us" in ln and "(2.00x)" in ln and "empty custom op 8.0 us" in ln
+               for ln in lines), lines
+    assert "cores" in bench_keras.machine_line()

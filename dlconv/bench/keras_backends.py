@@ -179,12 +179,38 @@ def measure_train_step(backends: Sequence[str], batch: int, rounds: int, warmup:
     return out
 
 
+def _empty_torch_op():
+    """A ``torch.library.custom_op`` doing nothing but return a new tensor (registered once,
+    in its own namespace): what the dispatcher costs any custom op, the floor of a
+    dispatched call (dlconv's eager calls skip the dispatcher: see dlconv.bridges.torch)."""
+    import torch
+    op = getattr(getattr(torch.ops, "dlconv_bench", None), "empty", None)
+    if op is not None and hasattr(op, "default"):
+        return op
+
+    @torch.library.custom_op("dlconv_bench::empty", mutates_args=(), schema="(Tensor x) -> Tensor")
+    def empty(x):
+        return x.new_empty(x.shape)
+
+    @empty.register_fake
+    def _(x):
+        return x.new_empty(x.shape)
+
+    return empty
+
+
 def measure_overhead(backend: str = "cpp") -> dict:
     """Per-call seconds of a 1×1 conv forward on a 1×1×1×1 tensor: dlconv's bridge vs
-    ``keras.ops.conv`` on this process' Keras backend (both jitted on JAX)."""
+    ``keras.ops.conv`` on this process' Keras backend (both jitted on JAX), timed in one
+    round-robin with what bounds the bridge from below: the same kernel through
+    :mod:`dlconv.ops` on NumPy arrays (``ops_s``: no framework), and on torch an empty
+    ``torch.library.custom_op`` (``empty_op_s``: the dispatcher alone) and the bridge with a
+    kernel that requires grad (``dlconv_grad_s``: the autograd.Function the layers' calls
+    pay for); on JAX a jitted ``x + k`` (``empty_op_s``: one jitted dispatch)."""
     import keras
 
-    from .. import bridges
+    from .. import bridges, ops
+    from ..runtime import conv_geometry_cached, resolve_backend
 
     kb = keras.config.backend()
     bridge = bridges.load(kb)
@@ -199,13 +225,26 @@ def measure_overhead(backend: str = "cpp") -> dict:
         return keras.ops.conv(x, k, strides=1, padding="valid")
 
     fns = {"dlconv": ours, "stock": stock}
+    extra = {}
     if kb == "jax":
         import jax
         fns = {n: jax.jit(f) for n, f in fns.items()}
+        extra["empty_op"] = jax.jit(lambda x, k: x + k)
+    elif kb == "torch":
+        import torch
+        empty = _empty_torch_op()
+        k_grad = k.clone().requires_grad_()
+        extra["empty_op"] = lambda x, k: empty(x)
+        extra["dlconv_grad"] = lambda x, k: ours(x, k_grad)
     for f in fns.values():
         got = np.asarray(keras.ops.convert_to_numpy(_sync(f(x, k))))
         if got.shape != (1, 1, 1, 1) or float(got.ravel()[0]) != 2.0:
             raise AssertionError(f"1x1 conv gave {got!r}, expected [[[[2.]]]]")
+    xn, kn = np.ones((1, 1, 1, 1), np.float32), np.full((1, 1, 1, 1), 2.0, np.float32)
+    g = conv_geometry_cached(xn.shape, kn.shape, (1, 1), "valid", (1, 1), 1)
+    be = resolve_backend(backend, False)
+    extra["ops"] = lambda x, k: ops.conv2d(xn, kn, None, activation="linear", backend=be, geometry=g)
+    fns.update(extra)
 
     def block(f):
         def run():
@@ -215,8 +254,111 @@ def measure_overhead(backend: str = "cpp") -> dict:
 
     timed = _round_robin({n: block(f) for n, f in fns.items()}, OVERHEAD_SAMPLES)
     per_call = {n: t / OVERHEAD_CALLS for n, t in timed.items()}
-    return {"keras_backend": kb, "backend": backend, "dlconv_s": per_call["dlconv"],
-            "stock_s": per_call["stock"], "ratio": per_call["dlconv"] / per_call["stock"]}
+    out = {"keras_backend": kb, "backend": backend, "dlconv_s": per_call["dlconv"],
+           "stock_s": per_call["stock"], "ratio": per_call["dlconv"] / per_call["stock"]}
+    out.update({f"{n}_s": per_call[n] for n in extra})
+    return out
+
+
+def measure_here(backends: Sequence[str] = ("cpp",), batch: int = 128, rounds: int = 21,
+                 warmup: int = 2, train_step: bool = True,
+                 overhead_backends: Optional[Sequence[str]] = None) -> dict:
+    """Everything a child measures, on this process' Keras backend: {"keras_backend",
+    "train_rows" (:func:`measure_train_step`), "overhead" (:func:`measure_overhead` of the
+    first backend), "overhead_rows" (one per ``overhead_backends``, default the first
+    backend)}.  ``benchmarks/torch_step.py`` and ``benchmarks/jax_step.py`` print this."""
+    import keras
+
+    result = {"keras_backend": keras.config.backend(), "train_rows": [], "overhead": None,
+              "overhead_rows": []}
+    backends = [b for b in backends if b]
+    if train_step:
+        result["train_rows"] = measure_train_step(backends, batch, rounds, warmup)
+    for b in overhead_backends or (backends[:1] or ["cpp"]):
+        try:
+            result["overhead_rows"].append(dict(measure_overhead(b), status="ok"))
+        except Exception as exc:  # reported, not fatal: the train rows still count
+            result["overhead_rows"].append({"keras_backend": result["keras_backend"], "backend": b,
+                                            "status": "error", "why": f"{type(exc).__name__}: {exc}"[:300]})
+    first = result["overhead_rows"][0]
+    if first["status"] == "ok":
+        result["overhead"] = {k: v for k, v in first.items() if k != "status"}
+    else:
+        result["overhead_error"] = first["why"]
+    return result
+
+
+def machine_line() -> str:
+    """"<CPU model>, <n> cores; 1-minute load average <x>" (no Keras or framework import)."""
+    import platform
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        load = f"; 1-minute load average {os.getloadavg()[0]:.1f}"
+    except (OSError, AttributeError):
+        load = ""
+    return f"{model}, {cores} cores{load}"
+
+
+def script_main(keras_backend: str, argv=None, overhead_backends: str = "cpp") -> int:
+    """``benchmarks/torch_step.py`` / ``benchmarks/jax_step.py``: :func:`measure_here` on this
+    process' Keras (which must be ``keras_backend``), printed, optionally written as JSON."""
+    ap = argparse.ArgumentParser(description=f"MNIST CNN train step and per-call overhead on "
+                                             f"Keras' {keras_backend} backend (dlconv bench's protocol)")
+    ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--backends", default="cpp", help="dlconv backends for the train step")
+    ap.add_argument("--overhead-backends", default=overhead_backends,
+                    help="dlconv backends whose per-call overhead is measured")
+    ap.add_argument("--json", default=None, help="write the result here")
+    args = ap.parse_args(argv)
+    import keras
+    if keras.config.backend() != keras_backend:
+        raise SystemExit(f"this measures Keras' {keras_backend} backend; Keras runs on "
+                         f"{keras.config.backend()!r} (set KERAS_BACKEND before it is imported)")
+    res = measure_here(args.backends.split(","), args.batch, args.rounds, args.warmup,
+                       overhead_backends=[b for b in args.overhead_backends.split(",") if b])
+    res["machine"] = machine_line()
+    print(f"machine: {res['machine']}")
+    print("\n".join(format_here(res)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=float)
+    return 0
+
+
+def format_here(result: dict) -> List[str]:
+    """Human-readable lines of a :func:`measure_here` result."""
+    kb = result["keras_backend"]
+    lines = [f"MNIST CNN train step on Keras {kb} (round-robin medians; kernel probe = dlconv's "
+             f"kernel calls of one step through dlconv.ops, no framework)"]
+    for r in result["train_rows"]:
+        if r.get("median_s") is None:
+            lines.append(f"  {r['impl']:34s} {r['status']}: {r.get('why')}")
+            continue
+        extra = (f"; probe {r['probe_s'] * 1e3:.1f} ms = {r['kernel_share']:.0%} of the step"
+                 if r.get("probe_s") else "")
+        lines.append(f"  {r['impl']:34s} {r['median_s'] * 1e3:8.1f} ms  {r['time_ratio']:.2f}x stock{extra}")
+    lines.append("per-call overhead: forward of a 1x1 conv on a 1x1x1x1 tensor")
+    for r in result["overhead_rows"]:
+        if r["status"] != "ok":
+            lines.append(f"  dlconv({r['backend']}): {r['status']}: {r.get('why')}")
+            continue
+        parts = [f"dlconv({r['backend']}) {r['dlconv_s'] * 1e6:.1f} us",
+                 f"stock {r['stock_s'] * 1e6:.1f} us ({r['ratio']:.2f}x)"]
+        for key, what in (("dlconv_grad_s", "dlconv, kernel requiring grad"),
+                          ("ops_s", "dlconv.ops on NumPy (no framework)"),
+                          ("empty_op_s", "empty custom op" if kb == "torch" else "jitted x + k")):
+            if r.get(key) is not None:
+                parts.append(f"{what} {r[key] * 1e6:.1f} us")
+        lines.append("  " + "; ".join(parts))
+    return lines
 
 
 def child_main(argv=None) -> int:
@@ -232,14 +374,8 @@ def child_main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     if "keras" in sys.modules:
         raise SystemExit("dlconv.bench.keras_backends must run in a fresh process (keras is imported)")
-    result = {"keras_backend": args.keras_backend, "train_rows": [], "overhead": None}
-    backends = [b for b in args.backends.split(",") if b]
-    if not args.no_train_step:
-        result["train_rows"] = measure_train_step(backends, args.batch, args.rounds, args.warmup)
-    try:
-        result["overhead"] = measure_overhead(backends[0] if backends else "cpp")
-    except Exception as exc:  # reported, not fatal: the train rows still count
-        result["overhead_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    result = measure_here(args.backends.split(","), args.batch, args.rounds, args.warmup,
+                          not args.no_train_step)
     print("DLCONV-BENCH-KERAS " + json.dumps(result))
     return 0
 
