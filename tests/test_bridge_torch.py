@@ -156,6 +156,45 @@ def test_first_layer_skips_backward_data(monkeypatch):
     assert calls == [1]
 
 
+def test_activation_derivative_is_fused_into_the_backward_kernels(monkeypatch):
+    """cpp on the CPU applies relu'/tanh' inside the conv backward kernels (as on TensorFlow):
+    no activation-backward op, no dL/dz tensor; a strided dL/dy (a stock pooling gradient's
+    NCHW view) is made contiguous once for both backward passes."""
+    calls = {"act": 0, "contiguous_dy": []}
+    real_act = dlconv.ops.activation_backward
+    real_bd, real_bf = dlconv.ops.conv2d_backward_data, dlconv.ops.conv2d_backward_filter
+    monkeypatch.setattr(dlconv.ops, "activation_backward",
+                        lambda *a, **k: calls.__setitem__("act", calls["act"] + 1) or real_act(*a, **k))
+
+    def spy_bd(dy, *a, **k):
+        calls["contiguous_dy"].append(dy.ctypes.data)
+        return real_bd(dy, *a, **k)
+
+    def spy_bf(x, dy, *a, **k):
+        calls["contiguous_dy"].append(dy.ctypes.data)
+        return real_bf(x, dy, *a, **k)
+
+    monkeypatch.setattr(dlconv.ops, "conv2d_backward_data", spy_bd)
+    monkeypatch.setattr(dlconv.ops, "conv2d_backward_filter", spy_bf)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 6, 6, 3, generator=gen, requires_grad=True)
+    w = torch.randn(3, 3, 3, 4, generator=gen, requires_grad=True)
+    for act in ("relu", "tanh"):
+        calls["contiguous_dy"].clear()
+        y = dt.conv2d(x, w, activation=act, backend="cpp")
+        # an NCHW tensor seen as NHWC: strided like a stock pooling gradient on torch
+        r = torch.randn(2, 4, 4, 4, generator=gen).permute(0, 2, 3, 1)
+        assert not r.is_contiguous()
+        gx, gw = torch.autograd.grad(y, (x, w), r)
+        assert calls["act"] == 0
+        assert len(calls["contiguous_dy"]) == 2 and len(set(calls["contiguous_dy"])) == 1
+        xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        g = conv_geometry(tuple(x.shape), tuple(w.shape), 1, "valid", 1)
+        ex, ew = torch.autograd.grad(torch_conv(xr, wr, None, g, act), (xr, wr), r.double())
+        assert_close(gx, ex, 1e-4, f"dx ({act})")
+        assert_close(gw, ew, 1e-4, f"dw ({act})")
+
+
 def test_empty_batch():
     x = torch.zeros(0, 5, 5, 2, requires_grad=True)
     w = torch.randn(3, 3, 2, 4, requires_grad=True)
