@@ -404,6 +404,16 @@ def _installed(keras_backend: str) -> Optional[str]:
     return None if ok else why
 
 
+#: The bench's note on how ``vs_tensorflow`` is measured (see the module docstring).
+BRIDGE_COST_NOTE = ("bridge cost (\"× dlconv's own step on TensorFlow\"): every Keras backend, "
+                    "TensorFlow included, times dlconv's step in its own child process with the "
+                    "same protocol, each with a framework-free kernel probe (the step's dlconv "
+                    "kernel calls through dlconv.ops) in the same round-robin; the ratio is taken "
+                    "in probe units, so load that differed between the children's windows cancels "
+                    "(the plain ratio is vs_tensorflow_raw in the JSON); \"dlconv kernels … of the "
+                    "step\" is that probe's median")
+
+
 def bridge_cost(row: dict, tf_row: Optional[dict]) -> dict:
     """``vs_tensorflow`` (probe-normalised) and ``vs_tensorflow_raw`` of a dlconv step row
     against dlconv's TensorFlow step row of the same backend, both from children (see the
