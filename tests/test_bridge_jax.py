@@ -273,3 +273,45 @@ def test_cpp_without_ffi_handlers_falls_back_to_pure_callback(monkeypatch):
     finally:
         bridge._conv_op.cache_clear()
         bridge._dense_op.cache_clear()
+
+
+def test_compiled_step_drops_unneeded_grads_and_fuses_the_activation():
+    """In the compiled (XLA-optimised) gradient of conv(relu) → conv(relu) → loss with respect
+    to the weights only: no backward-data call for the first convolution (its input needs no
+    gradient: XLA removes the unused custom call, the JAX analogue of torch's
+    needs_input_grad), one for the second; both backward-filter calls take y (relu' fused into
+    the kernels: no activation-backward call), and no transpose or copy of an activation
+    tensor around the custom calls."""
+    if bridge.path_for("cpp") != "ffi":
+        pytest.skip("dlconv._C was built without the XLA FFI handlers: " + bridge.ffi_status("cpu")[1])
+    import re
+    rng = np.random.default_rng(5)
+    x = _f32(rng, (4, 9, 9, 2))
+    w1, w2 = _f32(rng, (3, 3, 2, 3)), _f32(rng, (3, 3, 3, 4))
+
+    def loss(w1, w2):
+        h = bridge.conv2d(x, w1, None, strides=(1, 1), padding="valid", dilation=(1, 1),
+                          activation="relu", backend="cpp")
+        y = bridge.conv2d(h, w2, None, strides=(1, 1), padding="same", dilation=(1, 1),
+                          activation="relu", backend="cpp")
+        return jnp.sum(y * y)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(w1, w2).compile().as_text()
+    targets = re.findall(r'custom_call_target="([^"]+)"', text)
+    assert sorted(targets) == sorted(["dlconv_conv2d_forward"] * 2 + ["dlconv_conv2d_backward_data"]
+                                     + ["dlconv_conv2d_backward_filter"] * 2), targets
+    for line in text.splitlines():
+        if re.search(r"= f32\[4,\d+,\d+,\d+\]\{[0-9,]+\} (transpose|copy)\(", line):
+            raise AssertionError(f"an activation is transposed or copied: {line.strip()[:200]}")
+    g1, g2 = jax.grad(loss, argnums=(0, 1))(w1, w2)
+
+    def lax_loss(w1, w2):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, w1, (1, 1), "VALID",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        y = jax.nn.relu(jax.lax.conv_general_dilated(h, w2, (1, 1), "SAME",
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return jnp.sum(y * y)
+
+    e1, e2 = jax.grad(lax_loss, argnums=(0, 1))(w1, w2)
+    np.testing.assert_allclose(g1, e1, rtol=GRAD_RTOL, atol=GRAD_ATOL * float(jnp.abs(e1).max()))
+    np.testing.assert_allclose(g2, e2, rtol=GRAD_RTOL, atol=GRAD_ATOL * float(jnp.abs(e2).max()))

@@ -156,6 +156,45 @@ def test_first_layer_skips_backward_data(monkeypatch):
     assert calls == [1]
 
 
+def test_activation_derivative_is_fused_into_the_backward_kernels(monkeypatch):
+    """cpp on the CPU applies relu'/tanh' inside the conv backward kernels (as on TensorFlow):
+    no activation-backward op, no dL/dz tensor; a strided dL/dy (a stock pooling gradient's
+    NCHW view) is made contiguous once for both backward passes."""
+    calls = {"act": 0, "contiguous_dy": []}
+    real_act = dlconv.ops.activation_backward
+    real_bd, real_bf = dlconv.ops.conv2d_backward_data, dlconv.ops.conv2d_backward_filter
+    monkeypatch.setattr(dlconv.ops, "activation_backward",
+                        lambda *a, **k: calls.__setitem__("act", calls["act"] + 1) or real_act(*a, **k))
+
+    def spy_bd(dy, *a, **k):
+        calls["contiguous_dy"].append(dy.ctypes.data)
+        return real_bd(dy, *a, **k)
+
+    def spy_bf(x, dy, *a, **k):
+        calls["contiguous_dy"].append(dy.ctypes.data)
+        return real_bf(x, dy, *a, **k)
+
+    monkeypatch.setattr(dlconv.ops, "conv2d_backward_data", spy_bd)
+    monkeypatch.setattr(dlconv.ops, "conv2d_backward_filter", spy_bf)
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 6, 6, 3, generator=gen, requires_grad=True)
+    w = torch.randn(3, 3, 3, 4, generator=gen, requires_grad=True)
+    for act in ("relu", "tanh"):
+        calls["contiguous_dy"].clear()
+        y = dt.conv2d(x, w, activation=act, backend="cpp")
+        # an NCHW tensor seen as NHWC: strided like a stock pooling gradient on torch
+        r = torch.randn(2, 4, 4, 4, generator=gen).permute(0, 2, 3, 1)
+        assert not r.is_contiguous()
+        gx, gw = torch.autograd.grad(y, (x, w), r)
+        assert calls["act"] == 0
+        assert len(calls["contiguous_dy"]) == 2 and len(set(calls["contiguous_dy"])) == 1
+        xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        g = conv_geometry(tuple(x.shape), tuple(w.shape), 1, "valid", 1)
+        ex, ew = torch.autograd.grad(torch_conv(xr, wr, None, g, act), (xr, wr), r.double())
+        assert_close(gx, ex, 1e-4, f"dx ({act})")
+        assert_close(gw, ew, 1e-4, f"dw ({act})")
+
+
 def test_empty_batch():
     x = torch.zeros(0, 5, 5, 2, requires_grad=True)
     w = torch.randn(3, 3, 2, 4, requires_grad=True)
@@ -259,6 +298,93 @@ def test_eager_fast_path_equals_the_dispatched_op():
     with torch.no_grad():
         assert torch.equal(dt.conv2d(x, w, b, strides=(2, 1), padding="same", dilation=(1, 2),
                                      activation="sigmoid"), fast.detach())
+
+
+@pytest.mark.parametrize("needs", ["x", "w", "b", "xwb", ""])
+def test_checked_eager_path_equals_the_op_for_each_needed_gradient(needs, monkeypatch):
+    """An eager bridge call checks its tensors once (not again inside the op), resolves its
+    geometry once per distinct call, and gives the registered op's values; each subset of
+    inputs needing a gradient gets exactly those gradients, equal to the op's, and no
+    backward-data call when x needs none."""
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(2, 7, 6, 3, generator=gen)
+    w0 = torch.randn(3, 2, 3, 4, generator=gen)
+    b0 = torch.randn(4, generator=gen)
+    leaves = [t.clone().requires_grad_(n in needs) for n, t in zip("xwb", (x0, w0, b0))]
+    places, data_calls = [], []
+    real_place, real_bd = tb._place, dlconv.ops.conv2d_backward_data
+    monkeypatch.setattr(tb, "_place", lambda named: places.append(1) or real_place(named))
+    monkeypatch.setattr(dlconv.ops, "conv2d_backward_data",
+                        lambda *a, **k: data_calls.append(1) or real_bd(*a, **k))
+    kw = dict(strides=(2, 1), padding="same", dilation=(1, 2), activation="relu", backend="cpp")
+    y = tb.conv2d(*leaves, **kw)
+    assert len(places) == 1          # the bridge function's check only
+    geo = tb.conv_pads(x0.shape, w0.shape, (2, 1), "same", (1, 2))
+    y_op = torch.ops.dlconv.conv2d(*leaves, *geo, "relu", "cpp")
+    assert torch.equal(y, y_op)
+    wanted = [t for t in leaves if t.requires_grad]
+    if not wanted:
+        assert y.grad_fn is None
+        return
+    r = torch.randn(y.shape, generator=gen)
+    data_calls.clear()
+    ours = torch.autograd.grad((y * r).sum(), wanted)
+    assert len(data_calls) == ("x" in needs)
+    for a, e in zip(ours, torch.autograd.grad((y_op * r).sum(), wanted)):
+        assert torch.equal(a, e)
+
+
+def test_checked_dense_path_equals_the_op_and_checks_once(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(5, 7, generator=gen, requires_grad=True)
+    w = torch.randn(7, 3, generator=gen, requires_grad=True)
+    b = torch.randn(3, generator=gen)
+    places = []
+    real_place = tb._place
+    monkeypatch.setattr(tb, "_place", lambda named: places.append(1) or real_place(named))
+    y = tb.dense(x, w, b, activation="softmax", backend="cpp")
+    assert len(places) == 1
+    y_op = torch.ops.dlconv.dense(x, w, b, "softmax", "cpp")
+    assert torch.equal(y, y_op)
+    for a, e in zip(torch.autograd.grad(y[:, 0].sum(), (x, w)), torch.autograd.grad(y_op[:, 0].sum(), (x, w))):
+        assert torch.equal(a, e)
+
+
+def test_unhashable_spellings_take_the_general_path_with_the_same_result():
+    """strides, padding and dilation given as lists (unhashable: no per-call cache) give the
+    tuple spelling's values."""
+    gen = torch.Generator().manual_seed(13)
+    x, w = torch.randn(1, 6, 6, 2, generator=gen), torch.randn(3, 3, 2, 2, generator=gen)
+    a = dt.conv2d(x, w, strides=[1, 2], padding=[[1, 0], [2, 1]], dilation=[1, 1])
+    e = dt.conv2d(x, w, strides=(1, 2), padding=((1, 0), (2, 1)), dilation=(1, 1))
+    assert torch.equal(a, e)
+
+
+def test_errors_are_the_same_on_the_cached_path():
+    """A call whose plan is cached still refuses bad tensors, naming the parameter."""
+    x, w = torch.randn(1, 4, 4, 2), torch.randn(3, 3, 2, 2)
+    dt.conv2d(x, w)                                    # the plan is now cached
+    with pytest.raises(TypeError, match="x must be float32"):
+        dt.conv2d(x.double(), w)
+    with pytest.raises(ValueError, match="w must have rank 4"):
+        dt.conv2d(x, w[0])
+    with pytest.raises(ValueError, match="must be one of"):
+        dt.conv2d(x, w, backend="nope")
+    dt.dense(torch.randn(2, 3), torch.randn(3, 4))
+    with pytest.raises(ValueError):
+        dt.dense(torch.randn(2, 5), torch.randn(3, 4))
+
+
+def test_fast_apply_is_the_c_apply_and_functorch_still_works():
+    """The fast path's Function.apply skips only the Python prologue; under a functorch
+    transform (vmap) calls still go through torch.ops.dlconv and give the eager values.
+    (torch.func.grad is not tried: torch.library's register_autograd formulas do not support
+    it in this torch, for any custom op.)"""
+    assert tb._CONV2D_CHECKED.fast_apply.__self__ is tb._CONV2D_CHECKED
+    gen = torch.Generator().manual_seed(14)
+    x, w = torch.randn(3, 1, 5, 5, 2, generator=gen), torch.randn(3, 3, 2, 2, generator=gen)
+    f = lambda xi: dt.conv2d(xi, w, activation="tanh")         # noqa: E731
+    assert torch.allclose(torch.func.vmap(f)(x), torch.stack([f(xi) for xi in x]), rtol=1e-6, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- zero copy

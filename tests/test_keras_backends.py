@@ -73,3 +73,62 @@ def test_keras_own_layer_tests_pass_as_for_the_stock_layers(keras_backend, tmp_p
     print(f"Keras' own tests on {keras_backend}: stock {len(passed_stock)}/{len(stock)} passed, "
           f"dlconv {sum(o == 'passed' for o in ours.values())}/{len(ours)}")
     assert not lost, f"pass with the stock layers but not with dlconv's on {keras_backend}: {lost}\n{tail}"
+
+
+# ----------------------------------------------------------------------------- dlconv bench
+def test_kernel_probe_makes_one_steps_kernel_calls():
+    """The framework-free probe runs the step's dlconv kernels (each op of the step's shapes
+    is called, none fails) and is repeatable."""
+    from dlconv import ops
+    from dlconv.bench import keras_backends as bench_keras
+
+    calls = []
+    names = ("conv2d", "dense", "dense_backward", "conv2d_backward_data", "conv2d_backward_filter")
+    originals = {n: getattr(ops, n) for n in names}
+    try:
+        for n in names:
+            setattr(ops, n, lambda *a, _n=n, **k: calls.append(_n) or originals[_n](*a, **k))
+        probe = bench_keras.kernel_probe("reference", batch=2)
+        probe()
+    finally:
+        for n, f in originals.items():
+            setattr(ops, n, f)
+    assert calls == ["conv2d", "conv2d", "dense", "dense", "dense_backward", "dense_backward",
+                     "conv2d_backward_data", "conv2d_backward_filter", "conv2d_backward_filter"]
+
+
+def test_bridge_cost_is_the_step_ratio_in_probe_units():
+    from dlconv.bench import keras_backends as bench_keras
+
+    # the torch child ran on a machine twice as slow (its probe took twice as long)
+    torch_row = {"median_s": 0.20, "probe_s": 0.08}
+    tf_row = {"median_s": 0.08, "probe_s": 0.04}
+    cost = bench_keras.bridge_cost(torch_row, tf_row)
+    assert cost["vs_tensorflow"] == pytest.approx((0.20 / 0.08) / (0.08 / 0.04))   # 1.25
+    assert cost["vs_tensorflow_raw"] == pytest.approx(2.5)
+    assert "probe" in cost["bridge_cost_method"]
+    no_probe = bench_keras.bridge_cost({"median_s": 0.2}, tf_row)
+    assert no_probe["vs_tensorflow"] == pytest.approx(2.5) and "no kernel probe" in no_probe["bridge_cost_method"]
+    assert bench_keras.bridge_cost(torch_row, None) == {}
+
+
+def test_step_scripts_print_the_packages_measurement():
+    """benchmarks/torch_step.py and jax_step.py are thin callers of dlconv.bench.keras_backends
+    (script_main); what they print comes from format_here."""
+    from dlconv.bench import keras_backends as bench_keras
+
+    for script in ("torch_step.py", "jax_step.py"):
+        text = (HERE.parent / "benchmarks" / script).read_text()
+        assert "script_main" in text and "round_robin" not in text and "perf_counter" not in text
+    res = {"keras_backend": "torch",
+           "train_rows": [{"impl": "stock keras on torch", "median_s": 0.1, "time_ratio": 1.0},
+                          {"impl": "dlconv(cpp) on torch", "median_s": 0.05, "time_ratio": 0.5,
+                           "probe_s": 0.02, "kernel_share": 0.4}],
+           "overhead_rows": [{"status": "ok", "backend": "cpp", "dlconv_s": 2e-5, "stock_s": 1e-5,
+                              "ratio": 2.0, "ops_s": 1.5e-5, "empty_op_s": 8e-6}]}
+    lines = bench_keras.format_here(res)
+    assert any("dlconv(cpp) on torch" in ln and "50.0 ms" in ln and "0.50x stock" in ln
+               and "40% of the step" in ln for ln in lines), lines
+    assert any("dlconv(cpp) 20.0 us" in ln and "(2.00x)" in ln and "empty custom op 8.0 us" in ln
+               for ln in lines), lines
+    assert "cores" in bench_keras.machine_line()

@@ -149,6 +149,8 @@ def run(args) -> int:
                 backends, settings.batch, settings.train_repeats, settings.warmup,
                 tf_rows=[r for r in result["train_rows"] if r["layer"] == "mnist_cnn"])
             result["train_rows"] += kb_rows
+            from .keras_backends import BRIDGE_COST_NOTE
+            result["notes"].append(BRIDGE_COST_NOTE)
     if "mnist_cnn" in train_models and not getattr(args, "no_inference", False) and "cpp" in backends:
         from .inference import quick_settings, run_inference
         print("dlconv bench: MNIST CNN inference at batch 1 and 8 vs stock Keras", file=sys.stderr)

@@ -29,7 +29,8 @@ The CUDA backward kernels take dL/dz, so there an activation-backward call comes
 
 *numba, reference, or a dlconv._C built without the FFI headers* — ``jax.pure_callback``
 into :mod:`dlconv.ops` (NumPy arrays; on a GPU that is a host round trip).  It costs a
-Python call and the array hand-over per op (measured in ``benchmarks/jax_step.py``).
+Python call and the array hand-over per op (``benchmarks/jax_step.py`` measures it: the numba
+and reference per-call rows).
 
 ``jax.vmap``: every call is declared with ``vmap_method="sequential"`` (the documented
 rule: one kernel call per vmapped element, in a loop), for the FFI calls and the callbacks

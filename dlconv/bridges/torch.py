@@ -124,7 +124,7 @@ def _host(t: Tensor):
     """A CPU tensor as a NumPy view of its buffer (a non-contiguous one copied once)."""
     if not t.is_contiguous():
         t = t.contiguous()
-    return t.detach().numpy()
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 _STREAMS = {}
@@ -235,6 +235,15 @@ class _Call:
         return torch.from_numpy(a)
 
 
+_CPU = torch.device("cpu")
+#: A CPU call has no stream and nothing per call to remember: one _Call serves them all.
+_CPU_CALL = _Call(_CPU)
+
+
+def _call_on(device: torch.device) -> _Call:
+    return _CPU_CALL if device.type == "cpu" else _Call(device)
+
+
 def _backend(name: str, on_device: bool):
     return resolve_backend(name, on_device)
 
@@ -331,8 +340,13 @@ def _call(name, *args):
 @_op("conv2d")
 def _conv2d_op(x: Tensor, w: Tensor, b: Optional[Tensor], strides: List[int], pads: List[int],
                dilation: List[int], activation: str, backend: str, groups: int = 1) -> Tensor:
-    c = _Call(_place((("x", x), ("w", w), ("b", b))))
-    g = _geometry(x.shape, w.shape, strides, pads, dilation, groups)
+    c = _call_on(_place((("x", x), ("w", w), ("b", b))))
+    return _conv2d_run(c, _geometry(x.shape, w.shape, strides, pads, dilation, groups), x, w, b,
+                       activation, backend)
+
+
+def _conv2d_run(c: _Call, g, x, w, b, activation, backend):
+    """The op's work once its inputs are checked (``c``) and its geometry ``g`` resolved."""
     y = _ops.conv2d(c.arr(x), c.arr(w), c.arr(b), activation=activation,
                     backend=_backend(backend, c.on_device), geometry=g, stream=c.stream)
     return c.out(y)
@@ -352,7 +366,7 @@ def _(x, w, b, strides, pads, dilation, activation, backend, groups=1):
 def _conv2d_backward_data_op(dy: Tensor, w: Tensor, y: Optional[Tensor], in_hw: List[int],
                              strides: List[int], pads: List[int], dilation: List[int],
                              activation: str, backend: str, groups: int = 1) -> Tensor:
-    c = _Call(_place((("dy", dy), ("w", w), ("y", y))))
+    c = _call_on(_place((("dy", dy), ("w", w), ("y", y))))
     x_shape = (dy.shape[0], int(in_hw[0]), int(in_hw[1]), w.shape[2] * groups)
     g = _geometry(x_shape, w.shape, strides, pads, dilation, groups)
     kw = {} if y is None else {"y": c.arr(y), "activation": activation}
@@ -371,7 +385,7 @@ def _(dy, w, y, in_hw, strides, pads, dilation, activation, backend, groups=1):
 def _conv2d_backward_filter_op(x: Tensor, dy: Tensor, y: Optional[Tensor], k_hw: List[int],
                                strides: List[int], pads: List[int], dilation: List[int],
                                activation: str, backend: str, groups: int = 1) -> Tuple[Tensor, Tensor]:
-    c = _Call(_place((("x", x), ("dy", dy), ("y", y))))
+    c = _call_on(_place((("x", x), ("dy", dy), ("y", y))))
     w_shape = (int(k_hw[0]), int(k_hw[1]), x.shape[3] // groups, dy.shape[3])
     g = _geometry(x.shape, w_shape, strides, pads, dilation, groups)
     kw = {} if y is None else {"y": c.arr(y), "activation": activation}
@@ -389,7 +403,7 @@ def _(x, dy, y, k_hw, strides, pads, dilation, activation, backend, groups=1):
 
 @_op("activation_backward")
 def _activation_backward_op(dy: Tensor, y: Tensor, activation: str, backend: str) -> Tensor:
-    c = _Call(_place((("dy", dy), ("y", y))))
+    c = _call_on(_place((("dy", dy), ("y", y))))
     if _act.normalize(activation) == "linear":
         return dy.clone()   # dz = dy; an op's output may not alias its input
     dz = _ops.activation_backward(c.arr(dy), c.arr(y), activation,
@@ -442,7 +456,7 @@ def _conv2d_backward(ctx, dy):
 _conv2d_op.register_autograd(_conv2d_backward, setup_context=_conv2d_setup_context)
 
 
-def _function(name, setup_context, backward):
+def _function(name, setup_context, backward, run=None):
     """A ``torch.autograd.Function`` running op ``name``'s implementation with the op's own
     setup_context and backward formula (the eager fast path of :func:`_forward`).
 
@@ -450,27 +464,73 @@ def _function(name, setup_context, backward):
     that defines a separate ``setup_context`` has ``Function.apply`` bind every call's arguments
     with ``inspect.signature`` (measured: about half the bridge's per-call cost of a tiny conv
     whose kernel requires grad).  The separate form is only needed under functorch transforms,
-    which never take this path (:func:`_forward` sends them to ``torch.ops.dlconv``)."""
-    impl = _IMPLS[name]
+    which never take this path (:func:`_forward` sends them to ``torch.ops.dlconv``).
 
-    def forward(ctx, *args):
-        out = impl(*args)
-        setup_context(ctx, args, out)
-        return out
+    With ``run`` (``run(pre, *op_args)``), ``apply`` takes ``pre`` after the op's arguments:
+    what the bridge function's checks already found (the :class:`_Call` and the geometry),
+    so the checks and the geometry lookup are not made twice per call; it gets no gradient.
+    (Last, so that ``ctx.needs_input_grad`` keeps the op's argument positions.)"""
+    if run is None:
+        impl = _IMPLS[name]
 
-    return type(f"_{name}_function", (torch.autograd.Function,), {
-        "forward": staticmethod(forward),
-        "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads)),
-    })
+        def forward(ctx, *args):
+            out = impl(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        def bwd(ctx, *grads):
+            return backward(ctx, *grads)
+    else:
+        def forward(ctx, *args_pre):
+            args, pre = args_pre[:-1], args_pre[-1]
+            out = run(pre, *args)
+            setup_context(ctx, args, out)
+            return out
+
+        def bwd(ctx, *grads):
+            return tuple(backward(ctx, *grads)) + (None,)
+
+    cls = type(f"_{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(bwd)})
+    cls.fast_apply = _fast_apply(cls)
+    return cls
+
+
+def _fast_apply(cls):
+    """``cls.apply`` without its Python prologue, for plain tensors outside functorch
+    transforms (the only calls :func:`_forward` and :func:`_forward_checked` make with it).
+
+    ``Function.apply`` then does nothing but unwrap dead functorch wrappers (a generator over
+    every argument: none here, the tensors are checked to be plain) and call the C++
+    ``_FunctionBase.apply``; calling that directly saves a fifth of a tiny conv's bridge
+    cost.  An older or newer torch without it keeps ``cls.apply``."""
+    raw = getattr(torch._C, "_FunctionBase", None)
+    raw = getattr(raw, "__dict__", {}).get("apply")
+    try:
+        return raw.__get__(None, cls) if raw is not None else cls.apply
+    except (AttributeError, TypeError):
+        return cls.apply
 
 
 _CONV2D_FUNCTION = _function("conv2d", _conv2d_setup_context, _conv2d_backward)
 
 
+def _CONV2D_CHECKED_RUN(pre, x, w, b, strides, pads, dilation, activation, backend, groups=1):
+    return _conv2d_run(pre[0], pre[1], x, w, b, activation, backend)
+
+
+_CONV2D_CHECKED = _function("conv2d", _conv2d_setup_context, _conv2d_backward, run=_CONV2D_CHECKED_RUN)
+
+
 # ----------------------------------------------------------------------------- dense ops
 @_op("dense")
 def _dense_op(x: Tensor, w: Tensor, b: Optional[Tensor], activation: str, backend: str) -> Tensor:
-    c = _Call(_place((("x", x), ("w", w), ("b", b))))
+    return _dense_run(_call_on(_place((("x", x), ("w", w), ("b", b)))), None, x, w, b, activation,
+                      backend)
+
+
+def _dense_run(c: _Call, _g, x, w, b, activation, backend):
+    """The op's work once its inputs are checked (``c``; ``_g`` unused: conv2d's shape)."""
     y = _ops.dense(c.arr(x), c.arr(w), c.arr(b), activation=activation,
                    backend=_backend(backend, c.on_device), stream=c.stream)
     return c.out(y)
@@ -487,7 +547,7 @@ def _(x, w, b, activation, backend):
 @_op("dense_backward")
 def _dense_backward_op(x: Tensor, w: Tensor, dy: Tensor, y: Optional[Tensor], activation: str,
                        backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    c = _Call(_place((("x", x), ("w", w), ("dy", dy), ("y", y))))
+    c = _call_on(_place((("x", x), ("w", w), ("dy", dy), ("y", y))))
     dx, dw, db = _ops.dense_backward(c.arr(x), c.arr(w), c.arr(dy), c.arr(y), activation=activation,
                                      backend=_backend(backend, c.on_device), stream=c.stream)
     return c.out(dx), c.out(dw), c.out(db)
@@ -519,14 +579,57 @@ _dense_op.register_autograd(_dense_backward, setup_context=_dense_setup_context)
 _DENSE_FUNCTION = _function("dense", _dense_setup_context, _dense_backward)
 
 
+def _DENSE_CHECKED_RUN(pre, x, w, b, activation, backend):
+    return _dense_run(pre[0], None, x, w, b, activation, backend)
+
+
+_DENSE_CHECKED = _function("dense", _dense_setup_context, _dense_backward, run=_DENSE_CHECKED_RUN)
+
+
 def _forward(name, function, tensors, *args):
     """A forward op: eager calls skip the dispatcher (through ``function`` when a gradient is
     needed, the bare implementation otherwise); the rest go through ``torch.ops.dlconv``."""
     if not _eager(tensors) or _transforms_active():
         return getattr(torch.ops.dlconv, name)(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return function.apply(*args)
+        return function.fast_apply(*args)
     return _IMPLS[name](*args)
+
+
+def _forward_checked(name, function, run, pre, x, w, b, *args):
+    """:func:`_forward` for a call whose tensors the bridge function has checked already
+    (``pre``: their :class:`_Call` and the geometry): the eager paths run the op's work
+    directly (``run`` / ``function``, a ``_function(..., run=...)``); the rest go through
+    ``torch.ops.dlconv``, which checks again (fake tensors, compiled graphs)."""
+    if (torch.compiler.is_compiling() or _current_mode() is not None or _transforms_active()
+            or type(x) not in _PLAIN or type(w) not in _PLAIN or _is_wrapped(x) or _is_wrapped(w)
+            or (b is not None and (type(b) not in _PLAIN or _is_wrapped(b)))):
+        return getattr(torch.ops.dlconv, name)(x, w, b, *args)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                    or (b is not None and b.requires_grad)):
+        return function.fast_apply(x, w, b, *args, pre)
+    return run(pre, x, w, b, *args)
+
+
+@functools.lru_cache(maxsize=512)
+def _conv2d_plan(x_shape, w_shape, has_bias, strides, padding, dilation, activation, backend,
+                 groups):
+    """(op arguments after x, w, b; the geometry) of an eager conv2d call, from the call's
+    hashable arguments: the activation normalised, the backend name checked, "same"/"valid"
+    resolved (:func:`conv_pads`), the geometry from :func:`conv_geometry_cached` — once per
+    distinct call, not per call."""
+    act = _act.normalize(activation, allow_softmax=False)
+    s, p, d = conv_pads(x_shape, w_shape, strides, padding, dilation, groups)
+    g = _geometry(x_shape, w_shape, s, p, d, groups)
+    return (s, p, d, act, _check_backend(backend), groups), g
+
+
+@functools.lru_cache(maxsize=512)
+def _dense_plan(x_features, w_shape, activation, backend):
+    """(op arguments after x, w, b) of a dense call: the activation normalised, the backend
+    checked, the features matched (ValueError), once per distinct call."""
+    dense_geometry((0, x_features), w_shape)        # 0 stands for any batch size
+    return (_act.normalize(activation), _check_backend(backend))
 
 
 # ----------------------------------------------------------------------------- the bridge API
@@ -539,11 +642,20 @@ def conv2d(x, kernel, bias, *, strides=(1, 1), padding="valid", dilation=(1, 1),
     tensors carry their shape); ``names`` are the parameter names errors use; ``groups=G``:
     grouped convolution with kernel ``(kh, kw, C/G, F)``, one op for all groups.
     """
-    act = _act.normalize(activation, allow_softmax=False)
-    _place(zip(names, (x, kernel, bias)))
+    device = _place(zip(names, (x, kernel, bias)))
     _rank(names[0], x, 4)
     _rank(names[1], kernel, 4)
     groups = int(groups)
+    if not torch.compiler.is_compiling():
+        try:
+            args, g = _conv2d_plan(x.shape, kernel.shape, bias is not None, strides, padding,
+                                   dilation, activation, backend, groups)
+        except TypeError:   # an unhashable spelling (lists): the general path below
+            pass
+        else:
+            return _forward_checked("conv2d", _CONV2D_CHECKED, _CONV2D_CHECKED_RUN,
+                                    (_call_on(device), g), x, kernel, bias, *args)
+    act = _act.normalize(activation, allow_softmax=False)
     s, p, d = conv_pads(x.shape, kernel.shape, strides, padding, dilation, groups)
     return _forward("conv2d", _CONV2D_FUNCTION, (x, kernel, bias), x, kernel, bias, s, p, d, act,
                     _check_backend(backend), groups)
@@ -551,10 +663,18 @@ def conv2d(x, kernel, bias, *, strides=(1, 1), padding="valid", dilation=(1, 1),
 
 def dense(x, kernel, bias, *, activation="linear", backend="auto", names=("x", "kernel", "bias")):
     """``act(x @ kernel + bias)`` for rank-2 ``x`` as a differentiable torch op (softmax too)."""
-    act = _act.normalize(activation)
-    _place(zip(names, (x, kernel, bias)))
+    device = _place(zip(names, (x, kernel, bias)))
     _rank(names[0], x, 2)
     _rank(names[1], kernel, 2)
+    if not torch.compiler.is_compiling():
+        try:
+            args = _dense_plan(int(x.shape[1]), tuple(kernel.shape), activation, backend)
+        except TypeError:   # an unhashable activation/backend: the general path below
+            pass
+        else:
+            return _forward_checked("dense", _DENSE_CHECKED, _DENSE_CHECKED_RUN,
+                                    (_call_on(device), None), x, kernel, bias, *args)
+    act = _act.normalize(activation)
     # ValueError for a feature mismatch (batch-independent: 0 stands for any batch size)
     dense_geometry((0, int(x.shape[1])), tuple(int(v) for v in kernel.shape))
     return _forward("dense", _DENSE_FUNCTION, (x, kernel, bias), x, kernel, bias, act,
@@ -582,7 +702,7 @@ def _check_backend(backend) -> str:
 @_op("conv2d_transpose")
 def _conv2d_transpose_op(x: Tensor, w: Tensor, strides: List[int], pads: List[int],
                          dilation: List[int], out_hw: List[int], backend: str) -> Tensor:
-    c = _Call(_place((("x", x), ("kernel", w))))
+    c = _call_on(_place((("x", x), ("kernel", w))))
     g = _geometry((x.shape[0], int(out_hw[0]), int(out_hw[1]), w.shape[2]), w.shape, strides, pads,
                   dilation)
     y = _ops.conv2d_transpose(c.arr(x), c.arr(w), backend=_backend(backend, c.on_device), geometry=g,
