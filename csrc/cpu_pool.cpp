@@ -20,7 +20,7 @@
 //   top to the next window's top: it zeroes them, recomputes each window's arg from x and stores
 //   dy there (one scalar store per channel: each dx element has at most one window).  Overlapping windows: the arg is recomputed into a temporary and
 //   gathered as above.
-// Launch: `#pragma omp parallel for` over N*OH (or N*H) rows, static schedule (rows cost the same).
+// Launch: `#pragma omp parallel for` over N*OH (or N*H) rows, dynamic in POOL_CHUNK_ROWS chunks.
 #include "cpu_pool.h"
 
 #include <omp.h>
@@ -45,6 +45,11 @@ using i64 = int64_t;
 
 // The output of a window with no member above it (all -Inf / NaN): TensorFlow's initial value.
 constexpr float POOL_LOWEST = std::numeric_limits<float>::lowest();
+// Rows handed to an OpenMP thread at a time.  Dynamic, not static: the pass is memory-bound and
+// short (a few ms), so one preempted thread of a static split holds the whole step up on a busy
+// machine (measured: 2 threads 6x slower than 1 at load 12); 8 rows of MNIST's pool (~100 KB of x)
+// make the hand-out cost negligible.
+constexpr int POOL_CHUNK_ROWS = 8;
 #if defined(__AVX512F__)
 // Channels per AVX-512 vector (16 float32 lanes).
 constexpr i64 LANES = 16;
@@ -109,7 +114,7 @@ void window(const ConvGeometry& g, const float* xn, i64 oh, i64 ow, float* y_out
 
 void forward_impl(const ConvGeometry& g, const float* x, float* y, int32_t* arg) {
     const i64 OH = g.out_h, OW = g.out_w, C = g.in_c, HWC = g.in_h * g.in_w * C;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, POOL_CHUNK_ROWS)
     for (i64 r = 0; r < g.batch * OH; ++r) {
         const i64 n = r / OH, oh = r % OH;
         for (i64 ow = 0; ow < OW; ++ow) {
@@ -144,7 +149,7 @@ void max_pool2d_forward(const ConvGeometry& g, const float* x, float* y, int32_t
 void max_pool2d_backward_argmax(const ConvGeometry& g, const float* dy, const int32_t* arg, float* dx) {
     check_pool_geometry(g, "max_pool2d_backward");
     const i64 H = g.in_h, W = g.in_w, C = g.in_c, OH = g.out_h, OW = g.out_w;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, POOL_CHUNK_ROWS)
     for (i64 r = 0; r < g.batch * H; ++r) {
         const i64 n = r / H, ih = r % H;
         const i64 oh_lo = ceil_div_nonneg(std::max<i64>(ih + g.pad_top - g.k_h + 1, 0), g.stride_h);
@@ -193,7 +198,7 @@ void max_pool2d_backward_recompute(const ConvGeometry& g, const float* x, const 
         return;
     }
     const i64 H = g.in_h, W = g.in_w, C = g.in_c, OH = g.out_h, OW = g.out_w, HWC = H * W * C;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, POOL_CHUNK_ROWS)
     for (i64 r = 0; r < g.batch * OH; ++r) {
         const i64 n = r / OH, oh = r % OH;
         // The input rows this output row owns: from its window's top to the next one's.
