@@ -56,7 +56,7 @@ def test_parameter_counts():
 def test_cnn_layout():
     m = models.cnn(backend="reference")
     kinds = [type(layer) for layer in m.layers]
-    assert kinds == [dl.Conv2D, dl.Conv2D, keras.layers.MaxPooling2D, keras.layers.Dropout,
+    assert kinds == [dl.Conv2D, dl.Conv2D, dl.MaxPooling2D, keras.layers.Dropout,
                      keras.layers.Flatten, dl.Dense, keras.layers.Dropout, dl.Dense]
     assert [layer.output.shape for layer in m.layers] == [
         (None, 26, 26, 32), (None, 24, 24, 64), (None, 12, 12, 64), (None, 12, 12, 64),
