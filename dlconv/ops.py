@@ -398,8 +398,8 @@ def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None)
 #: Keras backend → what ``dlconv.layers.MaxPooling2D`` runs there (``dlconv info`` prints it).
 #: channels_first, GPU tensors and non-float32 inputs take the stock layer on every backend.
 MAX_POOL_PATHS = {
-    "tensorflow": "stock keras MaxPooling2D (tf.nn.max_pool2d: oneDNN's NHWC pool, as fast as the C++ "
-                  "kernel here; no native dlconv op)",
+    "tensorflow": "stock keras MaxPooling2D (tf.nn.max_pool2d, oneDNN's NHWC pool: no native dlconv "
+                  "op; see docs/layers.md)",
     "torch": "dlconv::max_pool2d custom op: the C++ NHWC kernel on CPU tensors, no transposes",
     "jax": "jax.custom_vjp over the XLA FFI handlers dlconv_max_pool2d_* (C++ kernel, CPU)",
 }
