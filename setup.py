@@ -197,7 +197,7 @@ def _extensions():
     ffi_inc, why = _xla_ffi_include()
     if ffi_inc is not None:
         print(f"dlconv: XLA FFI handlers built into dlconv._C and dlconv._C_cuda (headers from {ffi_inc})")
-        cpu_src.append("csrc/ffi_cpu.cpp")
+        cpu_src += ["csrc/ffi_cpu.cpp", "csrc/ffi_pool.cpp"]
         cpu_inc.append(ffi_inc)
         cpu_macros.append(("DLCONV_XLA_FFI", "1"))
     else:

@@ -32,6 +32,7 @@
 #include "cpu_kernels.h"
 #ifdef DLCONV_XLA_FFI
 #include "ffi_cpu.h"
+#include "ffi_pool.h"
 #endif
 #include "geometry.h"
 
@@ -354,4 +355,70 @@ PYBIND11_MODULE(_C, m) {
     m.def("softmax", &softmax, py::arg("z"), py::arg("out") = py::none(), "Row-wise softmax of (rows, cols).");
     m.def("activation_backward", &activation_backward, py::arg("dy"), py::arg("y"), py::arg("activation"),
           py::arg("out") = py::none(), "dL/dz from dL/dy and the activation output y (code 4 = softmax).");
+
+    // ---- max pool (cpu_pool.h): geometry = dlconv.shapes.pool_geometry(...).as_tuple() ----------
+    //   max_pool2d_forward(x, geometry, y, arg=None) -> y       (arg: int32 (N,OH,OW,C), filled when given)
+    //   max_pool2d_backward(dy, geometry, dx, arg=None, x=None) -> dx   (arg: the stored index; else x, recomputed)
+    //   xla_ffi_pool_handlers() -> {target name: PyCapsule}  (ffi_pool.cpp; empty without the XLA FFI headers)
+    auto pool_arg = [](const char* K, const py::object& obj, const Shape& shape) -> int32_t* {
+        if (obj.is_none()) return nullptr;
+        if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string("dlconv C++ ") + K + ": arg must be a numpy.ndarray of int32");
+        auto a = py::reinterpret_borrow<py::array>(obj);
+        if (!a.dtype().is(py::dtype::of<int32_t>()))
+            throw py::type_error(std::string("dlconv C++ ") + K + ": arg must be int32, got " + std::string(py::str(a.dtype())));
+        if (!(a.flags() & py::array::c_style) || !a.attr("flags").attr("aligned").cast<bool>())
+            throw std::invalid_argument(std::string("dlconv C++ ") + K + ": arg must be C-contiguous and aligned");
+        Shape got(a.shape(), a.shape() + a.ndim());
+        if (got != shape)
+            throw std::invalid_argument(std::string("dlconv C++ ") + K + ": arg has shape " + shape_str(got) + ", expected " + shape_str(shape));
+        return static_cast<int32_t*>(const_cast<void*>(a.data()));
+    };
+    m.def("max_pool2d_forward", [pool_arg](py::object x, py::object geometry, py::object y, py::object arg) {
+        const char* K = "max_pool2d_forward";
+        const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
+        dlconv::cpu::check_pool_geometry(g, K);
+        Arg ax = checked(K, "x", x, x_shape(g), false), ay = output(K, "y", y, y_shape(g));
+        int32_t* ap = pool_arg(K, arg, y_shape(g));
+        if (ap != nullptr && !py::reinterpret_borrow<py::array>(arg).writeable())
+            throw std::invalid_argument(std::string("dlconv C++ ") + K + ": arg is read-only");
+        no_alias(K, {{"y", &ay}}, {{"x", &ax}});
+        {
+            py::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
+            SerialIfSmall serial(double(g.x_size()) < SERIAL_ELEMENTS);
+            dlconv::cpu::max_pool2d_forward(g, ax.ptr, ay.ptr, ap);
+        }
+        return ay.arr;
+    }, py::arg("x"), py::arg("geometry"), py::arg("y") = py::none(), py::arg("arg") = py::none(),
+       "Max pool y of x (TensorFlow's rules, cpu_pool.h); fills arg (int32 flat input positions) when given.");
+    m.def("max_pool2d_backward", [pool_arg](py::object dy, py::object geometry, py::object dx, py::object arg,
+                                            py::object x) {
+        const char* K = "max_pool2d_backward";
+        const ConvGeometry g = dlconv::bind::geometry_from(geometry, K);
+        dlconv::cpu::check_pool_geometry(g, K);
+        Arg ady = checked(K, "dy", dy, y_shape(g), false), adx = output(K, "dx", dx, x_shape(g));
+        const int32_t* ap = pool_arg(K, arg, y_shape(g));
+        Arg ax = optional_in(K, "x", x, x_shape(g));
+        if (ap == nullptr && ax.ptr == nullptr)
+            throw std::invalid_argument(std::string("dlconv C++ ") + K + ": needs arg (the stored index) or x");
+        no_alias(K, {{"dx", &adx}}, {{"dy", &ady}, {"x", &ax}});
+        {
+            py::gil_scoped_release nogil;
+            std::lock_guard<std::mutex> one_at_a_time(dlconv::cpu::host_mutex());
+            SerialIfSmall serial(double(g.x_size()) < SERIAL_ELEMENTS);
+            if (ap != nullptr)
+                dlconv::cpu::max_pool2d_backward_argmax(g, ady.ptr, ap, adx.ptr);
+            else
+                dlconv::cpu::max_pool2d_backward_recompute(g, ax.ptr, ady.ptr, adx.ptr);
+        }
+        return adx.arr;
+    }, py::arg("dy"), py::arg("geometry"), py::arg("dx") = py::none(), py::arg("arg") = py::none(),
+       py::arg("x") = py::none(), "dL/dx of the max pool from dy and the stored arg (or x, recomputing it).");
+    m.def("xla_ffi_pool_handlers", [] {
+        py::dict d;
+#ifdef DLCONV_XLA_FFI
+        for (const auto& [name, fn] : dlconv::xffi::pool_handlers()) d[name] = py::capsule(fn);
+#endif
+        return d;
+    }, "The max pool's XLA FFI handlers (ffi_pool.cpp) {target name: PyCapsule}; empty without XLA FFI headers.");
 }

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "cpu_pool.h"  // max_pool2d_* (2-D max pool, NHWC)
 #include "geometry.h"
 
 namespace dlconv {

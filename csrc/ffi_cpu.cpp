@@ -315,3 +315,15 @@ const std::vector<std::pair<const char*, void*>>& cpu_handlers() {
 
 }  // namespace xffi
 }  // namespace dlconv
+
+// For handlers in other files (ffi_pool.cpp): the same run() — host lock, small work in place,
+// OpenMP work on the one "dlconv-xla" thread — so every handler shares one OpenMP team.
+namespace dlconv {
+namespace xffi {
+
+ffi::Error run_host_kernel(const char* kernel, double work, double serial_below, const std::function<void()>& fn) {
+    return run(kernel, work, serial_below, fn);
+}
+
+}  // namespace xffi
+}  // namespace dlconv

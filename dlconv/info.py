@@ -64,6 +64,21 @@ def _tf_ops_status() -> dict:
         return {"native": False, "why": f"{type(exc).__name__}: {exc}"}
 
 
+def _max_pool_paths() -> dict:
+    """Keras backend → the path dlconv.layers.MaxPooling2D takes there (imports no framework)."""
+    from .ops import MAX_POOL_PATHS
+    out = dict(MAX_POOL_PATHS)
+    try:
+        from dlconv import _C
+    except ImportError:
+        out["torch"] = "dlconv::max_pool2d custom op over the NumPy reference (dlconv._C not built)"
+        out["jax"] = "jax.custom_vjp over jax.pure_callback into the NumPy reference (dlconv._C not built)"
+        return out
+    if not getattr(_C, "xla_ffi_pool_handlers", dict)():
+        out["jax"] = "jax.custom_vjp over jax.pure_callback (dlconv._C has no max pool FFI handlers)"
+    return out
+
+
 def cpu_description() -> str:
     """CPU model and core count, e.g. "Intel(R) Xeon(R) Processor, 2 cores" (py-cpuinfo)."""
     try:
@@ -97,6 +112,7 @@ def info() -> dict:
         "numba_cuda": _numba_gpus(),
         "keras_backends": {name: {"usable": ok, "why": why} for name, (ok, why) in bridges.status().items()},
         "tensorflow_ops": _tf_ops_status(),
+        "max_pool": _max_pool_paths(),
         "backends": {name: {"cpu": {"usable": a["cpu"][0], "why": a["cpu"][1]},
                             "cuda": {"usable": a["cuda"][0], "why": a["cuda"][1]},
                             "variants": a.get("variants", []),
@@ -143,6 +159,9 @@ def format_info(d: dict) -> str:
     if t is not None:
         lines.append(f"  TensorFlow bridge (cpp backend, CPU): "
                      f"{'native ops' if t['native'] else 'numpy_function callbacks'} ({t['why']})")
+    if d.get("max_pool"):
+        lines += ["", "MaxPooling2D (dlconv.layers) per Keras backend (channels_first / GPU tensors: stock):"]
+        lines += [f"  {name:<10} {path}" for name, path in d["max_pool"].items()]
     lines += ["", "backends:"]
     for name, b in d["backends"].items():
         for side in ("cpu", "cuda"):

@@ -56,7 +56,7 @@ from . import backends as _backends
 from . import bridges as _bridges
 from .shapes import conv_output_size, conv_transpose_output_size
 
-__all__ = ["Conv2D", "Dense", "Conv2DTranspose", "BACKENDS"]
+__all__ = ["Conv2D", "Dense", "Conv2DTranspose", "MaxPooling2D", "BACKENDS"]
 
 #: Values accepted by the ``backend`` argument.
 BACKENDS = ("auto",) + tuple(_backends.names())
@@ -291,3 +291,55 @@ class Conv2DTranspose(_DlconvLayer, keras.layers.Conv2DTranspose):
         if self.data_format == "channels_first":
             y = ops.transpose(y, (0, 3, 1, 2))
         return self._finish(y, self.activation)
+
+
+@keras.saving.register_keras_serializable(package="dlconv")
+class MaxPooling2D(keras.layers.MaxPooling2D):
+    """``keras.layers.MaxPooling2D`` whose forward and backward run dlconv's C++ max pool
+    (``csrc/cpu_pool.cpp``) on the torch and JAX Keras backends.
+
+    Same arguments and config as the stock layer plus ``backend`` (as for the other layers;
+    ``numba`` runs the C++ pool, see :func:`dlconv.ops.max_pool2d`).  Per Keras backend
+    (:data:`dlconv.ops.MAX_POOL_PATHS`): torch → the ``dlconv::max_pool2d`` custom op, NHWC
+    in place (the stock layer transposes to NCHW and back); JAX → ``jax.custom_vjp`` over XLA
+    FFI handlers (the stock layer's reduce_window / select_and_scatter gradient is most of a
+    jitted CPU step); TensorFlow → the stock op (oneDNN's NHWC pool is already fast).
+
+    The stock layer runs, unchanged, for ``data_format="channels_first"``, for inputs that are
+    not float32 (a pool is exact in any dtype) and for GPU tensors (the kernel is CPU-only).
+    Values follow TensorFlow's rules on every backend: NaN inputs are ignored (stock torch and
+    JAX propagate them), ties send the gradient to the first maximum in row-major window order.
+    """
+
+    def __init__(self, pool_size=(2, 2), strides=None, padding="valid", data_format=None, name=None,
+                 backend="auto", **kwargs):
+        super().__init__(pool_size=pool_size, strides=strides, padding=padding, data_format=data_format,
+                         name=name, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def _dlconv_path(self, inputs):
+        """The bridge module to run ``inputs`` through, or None for the stock layer."""
+        kb = keras.config.backend()
+        if kb not in ("torch", "jax") or self.data_format != "channels_last" or len(inputs.shape) != 4:
+            return None
+        if keras.backend.standardize_dtype(inputs.dtype) != "float32":
+            return None
+        if kb == "torch" and inputs.device.type != "cpu":
+            return None
+        if kb == "jax":
+            import jax
+            if jax.default_backend() != "cpu":
+                return None
+        return _bridge()
+
+    def call(self, inputs):
+        bridge = self._dlconv_path(inputs)
+        if bridge is None:
+            return super().call(inputs)
+        return bridge.max_pool2d(inputs, pool_size=tuple(self.pool_size), strides=tuple(self.strides),
+                                 padding=self.padding, backend=self.backend)
+
+    def get_config(self):
+        config = super().get_config()
+        config["backend"] = self.backend
+        return config

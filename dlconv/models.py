@@ -77,6 +77,12 @@ class _Factory:
         return self.dl.Conv2D(filters, kernel_size, activation=activation, backend=self.backend,
                               **self._init(), **kwargs)
 
+    def max_pool(self, pool_size):
+        """A MaxPooling2D: dlconv's (its C++ kernel on the torch and JAX Keras backends) or stock."""
+        if self.stock:
+            return keras.layers.MaxPooling2D(pool_size=pool_size)
+        return self.dl.MaxPooling2D(pool_size=pool_size, backend=self.backend)
+
     def dropout(self, rate):
         return keras.layers.Dropout(rate, seed=self._seed())
 
@@ -117,7 +123,7 @@ def cnn(backend: str = "auto", stock: bool = False, seed: Optional[int] = None) 
     return f.model("cnn", INPUT_SHAPES["cnn"], [
         f.conv(32, (3, 3), "relu"),
         f.conv(64, (3, 3), "relu"),
-        keras.layers.MaxPooling2D(pool_size=(2, 2)),
+        f.max_pool((2, 2)),
         f.dropout(0.25),
         keras.layers.Flatten(),
         f.dense(128, "relu"),

@@ -56,7 +56,8 @@ from .shapes import ConvGeometry, conv_geometry, conv_transpose_geometry, dense_
 
 __all__ = ["conv2d", "conv2d_backward_data", "conv2d_backward_filter", "conv2d_transpose",
            "conv2d_transpose_backward", "transpose_geometry", "dense", "dense_backward",
-           "softmax", "activation_backward", "DEFAULT_BACKEND", "HOST_THREAD"]
+           "softmax", "activation_backward", "max_pool2d", "max_pool2d_backward", "pool_geometry",
+           "DEFAULT_BACKEND", "HOST_THREAD"]
 
 DEFAULT_BACKEND = "numba"
 
@@ -389,3 +390,93 @@ def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None)
     if dy.size == 0:
         return _empty(dy.shape, on_device, stream)
     return _run(on_device, lambda: be.activation_backward(dy, y, act, on_device=on_device, stream=stream))
+
+
+# ----------------------------------------------------------------------------- max pool
+#: Keras backend → what ``dlconv.layers.MaxPooling2D`` runs there (``dlconv info`` prints it).
+#: channels_first, GPU tensors and non-float32 inputs take the stock layer on every backend.
+MAX_POOL_PATHS = {
+    "tensorflow": "stock keras MaxPooling2D (tf.nn.max_pool2d, oneDNN's NHWC pool: no native dlconv "
+                  "op; see docs/layers.md)",
+    "torch": "dlconv::max_pool2d custom op: the C++ NHWC kernel on CPU tensors, no transposes",
+    "jax": "jax.custom_vjp over the XLA FFI handlers dlconv_max_pool2d_* (C++ kernel, CPU)",
+}
+
+
+@functools.lru_cache(maxsize=512)
+def _pool_geometry_cached(x_shape, pool_size, strides, padding):
+    from .shapes import pool_geometry as _pg
+    return _pg(x_shape, pool_size, strides, padding)
+
+
+def pool_geometry(x_shape, pool_size=2, strides=None, padding="valid", geometry=None) -> ConvGeometry:
+    """:func:`dlconv.shapes.pool_geometry`, cached (the bridges resolve one per call), or
+    ``geometry`` checked against ``x_shape``."""
+    if geometry is not None:
+        if not isinstance(geometry, ConvGeometry):
+            raise TypeError(f"geometry must be a dlconv.shapes.ConvGeometry, got {type(geometry).__name__}")
+        if tuple(x_shape) != geometry.x_shape:
+            raise ValueError(f"x has shape {tuple(x_shape)} but geometry expects {geometry.x_shape}")
+        return geometry
+    try:
+        return _pool_geometry_cached(tuple(x_shape), pool_size, strides, padding)
+    except TypeError:          # an unhashable spelling (lists): resolved uncached
+        from .shapes import pool_geometry as _pg
+        return _pg(x_shape, pool_size, strides, padding)
+
+
+def _pool_backend(backend):
+    """The backend that runs a max pool: ``cpp`` and ``reference`` have pool kernels; the
+    ``numba`` backend has none (a max pool is a memory-bound pass a JIT adds little to)
+    and runs the ``cpp`` kernels, or the reference where dlconv._C is not built."""
+    be = _resolve_backend(backend, False)
+    if hasattr(be, "max_pool2d_forward"):
+        return be
+    cpp = _backends.get("cpp")
+    return cpp if cpp.cpu_status()[0] else _backends.get("reference")
+
+
+def _pool_host(named):
+    on_device, arrays = _prepare(named, {n: 4 for n, _ in named})
+    if on_device:
+        raise ValueError("max_pool2d has CPU kernels only: pass host (NumPy) arrays (the framework "
+                         "bridges run the framework's own pool for GPU tensors)")
+    return arrays
+
+
+def max_pool2d(x, pool_size=2, strides=None, padding="valid", backend=DEFAULT_BACKEND, geometry=None,
+               return_argmax=False):
+    """Keras' ``MaxPooling2D`` of ``x: NHWC`` (float32, host): y, or ``(y, arg)`` with
+    ``return_argmax`` (``arg``: int32, for each output and channel the flat input position
+    ``ih * W + iw`` its gradient goes to).  TensorFlow's rules (:func:`dlconv.reference.max_pool2d_argmax`):
+    NaN members are ignored, ties go to the first member in row-major window order.
+    ``strides=None``: the pool size.  ``padding``: "valid" or "same"."""
+    (x,) = _pool_host((("x", x),))
+    g = pool_geometry(x.shape, pool_size, strides, padding, geometry)
+    be = _pool_backend(backend)
+    if g.batch == 0:
+        y = np.zeros(g.y_shape, np.float32)
+        return (y, np.zeros(g.y_shape, np.int32)) if return_argmax else y
+    return HOST_THREAD.run(lambda: be.max_pool2d_forward(x, g, on_device=False, with_arg=return_argmax))
+
+
+def max_pool2d_backward(dy, x, pool_size=2, strides=None, padding="valid", backend=DEFAULT_BACKEND,
+                        geometry=None, arg=None):
+    """dL/dx of :func:`max_pool2d`: each ``dy`` element added at its window's argmax.  With
+    ``arg`` (from ``max_pool2d(..., return_argmax=True)``) the ``cpp`` kernel gathers from the
+    stored index; without it the argmax is recomputed from ``x``."""
+    dy, x = _pool_host((("dy", dy), ("x", x)))
+    g = pool_geometry(x.shape, pool_size, strides, padding, geometry)
+    _check_shape("dy", dy, g.y_shape)
+    if arg is not None:
+        if not isinstance(arg, np.ndarray) or arg.dtype != np.int32:
+            raise TypeError(f"arg must be an int32 numpy.ndarray (max_pool2d's return_argmax), got "
+                            f"{getattr(arg, 'dtype', type(arg).__name__)}")
+        _check_shape("arg", arg, g.y_shape)
+        arg = np.ascontiguousarray(arg)
+    be = _pool_backend(backend)
+    if g.batch == 0:
+        return np.zeros(g.x_shape, np.float32)
+    if arg is not None and be.name == "cpp":
+        return HOST_THREAD.run(lambda: be.max_pool2d_backward(dy, g, on_device=False, arg=arg))
+    return HOST_THREAD.run(lambda: be.max_pool2d_backward(dy, g, on_device=False, x=x))

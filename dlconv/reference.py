@@ -27,7 +27,8 @@ import numpy as np
 from .shapes import ConvGeometry
 
 __all__ = ["activate", "activation_backward", "conv2d_forward", "conv2d_backward_data",
-           "conv2d_backward_filter", "dense_forward", "dense_backward", "softmax"]
+           "conv2d_backward_filter", "dense_forward", "dense_backward", "softmax",
+           "max_pool2d", "max_pool2d_argmax", "max_pool2d_backward", "POOL_LOWEST"]
 
 
 def activate(z: np.ndarray, activation: str) -> np.ndarray:
@@ -171,3 +172,74 @@ def dense_backward(x, w, dy, y, activation: str = "linear"):
     w = np.asarray(w, np.float64)
     return ((dz @ w.T).astype(np.float32), (x.T @ dz).astype(np.float32),
             dz.sum(axis=0).astype(np.float32))
+
+
+# ----------------------------------------------------------------------------- max pooling
+#: What an output of a window with no value above it holds (all -Inf / NaN): float32's lowest
+#: finite value, TensorFlow's initial value of its CPU max pool (``Eigen::NumTraits::lowest``).
+POOL_LOWEST = float(np.finfo(np.float32).min)
+
+
+def _pool_geometry(x_shape, pool_size, strides, padding, geometry):
+    if geometry is not None:
+        return geometry
+    from .shapes import pool_geometry
+    return pool_geometry(x_shape, pool_size, strides, padding)
+
+
+def max_pool2d_argmax(x, pool_size=2, strides=None, padding="valid", geometry=None):
+    """(y, argmax) of the max pool of ``x: NHWC``; geometry from
+    :func:`dlconv.shapes.pool_geometry` (a ``groups = C`` record, ``k`` = the pool).
+
+    The window of output ``(n, oh, ow, c)`` is every in-bounds ``x[n, ih, iw, c]`` with
+    ``ih = oh * stride_h - pad_top + kh``, ``iw = ow * stride_w - pad_left + kw``
+    (padded positions are not members).  TensorFlow's CPU rules, measured
+    (tests/test_pool.py checks them against ``tf.nn.max_pool2d`` and its gradient)::
+
+        y       = max(lowest float32, max of the window's non-NaN members)   (NaN ignored)
+        argmax  = the window's first member in row-major (kh, kw) order, replaced by a later
+                  member only when that one is strictly greater than the current choice
+                  (ties: the first; a NaN first member keeps the gradient, as TF's does)
+
+    ``argmax`` is the flat input position ``ih * W + iw`` (int32), per output and channel.
+    torch and JAX propagate NaN instead (their y is NaN); dlconv follows TensorFlow.
+    """
+    x = np.asarray(x, np.float32)
+    g = _pool_geometry(x.shape, pool_size, strides, padding, geometry)
+    xp = _pad(x, g)
+    shape = g.y_shape
+    y = np.full(shape, POOL_LOWEST, np.float32)
+    cur = np.zeros(shape, np.float32)
+    idx = np.full(shape, -1, np.int64)
+    with np.errstate(invalid="ignore"):
+        for kh in range(g.k_h):
+            for kw in range(g.k_w):
+                v = _tap(xp, g, kh, kw)
+                inside = _inside(g, kh, kw)
+                ih = np.arange(g.out_h) * g.stride_h - g.pad_top + kh
+                iw = np.arange(g.out_w) * g.stride_w - g.pad_left + kw
+                pos = (ih[:, None] * g.in_w + iw[None, :])[..., None]
+                take = inside & ((idx < 0) | (v > cur))
+                cur = np.where(take, v, cur)
+                idx = np.where(take, pos, idx)
+                y = np.where(inside & (v > y), v, y)
+    return y.astype(np.float32), idx.astype(np.int32)
+
+
+def max_pool2d(x, pool_size=2, strides=None, padding="valid", geometry=None) -> np.ndarray:
+    """y of :func:`max_pool2d_argmax` (TensorFlow's rules; see there)."""
+    return max_pool2d_argmax(x, pool_size, strides, padding, geometry)[0]
+
+
+def max_pool2d_backward(x, dy, pool_size=2, strides=None, padding="valid", geometry=None) -> np.ndarray:
+    """dL/dx of the max pool: each ``dy[n, oh, ow, c]`` is added to ``dx`` at its window's
+    argmax (:func:`max_pool2d_argmax`'s rule, TensorFlow's), summed where windows overlap."""
+    x = np.asarray(x, np.float32)
+    g = _pool_geometry(x.shape, pool_size, strides, padding, geometry)
+    _, idx = max_pool2d_argmax(x, geometry=g)
+    dy = np.asarray(dy, np.float64)
+    dx = np.zeros((g.batch, g.in_h * g.in_w, g.in_c), np.float64)
+    n = np.arange(g.batch)[:, None, None, None]
+    c = np.arange(g.in_c)[None, None, None, :]
+    np.add.at(dx, (np.broadcast_to(n, idx.shape), idx, np.broadcast_to(c, idx.shape)), dy)
+    return dx.reshape(g.x_shape).astype(np.float32)

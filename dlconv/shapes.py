@@ -53,6 +53,7 @@ __all__ = [
     "conv_transpose_axis",
     "conv_transpose_output_size",
     "conv_transpose_geometry",
+    "pool_geometry",
 ]
 
 PaddingSpec = Union[str, int, Sequence]
@@ -670,3 +671,31 @@ def conv_transpose_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stri
     return ConvGeometry(batch, oh, ow, filters, in_c, k_h, k_w, s_h, s_w, d_h, d_w,
                         pt, pb, pl, pr, _check_int("x height", x_shape[1], 1),
                         _check_int("x width", x_shape[2], 1))
+
+
+# ----------------------------------------------------------------------------- pooling
+def pool_geometry(x_shape: Sequence[int], pool_size=2, strides=None, padding="valid") -> ConvGeometry:
+    """The geometry of a 2-D max pool of ``x: NHWC`` (Keras' ``MaxPooling2D``), as a
+    :class:`ConvGeometry`: a pool is a depthwise window, so it is the record of a
+    ``groups = C`` convolution with a ``pool_size`` kernel, ``filters = C`` and dilation 1
+    (``w_shape`` is then ``(ph, pw, 1, C)``, never allocated).  The output size and the
+    "same" split are the convolution's (:func:`resolve_axis`, TensorFlow's rule: the odd
+    extra row/column after); padded positions are *not* window members (a max over the
+    valid taps only), which is the kernels' business, not the record's.
+
+    ``strides=None`` means ``pool_size`` (Keras' default).  ``padding``: "valid" or "same"
+    (explicit pads are refused: neither Keras nor ``tf.nn.max_pool2d``'s NHWC CPU kernel
+    defines them).  Raises ValueError naming the parameter and values.
+    """
+    x_shape = tuple(x_shape)
+    if len(x_shape) != 4:
+        raise ValueError(f"x must have rank 4 (batch, height, width, channels), got shape {x_shape}")
+    if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+        raise ValueError(f"padding must be 'valid' or 'same' for pooling, got {padding!r}")
+    p_h, p_w = normalize_pair("pool_size", pool_size)
+    s_h, s_w = normalize_pair("strides", (p_h, p_w) if strides is None else strides)
+    channels = _check_int("x channels", x_shape[3], 1)
+    try:
+        return conv_geometry(x_shape, (p_h, p_w, 1, channels), (s_h, s_w), padding.lower(), 1, channels)
+    except ValueError as exc:        # name the pool, not a kernel
+        raise ValueError(str(exc).replace("kernel_size", "pool_size").replace("w kernel", "pool")) from None

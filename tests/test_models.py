@@ -56,7 +56,7 @@ def test_parameter_counts():
 def test_cnn_layout():
     m = models.cnn(backend="reference")
     kinds = [type(layer) for layer in m.layers]
-    assert kinds == [dl.Conv2D, dl.Conv2D, keras.layers.MaxPooling2D, keras.layers.Dropout,
+    assert kinds == [dl.Conv2D, dl.Conv2D, dl.MaxPooling2D, keras.layers.Dropout,
                      keras.layers.Flatten, dl.Dense, keras.layers.Dropout, dl.Dense]
     assert [layer.output.shape for layer in m.layers] == [
         (None, 26, 26, 32), (None, 24, 24, 64), (None, 12, 12, 64), (None, 12, 12, 64),
@@ -202,7 +202,8 @@ def test_keras_file_round_trip_in_a_fresh_process(tmp_path, rng):
                        for l in m.layers if hasattr(l, 'backend')}}))
         np.save({str(tmp_path / 'p.npy')!r}, m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))
     """)
-    assert "['dlconv.layers.Conv2D:reference', 'dlconv.layers.Dense:reference']" in out
+    assert ("['dlconv.layers.Conv2D:reference', 'dlconv.layers.Dense:reference', "
+            "'dlconv.layers.MaxPooling2D:reference']") in out
     np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), expected)
 
 

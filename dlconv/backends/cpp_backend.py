@@ -204,3 +204,18 @@ class CppBackend(Backend):
             lib.activation_backward(dy, y, code, out, stream_handle(stream))
             return out
         return self._cpu().activation_backward(dy, y, code, empty_host(dy.shape))
+
+    # -- max pool (csrc/cpu_pool.cpp; CPU only) ---------------------------------------------
+    def max_pool2d_forward(self, x, g, *, on_device, with_arg=False):
+        """y (and the int32 arg, flat input position per output, when ``with_arg``)."""
+        if on_device:
+            raise ValueError("max_pool2d has C++ CPU kernels only: x must be a host (NumPy) array")
+        arg = np.empty(g.y_shape, np.int32) if with_arg else None
+        y = self._cpu().max_pool2d_forward(x, g.as_tuple(), empty_host(g.y_shape), arg)
+        return (y, arg) if with_arg else y
+
+    def max_pool2d_backward(self, dy, g, *, on_device, arg=None, x=None):
+        """dx from dy and the stored ``arg`` (a gather), or from ``x`` (arg recomputed)."""
+        if on_device:
+            raise ValueError("max_pool2d has C++ CPU kernels only: dy must be a host (NumPy) array")
+        return self._cpu().max_pool2d_backward(dy, g.as_tuple(), empty_host(g.x_shape), arg, x)

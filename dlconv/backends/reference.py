@@ -44,3 +44,19 @@ class ReferenceBackend(Backend):
     def activation_backward(self, dy, y, activation, *, on_device, stream=None):
         self.require(on_device)
         return ref.activation_backward(dy, y, activation).astype(np.float32)
+
+    def max_pool2d_forward(self, x, g, *, on_device, with_arg=False):
+        self.require(on_device)
+        y, arg = ref.max_pool2d_argmax(x, geometry=g)
+        return (y, arg) if with_arg else y
+
+    def max_pool2d_backward(self, dy, g, *, on_device, arg=None, x=None):
+        """From x (the reference recomputes the arg; a given ``arg`` is used when x is None)."""
+        self.require(on_device)
+        if x is not None:
+            return ref.max_pool2d_backward(x, dy, geometry=g)
+        dx = np.zeros((g.batch, g.in_h * g.in_w, g.in_c), np.float64)
+        n = np.broadcast_to(np.arange(g.batch)[:, None, None, None], arg.shape)
+        c = np.broadcast_to(np.arange(g.in_c)[None, None, None, :], arg.shape)
+        np.add.at(dx, (n, arg, c), np.asarray(dy, np.float64))
+        return dx.reshape(g.x_shape).astype(np.float32)

@@ -390,3 +390,92 @@ def conv2d_transpose(x, kernel, *, strides, padding, output_padding=None, dilati
         raise ValueError(f"out_shape {tuple(out_shape)} does not match the transposed geometry's "
                          f"output {g.x_shape}")
     return _conv_transpose_op(g, backend)(x, kernel)
+
+
+# ----------------------------------------------------------------------------- max pool
+@functools.lru_cache(maxsize=None)
+def pool_ffi_status():
+    """(True, "") once the max pool's FFI handlers (``csrc/ffi_pool.cpp``, exported by
+    ``dlconv._C.xla_ffi_pool_handlers``) are registered with XLA for the CPU, else (False, why)."""
+    ok, why = ffi_status("cpu")
+    if not ok:
+        return ok, why
+    lib = importlib.import_module("dlconv._C")
+    table = lib.xla_ffi_pool_handlers() if hasattr(lib, "xla_ffi_pool_handlers") else {}
+    if not table:
+        return False, "dlconv._C has no max pool FFI handlers (rebuild it)"
+    for name, capsule in table.items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    return True, ""
+
+
+def pool_path_for(backend) -> str:
+    """How the max pool of ``backend`` runs here: "ffi" (the C++ kernel as an XLA custom call:
+    ``cpp``, and ``numba``, whose pool is the C++ one, see :func:`dlconv.ops.max_pool2d`) or
+    "callback" (``jax.pure_callback`` into :mod:`dlconv.ops`: the reference, or no FFI build)."""
+    be = _ops._pool_backend(backend)
+    return "ffi" if be.name == "cpp" and pool_ffi_status()[0] else "callback"
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_op(g, backend):
+    """The custom_vjp function ``op(x) -> y`` of one pool geometry.  Forward: y and the int32
+    argmax (``dlconv_max_pool2d_forward``); the argmax is the residual, and the backward is a
+    gather from it (``dlconv_max_pool2d_backward``), measured faster than recomputing it from x
+    (``csrc/cpu_pool.cpp``).  Under ``jax.vmap``: :data:`VMAP_METHOD`."""
+    geo = np.asarray(g.as_tuple(), np.int64)
+    outs = [jax.ShapeDtypeStruct(g.y_shape, _F32), jax.ShapeDtypeStruct(g.y_shape, jnp.int32)]
+    if pool_path_for(backend) == "ffi":
+        fwd_call = jax.ffi.ffi_call("dlconv_max_pool2d_forward", outs, vmap_method=VMAP_METHOD)
+        bwd_call = jax.ffi.ffi_call("dlconv_max_pool2d_backward", jax.ShapeDtypeStruct(g.x_shape, _F32),
+                                    vmap_method=VMAP_METHOD)
+
+        def forward(x):
+            y, arg = fwd_call(x, geometry=geo)
+            return y, arg
+
+        def backward(dy, arg, x):
+            return bwd_call(dy, arg, geometry=geo)
+    else:
+        def forward(x):
+            def host(x_):
+                y, arg = _ops.max_pool2d(np.ascontiguousarray(x_), backend=backend, geometry=g,
+                                         return_argmax=True)
+                return y, arg
+            return jax.pure_callback(host, tuple(outs), x, vmap_method=VMAP_METHOD)
+
+        def backward(dy, arg, x):
+            def host(dy_, arg_, x_):
+                return _ops.max_pool2d_backward(np.ascontiguousarray(dy_), np.ascontiguousarray(x_),
+                                                backend=backend, geometry=g,
+                                                arg=np.ascontiguousarray(arg_, np.int32))
+            return jax.pure_callback(host, jax.ShapeDtypeStruct(g.x_shape, _F32), dy, arg, x,
+                                     vmap_method=VMAP_METHOD)
+
+    @jax.custom_vjp
+    def op(x):
+        return forward(x)[0]
+
+    def op_fwd(x):
+        y, arg = forward(x)
+        return y, (arg, x)
+
+    def op_bwd(res, dy):
+        arg, x = res
+        return (backward(dy, arg, x),)
+
+    op.defvjp(op_fwd, op_bwd)
+    return op
+
+
+def max_pool2d(x, *, pool_size=(2, 2), strides=None, padding="valid", backend="auto"):
+    """Keras' ``MaxPooling2D`` of NHWC float32 ``x`` (TensorFlow's NaN/tie rules:
+    :func:`dlconv.ops.max_pool2d`) as a differentiable, jittable JAX function (CPU)."""
+    _check_f32("x", x)
+    x = jnp.asarray(x)
+    if x.ndim != 4:
+        raise ValueError(f"x must have rank 4 (batch, height, width, channels), got shape {tuple(x.shape)}")
+    pool = tuple(pool_size) if isinstance(pool_size, (list, tuple)) else pool_size
+    strides = tuple(strides) if isinstance(strides, (list, tuple)) else strides
+    g = _ops.pool_geometry(tuple(x.shape), pool, strides, padding)
+    return _pool_op(g, backend)(x)

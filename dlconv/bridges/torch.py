@@ -776,3 +776,83 @@ def conv2d_transpose(x, kernel, *, strides=(1, 1), padding="valid", output_paddi
     s, p, d, out_hw = resolve(*key)
     return _forward("conv2d_transpose", _CONV2D_TRANSPOSE_FUNCTION, (x, kernel), x, kernel, s, p, d,
                     out_hw, _check_backend(backend))
+
+
+# ----------------------------------------------------------------------------- max pool
+# dlconv::max_pool2d(x NHWC) -> (y, arg): the C++ CPU kernel (csrc/cpu_pool.cpp) on the
+# tensors' own buffers, no transposes (stock Keras on torch permutes NHWC -> NCHW and back
+# around F.max_pool2d).  ``arg`` (int32, the flat input position of each output's maximum) is
+# saved for the backward, dlconv::max_pool2d_backward(dy, arg, x) -> dx, a gather: measured
+# faster than recomputing the argmax from x (csrc/cpu_pool.cpp; tests/test_pool.py).  CPU
+# tensors only: CUDA tensors are the caller's to route to the stock pool (dlconv.layers does).
+def _pool_geometry(x_shape, pool, strides, padding):
+    return _ops.pool_geometry(tuple(int(v) for v in x_shape), tuple(pool), tuple(strides), padding)
+
+
+def _pool_place(named):
+    device = _place(named)
+    if device.type != "cpu":
+        raise ValueError(f"dlconv's max pool has CPU kernels only; got tensors on {device} (use the "
+                         f"framework's pool for GPU tensors)")
+
+
+@_op("max_pool2d")
+def _max_pool2d_op(x: Tensor, pool: List[int], strides: List[int], padding: str,
+                   backend: str) -> Tuple[Tensor, Tensor]:
+    _pool_place((("x", x),))
+    g = _pool_geometry(x.shape, pool, strides, padding)
+    y, arg = _ops.max_pool2d(_host(x), backend=backend, geometry=g, return_argmax=True)
+    return torch.from_numpy(y), torch.from_numpy(arg)
+
+
+@_max_pool2d_op.register_fake
+def _(x, pool, strides, padding, backend):
+    _pool_place((("x", x),))
+    _rank("x", x, 4)
+    g = _pool_geometry((1,) + tuple(int(v) for v in x.shape[1:]), pool, strides, padding)
+    shape = (x.shape[0], g.out_h, g.out_w, g.filters)
+    return x.new_empty(shape), x.new_empty(shape, dtype=torch.int32)
+
+
+@_op("max_pool2d_backward")
+def _max_pool2d_backward_op(dy: Tensor, arg: Tensor, x: Tensor, pool: List[int], strides: List[int],
+                            padding: str, backend: str) -> Tensor:
+    _pool_place((("dy", dy), ("x", x)))
+    g = _pool_geometry(x.shape, pool, strides, padding)
+    return torch.from_numpy(_ops.max_pool2d_backward(_host(dy), _host(x), backend=backend, geometry=g,
+                                                     arg=_host(arg)))
+
+
+@_max_pool2d_backward_op.register_fake
+def _(dy, arg, x, pool, strides, padding, backend):
+    return x.new_empty(x.shape)
+
+
+def _max_pool2d_setup_context(ctx, inputs, output):
+    x, pool, strides, padding, backend = inputs
+    ctx.args = (list(pool), list(strides), padding, backend)
+    ctx.save_for_backward(x, output[1])
+
+
+def _max_pool2d_backward(ctx, dy, _darg=None):
+    x, arg = ctx.saved_tensors
+    dx = _call("max_pool2d_backward", dy.contiguous(), arg, x, *ctx.args)
+    return dx, None, None, None, None
+
+
+_max_pool2d_op.register_autograd(_max_pool2d_backward, setup_context=_max_pool2d_setup_context)
+_MAX_POOL2D_FUNCTION = _function("max_pool2d", _max_pool2d_setup_context, _max_pool2d_backward)
+
+
+def max_pool2d(x, *, pool_size=(2, 2), strides=None, padding="valid", backend="auto", names=("x",)):
+    """Keras' ``MaxPooling2D`` (NHWC, TensorFlow's NaN/tie rules: :func:`dlconv.ops.max_pool2d`)
+    of a CPU float32 tensor as a differentiable torch op (``dlconv::max_pool2d``)."""
+    _pool_place(zip(names, (x,)))
+    _rank(names[0], x, 4)
+    pool = list(normalize_pair("pool_size", pool_size))
+    s = list(normalize_pair("strides", pool if strides is None else strides))
+    if not isinstance(padding, str) or padding.lower() not in ("valid", "same"):
+        raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+    y, _arg = _forward("max_pool2d", _MAX_POOL2D_FUNCTION, (x,), x, pool, s, padding.lower(),
+                       _check_backend(backend))
+    return y

@@ -185,7 +185,8 @@ def test_keras_file_round_trip_in_a_fresh_process(tmp_path):
                                                for l in m.layers if hasattr(l, 'backend')}}))
         np.save({str(tmp_path / 'p.npy')!r}, m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0))
     """)
-    assert f"{BACKEND} ['dlconv.layers.Conv2D:auto', 'dlconv.layers.Dense:auto']" in out
+    assert (f"{BACKEND} ['dlconv.layers.Conv2D:auto', 'dlconv.layers.Dense:auto', "
+            f"'dlconv.layers.MaxPooling2D:auto']") in out
     np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected, rtol=1e-6, atol=1e-7)
 
 
