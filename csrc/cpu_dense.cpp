@@ -2,6 +2,9 @@
 //
 // Forward:  y[m, n] = act(b[n] + Σ_k x[m, k] · w[k, n]).  Long reductions (K >= 2048 and
 //           K >= 8·max(M, N), e.g. 128x9216 -> 128) take the K-split path below (AVX-512);
+//           fewer rows than one GEMM register tile (M < MR, batch-1 inference) take one
+//           direct register block of all M rows (dense_forward_few_rows: no FMAs on
+//           padding rows, w read once);
 //           otherwise the row-major A driver of cpu_gemm.h;
 //           A = x (a packed tile is MR rows of x, one memcpy each), B = w read in place,
 //           bias + activation fused into the epilogue.  Threads own MR-row tiles of y.
@@ -98,14 +101,51 @@ bool dense_forward_ksplit(i64 M, i64 K, i64 N, const float* x, const float* w, c
     return true;
 }
 
+// v2_direct dense forward for fewer rows than one GEMM register tile (M < MR, e.g. batch-1
+// inference): the GEMM driver computes MR = 12 rows per tile, so at M = 1 eleven twelfths of its
+// FMAs would be on zero rows.  Here all M rows are one register block (cpu_conv_direct.h's
+// 1..12-row kernels) over x and w read in place (row strides K and N), so w — the bulk of the
+// bytes at small M — is read exactly once: M <= 6 rows x 64 columns (4 zmm per row), 7..11
+// rows x 32 columns (2 zmm per row; max_rows).  One work item = one column panel (threads share
+// them out, static); the last vector of a ragged panel is masked.  Bias is the accumulators'
+// initial value, relu is applied on the store, sigmoid / tanh by a pass over the finished panel.
+// Nothing is allocated.
+static_assert(MR - 1 <= direct::max_rows(2) && direct::max_rows(direct::MAX_NV) <= direct::max_rows(3),
+              "every M < MR must fit one register block of the widths few_rows_nv picks");
+int few_rows_nv(i64 M) { return M <= direct::max_rows(direct::MAX_NV) ? direct::MAX_NV : 2; }
+
+i64 few_rows_items(i64 M, i64 N) {
+    const i64 width = i64(few_rows_nv(M)) * direct::VL;
+    return (N + width - 1) / width;
+}
+
+void dense_forward_few_rows(i64 M, i64 K, i64 N, const float* x, const float* w, const float* b, int act, float* y) {
+    using namespace direct;
+    const int nv_max = few_rows_nv(M);
+    const i64 width = i64(nv_max) * VL, items = few_rows_items(M, N);
+#pragma omp parallel for schedule(static) if (items > 1)
+    for (i64 it = 0; it < items; ++it) {
+        const i64 f0 = it * width, cols = std::min<i64>(width, N - f0);
+        const int nv = int((cols + VL - 1) / VL), tail = int(cols - (nv - 1) * VL);
+        const Seg seg{x, w, K};
+        fwd_kernel(nv, int(M))(&seg, 1, 0, K, f0, N, y + f0, N, __mmask16((1u << tail) - 1u),
+                               b ? b + f0 : kZeros, act == ACT_RELU);
+        if (act == ACT_SIGMOID || act == ACT_TANH) epilogue(y + f0, N, M, cols, nullptr, act);
+    }
+}
+
 }  // namespace
 #endif
 
 void dense_forward(i64 M, i64 K, i64 N, const float* x, const float* w, const float* b, int act, float* y) {
 #if defined(__AVX512F__)
+    // Few rows: the direct tiles, unless they would leave threads idle where the K-split runs.
+    const bool few = M > 0 && N > 0 && M < MR;
+    if (few && few_rows_items(M, N) >= omp_get_max_threads()) return dense_forward_few_rows(M, K, N, x, w, b, act, y);
     if (M > 0 && N > 0 && K >= 16 * DENSE_KB && K >= 8 * std::max(M, N) &&
         dense_forward_ksplit(M, K, N, x, w, b, act, y))
         return;
+    if (few) return dense_forward_few_rows(M, K, N, x, w, b, act, y);
 #endif
     auto pack = [&](i64 m0, int rows, i64 k0, i64 kc, float* dst) {
         for (int i = 0; i < rows; ++i) std::memcpy(dst + i * KCP, x + (m0 + i) * K + k0, kc * sizeof(float));

@@ -34,7 +34,14 @@
 // large calls to one dedicated dlconv thread (one OpenMP team, as dlconv.runtime.HostThread does
 // for the Python callbacks) made batch-1 inference 9-13x slower than stock on a loaded 2-core VM
 // (each hand-off is two thread wake-ups); every call single-threaded on TensorFlow's thread
-// (TensorFlow's inter-op threads instead of OpenMP) was close to this default.
+// (TensorFlow's inter-op threads instead of OpenMP) was close to this default.  Train step,
+// batch 128 (issue 12): the two conv backward passes of a layer single-threaded *and unlocked*,
+// so TensorFlow's two inter-op threads run backward-data and backward-filter side by side,
+// measured the same as this default (time ratio vs stock 0.728 vs 0.701 and 0.763 vs 0.762,
+// interleaved in one process, 2-core EPYC at load 11-13): OpenMP's team stays the default.
+// Batch-1 inference (same machine, per op minus an empty tf.function's call): dense 9216->128
+// 81-133 us on one thread vs 98-111 us with the team; conv 32->64 26x26 128-150 vs 145-169 us;
+// below SERIAL_FLOPS stays one thread, the conv (2.1e7) just above it.
 #include <omp.h>
 #include <pthread.h>
 

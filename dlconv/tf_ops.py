@@ -435,6 +435,30 @@ def reason() -> str:
         return str(exc)
 
 
+#: Below this many FLOPs a native op's CPU kernel runs on one thread (``SERIAL_FLOPS`` in
+#: csrc/tf_ops.cpp, which tests/test_tf_ops.py checks against this value).
+SERIAL_FLOPS = 2e7
+#: The library's threading switch (read once per process by csrc/tf_ops.cpp).
+THREADING_SWITCH = "DLCONV_TF_THREADING"
+
+
+def threads_used() -> str:
+    """Which threads the native ops' CPU kernels use, as csrc/tf_ops.cpp decides it."""
+    mode = os.environ.get(THREADING_SWITCH, "")
+    mode = mode if mode in ("worker", "serial") else "openmp"
+    try:
+        team = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
+    except ValueError:   # unset or not a number: OpenMP's default, the CPUs this process may use
+        team = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    head = "CPU kernels one at a time (a process-wide lock)"
+    if mode == "serial":
+        return f"{head}, each on the calling TensorFlow thread alone ({THREADING_SWITCH}=serial)"
+    where = "on the calling TensorFlow thread" if mode == "openmp" else "on one dedicated dlconv thread"
+    return (f"{head}: below {SERIAL_FLOPS:.0e} FLOPs on the calling TensorFlow thread alone, above it "
+            f"{where} with dlconv's OpenMP team of {team} threads ({THREADING_SWITCH}={mode}; not "
+            f"TensorFlow's intra-op pool)")
+
+
 def status() -> dict:
     """What ``dlconv info`` reports, without importing TensorFlow or building anything."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
@@ -447,6 +471,7 @@ def status() -> dict:
     gpu = ("; DEVICE_GPU kernels too (CUDA C++ kernels on TensorFlow's stream; never run: see docs/layers.md)"
            if nvcc else f"; CPU kernels only ({no_cuda})")
     failed = os.path.join(os.path.dirname(path), "build-failed.txt")
+    gpu += f"; {threads_used()}"
     if os.path.exists(path):
         return {"native": True, "why": f"graph-native ops (REGISTER_OP), library {path}{gpu}", "file": path,
                 "gpu_kernels": nvcc is not None}

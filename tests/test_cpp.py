@@ -407,6 +407,33 @@ def test_dense_long_reduction_k_split(m, k, n, act, rng):
         np.testing.assert_allclose(y, ref.dense_forward(x, w, b, act), rtol=RTOL, atol=_tol(k))
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 9216, 128), (1, 128, 10), (5, 300, 65), (3, 1, 16), (8, 9216, 128),
+                                   (7, 3000, 17), (11, 9216, 130), (6, 9000, 200)])
+@pytest.mark.parametrize("act", ACTS)
+def test_dense_forward_few_rows(tf, m, k, n, act, rng):
+    """Fewer rows than one GEMM register tile (M < 12, batch-1 inference): the direct 1..6-row
+    tiles over x and w read in place.  MNIST's 9216 -> 128 and 128 -> 10 at batch 1 and 8, ragged
+    panels (N = 65, 130, 200: a masked last vector), K = 1, a 6 + 5 row split; (11, 9216, 130)
+    and (6, 9000, 200) are above the serial threshold (two threads share the items); inputs one
+    float past a 64-byte boundary (unaligned loads)."""
+    for aligned in (True, False):
+        xb = np.empty(m * k + 16, np.float32)
+        wb = np.empty(k * n + 16, np.float32)
+        off = (0 if aligned else 1)
+        xo = (-xb.ctypes.data % 64) // 4 + off
+        wo = (-wb.ctypes.data % 64) // 4 + off
+        x = xb[xo:xo + m * k].reshape(m, k)
+        w = wb[wo:wo + k * n].reshape(k, n)
+        x[...] = rng.standard_normal((m, k), dtype=np.float32)
+        w[...] = rng.standard_normal((k, n), dtype=np.float32) / np.float32(np.sqrt(k))
+        for b in (None, rng.standard_normal(n, dtype=np.float32)):
+            y = _C.dense_forward(x, w, b, CODES[act])
+            np.testing.assert_allclose(y, ref.dense_forward(x, w, b, act), rtol=RTOL, atol=_tol(k))
+            if act == "linear":   # and TensorFlow's matmul on the same inputs
+                z = tf.matmul(tf.constant(x), tf.constant(w)).numpy() + (b if b is not None else 0)
+                np.testing.assert_allclose(y, z, rtol=RTOL, atol=_tol(k))
+
+
 @settings(max_examples=30)
 @given(rows=st.integers(1, 40), cols=st.integers(1, 300), scale=st.sampled_from((1.0, 30.0, 1e3)),
        seed=st.integers(0, 2**16))

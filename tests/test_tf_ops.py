@@ -169,6 +169,43 @@ def test_dense_ops_match_reference_and_tf(m, k, n, use_bias, act, in_function, s
         assert_close(got, tfg, what=f"{name} vs tf")
 
 
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("k, n, act", [(9216, 128, "relu"), (128, 10, "softmax"), (300, 65, "tanh")])
+def test_dense_op_at_inference_batches(m, k, n, act):
+    """The MNIST CNN's dense layers at batch 1 and 8 (csrc/cpu_dense.cpp's few-rows path) and a
+    ragged panel, through the native op, eager and in tf.function, against the reference and
+    tf.matmul; the gradient against TensorFlow's."""
+    rng = np.random.default_rng(m * 1000 + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    r = rng.standard_normal((m, n)).astype(np.float32)
+    y_ref = reference.dense_forward(x, w, b, act)
+    for fn in (LIB.dlconv_dense, tf.function(LIB.dlconv_dense)):
+        assert_close(fn(x, w, b, activation=act), y_ref, rtol=1e-4, what=f"y vs reference ({fn})")
+    xt, wt, bt = tf.constant(x), tf.constant(w), tf.constant(b)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([xt, wt, bt])
+        y = LIB.dlconv_dense(xt, wt, bt, activation=act)
+        y_tf = _tf_act(tf.matmul(xt, wt) + bt, act)
+        loss, loss_tf = tf.reduce_sum(y * r), tf.reduce_sum(y_tf * r)
+    assert_close(y, y_tf, rtol=1e-4, what="y vs tf.matmul")
+    for got, want, name in zip(tape.gradient(loss, [xt, wt, bt]), tape.gradient(loss_tf, [xt, wt, bt]),
+                               ("dx", "dw", "db")):
+        assert_close(got, want, rtol=1e-4, what=f"{name} vs tf")
+
+
+def test_info_states_the_native_ops_threads(monkeypatch):
+    """dlconv info's TensorFlow line says which threads the native ops use, with the threshold
+    csrc/tf_ops.cpp really has."""
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "tf_ops.cpp")).read()
+    assert f"constexpr double SERIAL_FLOPS = {tf_ops.SERIAL_FLOPS:.0e};".replace("e+0", "e") in src
+    monkeypatch.delenv(tf_ops.THREADING_SWITCH, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    why = tf_ops.status()["why"]
+    assert "OpenMP team of 3 threads" in why and "calling TensorFlow thread" in why and tf_ops.THREADING_SWITCH in why
+
+
 # ----------------------------------------------------------------------------- shapes
 @settings(max_examples=20)
 @given(conv_cases(), st.sampled_from(["batch", "height", "none"]))
