@@ -31,8 +31,6 @@ using namespace dlconv::xffi;  // NOLINT: the helpers of ffi_common.h
 
 namespace {
 
-constexpr int64_t MAX_ELEMENTWISE = 3;  // linear, relu, sigmoid, tanh
-constexpr int64_t SOFTMAX = 4;          // activation_backward's row-wise code
 using Stream = ffi::PlatformStream<cudaStream_t>;
 
 ffi::Error zero(const char* kernel, const char* name, float* p, int64_t n, cudaStream_t s) {
@@ -62,11 +60,8 @@ ffi::Error conv_forward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
     if (variant < 0 || variant > dlconv::cuda::V3_IMPLICIT_GEMM)
         return invalid(K, "CUDA variant must be 0 (auto), 1 (v1_direct), 2 (v2_smem_tiled) or 3 "
                           "(v3_implicit_gemm), got " + std::to_string(variant));
-    DLCONV_FFI_TRY(check(K, "x", x, x_shape(g)));
-    DLCONV_FFI_TRY(check(K, "w", w, w_shape(g)));
     const float* b = nullptr;
-    DLCONV_FFI_TRY(optional_arg(K, "b", rest, {g.filters}, &b));
-    DLCONV_FFI_TRY(check(K, "y", *y, y_shape(g)));
+    DLCONV_FFI_TRY(conv_forward_buffers(K, g, x, w, rest, *y, &b));
     if (g.batch == 0) return ffi::Error::Success();
     const int v = variant == 0 ? int(dlconv::cuda::V3_IMPLICIT_GEMM) : int(variant);
     return guarded(K, [&] { dlconv::cuda::conv2d_forward(g, in_ptr(x), in_ptr(w), b, int(act), out_ptr(y), v, s); });
@@ -111,11 +106,8 @@ ffi::Error dense_forward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi
                          ffi::Result<ffi::AnyBuffer> y, int64_t act) {
     const char* K = "dlconv_dense_forward";
     DLCONV_FFI_TRY(check_activation(K, act, MAX_ELEMENTWISE));
-    int64_t M, Kf, Kw, N;
-    DLCONV_FFI_TRY(dims2(K, "x", x, &M, &Kf));
-    DLCONV_FFI_TRY(dims2(K, "w", w, &Kw, &N));
-    DLCONV_FFI_TRY(check(K, "w", w, {Kf, N}));
-    DLCONV_FFI_TRY(check(K, "x", x, {M, Kf}));
+    int64_t M, Kf, N;
+    DLCONV_FFI_TRY(dense_operands(K, x, w, &M, &Kf, &N));
     const float* b = nullptr;
     DLCONV_FFI_TRY(optional_arg(K, "b", rest, {N}, &b));
     DLCONV_FFI_TRY(check(K, "y", *y, {M, N}));
@@ -128,18 +120,10 @@ ffi::Error dense_backward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
                           ffi::Result<ffi::AnyBuffer> db, int64_t act) {
     const char* K = "dlconv_dense_backward";
     DLCONV_FFI_TRY(check_activation(K, act, MAX_ELEMENTWISE));
-    int64_t M, Kf, Kw, N;
-    DLCONV_FFI_TRY(dims2(K, "x", x, &M, &Kf));
-    DLCONV_FFI_TRY(dims2(K, "w", w, &Kw, &N));
-    DLCONV_FFI_TRY(check(K, "w", w, {Kf, N}));
-    DLCONV_FFI_TRY(check(K, "dy", dy, {M, N}));
+    int64_t M, Kf, N;
+    DLCONV_FFI_TRY(dense_operands(K, x, w, &M, &Kf, &N));
     const float* y = nullptr;
-    DLCONV_FFI_TRY(optional_arg(K, "y", rest, {M, N}, &y));
-    if (act != 0 && y == nullptr)
-        return invalid(K, "y (the forward output) is needed for activation " + std::to_string(act));
-    DLCONV_FFI_TRY(check(K, "dx", *dx, {M, Kf}));
-    DLCONV_FFI_TRY(check(K, "dw", *dw, {Kf, N}));
-    DLCONV_FFI_TRY(check(K, "db", *db, {N}));
+    DLCONV_FFI_TRY(dense_backward_buffers(K, M, Kf, N, act, dy, rest, *dx, *dw, *db, &y));
     if (M == 0) {
         DLCONV_FFI_TRY(zero(K, "dw", out_ptr(dw), Kf * N, s));
         return zero(K, "db", out_ptr(db), N, s);
@@ -153,9 +137,7 @@ ffi::Error dense_backward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
 ffi::Error softmax(cudaStream_t s, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> out) {
     const char* K = "dlconv_softmax";
     int64_t R, C;
-    DLCONV_FFI_TRY(dims2(K, "z", z, &R, &C));
-    DLCONV_FFI_TRY(check(K, "z", z, {R, C}));
-    DLCONV_FFI_TRY(check(K, "out", *out, {R, C}));
+    DLCONV_FFI_TRY(softmax_buffers(K, z, *out, &R, &C));
     if (R * C == 0) return ffi::Error::Success();
     return guarded(K, [&] { dlconv::cuda::softmax(R, C, in_ptr(z), out_ptr(out), s); });
 }
@@ -164,20 +146,8 @@ ffi::Error activation_backward(cudaStream_t s, ffi::AnyBuffer dy, ffi::AnyBuffer
                                int64_t act) {
     const char* K = "dlconv_activation_backward";
     DLCONV_FFI_TRY(check_activation(K, act, SOFTMAX));
-    const auto d = dy.dimensions();
-    const Shape shape(d.begin(), d.end());
-    if (act == SOFTMAX && shape.size() != 2)
-        return invalid(K, "softmax needs rank-2 arrays, got shape " + shape_str(shape));
-    DLCONV_FFI_TRY(check(K, "dy", dy, shape));
-    DLCONV_FFI_TRY(check(K, "y", y, shape));
-    DLCONV_FFI_TRY(check(K, "dz", *dz, shape));
-    int64_t rows = 1, cols = 1;
-    if (act == SOFTMAX) {
-        rows = shape[0];
-        cols = shape[1];
-    } else {
-        for (auto v : shape) cols *= v;
-    }
+    int64_t rows, cols;
+    DLCONV_FFI_TRY(activation_backward_buffers(K, act, dy, y, *dz, &rows, &cols));
     if (rows * cols == 0) return ffi::Error::Success();
     return guarded(K, [&] {
         dlconv::cuda::activation_backward(rows, cols, in_ptr(dy), in_ptr(y), int(act), out_ptr(dz), s);
