@@ -14,6 +14,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "geometry.h"
@@ -190,6 +191,47 @@ inline ffi::Error activation_backward_buffers(const char* kernel, int64_t act,
     }
     return ffi::Error::Success();
 }
+
+// The targets' signatures (buffers, then attributes, as in ffi_cpu.cpp's list), written once:
+// each takes what the platform binds first (nothing on the CPU, the stream on CUDA), so a
+// target's CPU and CUDA handlers cannot drift apart (the JAX bridge calls both the same way).
+namespace sig {
+using B = ffi::AnyBuffer;
+using Geo = ffi::Span<const int64_t>;
+template <typename Bd>
+auto conv2d_forward(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>()
+        .template Attr<Geo>("geometry").template Attr<int64_t>("act").template Attr<int64_t>("variant");
+}
+template <typename Bd>
+auto conv2d_backward_data(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>()
+        .template Attr<Geo>("geometry").template Attr<int64_t>("act");
+}
+template <typename Bd>
+auto conv2d_backward_filter(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>().template Ret<B>()
+        .template Attr<Geo>("geometry").template Attr<int64_t>("act");
+}
+template <typename Bd>
+auto dense_forward(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>()
+        .template Attr<int64_t>("act");
+}
+template <typename Bd>
+auto dense_backward(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>()
+        .template Ret<B>().template Ret<B>().template Attr<int64_t>("act");
+}
+template <typename Bd>
+auto softmax(Bd b) {
+    return std::move(b).template Arg<B>().template Ret<B>();
+}
+template <typename Bd>
+auto activation_backward(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().template Ret<B>().template Attr<int64_t>("act");
+}
+}  // namespace sig
 
 // Runs `fn` (a kernel call), turning any exception into an ffi::Error naming the kernel.
 template <typename F>

@@ -238,28 +238,17 @@ ffi::Error activation_backward(ffi::AnyBuffer dy, ffi::AnyBuffer y, ffi::Result<
     });
 }
 
-using B = ffi::AnyBuffer;
-using Geo = ffi::Span<const int64_t>;
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dForward, conv_forward,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act").Attr<int64_t>("variant"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dBackwardData, conv_backward_data,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dForward, conv_forward, sig::conv2d_forward(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dBackwardData, conv_backward_data, sig::conv2d_backward_data(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dBackwardFilter, conv_backward_filter,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().RemainingArgs().Ret<B>().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvDenseForward, dense_forward,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().RemainingArgs().Ret<B>().Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvDenseBackward, dense_backward,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>().Ret<B>()
-                                  .Ret<B>().Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvSoftmax, softmax, ffi::Ffi::Bind().Arg<B>().Ret<B>());
+                              sig::conv2d_backward_filter(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvDenseForward, dense_forward, sig::dense_forward(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvDenseBackward, dense_backward, sig::dense_backward(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvSoftmax, softmax, sig::softmax(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvActivationBackward, activation_backward,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().Ret<B>().Attr<int64_t>("act"));
+                              sig::activation_backward(ffi::Ffi::Bind()));
 
 namespace dlconv {
 namespace xffi {

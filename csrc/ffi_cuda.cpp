@@ -32,6 +32,8 @@ using namespace dlconv::xffi;  // NOLINT: the helpers of ffi_common.h
 namespace {
 
 using Stream = ffi::PlatformStream<cudaStream_t>;
+// What every CUDA handler binds first: XLA's stream (the targets' signatures follow, ffi_common.h).
+auto cuda_bind() { return ffi::Ffi::Bind().Ctx<Stream>(); }
 
 ffi::Error zero(const char* kernel, const char* name, float* p, int64_t n, cudaStream_t s) {
     if (n == 0) return ffi::Error::Success();
@@ -154,29 +156,18 @@ ffi::Error activation_backward(cudaStream_t s, ffi::AnyBuffer dy, ffi::AnyBuffer
     });
 }
 
-using B = ffi::AnyBuffer;
-using Geo = ffi::Span<const int64_t>;
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaConv2dForward, conv_forward,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act").Attr<int64_t>("variant"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaConv2dForward, conv_forward, sig::conv2d_forward(cuda_bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaConv2dBackwardData, conv_backward_data,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act"));
+                              sig::conv2d_backward_data(cuda_bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaConv2dBackwardFilter, conv_backward_filter,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaDenseForward, dense_forward,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaDenseBackward, dense_backward,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Ret<B>().Ret<B>().Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaSoftmax, softmax, ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Ret<B>());
+                              sig::conv2d_backward_filter(cuda_bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaDenseForward, dense_forward, sig::dense_forward(cuda_bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaDenseBackward, dense_backward, sig::dense_backward(cuda_bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaSoftmax, softmax, sig::softmax(cuda_bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaActivationBackward, activation_backward,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().Ret<B>().Attr<int64_t>("act"));
+                              sig::activation_backward(cuda_bind()));
 
 namespace dlconv {
 namespace xffi {
