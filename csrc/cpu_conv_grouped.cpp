@@ -167,26 +167,39 @@ inline __mmask16 dw_mask(i64 nb) {
     return nb >= DW_BLOCK ? __mmask16(0xFFFF) : nb <= 0 ? __mmask16(0) : __mmask16((1u << nb) - 1u);
 }
 
+// DW_CHAINS vectors of accumulators for channels c0 .. c0 + DW_CHAINS·DW_BLOCK of one pixel
+// (lanes past C masked off), started from init[c0 ..] (the bias) or 0.
+struct DwBlock {
+    __mmask16 k[DW_CHAINS];
+    __m512 a[DW_CHAINS];
+    DwBlock(i64 C, i64 c0, const float* init) {
+        for (int u = 0; u < DW_CHAINS; ++u) {
+            k[u] = dw_mask(C - c0 - u * DW_BLOCK);
+            a[u] = init ? _mm512_maskz_loadu_ps(k[u], init + c0 + u * DW_BLOCK) : _mm512_setzero_ps();
+        }
+    }
+    // a += p[0 ..] · q[0 ..] lane by lane (p, q already offset to c0).
+    void fma(const float* p, const float* q) {
+        for (int u = 0; u < DW_CHAINS; ++u)
+            a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], p + u * DW_BLOCK),
+                                   _mm512_maskz_loadu_ps(k[u], q + u * DW_BLOCK), a[u]);
+    }
+    void store(float* out) const {
+        for (int u = 0; u < DW_CHAINS; ++u) _mm512_mask_storeu_ps(out + u * DW_BLOCK, k[u], a[u]);
+    }
+};
+
 void depthwise_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y) {
     const i64 C = g.in_c, M = g.batch * g.out_h * g.out_w;
 #pragma omp parallel for schedule(static)
     for (i64 m = 0; m < M; ++m) {
         const Pixel o = pixel(m, g.out_h, g.out_w);
         for (i64 c0 = 0; c0 < C; c0 += DW_CHAINS * DW_BLOCK) {
-            __mmask16 k[DW_CHAINS];
-            __m512 a[DW_CHAINS];
-            for (int u = 0; u < DW_CHAINS; ++u) {
-                k[u] = dw_mask(C - c0 - u * DW_BLOCK);
-                a[u] = b ? _mm512_maskz_loadu_ps(k[u], b + c0 + u * DW_BLOCK) : _mm512_setzero_ps();
-            }
+            DwBlock acc(C, c0, b);
             output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) {
-                const float* xp = x + ((o.n * g.in_h + ih) * g.in_w + iw) * C + c0;
-                const float* wt = w + (kh * g.k_w + kw) * C + c0;
-                for (int u = 0; u < DW_CHAINS; ++u)
-                    a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], xp + u * DW_BLOCK),
-                                           _mm512_maskz_loadu_ps(k[u], wt + u * DW_BLOCK), a[u]);
+                acc.fma(x + ((o.n * g.in_h + ih) * g.in_w + iw) * C + c0, w + (kh * g.k_w + kw) * C + c0);
             });
-            for (int u = 0; u < DW_CHAINS; ++u) _mm512_mask_storeu_ps(y + m * C + c0 + u * DW_BLOCK, k[u], a[u]);
+            acc.store(y + m * C + c0);
         }
         epilogue(y + m * C, C, 1, C, nullptr, act);
     }
@@ -198,20 +211,11 @@ void depthwise_backward_data(const ConvGeometry& g, const float* dz, const float
     for (i64 m = 0; m < M; ++m) {
         const Pixel i = pixel(m, g.in_h, g.in_w);
         for (i64 c0 = 0; c0 < C; c0 += DW_CHAINS * DW_BLOCK) {
-            __mmask16 k[DW_CHAINS];
-            __m512 a[DW_CHAINS];
-            for (int u = 0; u < DW_CHAINS; ++u) {
-                k[u] = dw_mask(C - c0 - u * DW_BLOCK);
-                a[u] = _mm512_setzero_ps();
-            }
+            DwBlock acc(C, c0, nullptr);
             input_taps(g, i.h, i.w, [&](i64 kh, i64 kw, i64 oh, i64 ow) {
-                const float* dp = dz + ((i.n * g.out_h + oh) * g.out_w + ow) * C + c0;
-                const float* wt = w + (kh * g.k_w + kw) * C + c0;
-                for (int u = 0; u < DW_CHAINS; ++u)
-                    a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], dp + u * DW_BLOCK),
-                                           _mm512_maskz_loadu_ps(k[u], wt + u * DW_BLOCK), a[u]);
+                acc.fma(dz + ((i.n * g.out_h + oh) * g.out_w + ow) * C + c0, w + (kh * g.k_w + kw) * C + c0);
             });
-            for (int u = 0; u < DW_CHAINS; ++u) _mm512_mask_storeu_ps(dx + m * C + c0 + u * DW_BLOCK, k[u], a[u]);
+            acc.store(dx + m * C + c0);
         }
     }
 }
