@@ -98,13 +98,16 @@ void unslice_cols(i64 rows, i64 width, const float* src, float* dst, i64 ld, i64
     for (i64 r = 0; r < rows; ++r) std::memcpy(dst + r * ld + off, src + r * width, width * sizeof(float));
 }
 
-// The loop nests every pass shares, each calling the pass's body (a lambda, inlined):
+// The loop nests every pass shares, each calling the pass's body (a lambda).  Walkers and bodies
+// are forced inline (DLCONV_ALWAYS_INLINE): GCC's heuristics left them as calls ("call is cold"),
+// which cost up to 2x on narrow groups (Cg = Fg = 4), where the body is a 4-float run.
+#define DLCONV_ALWAYS_INLINE __attribute__((always_inline))
 //
 // Pixel p of an (N, H, W) grid → (n, h, w).
 struct Pixel {
     i64 n, h, w;
 };
-inline Pixel pixel(i64 p, i64 H, i64 W) {
+DLCONV_ALWAYS_INLINE inline Pixel pixel(i64 p, i64 H, i64 W) {
     const i64 n = p / (H * W), r = p - n * (H * W), h = r / W;
     return {n, h, r - h * W};
 }
@@ -112,7 +115,7 @@ inline Pixel pixel(i64 p, i64 H, i64 W) {
 // Scatter form (forward, backward-filter): tap(kh, kw, ih, iw) for every tap of output pixel
 // (oh, ow) that lands inside the input; taps in the padding are skipped.
 template <typename Tap>
-inline void output_taps(const ConvGeometry& g, i64 oh, i64 ow, Tap&& tap) {
+DLCONV_ALWAYS_INLINE inline void output_taps(const ConvGeometry& g, i64 oh, i64 ow, Tap&& tap) {
     for (i64 kh = 0; kh < g.k_h; ++kh) {
         const i64 ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
         if (ih < 0 || ih >= g.in_h) continue;
@@ -128,7 +131,7 @@ inline void output_taps(const ConvGeometry& g, i64 oh, i64 ow, Tap&& tap) {
 // (ih, iw) reached through tap (kh, kw): oh = (ih + pad_top − kh·dil_h) / stride_h when the
 // division is exact and 0 <= oh < OH, likewise ow.
 template <typename Tap>
-inline void input_taps(const ConvGeometry& g, i64 ih, i64 iw, Tap&& tap) {
+DLCONV_ALWAYS_INLINE inline void input_taps(const ConvGeometry& g, i64 ih, i64 iw, Tap&& tap) {
     for (i64 kh = 0; kh < g.k_h; ++kh) {
         const i64 ohn = ih + g.pad_top - kh * g.dil_h;
         if (ohn < 0 || ohn % g.stride_h != 0) continue;
@@ -147,7 +150,7 @@ inline void input_taps(const ConvGeometry& g, i64 ih, i64 iw, Tap&& tap) {
 // One tap's work across the groups: body(q, ci) for group q < G and its input channel ci < Cg
 // (the body runs its contiguous f < Fg run).
 template <typename Body>
-inline void group_channels(i64 G, i64 Cg, Body&& body) {
+DLCONV_ALWAYS_INLINE inline void group_channels(i64 G, i64 Cg, Body&& body) {
     for (i64 q = 0; q < G; ++q)
         for (i64 ci = 0; ci < Cg; ++ci) body(q, ci);
 }
@@ -179,7 +182,7 @@ struct DwBlock {
         }
     }
     // a += p[0 ..] · q[0 ..] lane by lane (p, q already offset to c0).
-    void fma(const float* p, const float* q) {
+    DLCONV_ALWAYS_INLINE void fma(const float* p, const float* q) {
         for (int u = 0; u < DW_CHAINS; ++u)
             a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], p + u * DW_BLOCK),
                                    _mm512_maskz_loadu_ps(k[u], q + u * DW_BLOCK), a[u]);
@@ -196,7 +199,7 @@ void depthwise_forward(const ConvGeometry& g, const float* x, const float* w, co
         const Pixel o = pixel(m, g.out_h, g.out_w);
         for (i64 c0 = 0; c0 < C; c0 += DW_CHAINS * DW_BLOCK) {
             DwBlock acc(C, c0, b);
-            output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) {
+            output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) DLCONV_ALWAYS_INLINE {
                 acc.fma(x + ((o.n * g.in_h + ih) * g.in_w + iw) * C + c0, w + (kh * g.k_w + kw) * C + c0);
             });
             acc.store(y + m * C + c0);
@@ -212,7 +215,7 @@ void depthwise_backward_data(const ConvGeometry& g, const float* dz, const float
         const Pixel i = pixel(m, g.in_h, g.in_w);
         for (i64 c0 = 0; c0 < C; c0 += DW_CHAINS * DW_BLOCK) {
             DwBlock acc(C, c0, nullptr);
-            input_taps(g, i.h, i.w, [&](i64 kh, i64 kw, i64 oh, i64 ow) {
+            input_taps(g, i.h, i.w, [&](i64 kh, i64 kw, i64 oh, i64 ow) DLCONV_ALWAYS_INLINE {
                 acc.fma(dz + ((i.n * g.out_h + oh) * g.out_w + ow) * C + c0, w + (kh * g.k_w + kw) * C + c0);
             });
             acc.store(dx + m * C + c0);
@@ -247,7 +250,7 @@ void conv_forward(const ConvGeometry& g, const float* x, const float* w, const f
         const Pixel o = pixel(m, g.out_h, g.out_w);
         float* acc = y + m * F;  // accumulate in place: the row is this thread's alone
         std::memset(acc, 0, F * sizeof(float));
-        output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) {
+        output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) DLCONV_ALWAYS_INLINE {
             const float* __restrict xp = x + ((o.n * g.in_h + ih) * g.in_w + iw) * C;
             const float* __restrict wt = w + (kh * g.k_w + kw) * Cg * F;
             if (depthwise) {
@@ -255,7 +258,7 @@ void conv_forward(const ConvGeometry& g, const float* x, const float* w, const f
                 for (i64 c = 0; c < C; ++c) acc[c] += xp[c] * wt[c];
                 return;
             }
-            group_channels(G, Cg, [&](i64 q, i64 ci) {
+            group_channels(G, Cg, [&](i64 q, i64 ci) DLCONV_ALWAYS_INLINE {
                 float* __restrict a = acc + q * Fg;
                 const float xv = xp[q * Cg + ci];
                 const float* __restrict wr = wt + ci * F + q * Fg;
@@ -294,7 +297,7 @@ void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, 
         const Pixel i = pixel(m, g.in_h, g.in_w);
         float* __restrict acc = dx + m * C;
         std::memset(acc, 0, C * sizeof(float));
-        input_taps(g, i.h, i.w, [&](i64 kh, i64 kw, i64 oh, i64 ow) {
+        input_taps(g, i.h, i.w, [&](i64 kh, i64 kw, i64 oh, i64 ow) DLCONV_ALWAYS_INLINE {
             const float* __restrict dp = dz + ((i.n * g.out_h + oh) * g.out_w + ow) * F;
             const float* __restrict wt = w + (kh * g.k_w + kw) * Cg * F;
             if (depthwise) {
@@ -302,7 +305,7 @@ void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, 
                 for (i64 c = 0; c < C; ++c) acc[c] += dp[c] * wt[c];
                 return;
             }
-            group_channels(G, Cg, [&](i64 q, i64 ci) {
+            group_channels(G, Cg, [&](i64 q, i64 ci) DLCONV_ALWAYS_INLINE {
                 const float* __restrict wr = wt + ci * F + q * Fg;
                 const float* __restrict d = dp + q * Fg;
                 float s = 0.f;
@@ -347,7 +350,7 @@ void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy
             const float* __restrict dp = dz + p * F;
 #pragma omp simd
             for (i64 k = 0; k < F; ++k) pb[k] += dp[k];
-            output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) {
+            output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) DLCONV_ALWAYS_INLINE {
                 const float* __restrict xp = x + ((o.n * g.in_h + ih) * g.in_w + iw) * C;
                 float* __restrict wt = pw + (kh * g.k_w + kw) * Cg * F;
                 if (depthwise) {
@@ -355,7 +358,7 @@ void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy
                     for (i64 c = 0; c < C; ++c) wt[c] += xp[c] * dp[c];
                     return;
                 }
-                group_channels(G, Cg, [&](i64 q, i64 ci) {
+                group_channels(G, Cg, [&](i64 q, i64 ci) DLCONV_ALWAYS_INLINE {
                     const float xv = xp[q * Cg + ci];
                     float* __restrict wr = wt + ci * F + q * Fg;
                     const float* __restrict d = dp + q * Fg;
