@@ -20,7 +20,6 @@ JAX bridge falls back to jax.pure_callback.
 import glob
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -37,58 +36,22 @@ except ImportError:  # pragma: no cover - pyproject's build-system brings it
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _cpu_flags():
-    """x86 SIMD flags supported by both this machine and the compiler."""
-    if os.environ.get("DLCONV_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
-        return [], []
-    try:
-        with open("/proc/cpuinfo") as f:
-            have = set()
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        have = set()
-    flags, macros = [], []
-    if {"avx2", "fma"} <= have:
-        flags += ["-mavx2", "-mfma"]
-        macros.append(("DLCONV_HAVE_AVX2", "1"))
-    if {"avx512f"} <= have and os.environ.get("DLCONV_AVX512", "1") != "0":
-        flags += ["-mavx512f"]
-        macros.append(("DLCONV_HAVE_AVX512", "1"))
-    return flags, macros
+def _load_by_path(name, relpath):
+    """A module of the package, loaded by its file path (setup.py cannot import dlconv)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, relpath))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def _find_nvcc():
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return nvcc
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return None
-
-
-def _cuda_root(nvcc):
-    """The toolkit root: $CUDA_HOME, else what nvcc itself reports as TOP (nvcc may be a
-    wrapper script outside the toolkit), else the folder above nvcc's bin/."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.isdir(os.path.join(home, "include")):
-        return home
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
-        for line in out.splitlines():
-            if line.startswith("#$ TOP="):
-                return os.path.realpath(line.split("=", 1)[1].strip())
-    except OSError:
-        pass
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+# nvcc, the CUDA root, the SASS targets and the SIMD flags: the facts dlconv.tf_ops uses too.
+toolchain = _load_by_path("dlconv_toolchain", os.path.join("dlconv", "_toolchain.py"))
 
 
 def _cuda_wanted():
     mode = os.environ.get("DLCONV_CUDA", "").strip()
-    nvcc = _find_nvcc()
+    nvcc = toolchain.find_nvcc()
     if mode == "0":
         return None
     if mode == "1" and nvcc is None:
@@ -114,7 +77,7 @@ def _xla_ffi_include():
     return cand, ""
 
 
-SIMD_FLAGS, SIMD_MACROS = _cpu_flags()
+SIMD_FLAGS, SIMD_MACROS = toolchain.simd()
 COMMON_CXX = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp"]
 
 
@@ -126,10 +89,10 @@ class BuildExt(build_ext):
         if not cu:
             return super().build_extension(ext)
         nvcc = ext.nvcc
-        cuda_root = _cuda_root(nvcc)
+        cuda_root = toolchain.cuda_root(nvcc)
         objdir = os.path.join(self.build_temp, "cuda")
         os.makedirs(objdir, exist_ok=True)
-        archs = os.environ.get("DLCONV_CUDA_ARCHS", "80;90").split(";")
+        archs = toolchain.cuda_archs()
         gencode = []
         for a in archs:
             gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]

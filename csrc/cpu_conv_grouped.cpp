@@ -8,7 +8,9 @@
 // Taps falling in the padding are skipped (absent, not multiplied by 0: a ±Inf weight stays out).
 // In NHWC a group's channels are a slice of each pixel's row (stride 1, offset q·Cg) and its
 // filters a slice of each w row (offset q·Fg): the loops below address them with those offsets,
-// so no channel is copied or transposed.
+// so no channel is copied or transposed.  The index maps are written once, as walkers that call
+// each pass's body: output_taps (forward, backward-filter), input_taps (backward-data's gather),
+// group_channels (the (q, ci) nest around the f < Fg run).
 //
 // Wide groups (Cg >= PACK_MIN_CG, Fg >= PACK_MIN_FG) instead run each group through cpu_conv.cpp's
 // ungrouped kernels on contiguous copies of its slices (see `packed` below): one op call, G kernel
@@ -96,6 +98,63 @@ void unslice_cols(i64 rows, i64 width, const float* src, float* dst, i64 ld, i64
     for (i64 r = 0; r < rows; ++r) std::memcpy(dst + r * ld + off, src + r * width, width * sizeof(float));
 }
 
+// The loop nests every pass shares, each calling the pass's body (a lambda).  Walkers and bodies
+// are forced inline (DLCONV_ALWAYS_INLINE): GCC's heuristics left them as calls ("call is cold"),
+// which cost up to 2x on narrow groups (Cg = Fg = 4), where the body is a 4-float run.
+#define DLCONV_ALWAYS_INLINE __attribute__((always_inline))
+//
+// Pixel p of an (N, H, W) grid → (n, h, w).
+struct Pixel {
+    i64 n, h, w;
+};
+DLCONV_ALWAYS_INLINE inline Pixel pixel(i64 p, i64 H, i64 W) {
+    const i64 n = p / (H * W), r = p - n * (H * W), h = r / W;
+    return {n, h, r - h * W};
+}
+
+// Scatter form (forward, backward-filter): tap(kh, kw, ih, iw) for every tap of output pixel
+// (oh, ow) that lands inside the input; taps in the padding are skipped.
+template <typename Tap>
+DLCONV_ALWAYS_INLINE inline void output_taps(const ConvGeometry& g, i64 oh, i64 ow, Tap&& tap) {
+    for (i64 kh = 0; kh < g.k_h; ++kh) {
+        const i64 ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
+        if (ih < 0 || ih >= g.in_h) continue;
+        for (i64 kw = 0; kw < g.k_w; ++kw) {
+            const i64 iw = ow * g.stride_w - g.pad_left + kw * g.dil_w;
+            if (iw < 0 || iw >= g.in_w) continue;
+            tap(kh, kw, ih, iw);
+        }
+    }
+}
+
+// Gather form (backward-data): tap(kh, kw, oh, ow) for every output pixel that input pixel
+// (ih, iw) reached through tap (kh, kw): oh = (ih + pad_top − kh·dil_h) / stride_h when the
+// division is exact and 0 <= oh < OH, likewise ow.
+template <typename Tap>
+DLCONV_ALWAYS_INLINE inline void input_taps(const ConvGeometry& g, i64 ih, i64 iw, Tap&& tap) {
+    for (i64 kh = 0; kh < g.k_h; ++kh) {
+        const i64 ohn = ih + g.pad_top - kh * g.dil_h;
+        if (ohn < 0 || ohn % g.stride_h != 0) continue;
+        const i64 oh = ohn / g.stride_h;
+        if (oh >= g.out_h) continue;
+        for (i64 kw = 0; kw < g.k_w; ++kw) {
+            const i64 own = iw + g.pad_left - kw * g.dil_w;
+            if (own < 0 || own % g.stride_w != 0) continue;
+            const i64 ow = own / g.stride_w;
+            if (ow >= g.out_w) continue;
+            tap(kh, kw, oh, ow);
+        }
+    }
+}
+
+// One tap's work across the groups: body(q, ci) for group q < G and its input channel ci < Cg
+// (the body runs its contiguous f < Fg run).
+template <typename Body>
+DLCONV_ALWAYS_INLINE inline void group_channels(i64 G, i64 Cg, Body&& body) {
+    for (i64 q = 0; q < G; ++q)
+        for (i64 ci = 0; ci < Cg; ++ci) body(q, ci);
+}
+
 // Depthwise with multiplier 1 (Cg = Fg = 1), AVX-512: channels are taken DW_BLOCK at a time, one
 // pixel's block of accumulators held in one vector register over all its taps (per tap: one load
 // of x, one of w, one FMA); the last block of a ragged C is masked (masked lanes never fault).
@@ -111,67 +170,55 @@ inline __mmask16 dw_mask(i64 nb) {
     return nb >= DW_BLOCK ? __mmask16(0xFFFF) : nb <= 0 ? __mmask16(0) : __mmask16((1u << nb) - 1u);
 }
 
+// DW_CHAINS vectors of accumulators for channels c0 .. c0 + DW_CHAINS·DW_BLOCK of one pixel
+// (lanes past C masked off), started from init[c0 ..] (the bias) or 0.
+struct DwBlock {
+    __mmask16 k[DW_CHAINS];
+    __m512 a[DW_CHAINS];
+    DwBlock(i64 C, i64 c0, const float* init) {
+        for (int u = 0; u < DW_CHAINS; ++u) {
+            k[u] = dw_mask(C - c0 - u * DW_BLOCK);
+            a[u] = init ? _mm512_maskz_loadu_ps(k[u], init + c0 + u * DW_BLOCK) : _mm512_setzero_ps();
+        }
+    }
+    // a += p[0 ..] · q[0 ..] lane by lane (p, q already offset to c0).
+    DLCONV_ALWAYS_INLINE void fma(const float* p, const float* q) {
+        for (int u = 0; u < DW_CHAINS; ++u)
+            a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], p + u * DW_BLOCK),
+                                   _mm512_maskz_loadu_ps(k[u], q + u * DW_BLOCK), a[u]);
+    }
+    void store(float* out) const {
+        for (int u = 0; u < DW_CHAINS; ++u) _mm512_mask_storeu_ps(out + u * DW_BLOCK, k[u], a[u]);
+    }
+};
+
 void depthwise_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y) {
-    const i64 C = g.in_c, M = g.batch * g.out_h * g.out_w, ohw = g.out_h * g.out_w;
+    const i64 C = g.in_c, M = g.batch * g.out_h * g.out_w;
 #pragma omp parallel for schedule(static)
     for (i64 m = 0; m < M; ++m) {
-        const i64 n = m / ohw, r = m - n * ohw, oh = r / g.out_w, ow = r - oh * g.out_w;
+        const Pixel o = pixel(m, g.out_h, g.out_w);
         for (i64 c0 = 0; c0 < C; c0 += DW_CHAINS * DW_BLOCK) {
-            __mmask16 k[DW_CHAINS];
-            __m512 a[DW_CHAINS];
-            for (int u = 0; u < DW_CHAINS; ++u) {
-                k[u] = dw_mask(C - c0 - u * DW_BLOCK);
-                a[u] = b ? _mm512_maskz_loadu_ps(k[u], b + c0 + u * DW_BLOCK) : _mm512_setzero_ps();
-            }
-            for (i64 kh = 0; kh < g.k_h; ++kh) {
-                const i64 ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
-                if (ih < 0 || ih >= g.in_h) continue;
-                for (i64 kw = 0; kw < g.k_w; ++kw) {
-                    const i64 iw = ow * g.stride_w - g.pad_left + kw * g.dil_w;
-                    if (iw < 0 || iw >= g.in_w) continue;
-                    const float* xp = x + ((n * g.in_h + ih) * g.in_w + iw) * C + c0;
-                    const float* wt = w + (kh * g.k_w + kw) * C + c0;
-                    for (int u = 0; u < DW_CHAINS; ++u)
-                        a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], xp + u * DW_BLOCK),
-                                               _mm512_maskz_loadu_ps(k[u], wt + u * DW_BLOCK), a[u]);
-                }
-            }
-            for (int u = 0; u < DW_CHAINS; ++u) _mm512_mask_storeu_ps(y + m * C + c0 + u * DW_BLOCK, k[u], a[u]);
+            DwBlock acc(C, c0, b);
+            output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) DLCONV_ALWAYS_INLINE {
+                acc.fma(x + ((o.n * g.in_h + ih) * g.in_w + iw) * C + c0, w + (kh * g.k_w + kw) * C + c0);
+            });
+            acc.store(y + m * C + c0);
         }
         epilogue(y + m * C, C, 1, C, nullptr, act);
     }
 }
 
 void depthwise_backward_data(const ConvGeometry& g, const float* dz, const float* w, float* dx) {
-    const i64 C = g.in_c, M = g.batch * g.in_h * g.in_w, hw = g.in_h * g.in_w;
+    const i64 C = g.in_c, M = g.batch * g.in_h * g.in_w;
 #pragma omp parallel for schedule(static)
     for (i64 m = 0; m < M; ++m) {
-        const i64 n = m / hw, r = m - n * hw, ih = r / g.in_w, iw = r - ih * g.in_w;
+        const Pixel i = pixel(m, g.in_h, g.in_w);
         for (i64 c0 = 0; c0 < C; c0 += DW_CHAINS * DW_BLOCK) {
-            __mmask16 k[DW_CHAINS];
-            __m512 a[DW_CHAINS];
-            for (int u = 0; u < DW_CHAINS; ++u) {
-                k[u] = dw_mask(C - c0 - u * DW_BLOCK);
-                a[u] = _mm512_setzero_ps();
-            }
-            for (i64 kh = 0; kh < g.k_h; ++kh) {
-                const i64 ohn = ih + g.pad_top - kh * g.dil_h;
-                if (ohn < 0 || ohn % g.stride_h != 0) continue;
-                const i64 oh = ohn / g.stride_h;
-                if (oh >= g.out_h) continue;
-                for (i64 kw = 0; kw < g.k_w; ++kw) {
-                    const i64 own = iw + g.pad_left - kw * g.dil_w;
-                    if (own < 0 || own % g.stride_w != 0) continue;
-                    const i64 ow = own / g.stride_w;
-                    if (ow >= g.out_w) continue;
-                    const float* dp = dz + ((n * g.out_h + oh) * g.out_w + ow) * C + c0;
-                    const float* wt = w + (kh * g.k_w + kw) * C + c0;
-                    for (int u = 0; u < DW_CHAINS; ++u)
-                        a[u] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k[u], dp + u * DW_BLOCK),
-                                               _mm512_maskz_loadu_ps(k[u], wt + u * DW_BLOCK), a[u]);
-                }
-            }
-            for (int u = 0; u < DW_CHAINS; ++u) _mm512_mask_storeu_ps(dx + m * C + c0 + u * DW_BLOCK, k[u], a[u]);
+            DwBlock acc(C, c0, nullptr);
+            input_taps(g, i.h, i.w, [&](i64 kh, i64 kw, i64 oh, i64 ow) DLCONV_ALWAYS_INLINE {
+                acc.fma(dz + ((i.n * g.out_h + oh) * g.out_w + ow) * C + c0, w + (kh * g.k_w + kw) * C + c0);
+            });
+            acc.store(dx + m * C + c0);
         }
     }
 }
@@ -196,37 +243,29 @@ void conv_forward(const ConvGeometry& g, const float* x, const float* w, const f
         }
         return;
     }
-    const i64 M = g.batch * g.out_h * g.out_w, ohw = g.out_h * g.out_w;
+    const i64 M = g.batch * g.out_h * g.out_w;
     const bool depthwise = Cg == 1 && Fg == 1;
 #pragma omp parallel for schedule(static)
     for (i64 m = 0; m < M; ++m) {
-        const i64 n = m / ohw, r = m - n * ohw, oh = r / g.out_w, ow = r - oh * g.out_w;
+        const Pixel o = pixel(m, g.out_h, g.out_w);
         float* acc = y + m * F;  // accumulate in place: the row is this thread's alone
         std::memset(acc, 0, F * sizeof(float));
-        for (i64 kh = 0; kh < g.k_h; ++kh) {
-            const i64 ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
-            if (ih < 0 || ih >= g.in_h) continue;
-            for (i64 kw = 0; kw < g.k_w; ++kw) {
-                const i64 iw = ow * g.stride_w - g.pad_left + kw * g.dil_w;
-                if (iw < 0 || iw >= g.in_w) continue;
-                const float* __restrict xp = x + ((n * g.in_h + ih) * g.in_w + iw) * C;
-                const float* __restrict wt = w + (kh * g.k_w + kw) * Cg * F;
-                if (depthwise) {
+        output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) DLCONV_ALWAYS_INLINE {
+            const float* __restrict xp = x + ((o.n * g.in_h + ih) * g.in_w + iw) * C;
+            const float* __restrict wt = w + (kh * g.k_w + kw) * Cg * F;
+            if (depthwise) {
 #pragma omp simd
-                    for (i64 c = 0; c < C; ++c) acc[c] += xp[c] * wt[c];
-                    continue;
-                }
-                for (i64 q = 0; q < G; ++q) {
-                    float* __restrict a = acc + q * Fg;
-                    for (i64 ci = 0; ci < Cg; ++ci) {
-                        const float xv = xp[q * Cg + ci];
-                        const float* __restrict wr = wt + ci * F + q * Fg;
-#pragma omp simd
-                        for (i64 f = 0; f < Fg; ++f) a[f] += xv * wr[f];
-                    }
-                }
+                for (i64 c = 0; c < C; ++c) acc[c] += xp[c] * wt[c];
+                return;
             }
-        }
+            group_channels(G, Cg, [&](i64 q, i64 ci) DLCONV_ALWAYS_INLINE {
+                float* __restrict a = acc + q * Fg;
+                const float xv = xp[q * Cg + ci];
+                const float* __restrict wr = wt + ci * F + q * Fg;
+#pragma omp simd
+                for (i64 f = 0; f < Fg; ++f) a[f] += xv * wr[f];
+            });
+        });
         epilogue(acc, F, 1, F, b, act);
     }
 }
@@ -236,7 +275,7 @@ void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, 
     const Dz dzt(g, dy, y, act);
     const float* dz = dzt.p;
     const i64 C = g.in_c, F = g.filters, G = g.groups, Cg = C / G, Fg = F / G;
-    const i64 M = g.batch * g.in_h * g.in_w, hw = g.in_h * g.in_w;
+    const i64 M = g.batch * g.in_h * g.in_w;
 #if defined(__AVX512F__)
     if (Cg == 1 && Fg == 1) return depthwise_backward_data(g, dz, w, dx);
 #endif
@@ -255,37 +294,26 @@ void conv_backward_data(const ConvGeometry& g, const float* dy, const float* w, 
     const bool depthwise = Cg == 1 && Fg == 1;
 #pragma omp parallel for schedule(static)
     for (i64 m = 0; m < M; ++m) {
-        const i64 n = m / hw, r = m - n * hw, ih = r / g.in_w, iw = r - ih * g.in_w;
+        const Pixel i = pixel(m, g.in_h, g.in_w);
         float* __restrict acc = dx + m * C;
         std::memset(acc, 0, C * sizeof(float));
-        for (i64 kh = 0; kh < g.k_h; ++kh) {
-            const i64 ohn = ih + g.pad_top - kh * g.dil_h;
-            if (ohn < 0 || ohn % g.stride_h != 0) continue;
-            const i64 oh = ohn / g.stride_h;
-            if (oh >= g.out_h) continue;
-            for (i64 kw = 0; kw < g.k_w; ++kw) {
-                const i64 own = iw + g.pad_left - kw * g.dil_w;
-                if (own < 0 || own % g.stride_w != 0) continue;
-                const i64 ow = own / g.stride_w;
-                if (ow >= g.out_w) continue;
-                const float* __restrict dp = dz + ((n * g.out_h + oh) * g.out_w + ow) * F;
-                const float* __restrict wt = w + (kh * g.k_w + kw) * Cg * F;
-                if (depthwise) {
+        input_taps(g, i.h, i.w, [&](i64 kh, i64 kw, i64 oh, i64 ow) DLCONV_ALWAYS_INLINE {
+            const float* __restrict dp = dz + ((i.n * g.out_h + oh) * g.out_w + ow) * F;
+            const float* __restrict wt = w + (kh * g.k_w + kw) * Cg * F;
+            if (depthwise) {
 #pragma omp simd
-                    for (i64 c = 0; c < C; ++c) acc[c] += dp[c] * wt[c];
-                    continue;
-                }
-                for (i64 q = 0; q < G; ++q)
-                    for (i64 ci = 0; ci < Cg; ++ci) {
-                        const float* __restrict wr = wt + ci * F + q * Fg;
-                        const float* __restrict d = dp + q * Fg;
-                        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                        for (i64 f = 0; f < Fg; ++f) s += d[f] * wr[f];
-                        acc[q * Cg + ci] += s;
-                    }
+                for (i64 c = 0; c < C; ++c) acc[c] += dp[c] * wt[c];
+                return;
             }
-        }
+            group_channels(G, Cg, [&](i64 q, i64 ci) DLCONV_ALWAYS_INLINE {
+                const float* __restrict wr = wt + ci * F + q * Fg;
+                const float* __restrict d = dp + q * Fg;
+                float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                for (i64 f = 0; f < Fg; ++f) s += d[f] * wr[f];
+                acc[q * Cg + ci] += s;
+            });
+        });
     }
 }
 
@@ -294,7 +322,7 @@ void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy
     const Dz dzt(g, dy, y, act);
     const float* dz = dzt.p;
     const i64 C = g.in_c, F = g.filters, G = g.groups, Cg = C / G, Fg = F / G;
-    const i64 P = g.batch * g.out_h * g.out_w, ohw = g.out_h * g.out_w, WS = g.w_size();
+    const i64 P = g.batch * g.out_h * g.out_w, WS = g.w_size();
     if (packed(g)) {
         const ConvGeometry o = one_group(g);
         const i64 Pin = g.batch * g.in_h * g.in_w, R = g.k_h * g.k_w * Cg;
@@ -318,33 +346,26 @@ void conv_backward_filter(const ConvGeometry& g, const float* x, const float* dy
         float* pw = part.data() + size_t(tid) * size_t(WS + F);
         float* pb = pw + WS;
         for (i64 p = P * tid / nt; p < P * (tid + 1) / nt; ++p) {
-            const i64 n = p / ohw, r = p - n * ohw, oh = r / g.out_w, ow = r - oh * g.out_w;
+            const Pixel o = pixel(p, g.out_h, g.out_w);
             const float* __restrict dp = dz + p * F;
 #pragma omp simd
             for (i64 k = 0; k < F; ++k) pb[k] += dp[k];
-            for (i64 kh = 0; kh < g.k_h; ++kh) {
-                const i64 ih = oh * g.stride_h - g.pad_top + kh * g.dil_h;
-                if (ih < 0 || ih >= g.in_h) continue;
-                for (i64 kw = 0; kw < g.k_w; ++kw) {
-                    const i64 iw = ow * g.stride_w - g.pad_left + kw * g.dil_w;
-                    if (iw < 0 || iw >= g.in_w) continue;
-                    const float* __restrict xp = x + ((n * g.in_h + ih) * g.in_w + iw) * C;
-                    float* __restrict wt = pw + (kh * g.k_w + kw) * Cg * F;
-                    if (depthwise) {
+            output_taps(g, o.h, o.w, [&](i64 kh, i64 kw, i64 ih, i64 iw) DLCONV_ALWAYS_INLINE {
+                const float* __restrict xp = x + ((o.n * g.in_h + ih) * g.in_w + iw) * C;
+                float* __restrict wt = pw + (kh * g.k_w + kw) * Cg * F;
+                if (depthwise) {
 #pragma omp simd
-                        for (i64 c = 0; c < C; ++c) wt[c] += xp[c] * dp[c];
-                        continue;
-                    }
-                    for (i64 q = 0; q < G; ++q)
-                        for (i64 ci = 0; ci < Cg; ++ci) {
-                            const float xv = xp[q * Cg + ci];
-                            float* __restrict wr = wt + ci * F + q * Fg;
-                            const float* __restrict d = dp + q * Fg;
-#pragma omp simd
-                            for (i64 f = 0; f < Fg; ++f) wr[f] += xv * d[f];
-                        }
+                    for (i64 c = 0; c < C; ++c) wt[c] += xp[c] * dp[c];
+                    return;
                 }
-            }
+                group_channels(G, Cg, [&](i64 q, i64 ci) DLCONV_ALWAYS_INLINE {
+                    const float xv = xp[q * Cg + ci];
+                    float* __restrict wr = wt + ci * F + q * Fg;
+                    const float* __restrict d = dp + q * Fg;
+#pragma omp simd
+                    for (i64 f = 0; f < Fg; ++f) wr[f] += xv * d[f];
+                });
+            });
         }
     }
     const i64 stride = WS + F;

@@ -12,7 +12,9 @@
 
 #include <cstdint>
 #include <exception>
+#include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "geometry.h"
@@ -23,6 +25,10 @@ namespace xffi {
 
 namespace ffi = xla::ffi;
 using Shape = std::vector<int64_t>;
+
+// The "act" codes of dlconv.activations the handlers take.
+constexpr int64_t MAX_ELEMENTWISE = 3;  // linear, relu, sigmoid, tanh
+constexpr int64_t SOFTMAX = 4;          // activation_backward's row-wise code
 
 inline std::string shape_str(ffi::Span<const int64_t> s) {
     std::string out = "(";
@@ -105,6 +111,127 @@ inline ffi::Error optional_arg(const char* kernel, const char* name, const ffi::
     *ptr = static_cast<const float*>(buf.value().untyped_data());
     return ffi::Error::Success();
 }
+
+// The conv forward's buffers, the same on every platform: x, w, the optional bias b and y, each
+// float32 with the dimensions the record implies.
+inline ffi::Error conv_forward_buffers(const char* kernel, const ConvGeometry& g, const ffi::AnyBuffer& x,
+                                       const ffi::AnyBuffer& w, const ffi::RemainingArgs& rest,
+                                       const ffi::AnyBuffer& y, const float** b) {
+    if (auto err = check(kernel, "x", x, x_shape(g)); err.failure()) return err;
+    if (auto err = check(kernel, "w", w, w_shape(g)); err.failure()) return err;
+    if (auto err = optional_arg(kernel, "b", rest, {g.filters}, b); err.failure()) return err;
+    return check(kernel, "y", y, y_shape(g));
+}
+
+// y, the activation's output, from the optional trailing argument: required unless act is 0 (linear);
+// `missing` is the message when it is absent.
+inline ffi::Error activation_output(const char* kernel, const ffi::RemainingArgs& rest, const Shape& shape,
+                                    int64_t act, const std::string& missing, const float** y) {
+    if (auto err = optional_arg(kernel, "y", rest, shape, y); err.failure()) return err;
+    if (act != 0 && *y == nullptr) return invalid(kernel, missing);
+    return ffi::Error::Success();
+}
+inline std::string conv_missing_y(int64_t act) {
+    return "activation " + std::to_string(act) + " needs y, the activation's output";
+}
+
+// The dense operands x (M, K) and w (K, N), float32; the sizes come from the buffers.
+inline ffi::Error dense_operands(const char* kernel, const ffi::AnyBuffer& x, const ffi::AnyBuffer& w, int64_t* M,
+                                 int64_t* K, int64_t* N) {
+    int64_t Kw = 0;
+    if (auto err = dims2(kernel, "x", x, M, K); err.failure()) return err;
+    if (auto err = dims2(kernel, "w", w, &Kw, N); err.failure()) return err;
+    if (auto err = check(kernel, "x", x, {*M, *K}); err.failure()) return err;
+    return check(kernel, "w", w, {*K, *N});
+}
+
+// dense_backward's buffers after dense_operands: dy (M, N), the optional y (needed unless act is 0),
+// and the outputs dx (M, K), dw (K, N), db (N,).
+inline ffi::Error dense_backward_buffers(const char* kernel, int64_t M, int64_t K, int64_t N, int64_t act,
+                                         const ffi::AnyBuffer& dy, const ffi::RemainingArgs& rest,
+                                         const ffi::AnyBuffer& dx, const ffi::AnyBuffer& dw,
+                                         const ffi::AnyBuffer& db, const float** y) {
+    if (auto err = check(kernel, "dy", dy, {M, N}); err.failure()) return err;
+    if (auto err = activation_output(kernel, rest, {M, N}, act,
+                                     "y (the forward output) is needed for activation " + std::to_string(act), y);
+        err.failure())
+        return err;
+    if (auto err = check(kernel, "dx", dx, {M, K}); err.failure()) return err;
+    if (auto err = check(kernel, "dw", dw, {K, N}); err.failure()) return err;
+    return check(kernel, "db", db, {N});
+}
+
+// softmax's z and out: rank 2, float32, the same (R, C).
+inline ffi::Error softmax_buffers(const char* kernel, const ffi::AnyBuffer& z, const ffi::AnyBuffer& out, int64_t* R,
+                                  int64_t* C) {
+    if (auto err = dims2(kernel, "z", z, R, C); err.failure()) return err;
+    if (auto err = check(kernel, "z", z, {*R, *C}); err.failure()) return err;
+    return check(kernel, "out", out, {*R, *C});
+}
+
+// activation_backward's dy, y and dz: float32, all of dy's shape (rank 2 for SOFTMAX), viewed as
+// rows x cols: the rows of a softmax, or one row of every element.
+inline ffi::Error activation_backward_buffers(const char* kernel, int64_t act,
+                                              const ffi::AnyBuffer& dy, const ffi::AnyBuffer& y,
+                                              const ffi::AnyBuffer& dz, int64_t* rows, int64_t* cols) {
+    const auto d = dy.dimensions();
+    const Shape shape(d.begin(), d.end());
+    if (act == SOFTMAX && shape.size() != 2)
+        return invalid(kernel, "softmax needs rank-2 arrays, got shape " + shape_str(shape));
+    if (auto err = check(kernel, "dy", dy, shape); err.failure()) return err;
+    if (auto err = check(kernel, "y", y, shape); err.failure()) return err;
+    if (auto err = check(kernel, "dz", dz, shape); err.failure()) return err;
+    *rows = 1;
+    *cols = 1;
+    if (act == SOFTMAX) {
+        *rows = shape[0];
+        *cols = shape[1];
+    } else {
+        for (auto s : shape) *cols *= s;
+    }
+    return ffi::Error::Success();
+}
+
+// The targets' signatures (buffers, then attributes, as in ffi_cpu.cpp's list), written once:
+// each takes what the platform binds first (nothing on the CPU, the stream on CUDA), so a
+// target's CPU and CUDA handlers cannot drift apart (the JAX bridge calls both the same way).
+namespace sig {
+using B = ffi::AnyBuffer;
+using Geo = ffi::Span<const int64_t>;
+template <typename Bd>
+auto conv2d_forward(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>()
+        .template Attr<Geo>("geometry").template Attr<int64_t>("act").template Attr<int64_t>("variant");
+}
+template <typename Bd>
+auto conv2d_backward_data(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>()
+        .template Attr<Geo>("geometry").template Attr<int64_t>("act");
+}
+template <typename Bd>
+auto conv2d_backward_filter(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>().template Ret<B>()
+        .template Attr<Geo>("geometry").template Attr<int64_t>("act");
+}
+template <typename Bd>
+auto dense_forward(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>()
+        .template Attr<int64_t>("act");
+}
+template <typename Bd>
+auto dense_backward(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().template Arg<B>().RemainingArgs().template Ret<B>()
+        .template Ret<B>().template Ret<B>().template Attr<int64_t>("act");
+}
+template <typename Bd>
+auto softmax(Bd b) {
+    return std::move(b).template Arg<B>().template Ret<B>();
+}
+template <typename Bd>
+auto activation_backward(Bd b) {
+    return std::move(b).template Arg<B>().template Arg<B>().template Ret<B>().template Attr<int64_t>("act");
+}
+}  // namespace sig
 
 // Runs `fn` (a kernel call), turning any exception into an ffi::Error naming the kernel.
 template <typename F>

@@ -53,9 +53,6 @@ using namespace dlconv::xffi;  // NOLINT: the helpers of ffi_common.h
 
 namespace {
 
-constexpr int64_t MAX_ELEMENTWISE = 3;  // linear, relu, sigmoid, tanh
-constexpr int64_t SOFTMAX = 4;          // activation_backward's row-wise code
-
 // The one thread that runs the FFI handlers' OpenMP work (see the header).  Callers hand it one
 // task at a time and sleep until it is done; an exception thrown by the task is rethrown in the
 // caller.  Never destroyed (joining a thread during static destruction can hang at exit); a forked
@@ -149,11 +146,8 @@ ffi::Error conv_forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs r
     if (!dlconv::cpu::conv2d_forward_applicable(g, int(variant)))
         return invalid(K, "variant " + std::to_string(variant) + " cannot run " + dlconv::geometry_str(g) +
                               " in this build");
-    DLCONV_FFI_TRY(check(K, "x", x, x_shape(g)));
-    DLCONV_FFI_TRY(check(K, "w", w, w_shape(g)));
     const float* b = nullptr;
-    DLCONV_FFI_TRY(optional_arg(K, "b", rest, {g.filters}, &b));
-    DLCONV_FFI_TRY(check(K, "y", *y, y_shape(g)));
+    DLCONV_FFI_TRY(conv_forward_buffers(K, g, x, w, rest, *y, &b));
     if (g.batch == 0) return ffi::Error::Success();
     return run(K, dlconv::cpu::conv_flops(g), dlconv::cpu::SERIAL_FLOPS, [&] {
         dlconv::cpu::conv2d_forward(g, in_ptr(x), in_ptr(w), b, int(act), out_ptr(y), int(variant));
@@ -169,9 +163,7 @@ ffi::Error conv_backward_data(ffi::AnyBuffer dz, ffi::AnyBuffer w, ffi::Remainin
     DLCONV_FFI_TRY(check(K, "dz", dz, y_shape(g)));
     DLCONV_FFI_TRY(check(K, "w", w, w_shape(g)));
     const float* y = nullptr;
-    DLCONV_FFI_TRY(optional_arg(K, "y", rest, y_shape(g), &y));
-    if (act != 0 && y == nullptr)
-        return invalid(K, "activation " + std::to_string(act) + " needs y, the activation's output");
+    DLCONV_FFI_TRY(activation_output(K, rest, y_shape(g), act, conv_missing_y(act), &y));
     DLCONV_FFI_TRY(check(K, "dx", *dx, x_shape(g)));
     if (g.batch == 0) return ffi::Error::Success();
     return run(K, dlconv::cpu::conv_flops(g), dlconv::cpu::SERIAL_FLOPS, [&] {
@@ -189,9 +181,7 @@ ffi::Error conv_backward_filter(ffi::AnyBuffer x, ffi::AnyBuffer dz, ffi::Remain
     DLCONV_FFI_TRY(check(K, "x", x, x_shape(g)));
     DLCONV_FFI_TRY(check(K, "dz", dz, y_shape(g)));
     const float* y = nullptr;
-    DLCONV_FFI_TRY(optional_arg(K, "y", rest, y_shape(g), &y));
-    if (act != 0 && y == nullptr)
-        return invalid(K, "activation " + std::to_string(act) + " needs y, the activation's output");
+    DLCONV_FFI_TRY(activation_output(K, rest, y_shape(g), act, conv_missing_y(act), &y));
     DLCONV_FFI_TRY(check(K, "dw", *dw, w_shape(g)));
     DLCONV_FFI_TRY(check(K, "db", *db, {g.filters}));
     return run(K, dlconv::cpu::conv_flops(g), dlconv::cpu::SERIAL_FLOPS, [&] {
@@ -203,11 +193,8 @@ ffi::Error dense_forward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::RemainingArgs 
                          int64_t act) {
     const char* K = "dlconv_dense_forward";
     DLCONV_FFI_TRY(check_activation(K, act, MAX_ELEMENTWISE));
-    int64_t M, Kf, Kw, N;
-    DLCONV_FFI_TRY(dims2(K, "x", x, &M, &Kf));
-    DLCONV_FFI_TRY(dims2(K, "w", w, &Kw, &N));
-    DLCONV_FFI_TRY(check(K, "x", x, {M, Kf}));
-    DLCONV_FFI_TRY(check(K, "w", w, {Kf, N}));
+    int64_t M, Kf, N;
+    DLCONV_FFI_TRY(dense_operands(K, x, w, &M, &Kf, &N));
     const float* b = nullptr;
     DLCONV_FFI_TRY(optional_arg(K, "b", rest, {N}, &b));
     DLCONV_FFI_TRY(check(K, "y", *y, {M, N}));
@@ -221,19 +208,10 @@ ffi::Error dense_backward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
                           ffi::Result<ffi::AnyBuffer> db, int64_t act) {
     const char* K = "dlconv_dense_backward";
     DLCONV_FFI_TRY(check_activation(K, act, MAX_ELEMENTWISE));
-    int64_t M, Kf, Kw, N;
-    DLCONV_FFI_TRY(dims2(K, "x", x, &M, &Kf));
-    DLCONV_FFI_TRY(dims2(K, "w", w, &Kw, &N));
-    DLCONV_FFI_TRY(check(K, "x", x, {M, Kf}));
-    DLCONV_FFI_TRY(check(K, "w", w, {Kf, N}));
-    DLCONV_FFI_TRY(check(K, "dy", dy, {M, N}));
+    int64_t M, Kf, N;
+    DLCONV_FFI_TRY(dense_operands(K, x, w, &M, &Kf, &N));
     const float* y = nullptr;
-    DLCONV_FFI_TRY(optional_arg(K, "y", rest, {M, N}, &y));
-    if (act != 0 && y == nullptr)
-        return invalid(K, "y (the forward output) is needed for activation " + std::to_string(act));
-    DLCONV_FFI_TRY(check(K, "dx", *dx, {M, Kf}));
-    DLCONV_FFI_TRY(check(K, "dw", *dw, {Kf, N}));
-    DLCONV_FFI_TRY(check(K, "db", *db, {N}));
+    DLCONV_FFI_TRY(dense_backward_buffers(K, M, Kf, N, act, dy, rest, *dx, *dw, *db, &y));
     return run(K, 4.0 * double(M) * double(Kf) * double(N), dlconv::cpu::SERIAL_FLOPS, [&] {
         dlconv::cpu::dense_backward(M, Kf, N, in_ptr(x), in_ptr(w), in_ptr(dy), y, int(act), out_ptr(dx),
                                     out_ptr(dw), out_ptr(db));
@@ -243,9 +221,7 @@ ffi::Error dense_backward(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer dy,
 ffi::Error softmax(ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> out) {
     const char* K = "dlconv_softmax";
     int64_t R, C;
-    DLCONV_FFI_TRY(dims2(K, "z", z, &R, &C));
-    DLCONV_FFI_TRY(check(K, "z", z, {R, C}));
-    DLCONV_FFI_TRY(check(K, "out", *out, {R, C}));
+    DLCONV_FFI_TRY(softmax_buffers(K, z, *out, &R, &C));
     if (R * C == 0) return ffi::Error::Success();
     return run(K, double(R) * double(C), dlconv::cpu::SERIAL_ELEMENTS,
                [&] { dlconv::cpu::softmax(R, C, in_ptr(z), out_ptr(out)); });
@@ -254,48 +230,25 @@ ffi::Error softmax(ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> out) {
 ffi::Error activation_backward(ffi::AnyBuffer dy, ffi::AnyBuffer y, ffi::Result<ffi::AnyBuffer> dz, int64_t act) {
     const char* K = "dlconv_activation_backward";
     DLCONV_FFI_TRY(check_activation(K, act, SOFTMAX));
-    const auto d = dy.dimensions();
-    const Shape shape(d.begin(), d.end());
-    if (act == SOFTMAX && shape.size() != 2)
-        return invalid(K, "softmax needs rank-2 arrays, got shape " + shape_str(shape));
-    DLCONV_FFI_TRY(check(K, "dy", dy, shape));
-    DLCONV_FFI_TRY(check(K, "y", y, shape));
-    DLCONV_FFI_TRY(check(K, "dz", *dz, shape));
-    int64_t rows = 1, cols = 1;
-    if (act == SOFTMAX) {
-        rows = shape[0];
-        cols = shape[1];
-    } else {
-        for (auto s : shape) cols *= s;
-    }
+    int64_t rows, cols;
+    DLCONV_FFI_TRY(activation_backward_buffers(K, act, dy, y, *dz, &rows, &cols));
     if (rows * cols == 0) return ffi::Error::Success();
     return run(K, double(rows) * double(cols), dlconv::cpu::SERIAL_ELEMENTS, [&] {
         dlconv::cpu::activation_backward(rows, cols, in_ptr(dy), in_ptr(y), int(act), out_ptr(dz));
     });
 }
 
-using B = ffi::AnyBuffer;
-using Geo = ffi::Span<const int64_t>;
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dForward, conv_forward,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act").Attr<int64_t>("variant"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dBackwardData, conv_backward_data,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dForward, conv_forward, sig::conv2d_forward(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dBackwardData, conv_backward_data, sig::conv2d_backward_data(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvConv2dBackwardFilter, conv_backward_filter,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().RemainingArgs().Ret<B>().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvDenseForward, dense_forward,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().RemainingArgs().Ret<B>().Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvDenseBackward, dense_backward,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>().Ret<B>()
-                                  .Ret<B>().Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvSoftmax, softmax, ffi::Ffi::Bind().Arg<B>().Ret<B>());
+                              sig::conv2d_backward_filter(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvDenseForward, dense_forward, sig::dense_forward(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvDenseBackward, dense_backward, sig::dense_backward(ffi::Ffi::Bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvSoftmax, softmax, sig::softmax(ffi::Ffi::Bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvActivationBackward, activation_backward,
-                              ffi::Ffi::Bind().Arg<B>().Arg<B>().Ret<B>().Attr<int64_t>("act"));
+                              sig::activation_backward(ffi::Ffi::Bind()));
 
 namespace dlconv {
 namespace xffi {

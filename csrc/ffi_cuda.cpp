@@ -32,9 +32,9 @@ using namespace dlconv::xffi;  // NOLINT: the helpers of ffi_common.h
 
 namespace {
 
-constexpr int64_t MAX_ELEMENTWISE = 3;  // linear, relu, sigmoid, tanh
-constexpr int64_t SOFTMAX = 4;          // activation_backward's row-wise code
 using Stream = ffi::PlatformStream<cudaStream_t>;
+// What every CUDA handler binds first: XLA's stream (the targets' signatures follow, ffi_common.h).
+auto cuda_bind() { return ffi::Ffi::Bind().Ctx<Stream>(); }
 
 ffi::Error zero(const char* kernel, const char* name, float* p, int64_t n, cudaStream_t s) {
     if (n == 0) return ffi::Error::Success();
@@ -65,11 +65,8 @@ ffi::Error conv_forward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi:
     } catch (const std::invalid_argument& e) {
         return invalid(K, e.what());
     }
-    DLCONV_FFI_TRY(check(K, "x", x, x_shape(g)));
-    DLCONV_FFI_TRY(check(K, "w", w, w_shape(g)));
     const float* b = nullptr;
-    DLCONV_FFI_TRY(optional_arg(K, "b", rest, {g.filters}, &b));
-    DLCONV_FFI_TRY(check(K, "y", *y, y_shape(g)));
+    DLCONV_FFI_TRY(conv_forward_buffers(K, g, x, w, rest, *y, &b));
     if (g.batch == 0) return ffi::Error::Success();
     const int v = variant == 0 ? int(dlconv::cuda::V3_IMPLICIT_GEMM) : int(variant);
     return guarded(K, [&] { dlconv::cuda::conv2d_forward(g, in_ptr(x), in_ptr(w), b, int(act), out_ptr(y), v, s); });
@@ -114,11 +111,8 @@ ffi::Error dense_forward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi
                          ffi::Result<ffi::AnyBuffer> y, int64_t act) {
     const char* K = "dlconv_dense_forward";
     DLCONV_FFI_TRY(check_activation(K, act, MAX_ELEMENTWISE));
-    int64_t M, Kf, Kw, N;
-    DLCONV_FFI_TRY(dims2(K, "x", x, &M, &Kf));
-    DLCONV_FFI_TRY(dims2(K, "w", w, &Kw, &N));
-    DLCONV_FFI_TRY(check(K, "w", w, {Kf, N}));
-    DLCONV_FFI_TRY(check(K, "x", x, {M, Kf}));
+    int64_t M, Kf, N;
+    DLCONV_FFI_TRY(dense_operands(K, x, w, &M, &Kf, &N));
     const float* b = nullptr;
     DLCONV_FFI_TRY(optional_arg(K, "b", rest, {N}, &b));
     DLCONV_FFI_TRY(check(K, "y", *y, {M, N}));
@@ -131,18 +125,10 @@ ffi::Error dense_backward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
                           ffi::Result<ffi::AnyBuffer> db, int64_t act) {
     const char* K = "dlconv_dense_backward";
     DLCONV_FFI_TRY(check_activation(K, act, MAX_ELEMENTWISE));
-    int64_t M, Kf, Kw, N;
-    DLCONV_FFI_TRY(dims2(K, "x", x, &M, &Kf));
-    DLCONV_FFI_TRY(dims2(K, "w", w, &Kw, &N));
-    DLCONV_FFI_TRY(check(K, "w", w, {Kf, N}));
-    DLCONV_FFI_TRY(check(K, "dy", dy, {M, N}));
+    int64_t M, Kf, N;
+    DLCONV_FFI_TRY(dense_operands(K, x, w, &M, &Kf, &N));
     const float* y = nullptr;
-    DLCONV_FFI_TRY(optional_arg(K, "y", rest, {M, N}, &y));
-    if (act != 0 && y == nullptr)
-        return invalid(K, "y (the forward output) is needed for activation " + std::to_string(act));
-    DLCONV_FFI_TRY(check(K, "dx", *dx, {M, Kf}));
-    DLCONV_FFI_TRY(check(K, "dw", *dw, {Kf, N}));
-    DLCONV_FFI_TRY(check(K, "db", *db, {N}));
+    DLCONV_FFI_TRY(dense_backward_buffers(K, M, Kf, N, act, dy, rest, *dx, *dw, *db, &y));
     if (M == 0) {
         DLCONV_FFI_TRY(zero(K, "dw", out_ptr(dw), Kf * N, s));
         return zero(K, "db", out_ptr(db), N, s);
@@ -156,9 +142,7 @@ ffi::Error dense_backward(cudaStream_t s, ffi::AnyBuffer x, ffi::AnyBuffer w, ff
 ffi::Error softmax(cudaStream_t s, ffi::AnyBuffer z, ffi::Result<ffi::AnyBuffer> out) {
     const char* K = "dlconv_softmax";
     int64_t R, C;
-    DLCONV_FFI_TRY(dims2(K, "z", z, &R, &C));
-    DLCONV_FFI_TRY(check(K, "z", z, {R, C}));
-    DLCONV_FFI_TRY(check(K, "out", *out, {R, C}));
+    DLCONV_FFI_TRY(softmax_buffers(K, z, *out, &R, &C));
     if (R * C == 0) return ffi::Error::Success();
     return guarded(K, [&] { dlconv::cuda::softmax(R, C, in_ptr(z), out_ptr(out), s); });
 }
@@ -167,49 +151,26 @@ ffi::Error activation_backward(cudaStream_t s, ffi::AnyBuffer dy, ffi::AnyBuffer
                                int64_t act) {
     const char* K = "dlconv_activation_backward";
     DLCONV_FFI_TRY(check_activation(K, act, SOFTMAX));
-    const auto d = dy.dimensions();
-    const Shape shape(d.begin(), d.end());
-    if (act == SOFTMAX && shape.size() != 2)
-        return invalid(K, "softmax needs rank-2 arrays, got shape " + shape_str(shape));
-    DLCONV_FFI_TRY(check(K, "dy", dy, shape));
-    DLCONV_FFI_TRY(check(K, "y", y, shape));
-    DLCONV_FFI_TRY(check(K, "dz", *dz, shape));
-    int64_t rows = 1, cols = 1;
-    if (act == SOFTMAX) {
-        rows = shape[0];
-        cols = shape[1];
-    } else {
-        for (auto v : shape) cols *= v;
-    }
+    int64_t rows, cols;
+    DLCONV_FFI_TRY(activation_backward_buffers(K, act, dy, y, *dz, &rows, &cols));
     if (rows * cols == 0) return ffi::Error::Success();
     return guarded(K, [&] {
         dlconv::cuda::activation_backward(rows, cols, in_ptr(dy), in_ptr(y), int(act), out_ptr(dz), s);
     });
 }
 
-using B = ffi::AnyBuffer;
-using Geo = ffi::Span<const int64_t>;
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaConv2dForward, conv_forward,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act").Attr<int64_t>("variant"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaConv2dForward, conv_forward, sig::conv2d_forward(cuda_bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaConv2dBackwardData, conv_backward_data,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act"));
+                              sig::conv2d_backward_data(cuda_bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaConv2dBackwardFilter, conv_backward_filter,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>().Ret<B>()
-                                  .Attr<Geo>("geometry").Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaDenseForward, dense_forward,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaDenseBackward, dense_backward,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().Arg<B>().RemainingArgs().Ret<B>()
-                                  .Ret<B>().Ret<B>().Attr<int64_t>("act"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaSoftmax, softmax, ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Ret<B>());
+                              sig::conv2d_backward_filter(cuda_bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaDenseForward, dense_forward, sig::dense_forward(cuda_bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaDenseBackward, dense_backward, sig::dense_backward(cuda_bind()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaSoftmax, softmax, sig::softmax(cuda_bind()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvCudaActivationBackward, activation_backward,
-                              ffi::Ffi::Bind().Ctx<Stream>().Arg<B>().Arg<B>().Ret<B>().Attr<int64_t>("act"));
+                              sig::activation_backward(cuda_bind()));
 
 namespace dlconv {
 namespace xffi {

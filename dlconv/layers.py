@@ -112,6 +112,10 @@ class _DlconvLayer:
     """What both dlconv layers add to their stock base class: the ``backend`` argument, the
     bridge of the Keras backend, float32 at the kernels' edge, and ``backend`` in the config."""
 
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self._setup_dlconv(backend)
+
     def _setup_dlconv(self, backend):
         bridge = _bridge()
         self.backend = _check_backend(backend)
@@ -149,52 +153,67 @@ class _DlconvLayer:
         return config
 
 
+class _Conv2DLayout:
+    """What Conv2D and Conv2DTranspose share around the kernels: the rank-4 input check, the
+    ``data_format`` (the kernels take NHWC; channels_first is transposed on the way in and out),
+    and the output shape from a per-axis size rule."""
+
+    _LAYER_NAME = ""  # the name a rank error gives
+
+    def _output_shape(self, input_shape, axis_size):
+        """The layer's output shape in its data_format; ``axis_size(i, size)`` is the output
+        size of spatial axis i (0 = height, 1 = width) for an input size ``size`` (not None)."""
+        input_shape = tuple(input_shape)
+        if len(input_shape) != 4:
+            raise ValueError(f"{self._LAYER_NAME} expects a rank-4 input (batch, height, width, "
+                             f"channels), got input_shape={input_shape}")
+        if self.data_format == "channels_first":
+            n, _, h, w = input_shape
+        else:
+            n, h, w, _ = input_shape
+        out = [None if size is None else axis_size(i, size) for i, size in enumerate((h, w))]
+        if self.data_format == "channels_first":
+            return (n, self.filters, out[0], out[1])
+        return (n, out[0], out[1], self.filters)
+
+    def _to_nhwc(self, x):
+        return ops.transpose(x, (0, 2, 3, 1)) if self.data_format == "channels_first" else x
+
+    def _from_nhwc(self, y):
+        return ops.transpose(y, (0, 3, 1, 2)) if self.data_format == "channels_first" else y
+
+    def _nhwc_output_shape(self, inputs):
+        """compute_output_shape of ``inputs`` (in the layer's data_format), as NHWC."""
+        out_shape = self.compute_output_shape(tuple(inputs.shape))
+        if self.data_format == "channels_first":
+            out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
+        return out_shape
+
+
 @keras.saving.register_keras_serializable(package="dlconv")
-class Conv2D(_DlconvLayer, keras.layers.Conv2D):
+class Conv2D(_Conv2DLayout, _DlconvLayer, keras.layers.Conv2D):
     """``keras.layers.Conv2D`` whose forward and backward passes run dlconv kernels.
 
     Same arguments as ``keras.layers.Conv2D`` plus ``backend`` (see the module docstring).
     """
 
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_dlconv(backend)
+    _LAYER_NAME = "Conv2D"
 
     def compute_output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
-            raise ValueError(f"Conv2D expects a rank-4 input (batch, height, width, channels), "
-                             f"got input_shape={input_shape}")
-        if self.data_format == "channels_first":
-            n, _, h, w = input_shape
-        else:
-            n, h, w, _ = input_shape
-        out = []
-        for size, k, s, d, axis in zip((h, w), self.kernel_size, self.strides, self.dilation_rate,
-                                       ("height", "width")):
-            out.append(None if size is None else conv_output_size(size, k, s, self.padding, d))
-        if self.data_format == "channels_first":
-            return (n, self.filters, out[0], out[1])
-        return (n, out[0], out[1], self.filters)
+        return self._output_shape(input_shape, lambda i, size: conv_output_size(
+            size, self.kernel_size[i], self.strides[i], self.padding, self.dilation_rate[i]))
 
     def call(self, inputs):
         bridge = _bridge()
         _check_input_dtype(self, inputs)
         fused, after = self._activation_split(_FUSED_CONV)
-        x = _f32(inputs)
-        if self.data_format == "channels_first":
-            x = ops.transpose(x, (0, 2, 3, 1))
+        x = self._to_nhwc(_f32(inputs))
         kernel, bias = self._weights()
-        out_shape = self.compute_output_shape(tuple(inputs.shape))
-        if self.data_format == "channels_first":
-            out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
         # groups=G: ONE kernel call; the kernels read each group's channel slice in place.
         y = bridge.conv2d(x, kernel, bias, strides=tuple(self.strides), padding=self.padding,
                           dilation=tuple(self.dilation_rate), activation=fused, backend=self.backend,
-                          out_shape=out_shape, groups=self.groups)
-        if self.data_format == "channels_first":
-            y = ops.transpose(y, (0, 3, 1, 2))
-        return self._finish(y, after)
+                          out_shape=self._nhwc_output_shape(inputs), groups=self.groups)
+        return self._finish(self._from_nhwc(y), after)
 
 
 @keras.saving.register_keras_serializable(package="dlconv")
@@ -204,10 +223,6 @@ class Dense(_DlconvLayer, keras.layers.Dense):
     Same arguments as ``keras.layers.Dense`` plus ``backend`` (see the module docstring).
     Inputs of rank > 2 are applied on the last axis, as the stock layer does.
     """
-
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_dlconv(backend)
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Keras' own quantization (int8, int4, float8, GPTQ, AWQ): the quantized layer runs
@@ -236,7 +251,7 @@ class Dense(_DlconvLayer, keras.layers.Dense):
 
 
 @keras.saving.register_keras_serializable(package="dlconv")
-class Conv2DTranspose(_DlconvLayer, keras.layers.Conv2DTranspose):
+class Conv2DTranspose(_Conv2DLayout, _DlconvLayer, keras.layers.Conv2DTranspose):
     """``keras.layers.Conv2DTranspose`` whose forward and backward passes run dlconv kernels.
 
     Same arguments as ``keras.layers.Conv2DTranspose`` (``output_padding`` and
@@ -249,48 +264,27 @@ class Conv2DTranspose(_DlconvLayer, keras.layers.Conv2DTranspose):
     does.
     """
 
-    def __init__(self, *args, backend="auto", **kwargs):
-        super().__init__(*args, **kwargs)
-        self._setup_dlconv(backend)
+    _LAYER_NAME = "Conv2DTranspose"
 
     def compute_output_shape(self, input_shape):
-        input_shape = tuple(input_shape)
-        if len(input_shape) != 4:
-            raise ValueError(f"Conv2DTranspose expects a rank-4 input (batch, height, width, "
-                             f"channels), got input_shape={input_shape}")
-        if self.data_format == "channels_first":
-            n, _, h, w = input_shape
-        else:
-            n, h, w, _ = input_shape
-        ops_ = self.output_padding or (None, None)
-        out = [None if size is None else conv_transpose_output_size(size, k, s, self.padding, op, d)
-               for size, k, s, op, d in zip((h, w), self.kernel_size, self.strides, ops_,
-                                            self.dilation_rate)]
-        if self.data_format == "channels_first":
-            return (n, self.filters, out[0], out[1])
-        return (n, out[0], out[1], self.filters)
+        output_padding = self.output_padding or (None, None)
+        return self._output_shape(input_shape, lambda i, size: conv_transpose_output_size(
+            size, self.kernel_size[i], self.strides[i], self.padding, output_padding[i],
+            self.dilation_rate[i]))
 
     def call(self, inputs):
         bridge = _bridge()
         _check_input_dtype(self, inputs)
-        x = _f32(inputs)
-        if self.data_format == "channels_first":
-            x = ops.transpose(x, (0, 2, 3, 1))
+        x = self._to_nhwc(_f32(inputs))
         kernel, bias = self._weights()
-        n, h, w, _ = x.shape
-        out_shape = self.compute_output_shape((n, h, w, x.shape[3]) if self.data_format == "channels_last"
-                                              else (n, x.shape[3], h, w))
-        if self.data_format == "channels_first":
-            out_shape = (out_shape[0], out_shape[2], out_shape[3], out_shape[1])
         y = bridge.conv2d_transpose(
             x, kernel, strides=tuple(self.strides), padding=self.padding,
             output_padding=None if self.output_padding is None else tuple(self.output_padding),
-            dilation=tuple(self.dilation_rate), backend=self.backend, out_shape=out_shape)
+            dilation=tuple(self.dilation_rate), backend=self.backend,
+            out_shape=self._nhwc_output_shape(inputs))
         if bias is not None:
             y = ops.add(y, ops.reshape(bias, (1, 1, 1, self.filters)))
-        if self.data_format == "channels_first":
-            y = ops.transpose(y, (0, 3, 1, 2))
-        return self._finish(y, self.activation)
+        return self._finish(self._from_nhwc(y), self.activation)
 
 
 @keras.saving.register_keras_serializable(package="dlconv")

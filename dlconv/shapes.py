@@ -349,6 +349,25 @@ class ConvGeometry:
         return dataclasses.replace(self, batch=_check_int("batch", batch, 0))
 
 
+# (what a rank error lists, the name of each dimension in a size error, each one's minimum)
+# for _rank4: activations NHWC (a batch of 0 is allowed), conv weights HWIO, and Keras'
+# Conv2DTranspose kernel (k_h, k_w, filters, in_channels).
+_X_AXES = ("batch, height, width, channels", ("batch size", "height", "width", "channels"), (0, 1, 1, 1))
+_CONV_W_AXES = ("kernel_h, kernel_w, in_channels, filters",
+                ("kernel height", "kernel width", "in_channels", "filters"), (1, 1, 1, 1))
+_TRANSPOSE_W_AXES = ("kernel_h, kernel_w, filters, in_channels",
+                     ("height", "width", "filters", "in_channels"), (1, 1, 1, 1))
+
+
+def _rank4(name: str, shape, axes: str, labels, minimums):
+    """``(shape as a tuple, its four sizes checked)``; ValueError naming ``name`` and the shape
+    when the rank is not 4, or naming the dimension (``"{name} {label}"``) and its value."""
+    shape = tuple(shape)
+    if len(shape) != 4:
+        raise ValueError(f"{name} must have rank 4 ({axes}), got shape {shape}")
+    return shape, tuple(_check_int(f"{name} {label}", v, m) for label, v, m in zip(labels, shape, minimums))
+
+
 def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides=1, padding="valid",
                   dilation=1, groups=1) -> ConvGeometry:
     """Resolve the geometry of ``conv2d(x, w)`` from shapes ``x: NHWC`` and ``w: HWIO``.
@@ -358,21 +377,8 @@ def conv_geometry(x_shape: Sequence[int], w_shape: Sequence[int], strides=1, pad
     Raises ValueError naming the parameter and numbers for impossible geometry or a
     channel mismatch.  A batch of 0 is allowed (the result is empty).
     """
-    x_shape = tuple(x_shape)
-    w_shape = tuple(w_shape)
-    if len(x_shape) != 4:
-        raise ValueError(f"x must have rank 4 (batch, height, width, channels), got shape {x_shape}")
-    if len(w_shape) != 4:
-        raise ValueError(f"w must have rank 4 (kernel_h, kernel_w, in_channels, filters), "
-                         f"got shape {w_shape}")
-    batch = _check_int("x batch size", x_shape[0], 0)
-    in_h = _check_int("x height", x_shape[1], 1)
-    in_w = _check_int("x width", x_shape[2], 1)
-    in_c = _check_int("x channels", x_shape[3], 1)
-    k_h = _check_int("w kernel height", w_shape[0], 1)
-    k_w = _check_int("w kernel width", w_shape[1], 1)
-    w_c = _check_int("w in_channels", w_shape[2], 1)
-    filters = _check_int("w filters", w_shape[3], 1)
+    x_shape, (batch, in_h, in_w, in_c) = _rank4("x", x_shape, *_X_AXES)
+    w_shape, (k_h, k_w, w_c, filters) = _rank4("w", w_shape, *_CONV_W_AXES)
     groups = _check_int("groups", groups, 1)
     if in_c % groups:
         raise ValueError(f"groups={groups} must divide the input channels: x has {in_c} (shape {x_shape})")
@@ -645,18 +651,8 @@ def conv_transpose_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stri
     ``dL/dkernel = conv2d_backward_filter(dL/dy, x, geometry=g)``.
     ``output_padding``: None, an int or a pair; ``padding``: "valid" or "same".
     """
-    x_shape, w_shape = tuple(x_shape), tuple(w_shape)
-    if len(x_shape) != 4:
-        raise ValueError(f"x must have rank 4 (batch, height, width, channels), got shape {x_shape}")
-    if len(w_shape) != 4:
-        raise ValueError(f"kernel must have rank 4 (kernel_h, kernel_w, filters, in_channels), "
-                         f"got shape {w_shape}")
-    batch = _check_int("x batch size", x_shape[0], 0)
-    in_c = _check_int("x channels", x_shape[3], 1)
-    k_h = _check_int("kernel height", w_shape[0], 1)
-    k_w = _check_int("kernel width", w_shape[1], 1)
-    filters = _check_int("kernel filters", w_shape[2], 1)
-    w_c = _check_int("kernel in_channels", w_shape[3], 1)
+    x_shape, (batch, in_h, in_w, in_c) = _rank4("x", x_shape, *_X_AXES)
+    w_shape, (k_h, k_w, filters, w_c) = _rank4("kernel", w_shape, *_TRANSPOSE_W_AXES)
     if w_c != in_c:
         raise ValueError(f"channel mismatch: x has {in_c} channels (shape {x_shape}) but the kernel "
                          f"expects {w_c} (shape {w_shape}: (k_h, k_w, filters, in_channels))")
@@ -666,11 +662,10 @@ def conv_transpose_geometry(x_shape: Sequence[int], w_shape: Sequence[int], stri
         op_h = op_w = None
     else:
         op_h, op_w = normalize_pair("output_padding", output_padding, minimum=0)
-    pt, pb, oh = conv_transpose_axis(x_shape[1], k_h, s_h, padding, op_h, d_h, "height")
-    pl, pr, ow = conv_transpose_axis(x_shape[2], k_w, s_w, padding, op_w, d_w, "width")
+    pt, pb, oh = conv_transpose_axis(in_h, k_h, s_h, padding, op_h, d_h, "height")
+    pl, pr, ow = conv_transpose_axis(in_w, k_w, s_w, padding, op_w, d_w, "width")
     return ConvGeometry(batch, oh, ow, filters, in_c, k_h, k_w, s_h, s_w, d_h, d_w,
-                        pt, pb, pl, pr, _check_int("x height", x_shape[1], 1),
-                        _check_int("x width", x_shape[2], 1))
+                        pt, pb, pl, pr, in_h, in_w)
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -70,6 +70,8 @@ import threading
 import time
 from importlib import metadata
 
+from . import _toolchain
+
 __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "status", "OP_NAMES",
            "SOURCES", "HEADERS"]
 
@@ -111,23 +113,8 @@ def _csrc() -> str:
 
 def _simd_flags():
     """-mavx2/-mfma/-mavx512f and their macros when this CPU has them (as setup.py decides)."""
-    if os.environ.get("DLCONV_NATIVE", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
-        return []
-    have = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    flags = []
-    if {"avx2", "fma"} <= have:
-        flags += ["-mavx2", "-mfma", "-DDLCONV_HAVE_AVX2=1"]
-    if "avx512f" in have and os.environ.get("DLCONV_AVX512", "1") != "0":
-        flags += ["-mavx512f", "-DDLCONV_HAVE_AVX512=1"]
-    return flags
+    flags, macros = _toolchain.simd()
+    return flags + [f"-D{name}={value}" for name, value in macros]
 
 
 def _compiler() -> str:
@@ -166,38 +153,6 @@ def _tf_build_info() -> dict:
     return dict(getattr(mod, "build_info", {}))
 
 
-def _find_nvcc():
-    """nvcc on PATH or in $CUDA_HOME/bin (the lookup setup.py does for dlconv._C_cuda)."""
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return nvcc
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return os.path.join(home, "bin", "nvcc")
-    return None
-
-
-def _cuda_root(nvcc: str) -> str:
-    """$CUDA_HOME, else the TOP nvcc itself reports (nvcc may be a wrapper script outside the
-    toolkit), else the folder above nvcc's bin/ — as setup.py."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.isdir(os.path.join(home, "include")):
-        return home
-    try:
-        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
-        for line in out.splitlines():
-            if line.startswith("#$ TOP="):
-                return os.path.realpath(line.split("=", 1)[1].strip())
-    except OSError:
-        pass
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-
-
-def _cuda_archs():
-    """SASS targets (setup.py's DLCONV_CUDA_ARCHS; PTX is added for the highest)."""
-    return [a for a in os.environ.get("DLCONV_CUDA_ARCHS", "80;90").split(";") if a]
-
-
 def cuda_plan():
     """(nvcc, "") when the library gets its DEVICE_GPU kernels, else (None, why not).
 
@@ -208,7 +163,7 @@ def cuda_plan():
     mode = os.environ.get(CUDA_SWITCH, "").strip()
     if mode == "0":
         return None, f"{CUDA_SWITCH}=0"
-    nvcc, why = _find_nvcc(), []
+    nvcc, why = _toolchain.find_nvcc(), []
     if nvcc is None:
         why.append("nvcc was not found on PATH or in $CUDA_HOME/bin")
     if not _tf_build_info().get("is_cuda_build"):
@@ -227,7 +182,7 @@ def _key() -> str:
     src = _csrc()
     nvcc, _ = cuda_plan()
     names = SOURCES + HEADERS + ((CUDA_SOURCES + CUDA_HEADERS) if nvcc else ())
-    h.update(f"cuda={nvcc} archs={_cuda_archs() if nvcc else ''}".encode())
+    h.update(f"cuda={nvcc} archs={_toolchain.cuda_archs() if nvcc else ''}".encode())
     for name in names:
         path = os.path.join(src, name)
         if os.path.exists(path):
@@ -311,7 +266,7 @@ def _build(folder: str) -> None:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         jobs, objs = [], []
         if nvcc:
-            root, archs = _cuda_root(nvcc), _cuda_archs()
+            root, archs = _toolchain.cuda_root(nvcc), _toolchain.cuda_archs()
             gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
             gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")
             for name in CUDA_SOURCES:   # as setup.py compiles them for dlconv._C_cuda
