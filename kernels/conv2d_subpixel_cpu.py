@@ -21,7 +21,8 @@ taps ``kh = tap_last_h - j*tap_step_h`` (j < taps_h) reach them, from
 
 a stride-1 forward convolution of dz with the phase's sub-filter (every tap of which hits).
 
-Edges: dz is copied once into a zero-padded buffer shared by all phases, its origin at
+Edges: dz is copied once (NumPy: a Numba per-row slice copy ran ~4x slower) into a
+zero-padded buffer shared by all phases, its origin at
 ``(ORG_H, ORG_W)`` = the largest positive phase pads; phase t reads it from row
 ``ORG_H - pad_top'`` and column ``ORG_W - pad_left'`` (a negative pad, i.e. a crop of dz, is
 a larger offset).  The buffer is sized so that every tap of every phase, including the
@@ -29,9 +30,15 @@ narrow kernel's overhanging tile rows and lanes, reads inside it.  A phase no ta
 (kernel smaller than the stride, or dilation sharing a factor with it) is zero-filled; a
 phase with no dx pixel (in_h < stride) is skipped.
 
-Two paths by the dx channel count C:
+Three paths by the dx channel count C:
 
-``C > NARROW_MAX_C``  the phase convolution runs on the forward's register-tiled inner
+``NARROW_MAX_C < C <= 16``, stride > 1  :func:`_wide16_kernel`: every phase in one launch,
+    an 8-pixel x 16-channel register tile (the forward's ``_k16_kernel`` tile, weights
+    zero-padded to 16 channels), stored straight into dx (no per-phase block, no scatter).
+    One ``prange`` iteration per (n, q) does row q of every phase, so the static split's
+    chunks carry equal FMAs (one launch per phase plus a scatter, on 32x32x16 -> 32 at batch
+    32, took ~2 ms on 1 or 2 threads; this takes ~0.4-0.5 ms in the bench on 2 cores).
+``C > 16`` (or stride 1)  the phase convolution runs on the forward's register-tiled inner
     kernels, unchanged (:mod:`.conv2d_cpu_small` ``_k16_kernel`` / ``_k32_kernel`` up to 32
     channels, :mod:`.conv2d_cpu` ``_gemm_kernel`` above): they vectorise over their filters,
     here the dx channels.  The buffer is NHWC (F channels); each phase writes a contiguous
@@ -51,8 +58,8 @@ Two paths by the dx channel count C:
 
 Results do not depend on the thread count (every dx element is written by one iteration,
 its sum in a fixed order).  Launch geometry: ``prange`` loops split by Numba's threading
-layer over all cores; the narrow path is one launch, the other one launch per phase that
-a tap reaches plus one scatter.
+layer over all cores; the narrow and 16-channel paths are one launch, the other one launch
+per phase that a tap reaches plus one scatter.
 """
 
 from __future__ import annotations
@@ -104,22 +111,17 @@ def _buffer_extent(g, phases, rows_round: int, cols_round: int):
     return org_h, org_w, hb, wb
 
 
-@njit(parallel=True, cache=True)
 def _fill_padded(dz, buf, org_h, org_w):
-    """buf[n, org_h + oh, org_w + ow, :] = dz[n, oh, ow, :], zero elsewhere (every element
-    written once).  One iteration per (n, buffer row)."""
-    n_img, out_h, out_w, f = dz.shape
-    hb, wb = buf.shape[1], buf.shape[2]
-    for item in prange(n_img * hb):
-        n = item // hb
-        hr = item % hb
-        oh = hr - org_h
-        if oh < 0 or oh >= out_h:
-            buf[n, hr] = 0.0
-            continue
-        buf[n, hr, :org_w] = 0.0
-        buf[n, hr, org_w:org_w + out_w] = dz[n, oh]
-        buf[n, hr, org_w + out_w:] = 0.0
+    """buf[n, org_h + oh, org_w + ow, :] = dz[n, oh, ow, :], zero elsewhere (NumPy: its
+    strided copy runs at memory speed, where a Numba slice assignment per row was ~4x
+    slower; only the margins are zeroed)."""
+    out_h, out_w = dz.shape[1], dz.shape[2]
+    buf[:, :org_h] = 0.0
+    buf[:, org_h + out_h:] = 0.0
+    mid = buf[:, org_h:org_h + out_h]
+    mid[:, :, :org_w] = 0.0
+    mid[:, :, org_w + out_w:] = 0.0
+    np.copyto(mid[:, :, org_w:org_w + out_w], dz)
 
 
 @njit(parallel=True, cache=True)
@@ -144,13 +146,14 @@ def _scatter_phases(yf, dx, meta, s_h, s_w):
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(g):
-    """What a geometry's backward-data needs before any data: (live phases, whether some
+def _plan(g, narrow: bool):
+    """What a geometry's backward-data needs before any data (keyed on the path too: the
+    narrow buffer's extent covers its tile overhang, so a change of NARROW_MAX_C between
+    calls must not reuse the other path's plan): (live phases, whether some
     phase with dx pixels has no tap, the padded buffer's extent (org_h, org_w, HB, WB),
     each live phase's sub-filter tap indices (kh, kw))."""
     phases = [t for t in transposed_phases(g) if t.out_h > 0 and t.out_w > 0]
     live = tuple(t for t in phases if not t.empty)
-    narrow = g.in_c <= NARROW_MAX_C
     extent = (_buffer_extent(g, live, NARROW_ROWS if narrow else 1, LANES if narrow else 1)
               if live else None)
     taps = tuple((t.tap_last_h - t.tap_step_h * np.arange(t.taps_h),
@@ -211,6 +214,76 @@ def _narrow_kernel(bf, wk, dxf, pt, n_img, f, hb, wb, c_in, in_h, in_w, s_h, s_w
                         dxf[base + s_w * (p0 + l) * c_in] = tile[r * LANES + l]
 
 
+# ----------------------------------------------------------------------------- wide kernel
+#: Pixels per wide tile (f32x16 accumulators, one per pixel, 16 dx channels each).
+WIDE_MR = 8
+
+
+@njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
+def _wide16_kernel(bf, wk, dxf, pt, n_img, q_max, f, hb, wb, c_in, in_h, in_w, s_h, s_w):
+    """Every phase, NARROW_MAX_C < C <= 16, in one launch, stored straight into dx.  bf: the
+    NHWC buffer, flat (N, HB, WB, F); wk: the phases' sub-filters, each flat (TH, TW, F, 16)
+    (channels zero-padded to 16) from offset pt[t, W0]; pt as :func:`_narrow_kernel`'s (its
+    ITEM0 column unused).  Item (n, q), q < q_max = the most rows of any phase, writes
+    dx[n, rh + s_h*q, rw + s_w*p, :] for every p of every phase with a row q: one item holds
+    all phases' work on that row, so the ``prange`` split's contiguous chunks carry equal
+    work (items per phase would give the thread holding the 2x2-tap phase twice the FMAs of
+    the other at stride 2, 3x3).  Pixels go in blocks of WIDE_MR (the last block overlaps the
+    one before: the pixels both hold get the same sum, written twice by the same item)."""
+    mr = WIDE_MR
+    n_ph = pt.shape[0] - 1
+    for item in prange(n_img * q_max):
+        n = item // q_max
+        q = item - n * q_max
+        acc = stack_micro_tile()                       # acc[p]: pixel p0 + p, 16 channels
+        tile = np.empty(mr * LANES, np.float32)
+        for t in range(n_ph):
+            taps_h, taps_w = pt[t, _PT_TH], pt[t, _PT_TW]
+            d_h, d_w = pt[t, _PT_DH], pt[t, _PT_DW]
+            qh, qw = pt[t, _PT_QH], pt[t, _PT_QW]
+            if q >= qh:
+                continue
+            r0 = pt[t, _PT_R0] + q
+            c0 = pt[t, _PT_C0]
+            wt = pt[t, _PT_W0]
+            dx_row = ((n * in_h + pt[t, _PT_RH] + s_h * q) * in_w + pt[t, _PT_RW]) * c_in
+            if qw >= mr:
+                n_blocks = -(-qw // mr)
+                for blk in range(n_blocks):
+                    p0 = min(blk * mr, qw - mr)
+                    for p in range(mr):
+                        acc[p] = vzero()
+                    for j in range(taps_h):
+                        for i in range(taps_w):
+                            x0 = ((n * hb + r0 + j * d_h) * wb + c0 + p0 + i * d_w) * f
+                            w0 = wt + (j * taps_w + i) * f * LANES
+                            for k in range(f):
+                                w_0 = vload(wk, w0 + k * LANES)
+                                for p in range(mr):
+                                    acc[p] = vfma(vbroadcast(bf, x0 + p * f + k), w_0, acc[p])
+                    if c_in == LANES:
+                        for p in range(mr):
+                            vstore(dxf, dx_row + s_w * (p0 + p) * c_in, acc[p])
+                        continue
+                    for p in range(mr):
+                        vstore(tile, p * LANES, acc[p])
+                    for p in range(mr):
+                        for c in range(c_in):
+                            dxf[dx_row + s_w * (p0 + p) * c_in + c] = tile[p * LANES + c]
+                continue
+            for p in range(qw):                            # a row narrower than the tile
+                a_0 = vzero()
+                for j in range(taps_h):
+                    for i in range(taps_w):
+                        x0 = ((n * hb + r0 + j * d_h) * wb + c0 + p + i * d_w) * f
+                        w0 = wt + (j * taps_w + i) * f * LANES
+                        for k in range(f):
+                            a_0 = vfma(vbroadcast(bf, x0 + k), vload(wk, w0 + k * LANES), a_0)
+                vstore(tile, 0, a_0)
+                for c in range(c_in):
+                    dxf[dx_row + s_w * p * c_in + c] = tile[c]
+
+
 # ----------------------------------------------------------------------------- launcher
 def backward_data(dz: np.ndarray, w: np.ndarray, g) -> np.ndarray:
     """dL/dx (shape g.x_shape) from dL/dz (shape g.y_shape) and HWIO weights, any stride,
@@ -219,7 +292,7 @@ def backward_data(dz: np.ndarray, w: np.ndarray, g) -> np.ndarray:
         raise ValueError(f"the sub-pixel backward-data takes groups == 1, got groups={g.groups}")
     dz = np.ascontiguousarray(dz, dtype=np.float32)
     w = np.asarray(w, dtype=np.float32)
-    live, some_empty, extent, taps = _plan(g)
+    live, some_empty, extent, taps = _plan(g, g.in_c <= NARROW_MAX_C)
     dx = empty_host(g.x_shape)
     if some_empty:                                     # phases no tap reaches are zero
         dx.fill(0.0)
@@ -248,6 +321,20 @@ def backward_data(dz: np.ndarray, w: np.ndarray, g) -> np.ndarray:
         buf = empty_host((g.batch, hb, wb, f))
         _fill_padded(dz, buf, org_h, org_w)
     bflat = buf.reshape(-1)
+    if c_in <= LANES and (g.stride_h > 1 or g.stride_w > 1):   # every phase, one launch
+        pt = np.zeros((len(live) + 1, 12), np.int64)
+        wk = np.zeros(sum(t.taps_h * t.taps_w for t in live) * f * LANES, np.float32)
+        for i, (t, tp) in enumerate(zip(live, taps)):
+            size = t.taps_h * t.taps_w * f * LANES
+            wk[pt[i, _PT_W0]:pt[i, _PT_W0] + size].reshape(-1, LANES)[:, :c_in] = \
+                _sub_filter(w, tp).reshape(-1, c_in)
+            pt[i + 1, _PT_ITEM0] = pt[i, _PT_ITEM0] + g.batch * t.out_h
+            pt[i + 1, _PT_W0] = pt[i, _PT_W0] + size
+            pt[i, _PT_R0:] = (org_h - t.pad_top, org_w - t.pad_left, t.taps_h, t.taps_w, t.dil_h,
+                              t.dil_w, t.out_h, t.out_w, t.phase_h, t.phase_w)
+        _wide16_kernel(bflat, wk, dx.reshape(-1), pt, g.batch, max(t.out_h for t in live), f,
+                       hb, wb, c_in, g.in_h, g.in_w, g.stride_h, g.stride_w)
+        return dx
     if g.stride_h == 1 and g.stride_w == 1:           # one phase: dx itself
         t = live[0]
         _phase_forward(bflat[((org_h - t.pad_top) * wb + org_w - t.pad_left) * f:],

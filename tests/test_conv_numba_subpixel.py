@@ -106,6 +106,32 @@ def test_strided_backward_layers_match_tf(x_shape, w_shape, strides, padding):
         np.testing.assert_allclose(db, tdb, **tol(g.gemm_m))
 
 
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
+    ((3, 32, 32, 16), (3, 3, 16, 32), 2, "same", 1),        # the 16-channel tile, full rows
+    ((2, 21, 23, 12), (3, 4, 12, 20), (2, 3), "same", 1),  # 12 channels: scalar stores
+    ((2, 19, 30, 9), (3, 3, 9, 24), 2, ((2, 1), (0, 3)), 2),  # dilation 2: two phases zero
+    ((2, 9, 13, 16), (5, 5, 16, 8), 3, "valid", 1),         # rows of 3-5 pixels: ragged loop
+    ((2, 16, 16, 10), (1, 1, 10, 7), 2, "valid", 1),        # 1x1 stride 2: 3 phases all zero
+])
+def test_wide16_kernel_matches_reference(x_shape, w_shape, strides, padding, dilation):
+    """NARROW_MAX_C < C <= 16 at stride > 1: every phase in one launch of the 16-channel
+    kernel, stored straight into dx; the same bits on 1 thread as on all."""
+    g = conv_geometry(x_shape, w_shape, strides, padding, dilation)
+    assert sub.NARROW_MAX_C < g.in_c <= 16
+    x, w, _, dy = arrays(g, 5)
+    dx = sub.backward_data(dy, w, g)
+    t = tol(g.k_h * g.k_w * g.filters)
+    np.testing.assert_allclose(dx, ref.conv2d_backward_data(dy, w, g), **t)
+    np.testing.assert_allclose(dx, ccpu.backward_data_gather(dy, w, g), **t)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        one = sub.backward_data(dy, w, g)
+    finally:
+        numba.set_num_threads(threads)
+    assert np.array_equal(dx, one)
+
+
 def test_zero_phases_and_no_pixel_phases():
     # 1x1 stride 3 on 2 rows: phases (0, *) hold the only taps, phase rows 1.. have no tap
     # (zero-filled), and with in_h = 2 < stride the third phase row has no dx pixel at all
