@@ -83,7 +83,7 @@ SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_conv_grouped.cpp", "cpu_dense.cpp"
 #: Hashed too: a change in any header rebuilds.
 HEADERS = ("geometry.h", "cpu_kernels.h", "cpu_gemm.h", "cpu_act.h", "cpu_conv_direct.h",
            "cpu_conv_winograd.h", "cpu_dense_backward.h", "cpu_conv_grouped.h",
-           "cpu_conv_subpixel.h")
+           "cpu_conv_subpixel.h", "cpu_pool.h")
 # (tests/test_tf_ops_build.py checks that every project header these sources include is here.)
 #: The CUDA C++ kernels the DEVICE_GPU OpKernels call (compiled by nvcc when CUDA is used).
 CUDA_SOURCES = ("cuda_conv.cu", "cuda_dense.cu", "cuda_workspace.cu")

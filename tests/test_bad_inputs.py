@@ -78,7 +78,7 @@ OP_CASES = [
      ValueError, ("backend", "'nope'")),
     ("variant unknown", lambda: ops.conv2d(f32(1, 6, 6, 2), f32(3, 3, 2, 4), backend="numba", variant="v9"),
      ValueError, ("variant", "'v9'")),
-    ("variant not applicable", lambda: ops.conv2d(f32(1, 9, 9, 16), f32(5, 5, 16, 16), backend="cpp",
+    ("variant not applicable", lambda: ops.conv2d(f32(1, 9, 9, 16), f32(7, 7, 16, 16), backend="cpp",
                                                   variant="cpu_v3_winograd"),
      ValueError, ("variant", "'cpu_v3_winograd'")),
     ("geometry type", lambda: ops.conv2d(f32(1, 6, 6, 2), f32(3, 3, 2, 4), geometry=G.as_tuple()),
