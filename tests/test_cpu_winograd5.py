@@ -204,6 +204,11 @@ def _track(name, err, bound):
 @settings(max_examples=40, deadline=None)
 @given(cases5())
 def test_5x5_three_passes_vs_reference_and_tensorflow(case):
+    _check_three_passes(case)
+
+
+def _check_three_passes(case):
+    """All three passes of one case against the reference (within the bound) and TF."""
     rng = np.random.default_rng(case["seed"])
     g = conv_geometry(case["x_shape"], case["w_shape"], 1, case["padding"])
     assert _C.forward_variant_applicable(g.as_tuple(), 3)
@@ -315,10 +320,14 @@ def test_5x5_one_inf_pixel_gives_inf_not_nan():
 
 
 def test_worst_error_over_the_suite_is_well_inside_the_bound():
-    """Runs last in this module: the measured worst error / bound of the tests above (see the
-    module docstring); far from 1, so the bound is not met by luck."""
-    if not WORST:
-        pytest.skip("run with the other tests of this module (they fill WORST)")
+    """The measured worst error / bound (see the module docstring) is far from 1, so the bound
+    is not met by luck: over two fixed cases checked here, plus whatever the tests above this
+    one (run first in module order) added to WORST."""
+    for case in (dict(x_shape=(2, 13, 11, 32), w_shape=(5, 5, 32, 64), padding="same", bias=True,
+                      act="linear", seed=1),
+                 dict(x_shape=(1, 9, 14, 17), w_shape=(5, 5, 17, 33), padding=((1, 3), (2, 0)),
+                      bias=False, act="relu", seed=2)):
+        _check_three_passes(case)
     assert set(WORST) == {"forward", "backward-data", "backward-filter"}, WORST
     print(f"worst error / bound: {WORST}")
     assert max(WORST.values()) < 0.5, WORST
