@@ -21,7 +21,12 @@ order, the activation as its :mod:`dlconv.activations` code.  XLA calls a handle
 whichever of its threads runs that part of the program; the handler hands OpenMP-sized work
 to one C++ thread (``dlconv-xla``: one OpenMP team, as :class:`dlconv.runtime.HostThread`
 gives the Python way in) and runs it under the C++ host lock the pybind11 entry points take
-too (``csrc/cpu_host.h``): one kernel at a time, whichever way it came in.
+too (``csrc/cpu_host.h``): one kernel at a time, whichever way it came in.  Registering the
+CPU targets also keeps XLA's buffers on the heap: XLA:CPU mallocs one block for a run's
+temporaries (the handlers' outputs among them; 63 MB for the MNIST CNN train step) anew on
+every run, which glibc served with a fresh mmap, page-faulted in on every step (a quarter of
+the step); ``csrc/ffi_cpu.cpp`` raises glibc's mmap and trim thresholds once, process-wide, so
+the block is reused (``DLCONV_JAX_KEEP_HEAP=0`` leaves malloc as it is).
 
 *cpp on a CUDA GPU* — the same targets registered with platform ``"CUDA"`` from
 ``dlconv._C_cuda`` (``csrc/ffi_cuda.cpp``), launched on XLA's stream, no host round trip.
