@@ -70,7 +70,7 @@ import threading
 import time
 from importlib import metadata
 
-from . import _toolchain
+from . import _omp, _toolchain
 
 __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "status", "OP_NAMES",
            "SOURCES", "HEADERS"]
@@ -366,6 +366,7 @@ def _load():
         built_for = json.load(f).get("tensorflow")
     if built_for != tf.__version__:
         raise TFOpsUnavailable(f"{path} was built for TensorFlow {built_for}, this is {tf.__version__}")
+    _omp.apply()   # the library links libgomp, which reads GOMP_SPINCOUNT when it loads (dlconv._omp)
     try:
         return tf.load_op_library(path)
     except Exception as exc:
