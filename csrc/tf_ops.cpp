@@ -84,6 +84,15 @@ namespace errors = ::tensorflow::errors;
 // Same thresholds as bind_cpu.cpp: below them a kernel runs on the calling thread alone
 // (waking OpenMP's sleeping workers costs 0.1-0.6 ms on a virtual machine, more than the op).
 constexpr double SERIAL_FLOPS = 2e7;        // ~0.1 ms on one AVX-512 core
+// Conv backward passes below this (~0.5 ms on one core) run with a one-thread team when the
+// OpenMP team has at most SIDE_BY_SIDE_MAX_THREADS threads: TensorFlow then runs a layer's
+// backward-data and backward-filter side by side, one core each, which fills such a machine
+// without the team's wake-ups and barriers (threading note: ResNet step).  With more cores one
+// pass per core would leave most of them idle, and SERIAL_FLOPS applies.
+constexpr double SERIAL_FLOPS_BACKWARD = 1e8;
+constexpr int SIDE_BY_SIDE_MAX_THREADS = 2;
+// Whether small (one-thread) calls run without the process-wide kernel lock (threading note).
+constexpr bool UNLOCKED_SMALL = true;
 // Geometry fields beyond this are refused before any product is formed (no int64 overflow).
 constexpr int64_t MAX_FIELD = int64_t(1) << 31;
 // Activation code of softmax (dense only; geometry.h's element-wise codes are 0-3).
@@ -109,23 +118,23 @@ class HostRunner {
         if (mode_ == Threading::WORKER) std::thread([this] { loop(); }).detach();
     }
 
-    // Runs fn() under the process-wide kernel lock: in place with a one-thread team when
-    // `small`, else with dlconv's OpenMP team (in place, or on the dlconv thread for "worker").
-    void run(bool small, const std::function<void()>& fn) {
-        std::lock_guard<std::mutex> busy(busy_);
+    // Runs fn(): in place with a one-thread team when `small` (without the process-wide
+    // kernel lock when `unlocked_small`: one core each, like any two TensorFlow ops side by
+    // side), else under the lock with dlconv's OpenMP team (in place, or on the dlconv thread
+    // for "worker").
+    void run(bool small, bool unlocked_small, const std::function<void()>& fn) {
         if (mode_ == Threading::SERIAL) small = true;
+        if (small && unlocked_small) {
+            one_thread(fn);
+            return;
+        }
+        std::lock_guard<std::mutex> busy(busy_);
         if (mode_ == Threading::OPENMP && !small) {
             fn();
             return;
         }
         if (small) {
-            const int saved = omp_get_max_threads();
-            omp_set_num_threads(1);
-            struct Restore {
-                int n;
-                ~Restore() { omp_set_num_threads(n); }
-            } restore{saved};
-            fn();
+            one_thread(fn);
             return;
         }
         std::unique_lock<std::mutex> lk(m_);
@@ -138,6 +147,17 @@ class HostRunner {
     }
 
    private:
+    // fn() with this thread's OpenMP team capped at 1 (a per-thread setting), restored after.
+    static void one_thread(const std::function<void()>& fn) {
+        const int saved = omp_get_max_threads();
+        omp_set_num_threads(1);
+        struct Restore {
+            int n;
+            ~Restore() { omp_set_num_threads(n); }
+        } restore{saved};
+        fn();
+    }
+
     void loop() {
         std::unique_lock<std::mutex> lk(m_);
         for (;;) {
@@ -186,10 +206,24 @@ HostRunner& runner() {
     return *expected;
 }
 
+// The small-call threshold and whether small calls skip the lock: SERIAL_FLOPS and
+// UNLOCKED_SMALL unless changed at run time (dlconv.tf_ops.threading_knobs, through
+// dlconv_tf_ops_threading below: for benchmarks that compare settings in one process).
+std::atomic<double> g_serial_flops{SERIAL_FLOPS};
+std::atomic<double> g_serial_flops_backward{SERIAL_FLOPS_BACKWARD};
+std::atomic<bool> g_unlocked_small{UNLOCKED_SMALL};
+
+// Which threshold a call is held to: a conv backward pass (TensorFlow can run a layer's two
+// side by side) or anything else.
+enum class Pass { OTHER, CONV_BACKWARD };
+
 // Runs a kernel; a C++ exception from it becomes an error status (never escapes into TF).
-void run_kernel(OpKernelContext* ctx, double flops, const std::function<void()>& fn) {
+void run_kernel(OpKernelContext* ctx, double flops, const std::function<void()>& fn, Pass pass = Pass::OTHER) {
+    const bool side_by_side = pass == Pass::CONV_BACKWARD && omp_get_max_threads() <= SIDE_BY_SIDE_MAX_THREADS;
+    const std::atomic<double>& limit = side_by_side ? g_serial_flops_backward : g_serial_flops;
     try {
-        runner().run(flops < SERIAL_FLOPS, fn);
+        runner().run(flops < limit.load(std::memory_order_relaxed),
+                     g_unlocked_small.load(std::memory_order_relaxed), fn);
     } catch (const std::invalid_argument& e) {
         ctx->SetStatus(errors::InvalidArgument(e.what()));
     } catch (const std::exception& e) {
@@ -444,11 +478,12 @@ struct CpuLaunch {
     }
     static void conv2d_backward_data(OpKernelContext* ctx, const ConvGeometry& g, const float* dy, const float* w,
                                      const float* y, int act, float* dx) {
-        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data(g, dy, w, dx, y, act); });
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data(g, dy, w, dx, y, act); }, Pass::CONV_BACKWARD);
     }
     static void conv2d_backward_filter(OpKernelContext* ctx, const ConvGeometry& g, const float* x, const float* dy,
                                        const float* y, int act, float* dw, float* db) {
-        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter(g, x, dy, dw, db, y, act); });
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter(g, x, dy, dw, db, y, act); },
+                   Pass::CONV_BACKWARD);
     }
     static void dense_forward(OpKernelContext* ctx, int64_t M, int64_t K, int64_t N, const float* x, const float* w,
                               const float* b, int act, float* y) {
@@ -835,6 +870,21 @@ extern "C" __attribute__((visibility("default"))) const char* dlconv_tf_ops_buil
 #else
     return "simd=scalar";
 #endif
+}
+
+// The CPU threading knobs (dlconv.tf_ops.threading_knobs): a negative argument leaves that knob
+// as it is; both previous values come back through the pointers.  Calls already running keep
+// the setting they started with.
+extern "C" __attribute__((visibility("default"))) void dlconv_tf_ops_threading(
+    double serial_flops, double serial_flops_backward, int unlocked_small, double* old_serial_flops,
+    double* old_serial_flops_backward, int* old_unlocked_small) {
+    namespace t = dlconv::tfops;
+    *old_serial_flops = t::g_serial_flops.load();
+    *old_serial_flops_backward = t::g_serial_flops_backward.load();
+    *old_unlocked_small = t::g_unlocked_small.load() ? 1 : 0;
+    if (serial_flops >= 0) t::g_serial_flops.store(serial_flops);
+    if (serial_flops_backward >= 0) t::g_serial_flops_backward.store(serial_flops_backward);
+    if (unlocked_small >= 0) t::g_unlocked_small.store(unlocked_small != 0);
 }
 
 // Whether the DEVICE_GPU kernels were compiled in (GOOGLE_CUDA build: nvcc + a CUDA TensorFlow).

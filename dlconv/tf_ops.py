@@ -73,6 +73,7 @@ from importlib import metadata
 from . import _omp, _toolchain
 
 __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "status", "OP_NAMES",
+           "threading_knobs",
            "SOURCES", "HEADERS"]
 
 #: The ops the library registers (TensorFlow's Python wrappers are their snake_case names).
@@ -371,6 +372,36 @@ def _load():
         return tf.load_op_library(path)
     except Exception as exc:
         raise TFOpsUnavailable(f"tf.load_op_library({path}) failed: {str(exc).splitlines()[0]}") from exc
+
+
+def threading_knobs(serial_flops: float | None = None, serial_flops_backward: float | None = None,
+                    unlocked_small: bool | None = None) -> dict:
+    """The op library's CPU threading knobs (csrc/tf_ops.cpp's threading note), changed where an
+    argument is given; returns the previous values as a dict with these three keys.
+
+    ``serial_flops``: forward and dense calls below this many flops run with a one-thread
+    OpenMP team on TensorFlow's thread; ``serial_flops_backward``: the same for the conv
+    backward passes (TensorFlow can run a layer's backward-data and backward-filter side by
+    side); ``unlocked_small``: one-thread calls skip the process-wide kernel lock, so
+    TensorFlow may run two of them at once.  For benchmarks comparing settings in one process;
+    the defaults are the measured choice.  Loads the library (:func:`load`)."""
+    import ctypes
+
+    load()
+    for name, v in (("serial_flops", serial_flops), ("serial_flops_backward", serial_flops_backward)):
+        if v is not None and not (isinstance(v, (int, float)) and float(v) >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    fn = ctypes.CDLL(library_path()).dlconv_tf_ops_threading
+    fn.restype = None
+    dbl, i32 = ctypes.c_double, ctypes.c_int
+    fn.argtypes = [dbl, dbl, i32, ctypes.POINTER(dbl), ctypes.POINTER(dbl), ctypes.POINTER(i32)]
+    old = dbl(), dbl(), i32()
+    fn(-1.0 if serial_flops is None else float(serial_flops),
+       -1.0 if serial_flops_backward is None else float(serial_flops_backward),
+       -1 if unlocked_small is None else int(bool(unlocked_small)),
+       ctypes.byref(old[0]), ctypes.byref(old[1]), ctypes.byref(old[2]))
+    return {"serial_flops": old[0].value, "serial_flops_backward": old[1].value,
+            "unlocked_small": bool(old[2].value)}
 
 
 def available() -> bool:
