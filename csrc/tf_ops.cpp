@@ -26,10 +26,13 @@
 // attrs and validate it with validate_geometry, so a hand-written graph with bad attrs or shapes
 // gets InvalidArgumentError naming the values, never a crash.
 //
-// Threading: dlconv's kernels parallelise with OpenMP and must run one at a time (two at once
-// fight for the cores), so every kernel call holds one process-wide mutex and runs on the
-// TensorFlow thread that called the op: small calls (below SERIAL_FLOPS) with a one-thread
-// OpenMP team (no workers to wake), larger ones with dlconv's full OpenMP team.  Measured
+// Threading: dlconv's kernels parallelise with OpenMP and must run one at a time (two teams at
+// once fight for the cores), so every call with a team holds one process-wide mutex; every call
+// runs on the TensorFlow thread that called the op.  Small calls (below SERIAL_FLOPS; conv
+// backward passes below SERIAL_FLOPS_BACKWARD while the team has <= SIDE_BY_SIDE_MAX_THREADS
+// threads) run with a one-thread OpenMP team (no workers to wake) and without the mutex
+// (UNLOCKED_SMALL: one core each, like any two TF ops side by side); larger ones with
+// dlconv's full OpenMP team.  Measured
 // against the alternatives (DLCONV_TF_THREADING, below; benchmarks/tf_inference.py): handing
 // large calls to one dedicated dlconv thread (one OpenMP team, as dlconv.runtime.HostThread does
 // for the Python callbacks) made batch-1 inference 9-13x slower than stock on a loaded 2-core VM
@@ -42,6 +45,28 @@
 // Batch-1 inference (same machine, per op minus an empty tf.function's call): dense 9216->128
 // 81-133 us on one thread vs 98-111 us with the team; conv 32->64 26x26 128-150 vs 145-169 us;
 // below SERIAL_FLOPS stays one thread, the conv (2.1e7) just above it.
+// Issues 12/13 (in-step slowdown of the kernels, 2-core EPYC, every figure a ratio to stock
+// interleaved in one process, benchmarks/tf_threading.py): (1) this library links libgomp and
+// loaded it before the cpp backend module that sets GOMP_SPINCOUNT=10000, so TF steps ran with
+// libgomp's 300000 (`pause` ~50 ns here: each idle worker spun ~15 ms after every region, all
+// through a ResNet step, beside TF's own ops); dlconv._omp now sets it at `import dlconv` and
+// before this library loads (a user's GOMP_SPINCOUNT / OMP_WAIT_POLICY wins; dlconv info says
+// which).  Spin values compare only across processes: at load 4-9 the MNIST/ResNet ratios moved
+// less than their noise (0.67-0.81 / 0.78-1.05 for 300000 and 10000 alike).  (2) The ECAL
+// ResNet's 3x3 convs are 3.8e7 flops at batch 32, just above SERIAL_FLOPS: ~70 team calls per
+// step, each with its wake-ups and barriers.  With their backward passes on one thread and
+// unlocked (TF overlaps a layer's backward-data and backward-filter; backward-filter is off
+// the critical path) the ResNet ratio went 1.068 -> 0.868 (load 8.1), 1.391 -> 1.135 (load 6.4),
+// unlocking alone 0.803 -> 0.769 (load 7.0); OMP_NUM_THREADS=1 (only the lock differs) 1.134 ->
+// 1.070 and 0.812 -> 0.831 (load 7): neutral.  MNIST (convs far above 1e8) 0.722 -> 0.708 and
+// 0.733 -> 0.718, one thread 0.683 -> 0.687; MNIST inference (tf.function) batch 1 1.153 ->
+// 1.088, batch 8 0.701 -> 0.691 (load 7.8-7.9; small calls no longer lock).  Forward convs on
+// one thread too (SERIAL_FLOPS = 1e8) measured 0.735 at load 8.1 but would halve the forward's
+// cores on a quiet machine (nothing runs beside a ResNet's forward chain): not taken without a
+// quiet run.
+// With more than SIDE_BY_SIDE_MAX_THREADS threads one pass per core would idle the rest, so
+// SERIAL_FLOPS applies there.  malloc'd scratch is not a cost: ~10 minor page faults per
+// ResNet step.
 #include <omp.h>
 #include <pthread.h>
 
@@ -123,12 +148,12 @@ class HostRunner {
     // side), else under the lock with dlconv's OpenMP team (in place, or on the dlconv thread
     // for "worker").
     void run(bool small, bool unlocked_small, const std::function<void()>& fn) {
-        if (mode_ == Threading::SERIAL) small = true;
         if (small && unlocked_small) {
             one_thread(fn);
             return;
         }
         std::lock_guard<std::mutex> busy(busy_);
+        if (mode_ == Threading::SERIAL) small = true;  // large calls too, but one at a time
         if (mode_ == Threading::OPENMP && !small) {
             fn();
             return;

@@ -425,25 +425,37 @@ def reason() -> str:
 #: Below this many FLOPs a native op's CPU kernel runs on one thread (``SERIAL_FLOPS`` in
 #: csrc/tf_ops.cpp, which tests/test_tf_ops.py checks against this value).
 SERIAL_FLOPS = 2e7
+#: The same for the conv backward passes while dlconv's OpenMP team has at most
+#: ``SIDE_BY_SIDE_MAX_THREADS`` threads (csrc/tf_ops.cpp; tests/test_tf_threading.py checks).
+SERIAL_FLOPS_BACKWARD = 1e8
+SIDE_BY_SIDE_MAX_THREADS = 2
 #: The library's threading switch (read once per process by csrc/tf_ops.cpp).
 THREADING_SWITCH = "DLCONV_TF_THREADING"
 
 
 def threads_used() -> str:
-    """Which threads the native ops' CPU kernels use, as csrc/tf_ops.cpp decides it."""
+    """Which threads the native ops' CPU kernels use, as csrc/tf_ops.cpp decides it (with the
+    default :func:`threading_knobs`)."""
     mode = os.environ.get(THREADING_SWITCH, "")
     mode = mode if mode in ("worker", "serial") else "openmp"
     try:
         team = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
     except ValueError:   # unset or not a number: OpenMP's default, the CPUs this process may use
         team = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    head = "CPU kernels one at a time (a process-wide lock)"
+    def e(x):   # 1e8, not 1e+08
+        return f"{x:.0e}".replace("e+0", "e").replace("e+", "e")
+
+    backward = (f"conv backward passes below {e(SERIAL_FLOPS_BACKWARD)}, others below {e(SERIAL_FLOPS)}"
+                if team <= SIDE_BY_SIDE_MAX_THREADS else f"below {e(SERIAL_FLOPS)}")
+    small = (f"{backward} FLOPs on the calling TensorFlow thread alone, without the lock (TensorFlow may "
+             f"run two side by side)")
     if mode == "serial":
-        return f"{head}, each on the calling TensorFlow thread alone ({THREADING_SWITCH}=serial)"
+        return (f"CPU kernels each on the calling TensorFlow thread alone ({THREADING_SWITCH}=serial): "
+                f"{small}, larger ones one at a time (a process-wide lock)")
     where = "on the calling TensorFlow thread" if mode == "openmp" else "on one dedicated dlconv thread"
-    return (f"{head}: below {SERIAL_FLOPS:.0e} FLOPs on the calling TensorFlow thread alone, above it "
-            f"{where} with dlconv's OpenMP team of {team} threads ({THREADING_SWITCH}={mode}; not "
-            f"TensorFlow's intra-op pool)")
+    return (f"CPU kernels: {small}; larger ones one at a time (a process-wide lock) {where} with "
+            f"dlconv's OpenMP team of {team} threads ({THREADING_SWITCH}={mode}; not TensorFlow's "
+            f"intra-op pool)")
 
 
 def status() -> dict:

@@ -4,6 +4,7 @@ dlconv's OpenMP team, locked or not), calls from several threads at once with sm
 unlocked, and the calling thread's OpenMP thread count restored after a one-thread call."""
 
 import ctypes
+import os
 import threading
 
 import numpy as np
@@ -130,3 +131,21 @@ def test_one_thread_call_restores_the_callers_thread_count(knobs):
     tf_ops.threading_knobs(**ALL_TEAM)
     _passes(*_data())
     assert gomp.omp_get_max_threads() == before
+
+
+def test_python_constants_and_info_match_the_library():
+    src = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "tf_ops.cpp")).read()
+    assert f"constexpr double SERIAL_FLOPS_BACKWARD = {tf_ops.SERIAL_FLOPS_BACKWARD:.0e};".replace("e+0", "e") in src
+    assert f"constexpr int SIDE_BY_SIDE_MAX_THREADS = {tf_ops.SIDE_BY_SIDE_MAX_THREADS};" in src
+    assert "constexpr bool UNLOCKED_SMALL = true;" in src
+    assert DEFAULTS == {"serial_flops": tf_ops.SERIAL_FLOPS, "serial_flops_backward": tf_ops.SERIAL_FLOPS_BACKWARD,
+                        "unlocked_small": True}
+
+
+@pytest.mark.parametrize("team, backward", [("2", True), ("4", False)])
+def test_info_names_the_backward_threshold_where_it_applies(monkeypatch, team, backward):
+    monkeypatch.delenv(tf_ops.THREADING_SWITCH, raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", team)
+    text = tf_ops.threads_used()
+    assert ("conv backward passes below 1e8" in text) is backward
+    assert "without the lock" in text and f"OpenMP team of {team} threads" in text
