@@ -231,8 +231,8 @@ HostRunner& runner() {
     return *expected;
 }
 
-// The small-call threshold and whether small calls skip the lock: SERIAL_FLOPS and
-// UNLOCKED_SMALL unless changed at run time (dlconv.tf_ops.threading_knobs, through
+// The small-call thresholds and whether small calls skip the lock: SERIAL_FLOPS,
+// SERIAL_FLOPS_BACKWARD and UNLOCKED_SMALL unless changed at run time (dlconv.tf_ops.threading_knobs, through
 // dlconv_tf_ops_threading below: for benchmarks that compare settings in one process).
 std::atomic<double> g_serial_flops{SERIAL_FLOPS};
 std::atomic<double> g_serial_flops_backward{SERIAL_FLOPS_BACKWARD};
@@ -898,7 +898,7 @@ extern "C" __attribute__((visibility("default"))) const char* dlconv_tf_ops_buil
 }
 
 // The CPU threading knobs (dlconv.tf_ops.threading_knobs): a negative argument leaves that knob
-// as it is; both previous values come back through the pointers.  Calls already running keep
+// as it is; all three previous values come back through the pointers.  Calls already running keep
 // the setting they started with.
 extern "C" __attribute__((visibility("default"))) void dlconv_tf_ops_threading(
     double serial_flops, double serial_flops_backward, int unlocked_small, double* old_serial_flops,
