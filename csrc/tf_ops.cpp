@@ -52,14 +52,18 @@
 // through a ResNet step, beside TF's own ops); dlconv._omp now sets it at `import dlconv` and
 // before this library loads (a user's GOMP_SPINCOUNT / OMP_WAIT_POLICY wins; dlconv info says
 // which).  Spin values compare only across processes: at load 4-9 the MNIST/ResNet ratios moved
-// less than their noise (0.67-0.81 / 0.78-1.05 for 300000 and 10000 alike).  (2) The ECAL
+// less than their noise (0.67-0.81 / 0.78-1.05 for 300000 and 10000 alike); at load 3.5-4.3
+// MNIST 0.770, 0.734 vs 0.766, 0.738 (ratios equal) but both steps faster in absolute terms with
+// 10000 (dlconv 111, 107 -> 97, 91 ms; stock, sampled right after ours, 144, 146 -> 127, 123 ms:
+// the spinning worker had slowed TF's own ops); ResNet 0.828, 0.846 vs 0.753, 0.941.  (2) The ECAL
 // ResNet's 3x3 convs are 3.8e7 flops at batch 32, just above SERIAL_FLOPS: ~70 team calls per
 // step, each with its wake-ups and barriers.  With their backward passes on one thread and
 // unlocked (TF overlaps a layer's backward-data and backward-filter; backward-filter is off
-// the critical path) the ResNet ratio went 1.068 -> 0.868 (load 8.1), 1.391 -> 1.135 (load 6.4),
+// the critical path) the ResNet ratio went 0.972 -> 0.763 (load 3.3), 1.068 -> 0.868 (load
+// 8.1), 1.391 -> 1.135 (load 6.4),
 // unlocking alone 0.803 -> 0.769 (load 7.0); OMP_NUM_THREADS=1 (only the lock differs) 1.134 ->
-// 1.070 and 0.812 -> 0.831 (load 7): neutral.  MNIST (convs far above 1e8) 0.722 -> 0.708 and
-// 0.733 -> 0.718, one thread 0.683 -> 0.687; MNIST inference (tf.function) batch 1 1.153 ->
+// 1.070 and 0.812 -> 0.831 (load 7): neutral.  MNIST (convs far above 1e8) 0.671 -> 0.665 (load
+// 3.7), 0.722 -> 0.708, 0.733 -> 0.718, one thread 0.683 -> 0.687; MNIST inference (tf.function) batch 1 1.153 ->
 // 1.088, batch 8 0.701 -> 0.691 (load 7.8-7.9; small calls no longer lock).  Forward convs on
 // one thread too (SERIAL_FLOPS = 1e8) measured 0.735 at load 8.1 but would halve the forward's
 // cores on a quiet machine (nothing runs beside a ResNet's forward chain): not taken without a
