@@ -63,8 +63,9 @@
 // 8.1), 1.391 -> 1.135 (load 6.4),
 // unlocking alone 0.803 -> 0.769 (load 7.0); OMP_NUM_THREADS=1 (only the lock differs) 1.134 ->
 // 1.070 and 0.812 -> 0.831 (load 7): neutral.  MNIST (convs far above 1e8) 0.671 -> 0.665 (load
-// 3.7), 0.722 -> 0.708, 0.733 -> 0.718, one thread 0.683 -> 0.687; MNIST inference (tf.function) batch 1 1.153 ->
-// 1.088, batch 8 0.701 -> 0.691 (load 7.8-7.9; small calls no longer lock).  Forward convs on
+// 3.7), 0.722 -> 0.708, 0.733 -> 0.718, one thread 0.683 -> 0.687; MNIST inference
+// (tf.function) batch 1 1.153 -> 1.088, batch 8 0.701 -> 0.691 (load 7.8-7.9; small calls no
+// longer lock).  Forward convs on
 // one thread too (SERIAL_FLOPS = 1e8) measured 0.735 at load 8.1 but would halve the forward's
 // cores on a quiet machine (nothing runs beside a ResNet's forward chain): not taken without a
 // quiet run.
