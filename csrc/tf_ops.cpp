@@ -26,10 +26,13 @@
 // attrs and validate it with validate_geometry, so a hand-written graph with bad attrs or shapes
 // gets InvalidArgumentError naming the values, never a crash.
 //
-// Threading: dlconv's kernels parallelise with OpenMP and must run one at a time (two at once
-// fight for the cores), so every kernel call holds one process-wide mutex and runs on the
-// TensorFlow thread that called the op: small calls (below SERIAL_FLOPS) with a one-thread
-// OpenMP team (no workers to wake), larger ones with dlconv's full OpenMP team.  Measured
+// Threading: dlconv's kernels parallelise with OpenMP and must run one at a time (two teams at
+// once fight for the cores), so every call with a team holds one process-wide mutex; every call
+// runs on the TensorFlow thread that called the op.  Small calls (below SERIAL_FLOPS; conv
+// backward passes below SERIAL_FLOPS_BACKWARD while the team has <= SIDE_BY_SIDE_MAX_THREADS
+// threads) run with a one-thread OpenMP team (no workers to wake) and without the mutex
+// (UNLOCKED_SMALL: one core each, like any two TF ops side by side); larger ones with
+// dlconv's full OpenMP team.  Measured
 // against the alternatives (DLCONV_TF_THREADING, below; benchmarks/tf_inference.py): handing
 // large calls to one dedicated dlconv thread (one OpenMP team, as dlconv.runtime.HostThread does
 // for the Python callbacks) made batch-1 inference 9-13x slower than stock on a loaded 2-core VM
@@ -42,6 +45,33 @@
 // Batch-1 inference (same machine, per op minus an empty tf.function's call): dense 9216->128
 // 81-133 us on one thread vs 98-111 us with the team; conv 32->64 26x26 128-150 vs 145-169 us;
 // below SERIAL_FLOPS stays one thread, the conv (2.1e7) just above it.
+// Issues 12/13 (in-step slowdown of the kernels, 2-core EPYC, every figure a ratio to stock
+// interleaved in one process, benchmarks/tf_threading.py): (1) this library links libgomp and
+// loaded it before the cpp backend module that sets GOMP_SPINCOUNT=10000, so TF steps ran with
+// libgomp's 300000 (`pause` ~50 ns here: each idle worker spun ~15 ms after every region, all
+// through a ResNet step, beside TF's own ops); dlconv._omp now sets it at `import dlconv` and
+// before this library loads (a user's GOMP_SPINCOUNT / OMP_WAIT_POLICY wins; dlconv info says
+// which).  Spin values compare only across processes: at load 4-9 the MNIST/ResNet ratios moved
+// less than their noise (0.67-0.81 / 0.78-1.05 for 300000 and 10000 alike); at load 3.5-4.3
+// MNIST 0.770, 0.734 vs 0.766, 0.738 (ratios equal) but both steps faster in absolute terms with
+// 10000 (dlconv 111, 107 -> 97, 91 ms; stock, sampled right after ours, 144, 146 -> 127, 123 ms:
+// the spinning worker had slowed TF's own ops); ResNet 0.828, 0.846 vs 0.753, 0.941.  (2) The ECAL
+// ResNet's 3x3 convs are 3.8e7 flops at batch 32, just above SERIAL_FLOPS: ~70 team calls per
+// step, each with its wake-ups and barriers.  With their backward passes on one thread and
+// unlocked (TF overlaps a layer's backward-data and backward-filter; backward-filter is off
+// the critical path) the ResNet ratio went 0.972 -> 0.763 (load 3.3), 1.068 -> 0.868 (load
+// 8.1), 1.391 -> 1.135 (load 6.4),
+// unlocking alone 0.803 -> 0.769 (load 7.0); OMP_NUM_THREADS=1 (only the lock differs) 1.134 ->
+// 1.070 and 0.812 -> 0.831 (load 7): neutral.  MNIST (convs far above 1e8) 0.671 -> 0.665 (load
+// 3.7), 0.722 -> 0.708, 0.733 -> 0.718, one thread 0.683 -> 0.687; MNIST inference
+// (tf.function) batch 1 1.153 -> 1.088, batch 8 0.701 -> 0.691 (load 7.8-7.9; small calls no
+// longer lock).  Forward convs on
+// one thread too (SERIAL_FLOPS = 1e8) measured 0.735 at load 8.1 but would halve the forward's
+// cores on a quiet machine (nothing runs beside a ResNet's forward chain): not taken without a
+// quiet run.
+// With more than SIDE_BY_SIDE_MAX_THREADS threads one pass per core would idle the rest, so
+// SERIAL_FLOPS applies there.  malloc'd scratch is not a cost: ~10 minor page faults per
+// ResNet step.
 #include <omp.h>
 #include <pthread.h>
 
@@ -84,6 +114,15 @@ namespace errors = ::tensorflow::errors;
 // Same thresholds as bind_cpu.cpp: below them a kernel runs on the calling thread alone
 // (waking OpenMP's sleeping workers costs 0.1-0.6 ms on a virtual machine, more than the op).
 constexpr double SERIAL_FLOPS = 2e7;        // ~0.1 ms on one AVX-512 core
+// Conv backward passes below this (~0.5 ms on one core) run with a one-thread team when the
+// OpenMP team has at most SIDE_BY_SIDE_MAX_THREADS threads: TensorFlow then runs a layer's
+// backward-data and backward-filter side by side, one core each, which fills such a machine
+// without the team's wake-ups and barriers (threading note: ResNet step).  With more cores one
+// pass per core would leave most of them idle, and SERIAL_FLOPS applies.
+constexpr double SERIAL_FLOPS_BACKWARD = 1e8;
+constexpr int SIDE_BY_SIDE_MAX_THREADS = 2;
+// Whether small (one-thread) calls run without the process-wide kernel lock (threading note).
+constexpr bool UNLOCKED_SMALL = true;
 // Geometry fields beyond this are refused before any product is formed (no int64 overflow).
 constexpr int64_t MAX_FIELD = int64_t(1) << 31;
 // Activation code of softmax (dense only; geometry.h's element-wise codes are 0-3).
@@ -109,23 +148,23 @@ class HostRunner {
         if (mode_ == Threading::WORKER) std::thread([this] { loop(); }).detach();
     }
 
-    // Runs fn() under the process-wide kernel lock: in place with a one-thread team when
-    // `small`, else with dlconv's OpenMP team (in place, or on the dlconv thread for "worker").
-    void run(bool small, const std::function<void()>& fn) {
+    // Runs fn(): in place with a one-thread team when `small` (without the process-wide
+    // kernel lock when `unlocked_small`: one core each, like any two TensorFlow ops side by
+    // side), else under the lock with dlconv's OpenMP team (in place, or on the dlconv thread
+    // for "worker").
+    void run(bool small, bool unlocked_small, const std::function<void()>& fn) {
+        if (small && unlocked_small) {
+            one_thread(fn);
+            return;
+        }
         std::lock_guard<std::mutex> busy(busy_);
-        if (mode_ == Threading::SERIAL) small = true;
+        if (mode_ == Threading::SERIAL) small = true;  // large calls too, but one at a time
         if (mode_ == Threading::OPENMP && !small) {
             fn();
             return;
         }
         if (small) {
-            const int saved = omp_get_max_threads();
-            omp_set_num_threads(1);
-            struct Restore {
-                int n;
-                ~Restore() { omp_set_num_threads(n); }
-            } restore{saved};
-            fn();
+            one_thread(fn);
             return;
         }
         std::unique_lock<std::mutex> lk(m_);
@@ -138,6 +177,17 @@ class HostRunner {
     }
 
    private:
+    // fn() with this thread's OpenMP team capped at 1 (a per-thread setting), restored after.
+    static void one_thread(const std::function<void()>& fn) {
+        const int saved = omp_get_max_threads();
+        omp_set_num_threads(1);
+        struct Restore {
+            int n;
+            ~Restore() { omp_set_num_threads(n); }
+        } restore{saved};
+        fn();
+    }
+
     void loop() {
         std::unique_lock<std::mutex> lk(m_);
         for (;;) {
@@ -186,10 +236,24 @@ HostRunner& runner() {
     return *expected;
 }
 
+// The small-call thresholds and whether small calls skip the lock: SERIAL_FLOPS,
+// SERIAL_FLOPS_BACKWARD and UNLOCKED_SMALL unless changed at run time (dlconv.tf_ops.threading_knobs, through
+// dlconv_tf_ops_threading below: for benchmarks that compare settings in one process).
+std::atomic<double> g_serial_flops{SERIAL_FLOPS};
+std::atomic<double> g_serial_flops_backward{SERIAL_FLOPS_BACKWARD};
+std::atomic<bool> g_unlocked_small{UNLOCKED_SMALL};
+
+// Which threshold a call is held to: a conv backward pass (TensorFlow can run a layer's two
+// side by side) or anything else.
+enum class Pass { OTHER, CONV_BACKWARD };
+
 // Runs a kernel; a C++ exception from it becomes an error status (never escapes into TF).
-void run_kernel(OpKernelContext* ctx, double flops, const std::function<void()>& fn) {
+void run_kernel(OpKernelContext* ctx, double flops, const std::function<void()>& fn, Pass pass = Pass::OTHER) {
+    const bool side_by_side = pass == Pass::CONV_BACKWARD && omp_get_max_threads() <= SIDE_BY_SIDE_MAX_THREADS;
+    const std::atomic<double>& limit = side_by_side ? g_serial_flops_backward : g_serial_flops;
     try {
-        runner().run(flops < SERIAL_FLOPS, fn);
+        runner().run(flops < limit.load(std::memory_order_relaxed),
+                     g_unlocked_small.load(std::memory_order_relaxed), fn);
     } catch (const std::invalid_argument& e) {
         ctx->SetStatus(errors::InvalidArgument(e.what()));
     } catch (const std::exception& e) {
@@ -444,11 +508,12 @@ struct CpuLaunch {
     }
     static void conv2d_backward_data(OpKernelContext* ctx, const ConvGeometry& g, const float* dy, const float* w,
                                      const float* y, int act, float* dx) {
-        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data(g, dy, w, dx, y, act); });
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data(g, dy, w, dx, y, act); }, Pass::CONV_BACKWARD);
     }
     static void conv2d_backward_filter(OpKernelContext* ctx, const ConvGeometry& g, const float* x, const float* dy,
                                        const float* y, int act, float* dw, float* db) {
-        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter(g, x, dy, dw, db, y, act); });
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter(g, x, dy, dw, db, y, act); },
+                   Pass::CONV_BACKWARD);
     }
     static void dense_forward(OpKernelContext* ctx, int64_t M, int64_t K, int64_t N, const float* x, const float* w,
                               const float* b, int act, float* y) {
@@ -835,6 +900,21 @@ extern "C" __attribute__((visibility("default"))) const char* dlconv_tf_ops_buil
 #else
     return "simd=scalar";
 #endif
+}
+
+// The CPU threading knobs (dlconv.tf_ops.threading_knobs): a negative argument leaves that knob
+// as it is; all three previous values come back through the pointers.  Calls already running keep
+// the setting they started with.
+extern "C" __attribute__((visibility("default"))) void dlconv_tf_ops_threading(
+    double serial_flops, double serial_flops_backward, int unlocked_small, double* old_serial_flops,
+    double* old_serial_flops_backward, int* old_unlocked_small) {
+    namespace t = dlconv::tfops;
+    *old_serial_flops = t::g_serial_flops.load();
+    *old_serial_flops_backward = t::g_serial_flops_backward.load();
+    *old_unlocked_small = t::g_unlocked_small.load() ? 1 : 0;
+    if (serial_flops >= 0) t::g_serial_flops.store(serial_flops);
+    if (serial_flops_backward >= 0) t::g_serial_flops_backward.store(serial_flops_backward);
+    if (unlocked_small >= 0) t::g_unlocked_small.store(unlocked_small != 0);
 }
 
 // Whether the DEVICE_GPU kernels were compiled in (GOOGLE_CUDA build: nvcc + a CUDA TensorFlow).

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import importlib
 
+from . import _omp
 from .shapes import (ConvGeometry, DenseGeometry, conv_geometry, conv_output_size,
                      conv_param_count, dense_geometry, dense_param_count)
 
 __version__ = "0.1.0"
+
+# libgomp's spin default, before anything loads libgomp (dlconv._omp: why, and when it applies).
+_omp.apply()
 
 _LAZY = {
     "conv2d": "dlconv.ops", "conv2d_backward_data": "dlconv.ops",

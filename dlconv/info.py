@@ -64,6 +64,12 @@ def _tf_ops_status() -> dict:
         return {"native": False, "why": f"{type(exc).__name__}: {exc}"}
 
 
+def _omp_status() -> dict:
+    """libgomp's spin setting for dlconv's C++ kernels (dlconv._omp)."""
+    from . import _omp
+    return _omp.status()
+
+
 def _max_pool_paths() -> dict:
     """Keras backend → the path dlconv.layers.MaxPooling2D takes there (imports no framework)."""
     from .ops import MAX_POOL_PATHS
@@ -112,6 +118,7 @@ def info() -> dict:
         "numba_cuda": _numba_gpus(),
         "keras_backends": {name: {"usable": ok, "why": why} for name, (ok, why) in bridges.status().items()},
         "tensorflow_ops": _tf_ops_status(),
+        "openmp_spin": _omp_status(),
         "max_pool": _max_pool_paths(),
         "backends": {name: {"cpu": {"usable": a["cpu"][0], "why": a["cpu"][1]},
                             "cuda": {"usable": a["cuda"][0], "why": a["cuda"][1]},
@@ -159,6 +166,8 @@ def format_info(d: dict) -> str:
     if t is not None:
         lines.append(f"  TensorFlow bridge (cpp backend, CPU): "
                      f"{'native ops' if t['native'] else 'numpy_function callbacks'} ({t['why']})")
+    if d.get("openmp_spin"):
+        lines += ["", f"OpenMP idle spin (C++ kernels): {d['openmp_spin']['why']}"]
     if d.get("max_pool"):
         lines += ["", "MaxPooling2D (dlconv.layers) per Keras backend (channels_first / GPU tensors: stock):"]
         lines += [f"  {name:<10} {path}" for name, path in d["max_pool"].items()]

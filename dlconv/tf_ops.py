@@ -70,9 +70,10 @@ import threading
 import time
 from importlib import metadata
 
-from . import _toolchain
+from . import _omp, _toolchain
 
 __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "status", "OP_NAMES",
+           "threading_knobs",
            "SOURCES", "HEADERS"]
 
 #: The ops the library registers (TensorFlow's Python wrappers are their snake_case names).
@@ -366,10 +367,41 @@ def _load():
         built_for = json.load(f).get("tensorflow")
     if built_for != tf.__version__:
         raise TFOpsUnavailable(f"{path} was built for TensorFlow {built_for}, this is {tf.__version__}")
+    _omp.apply()   # the library links libgomp, which reads GOMP_SPINCOUNT when it loads (dlconv._omp)
     try:
         return tf.load_op_library(path)
     except Exception as exc:
         raise TFOpsUnavailable(f"tf.load_op_library({path}) failed: {str(exc).splitlines()[0]}") from exc
+
+
+def threading_knobs(serial_flops: float | None = None, serial_flops_backward: float | None = None,
+                    unlocked_small: bool | None = None) -> dict:
+    """The op library's CPU threading knobs (csrc/tf_ops.cpp's threading note), changed where an
+    argument is given; returns the previous values as a dict with these three keys.
+
+    ``serial_flops``: forward and dense calls below this many flops run with a one-thread
+    OpenMP team on TensorFlow's thread; ``serial_flops_backward``: the same for the conv
+    backward passes (TensorFlow can run a layer's backward-data and backward-filter side by
+    side); ``unlocked_small``: one-thread calls skip the process-wide kernel lock, so
+    TensorFlow may run two of them at once.  For benchmarks comparing settings in one process;
+    the defaults are the measured choice.  Loads the library (:func:`load`)."""
+    import ctypes
+
+    load()
+    for name, v in (("serial_flops", serial_flops), ("serial_flops_backward", serial_flops_backward)):
+        if v is not None and not (isinstance(v, (int, float)) and float(v) >= 0):
+            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    fn = ctypes.CDLL(library_path()).dlconv_tf_ops_threading
+    fn.restype = None
+    dbl, i32 = ctypes.c_double, ctypes.c_int
+    fn.argtypes = [dbl, dbl, i32, ctypes.POINTER(dbl), ctypes.POINTER(dbl), ctypes.POINTER(i32)]
+    old = dbl(), dbl(), i32()
+    fn(-1.0 if serial_flops is None else float(serial_flops),
+       -1.0 if serial_flops_backward is None else float(serial_flops_backward),
+       -1 if unlocked_small is None else int(bool(unlocked_small)),
+       ctypes.byref(old[0]), ctypes.byref(old[1]), ctypes.byref(old[2]))
+    return {"serial_flops": old[0].value, "serial_flops_backward": old[1].value,
+            "unlocked_small": bool(old[2].value)}
 
 
 def available() -> bool:
@@ -393,25 +425,37 @@ def reason() -> str:
 #: Below this many FLOPs a native op's CPU kernel runs on one thread (``SERIAL_FLOPS`` in
 #: csrc/tf_ops.cpp, which tests/test_tf_ops.py checks against this value).
 SERIAL_FLOPS = 2e7
+#: The same for the conv backward passes while dlconv's OpenMP team has at most
+#: ``SIDE_BY_SIDE_MAX_THREADS`` threads (csrc/tf_ops.cpp; tests/test_tf_threading.py checks).
+SERIAL_FLOPS_BACKWARD = 1e8
+SIDE_BY_SIDE_MAX_THREADS = 2
 #: The library's threading switch (read once per process by csrc/tf_ops.cpp).
 THREADING_SWITCH = "DLCONV_TF_THREADING"
 
 
 def threads_used() -> str:
-    """Which threads the native ops' CPU kernels use, as csrc/tf_ops.cpp decides it."""
+    """Which threads the native ops' CPU kernels use, as csrc/tf_ops.cpp decides it (with the
+    default :func:`threading_knobs`)."""
     mode = os.environ.get(THREADING_SWITCH, "")
     mode = mode if mode in ("worker", "serial") else "openmp"
     try:
         team = int(os.environ.get("OMP_NUM_THREADS", "").split(",")[0])
     except ValueError:   # unset or not a number: OpenMP's default, the CPUs this process may use
         team = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    head = "CPU kernels one at a time (a process-wide lock)"
+    def e(x):   # 1e8, not 1e+08
+        return f"{x:.0e}".replace("e+0", "e").replace("e+", "e")
+
+    backward = (f"conv backward passes below {e(SERIAL_FLOPS_BACKWARD)}, others below {e(SERIAL_FLOPS)}"
+                if team <= SIDE_BY_SIDE_MAX_THREADS else f"below {e(SERIAL_FLOPS)}")
+    small = (f"{backward} FLOPs on the calling TensorFlow thread alone, without the lock (TensorFlow may "
+             f"run two side by side)")
     if mode == "serial":
-        return f"{head}, each on the calling TensorFlow thread alone ({THREADING_SWITCH}=serial)"
+        return (f"CPU kernels each on the calling TensorFlow thread alone ({THREADING_SWITCH}=serial): "
+                f"{small}, larger ones one at a time (a process-wide lock)")
     where = "on the calling TensorFlow thread" if mode == "openmp" else "on one dedicated dlconv thread"
-    return (f"{head}: below {SERIAL_FLOPS:.0e} FLOPs on the calling TensorFlow thread alone, above it "
-            f"{where} with dlconv's OpenMP team of {team} threads ({THREADING_SWITCH}={mode}; not "
-            f"TensorFlow's intra-op pool)")
+    return (f"CPU kernels: {small}; larger ones one at a time (a process-wide lock) {where} with "
+            f"dlconv's OpenMP team of {team} threads ({THREADING_SWITCH}={mode}; not TensorFlow's "
+            f"intra-op pool)")
 
 
 def status() -> dict:
