@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from .. import _omp
 from .. import activations as _act
 from .. import variants as _variants
 from ..arrays import empty_host
@@ -38,12 +39,10 @@ NOT_SELECTABLE = -1
 SOFTMAX_CODE = 4
 
 
-# libgomp's threads spin up to GOMP_SPINCOUNT (default 300000) `pause` loops waiting for work:
-# ~10 ms on CPUs where `pause` costs ~140 cycles.  On a busy machine (or beside TensorFlow's own
-# pool) the spinning sibling steals the core that a preempted worker needs, and a 2 ms dense
-# call took 13-21 ms here; 10000 cut that to ~5 ms with no loss when idle.  It only takes effect
-# if libgomp is not loaded yet, and a value the user set wins.
-os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# libgomp's idle-spin default must be in place before dlconv._C loads libgomp (a busy machine:
+# a 2 ms dense call took 13-21 ms with libgomp's 300000, ~5 ms with dlconv's 10000): the one rule
+# for it, a user's GOMP_SPINCOUNT / OMP_WAIT_POLICY winning, lives in dlconv._omp.
+_omp.apply()
 
 
 def _import(name):
