@@ -154,7 +154,7 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
         Buf wf(T * F * C);
         subpixel::phase_weights(g, t, w, wf.data);
         if (winograd::applicable(t.f) &&
-            winograd::conv_forward(t.f, dz, wf.data, nullptr, ACT_LINEAR, dx, y, act))
+            winograd::conv_backward_data(t.f, dz, wf.data, dx, y, act))
             return;
     }
     {

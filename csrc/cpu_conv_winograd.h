@@ -68,6 +68,8 @@
 
 #if defined(__AVX512F__)
 
+#include <cstdlib>
+
 #include "cpu_act.h"
 #include "cpu_conv_direct.h"
 
@@ -103,7 +105,27 @@ struct Tiles<2, 5> {
                                           {0, 0, 0, 0, 1}};
     static constexpr float AT[m][alpha] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -0.5f, 1}};
 };
+// F(4x4, 3x3), points 0, 1, −1, 2, −½, ∞ (the header's choice): B^T is F(2x2, 5x5)'s (same
+// points, same α = 6); G is the first three columns of its G; A^T has rows p_j^0..p_j^3.
+template <>
+struct Tiles<4, 3> {
+    static constexpr int m = 4, r = 3, alpha = 6;
+    static constexpr float BT[alpha][alpha] = {{1, 1.5f, -2, -1.5f, 1, 0},     {0, -1, -2.5f, -0.5f, 1, 0},
+                                               {0, 1, 0.5f, -2.5f, 1, 0},      {0, -0.5f, -1, 0.5f, 1, 0},
+                                               {0, 2, -1, -2, 1, 0},           {0, 1, 1.5f, -2, -1.5f, 1}};
+    static constexpr float G[alpha][r] = {{1, 0, 0},
+                                          {-1.f / 3, -1.f / 3, -1.f / 3},
+                                          {1.f / 3, -1.f / 3, 1.f / 3},
+                                          {1.f / 15, 2.f / 15, 4.f / 15},
+                                          {-16.f / 15, 8.f / 15, -4.f / 15},
+                                          {0, 0, 1}};
+    static constexpr float AT[m][alpha] = {{1, 1, 1, 1, 1, 0},
+                                           {0, 1, -1, 2, -0.5f, 0},
+                                           {0, 1, 1, 4, 0.25f, 0},
+                                           {0, 1, -1, 8, -0.125f, 1}};
+};
 using F2x3 = Tiles<2, 3>;
+using F4x3 = Tiles<4, 3>;
 using F2x5 = Tiles<2, 5>;
 
 // Matrix views with compile-time entries: at(i, j), rows x cols.
@@ -392,10 +414,38 @@ inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const floa
     return finite;
 }
 
+// ---------------------------------------------------------------------------- 3x3 tile choice
+// Output tile of a 3x3 pass: 4 (F(4x4, 3x3)) or 2 (F(2x2, 3x3)).  TILE_ENV ("2" or "4") forces
+// it, for measuring one against the other in one process (dlconv bench / tests); otherwise the
+// default rule below.
+constexpr const char* TILE_ENV = "DLCONV_CPU_WINOGRAD_TILE";
+enum class Pass { forward, backward_data, backward_filter };
+inline int forced_tile() {
+    const char* e = std::getenv(TILE_ENV);
+    return e && (e[0] == '2' || e[0] == '4') && e[1] == 0 ? e[0] - '0' : 0;
+}
+inline int tile_3x3(const ConvGeometry& g, Pass p) {
+    if (const int t = forced_tile()) return t;
+    (void)g;
+    (void)p;
+    return 4;
+}
+
+inline bool forward_pass(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
+                         float* y, const float* gy, int gact, Pass p) {
+    if (g.k_h == F2x5::r) return conv_forward_tiles<F2x5>(g, x, w, bias, act, y, gy, gact);
+    return tile_3x3(g, p) == F4x3::m ? conv_forward_tiles<F4x3>(g, x, w, bias, act, y, gy, gact)
+                                     : conv_forward_tiles<F2x3>(g, x, w, bias, act, y, gy, gact);
+}
 inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
-                         float* y, const float* gy = nullptr, int gact = ACT_LINEAR) {
-    return g.k_h == F2x5::r ? conv_forward_tiles<F2x5>(g, x, w, bias, act, y, gy, gact)
-                            : conv_forward_tiles<F2x3>(g, x, w, bias, act, y, gy, gact);
+                         float* y) {
+    return forward_pass(g, x, w, bias, act, y, nullptr, ACT_LINEAR, Pass::forward);
+}
+// Backward-data as the forward of dz (t: the transposed geometry, wf: the flipped, transposed
+// filter; cpu_conv.cpp), act'(y) applied to dz on the fly when act != linear.
+inline bool conv_backward_data(const ConvGeometry& t, const float* dz, const float* wf, float* dx, const float* y,
+                               int act) {
+    return forward_pass(t, dz, wf, nullptr, ACT_LINEAR, dx, y, act, Pass::backward_data);
 }
 
 // ---------------------------------------------------------------------------- backward-filter
@@ -543,8 +593,10 @@ inline bool conv_backward_filter_tiles(const ConvGeometry& g, const float* x, co
 
 inline bool conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
                                  const float* gy = nullptr, int gact = ACT_LINEAR) {
-    return g.k_h == F2x5::r ? conv_backward_filter_tiles<F2x5>(g, x, dz, dw, db, gy, gact)
-                            : conv_backward_filter_tiles<F2x3>(g, x, dz, dw, db, gy, gact);
+    if (g.k_h == F2x5::r) return conv_backward_filter_tiles<F2x5>(g, x, dz, dw, db, gy, gact);
+    return tile_3x3(g, Pass::backward_filter) == F4x3::m
+               ? conv_backward_filter_tiles<F4x3>(g, x, dz, dw, db, gy, gact)
+               : conv_backward_filter_tiles<F2x3>(g, x, dz, dw, db, gy, gact);
 }
 
 }  // namespace winograd
