@@ -53,13 +53,17 @@ WORST = {}  # (tile, pass) -> (worst error / bound, worst error / max |exact|)
 
 @contextmanager
 def tile(m):
+    """DLCONV_CPU_WINOGRAD_TILE = m for the block (None: unset, the default rule)."""
     old = os.environ.get(TILE_ENV)
-    os.environ[TILE_ENV] = str(m)
+    if m is None:
+        os.environ.pop(TILE_ENV, None)
+    else:
+        os.environ[TILE_ENV] = str(m)
     try:
         yield
     finally:
         if old is None:
-            del os.environ[TILE_ENV]
+            os.environ.pop(TILE_ENV, None)
         else:
             os.environ[TILE_ENV] = old
 
@@ -220,22 +224,41 @@ def test_3x3_sigmoid_tanh_forward_ragged(m, act, rng):
     assert np.abs(lin).max() > 1
 
 
-def test_tile_override_changes_the_values_and_default_is_one_of_them(rng):
+F4_POSITION_COST = 4 / 3  # cpu_conv_winograd.h
+
+
+def expected_tile(oh, ow):
+    """cpu_conv_winograd.h tile_3x3's default rule, on the pass's output size."""
+    pos4 = 36 * -(-oh // 4) * -(-ow // 4)
+    pos2 = 16 * -(-oh // 2) * -(-ow // 2)
+    return 4 if pos4 * F4_POSITION_COST < pos2 else 2
+
+
+@pytest.mark.parametrize("xs,padding,want", [
+    ((2, 13, 14, 32), "valid", 4),  # 11x12 output (dx: 13x14): F(4x4)
+    ((2, 8, 8, 32), "valid", 2),    # 6x6 output: 4x4 tiles would compute 8x8, F(2x2) (dx 8x8: F(4x4))
+    ((2, 4, 4, 32), "same", 4),     # 4x4: one 4x4 tile (36 positions) beats four 2x2 tiles (64)
+])
+def test_tile_override_and_default_rule(xs, padding, want, rng):
     """DLCONV_CPU_WINOGRAD_TILE really switches the tile (different rounding, same math), and
-    the default gives exactly one of the two results per pass."""
-    g = conv_geometry((2, 13, 14, 32), (3, 3, 32, 64), 1, "valid")
+    with it unset (or invalid) every pass gives exactly the result of the tile the rule picks
+    (backward-data: on dx's size, the output of its transposed forward)."""
+    g = conv_geometry(xs, (3, 3, 32, 64), 1, padding)
+    assert expected_tile(g.out_h, g.out_w) == want
     x = rng.standard_normal(g.x_shape, dtype=np.float32)
     w = rng.standard_normal(g.w_shape, dtype=np.float32)
     dz = rng.standard_normal(g.y_shape, dtype=np.float32)
     t = g.as_tuple()
     res = {}
-    for m in (2, 4, None):
-        with tile(m if m else "auto"):
+    for m in ("2", "4", "auto", None):
+        with tile(m):
             res[m] = (_C.conv2d_forward(x, w, None, t, 0), _C.conv2d_backward_data(dz, w, t),
                       _C.conv2d_backward_filter(x, dz, t)[0])
-    for p in range(3):
-        assert not np.array_equal(res[2][p], res[4][p]), p
-        assert np.array_equal(res[None][p], res[2][p]) or np.array_equal(res[None][p], res[4][p]), p
+    sizes = ((g.out_h, g.out_w), (g.in_h, g.in_w), (g.out_h, g.out_w))
+    for p, (oh, ow) in enumerate(sizes):
+        assert not np.array_equal(res["2"][p], res["4"][p]), p
+        for dflt in ("auto", None):
+            np.testing.assert_array_equal(res[dflt][p], res[str(expected_tile(oh, ow))][p], err_msg=str(p))
 
 
 @pytest.mark.parametrize("poison", ["x", "w", "dy", "all"])
