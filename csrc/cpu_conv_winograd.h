@@ -1,11 +1,13 @@
 // cpu_conv_winograd.h — v3_winograd: 3x3 and 5x5, stride-1, dilation-1 convolution as Winograd
-// F(2x2, 3x3) and F(2x2, 5x5) on AVX-512 (header-only, internal; cpu_conv.cpp picks it when
-// applicable()).  One templated body serves both: the tile type T (Tiles<m, r> below) fixes the
-// output tile m = 2, the filter size r, the input tile α = m + r − 1 (4 or 6), the E = α²
-// transformed positions and the transform matrices, all compile-time constants.
+// F(4x4, 3x3), F(2x2, 3x3) and F(2x2, 5x5) on AVX-512 (header-only, internal; cpu_conv.cpp picks
+// it when applicable()).  One templated body serves all three: the tile type T (Tiles<m, r>
+// below) fixes the output tile m (4 or 2), the filter size r, the input tile α = m + r − 1 (4 or
+// 6), the E = α² transformed positions and the transform matrices, all compile-time constants.
+// 3x3 passes take F(4x4) or F(2x2) per geometry (tile_3x3 below: F(4x4) unless the output is so
+// small that 4x4 tiles mostly compute past its edge); 5x5 always F(2x2).
 //
 // Math (Lavin & Gray 2016; Toom-Cook points as in Barabasz et al. 2020, "Error analysis and
-// improving the accuracy of Winograd convolution for deep neural networks"): a 2x2 output tile Y
+// improving the accuracy of Winograd convolution for deep neural networks"): an m x m output tile Y
 // of one filter is A^T [ Σ_c (G g_c G^T) ⊙ (B^T d_c B) ] A, d_c the α x α input patch of channel
 // c, g_c the r x r filter.  For points p_0..p_{α−2} and ∞: A^T[i][j] = p_j^i (column ∞: e_{m−1}),
 // G[j][k] = p_j^k / Π_{l≠j}(p_j − p_l) (row ∞: e_{r−1}), B^T the unique matrix that makes the
@@ -21,38 +23,53 @@
 //            0   2   -1   -2    1  0;            -16/15   8/15  -4/15   2/15  -1/15;
 //            0   1   3/2  -2  -3/2 1],                 0      0      0      0      1],
 //     A^T = [1 1 1 1 1 0; 0 1 -1 2 -1/2 1].
+//   F(4x4, 3x3), the same points (so the same B^T as F(2x2, 5x5)):
+//     G = the first three columns of F(2x2, 5x5)'s G,
+//     A^T = [1 1 1 1 1 0; 0 1 -1 2 -1/2 0; 0 1 1 4 1/4 0; 0 1 -1 8 -1/8 1].
 //   B^T and A^T entries are small multiples of ½ (exact in float); the thirds and fifteenths sit
 //   in G, so only the weight transform rounds them (once per call).
-// So the r²·4 multiply-adds per (2x2 output tile, c, f) of the direct form become E: for each of
-// the E transformed positions e, a GEMM  M_e[tile, f] = Σ_c V_e[tile, c] · U_e[c, f]  (3x3: 36 →
-// 16, 2.25x fewer; 5x5: 100 → 36, 2.78x fewer; the transforms are a few adds / FMAs per entry).
+// So the r²·m² multiply-adds per (m x m output tile, c, f) of the direct form become E: for each
+// of the E transformed positions e, a GEMM  M_e[tile, f] = Σ_c V_e[tile, c] · U_e[c, f]  (F(2x2,
+// 3x3): 36 → 16, 2.25x fewer; F(4x4, 3x3): 144 → 36, 4x fewer; F(2x2, 5x5): 100 → 36, 2.78x
+// fewer; the transforms are a few adds / FMAs per entry).  Measured (1 thread, load ~7) F(4x4)
+// takes 0.66-0.85x F(2x2)'s time in every pass of MNIST conv2 and the ecal 3x3 shapes, not the
+// 0.56x of the position count: its transforms (α = 6: 36 inputs, spilled) cost as much per tile
+// as the GEMMs save, and the patch loads wait on memory (a software prefetch of the next
+// block's patches, into L2 while the current block's outputs are stored, measured no faster).
 // Why F(2x2, 5x5) and not F(4x4, 5x5) (8x8 tiles, 2.25x fewer multiplies again): with points
 // 0, ±1, ±2, ±½, ∞ its float32 error (the transforms simulated in NumPy over random patches,
 // C = 64) is ~6x F(2x2, 5x5)'s, and its M (64 positions x 12 tiles x 64 filters, 196 KB) plus
 // V no longer stay in L2 per thread.  Of the F(2x2, 5x5) point sets tried (0 ±1 ±2 / 0 ±1 ±½ /
 // 0 ±1 2 ½ / 0 ±1 2 −½) 0, ±1, 2, −½ gave the smallest error (~2x below 0, ±1, ±2).
-// Rounding: ‖B^T‖∞ = 7, ‖G‖∞ = 31/15, ‖A^T‖∞ = 5.5 for 5x5 (2, 1.5, 3 for 3x3) amplify the few
-// roundings of each transform; the worst error relative to max |y| measured on the tests is
-// ~1.4e-6 for F(2x2, 5x5) at C = 32 (the direct kernel: ~0.8e-6; F(2x2, 3x3): ~0.8e-6).
-// tests/test_cpu_winograd5.py derives a componentwise bound from the matrices and checks it.
+// F(4x4, 3x3)'s points were chosen the same way (float32 simulation, C = 64, worst error / max |y|):
+// 0, ±1, 2, −½: 2.4e-6; 0, ±1, −2, ½: 3.0e-6; 0, ±1, ±2 (Lavin's): ~7e-6; 0, ±1, ±½: ~7e-6;
+// F(2x2, 3x3): 0.3e-6 (tests/test_cpu_winograd43.py's docstring).
+// Rounding: ‖B^T‖∞ = 7, ‖G‖∞ = 31/15, ‖A^T‖∞ = 5.5 for 5x5 (2, 1.5, 3 for F(2x2, 3x3); 7, 28/15,
+// 11.125 for F(4x4, 3x3)) amplify the few roundings of each transform; the worst error relative to
+// max |y| measured on the tests is ~1.4e-6 for F(2x2, 5x5) at C = 32 (the direct kernel: ~0.8e-6;
+// F(2x2, 3x3): ~0.8e-6; F(4x4, 3x3): ~2.8e-6 (backward-data, C up to 64), below the layer tests'
+// relative 1e-5 against the stock Keras layer).  tests/test_cpu_winograd5.py derives a componentwise
+// bound from the matrices and checks it; tests/test_cpu_winograd43.py the same for both 3x3 tiles.
 //
-// Index map: output tile (n, th, tw) covers y[n, 2th..2th+1, 2tw..2tw+1, :]; its input patch is
-//   x[n, 2th − pad_top + (0..α−1), 2tw − pad_left + (0..α−1), :]  (zero outside the input).
+// Index map: output tile (n, th, tw) covers y[n, m·th..m·th+m−1, m·tw..m·tw+m−1, :]; its input
+//   patch is x[n, m·th − pad_top + (0..α−1), m·tw − pad_left + (0..α−1), :]  (zero outside).
 // Work item (one OpenMP thread, dynamic, BLOCKS_PER_GRAB at a time): TILE_BLOCK consecutive
 //   tiles t of the flattened grid, t = (n·th_n + th)·tw_n + tw (a block may straddle tile rows and
 //   images), all F filters.  Per block: input transform (vectors over c) → V[E][TILE_BLOCK][Cp];
 //   per 64-filter panel and per register tile of R tiles (R = 6 for 64 filters, 12 for <= 32):
 //   the E GEMMs in one gemm_e call (A = V_e rows in place, B = U_e, K = C, accumulators from
-//   zero) → M[E][R][64], then at once its output transform + bias + relu, stored with the ragged
-//   bottom row / right column (odd OH, OW) and the F tail masked out; non-temporal stores when
-//   y is 64-byte aligned and F % 16 == 0 (every store a whole line).
+//   zero) → M[R][E][64] (a tile's E positions contiguous for its output transform), then at once
+//   its output transform + bias + relu, stored with the ragged bottom rows / right columns (OH, OW
+//   not multiples of m) and the F tail masked out; non-temporal stores when y is 64-byte aligned
+//   and F % 16 == 0 (every store a whole line).
 // Edges: a patch inside the input is read from one base pointer (row stride W·C, pixel stride
 //   C); a patch across the padding gets one pointer per entry, entries outside the input point
 //   at a zero pixel (Cp zero floats), so the transform itself never tests bounds.
 // Backward-data runs this forward on dy; with gy / gact the patch loads apply the activation
 //   derivative act'(gy) on the fly (the padding entries stay zero: 0 · act' = 0).
 // Memory per call: U (E·C·Fp floats, E/r² of the weights), the zero pixel, per thread V
-//   (E·12·Cp) and M (E·12·64): never proportional to the batch.
+//   (E·12·Cp) and M (E·12·64; F(4x4) at C = 64: 110 KB each, inside the 1 MB L2 per core):
+//   never proportional to the batch.
 // Non-finite values: the transforms subtract (d0 − d2, m1 − m2 − m3), so an ±Inf in x, w or dz
 //   becomes Inf − Inf = NaN where the direct sum gives ±Inf.  Both entry points therefore watch
 //   their results before the activation (one FMA per stored vector: acc += r · 0 is NaN from the
@@ -68,6 +85,8 @@
 
 #if defined(__AVX512F__)
 
+#include <cstdlib>
+
 #include "cpu_act.h"
 #include "cpu_conv_direct.h"
 
@@ -79,7 +98,7 @@ using direct::PANEL;
 using direct::VL;
 
 // ---------------------------------------------------------------------------- tile types
-// F(m x m, r x r): the matrices of the header, row-major.  m = 2 for both (output tiles of 2x2).
+// F(m x m, r x r): the matrices of the header, row-major.
 template <int M, int R>
 struct Tiles;
 template <>
@@ -103,7 +122,27 @@ struct Tiles<2, 5> {
                                           {0, 0, 0, 0, 1}};
     static constexpr float AT[m][alpha] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -0.5f, 1}};
 };
+// F(4x4, 3x3), points 0, 1, −1, 2, −½, ∞ (the header's choice): B^T is F(2x2, 5x5)'s (same
+// points, same α = 6); G is the first three columns of its G; A^T has rows p_j^0..p_j^3.
+template <>
+struct Tiles<4, 3> {
+    static constexpr int m = 4, r = 3, alpha = 6;
+    static constexpr float BT[alpha][alpha] = {{1, 1.5f, -2, -1.5f, 1, 0},     {0, -1, -2.5f, -0.5f, 1, 0},
+                                               {0, 1, 0.5f, -2.5f, 1, 0},      {0, -0.5f, -1, 0.5f, 1, 0},
+                                               {0, 2, -1, -2, 1, 0},           {0, 1, 1.5f, -2, -1.5f, 1}};
+    static constexpr float G[alpha][r] = {{1, 0, 0},
+                                          {-1.f / 3, -1.f / 3, -1.f / 3},
+                                          {1.f / 3, -1.f / 3, 1.f / 3},
+                                          {1.f / 15, 2.f / 15, 4.f / 15},
+                                          {-16.f / 15, 8.f / 15, -4.f / 15},
+                                          {0, 0, 1}};
+    static constexpr float AT[m][alpha] = {{1, 1, 1, 1, 1, 0},
+                                           {0, 1, -1, 2, -0.5f, 0},
+                                           {0, 1, 1, 4, 0.25f, 0},
+                                           {0, 1, -1, 8, -0.125f, 1}};
+};
 using F2x3 = Tiles<2, 3>;
+using F4x3 = Tiles<4, 3>;
 using F2x5 = Tiles<2, 5>;
 
 // Matrix views with compile-time entries: at(i, j), rows x cols.
@@ -250,13 +289,13 @@ static inline void transform_patch(const ConvGeometry& g, const float* x, const 
 
 // ---------------------------------------------------------------------------- E GEMMs
 // The E GEMMs of one register tile in one call: for e < E,
-//   Mb[e·ms + r·PANEL + f] = Σ_{c < C} V[e·vs + r·Cp + c] · U[e·us + c·Fp + f0 + f],  r < R, f < NV·16
+//   Mb[e·ms + r·rs + f] = Σ_{c < C} V[e·vs + r·Cp + c] · U[e·us + c·Fp + f0 + f],  r < R, f < NV·16
 // on the R x NV·16 register block of cpu_conv_direct.h (R·NV <= 24 zmm accumulators, NV weight
 // vectors, one broadcast).  One call instead of E fwd_tile calls: accumulators start from zero
 // registers (no init loads), and no per-GEMM call/prologue (K = C is only 32..64 steps here).
 template <int E, int R, int NV>
 static void gemm_e(const float* __restrict V, i64 vs, i64 Cp, const float* __restrict U, i64 us, i64 Fp, i64 C,
-                   float* __restrict Mb, i64 ms, __mmask16 m) {
+                   float* __restrict Mb, i64 ms, i64 rs, __mmask16 m) {
     using direct::load_v;
     for (int e = 0; e < E; ++e) {
         __m512 c[R][NV];
@@ -284,10 +323,10 @@ static void gemm_e(const float* __restrict V, i64 vs, i64 Cp, const float* __res
 #pragma GCC unroll 12
         for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-            for (int v = 0; v < NV; ++v) _mm512_store_ps(o + r * PANEL + v * VL, c[r][v]);
+            for (int v = 0; v < NV; ++v) _mm512_store_ps(o + r * rs + v * VL, c[r][v]);
     }
 }
-using GemmEFn = void (*)(const float*, i64, i64, const float*, i64, i64, i64, float*, i64, __mmask16);
+using GemmEFn = void (*)(const float*, i64, i64, const float*, i64, i64, i64, float*, i64, i64, __mmask16);
 template <int E, int NV, int... Rs>
 constexpr std::array<GemmEFn, direct::MAX_R> gemm_e_row(std::integer_sequence<int, Rs...>) {
     return {&gemm_e<E, std::min(Rs + 1, direct::max_rows(NV)), NV>...};
@@ -346,9 +385,9 @@ inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const floa
                 const i64 Rm = max_rows(pn.nv), nrt = (nt + Rm - 1) / Rm;
                 for (i64 q = 0; q < nrt; ++q) {  // register tiles of near-equal size; then its outputs
                     const i64 i0 = q * nt / nrt, i1 = (q + 1) * nt / nrt;
-                    // ---- E GEMMs: Mb[e][i][f] = Σ_c V[e][i][c] · U[e][c][f0 + f]
+                    // ---- E GEMMs: Mb[i][e][f] = Σ_c V[e][i][c] · U[e][c][f0 + f]
                     gemm_e_kernel<E>(pn.nv, int(i1 - i0))(V.data + i0 * Cp, TILE_BLOCK * Cp, Cp, U.data + f0, C * Fp,
-                                                          Fp, C, Mb.data + i0 * PANEL, TILE_BLOCK * PANEL, pn.mask);
+                                                          Fp, C, Mb.data + i0 * E * PANEL, PANEL, E * PANEL, pn.mask);
                     // ---- output transform: Y = A^T M A (+ bias, relu), ragged edges masked
                     for (i64 i = i0; i < i1; ++i) {
                         const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n;
@@ -357,9 +396,9 @@ inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const floa
                         float* yt = y + ((n * OH + oh0) * OW + ow0) * F + f0;
                         for (int v = 0; v < pn.nv; ++v) {
                             const __mmask16 mk = v == pn.nv - 1 ? pn.mask : __mmask16(0xFFFF);
-                            const float* mp = Mb.data + i * PANEL + v * VL;
+                            const float* mp = Mb.data + i * E * PANEL + v * VL;
                             __m512 mm[E], o[m * m];
-                            for (int e = 0; e < E; ++e) mm[e] = _mm512_load_ps(mp + e * TILE_BLOCK * PANEL);
+                            for (int e = 0; e < E; ++e) mm[e] = _mm512_load_ps(mp + e * PANEL);
                             transform2<MatAT<T>>(mm, o);
                             const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + f0 + v * VL) : zero;
                             for (i64 a = 0; a < nrow; ++a) {
@@ -392,16 +431,54 @@ inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const floa
     return finite;
 }
 
+// ---------------------------------------------------------------------------- 3x3 tile choice
+// Output tile of a 3x3 pass: 4 (F(4x4, 3x3)) or 2 (F(2x2, 3x3)).  TILE_ENV ("2" or "4") forces
+// it, for measuring one against the other in one process (dlconv bench / tests); otherwise the
+// default rule below.
+constexpr const char* TILE_ENV = "DLCONV_CPU_WINOGRAD_TILE";
+enum class Pass { forward, backward_data, backward_filter };
+inline int forced_tile() {
+    const char* e = std::getenv(TILE_ENV);
+    return e && (e[0] == '2' || e[0] == '4') && e[1] == 0 ? e[0] - '0' : 0;
+}
+// Default rule: F(4x4) when its transformed positions, weighted by their measured relative cost,
+// are fewer than F(2x2)'s: 36 · ⌈OH/4⌉⌈OW/4⌉ · F4_POSITION_COST < 16 · ⌈OH/2⌉⌈OW/2⌉.  Large
+// outputs always take F(4x4) (24x24: 0.56 of F(2x2)'s positions, measured 0.66-0.85x of its time
+// in every pass of MNIST conv2 and the ecal 3x3 shapes, 1 thread); small ones, where 4x4 tiles
+// would mostly compute past the edge (OH = OW = 2 or 6), keep F(2x2).  The same rule for all three
+// passes (backward-data: on its transposed geometry's output, i.e. dx).
+constexpr double F4_POSITION_COST = 4.0 / 3.0;  // F(4x4) time per position / F(2x2)'s, conv2 (0.75 / 0.5625)
+inline int tile_3x3(const ConvGeometry& g, Pass p) {
+    (void)p;  // measured: one rule fits all three passes
+    if (const int t = forced_tile()) return t;
+    auto cdiv = [](i64 a, i64 b) { return (a + b - 1) / b; };
+    const double pos4 = double(F4x3::alpha * F4x3::alpha) * double(cdiv(g.out_h, 4) * cdiv(g.out_w, 4));
+    const double pos2 = double(F2x3::alpha * F2x3::alpha) * double(cdiv(g.out_h, 2) * cdiv(g.out_w, 2));
+    return pos4 * F4_POSITION_COST < pos2 ? F4x3::m : F2x3::m;
+}
+
+inline bool forward_pass(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
+                         float* y, const float* gy, int gact, Pass p) {
+    if (g.k_h == F2x5::r) return conv_forward_tiles<F2x5>(g, x, w, bias, act, y, gy, gact);
+    return tile_3x3(g, p) == F4x3::m ? conv_forward_tiles<F4x3>(g, x, w, bias, act, y, gy, gact)
+                                     : conv_forward_tiles<F2x3>(g, x, w, bias, act, y, gy, gact);
+}
 inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
-                         float* y, const float* gy = nullptr, int gact = ACT_LINEAR) {
-    return g.k_h == F2x5::r ? conv_forward_tiles<F2x5>(g, x, w, bias, act, y, gy, gact)
-                            : conv_forward_tiles<F2x3>(g, x, w, bias, act, y, gy, gact);
+                         float* y) {
+    return forward_pass(g, x, w, bias, act, y, nullptr, ACT_LINEAR, Pass::forward);
+}
+// Backward-data as the forward of dz (t: the transposed geometry, wf: the flipped, transposed
+// filter; cpu_conv.cpp), act'(y) applied to dz on the fly when act != linear.
+inline bool conv_backward_data(const ConvGeometry& t, const float* dz, const float* wf, float* dx, const float* y,
+                               int act) {
+    return forward_pass(t, dz, wf, nullptr, ACT_LINEAR, dx, y, act, Pass::backward_data);
 }
 
 // ---------------------------------------------------------------------------- backward-filter
 // dw (r x r per (c, f)) = Σ_tiles G^T [ (B^T d B) ⊙ (A z A^T) ] G  — the transpose of the forward
 // identity (y = A^T [(G g G^T) ⊙ (B^T d B)] A is linear in g), where z is the 2x2 tile of dz
-// (zero past OH / OW) and d its α x α input patch (3x3: A z A^T rows/cols z0, z0 + z1, z0 − z1, −z1).
+// (zero past OH / OW) and d its α x α input patch (F(2x2, 3x3): A z A^T rows/cols z0, z0 + z1,
+// z0 − z1, −z1).
 //   M_e[c, f] = Σ_tiles V_e[tile, c] · Z_e[tile, f]: E GEMMs whose reduction runs over tiles,
 //   on the R x 64 backward-filter register block of cpu_conv_direct.h (broadcast V, load Z rows).
 // Work item: filter_tiles<T>() consecutive tiles of the flattened (n, th, tw) tile grid: V and Z
@@ -409,8 +486,9 @@ inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, 
 // Threads: chunks are cut into P contiguous groups, handed out dynamically; a group owns an
 //   M partial (E·C·Fp floats) and a db partial; partials are summed in group order
 //   (deterministic for a given thread count), then dw = G^T M G per (c, 16 filters).
-// Tiles x positions per chunk: 48 tiles at 3x3 (48-step reductions amortise the block's loads,
-//   V + Z = 48 x 16 x (Cp + Fp) floats); 5x5 keeps the same chunk size in floats (21 tiles).
+// Tiles x positions per chunk: 48 tiles at F(2x2, 3x3) (48-step reductions amortise the block's
+//   loads, V + Z = 48 x 16 x (Cp + Fp) floats); α = 6 keeps the same chunk size in floats (21
+//   tiles; 12, 32 and 48 measured no better for F(4x4, 3x3)).
 constexpr i64 FILTER_CHUNK_ENTRIES = 48 * 16;
 template <class T>
 constexpr i64 filter_tiles() { return FILTER_CHUNK_ENTRIES / (T::alpha * T::alpha); }
@@ -543,8 +621,10 @@ inline bool conv_backward_filter_tiles(const ConvGeometry& g, const float* x, co
 
 inline bool conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
                                  const float* gy = nullptr, int gact = ACT_LINEAR) {
-    return g.k_h == F2x5::r ? conv_backward_filter_tiles<F2x5>(g, x, dz, dw, db, gy, gact)
-                            : conv_backward_filter_tiles<F2x3>(g, x, dz, dw, db, gy, gact);
+    if (g.k_h == F2x5::r) return conv_backward_filter_tiles<F2x5>(g, x, dz, dw, db, gy, gact);
+    return tile_3x3(g, Pass::backward_filter) == F4x3::m
+               ? conv_backward_filter_tiles<F4x3>(g, x, dz, dw, db, gy, gact)
+               : conv_backward_filter_tiles<F2x3>(g, x, dz, dw, db, gy, gact);
 }
 
 }  // namespace winograd
