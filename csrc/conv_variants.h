@@ -62,7 +62,7 @@ inline constexpr ConvVariantInfo CPU_CONV_VARIANTS[] = {
      "cpu_conv_subpixel.h", ""},
     {"cpu_v3_winograd", 3, 3, "winograd", "forward,backward-data,backward-filter",
      "3x3 or 5x5 (square), stride 1, dilation 1, C >= 8, F >= 16, AVX-512 builds (backward-data: its stride-1 dz forward)",
-     "every pass whose geometry it applies to; 3x3 takes 4x4 output tiles unless the output is too small for them to pay (cpu_conv_winograd.h tile_3x3)",
+     "every pass whose geometry it applies to; 3x3 backward passes take 4x4 output tiles unless the output is too small for them to pay, the forward 2x2 (cpu_conv_winograd.h tile_3x3)",
      "Winograd F(4x4, 3x3) / F(2x2, 3x3) and F(2x2, 5x5): 36, 16 or 36 transformed positions, one batched GEMM per position",
      "cpu_conv_winograd.h", ""},
 };

@@ -6,8 +6,8 @@
 //    then recomputes the call: the transforms would turn Inf − Inf into NaN; cpu_conv_winograd.h.)
 //   v3_winograd  (cpu_conv_winograd.h, AVX-512): 3x3 or 5x5, stride 1, dilation 1, C >= 8,
 //                F >= 16 — forward, backward-data (as a forward of dz with the flipped filter)
-//                and backward-filter, Winograd F(4x4, 3x3) or F(2x2, 3x3) (per pass, by the
-//                output size: winograd::tile_3x3) / F(2x2, 5x5) (5x5: every pass measured
+//                and backward-filter, Winograd F(4x4, 3x3) or F(2x2, 3x3) (backward passes by
+//                the output size, the forward F(2x2): winograd::tile_3x3) / F(2x2, 5x5) (5x5: every pass measured
 //                faster than v2_direct, e.g. 1.7x forward and backward-data at 64x28x28x32->64).
 //   v2_direct    (cpu_conv_direct.h, AVX-512): any other geometry for forward and backward-filter.
 //   v2_subpixel  (cpu_conv_subpixel.h, AVX-512): backward-data of any other geometry, as one
