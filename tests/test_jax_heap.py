@@ -79,4 +79,3 @@ def test_xla_temporaries_are_reused_not_faulted_in():
     # test asserts the mechanism (a run with the block kept, which never happens with it off), and
     # docs/layers.md says the saving is not reliable everywhere.
     assert min(kept["faults"]) <= 0.05 * pages, (kept, pages)
-    assert min(fresh["faults"]) >= 0.75 * pages, (fresh, pages)
