@@ -36,7 +36,8 @@ tf = pytest.importorskip("tensorflow")
 if not _C.forward_variant_applicable(conv_geometry((1, 8, 8, 16), (3, 3, 16, 16), 1, "same").as_tuple(), 3):
     pytest.skip("this build has no AVX-512 (the Winograd kernels are AVX-512 only)", allow_module_level=True)
 
-from test_cpu_winograd5 import BT3, BT5, G3, AT3, U, _absf, _pads, _row_ops, _transposed, tf_grads  # noqa: E402
+from test_cpu_winograd5 import (BT3, BT5, G3, AT3, U, _absf, _pads, _row_ops, _transposed,  # noqa: E402
+                                check_nonfinite_as_tensorflow, tf_grads)
 from test_nonfinite import assert_same_nonfinite, poisoned, tf_conv_relu  # noqa: E402
 
 TILE_ENV = "DLCONV_CPU_WINOGRAD_TILE"  # cpu_conv_winograd.h TILE_ENV
@@ -286,22 +287,8 @@ def test_forward_keeps_exact_zeros(rng):
 def test_4x4_nan_inf_as_tensorflow(padding, poison):
     """±Inf / NaN in x, w or dy under F(4x4, 3x3): the watch sees the non-finite result and the
     direct kernel recomputes: TensorFlow's values (OH, OW = 9, 8 or 7, 6: ragged tiles)."""
-    shape_x, shape_w = (2, 9, 8, 16), (3, 3, 16, 16)
-    x = poisoned(shape_x, 1) if poison in ("x", "all") else poisoned(shape_x, 1, 0, 0, 0)
-    w = poisoned(shape_w, 2, 1, 1, 1) if poison in ("w", "all") else poisoned(shape_w, 2, 0, 0, 0)
-    b = np.random.default_rng(3).standard_normal(16).astype(np.float32)
-    g = conv_geometry(shape_x, shape_w, 1, padding)
-    dy = poisoned(g.y_shape, 4) if poison in ("dy", "all") else poisoned(g.y_shape, 4, 0, 0, 0)
-    g, y_tf, dx_tf, dw_tf, db_tf = tf_conv_relu(x, w, b, 1, padding, 1, dy)
     with tile(4):
-        y = ops.conv2d(x, w, b, 1, padding, 1, "relu", backend="cpp", variant="cpu_v3_winograd")
-        assert_same_nonfinite(y, y_tf, f"winograd 4x4 forward ({poison})")
-        y = np.ascontiguousarray(y_tf)
-        dx = ops.conv2d_backward_data(dy, w, shape_x, 1, padding, 1, backend="cpp", y=y, activation="relu")
-        assert_same_nonfinite(dx, dx_tf, f"winograd 4x4 backward-data ({poison})")
-        dw, db = ops.conv2d_backward_filter(x, dy, shape_w, 1, padding, 1, backend="cpp", y=y, activation="relu")
-        assert_same_nonfinite(dw, dw_tf, f"winograd 4x4 backward-filter dw ({poison})")
-        assert_same_nonfinite(db, db_tf, f"winograd 4x4 backward-filter db ({poison})")
+        check_nonfinite_as_tensorflow((2, 9, 8, 16), (3, 3, 16, 16), padding, poison, "4x4")
 
 
 def test_4x4_one_inf_pixel_gives_inf_not_nan():

@@ -287,26 +287,32 @@ def test_5x5_the_issue_layer_shape_at_batch_2(rng):
     _track("backward-filter", np.abs(dw - ref.conv2d_backward_filter(x, dz, g)[0]), filter_bound(x, dz, _pads(g), 5))
 
 
+def check_nonfinite_as_tensorflow(shape_x, shape_w, padding, poison, label):
+    """±Inf / NaN poisoned into x, w, dy or all three: the cpp Winograd variant's three passes
+    (relu fused) give TensorFlow's values, non-finite entries included.  `label` names the tile
+    in the failure message (shared with tests/test_cpu_winograd43.py)."""
+    x = poisoned(shape_x, 1) if poison in ("x", "all") else poisoned(shape_x, 1, 0, 0, 0)
+    w = poisoned(shape_w, 2, 1, 1, 1) if poison in ("w", "all") else poisoned(shape_w, 2, 0, 0, 0)
+    b = np.random.default_rng(3).standard_normal(shape_w[-1]).astype(np.float32)
+    g = conv_geometry(shape_x, shape_w, 1, padding)
+    dy = poisoned(g.y_shape, 4) if poison in ("dy", "all") else poisoned(g.y_shape, 4, 0, 0, 0)
+    g, y_tf, dx_tf, dw_tf, db_tf = tf_conv_relu(x, w, b, 1, padding, 1, dy)
+    y = ops.conv2d(x, w, b, 1, padding, 1, "relu", backend="cpp", variant="cpu_v3_winograd")
+    assert_same_nonfinite(y, y_tf, f"winograd {label} forward ({poison})")
+    y = np.ascontiguousarray(y_tf)
+    dx = ops.conv2d_backward_data(dy, w, shape_x, 1, padding, 1, backend="cpp", y=y, activation="relu")
+    assert_same_nonfinite(dx, dx_tf, f"winograd {label} backward-data ({poison})")
+    dw, db = ops.conv2d_backward_filter(x, dy, shape_w, 1, padding, 1, backend="cpp", y=y, activation="relu")
+    assert_same_nonfinite(dw, dw_tf, f"winograd {label} backward-filter dw ({poison})")
+    assert_same_nonfinite(db, db_tf, f"winograd {label} backward-filter db ({poison})")
+
+
 @pytest.mark.parametrize("poison", ["x", "w", "dy", "all"])
 @pytest.mark.parametrize("padding", ["same", "valid"])
 def test_5x5_nan_inf_as_tensorflow(padding, poison):
     """±Inf / NaN in x, w or dy: Winograd's transforms would make Inf − Inf = NaN; the kernel
     sees the non-finite result and the direct kernel recomputes: TensorFlow's values."""
-    shape_x, shape_w = (2, 11, 10, 16), (5, 5, 16, 16)
-    x = poisoned(shape_x, 1) if poison in ("x", "all") else poisoned(shape_x, 1, 0, 0, 0)
-    w = poisoned(shape_w, 2, 1, 1, 1) if poison in ("w", "all") else poisoned(shape_w, 2, 0, 0, 0)
-    b = np.random.default_rng(3).standard_normal(16).astype(np.float32)
-    g = conv_geometry(shape_x, shape_w, 1, padding)
-    dy = poisoned(g.y_shape, 4) if poison in ("dy", "all") else poisoned(g.y_shape, 4, 0, 0, 0)
-    g, y_tf, dx_tf, dw_tf, db_tf = tf_conv_relu(x, w, b, 1, padding, 1, dy)
-    y = ops.conv2d(x, w, b, 1, padding, 1, "relu", backend="cpp", variant="cpu_v3_winograd")
-    assert_same_nonfinite(y, y_tf, f"winograd 5x5 forward ({poison})")
-    y = np.ascontiguousarray(y_tf)
-    dx = ops.conv2d_backward_data(dy, w, shape_x, 1, padding, 1, backend="cpp", y=y, activation="relu")
-    assert_same_nonfinite(dx, dx_tf, f"winograd 5x5 backward-data ({poison})")
-    dw, db = ops.conv2d_backward_filter(x, dy, shape_w, 1, padding, 1, backend="cpp", y=y, activation="relu")
-    assert_same_nonfinite(dw, dw_tf, f"winograd 5x5 backward-filter dw ({poison})")
-    assert_same_nonfinite(db, db_tf, f"winograd 5x5 backward-filter db ({poison})")
+    check_nonfinite_as_tensorflow((2, 11, 10, 16), (5, 5, 16, 16), padding, poison, "5x5")
 
 
 def test_5x5_one_inf_pixel_gives_inf_not_nan():
