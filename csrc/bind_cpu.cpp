@@ -16,6 +16,8 @@
 //   activation_backward(dy, y, act, out=None) -> out          (act 4 = softmax, rank 2)
 //   xla_ffi_handlers() -> {target name: PyCapsule}   the XLA FFI handlers of ffi_cpu.cpp (empty
 //     when built without the XLA FFI headers), for dlconv.bridges.jax
+//   keep_heap() -> (kept, why)   host_heap.h's glibc thresholds, applied on the first call of the
+//     process (by it or by the JAX handler table); for dlconv.bridges.torch
 // `geometry` is dlconv.shapes.ConvGeometry.as_tuple(); `act` is the code of dlconv.activations.
 // No conversion ever happens: a float64 array raises TypeError, a strided view ValueError.
 // The GIL is released while a kernel runs; every call owns its scratch memory (re-entrant).
@@ -35,6 +37,7 @@
 #include "ffi_pool.h"
 #endif
 #include "geometry.h"
+#include "host_heap.h"
 
 namespace py = pybind11;
 using dlconv::ConvGeometry;
@@ -315,6 +318,11 @@ PYBIND11_MODULE(_C, m) {
           },
           "XLA FFI handlers of the CPU kernels (target name -> PyCapsule for "
           "jax.ffi.register_ffi_target(..., platform='cpu')); empty when built without the XLA FFI headers.");
+    m.def("keep_heap", [] {
+        const auto& s = dlconv::heap::keep_freed_host_memory();
+        return py::make_tuple(s.kept, s.why);
+    }, "Keep freed host memory on glibc's heap (host_heap.h; once per process, DLCONV_KEEP_HEAP=0 opts "
+       "out) -> (kept, why).");
     m.def("conv2d_forward", &conv2d_forward, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("geometry"),
           py::arg("activation"), py::arg("y") = py::none(), py::arg("variant") = 0,
           "y = act(conv2d(x, w) + b): x NHWC, w HWIO, b (filters,) or None, geometry = ConvGeometry.as_tuple(); "

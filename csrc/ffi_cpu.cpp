@@ -34,19 +34,13 @@
 //
 // XLA's buffers: XLA:CPU takes an execution's buffers from malloc, anew on every run: its results
 // and one block for all its temporaries (the handlers' outputs among them: 63 MB for the MNIST CNN
-// train step at batch 128, XLA's buffer assignment says).  glibc serves a block above its mmap
-// threshold (adaptive, at most 32 MiB) with a fresh mmap and unmaps it on free, so that block came
-// back as fresh zero pages every step and the first write to each page (inside the kernels,
-// mostly) took a page fault: 15,400 minor faults per step (= 63 MB / 4 KiB), measured as a quarter
-// of dlconv's JAX step; TensorFlow's own allocator keeps its memory and never pays this.  So when the
-// handler table is first asked for (the JAX bridge registering the targets), keep_xla_buffers_on_heap
-// raises glibc's mmap and trim thresholds (process-wide: the process then keeps up to
-// HEAP_KEEP_BYTES of freed memory for reuse instead of returning it).  DLCONV_JAX_KEEP_HEAP=0 leaves
-// malloc as it is.
+// train step at batch 128, XLA's buffer assignment says), which glibc mapped and unmapped every step
+// (15,400 page faults per step, a quarter of dlconv's JAX step).  So when the handler table is first
+// asked for (the JAX bridge registering the targets), cpu_handlers() applies
+// heap::keep_freed_host_memory() (host_heap.h: glibc's mmap and trim thresholds, process-wide,
+// shared with the torch bridge; DLCONV_KEEP_HEAP=0 opts out; host_heap.h also says why the saving
+// is not reliable for XLA, whose worker threads allocate from glibc's non-main arenas).
 #include <pthread.h>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 
 #include <condition_variable>
 #include <cstdint>
@@ -58,6 +52,7 @@
 #include <utility>
 
 #include "cpu_host.h"
+#include "host_heap.h"
 #include "cpu_kernels.h"
 #include "ffi_common.h"
 #include "ffi_cpu.h"
@@ -268,26 +263,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DlconvActivationBackward, activation_backward,
 namespace dlconv {
 namespace xffi {
 
-// Blocks up to this size come from (and go back to) the heap, and this much free memory at its top
-// is kept: 16x the MNIST CNN step's temporary block at batch 128 (63 MB), so steps of larger batches
-// and models stay on the heap too; beyond it a fresh mapping's faults are small next to the work
-// on a buffer that size.
-constexpr int HEAP_KEEP_BYTES = 1 << 30;
-
-// See the header: true when glibc took both settings.
-bool keep_xla_buffers_on_heap() {
-    const char* e = std::getenv("DLCONV_JAX_KEEP_HEAP");
-    if (e != nullptr && e[0] == '0') return false;
-#if defined(__GLIBC__)
-    return mallopt(M_MMAP_THRESHOLD, HEAP_KEEP_BYTES) == 1 && mallopt(M_TRIM_THRESHOLD, HEAP_KEEP_BYTES) == 1;
-#else
-    return false;
-#endif
-}
-
 const std::vector<std::pair<const char*, void*>>& cpu_handlers() {
-    static const bool heap_kept = keep_xla_buffers_on_heap();
-    (void)heap_kept;
+    heap::keep_freed_host_memory();
     static const std::vector<std::pair<const char*, void*>> table = {
         {"dlconv_conv2d_forward", reinterpret_cast<void*>(DlconvConv2dForward)},
         {"dlconv_conv2d_backward_data", reinterpret_cast<void*>(DlconvConv2dBackwardData)},

@@ -244,6 +244,34 @@ def _call_on(device: torch.device) -> _Call:
     return _CPU_CALL if device.type == "cpu" else _Call(device)
 
 
+# ----------------------------------------------------------------------------- host heap
+def _keep_heap() -> Tuple[bool, str]:
+    """Keep freed host memory on glibc's heap (``dlconv._C.keep_heap``, csrc/host_heap.h), once
+    for the process, when this bridge is imported → (kept, why).
+
+    Why: torch's CPU allocator is plain ``posix_memalign``/``free``, so the stock ops of a
+    train step (Adam's temporaries for the 9216x128 dense kernel, the dropout, the gradients)
+    get fresh blocks every step, and glibc returned the large ones to the system (unmapped, or
+    trimmed off the heap's top) and handed them back as fresh zero pages: 2,300-4,600 minor page
+    faults per MNIST CNN step at batch 128, none after (``tests/test_heap.py`` counts them).
+    dlconv's own outputs never faulted (:data:`dlconv.arrays.HOST_POOL` recycles them).
+    ``DLCONV_KEEP_HEAP=0`` (before this import) leaves malloc as it is."""
+    from ..backends import cpp_backend  # noqa: F401  (libgomp's spin default before _C loads)
+    try:
+        import dlconv._C as c
+    except ImportError as exc:
+        return False, f"dlconv._C is not importable ({exc})"
+    keep = getattr(c, "keep_heap", None)
+    if keep is None:
+        return False, "dlconv._C has no keep_heap (rebuild it)"
+    kept, why = keep()
+    return bool(kept), str(why)
+
+
+#: (kept, why) of :func:`_keep_heap`, applied at import.
+HEAP = _keep_heap()
+
+
 def _backend(name: str, on_device: bool):
     return resolve_backend(name, on_device)
 
