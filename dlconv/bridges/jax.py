@@ -25,8 +25,10 @@ too (``csrc/cpu_host.h``): one kernel at a time, whichever way it came in.  Regi
 CPU targets also keeps XLA's buffers on the heap: XLA:CPU mallocs one block for a run's
 temporaries (the handlers' outputs among them; 63 MB for the MNIST CNN train step) anew on
 every run, which glibc served with a fresh mmap, page-faulted in on every step (a quarter of
-the step); ``csrc/ffi_cpu.cpp`` raises glibc's mmap and trim thresholds once, process-wide, so
-the block is reused (``DLCONV_JAX_KEEP_HEAP=0`` leaves malloc as it is).
+the step); ``csrc/host_heap.h`` raises glibc's mmap and trim thresholds once, process-wide, so
+the block can be reused: reliably only when XLA runs the program on the main thread, not on its
+worker threads (JAX's default asynchronous dispatch; docs/layers.md, "Freed host memory").
+``DLCONV_KEEP_HEAP=0`` (or ``DLCONV_JAX_KEEP_HEAP=0``) leaves malloc as it is.
 
 *cpp on a CUDA GPU* — the same targets registered with platform ``"CUDA"`` from
 ``dlconv._C_cuda`` (``csrc/ffi_cuda.cpp``), launched on XLA's stream, no host round trip.
