@@ -11,7 +11,7 @@
 // What it fixes: glibc serves a block above its mmap threshold (adaptive, at most 32 MiB) with a
 // fresh mmap and unmaps it on free, and trims the top of the heap (brk) once more than the trim
 // threshold is free there.  Either way the next step's block comes back as fresh zero pages and
-// the first write to each page takes a minor fault (4 KiB each: ~4,600 per torch MNIST step,
+// the first write to each page takes a minor fault (4 KiB each: 2,300-4,600 per torch MNIST step,
 // 15,400 per JAX one before this).  keep_freed_host_memory() sets both thresholds to
 // HEAP_KEEP_BYTES, process-wide: blocks up to that size come from the heap and that much free
 // memory at its top is kept for reuse instead of being returned (the price: up to 1 GiB of freed

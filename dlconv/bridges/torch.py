@@ -253,7 +253,9 @@ def _keep_heap() -> Tuple[bool, str]:
     train step (Adam's temporaries for the 9216x128 dense kernel, the dropout, the gradients)
     get fresh blocks every step, and glibc returned the large ones to the system (unmapped, or
     trimmed off the heap's top) and handed them back as fresh zero pages: 2,300-4,600 minor page
-    faults per MNIST CNN step at batch 128, none after (``tests/test_heap.py`` counts them).
+    faults per MNIST CNN step at batch 128, none after (``tests/test_heap.py`` counts them);
+    steps faulting that much ran 6-15% slower than kept ones, round-robin in one process
+    (2-core Xeon at load 4).
     dlconv's own outputs never faulted (:data:`dlconv.arrays.HOST_POOL` recycles them).
     ``DLCONV_KEEP_HEAP=0`` (before this import) leaves malloc as it is."""
     from ..backends import cpp_backend  # noqa: F401  (libgomp's spin default before _C loads)
