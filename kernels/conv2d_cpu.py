@@ -44,9 +44,12 @@ Grouped convolution (``g.groups > 1``, depthwise included) runs the kernels of
 Backward-data: dx[n, ih, iw, c] sums w[kh, kw, c, k] * dy[n, oh, ow, k] over the taps
 whose ``t = ih + pad_top - kh*dil_h`` is divisible by stride_h with ``oh = t / stride_h`` in
 ``[0, out_h)`` (same for w).  Stride 1 with pads no larger than the dilated kernel and more
-than 8 dx channels runs the forward micro-kernel (a "full" correlation of dy with the
-flipped, transposed weights); every other geometry runs the sub-pixel decomposition of :mod:`.conv2d_subpixel_cpu` (one
-stride-1 convolution per phase, only the taps that hit).  The gather kernel
+than 8 dx channels runs a forward kernel on a "full" correlation of dy with the flipped,
+transposed weights: cpu_v3_smalltile's 8-pixel tile (:mod:`.conv2d_cpu_small`) for up to 16
+dx channels, and for up to 32 when the narrow tile's one-pixel ragged edge would cost more
+(:func:`_small_tile_beats_narrow`), else cpu_v2_regblock's micro-kernel; every other
+geometry runs the sub-pixel decomposition of :mod:`.conv2d_subpixel_cpu` (one stride-1
+convolution per phase, only the taps that hit).  The gather kernel
 (:func:`backward_data_gather`: each dx row owned by one iteration, every tap tested for the
 exact division) is kept as the naive variant for tests and benchmarks.
 
@@ -403,6 +406,28 @@ def _bwd_data_kernel(dy, wt, dx, s_h, s_w, d_h, d_w, p_t, p_l):
             dx[n, ih, iw, :] = acc
 
 
+#: Cost of one pixel of the narrow kernel's one-pixel ragged loop (2 FMA chains, latency-bound),
+#: in pixels of its 12-pixel blocks: measured ~2 (stride-1 3x3 backward-data into 32 channels,
+#: 26 and 30 pixels wide, 2-core Xeon).
+NARROW_RAGGED_PIXEL_COST = 2
+
+
+def _small_tile_beats_narrow(k: int, out_w: int) -> bool:
+    """Whether cpu_v3_smalltile's 8-pixel tile (its last block overlapping the one before) does
+    less work than the narrow 12 x 32 tile (its OW % 12 last pixels one at a time) on rows
+    ``out_w`` wide with ``k`` <= 32 filters.  Up to 16 filters always: the narrow tile would
+    spend half of its FMAs on zero filters.  Per whole-block pixel the two cost about the same
+    (measured within 10%); a tie goes to the narrow tile (12 broadcasts per 2 weight loads)."""
+    from .conv2d_cpu_small import PANEL16, PANEL32, SMALL_MR
+    if k > PANEL32:
+        return False
+    if k <= PANEL16:
+        return True
+    narrow = (out_w // NARROW_MR) * NARROW_MR + NARROW_RAGGED_PIXEL_COST * (out_w % NARROW_MR)
+    small = -(-out_w // SMALL_MR) * SMALL_MR if out_w >= SMALL_MR else NARROW_RAGGED_PIXEL_COST * out_w
+    return small < narrow
+
+
 def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
     """dL/dx (shape g.x_shape) from dL/dz (shape g.y_shape) and HWIO weights."""
     from dlconv.shapes import conv_geometry, transposed_geometry
@@ -423,6 +448,9 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
             gt = conv_geometry(dy.shape, wf.shape, 1, ((t.pad_top, t.pad_bottom), (t.pad_left, t.pad_right)),
                                (t.dil_h, t.dil_w))
             assert (gt.out_h, gt.out_w) == (g.in_h, g.in_w)
+            if _small_tile_beats_narrow(g.in_c, g.in_w):
+                from . import conv2d_cpu_small
+                return conv2d_cpu_small.launch(dy, wf, None, gt, 0)
             return launch_gemm(dy, wf, None, gt, 0)
     # stride > 1, a crop at stride 1, or few dx channels (the pixel-vectorised narrow kernel:
     # MNIST conv1): the sub-pixel decomposition, one stride-1 convolution per phase
