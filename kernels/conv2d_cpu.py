@@ -56,13 +56,16 @@ exact division) is kept as the naive variant for tests and benchmarks.
 Backward-filter: the same GEMM transposed, dw[(kh, kw, c), k] = sum over pixels of
 X_im2col[m, (kh, kw, c)] * dy[m, k].  Three kernels, chosen by :func:`_bwf_tile_shape`:
 
-- channel-blocked tile (default): one iteration owns (pixel chunk, tap (kh, kw), a block of
-  RB consecutive input channels, a panel of NV*16 filters) and reduces the chunk's pixels in
-  order on an RB x NV f32x16 register tile (BWF_TILES: 6 x 4, 8 x 2 or 16 x 1 by K), the
-  RB broadcasts of a pixel at one address + 0..RB-1.  Split-K: the pixels are cut into fixed
-  chunks of BWF_CHUNK_PIXELS (at most BWF_CHUNKS), their partials added in chunk order.
-  Ragged edges: channels padded to a multiple of RB (the padding rows read the next floats of
-  x, with slack at the end, and are dropped; taken only when they are at most
+- channel-blocked tile (default): one iteration owns (chunk of output rows (n, oh), tap
+  (kh, kw), a block of RB consecutive input channels, a panel of NV*16 filters) and reduces
+  the chunk's pixels in order on an RB x NV f32x16 register tile (BWF_TILES: 6 x 4, 8 x 2 or
+  16 x 1 by K), the RB broadcasts of a pixel at one address + 0..RB-1.  Split-K: the output
+  rows are cut into fixed chunks of about BWF_CHUNK_PIXELS pixels (at most BWF_CHUNKS),
+  their partials added in chunk order.  Padding: x is read in place; a tap skips the rows
+  whose ih is padding and runs over the columns [ow_lo, ow_hi) whose iw is inside x
+  (:func:`_bwf_tap_table`), so the padded pixels' zero products are never formed.  Ragged
+  edges: channels padded to a multiple of RB (the padding rows read the next floats of x,
+  with slack at the end, and are dropped; taken only when they are at most
   BWF_MAX_PAD_FRACTION of the rows), filters to NV*16 (dy copied with zero columns).  db
   comes from the same launch: the tap-0, block-0 items also sum their chunk's dy rows.
 - K a multiple of MICRO_NR with KH*KW*C a multiple of MICRO_MR (MNIST conv2: 64 filters, 288
@@ -571,9 +574,10 @@ def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w,
 #: forward's 6 x 64 tile (24 accumulators); NV=2 (K <= 32) and NV=1 (K <= 16) hold 16
 #: accumulators (8 x 32, 16 x 16): 2 or 1 dy loads + 8 or 16 broadcasts per 16 FMAs.
 BWF_TILES = {4: MICRO_MR, 2: 8, 1: 16}
-#: Pixels per chunk of the channel-blocked kernel's split-K: 512 pixels of dy are 32-128 KiB
-#: (K = 16..64), L2-resident while every (tap, channel block, panel) item of the chunk sweeps
-#: them; the chunk count (at most BWF_CHUNKS) follows from the geometry alone.
+#: Pixels per chunk of the channel-blocked kernel's split-K (whole output rows: 512 // OW
+#: rows, at least one): 512 pixels of dy are 32-128 KiB (K = 16..64), L2-resident while every
+#: (tap, channel block, panel) item of the chunk sweeps them; the chunk count (at most
+#: BWF_CHUNKS) follows from the geometry alone.
 BWF_CHUNK_PIXELS = 512
 #: Channel padding the channel-blocked kernel accepts: rows computed for padding channels
 #: are wasted, so it runs only when they are at most a quarter of the rows (else the kernels
@@ -586,19 +590,21 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
     are compile-time constants of the closure: the tile loops unroll into registers)."""
 
     @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-    def kernel(xf, dyf, part, dbpart, toffs, n_img, hp, wpad, c_in, cpad, out_h, out_w, s_h,
-               s_w, ldf, n_chunks):
-        """part[ch, t*cpad + c, k] = sum over the pixels m of chunk ch of
-        x[n, oh*s_h + kh*d_h, ow*s_w + kw*d_w, c] * dy[m, k] (padded x: every tap inside;
-        toffs[t] = the x offset of tap t = (kh, kw) from a pixel's window origin), and
-        dbpart[ch, k] = sum over the same pixels of dy[m, k] (by the tap-0, block-0 items).
-        Item = (chunk, tap, block of rb channels, panel of nv*16 filters)."""
+    def kernel(xf, dyf, part, dbpart, taps, n_img, in_h, in_w, c_in, cpad, out_h, out_w,
+               s_h, s_w, p_t, p_l, ldf, n_chunks):
+        """part[ch, t*cpad + c, k] = sum over the output rows (n, oh) of chunk ch and the
+        pixels ow of tap t = (kh, kw) that land inside x of
+        x[n, oh*s_h - p_t + kh*d_h, ow*s_w - p_l + kw*d_w, c] * dy[n, oh, ow, k], and
+        dbpart[ch, k] = sum over the chunk's pixels of dy[n, oh, ow, k] (by the tap-0,
+        block-0 items).  taps[t] = (kh*d_h, kw*d_w, first ow, end ow): the tap's pixels inside
+        x in width (height is tested per row).  Item = (chunk, tap, block of rb channels,
+        panel of nv*16 filters)."""
         n_cb = cpad // rb
-        n_taps = toffs.size
+        n_taps = taps.shape[0]
         nr = nv * LANES
         n_panels = ldf // nr
-        n_pix = n_img * out_h * out_w
-        step = (n_pix + n_chunks - 1) // n_chunks
+        n_rows = n_img * out_h
+        step = (n_rows + n_chunks - 1) // n_chunks
         per_chunk = n_taps * n_cb * n_panels
         ones = np.ones(LANES, np.float32)
         for item in prange(n_chunks * per_chunk):
@@ -607,27 +613,29 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
             t = rest // (n_cb * n_panels)
             cb = (rest // n_panels) % n_cb
             k0 = (rest % n_panels) * nr
-            off = toffs[t] + cb * rb
-            m0 = ch * step
-            m1 = min(n_pix, m0 + step)
+            dh, dw, ow_lo, ow_hi = taps[t, 0], taps[t, 1], taps[t, 2], taps[t, 3]
+            r0 = ch * step
+            r1 = min(n_rows, r0 + step)
             acc = stack_micro_tile()                   # acc[q*nv + v]: channel q, filters v*16..
             zt = stack_micro_tile()                    # the pixel's nv dy vectors
             for i in range(rb * nv):
                 acc[i] = vzero()
-            n = m0 // (out_h * out_w)
-            r = m0 - n * out_h * out_w
-            oh = r // out_w
-            ow = r - oh * out_w
-            for m in range(m0, m1):
-                xb = ((n * hp + oh * s_h) * wpad + ow * s_w) * c_in + off
-                d0 = m * ldf + k0
-                for v in range(nv):
-                    zt[v] = vload(dyf, d0 + v * LANES)
-                for q in range(rb):
-                    xv = vbroadcast(xf, xb + q)
+            for row in range(r0, r1):
+                n = row // out_h
+                ih = (row - n * out_h) * s_h - p_t + dh
+                if ih < 0 or ih >= in_h:               # the tap's row is padding
+                    continue
+                xb = ((n * in_h + ih) * in_w + ow_lo * s_w - p_l + dw) * c_in + cb * rb
+                d0 = (row * out_w + ow_lo) * ldf + k0
+                for ow in range(ow_lo, ow_hi):
                     for v in range(nv):
-                        acc[q * nv + v] = vfma(xv, zt[v], acc[q * nv + v])
-                n, oh, ow = _next_pixel(n, oh, ow, out_h, out_w)
+                        zt[v] = vload(dyf, d0 + v * LANES)
+                    for q in range(rb):
+                        xv = vbroadcast(xf, xb + q)
+                        for v in range(nv):
+                            acc[q * nv + v] = vfma(xv, zt[v], acc[q * nv + v])
+                    xb += s_w * c_in
+                    d0 += ldf
             o = (ch * n_taps + t) * cpad + cb * rb
             for q in range(rb):
                 for v in range(nv):
@@ -636,7 +644,7 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
                 one = vload(ones, 0)                   # dy * 1 + sum: an exact add
                 for v in range(nv):
                     zt[v] = vzero()
-                for m in range(m0, m1):
+                for m in range(r0 * out_w, r1 * out_w):
                     for v in range(nv):
                         zt[v] = vfma(vload(dyf, m * ldf + k0 + v * LANES), one, zt[v])
                 for v in range(nv):
@@ -665,15 +673,25 @@ def _bwf_tile_shape(g, always: bool = False):
     return nv, rb, cpad, ldf
 
 
+def _bwf_tap_table(g) -> np.ndarray:
+    """(KH*KW, 4) int64: per tap t = (kh, kw) of the channel-blocked kernel, kh*d_h, kw*d_w and
+    the output columns [ow_lo, ow_hi) whose input column ow*s_w - p_l + kw*d_w lies in x."""
+    kh, kw = np.meshgrid(np.arange(g.k_h), np.arange(g.k_w), indexing="ij")
+    dh, dw = (kh * g.dil_h).reshape(-1), (kw * g.dil_w).reshape(-1)
+    first = np.minimum(g.out_w, np.maximum(0, -(-(g.pad_left - dw) // g.stride_w)))
+    end = np.minimum(g.out_w, (g.in_w - 1 + g.pad_left - dw) // g.stride_w + 1)
+    return np.stack([dh, dw, first, np.maximum(first, end)], axis=1).astype(np.int64)
+
+
 def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
     """(dw with shape g.w_shape, db) on the channel-blocked register tile (split-K over fixed
-    pixel chunks, the partials added in chunk order: deterministic for any thread count).
-    ``shape`` as :func:`_bwf_tile_shape` returns it (computed when None; it must not be None)."""
+    chunks of output rows, the partials added in chunk order: deterministic for any thread
+    count).  ``shape`` as :func:`_bwf_tile_shape` returns it (computed when None; it must
+    not be None).  x is read in place (no padded copy): each tap skips its padding rows and
+    runs over its in-bounds columns only."""
     nv, rb, cpad, ldf = shape or _bwf_tile_shape(g)
     k, c = g.filters, g.in_c
-    xp = pad_input(x, g)
-    hp, wpad = xp.shape[1], xp.shape[2]
-    xf = np.ascontiguousarray(xp, dtype=np.float32).reshape(-1)
+    xf = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if cpad > c:                     # the last block reads cpad - c floats past a pixel: slack
         xs = np.empty(xf.size + cpad - c, np.float32)
         xs[:xf.size] = xf
@@ -684,16 +702,16 @@ def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
         dyp = np.zeros((dyf.shape[0], ldf), np.float32)
         dyp[:, :k] = dyf
         dyf = dyp
-    n_pix = g.batch * g.out_h * g.out_w
-    n_chunks = max(1, min(BWF_CHUNKS, -(-n_pix // BWF_CHUNK_PIXELS)))
-    kh, kw = np.meshgrid(np.arange(g.k_h), np.arange(g.k_w), indexing="ij")
-    toffs = ((kh * g.dil_h * wpad + kw * g.dil_w) * c).reshape(-1).astype(np.int64)
-    rows = toffs.size * cpad
+    n_rows = g.batch * g.out_h
+    rows_per_chunk = max(1, BWF_CHUNK_PIXELS // g.out_w)
+    n_chunks = max(1, min(BWF_CHUNKS, -(-n_rows // rows_per_chunk)))
+    taps = _bwf_tap_table(g)
+    rows = taps.shape[0] * cpad
     part = np.empty((n_chunks, rows, ldf), np.float32)
     dbpart = np.empty((n_chunks, ldf), np.float32)
-    _BWF_TILE_KERNELS[nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), toffs,
-                          g.batch, hp, wpad, c, cpad, g.out_h, g.out_w, g.stride_h, g.stride_w,
-                          ldf, n_chunks)
+    _BWF_TILE_KERNELS[nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), taps,
+                          g.batch, g.in_h, g.in_w, c, cpad, g.out_h, g.out_w, g.stride_h,
+                          g.stride_w, g.pad_top, g.pad_left, ldf, n_chunks)
     db = _sum_rows_in_order(dbpart)[:k].copy()
     dw = empty_host(g.w_shape)
     if cpad == c and ldf == k:

@@ -84,6 +84,38 @@ def test_backward_filter_tile_and_route_match_reference_and_tf(g, seed):
         np.testing.assert_allclose(db, tdb, **t)
 
 
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
+    ((2, 1, 1, 16), (4, 3, 16, 16), 1, ((3, 0), (2, 0)), 1),   # taps wholly in the padding
+    ((2, 5, 6, 16), (5, 5, 16, 16), 1, ((3, 3), (4, 3)), 1),   # taps partly in it
+    ((1, 3, 520, 8), (3, 3, 8, 32), 1, "same", 1),            # 520-wide rows: one row per chunk
+    ((66, 1, 520, 8), (1, 3, 8, 64), 1, "same", 1),           # 66 one-row chunks: BWF_CHUNKS cap
+    ((2, 11, 13, 17), (3, 3, 17, 20), (2, 3), ((0, 2), (2, 1)), (2, 1)),  # ragged C and K
+])
+def test_backward_filter_tile_clips_taps_and_chunks_rows(x_shape, w_shape, strides, padding,
+                                                         dilation):
+    """The channel-blocked tile reads x in place: each tap's padding rows and columns are
+    skipped (some taps have none inside), chunks are whole output rows; against the
+    reference and TensorFlow, and the same bits on 1 thread as on all."""
+    g = conv_geometry(x_shape, w_shape, strides, padding, dilation)
+    x, w, _, dy = arrays(g, 13)
+    shape = ccpu._bwf_tile_shape(g, always=True)
+    dw, db = ccpu.backward_filter_tiled(x, dy, g, shape)
+    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
+    np.testing.assert_allclose(dw, rdw, **tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, **tol(g.gemm_m))
+    if tf_grads_ok(g):
+        _, tdw, tdb = tf_grads(x, w, g, dy)
+        np.testing.assert_allclose(dw, tdw, **tol(g.gemm_m))
+        np.testing.assert_allclose(db, tdb, **tol(g.gemm_m))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        one = ccpu.backward_filter_tiled(x, dy, g, shape)
+    finally:
+        numba.set_num_threads(threads)
+    assert np.array_equal(dw, one[0]) and np.array_equal(db, one[1])
+
+
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
     ((2, 33, 37, 1), (7, 7, 1, 16), 2, "same"),            # stem: 17x19 phases, 2 lane vectors
     ((1, 40, 21, 3), (5, 4, 3, 17), (2, 3), ((3, 1), (0, 2))),   # 3 channels, ragged F
