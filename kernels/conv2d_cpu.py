@@ -54,7 +54,8 @@ convolution per phase, only the taps that hit).  The gather kernel
 exact division) is kept as the naive variant for tests and benchmarks.
 
 Backward-filter: the same GEMM transposed, dw[(kh, kw, c), k] = sum over pixels of
-X_im2col[m, (kh, kw, c)] * dy[m, k].  Three kernels, chosen by :func:`_bwf_tile_shape`:
+X_im2col[m, (kh, kw, c)] * dy[m, k].  Four routes, chosen by :func:`_bwf_tile_shape` and
+:func:`_bwf_segment_shape`:
 
 - channel-blocked tile (default): one iteration owns (chunk of output rows (n, oh), tap
   (kh, kw), a block of RB consecutive input channels, a panel of NV*16 filters) and reduces
@@ -68,11 +69,16 @@ X_im2col[m, (kh, kw, c)] * dy[m, k].  Three kernels, chosen by :func:`_bwf_tile_
   with slack at the end, and are dropped; taken only when they are at most
   BWF_MAX_PAD_FRACTION of the rows), filters to NV*16 (dy copied with zero columns).  db
   comes from the same launch: the tap-0, block-0 items also sum their chunk's dy rows.
+- row-segment tile (:func:`backward_filter_segments`: few input channels, e.g. a 1-channel
+  stem, where the channel blocks would be mostly padding; dil_w == 1): the same kernel with
+  one "tap" per kh whose rows are the KW*C contiguous floats j = kw*C + c of a zero-padded
+  copy of x (cheap at few channels), padded to a multiple of RB (BWF_SEGMENT_ROWS: also 8
+  and 4 rows) within BWF_MAX_PAD_FRACTION.
 - K a multiple of MICRO_NR with KH*KW*C a multiple of MICRO_MR (MNIST conv2: 64 filters, 288
   rows): the forward's 6 x 64 tile over rows j = (kh, kw, c) at per-row x offsets; BWF_CHUNKS
   fixed pixel chunks, one iteration per chunk sweeping every 6-row block (dy rows in L2).
-- otherwise (few input channels, e.g. a 1-channel stem): one iteration owns
-  dw[kh, kw, c0:c0+CB, :] and reduces over every (n, oh, ow) in order.
+- otherwise (neither tile applies: few channels at dil_w > 1, or segments mostly padding):
+  one iteration owns dw[kh, kw, c0:c0+CB, :] and reduces over every (n, oh, ow) in order.
 db is summed over fixed chunks of pixels, then the chunks in order.  Results never depend
 on the number of threads.
 
@@ -653,7 +659,15 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
     return kernel
 
 
-_BWF_TILE_KERNELS = {nv: _make_bwf_tile_kernel(rb, nv) for nv, rb in BWF_TILES.items()}
+#: Rows of the row-segment tiles (:func:`backward_filter_segments`), by NV; the one that pads
+#: a segment least is used (a tie: the taller).  8 rows x 1 vector (K <= 16): 8 accumulators
+#: still cover the FMA latency (4 cycles x 2 FMAs per cycle), and a stem's 7-float segment
+#: (7x7 taps on 1 channel) pads to 8 rows instead of 16.  4 rows (8 or 4 accumulators, at
+#: worst half the FMA rate) take the 3-float segments of a 3x3 stem (the MNIST conv1).
+BWF_SEGMENT_ROWS = {4: (MICRO_MR,), 2: (8, 4), 1: (16, 8, 4)}
+#: The compiled tile kernels, by (rb, nv): each one signature, cached on disk.
+_BWF_TILE_KERNELS = {(rb, nv): _make_bwf_tile_kernel(rb, nv)
+                     for nv, rbs in BWF_SEGMENT_ROWS.items() for rb in set(rbs) | {BWF_TILES[nv]}}
 
 
 def _bwf_tile_shape(g, always: bool = False):
@@ -709,7 +723,7 @@ def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
     rows = taps.shape[0] * cpad
     part = np.empty((n_chunks, rows, ldf), np.float32)
     dbpart = np.empty((n_chunks, ldf), np.float32)
-    _BWF_TILE_KERNELS[nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), taps,
+    _BWF_TILE_KERNELS[rb, nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), taps,
                           g.batch, g.in_h, g.in_w, c, cpad, g.out_h, g.out_w, g.stride_h,
                           g.stride_w, g.pad_top, g.pad_left, ldf, n_chunks)
     db = _sum_rows_in_order(dbpart)[:k].copy()
@@ -720,6 +734,62 @@ def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
     full = np.empty((rows, ldf), np.float32)
     _sum_chunks(part, full)
     dw[...] = full.reshape(g.k_h, g.k_w, cpad, ldf)[:, :, :c, :k]
+    return dw, db
+
+
+def _bwf_segment_shape(g, always: bool = False):
+    """(nv, rb, spad, ldf) of the row-segment tile for g, or None: it runs where the
+    channel-blocked tile would pad too many channels (few input channels: a stem), with
+    dil_w == 1 so that the KW*C dw rows of one kh are one contiguous segment (kw*C + c) of
+    the padded input row; spad is that segment padded to a multiple of rb (the rows of
+    BWF_SEGMENT_ROWS[nv] that pad least), accepted while the padding is at most
+    BWF_MAX_PAD_FRACTION.  ``always``: the shape whenever dil_w == 1 (tests)."""
+    if g.dil_w != 1 or (not always and _bwf_tile_shape(g) is not None):
+        return None
+    k = g.filters
+    nv = 4 if k % MICRO_NR == 0 or k > 2 * LANES else (2 if k > LANES else 1)
+    seg = g.k_w * g.in_c
+    rb = min(BWF_SEGMENT_ROWS[nv], key=lambda r: (-(-seg // r) * r, -r))
+    spad = -(-seg // rb) * rb
+    if not always and spad - seg > BWF_MAX_PAD_FRACTION * spad:
+        return None
+    return nv, rb, spad, -(-k // (nv * LANES)) * nv * LANES
+
+
+def backward_filter_segments(x: np.ndarray, dy: np.ndarray, g, shape=None):
+    """(dw, db) on the channel-blocked tile kernel with one "tap" per kh whose rows are the
+    segment j = kw*C + c of a zero-padded copy of x (padded coordinates: every row inside;
+    a copy that is cheap where this runs, few input channels).  part[ch, kh*spad + j, k]
+    holds dw[kh, kw, c, k]; rows j >= KW*C read the next floats (slack at the end) and are
+    dropped.  ``shape`` as :func:`_bwf_segment_shape` returns it (it must not be None)."""
+    nv, rb, spad, ldf = shape or _bwf_segment_shape(g)
+    k, c = g.filters, g.in_c
+    seg = g.k_w * c
+    hp, wpad = g.in_h + g.pad_top + g.pad_bottom, g.in_w + g.pad_left + g.pad_right
+    n_x = g.batch * hp * wpad * c
+    xf = np.zeros(n_x + spad - seg, np.float32)        # the padded x, then the slack
+    xf[:n_x].reshape(g.batch, hp, wpad, c)[:, g.pad_top:g.pad_top + g.in_h,
+                                           g.pad_left:g.pad_left + g.in_w] = x
+    dyf = np.ascontiguousarray(dy, dtype=np.float32).reshape(-1, k)
+    if ldf != k:                     # ragged filter panel: dy with zero columns up to ldf
+        dyp = np.zeros((dyf.shape[0], ldf), np.float32)
+        dyp[:, :k] = dyf
+        dyf = dyp
+    n_rows = g.batch * g.out_h
+    n_chunks = max(1, min(BWF_CHUNKS, -(-n_rows // max(1, BWF_CHUNK_PIXELS // g.out_w))))
+    taps = np.zeros((g.k_h, 4), np.int64)             # (kh*d_h, 0, every output column)
+    taps[:, 0] = np.arange(g.k_h) * g.dil_h
+    taps[:, 3] = g.out_w
+    part = np.empty((n_chunks, g.k_h * spad, ldf), np.float32)
+    dbpart = np.empty((n_chunks, ldf), np.float32)
+    _BWF_TILE_KERNELS[rb, nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), taps,
+                              g.batch, hp, wpad, c, spad, g.out_h, g.out_w, g.stride_h,
+                              g.stride_w, 0, 0, ldf, n_chunks)
+    db = _sum_rows_in_order(dbpart)[:k].copy()
+    full = np.empty((g.k_h * spad, ldf), np.float32)
+    _sum_chunks(part, full)
+    dw = empty_host(g.w_shape)
+    dw[...] = full.reshape(g.k_h, spad, ldf)[:, :seg, :k].reshape(g.w_shape)
     return dw, db
 
 
@@ -793,6 +863,9 @@ def backward_filter(x: np.ndarray, dy: np.ndarray, g):
     tile = _bwf_tile_shape(g)
     if tile is not None:
         return backward_filter_tiled(x, dy, g, tile)
+    seg = _bwf_segment_shape(g)
+    if seg is not None:
+        return backward_filter_segments(x, dy, g, seg)
     db = bias_grad(dy.reshape(-1, g.filters))
     k = g.filters
     if k % MICRO_NR:
