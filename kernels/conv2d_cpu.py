@@ -31,7 +31,9 @@ Variants of the forward pass, fastest first:
     the input is copied once into a zero-padded buffer (only when some pad > 0), so the
     micro-kernel has no bounds checks.  Ragged edges: only the first K filters are stored
     (full panels with linear/relu: bias + activation on vectors; otherwise the scalar
-    epilogue); the last OW % MICRO_MR pixels of a row go through a one-pixel (4-vector) loop.
+    epilogue); the last OW % MICRO_MR pixels of a row go through a one-pixel (4-vector) loop,
+    and a pointwise convolution (1x1, stride 1, unpadded) runs with its pixels regrouped into
+    longer rows so that fewer of them do (:func:`_pointwise_rows`, bit-identical).
     K <= 32 filters (MNIST conv1; backward-data into 32 channels) take the narrow kernel
     instead: the same 24 accumulators as NARROW_MR = 12 pixels x 32 filters (2 weight
     vectors, 12 broadcasts, 24 FMAs per channel), so no FMA is spent on a half-empty panel.
@@ -314,11 +316,50 @@ def _gemm_narrow_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, o
                 yf[y_row + ow * k_out + j] = activate(rowbuf[ow * nr + j] + b[j], act)
 
 
+#: Longest row a pointwise convolution's pixels are regrouped into (:func:`_pointwise_rows`):
+#: a multiple of MICRO_MR and NARROW_MR, and its (192, 64) row buffer (48 KiB) about L1.
+POINTWISE_ROW_PIXELS = 192
+#: Fewest regrouped rows: items enough for the prange split over the cores to stay even.
+POINTWISE_MIN_ROWS = 64
+
+
+def _pointwise_rows(g):
+    """For a pointwise convolution (1x1, stride 1, no padding: every output pixel reads only
+    its own input pixel) the same convolution on longer rows, or None: the N*H*W pixels as
+    (N*H*W / W', 1, W') with W' the divisor of N*H*W up to POINTWISE_ROW_PIXELS (leaving at
+    least POINTWISE_MIN_ROWS rows) whose row leaves the smallest fraction of pixels to the
+    register tile's one-pixel ragged loop, when that is smaller than for the rows as they are
+    (16-pixel rows: 4 of 16 ragged at 6 pixels per block).  Each pixel's sum is formed in the
+    same order either way: the result is bit-identical."""
+    from dlconv.shapes import conv_geometry
+    if (g.k_h, g.k_w, g.stride_h, g.stride_w, g.groups) != (1, 1, 1, 1, 1) or max(
+            g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) > 0:
+        return None
+    mr = NARROW_MR if g.filters <= NARROW_NR else MICRO_MR
+    m = g.batch * g.out_h * g.out_w
+
+    def ragged(w):
+        return (w % mr) / w
+
+    best = min((d for d in range(1, POINTWISE_ROW_PIXELS + 1)
+                if m % d == 0 and m // d >= POINTWISE_MIN_ROWS), key=lambda d: (ragged(d), -d),
+               default=None)
+    if best is None or ragged(best) >= ragged(g.out_w):
+        return None
+    return conv_geometry((m // best, 1, best, g.in_c), (1, 1, g.in_c, g.filters), 1, "valid", 1)
+
+
 def launch_gemm(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray:
     """``cpu_v2_regblock`` forward: x NHWC, w HWIO, b (K,) or None, g a ConvGeometry, act a code.
 
     ``out`` (optional) is a float32 C-contiguous array of shape g.y_shape to write into.
+    A pointwise convolution runs on the longer rows of :func:`_pointwise_rows`.
     """
+    rows = _pointwise_rows(g)
+    if rows is not None and x.flags.c_contiguous and (out is None or out.flags.c_contiguous):
+        y = launch_gemm(x.reshape(rows.x_shape), w, b, rows, act,
+                        None if out is None else out.reshape(rows.y_shape))
+        return y.reshape(g.y_shape)
     xp = np.ascontiguousarray(pad_input(x, g), dtype=np.float32)
     y = empty_host(g.y_shape) if out is None else out
     if g.filters <= NARROW_NR:
