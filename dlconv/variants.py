@@ -84,23 +84,26 @@ def from_cpp(rows: Iterable[dict]) -> Tuple[Variant, ...]:
 NUMBA_CPU: Tuple[Variant, ...] = (
     Variant("cpu_v1_direct", 1, "direct", PASSES,
             "any geometry",
-            "backward-filter when the filter count is not a multiple of MICRO_NR and the "
-            "channel-blocked tile does not apply (the gather form of backward-data is kept as "
+            "backward-filter when the filter count is not a multiple of MICRO_NR and neither "
+            "the channel-blocked nor the row-segment tile applies (the gather form of backward-data is kept as "
             "conv2d_cpu.backward_data_gather for tests)",
             "one prange iteration per output row (dx row, dw channel block), one pixel at a time, "
             "a vector of filters as accumulator; taps outside the input skipped by one guard",
             "conv2d_cpu", aliases=("cpu_direct",)),
     Variant("cpu_v2_regblock", 2, "regblock", PASSES,
             "any geometry (backward-data: stride 1, pads <= the dilated kernel, more than "
-            "NARROW_MAX_C dx channels; backward-filter: filters a multiple of MICRO_NR, or the "
-            "channel-blocked split-K tile of backward_filter_tiled)",
+            "NARROW_MAX_C dx channels, where cpu_v3_smalltile does not take it; "
+            "backward-filter: filters a multiple of MICRO_NR, or the channel-blocked split-K "
+            "tile of backward_filter_tiled, or its row-segment form for few input channels)",
             "forward with more than SMALL_TILE_MAX_FILTERS filters; the backward passes it applies to",
             "implicit GEMM on NHWC/HWIO in place, 6 pixels x 64 filters (12 x 32 for <= 32 filters) "
             "in 24 f32x16 register accumulators",
             "conv2d_cpu", aliases=("cpu_gemm",)),
-    Variant("cpu_v3_smalltile", 3, "smalltile", ("forward",),
-            "any geometry",
-            "forward with at most SMALL_TILE_MAX_FILTERS filters",
+    Variant("cpu_v3_smalltile", 3, "smalltile", ("forward", "backward-data"),
+            "any geometry (backward-data: stride 1, pads <= the dilated kernel, at most 32 dx channels)",
+            "forward with at most SMALL_TILE_MAX_FILTERS filters; backward-data at stride 1 "
+            "into 9-16 dx channels, and into 17-32 where its overlapping last block costs less "
+            "than the 12 x 32 tile's one-pixel ragged edge (conv2d_cpu._small_tile_beats_narrow)",
             "implicit GEMM on an 8-pixel x 16/32-filter register tile (few filters, narrow outputs)",
             "conv2d_cpu_small", aliases=("cpu_v3_gemm_small",)),
     Variant("cpu_v2_subpixel", 2, "subpixel", ("backward-data",),

@@ -31,7 +31,9 @@ Variants of the forward pass, fastest first:
     the input is copied once into a zero-padded buffer (only when some pad > 0), so the
     micro-kernel has no bounds checks.  Ragged edges: only the first K filters are stored
     (full panels with linear/relu: bias + activation on vectors; otherwise the scalar
-    epilogue); the last OW % MICRO_MR pixels of a row go through a one-pixel (4-vector) loop.
+    epilogue); the last OW % MICRO_MR pixels of a row go through a one-pixel (4-vector) loop,
+    and a pointwise convolution (1x1, stride 1, unpadded) runs with its pixels regrouped into
+    longer rows so that fewer of them do (:func:`_pointwise_rows`, bit-identical).
     K <= 32 filters (MNIST conv1; backward-data into 32 channels) take the narrow kernel
     instead: the same 24 accumulators as NARROW_MR = 12 pixels x 32 filters (2 weight
     vectors, 12 broadcasts, 24 FMAs per channel), so no FMA is spent on a half-empty panel.
@@ -44,29 +46,41 @@ Grouped convolution (``g.groups > 1``, depthwise included) runs the kernels of
 Backward-data: dx[n, ih, iw, c] sums w[kh, kw, c, k] * dy[n, oh, ow, k] over the taps
 whose ``t = ih + pad_top - kh*dil_h`` is divisible by stride_h with ``oh = t / stride_h`` in
 ``[0, out_h)`` (same for w).  Stride 1 with pads no larger than the dilated kernel and more
-than 8 dx channels runs the forward micro-kernel (a "full" correlation of dy with the
-flipped, transposed weights); every other geometry runs the sub-pixel decomposition of :mod:`.conv2d_subpixel_cpu` (one
-stride-1 convolution per phase, only the taps that hit).  The gather kernel
+than 8 dx channels runs a forward kernel on a "full" correlation of dy with the flipped,
+transposed weights: cpu_v3_smalltile's 8-pixel tile (:mod:`.conv2d_cpu_small`) for up to 16
+dx channels, and for up to 32 when the narrow tile's one-pixel ragged edge would cost more
+(:func:`_small_tile_beats_narrow`), else cpu_v2_regblock's micro-kernel; every other
+geometry runs the sub-pixel decomposition of :mod:`.conv2d_subpixel_cpu` (one stride-1
+convolution per phase, only the taps that hit).  The gather kernel
 (:func:`backward_data_gather`: each dx row owned by one iteration, every tap tested for the
 exact division) is kept as the naive variant for tests and benchmarks.
 
 Backward-filter: the same GEMM transposed, dw[(kh, kw, c), k] = sum over pixels of
-X_im2col[m, (kh, kw, c)] * dy[m, k].  Three kernels, chosen by :func:`_bwf_tile_shape`:
+X_im2col[m, (kh, kw, c)] * dy[m, k].  Four routes, chosen by :func:`_bwf_tile_shape` and
+:func:`_bwf_segment_shape`:
 
-- channel-blocked tile (default): one iteration owns (pixel chunk, tap (kh, kw), a block of
-  RB consecutive input channels, a panel of NV*16 filters) and reduces the chunk's pixels in
-  order on an RB x NV f32x16 register tile (BWF_TILES: 6 x 4, 8 x 2 or 16 x 1 by K), the
-  RB broadcasts of a pixel at one address + 0..RB-1.  Split-K: the pixels are cut into fixed
-  chunks of BWF_CHUNK_PIXELS (at most BWF_CHUNKS), their partials added in chunk order.
-  Ragged edges: channels padded to a multiple of RB (the padding rows read the next floats of
-  x, with slack at the end, and are dropped; taken only when they are at most
+- channel-blocked tile (default): one iteration owns (chunk of output rows (n, oh), tap
+  (kh, kw), a block of RB consecutive input channels, a panel of NV*16 filters) and reduces
+  the chunk's pixels in order on an RB x NV f32x16 register tile (BWF_TILES: 6 x 4, 8 x 2 or
+  16 x 1 by K), the RB broadcasts of a pixel at one address + 0..RB-1.  Split-K: the output
+  rows are cut into fixed chunks of about BWF_CHUNK_PIXELS pixels (at most BWF_CHUNKS),
+  their partials added in chunk order.  Padding: x is read in place; a tap skips the rows
+  whose ih is padding and runs over the columns [ow_lo, ow_hi) whose iw is inside x
+  (:func:`_bwf_tap_table`), so the padded pixels' zero products are never formed.  Ragged
+  edges: channels padded to a multiple of RB (the padding rows read the next floats of x,
+  with slack at the end, and are dropped; taken only when they are at most
   BWF_MAX_PAD_FRACTION of the rows), filters to NV*16 (dy copied with zero columns).  db
   comes from the same launch: the tap-0, block-0 items also sum their chunk's dy rows.
+- row-segment tile (:func:`backward_filter_segments`: few input channels, e.g. a 1-channel
+  stem, where the channel blocks would be mostly padding; dil_w == 1): the same kernel with
+  one "tap" per kh whose rows are the KW*C contiguous floats j = kw*C + c of a zero-padded
+  copy of x (cheap at few channels), padded to a multiple of RB (BWF_SEGMENT_ROWS: also 8
+  and 4 rows) within BWF_MAX_PAD_FRACTION.
 - K a multiple of MICRO_NR with KH*KW*C a multiple of MICRO_MR (MNIST conv2: 64 filters, 288
   rows): the forward's 6 x 64 tile over rows j = (kh, kw, c) at per-row x offsets; BWF_CHUNKS
   fixed pixel chunks, one iteration per chunk sweeping every 6-row block (dy rows in L2).
-- otherwise (few input channels, e.g. a 1-channel stem): one iteration owns
-  dw[kh, kw, c0:c0+CB, :] and reduces over every (n, oh, ow) in order.
+- otherwise (neither tile applies: few channels at dil_w > 1, or segments mostly padding):
+  one iteration owns dw[kh, kw, c0:c0+CB, :] and reduces over every (n, oh, ow) in order.
 db is summed over fixed chunks of pixels, then the chunks in order.  Results never depend
 on the number of threads.
 
@@ -302,11 +316,50 @@ def _gemm_narrow_kernel(xf, wm, b, yf, n_img, hp, wpad, c_in, k_h, k_w, k_out, o
                 yf[y_row + ow * k_out + j] = activate(rowbuf[ow * nr + j] + b[j], act)
 
 
+#: Longest row a pointwise convolution's pixels are regrouped into (:func:`_pointwise_rows`):
+#: a multiple of MICRO_MR and NARROW_MR, and its (192, 64) row buffer (48 KiB) about L1.
+POINTWISE_ROW_PIXELS = 192
+#: Fewest regrouped rows: items enough for the prange split over the cores to stay even.
+POINTWISE_MIN_ROWS = 64
+
+
+def _pointwise_rows(g):
+    """For a pointwise convolution (1x1, stride 1, no padding: every output pixel reads only
+    its own input pixel) the same convolution on longer rows, or None: the N*H*W pixels as
+    (N*H*W / W', 1, W') with W' the divisor of N*H*W up to POINTWISE_ROW_PIXELS (leaving at
+    least POINTWISE_MIN_ROWS rows) whose row leaves the smallest fraction of pixels to the
+    register tile's one-pixel ragged loop, when that is smaller than for the rows as they are
+    (16-pixel rows: 4 of 16 ragged at 6 pixels per block).  Each pixel's sum is formed in the
+    same order either way: the result is bit-identical."""
+    from dlconv.shapes import conv_geometry
+    if (g.k_h, g.k_w, g.stride_h, g.stride_w, g.groups) != (1, 1, 1, 1, 1) or max(
+            g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) > 0:
+        return None
+    mr = NARROW_MR if g.filters <= NARROW_NR else MICRO_MR
+    m = g.batch * g.out_h * g.out_w
+
+    def ragged(w):
+        return (w % mr) / w
+
+    best = min((d for d in range(1, POINTWISE_ROW_PIXELS + 1)
+                if m % d == 0 and m // d >= POINTWISE_MIN_ROWS), key=lambda d: (ragged(d), -d),
+               default=None)
+    if best is None or ragged(best) >= ragged(g.out_w):
+        return None
+    return conv_geometry((m // best, 1, best, g.in_c), (1, 1, g.in_c, g.filters), 1, "valid", 1)
+
+
 def launch_gemm(x: np.ndarray, w: np.ndarray, b, g, act: int, out=None) -> np.ndarray:
     """``cpu_v2_regblock`` forward: x NHWC, w HWIO, b (K,) or None, g a ConvGeometry, act a code.
 
     ``out`` (optional) is a float32 C-contiguous array of shape g.y_shape to write into.
+    A pointwise convolution runs on the longer rows of :func:`_pointwise_rows`.
     """
+    rows = _pointwise_rows(g)
+    if rows is not None and x.flags.c_contiguous and (out is None or out.flags.c_contiguous):
+        y = launch_gemm(x.reshape(rows.x_shape), w, b, rows, act,
+                        None if out is None else out.reshape(rows.y_shape))
+        return y.reshape(g.y_shape)
     xp = np.ascontiguousarray(pad_input(x, g), dtype=np.float32)
     y = empty_host(g.y_shape) if out is None else out
     if g.filters <= NARROW_NR:
@@ -403,6 +456,28 @@ def _bwd_data_kernel(dy, wt, dx, s_h, s_w, d_h, d_w, p_t, p_l):
             dx[n, ih, iw, :] = acc
 
 
+#: Cost of one pixel of the narrow kernel's one-pixel ragged loop (2 FMA chains, latency-bound),
+#: in pixels of its 12-pixel blocks: measured ~2 (stride-1 3x3 backward-data into 32 channels,
+#: 26 and 30 pixels wide, 2-core Xeon).
+NARROW_RAGGED_PIXEL_COST = 2
+
+
+def _small_tile_beats_narrow(k: int, out_w: int) -> bool:
+    """Whether cpu_v3_smalltile's 8-pixel tile (its last block overlapping the one before) does
+    less work than the narrow 12 x 32 tile (its OW % 12 last pixels one at a time) on rows
+    ``out_w`` wide with ``k`` <= 32 filters.  Up to 16 filters always: the narrow tile would
+    spend half of its FMAs on zero filters.  Per whole-block pixel the two cost about the same
+    (measured within 10%); a tie goes to the narrow tile (12 broadcasts per 2 weight loads)."""
+    from .conv2d_cpu_small import PANEL16, PANEL32, SMALL_MR
+    if k > PANEL32:
+        return False
+    if k <= PANEL16:
+        return True
+    narrow = (out_w // NARROW_MR) * NARROW_MR + NARROW_RAGGED_PIXEL_COST * (out_w % NARROW_MR)
+    small = -(-out_w // SMALL_MR) * SMALL_MR if out_w >= SMALL_MR else NARROW_RAGGED_PIXEL_COST * out_w
+    return small < narrow
+
+
 def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
     """dL/dx (shape g.x_shape) from dL/dz (shape g.y_shape) and HWIO weights."""
     from dlconv.shapes import conv_geometry, transposed_geometry
@@ -423,6 +498,9 @@ def backward_data(dy: np.ndarray, w: np.ndarray, g) -> np.ndarray:
             gt = conv_geometry(dy.shape, wf.shape, 1, ((t.pad_top, t.pad_bottom), (t.pad_left, t.pad_right)),
                                (t.dil_h, t.dil_w))
             assert (gt.out_h, gt.out_w) == (g.in_h, g.in_w)
+            if _small_tile_beats_narrow(g.in_c, g.in_w):
+                from . import conv2d_cpu_small
+                return conv2d_cpu_small.launch(dy, wf, None, gt, 0)
             return launch_gemm(dy, wf, None, gt, 0)
     # stride > 1, a crop at stride 1, or few dx channels (the pixel-vectorised narrow kernel:
     # MNIST conv1): the sub-pixel decomposition, one stride-1 convolution per phase
@@ -543,9 +621,10 @@ def _bwd_filter_kernel(xf, dyf, part, offs, n_img, hp, wpad, c_in, out_h, out_w,
 #: forward's 6 x 64 tile (24 accumulators); NV=2 (K <= 32) and NV=1 (K <= 16) hold 16
 #: accumulators (8 x 32, 16 x 16): 2 or 1 dy loads + 8 or 16 broadcasts per 16 FMAs.
 BWF_TILES = {4: MICRO_MR, 2: 8, 1: 16}
-#: Pixels per chunk of the channel-blocked kernel's split-K: 512 pixels of dy are 32-128 KiB
-#: (K = 16..64), L2-resident while every (tap, channel block, panel) item of the chunk sweeps
-#: them; the chunk count (at most BWF_CHUNKS) follows from the geometry alone.
+#: Pixels per chunk of the channel-blocked kernel's split-K (whole output rows: 512 // OW
+#: rows, at least one): 512 pixels of dy are 32-128 KiB (K = 16..64), L2-resident while every
+#: (tap, channel block, panel) item of the chunk sweeps them; the chunk count (at most
+#: BWF_CHUNKS) follows from the geometry alone.
 BWF_CHUNK_PIXELS = 512
 #: Channel padding the channel-blocked kernel accepts: rows computed for padding channels
 #: are wasted, so it runs only when they are at most a quarter of the rows (else the kernels
@@ -558,19 +637,21 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
     are compile-time constants of the closure: the tile loops unroll into registers)."""
 
     @njit(parallel=True, fastmath=FASTMATH, boundscheck=False, cache=True)
-    def kernel(xf, dyf, part, dbpart, toffs, n_img, hp, wpad, c_in, cpad, out_h, out_w, s_h,
-               s_w, ldf, n_chunks):
-        """part[ch, t*cpad + c, k] = sum over the pixels m of chunk ch of
-        x[n, oh*s_h + kh*d_h, ow*s_w + kw*d_w, c] * dy[m, k] (padded x: every tap inside;
-        toffs[t] = the x offset of tap t = (kh, kw) from a pixel's window origin), and
-        dbpart[ch, k] = sum over the same pixels of dy[m, k] (by the tap-0, block-0 items).
-        Item = (chunk, tap, block of rb channels, panel of nv*16 filters)."""
+    def kernel(xf, dyf, part, dbpart, taps, n_img, in_h, in_w, c_in, cpad, out_h, out_w,
+               s_h, s_w, p_t, p_l, ldf, n_chunks):
+        """part[ch, t*cpad + c, k] = sum over the output rows (n, oh) of chunk ch and the
+        pixels ow of tap t = (kh, kw) that land inside x of
+        x[n, oh*s_h - p_t + kh*d_h, ow*s_w - p_l + kw*d_w, c] * dy[n, oh, ow, k], and
+        dbpart[ch, k] = sum over the chunk's pixels of dy[n, oh, ow, k] (by the tap-0,
+        block-0 items).  taps[t] = (kh*d_h, kw*d_w, first ow, end ow): the tap's pixels inside
+        x in width (height is tested per row).  Item = (chunk, tap, block of rb channels,
+        panel of nv*16 filters)."""
         n_cb = cpad // rb
-        n_taps = toffs.size
+        n_taps = taps.shape[0]
         nr = nv * LANES
         n_panels = ldf // nr
-        n_pix = n_img * out_h * out_w
-        step = (n_pix + n_chunks - 1) // n_chunks
+        n_rows = n_img * out_h
+        step = (n_rows + n_chunks - 1) // n_chunks
         per_chunk = n_taps * n_cb * n_panels
         ones = np.ones(LANES, np.float32)
         for item in prange(n_chunks * per_chunk):
@@ -579,27 +660,29 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
             t = rest // (n_cb * n_panels)
             cb = (rest // n_panels) % n_cb
             k0 = (rest % n_panels) * nr
-            off = toffs[t] + cb * rb
-            m0 = ch * step
-            m1 = min(n_pix, m0 + step)
+            dh, dw, ow_lo, ow_hi = taps[t, 0], taps[t, 1], taps[t, 2], taps[t, 3]
+            r0 = ch * step
+            r1 = min(n_rows, r0 + step)
             acc = stack_micro_tile()                   # acc[q*nv + v]: channel q, filters v*16..
             zt = stack_micro_tile()                    # the pixel's nv dy vectors
             for i in range(rb * nv):
                 acc[i] = vzero()
-            n = m0 // (out_h * out_w)
-            r = m0 - n * out_h * out_w
-            oh = r // out_w
-            ow = r - oh * out_w
-            for m in range(m0, m1):
-                xb = ((n * hp + oh * s_h) * wpad + ow * s_w) * c_in + off
-                d0 = m * ldf + k0
-                for v in range(nv):
-                    zt[v] = vload(dyf, d0 + v * LANES)
-                for q in range(rb):
-                    xv = vbroadcast(xf, xb + q)
+            for row in range(r0, r1):
+                n = row // out_h
+                ih = (row - n * out_h) * s_h - p_t + dh
+                if ih < 0 or ih >= in_h:               # the tap's row is padding
+                    continue
+                xb = ((n * in_h + ih) * in_w + ow_lo * s_w - p_l + dw) * c_in + cb * rb
+                d0 = (row * out_w + ow_lo) * ldf + k0
+                for ow in range(ow_lo, ow_hi):
                     for v in range(nv):
-                        acc[q * nv + v] = vfma(xv, zt[v], acc[q * nv + v])
-                n, oh, ow = _next_pixel(n, oh, ow, out_h, out_w)
+                        zt[v] = vload(dyf, d0 + v * LANES)
+                    for q in range(rb):
+                        xv = vbroadcast(xf, xb + q)
+                        for v in range(nv):
+                            acc[q * nv + v] = vfma(xv, zt[v], acc[q * nv + v])
+                    xb += s_w * c_in
+                    d0 += ldf
             o = (ch * n_taps + t) * cpad + cb * rb
             for q in range(rb):
                 for v in range(nv):
@@ -608,7 +691,7 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
                 one = vload(ones, 0)                   # dy * 1 + sum: an exact add
                 for v in range(nv):
                     zt[v] = vzero()
-                for m in range(m0, m1):
+                for m in range(r0 * out_w, r1 * out_w):
                     for v in range(nv):
                         zt[v] = vfma(vload(dyf, m * ldf + k0 + v * LANES), one, zt[v])
                 for v in range(nv):
@@ -617,7 +700,15 @@ def _make_bwf_tile_kernel(rb: int, nv: int):
     return kernel
 
 
-_BWF_TILE_KERNELS = {nv: _make_bwf_tile_kernel(rb, nv) for nv, rb in BWF_TILES.items()}
+#: Rows of the row-segment tiles (:func:`backward_filter_segments`), by NV; the one that pads
+#: a segment least is used (a tie: the taller).  8 rows x 1 vector (K <= 16): 8 accumulators
+#: still cover the FMA latency (4 cycles x 2 FMAs per cycle), and a stem's 7-float segment
+#: (7x7 taps on 1 channel) pads to 8 rows instead of 16.  4 rows (8 or 4 accumulators, at
+#: worst half the FMA rate) take the 3-float segments of a 3x3 stem (the MNIST conv1).
+BWF_SEGMENT_ROWS = {4: (MICRO_MR,), 2: (8, 4), 1: (16, 8, 4)}
+#: The compiled tile kernels, by (rb, nv): each one signature, cached on disk.
+_BWF_TILE_KERNELS = {(rb, nv): _make_bwf_tile_kernel(rb, nv)
+                     for nv, rbs in BWF_SEGMENT_ROWS.items() for rb in set(rbs) | {BWF_TILES[nv]}}
 
 
 def _bwf_tile_shape(g, always: bool = False):
@@ -637,15 +728,25 @@ def _bwf_tile_shape(g, always: bool = False):
     return nv, rb, cpad, ldf
 
 
+def _bwf_tap_table(g) -> np.ndarray:
+    """(KH*KW, 4) int64: per tap t = (kh, kw) of the channel-blocked kernel, kh*d_h, kw*d_w and
+    the output columns [ow_lo, ow_hi) whose input column ow*s_w - p_l + kw*d_w lies in x."""
+    kh, kw = np.meshgrid(np.arange(g.k_h), np.arange(g.k_w), indexing="ij")
+    dh, dw = (kh * g.dil_h).reshape(-1), (kw * g.dil_w).reshape(-1)
+    first = np.minimum(g.out_w, np.maximum(0, -(-(g.pad_left - dw) // g.stride_w)))
+    end = np.minimum(g.out_w, (g.in_w - 1 + g.pad_left - dw) // g.stride_w + 1)
+    return np.stack([dh, dw, first, np.maximum(first, end)], axis=1).astype(np.int64)
+
+
 def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
     """(dw with shape g.w_shape, db) on the channel-blocked register tile (split-K over fixed
-    pixel chunks, the partials added in chunk order: deterministic for any thread count).
-    ``shape`` as :func:`_bwf_tile_shape` returns it (computed when None; it must not be None)."""
+    chunks of output rows, the partials added in chunk order: deterministic for any thread
+    count).  ``shape`` as :func:`_bwf_tile_shape` returns it (computed when None; it must
+    not be None).  x is read in place (no padded copy): each tap skips its padding rows and
+    runs over its in-bounds columns only."""
     nv, rb, cpad, ldf = shape or _bwf_tile_shape(g)
     k, c = g.filters, g.in_c
-    xp = pad_input(x, g)
-    hp, wpad = xp.shape[1], xp.shape[2]
-    xf = np.ascontiguousarray(xp, dtype=np.float32).reshape(-1)
+    xf = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
     if cpad > c:                     # the last block reads cpad - c floats past a pixel: slack
         xs = np.empty(xf.size + cpad - c, np.float32)
         xs[:xf.size] = xf
@@ -656,16 +757,16 @@ def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
         dyp = np.zeros((dyf.shape[0], ldf), np.float32)
         dyp[:, :k] = dyf
         dyf = dyp
-    n_pix = g.batch * g.out_h * g.out_w
-    n_chunks = max(1, min(BWF_CHUNKS, -(-n_pix // BWF_CHUNK_PIXELS)))
-    kh, kw = np.meshgrid(np.arange(g.k_h), np.arange(g.k_w), indexing="ij")
-    toffs = ((kh * g.dil_h * wpad + kw * g.dil_w) * c).reshape(-1).astype(np.int64)
-    rows = toffs.size * cpad
+    n_rows = g.batch * g.out_h
+    rows_per_chunk = max(1, BWF_CHUNK_PIXELS // g.out_w)
+    n_chunks = max(1, min(BWF_CHUNKS, -(-n_rows // rows_per_chunk)))
+    taps = _bwf_tap_table(g)
+    rows = taps.shape[0] * cpad
     part = np.empty((n_chunks, rows, ldf), np.float32)
     dbpart = np.empty((n_chunks, ldf), np.float32)
-    _BWF_TILE_KERNELS[nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), toffs,
-                          g.batch, hp, wpad, c, cpad, g.out_h, g.out_w, g.stride_h, g.stride_w,
-                          ldf, n_chunks)
+    _BWF_TILE_KERNELS[rb, nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), taps,
+                          g.batch, g.in_h, g.in_w, c, cpad, g.out_h, g.out_w, g.stride_h,
+                          g.stride_w, g.pad_top, g.pad_left, ldf, n_chunks)
     db = _sum_rows_in_order(dbpart)[:k].copy()
     dw = empty_host(g.w_shape)
     if cpad == c and ldf == k:
@@ -674,6 +775,62 @@ def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
     full = np.empty((rows, ldf), np.float32)
     _sum_chunks(part, full)
     dw[...] = full.reshape(g.k_h, g.k_w, cpad, ldf)[:, :, :c, :k]
+    return dw, db
+
+
+def _bwf_segment_shape(g, always: bool = False):
+    """(nv, rb, spad, ldf) of the row-segment tile for g, or None: it runs where the
+    channel-blocked tile would pad too many channels (few input channels: a stem), with
+    dil_w == 1 so that the KW*C dw rows of one kh are one contiguous segment (kw*C + c) of
+    the padded input row; spad is that segment padded to a multiple of rb (the rows of
+    BWF_SEGMENT_ROWS[nv] that pad least), accepted while the padding is at most
+    BWF_MAX_PAD_FRACTION.  ``always``: the shape whenever dil_w == 1 (tests)."""
+    if g.dil_w != 1 or (not always and _bwf_tile_shape(g) is not None):
+        return None
+    k = g.filters
+    nv = 4 if k % MICRO_NR == 0 or k > 2 * LANES else (2 if k > LANES else 1)
+    seg = g.k_w * g.in_c
+    rb = min(BWF_SEGMENT_ROWS[nv], key=lambda r: (-(-seg // r) * r, -r))
+    spad = -(-seg // rb) * rb
+    if not always and spad - seg > BWF_MAX_PAD_FRACTION * spad:
+        return None
+    return nv, rb, spad, -(-k // (nv * LANES)) * nv * LANES
+
+
+def backward_filter_segments(x: np.ndarray, dy: np.ndarray, g, shape=None):
+    """(dw, db) on the channel-blocked tile kernel with one "tap" per kh whose rows are the
+    segment j = kw*C + c of a zero-padded copy of x (padded coordinates: every row inside;
+    a copy that is cheap where this runs, few input channels).  part[ch, kh*spad + j, k]
+    holds dw[kh, kw, c, k]; rows j >= KW*C read the next floats (slack at the end) and are
+    dropped.  ``shape`` as :func:`_bwf_segment_shape` returns it (it must not be None)."""
+    nv, rb, spad, ldf = shape or _bwf_segment_shape(g)
+    k, c = g.filters, g.in_c
+    seg = g.k_w * c
+    hp, wpad = g.in_h + g.pad_top + g.pad_bottom, g.in_w + g.pad_left + g.pad_right
+    n_x = g.batch * hp * wpad * c
+    xf = np.zeros(n_x + spad - seg, np.float32)        # the padded x, then the slack
+    xf[:n_x].reshape(g.batch, hp, wpad, c)[:, g.pad_top:g.pad_top + g.in_h,
+                                           g.pad_left:g.pad_left + g.in_w] = x
+    dyf = np.ascontiguousarray(dy, dtype=np.float32).reshape(-1, k)
+    if ldf != k:                     # ragged filter panel: dy with zero columns up to ldf
+        dyp = np.zeros((dyf.shape[0], ldf), np.float32)
+        dyp[:, :k] = dyf
+        dyf = dyp
+    n_rows = g.batch * g.out_h
+    n_chunks = max(1, min(BWF_CHUNKS, -(-n_rows // max(1, BWF_CHUNK_PIXELS // g.out_w))))
+    taps = np.zeros((g.k_h, 4), np.int64)             # (kh*d_h, 0, every output column)
+    taps[:, 0] = np.arange(g.k_h) * g.dil_h
+    taps[:, 3] = g.out_w
+    part = np.empty((n_chunks, g.k_h * spad, ldf), np.float32)
+    dbpart = np.empty((n_chunks, ldf), np.float32)
+    _BWF_TILE_KERNELS[rb, nv](xf, dyf.reshape(-1), part.reshape(-1), dbpart.reshape(-1), taps,
+                              g.batch, hp, wpad, c, spad, g.out_h, g.out_w, g.stride_h,
+                              g.stride_w, 0, 0, ldf, n_chunks)
+    db = _sum_rows_in_order(dbpart)[:k].copy()
+    full = np.empty((g.k_h * spad, ldf), np.float32)
+    _sum_chunks(part, full)
+    dw = empty_host(g.w_shape)
+    dw[...] = full.reshape(g.k_h, spad, ldf)[:, :seg, :k].reshape(g.w_shape)
     return dw, db
 
 
@@ -747,6 +904,9 @@ def backward_filter(x: np.ndarray, dy: np.ndarray, g):
     tile = _bwf_tile_shape(g)
     if tile is not None:
         return backward_filter_tiled(x, dy, g, tile)
+    seg = _bwf_segment_shape(g)
+    if seg is not None:
+        return backward_filter_segments(x, dy, g, seg)
     db = bias_grad(dy.reshape(-1, g.filters))
     k = g.filters
     if k % MICRO_NR:

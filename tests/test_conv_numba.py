@@ -219,6 +219,31 @@ def test_cpu_backward_stride1_large_padding_uses_subpixel():
     check_backward(ccpu.backward_data(dy, w, g), dw, db, x, w, dy, g)
 
 
+@pytest.mark.parametrize("x_shape,k", [
+    ((16, 16, 16, 40), 128),  # 16-wide rows (4 of 16 ragged) regrouped into 64-pixel rows; dx too
+    ((16, 16, 16, 3), 24),    # the narrow 12 x 32 tile: 16-wide rows regrouped
+    ((1, 1, 67, 5), 70),      # 67 pixels (prime): no regrouping, ragged second panel
+])
+def test_cpu_pointwise_rows_regrouped_bit_identical(x_shape, k, monkeypatch):
+    """A pointwise conv runs on longer rows (_pointwise_rows): the same bits as on its own rows,
+    the reference's and TensorFlow's values; forward, into ``out``, and backward-data."""
+    g = conv_geometry(x_shape, (1, 1, x_shape[3], k), 1, "valid")
+    rows = ccpu._pointwise_rows(g)
+    assert (rows is None) == (x_shape[2] == 67)
+    if rows is not None:
+        assert rows.out_w > g.out_w and rows.batch * rows.out_w == g.batch * g.out_h * g.out_w
+    x, w, b, dy = arrays(g, 21)
+    y = ccpu.launch_gemm(x, w, b, g, A.RELU)
+    out = np.empty(g.y_shape, np.float32)
+    assert ccpu.launch_gemm(x, w, b, g, A.RELU, out=out) is not None
+    check_forward(y, x, w, b, g, "relu")
+    dx = ccpu.backward_data(dy, w, g)
+    check_backward(dx, *ccpu.backward_filter(x, dy, g), x, w, dy, g)
+    monkeypatch.setattr(ccpu, "_pointwise_rows", lambda g: None)
+    assert np.array_equal(y, out) and np.array_equal(y, ccpu.launch_gemm(x, w, b, g, A.RELU))
+    assert np.array_equal(dx, ccpu.backward_data(dy, w, g))
+
+
 def test_cpu_kernels_deterministic():
     g = conv_geometry((3, 9, 8, 5), (3, 3, 5, 7), 2, "same")
     x, w, b, dy = arrays(g, 3)

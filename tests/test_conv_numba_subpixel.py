@@ -73,7 +73,12 @@ def test_backward_filter_tile_and_route_match_reference_and_tf(g, seed):
     t = tol(g.gemm_m)
     tiled = ccpu.backward_filter_tiled(x, dy, g, ccpu._bwf_tile_shape(g, always=True))
     dw, db = ccpu.backward_filter(x, dy, g)
-    for got_w, got_b in (tiled, (dw, db)):
+    runs = [tiled, (dw, db)]
+    segments = ccpu._bwf_segment_shape(g, always=True)
+    assert (segments is None) == (g.dil_w != 1)
+    if segments is not None:     # the row-segment tile (dil_w == 1: a kh's rows are contiguous)
+        runs.append(ccpu.backward_filter_segments(x, dy, g, segments))
+    for got_w, got_b in runs:
         assert got_w.shape == g.w_shape and got_w.dtype == np.float32
         assert got_b.shape == (g.filters,) and got_b.dtype == np.float32
         np.testing.assert_allclose(got_w, rdw, **t)
@@ -82,6 +87,67 @@ def test_backward_filter_tile_and_route_match_reference_and_tf(g, seed):
         _, tdw, tdb = tf_grads(x, w, g, dy)
         np.testing.assert_allclose(dw, tdw, **t)
         np.testing.assert_allclose(db, tdb, **t)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
+    ((2, 32, 32, 1), (7, 7, 1, 16), 2, "same", 1),       # the ResNet's stem: 8-row segments
+    ((2, 13, 40, 1), (5, 7, 1, 5), (2, 3), ((0, 4), (3, 1)), (2, 1)),  # ragged K, dil_h 2
+    ((1, 9, 600, 2), (3, 3, 2, 40), 1, "same", 1),       # 6-float segments, one-row chunks
+    ((3, 28, 28, 1), (3, 3, 1, 32), 1, "valid", 1),      # the MNIST conv1: 4-row segments
+])
+def test_backward_filter_segments_on_few_channels(x_shape, w_shape, strides, padding, dilation):
+    """Few input channels: the row-segment tile is the route (the channel-blocked tile would
+    pad too many channels); against the reference and TensorFlow, thread-count independent."""
+    g = conv_geometry(x_shape, w_shape, strides, padding, dilation)
+    assert ccpu._bwf_tile_shape(g) is None and ccpu._bwf_segment_shape(g) is not None
+    x, w, _, dy = arrays(g, 17)
+    dw, db = ccpu.backward_filter(x, dy, g)
+    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
+    np.testing.assert_allclose(dw, rdw, **tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, **tol(g.gemm_m))
+    if tf_grads_ok(g):
+        _, tdw, tdb = tf_grads(x, w, g, dy)
+        np.testing.assert_allclose(dw, tdw, **tol(g.gemm_m))
+        np.testing.assert_allclose(db, tdb, **tol(g.gemm_m))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        one = ccpu.backward_filter(x, dy, g)
+    finally:
+        numba.set_num_threads(threads)
+    assert np.array_equal(dw, one[0]) and np.array_equal(db, one[1])
+
+
+@pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
+    ((2, 1, 1, 16), (4, 3, 16, 16), 1, ((3, 0), (2, 0)), 1),   # taps wholly in the padding
+    ((2, 5, 6, 16), (5, 5, 16, 16), 1, ((3, 3), (4, 3)), 1),   # taps partly in it
+    ((1, 3, 520, 8), (3, 3, 8, 32), 1, "same", 1),            # 520-wide rows: one row per chunk
+    ((66, 1, 520, 8), (1, 3, 8, 64), 1, "same", 1),           # 66 one-row chunks: BWF_CHUNKS cap
+    ((2, 11, 13, 17), (3, 3, 17, 20), (2, 3), ((0, 2), (2, 1)), (2, 1)),  # ragged C and K
+])
+def test_backward_filter_tile_clips_taps_and_chunks_rows(x_shape, w_shape, strides, padding,
+                                                         dilation):
+    """The channel-blocked tile reads x in place: each tap's padding rows and columns are
+    skipped (some taps have none inside), chunks are whole output rows; against the
+    reference and TensorFlow, and the same bits on 1 thread as on all."""
+    g = conv_geometry(x_shape, w_shape, strides, padding, dilation)
+    x, w, _, dy = arrays(g, 13)
+    shape = ccpu._bwf_tile_shape(g, always=True)
+    dw, db = ccpu.backward_filter_tiled(x, dy, g, shape)
+    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
+    np.testing.assert_allclose(dw, rdw, **tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, **tol(g.gemm_m))
+    if tf_grads_ok(g):
+        _, tdw, tdb = tf_grads(x, w, g, dy)
+        np.testing.assert_allclose(dw, tdw, **tol(g.gemm_m))
+        np.testing.assert_allclose(db, tdb, **tol(g.gemm_m))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        one = ccpu.backward_filter_tiled(x, dy, g, shape)
+    finally:
+        numba.set_num_threads(threads)
+    assert np.array_equal(dw, one[0]) and np.array_equal(db, one[1])
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
