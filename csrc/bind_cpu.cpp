@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "bind_common.h"
+#include "cpu_dropout.h"
 #include "cpu_gemm.h"
 #include "cpu_host.h"
 #include "cpu_kernels.h"
@@ -429,4 +430,40 @@ PYBIND11_MODULE(_C, m) {
 #endif
         return d;
     }, "The max pool's XLA FFI handlers (ffi_pool.cpp) {target name: PyCapsule}; empty without XLA FFI headers.");
+
+    // ---- dropout (cpu_dropout.h): the mask is a function of (seed, counter, element index) ------
+    //   dropout(x, rate, seed, counter, y=None) -> y   y = keep ? x / (1 - rate) : 0 (any shape,
+    //     float32 C-contiguous; y may be x; the backward is the same call on dy)
+    //   dropout_mask(n, rate, seed, counter) -> uint8 (n,)   the kernel's keep mask (for tests)
+    m.def("dropout", [](py::object x, double rate, uint64_t seed, uint64_t counter, py::object y) {
+        const char* K = "dropout";
+        dlconv::cpu::check_dropout_rate(rate, K);
+        if (!py::isinstance<py::array>(x))
+            throw py::type_error(std::string("dlconv C++ ") + K + ": x must be a numpy.ndarray of float32");
+        auto xa = py::reinterpret_borrow<py::array>(x);
+        const Shape shape(xa.shape(), xa.shape() + xa.ndim());
+        Arg ax = checked(K, "x", x, shape, false), ay = output(K, "y", y, shape);
+        int64_t n = 1;
+        for (int64_t d : shape) n *= d;
+        if (ay.ptr != ax.ptr) no_alias(K, {{"y", &ay}}, {{"x", &ax}});
+        {
+            py::gil_scoped_release nogil;
+            SerialIfSmall serial(double(n) < SERIAL_ELEMENTS);
+            dlconv::cpu::dropout_forward(n, ax.ptr, rate, seed, counter, ay.ptr);
+        }
+        return ay.arr;
+    }, py::arg("x"), py::arg("rate"), py::arg("seed"), py::arg("counter"), py::arg("y") = py::none(),
+       "y = keep ? x / (1 - rate) : 0, keep drawn from (seed, counter, index) (cpu_dropout.h).");
+    m.def("dropout_mask", [](int64_t n, double rate, uint64_t seed, uint64_t counter) {
+        if (n < 0) throw std::invalid_argument("dlconv C++ dropout_mask: n must be >= 0");
+        py::array_t<uint8_t> mask(n);
+        uint8_t* p = mask.mutable_data();
+        dlconv::cpu::check_dropout_rate(rate, "dropout_mask");
+        {
+            py::gil_scoped_release nogil;
+            dlconv::cpu::dropout_mask(n, rate, seed, counter, p);
+        }
+        return mask;
+    }, py::arg("n"), py::arg("rate"), py::arg("seed"), py::arg("counter"),
+       "The dropout kernel's keep mask (1 kept) of n elements for (rate, seed, counter).");
 }

@@ -56,7 +56,7 @@ from . import backends as _backends
 from . import bridges as _bridges
 from .shapes import conv_output_size, conv_transpose_output_size
 
-__all__ = ["Conv2D", "Dense", "Conv2DTranspose", "MaxPooling2D", "BACKENDS"]
+__all__ = ["Conv2D", "Dense", "Conv2DTranspose", "MaxPooling2D", "Dropout", "BACKENDS"]
 
 #: Values accepted by the ``backend`` argument.
 BACKENDS = ("auto",) + tuple(_backends.names())
@@ -332,6 +332,49 @@ class MaxPooling2D(keras.layers.MaxPooling2D):
             return super().call(inputs)
         return bridge.max_pool2d(inputs, pool_size=tuple(self.pool_size), strides=tuple(self.strides),
                                  padding=self.padding, backend=self.backend)
+
+    def get_config(self):
+        config = super().get_config()
+        config["backend"] = self.backend
+        return config
+
+
+@keras.saving.register_keras_serializable(package="dlconv")
+class Dropout(keras.layers.Dropout):
+    """``keras.layers.Dropout`` that runs dlconv's C++ dropout (``csrc/cpu_dropout.cpp``) on the
+    torch Keras backend.
+
+    Same arguments and config as the stock layer plus ``backend`` (accepted and saved as for
+    the other layers; there is one dropout kernel, the C++ one).  On torch, for a CPU float32
+    input, in training, with ``0 < rate < 1`` and ``noise_shape=None``: the ``dlconv::dropout``
+    custom op (:func:`dlconv.bridges.torch.dropout`), whose mask is a counter-based hash of
+    (seed, counter, element index) — no serial RNG, no mask stored for the backward (it is
+    regenerated), the same mask for any thread count.  (seed, counter) is the layer's
+    ``seed_generator`` state, advanced by one per call as the stock layer's: each call draws a
+    new mask, and a fixed ``seed=`` gives the same masks run after run (not the stock layer's
+    masks: the random stream differs).  Kept values are ``x / (1 - rate)``, dropped ones 0
+    (NaN included), as the stock layer on every backend.
+
+    The stock layer runs, unchanged, on TensorFlow and JAX, for GPU tensors, other dtypes,
+    ``noise_shape``, rate 1 and inference (where it returns the input).
+    """
+
+    def __init__(self, rate, noise_shape=None, seed=None, backend="auto", **kwargs):
+        super().__init__(rate, noise_shape=noise_shape, seed=seed, **kwargs)
+        self.backend = _check_backend(backend)
+
+    def _use_dlconv(self, inputs, training) -> bool:
+        if not training or self.noise_shape is not None or not 0.0 < self.rate < 1.0:
+            return False
+        if keras.config.backend() != "torch":
+            return False
+        return inputs.device.type == "cpu" and keras.backend.standardize_dtype(inputs.dtype) == "float32"
+
+    def call(self, inputs, training=False):
+        if not self._use_dlconv(inputs, training):
+            return super().call(inputs, training=training)
+        seed = self.seed_generator.next()   # [seed, counter]; the state's counter advances by 1
+        return _bridge().dropout(inputs, self.rate, seed)
 
     def get_config(self):
         config = super().get_config()

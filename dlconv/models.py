@@ -84,7 +84,10 @@ class _Factory:
         return self.dl.MaxPooling2D(pool_size=pool_size, backend=self.backend)
 
     def dropout(self, rate):
-        return keras.layers.Dropout(rate, seed=self._seed())
+        """A Dropout: dlconv's (its C++ kernel on the torch Keras backend) or stock."""
+        if self.stock:
+            return keras.layers.Dropout(rate, seed=self._seed())
+        return self.dl.Dropout(rate, seed=self._seed(), backend=self.backend)
 
     def model(self, name, input_shape, layers):
         suffix = "stock" if self.stock else "dlconv"

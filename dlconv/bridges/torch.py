@@ -16,6 +16,8 @@ The ops
 ``dlconv::activation_backward``        dL/dz from dL/dy and y (for unfused backends)
 ``dlconv::conv2d_transpose``           Keras' Conv2DTranspose (linear) on the backward-data
                                        kernels; its gradients: ``conv2d``, ``..._filter``
+``dlconv::dropout``                    ``keep ? x / (1 - rate) : 0``, the mask drawn from a
+                                       (seed, counter) tensor; its gradient: itself on dy
 =====================================  ===================================================
 
 Each is a ``torch.library.custom_op`` with a ``register_fake`` implementation (its shapes
@@ -886,3 +888,70 @@ def max_pool2d(x, *, pool_size=(2, 2), strides=None, padding="valid", backend="a
     y, _arg = _forward("max_pool2d", _MAX_POOL2D_FUNCTION, (x,), x, pool, s, padding.lower(),
                        _check_backend(backend))
     return y
+
+
+# ----------------------------------------------------------------------------- dropout
+# dlconv::dropout(x, rate, seed) -> y = keep ? x / (1 - rate) : 0, the C++ CPU kernel
+# (csrc/cpu_dropout.cpp) on the tensor's own buffer.  ``seed`` is an int64 tensor [seed,
+# counter] (a Keras SeedGenerator's state), a tensor so that a new draw is a new value, not a
+# new op argument (no recompilation under torch.compile).  The mask is a function of (seed,
+# counter, element index): the backward regenerates it (dx = the same op on dy) instead of
+# storing a uint8 mask, and the result does not depend on the thread count.
+_U64 = (1 << 64) - 1
+
+
+def _dropout_check(x: Tensor, rate: float):
+    _place((("x", x),))
+    if x.device.type != "cpu":
+        raise ValueError(f"dlconv's dropout has a CPU kernel only; got x on {x.device}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"dlconv's dropout: x must be float32, got {x.dtype}")
+    if not 0.0 < float(rate) < 1.0:
+        raise ValueError(f"dlconv's dropout: rate must be in (0, 1), got {rate!r}")
+
+
+@_op("dropout")
+def _dropout_op(x: Tensor, rate: float, seed: Tensor) -> Tensor:
+    _dropout_check(x, rate)
+    import dlconv._C as c
+    s, k = (int(v) & _U64 for v in seed.tolist())
+    return torch.from_numpy(c.dropout(_host(x), float(rate), s, k))
+
+
+@_dropout_op.register_fake
+def _(x, rate, seed):
+    _dropout_check(x, rate)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    _x, rate, seed = inputs
+    ctx.rate = rate
+    ctx.save_for_backward(seed)
+
+
+def _dropout_backward(ctx, dy):
+    (seed,) = ctx.saved_tensors
+    return _call("dropout", dy.contiguous(), ctx.rate, seed), None, None
+
+
+_dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup_context)
+_DROPOUT_FUNCTION = _function("dropout", _dropout_setup_context, _dropout_backward)
+
+
+def dropout(x, rate, seed):
+    """Dropout of a CPU float32 tensor (any shape) as a differentiable torch op
+    (``dlconv::dropout``): kept elements ``x / (1 - rate)``, dropped ones 0 (NaN included, as
+    tf.nn.dropout); ``seed`` is a length-2 integer tensor (seed, counter) or a pair of ints.
+    ``rate == 0`` returns x unchanged."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise TypeError(f"rate must be a float in [0, 1), got {rate!r}")
+    if rate == 0:
+        return x
+    _dropout_check(x, rate)
+    if not isinstance(seed, Tensor):
+        seed = torch.tensor([int(v) & ((1 << 63) - 1) for v in seed], dtype=torch.int64)
+    if seed.shape != (2,) or seed.dtype.is_floating_point or seed.dtype == torch.bool:
+        raise ValueError(f"seed must be an integer tensor of shape (2,) (seed, counter), got "
+                         f"{tuple(seed.shape)} {seed.dtype}")
+    return _forward("dropout", _DROPOUT_FUNCTION, (x,), x, float(rate), seed.detach().to(torch.int64))
