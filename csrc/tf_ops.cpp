@@ -77,6 +77,15 @@
 // one thread too (SERIAL_FLOPS = 1e8) measured 0.735 at load 8.1 but would halve the forward's
 // cores on a quiet machine (nothing runs beside a ResNet's forward chain): not taken without a
 // quiet run.
+// Issue 12 again (Intel Xeon 2 cores, MNIST train step, ratio to stock interleaved in one
+// process, the native pool before its relu fold): both conv backward passes on one thread and
+// unlocked 0.716 vs 0.717 for this default (load 2.3), 0.721 vs 0.734 (2.3), 0.707 vs 0.647
+// (3.6); every call on one thread 0.726 vs 0.734, 0.754 vs 0.647; the max pool on one thread
+// (SERIAL_POOL_ELEMENTS) 0.733 vs 0.731, 0.752 vs 0.709, 0.728 vs 0.734: neutral to worse, the
+// defaults stay.  (A profile of the step, tf.profiler at load ~2, shows the two cores busy
+// nearly throughout; TF's ops beside a team call run several times slower than in the stock
+// step, e.g. Adam's Sqrt / RealDiv of dense1 2.6 / 3.8 ms vs 0.4 / 0.3 ms, but the work only
+// moves between threads: little idle time is left for a scheduling change to fill.)
 // With more than SIDE_BY_SIDE_MAX_THREADS threads one pass per core would idle the rest, so
 // SERIAL_FLOPS applies there.  malloc'd scratch is not a cost: ~10 minor page faults per
 // ResNet step.
