@@ -30,6 +30,18 @@ void max_pool2d_forward(const ConvGeometry& g, const float* x, float* y, int32_t
 // dx[N,H,W,C] from dy[N,OH,OW,C] and the forward's arg (a gather: every dx element is written).
 void max_pool2d_backward_argmax(const ConvGeometry& g, const float* dy, const int32_t* arg, float* dx);
 
+// The same two passes with a "local" arg: uint8 arg[N,OH,OW,C] = the chosen member's window tap
+// kh*k_w + kw (same rule; a quarter of the int32 index's memory traffic), plus
+// LOCAL_NOT_POSITIVE when that member is not > 0 (<= 0 or NaN).  The backward with relu = true
+// drops those entries: dx * relu'(x) for x = a relu's output (its derivative where x > 0, as
+// the conv kernels' epilogue and TensorFlow's ReluGrad take it).  Pools of more than
+// MAX_LOCAL_TAPS taps throw std::invalid_argument.  Used by the TensorFlow op (tf_ops.cpp).
+constexpr int64_t MAX_LOCAL_TAPS = 128;
+constexpr int32_t LOCAL_NOT_POSITIVE = 128;
+void max_pool2d_forward_local(const ConvGeometry& g, const float* x, float* y, uint8_t* arg);
+void max_pool2d_backward_local(const ConvGeometry& g, const float* dy, const uint8_t* arg, float* dx,
+                               bool relu = false);
+
 // dx[N,H,W,C] from x and dy, recomputing each window's arg (no stored index).
 void max_pool2d_backward_recompute(const ConvGeometry& g, const float* x, const float* dy, float* dx);
 

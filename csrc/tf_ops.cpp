@@ -2,7 +2,8 @@
 // build, its CUDA C++ kernels) as graph-native TF ops.
 //
 // Built by dlconv/tf_ops.py against the installed TensorFlow (tf.sysconfig flags) together with
-// cpu_conv.cpp and cpu_dense.cpp, loaded with tf.load_op_library.  No Python runs in these ops.
+// the CPU kernel sources (dlconv/tf_ops.py SOURCES), loaded with tf.load_op_library.  No Python
+// runs in these ops.
 // With nvcc and a CUDA build of TensorFlow it is compiled with -DGOOGLE_CUDA=1 and linked with
 // cuda_conv.cu, cuda_dense.cu and cuda_workspace.cu: the same op classes are then registered for
 // DEVICE_GPU too, launching on the op's stream (GpuLaunch, at the end of the namespace).  One
@@ -14,6 +15,10 @@
 //   DlconvConv2DBackpropFilter(x, dy, y) -> (dw, db)
 //   DlconvDense(x, w, b) -> y                       y = act(x @ w + b), act may be softmax
 //   DlconvDenseGrad(x, w, dy, y) -> (dx, dw, db)
+//   DlconvMaxPool2D(x) -> (y, arg)                  Keras' MaxPooling2D, TensorFlow's rules (cpu_pool.h);
+//                                                   arg: uint8 window tap kh*k_w + kw per output
+//   DlconvMaxPool2DGrad(x, dy, arg) -> dx           dx from the stored arg (x: its shape only);
+//                                                   relu = true: dx * relu'(x) (the conv's fused relu)
 // `b` is a vector of `filters`/`units` values, or of length 0 for no bias.  The backward ops
 // take dy = dL/dy of the activation and y, the forward output: the kernels apply act'(y)
 // themselves (no dL/dz tensor, no separate activation-backward op).
@@ -24,7 +29,10 @@
 // output size is the one formula csrc/geometry.h checks (out = (in + pads - k_eff) / stride + 1);
 // the shape functions and the kernels form the ConvGeometry from the tensors' dims plus these
 // attrs and validate it with validate_geometry, so a hand-written graph with bad attrs or shapes
-// gets InvalidArgumentError naming the values, never a crash.
+// gets InvalidArgumentError naming the values, never a crash.  The max pool likewise: ksize,
+// strides and the resolved pads of dlconv.shapes.pool_geometry; its record is a groups = C
+// geometry (cpu_pool.h), re-checked by check_pool_geometry.  CPU only (no DEVICE_GPU kernel: the
+// bridge takes tf.nn.max_pool2d whenever TensorFlow sees a GPU).
 //
 // Threading: dlconv's kernels parallelise with OpenMP and must run one at a time (two teams at
 // once fight for the cores), so every call with a team holds one process-wide mutex; every call
@@ -69,6 +77,15 @@
 // one thread too (SERIAL_FLOPS = 1e8) measured 0.735 at load 8.1 but would halve the forward's
 // cores on a quiet machine (nothing runs beside a ResNet's forward chain): not taken without a
 // quiet run.
+// Issue 12 again (Intel Xeon 2 cores, MNIST train step, ratio to stock interleaved in one
+// process, the native pool before its relu fold): both conv backward passes on one thread and
+// unlocked 0.716 vs 0.717 for this default (load 2.3), 0.721 vs 0.734 (2.3), 0.707 vs 0.647
+// (3.6); every call on one thread 0.726 vs 0.734, 0.754 vs 0.647; the max pool on one thread
+// (SERIAL_POOL_ELEMENTS) 0.733 vs 0.731, 0.752 vs 0.709, 0.728 vs 0.734: neutral to worse, the
+// defaults stay.  (A profile of the step, tf.profiler at load ~2, shows the two cores busy
+// nearly throughout; TF's ops beside a team call run several times slower than in the stock
+// step, e.g. Adam's Sqrt / RealDiv of dense1 2.6 / 3.8 ms vs 0.4 / 0.3 ms, but the work only
+// moves between threads: little idle time is left for a scheduling change to fill.)
 // With more than SIDE_BY_SIDE_MAX_THREADS threads one pass per core would idle the rest, so
 // SERIAL_FLOPS applies there.  malloc'd scratch is not a cost: ~10 minor page faults per
 // ResNet step.
@@ -123,6 +140,9 @@ constexpr double SERIAL_FLOPS_BACKWARD = 1e8;
 constexpr int SIDE_BY_SIDE_MAX_THREADS = 2;
 // Whether small (one-thread) calls run without the process-wide kernel lock (threading note).
 constexpr bool UNLOCKED_SMALL = true;
+// Max pools (forward or gradient) of fewer input elements than this run with a one-thread team
+// (cpu_host.h's SERIAL_ELEMENTS, as for the pybind11 entry points: a memory-bound pass).
+constexpr double SERIAL_POOL_ELEMENTS = 131072;
 // Geometry fields beyond this are refused before any product is formed (no int64 overflow).
 constexpr int64_t MAX_FIELD = int64_t(1) << 31;
 // Activation code of softmax (dense only; geometry.h's element-wise codes are 0-3).
@@ -242,15 +262,18 @@ HostRunner& runner() {
 std::atomic<double> g_serial_flops{SERIAL_FLOPS};
 std::atomic<double> g_serial_flops_backward{SERIAL_FLOPS_BACKWARD};
 std::atomic<bool> g_unlocked_small{UNLOCKED_SMALL};
+std::atomic<double> g_serial_pool_elements{SERIAL_POOL_ELEMENTS};
 
 // Which threshold a call is held to: a conv backward pass (TensorFlow can run a layer's two
-// side by side) or anything else.
-enum class Pass { OTHER, CONV_BACKWARD };
+// side by side), a max pool (its work is input elements, not flops) or anything else.
+enum class Pass { OTHER, CONV_BACKWARD, POOL };
 
 // Runs a kernel; a C++ exception from it becomes an error status (never escapes into TF).
 void run_kernel(OpKernelContext* ctx, double flops, const std::function<void()>& fn, Pass pass = Pass::OTHER) {
     const bool side_by_side = pass == Pass::CONV_BACKWARD && omp_get_max_threads() <= SIDE_BY_SIDE_MAX_THREADS;
-    const std::atomic<double>& limit = side_by_side ? g_serial_flops_backward : g_serial_flops;
+    const std::atomic<double>& limit = pass == Pass::POOL ? g_serial_pool_elements
+                                       : side_by_side     ? g_serial_flops_backward
+                                                          : g_serial_flops;
     try {
         runner().run(flops < limit.load(std::memory_order_relaxed),
                      g_unlocked_small.load(std::memory_order_relaxed), fn);
@@ -722,6 +745,150 @@ class DenseGradOp : public DenseOpBase {
     }
 };
 
+// ----------------------------------------------------------------------------- max pool
+// DlconvMaxPool2D / DlconvMaxPool2DGrad: the CPU kernels of cpu_pool.cpp, which one OpenMP
+// thread per output row (forward) or input row (gradient: a gather from the stored arg) runs.
+// The forward writes arg beside y, so the gradient gathers instead of recomputing each window
+// (docs/layers.md: 3.8 vs 10.7 ms for MNIST's pool); arg is the uint8 window tap (the "local"
+// kernels: a quarter of an int32 index's traffic), so pools have at most MAX_LOCAL_TAPS taps.
+// A pool below SERIAL_POOL_ELEMENTS runs with a one-thread team and unlocked, like any small
+// call (run_kernel).
+struct PoolAttrs {
+    int64_t k_h = 1, k_w = 1, stride_h = 1, stride_w = 1;
+    int64_t pad_top = 0, pad_bottom = 0, pad_left = 0, pad_right = 0;
+};
+
+template <class Ctx>
+Status read_pool_attrs(Ctx* c, PoolAttrs* a) {
+    std::vector<int64_t> ksize, strides, pads;
+    TF_RETURN_IF_ERROR(c->GetAttr("ksize", &ksize));
+    TF_RETURN_IF_ERROR(c->GetAttr("strides", &strides));
+    TF_RETURN_IF_ERROR(c->GetAttr("pads", &pads));
+    TF_RETURN_IF_ERROR(check_list("ksize", ksize, 2, 1));
+    TF_RETURN_IF_ERROR(check_list("strides", strides, 2, 1));
+    TF_RETURN_IF_ERROR(check_list("pads (top, bottom, left, right)", pads, 4, 0));
+    if (ksize[0] * ksize[1] > cpu::MAX_LOCAL_TAPS)
+        return errors::InvalidArgument("dlconv: max pool attr ksize ", list_str(ksize), " has more than ",
+                                       cpu::MAX_LOCAL_TAPS, " taps (the uint8 arg)");
+    if (pads[0] >= ksize[0] || pads[1] >= ksize[0] || pads[2] >= ksize[1] || pads[3] >= ksize[1])
+        return errors::InvalidArgument("dlconv: max pool attr pads ", list_str(pads),
+                                       " must each be smaller than the pool size ", list_str(ksize),
+                                       " (a window of padding only has no member)");
+    *a = PoolAttrs{ksize[0], ksize[1], strides[0], strides[1], pads[0], pads[1], pads[2], pads[3]};
+    return Status();
+}
+
+// The pool's record (cpu_pool.h: groups = filters = C, dilation 1) for x's NHWC dims; checked.
+Status pool_geometry(const char* op, const int64_t xs[4], const PoolAttrs& a, ConvGeometry* g) {
+    for (int i = 0; i < 4; ++i)
+        if (xs[i] > MAX_FIELD) return errors::InvalidArgument("dlconv ", op, ": dimension ", xs[i], " is out of range");
+    if (xs[1] < 1 || xs[2] < 1 || xs[3] < 1)
+        return errors::InvalidArgument("dlconv ", op, ": x's height, width and channels must be >= 1, got (", xs[0],
+                                       ", ", xs[1], ", ", xs[2], ", ", xs[3], ")");
+    const int64_t oh = out_size(xs[1], a.k_h, a.stride_h, 1, a.pad_top, a.pad_bottom);
+    if (oh < 0) return impossible_axis("height", xs[1], a.k_h, 1, a.pad_top, a.pad_bottom);
+    const int64_t ow = out_size(xs[2], a.k_w, a.stride_w, 1, a.pad_left, a.pad_right);
+    if (ow < 0) return impossible_axis("width", xs[2], a.k_w, 1, a.pad_left, a.pad_right);
+    *g = ConvGeometry{xs[0], xs[1], xs[2], xs[3], xs[3], a.k_h, a.k_w, a.stride_h, a.stride_w, 1, 1,
+                      a.pad_top, a.pad_bottom, a.pad_left, a.pad_right, oh, ow, xs[3]};
+    try {
+        cpu::check_pool_geometry(*g, op);
+    } catch (const std::invalid_argument& e) {
+        return errors::InvalidArgument(e.what());
+    }
+    return Status();
+}
+
+Status max_pool_shape(InferenceContext* c) {
+    PoolAttrs a;
+    TF_RETURN_IF_ERROR(read_pool_attrs(c, &a));
+    ShapeHandle x;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+    DimensionHandle oh, ow;
+    TF_RETURN_IF_ERROR(conv_out_dim(c, c->Dim(x, 1), a.k_h, a.stride_h, 1, a.pad_top, a.pad_bottom, "height", &oh));
+    TF_RETURN_IF_ERROR(conv_out_dim(c, c->Dim(x, 2), a.k_w, a.stride_w, 1, a.pad_left, a.pad_right, "width", &ow));
+    ShapeHandle y = c->MakeShape({c->Dim(x, 0), oh, ow, c->Dim(x, 3)});
+    c->set_output(0, y);
+    c->set_output(1, y);
+    return Status();
+}
+
+Status max_pool_grad_shape(InferenceContext* c) {
+    PoolAttrs a;
+    TF_RETURN_IF_ERROR(read_pool_attrs(c, &a));
+    ShapeHandle x, dy, arg;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &dy));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &arg));
+    TF_RETURN_IF_ERROR(c->Merge(dy, arg, &dy));
+    c->set_output(0, x);
+    return Status();
+}
+
+class MaxPoolOpBase : public OpKernel {
+   public:
+    explicit MaxPoolOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) { OP_REQUIRES_OK(ctx, read_pool_attrs(ctx, &attrs_)); }
+
+   protected:
+    bool geometry(OpKernelContext* ctx, const char* op, const Tensor& x, ConvGeometry* g) {
+        Status s = check_rank(op, "x", x, 4);
+        const int64_t xs[4] = {x.dims() == 4 ? x.dim_size(0) : 0, x.dims() == 4 ? x.dim_size(1) : 0,
+                               x.dims() == 4 ? x.dim_size(2) : 0, x.dims() == 4 ? x.dim_size(3) : 0};
+        if (s.ok()) s = pool_geometry(op, xs, attrs_, g);
+        if (!s.ok()) ctx->SetStatus(s);
+        return s.ok();
+    }
+    PoolAttrs attrs_;
+};
+
+class MaxPool2DOp : public MaxPoolOpBase {
+   public:
+    using MaxPoolOpBase::MaxPoolOpBase;
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvMaxPool2D";
+        const Tensor& x = ctx->input(0);
+        ConvGeometry g;
+        if (!geometry(ctx, K, x, &g)) return;
+        Tensor *y = nullptr, *arg = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape(g), &y));
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(1, y_shape(g), &arg));
+        if (g.batch == 0) return;
+        const float* xp = fptr(x);
+        float* yp = fptr(y);
+        uint8_t* ap = arg->flat<uint8_t>().data();
+        run_kernel(ctx, double(g.x_size()), [&] { cpu::max_pool2d_forward_local(g, xp, yp, ap); }, Pass::POOL);
+    }
+};
+
+class MaxPool2DGradOp : public MaxPoolOpBase {
+   public:
+    explicit MaxPool2DGradOp(OpKernelConstruction* ctx) : MaxPoolOpBase(ctx) {
+        OP_REQUIRES_OK(ctx, ctx->GetAttr("relu", &relu_));
+    }
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvMaxPool2DGrad";
+        const Tensor &x = ctx->input(0), &dy = ctx->input(1), &arg = ctx->input(2);
+        ConvGeometry g;
+        if (!geometry(ctx, K, x, &g)) return;
+        OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, y_shape(g)));
+        OP_REQUIRES_OK(ctx, check_shape(K, "arg", arg, y_shape(g)));
+        Tensor* dx = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_shape(g), &dx));
+        if (g.batch == 0) return;
+        const float* dyp = fptr(dy);
+        const uint8_t* ap = arg.flat<uint8_t>().data();
+        float* dxp = fptr(dx);
+        // A corrupt arg (a hand-fed one) cannot write out of bounds: the gather only compares
+        // it with each dx position's tap, and reads dy/arg at in-range outputs.
+        const bool relu = relu_;
+        run_kernel(ctx, double(g.x_size()), [&] { cpu::max_pool2d_backward_local(g, dyp, ap, dxp, relu); },
+                   Pass::POOL);
+    }
+
+   private:
+    bool relu_ = false;
+};
+
 #if GOOGLE_CUDA
 // ----------------------------------------------------------------------------- GPU launchers
 // The CUDA C++ kernels of csrc/cuda_*.cu on the stream TensorFlow gives this op
@@ -875,6 +1042,31 @@ REGISTER_OP("DlconvDenseGrad")
     .SetShapeFn(dlconv::tfops::dense_grad_shape)
     .Doc("(dL/dx, dL/dw, dL/db) of DlconvDense from dy = dL/dy and y, its output.");
 
+REGISTER_OP("DlconvMaxPool2D")
+    .Input("x: float")
+    .Output("y: float")
+    .Output("arg: uint8")
+    .Attr("ksize: list(int)")
+    .Attr("strides: list(int)")
+    .Attr("pads: list(int) = [0, 0, 0, 0]")
+    .SetShapeFn(dlconv::tfops::max_pool_shape)
+    .Doc("Max pool of x (NHWC; TensorFlow's NaN and tie rules) and arg, each output's window tap kh*k_w + kw "
+         "(+128 when that member is not > 0; at most 128 taps); pads = (top, bottom, left, right), resolved by dlconv.shapes.pool_geometry, each < the "
+         "pool size.");
+
+REGISTER_OP("DlconvMaxPool2DGrad")
+    .Input("x: float")
+    .Input("dy: float")
+    .Input("arg: uint8")
+    .Output("dx: float")
+    .Attr("ksize: list(int)")
+    .Attr("strides: list(int)")
+    .Attr("pads: list(int) = [0, 0, 0, 0]")
+    .Attr("relu: bool = false")
+    .SetShapeFn(dlconv::tfops::max_pool_grad_shape)
+    .Doc("dL/dx of DlconvMaxPool2D from dy = dL/dy and its arg output (x: read for its shape only); relu: "
+         "times relu'(x), 1 where x > 0 (x a relu's output: its dL/dz, the relu's derivative folded in).");
+
 using ::tensorflow::DEVICE_CPU;
 #define DLCONV_REGISTER(DEVICE, LAUNCH)                                                                         \
     REGISTER_KERNEL_BUILDER(Name("DlconvConv2D").Device(DEVICE), dlconv::tfops::Conv2DOp<LAUNCH>);             \
@@ -886,6 +1078,8 @@ using ::tensorflow::DEVICE_CPU;
     REGISTER_KERNEL_BUILDER(Name("DlconvDenseGrad").Device(DEVICE), dlconv::tfops::DenseGradOp<LAUNCH>)
 
 DLCONV_REGISTER(DEVICE_CPU, dlconv::tfops::CpuLaunch);
+REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2D").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2DGrad").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DGradOp);
 #if GOOGLE_CUDA
 using ::tensorflow::DEVICE_GPU;
 DLCONV_REGISTER(DEVICE_GPU, dlconv::tfops::GpuLaunch);
@@ -915,6 +1109,14 @@ extern "C" __attribute__((visibility("default"))) void dlconv_tf_ops_threading(
     if (serial_flops >= 0) t::g_serial_flops.store(serial_flops);
     if (serial_flops_backward >= 0) t::g_serial_flops_backward.store(serial_flops_backward);
     if (unlocked_small >= 0) t::g_unlocked_small.store(unlocked_small != 0);
+}
+
+// The max pool's one-thread threshold (input elements; dlconv.tf_ops.threading_knobs'
+// serial_pool_elements): a negative argument leaves it; the previous value is returned.
+extern "C" __attribute__((visibility("default"))) double dlconv_tf_ops_pool_threading(double serial_elements) {
+    const double old = dlconv::tfops::g_serial_pool_elements.load();
+    if (serial_elements >= 0) dlconv::tfops::g_serial_pool_elements.store(serial_elements);
+    return old;
 }
 
 // Whether the DEVICE_GPU kernels were compiled in (GOOGLE_CUDA build: nvcc + a CUDA TensorFlow).

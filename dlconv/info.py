@@ -70,10 +70,16 @@ def _omp_status() -> dict:
     return _omp.status()
 
 
-def _max_pool_paths() -> dict:
-    """Keras backend → the path dlconv.layers.MaxPooling2D takes there (imports no framework)."""
+def _max_pool_paths(tf_ops_status: dict | None = None) -> dict:
+    """Keras backend → the path dlconv.layers.MaxPooling2D takes there (imports no framework).
+
+    On TensorFlow the native pool ops live in the op library: where it is not there
+    (``tf_ops_status["native"]`` False) the layer is the stock one, and this says so and why."""
     from .ops import MAX_POOL_PATHS
     out = dict(MAX_POOL_PATHS)
+    if tf_ops_status is not None and not tf_ops_status.get("native"):
+        out["tensorflow"] = ("stock keras MaxPooling2D (tf.nn.max_pool2d): the native pool ops need the "
+                             f"TensorFlow op library ({tf_ops_status.get('why', 'not available')})")
     try:
         from dlconv import _C
     except ImportError:
@@ -109,6 +115,7 @@ def info() -> dict:
         except Exception as exc:
             cuda_ext["gpus_error"] = str(exc)
     avail = backends.available()
+    tf_status = _tf_ops_status()
     return {
         "dlconv": __version__,
         "python": platform.python_version(),
@@ -117,9 +124,9 @@ def info() -> dict:
         "extensions": {"dlconv._C": _extension("dlconv._C"), "dlconv._C_cuda": cuda_ext},
         "numba_cuda": _numba_gpus(),
         "keras_backends": {name: {"usable": ok, "why": why} for name, (ok, why) in bridges.status().items()},
-        "tensorflow_ops": _tf_ops_status(),
+        "tensorflow_ops": tf_status,
         "openmp_spin": _omp_status(),
-        "max_pool": _max_pool_paths(),
+        "max_pool": _max_pool_paths(tf_status),
         "backends": {name: {"cpu": {"usable": a["cpu"][0], "why": a["cpu"][1]},
                             "cuda": {"usable": a["cuda"][0], "why": a["cuda"][1]},
                             "variants": a.get("variants", []),

@@ -297,10 +297,15 @@ class MaxPooling2D(keras.layers.MaxPooling2D):
     (:data:`dlconv.ops.MAX_POOL_PATHS`): torch → the ``dlconv::max_pool2d`` custom op, NHWC
     in place (the stock layer transposes to NCHW and back); JAX → ``jax.custom_vjp`` over XLA
     FFI handlers (the stock layer's reduce_window / select_and_scatter gradient is most of a
-    jitted CPU step); TensorFlow → the stock op (oneDNN's NHWC pool is already fast).
+    jitted CPU step); TensorFlow → the graph-native ``DlconvMaxPool2D`` op and its gradient
+    (as fast as oneDNN's pool alone, but in a graph the derivative of a dlconv Conv2D's fused
+    relu is folded into the pool's gradient, so the conv's backward ops skip it; no XLA kernel,
+    so ``supports_jit`` is False there).
 
     The stock layer runs, unchanged, for ``data_format="channels_first"``, for inputs that are
-    not float32 (a pool is exact in any dtype) and for GPU tensors (the kernel is CPU-only).
+    not float32 (a pool is exact in any dtype), for GPU tensors (the kernel is CPU-only), on
+    TensorFlow when the op library is not loaded or the input's height/width are unknown, and
+    for pools of more than 128 taps there.
     Values follow TensorFlow's rules on every backend: NaN inputs are ignored (stock torch and
     JAX propagate them), ties send the gradient to the first maximum in row-major window order.
     """
@@ -310,14 +315,19 @@ class MaxPooling2D(keras.layers.MaxPooling2D):
         super().__init__(pool_size=pool_size, strides=strides, padding=padding, data_format=data_format,
                          name=name, **kwargs)
         self.backend = _check_backend(backend)
+        if keras.config.backend() == "tensorflow" and _bridge().pool_may_be_native(self.backend):
+            self.supports_jit = False   # DlconvMaxPool2D has no XLA kernel
 
     def _dlconv_path(self, inputs):
         """The bridge module to run ``inputs`` through, or None for the stock layer."""
         kb = keras.config.backend()
-        if kb not in ("torch", "jax") or self.data_format != "channels_last" or len(inputs.shape) != 4:
+        if kb not in ("torch", "jax", "tensorflow") or self.data_format != "channels_last" or len(inputs.shape) != 4:
             return None
         if keras.backend.standardize_dtype(inputs.dtype) != "float32":
             return None
+        if kb == "tensorflow":
+            bridge = _bridge()
+            return bridge if bridge.native_pool(inputs, self.backend) else None
         if kb == "torch" and inputs.device.type != "cpu":
             return None
         if kb == "jax":

@@ -396,8 +396,8 @@ def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None)
 #: Keras backend → what ``dlconv.layers.MaxPooling2D`` runs there (``dlconv info`` prints it).
 #: channels_first, GPU tensors and non-float32 inputs take the stock layer on every backend.
 MAX_POOL_PATHS = {
-    "tensorflow": "stock keras MaxPooling2D (tf.nn.max_pool2d, oneDNN's NHWC pool: no native dlconv "
-                  "op; see docs/layers.md)",
+    "tensorflow": "DlconvMaxPool2D / DlconvMaxPool2DGrad native ops (C++ kernel, CPU; a conv's fused relu "
+                  "derivative folded into the gradient); tf.nn.max_pool2d where TensorFlow sees a GPU",
     "torch": "dlconv::max_pool2d custom op: the C++ NHWC kernel on CPU tensors, no transposes",
     "jax": "jax.custom_vjp over the XLA FFI handlers dlconv_max_pool2d_* (C++ kernel, CPU)",
 }

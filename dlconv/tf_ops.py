@@ -3,7 +3,8 @@
 ``csrc/tf_ops.cpp`` registers graph-native TensorFlow ops (``REGISTER_OP``) whose CPU kernels
 call dlconv's C++ kernels directly — no Python callback, no GIL::
 
-    DlconvConv2D, DlconvConv2DBackpropInput, DlconvConv2DBackpropFilter, DlconvDense, DlconvDenseGrad
+    DlconvConv2D, DlconvConv2DBackpropInput, DlconvConv2DBackpropFilter, DlconvDense, DlconvDenseGrad,
+    DlconvMaxPool2D, DlconvMaxPool2DGrad (CPU only)
 
 GPU kernels: when ``nvcc`` is found and the installed TensorFlow is a CUDA build
 (``tf.sysconfig.get_build_info()['is_cuda_build']``, read without importing TensorFlow), the
@@ -21,11 +22,12 @@ How it is built and found
 -------------------------
 The plain package does not need TensorFlow to build or import (``pip install`` builds with
 build isolation, where TensorFlow is absent).  So the op library is built *on first use*, the
-way PyTorch's C++ extension loader does it: :func:`load` compiles ``tf_ops.cpp`` with
-``cpu_conv.cpp`` and ``cpu_dense.cpp`` (and the CUDA sources, above) against the installed
-TensorFlow's headers and flags (``tf.sysconfig.get_compile_flags()`` / ``get_link_flags()``)
-with ``g++`` into a cache folder keyed by the TensorFlow version and a hash of the sources,
-compiler, SIMD flags and CUDA choice::
+way PyTorch's C++ extension loader does it: :func:`load` compiles ``tf_ops.cpp`` with the
+CPU kernel sources (:data:`SOURCES`: conv, grouped conv, dense, pool; and the CUDA sources,
+above) against the installed TensorFlow's headers and flags
+(``tf.sysconfig.get_compile_flags()`` / ``get_link_flags()``) with ``g++`` into a cache folder
+keyed by the TensorFlow version and a hash of the sources, compiler, SIMD flags and CUDA
+choice::
 
     $DLCONV_TF_OPS_CACHE  or  $XDG_CACHE_HOME/dlconv/tf_ops  or  ~/.cache/dlconv/tf_ops
         tf2.21.0-<hash>/_dlconv_tf_ops.so   (+ build.json: versions, command)
@@ -72,15 +74,18 @@ from importlib import metadata
 
 from . import _omp, _toolchain
 
-__all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "status", "OP_NAMES",
+__all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "status", "OP_NAMES", "CPU_ONLY_OPS",
            "threading_knobs",
            "SOURCES", "HEADERS"]
 
 #: The ops the library registers (TensorFlow's Python wrappers are their snake_case names).
 OP_NAMES = ("DlconvConv2D", "DlconvConv2DBackpropInput", "DlconvConv2DBackpropFilter", "DlconvDense",
-            "DlconvDenseGrad")
+            "DlconvDenseGrad", "DlconvMaxPool2D", "DlconvMaxPool2DGrad")
+#: Registered for DEVICE_CPU only, also in a GOOGLE_CUDA build (the bridge takes
+#: tf.nn.max_pool2d where TensorFlow sees a GPU).
+CPU_ONLY_OPS = ("DlconvMaxPool2D", "DlconvMaxPool2DGrad")
 #: Compiled into the library (relative to csrc/).
-SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_conv_grouped.cpp", "cpu_dense.cpp")
+SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_conv_grouped.cpp", "cpu_dense.cpp", "cpu_pool.cpp")
 #: Hashed too: a change in any header rebuilds.
 HEADERS = ("geometry.h", "cpu_kernels.h", "cpu_gemm.h", "cpu_act.h", "cpu_conv_direct.h",
            "cpu_conv_winograd.h", "cpu_dense_backward.h", "cpu_conv_grouped.h",
@@ -375,23 +380,26 @@ def _load():
 
 
 def threading_knobs(serial_flops: float | None = None, serial_flops_backward: float | None = None,
-                    unlocked_small: bool | None = None) -> dict:
+                    unlocked_small: bool | None = None, serial_pool_elements: float | None = None) -> dict:
     """The op library's CPU threading knobs (csrc/tf_ops.cpp's threading note), changed where an
-    argument is given; returns the previous values as a dict with these three keys.
+    argument is given; returns the previous values as a dict with these four keys.
 
     ``serial_flops``: forward and dense calls below this many flops run with a one-thread
     OpenMP team on TensorFlow's thread; ``serial_flops_backward``: the same for the conv
     backward passes (TensorFlow can run a layer's backward-data and backward-filter side by
     side); ``unlocked_small``: one-thread calls skip the process-wide kernel lock, so
-    TensorFlow may run two of them at once.  For benchmarks comparing settings in one process;
+    TensorFlow may run two of them at once; ``serial_pool_elements``: max pools (forward or
+    gradient) of fewer input elements run with a one-thread team.  For benchmarks comparing settings in one process;
     the defaults are the measured choice.  Loads the library (:func:`load`)."""
     import ctypes
 
     load()
-    for name, v in (("serial_flops", serial_flops), ("serial_flops_backward", serial_flops_backward)):
+    for name, v in (("serial_flops", serial_flops), ("serial_flops_backward", serial_flops_backward),
+                    ("serial_pool_elements", serial_pool_elements)):
         if v is not None and not (isinstance(v, (int, float)) and float(v) >= 0):
             raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-    fn = ctypes.CDLL(library_path()).dlconv_tf_ops_threading
+    lib = ctypes.CDLL(library_path())
+    fn = lib.dlconv_tf_ops_threading
     fn.restype = None
     dbl, i32 = ctypes.c_double, ctypes.c_int
     fn.argtypes = [dbl, dbl, i32, ctypes.POINTER(dbl), ctypes.POINTER(dbl), ctypes.POINTER(i32)]
@@ -400,8 +408,11 @@ def threading_knobs(serial_flops: float | None = None, serial_flops_backward: fl
        -1.0 if serial_flops_backward is None else float(serial_flops_backward),
        -1 if unlocked_small is None else int(bool(unlocked_small)),
        ctypes.byref(old[0]), ctypes.byref(old[1]), ctypes.byref(old[2]))
+    pool = lib.dlconv_tf_ops_pool_threading
+    pool.restype, pool.argtypes = dbl, [dbl]
+    old_pool = pool(-1.0 if serial_pool_elements is None else float(serial_pool_elements))
     return {"serial_flops": old[0].value, "serial_flops_backward": old[1].value,
-            "unlocked_small": bool(old[2].value)}
+            "unlocked_small": bool(old[2].value), "serial_pool_elements": old_pool}
 
 
 def available() -> bool:
@@ -428,6 +439,9 @@ SERIAL_FLOPS = 2e7
 #: The same for the conv backward passes while dlconv's OpenMP team has at most
 #: ``SIDE_BY_SIDE_MAX_THREADS`` threads (csrc/tf_ops.cpp; tests/test_tf_threading.py checks).
 SERIAL_FLOPS_BACKWARD = 1e8
+#: Max pools (forward or gradient) of fewer input elements than this run on one thread
+#: (``SERIAL_POOL_ELEMENTS`` in csrc/tf_ops.cpp).
+SERIAL_POOL_ELEMENTS = 131072
 SIDE_BY_SIDE_MAX_THREADS = 2
 #: The library's threading switch (read once per process by csrc/tf_ops.cpp).
 THREADING_SWITCH = "DLCONV_TF_THREADING"
@@ -447,8 +461,8 @@ def threads_used() -> str:
 
     backward = (f"conv backward passes below {e(SERIAL_FLOPS_BACKWARD)}, others below {e(SERIAL_FLOPS)}"
                 if team <= SIDE_BY_SIDE_MAX_THREADS else f"below {e(SERIAL_FLOPS)}")
-    small = (f"{backward} FLOPs on the calling TensorFlow thread alone, without the lock (TensorFlow may "
-             f"run two side by side)")
+    small = (f"{backward} FLOPs (max pools below {SERIAL_POOL_ELEMENTS} input elements) on the calling "
+             f"TensorFlow thread alone, without the lock (TensorFlow may run two side by side)")
     if mode == "serial":
         return (f"CPU kernels each on the calling TensorFlow thread alone ({THREADING_SWITCH}=serial): "
                 f"{small}, larger ones one at a time (a process-wide lock)")

@@ -186,3 +186,16 @@ def test_info_lists_the_keras_backends_and_why_not(monkeypatch):
     status = bridges.status()
     assert status["torch"] == (False, "torch is not installed (pip install 'dlconv[torch]')")
     assert status["jax"] == (False, "jax 0.4.1 is older than 0.5, the oldest the bridge supports")
+
+
+def test_info_says_the_tf_pool_is_stock_without_the_op_library(monkeypatch):
+    """The native TF max pool lives in the op library: with it switched off, info says stock."""
+    from dlconv import info as dinfo
+
+    monkeypatch.setenv("DLCONV_TF_OPS", "0")
+    paths = dinfo.info()["max_pool"]
+    assert paths["tensorflow"].startswith("stock keras MaxPooling2D"), paths
+    assert "DLCONV_TF_OPS=0" in paths["tensorflow"], paths
+    monkeypatch.delenv("DLCONV_TF_OPS")
+    if dinfo._tf_ops_status().get("native"):
+        assert dinfo.info()["max_pool"]["tensorflow"].startswith("DlconvMaxPool2D"), dinfo.info()["max_pool"]

@@ -313,8 +313,9 @@ def test_keras_train_step_graph_holds_native_ops_and_no_pyfunc():
     for gr in graphs:
         ops = gr.get_operations() if hasattr(gr, "get_operations") else gr.graph.get_operations()
         types |= {op.type for op in ops}
-    assert {"DlconvConv2D", "DlconvConv2DBackpropFilter", "DlconvDense", "DlconvDenseGrad"} <= types
-    assert not types & {"PyFunc", "PyFuncStateless", "EagerPyFunc"}, sorted(types)
+    assert {"DlconvConv2D", "DlconvConv2DBackpropFilter", "DlconvDense", "DlconvDenseGrad",
+            "DlconvMaxPool2D", "DlconvMaxPool2DGrad"} <= types      # dlconv.layers.MaxPooling2D: native too
+    assert not types & {"PyFunc", "PyFuncStateless", "EagerPyFunc", "MaxPool", "MaxPoolGrad"}, sorted(types)
 
 
 def test_keras_fit_matches_stock_model():

@@ -18,8 +18,9 @@ from dlconv.shapes import conv_geometry  # noqa: E402
 LIB = tf_ops.load()     # a failure here is the reason, raised: these tests need the library
 
 #: The defaults the threading note measured (csrc/tf_ops.cpp: SERIAL_FLOPS,
-#: SERIAL_FLOPS_BACKWARD, UNLOCKED_SMALL).
-DEFAULTS = {"serial_flops": 2e7, "serial_flops_backward": 1e8, "unlocked_small": True}
+#: SERIAL_FLOPS_BACKWARD, UNLOCKED_SMALL, SERIAL_POOL_ELEMENTS).
+DEFAULTS = {"serial_flops": 2e7, "serial_flops_backward": 1e8, "unlocked_small": True,
+            "serial_pool_elements": 131072.0}
 ALL_ONE_THREAD = {"serial_flops": 1e30, "serial_flops_backward": 1e30}
 ALL_TEAM = {"serial_flops": 0.0, "serial_flops_backward": 0.0}
 
@@ -34,18 +35,20 @@ def knobs():
 
 def test_knobs_default_and_round_trip(knobs):
     assert tf_ops.threading_knobs() == DEFAULTS
-    old = tf_ops.threading_knobs(serial_flops=5.0, serial_flops_backward=7.0, unlocked_small=False)
+    old = tf_ops.threading_knobs(serial_flops=5.0, serial_flops_backward=7.0, unlocked_small=False,
+                                 serial_pool_elements=3.0)
     assert old == DEFAULTS
     assert tf_ops.threading_knobs(serial_flops_backward=9.0) == {
-        "serial_flops": 5.0, "serial_flops_backward": 7.0, "unlocked_small": False}
+        "serial_flops": 5.0, "serial_flops_backward": 7.0, "unlocked_small": False, "serial_pool_elements": 3.0}
     assert tf_ops.threading_knobs() == {"serial_flops": 5.0, "serial_flops_backward": 9.0,
-                                        "unlocked_small": False}
+                                        "unlocked_small": False, "serial_pool_elements": 3.0}
 
 
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), "2e7"])
-def test_bad_knob_values_are_refused(knobs, bad):
-    with pytest.raises(ValueError, match="serial_flops_backward must be a number >= 0"):
-        tf_ops.threading_knobs(serial_flops_backward=bad)
+@pytest.mark.parametrize("name", ["serial_flops_backward", "serial_pool_elements"])
+def test_bad_knob_values_are_refused(knobs, bad, name):
+    with pytest.raises(ValueError, match=f"{name} must be a number >= 0"):
+        tf_ops.threading_knobs(**{name: bad})
     assert tf_ops.threading_knobs() == DEFAULTS
 
 
@@ -138,8 +141,9 @@ def test_python_constants_and_info_match_the_library():
     assert f"constexpr double SERIAL_FLOPS_BACKWARD = {tf_ops.SERIAL_FLOPS_BACKWARD:.0e};".replace("e+0", "e") in src
     assert f"constexpr int SIDE_BY_SIDE_MAX_THREADS = {tf_ops.SIDE_BY_SIDE_MAX_THREADS};" in src
     assert "constexpr bool UNLOCKED_SMALL = true;" in src
+    assert f"constexpr double SERIAL_POOL_ELEMENTS = {tf_ops.SERIAL_POOL_ELEMENTS};" in src
     assert DEFAULTS == {"serial_flops": tf_ops.SERIAL_FLOPS, "serial_flops_backward": tf_ops.SERIAL_FLOPS_BACKWARD,
-                        "unlocked_small": True}
+                        "unlocked_small": True, "serial_pool_elements": tf_ops.SERIAL_POOL_ELEMENTS}
 
 
 @pytest.mark.parametrize("team, backward", [("2", True), ("4", False)])

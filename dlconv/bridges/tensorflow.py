@@ -20,6 +20,12 @@ library.  The geometry is still resolved here, once, by :mod:`dlconv.shapes`
 strides and dilation.  A "same"-padded layer whose input height or width is unknown when the
 graph is built (so its pads are not known) takes the callback path.
 
+:func:`max_pool2d` (``dlconv.layers.MaxPooling2D``) runs ``DlconvMaxPool2D`` /
+``DlconvMaxPool2DGrad`` the same way (CPU only; ``tf.nn.max_pool2d`` otherwise, never a
+callback).  In a graph, a native relu conv whose output is pooled takes its gradient from the
+pool's with the relu derivative folded in (``relu=True``) and runs its backward ops as linear
+(:func:`_fold_relu_into_pool_grad`).
+
 Callbacks (the fallback: numba/reference backends, a GPU, or no op library)
 ---------------------------------------------------------------------------
 ``tf.custom_gradient`` over ``tf.numpy_function`` / ``tf.py_function`` callbacks into
@@ -81,7 +87,7 @@ from .. import tf_ops as _tf_ops
 from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
 from ..shapes import normalize_padding
 
-__all__ = ["conv2d", "conv2d_transpose", "dense", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
+__all__ = ["conv2d", "conv2d_transpose", "dense", "max_pool2d", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
            "FUSED_DENSE", "NATIVE_REASON"]
 
 #: Neither the native ops nor the callbacks have an XLA kernel.
@@ -220,6 +226,27 @@ def _conv_attrs(op):
                 activation=op.get_attr("activation").decode())
 
 
+def _fold_relu_into_pool_grad(y, dy, attrs):
+    """(dy, attrs) for the backward ops of a conv whose output y has gradient dy.  When the conv
+    applies relu and dy is exactly the gradient of a native max pool of y (the MNIST CNN's
+    conv2 -> MaxPooling2D), the relu's derivative goes into that gradient instead: the same
+    gather with ``relu=True`` (entries whose pooled member was not > 0 match nothing, as
+    relu' = 1 where y > 0), and the backward ops run as linear, reading neither y nor a
+    derivative.  The unmasked pool gradient, then unread, is pruned by TensorFlow; anyone
+    else asking for dL/dy (a tape over y) still gets that one, unmasked.  Graphs only (an eager
+    tape hands over values, not the ops that made them)."""
+    if attrs["activation"] != "relu" or tf.executing_eagerly():
+        return dy, attrs
+    if dy.op.type != "DlconvMaxPool2DGrad" or dy.op.get_attr("relu"):
+        return dy, attrs
+    pool_x, pool_dy, arg = dy.op.inputs
+    if pool_x is not y:
+        return dy, attrs
+    dz = _LIB.dlconv_max_pool2d_grad(pool_x, pool_dy, arg, ksize=dy.op.get_attr("ksize"),
+                                     strides=dy.op.get_attr("strides"), pads=dy.op.get_attr("pads"), relu=True)
+    return dz, dict(attrs, activation="linear")
+
+
 @tf.RegisterGradient("DlconvConv2D")
 def _conv2d_grad(op, dy):
     """dx, dw, db of ``DlconvConv2D``: dy = dL/dy and y go to the backward kernels, which apply
@@ -228,6 +255,7 @@ def _conv2d_grad(op, dy):
     x, w, b = op.inputs
     y = op.outputs[0]
     attrs = _conv_attrs(op)
+    dy, attrs = _fold_relu_into_pool_grad(y, dy, attrs)
     dx = _LIB.dlconv_conv2d_backprop_input(dy, w, y, tf.shape(x, out_type=tf.int32), **attrs)
     dw, db = _LIB.dlconv_conv2d_backprop_filter(x, dy, y, kernel_size=list(w.shape[:2]), **attrs)
     return [dx, dw, db if b.shape[0] != 0 else None]
@@ -488,3 +516,62 @@ def conv2d_transpose(x, kernel, *, strides, padding, output_padding=None, dilati
         return y, grad
 
     return op(x, kernel)
+
+
+# ----------------------------------------------------------------------------- max_pool2d
+@tf.RegisterGradient("DlconvMaxPool2D")
+def _max_pool2d_grad(op, dy, _darg):
+    """dx of ``DlconvMaxPool2D``: a gather of dy from its stored arg output (no recomputed
+    window); arg (uint8 window taps) has no gradient."""
+    x = op.inputs[0]
+    dx = _LIB.dlconv_max_pool2d_grad(x, dy, op.outputs[1], ksize=op.get_attr("ksize"),
+                                     strides=op.get_attr("strides"), pads=op.get_attr("pads"))
+    return [dx]
+
+
+@tf.RegisterGradient("DlconvMaxPool2DGrad")
+def _max_pool2d_grad_grad(op, grad):
+    raise NotImplementedError("dlconv: no second derivative through DlconvMaxPool2DGrad (the max pool's "
+                              "gradient); use keras.layers.MaxPooling2D for a double backward")
+
+
+def pool_may_be_native(backend="auto") -> bool:
+    """Whether a max pool with this ``backend`` may run ``DlconvMaxPool2D`` (no XLA kernel: the
+    layer then sets ``supports_jit = False``): the op library is loaded, TensorFlow sees no GPU
+    and ``backend`` is not ``reference`` (``numba`` runs the C++ pool, as on the other Keras
+    backends)."""
+    return _LIB is not None and not tf_sees_gpu() and backend != "reference"
+
+
+def native_pool(x, backend="auto") -> bool:
+    """Whether :func:`max_pool2d` of ``x`` runs the graph-native ``DlconvMaxPool2D``:
+    :func:`pool_may_be_native` and x's height, width and channels are known when the graph is
+    built (the pads are resolved then)."""
+    if not pool_may_be_native(backend):
+        return False
+    shape = tuple(x.shape)
+    return len(shape) == 4 and None not in shape[1:]
+
+
+#: Most taps of a native pool (its arg output is the uint8 window tap, bit 7 a flag; larger
+#: pools: the stock op).
+MAX_NATIVE_POOL_TAPS = 128
+
+
+@tf.autograph.experimental.do_not_convert   # plain Python: nothing for AutoGraph to convert
+def max_pool2d(x, *, pool_size=(2, 2), strides=None, padding="valid", backend="auto"):
+    """Keras' ``MaxPooling2D`` (NHWC, float32, TensorFlow's NaN and tie rules) as a
+    differentiable TF op: ``DlconvMaxPool2D`` and its gradient ``DlconvMaxPool2DGrad`` (a gather
+    from the forward's uint8 arg output: each output's window tap ``kh * k_w + kw``) when
+    :func:`native_pool` and the pool has at most :data:`MAX_NATIVE_POOL_TAPS` taps, else ``tf.nn.max_pool2d``
+    (the stock layer's op).  The geometry is :func:`dlconv.ops.pool_geometry`'s."""
+    x = tf.convert_to_tensor(x)
+    if not native_pool(x, backend) or pool_size[0] * pool_size[1] > MAX_NATIVE_POOL_TAPS:
+        pool = list(pool_size)
+        return tf.nn.max_pool2d(x, pool, list(pool if strides is None else strides), padding.upper())
+    n, h, w, c = tuple(x.shape)
+    g = _ops.pool_geometry((1, h, w, c), tuple(pool_size), None if strides is None else tuple(strides),
+                           padding.lower())
+    y, _arg = _LIB.dlconv_max_pool2d(x, ksize=[g.k_h, g.k_w], strides=[g.stride_h, g.stride_w],
+                                     pads=[g.pad_top, g.pad_bottom, g.pad_left, g.pad_right])
+    return y

@@ -1,7 +1,7 @@
 """dlconv.layers.MaxPooling2D on the current Keras backend (started per backend by
 tests/test_keras_backends.py, like the rest of this folder): values and gradients equal to
 the stock layer's over generated geometries (ties included), the dlconv path taken on torch
-and JAX (stock on TensorFlow and for channels_first), config and .keras registration.
+JAX and TensorFlow (stock for channels_first), config and .keras registration.
 Keras' own MaxPooling2D tests run with this class in tests/keras_own.  By hand:
 
     DLCONV_KERAS_SUITE=1 KERAS_BACKEND=jax pytest tests/keras_suite/test_pool_layer.py
@@ -38,7 +38,7 @@ def test_max_pooling2d_equals_stock_values_and_gradients(pool, strides, padding,
 def test_the_dlconv_path_is_taken_where_it_should_be():
     x = np.zeros((1, 4, 4, 3), np.float32)
     bridge = dl.MaxPooling2D()._dlconv_path(keras.ops.convert_to_tensor(x))
-    assert (bridge is not None) == (BACKEND in ("torch", "jax"))
+    assert (bridge is not None) == (BACKEND in ("torch", "jax", "tensorflow"))
     cf = dl.MaxPooling2D(data_format="channels_first")
     assert cf._dlconv_path(keras.ops.convert_to_tensor(x)) is None
     y = cf(np.arange(48, dtype=np.float32).reshape(1, 3, 4, 4))          # the stock layer's answer
