@@ -752,11 +752,7 @@ def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
         xs[:xf.size] = xf
         xs[xf.size:] = 0.0
         xf = xs
-    dyf = np.ascontiguousarray(dy, dtype=np.float32).reshape(-1, k)
-    if ldf != k:                     # ragged filter panel: dy with zero columns up to ldf
-        dyp = np.zeros((dyf.shape[0], ldf), np.float32)
-        dyp[:, :k] = dyf
-        dyf = dyp
+    dyf = _dy_panel(dy, k, ldf)
     n_rows = g.batch * g.out_h
     rows_per_chunk = max(1, BWF_CHUNK_PIXELS // g.out_w)
     n_chunks = max(1, min(BWF_CHUNKS, -(-n_rows // rows_per_chunk)))
@@ -776,6 +772,17 @@ def backward_filter_tiled(x: np.ndarray, dy: np.ndarray, g, shape=None):
     _sum_chunks(part, full)
     dw[...] = full.reshape(g.k_h, g.k_w, cpad, ldf)[:, :, :c, :k]
     return dw, db
+
+
+def _dy_panel(dy: np.ndarray, k: int, ldf: int) -> np.ndarray:
+    """dy as (pixels, ldf) rows for the backward-filter tiles: a view where ldf == k, else a
+    copy with zero columns up to ldf (a ragged filter panel)."""
+    dyf = np.ascontiguousarray(dy, dtype=np.float32).reshape(-1, k)
+    if ldf == k:
+        return dyf
+    dyp = np.zeros((dyf.shape[0], ldf), np.float32)
+    dyp[:, :k] = dyf
+    return dyp
 
 
 def _bwf_segment_shape(g, always: bool = False):
@@ -811,11 +818,7 @@ def backward_filter_segments(x: np.ndarray, dy: np.ndarray, g, shape=None):
     xf = np.zeros(n_x + spad - seg, np.float32)        # the padded x, then the slack
     xf[:n_x].reshape(g.batch, hp, wpad, c)[:, g.pad_top:g.pad_top + g.in_h,
                                            g.pad_left:g.pad_left + g.in_w] = x
-    dyf = np.ascontiguousarray(dy, dtype=np.float32).reshape(-1, k)
-    if ldf != k:                     # ragged filter panel: dy with zero columns up to ldf
-        dyp = np.zeros((dyf.shape[0], ldf), np.float32)
-        dyp[:, :k] = dyf
-        dyf = dyp
+    dyf = _dy_panel(dy, k, ldf)
     n_rows = g.batch * g.out_h
     n_chunks = max(1, min(BWF_CHUNKS, -(-n_rows // max(1, BWF_CHUNK_PIXELS // g.out_w))))
     taps = np.zeros((g.k_h, 4), np.int64)             # (kh*d_h, 0, every output column)

@@ -89,6 +89,26 @@ def test_backward_filter_tile_and_route_match_reference_and_tf(g, seed):
         np.testing.assert_allclose(db, tdb, **t)
 
 
+def check_backward_filter(run, x, w, dy, g, got):
+    """``got`` = (dw, db) against the reference and TensorFlow, and ``run()`` on one Numba
+    thread gives the same bits (the tiles' results do not depend on the thread count)."""
+    dw, db = got
+    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
+    np.testing.assert_allclose(dw, rdw, **tol(g.gemm_m))
+    np.testing.assert_allclose(db, rdb, **tol(g.gemm_m))
+    if tf_grads_ok(g):
+        _, tdw, tdb = tf_grads(x, w, g, dy)
+        np.testing.assert_allclose(dw, tdw, **tol(g.gemm_m))
+        np.testing.assert_allclose(db, tdb, **tol(g.gemm_m))
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        one = run()
+    finally:
+        numba.set_num_threads(threads)
+    assert np.array_equal(dw, one[0]) and np.array_equal(db, one[1])
+
+
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
     ((2, 32, 32, 1), (7, 7, 1, 16), 2, "same", 1),       # the ResNet's stem: 8-row segments
     ((2, 13, 40, 1), (5, 7, 1, 5), (2, 3), ((0, 4), (3, 1)), (2, 1)),  # ragged K, dil_h 2
@@ -102,20 +122,7 @@ def test_backward_filter_segments_on_few_channels(x_shape, w_shape, strides, pad
     assert ccpu._bwf_tile_shape(g) is None and ccpu._bwf_segment_shape(g) is not None
     x, w, _, dy = arrays(g, 17)
     dw, db = ccpu.backward_filter(x, dy, g)
-    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
-    np.testing.assert_allclose(dw, rdw, **tol(g.gemm_m))
-    np.testing.assert_allclose(db, rdb, **tol(g.gemm_m))
-    if tf_grads_ok(g):
-        _, tdw, tdb = tf_grads(x, w, g, dy)
-        np.testing.assert_allclose(dw, tdw, **tol(g.gemm_m))
-        np.testing.assert_allclose(db, tdb, **tol(g.gemm_m))
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        one = ccpu.backward_filter(x, dy, g)
-    finally:
-        numba.set_num_threads(threads)
-    assert np.array_equal(dw, one[0]) and np.array_equal(db, one[1])
+    check_backward_filter(lambda: ccpu.backward_filter(x, dy, g), x, w, dy, g, (dw, db))
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding,dilation", [
@@ -134,20 +141,7 @@ def test_backward_filter_tile_clips_taps_and_chunks_rows(x_shape, w_shape, strid
     x, w, _, dy = arrays(g, 13)
     shape = ccpu._bwf_tile_shape(g, always=True)
     dw, db = ccpu.backward_filter_tiled(x, dy, g, shape)
-    rdw, rdb = ref.conv2d_backward_filter(x, dy, g)
-    np.testing.assert_allclose(dw, rdw, **tol(g.gemm_m))
-    np.testing.assert_allclose(db, rdb, **tol(g.gemm_m))
-    if tf_grads_ok(g):
-        _, tdw, tdb = tf_grads(x, w, g, dy)
-        np.testing.assert_allclose(dw, tdw, **tol(g.gemm_m))
-        np.testing.assert_allclose(db, tdb, **tol(g.gemm_m))
-    threads = numba.get_num_threads()
-    numba.set_num_threads(1)
-    try:
-        one = ccpu.backward_filter_tiled(x, dy, g, shape)
-    finally:
-        numba.set_num_threads(threads)
-    assert np.array_equal(dw, one[0]) and np.array_equal(db, one[1])
+    check_backward_filter(lambda: ccpu.backward_filter_tiled(x, dy, g, shape), x, w, dy, g, (dw, db))
 
 
 @pytest.mark.parametrize("x_shape,w_shape,strides,padding", [
