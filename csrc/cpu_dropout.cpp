@@ -1,7 +1,7 @@
 // cpu_dropout.cpp — dropout with a counter-based mask (see cpu_dropout.h for the rules).
 //
 // Variant 1 (only one): what a thread owns — one block of DROPOUT_BLOCK consecutive elements of
-// the flat buffer (static schedule), written once; index map — element i ↔ draw(i mod 2^32,
+// the flat buffer (dynamic schedule, one block at a time), written once; index map — element i ↔ draw(i mod 2^32,
 // block key), block key = fmix64(mix(seed, counter) ^ (i >> 32)).  The inner loop has no
 // loop-carried state and only 32-bit multiplies, so it vectorises (AVX2 and AVX-512 alike).
 #include "cpu_dropout.h"
@@ -54,7 +54,7 @@ template <typename Body>
 void over_blocks(int64_t n, uint64_t seed, uint64_t counter, Body body) {
     const uint64_t key = stream_key(seed, counter);
     const int64_t blocks = (n + DROPOUT_BLOCK - 1) / DROPOUT_BLOCK;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
         const int64_t lo = b * DROPOUT_BLOCK, hi = lo + DROPOUT_BLOCK < n ? lo + DROPOUT_BLOCK : n;
         const uint64_t k = fmix64(key ^ (static_cast<uint64_t>(lo) >> 32));

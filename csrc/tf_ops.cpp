@@ -19,6 +19,9 @@
 //                                                   arg: uint8 window tap kh*k_w + kw per output
 //   DlconvMaxPool2DGrad(x, dy, arg) -> dx           dx from the stored arg (x: its shape only);
 //                                                   relu = true: dx * relu'(x) (the conv's fused relu)
+//   DlconvDropout(x, seed) -> y                     y = keep ? x / (1 - rate) : 0 (cpu_dropout.h), keep a
+//                                                   hash of (seed[0], seed[1], element index); its
+//                                                   gradient is the same op on dy (the mask regenerated)
 // `b` is a vector of `filters`/`units` values, or of length 0 for no bias.  The backward ops
 // take dy = dL/dy of the activation and y, the forward output: the kernels apply act'(y)
 // themselves (no dL/dz tensor, no separate activation-backward op).
@@ -86,6 +89,10 @@
 // nearly throughout; TF's ops beside a team call run several times slower than in the stock
 // step, e.g. Adam's Sqrt / RealDiv of dense1 2.6 / 3.8 ms vs 0.4 / 0.3 ms, but the work only
 // moves between threads: little idle time is left for a scheduling change to fill.)
+// A backward-filter whose layer has no backward-data pass (x a graph input: the bridge sets attr
+// alone) is held to SERIAL_FLOPS, not SERIAL_FLOPS_BACKWARD: nothing runs beside it, so one
+// thread would idle a core (MNIST conv1, 5e7 flops, last on the step's critical path: on one
+// thread 1.9 ms in the step's profile; the step's ratio to stock 0.715 -> 0.700, Intel Xeon).
 // With more than SIDE_BY_SIDE_MAX_THREADS threads one pass per core would idle the rest, so
 // SERIAL_FLOPS applies there.  malloc'd scratch is not a cost: ~10 minor page faults per
 // ResNet step.
@@ -107,6 +114,7 @@
 #define EIGEN_USE_GPU  // Eigen::GpuDevice (the op's CUDA stream) in op_kernel.h's eigen_device<>()
 #include "cuda_kernels.h"
 #endif
+#include "cpu_dropout.h"
 #include "cpu_kernels.h"
 #include "geometry.h"
 #include "tensorflow/core/framework/common_shape_fns.h"
@@ -265,7 +273,8 @@ std::atomic<bool> g_unlocked_small{UNLOCKED_SMALL};
 std::atomic<double> g_serial_pool_elements{SERIAL_POOL_ELEMENTS};
 
 // Which threshold a call is held to: a conv backward pass (TensorFlow can run a layer's two
-// side by side), a max pool (its work is input elements, not flops) or anything else.
+// side by side), a max pool or a dropout (memory-bound: its work is input elements, not flops;
+// both take SERIAL_POOL_ELEMENTS) or anything else.
 enum class Pass { OTHER, CONV_BACKWARD, POOL };
 
 // Runs a kernel; a C++ exception from it becomes an error status (never escapes into TF).
@@ -533,10 +542,12 @@ struct CpuLaunch {
                                      const float* y, int act, float* dx) {
         run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data(g, dy, w, dx, y, act); }, Pass::CONV_BACKWARD);
     }
+    // alone: no backward-data pass of this layer runs beside it (the graph's input layer), so the
+    // side-by-side threshold does not apply (Conv2DBackpropFilterOp).
     static void conv2d_backward_filter(OpKernelContext* ctx, const ConvGeometry& g, const float* x, const float* dy,
-                                       const float* y, int act, float* dw, float* db) {
+                                       const float* y, int act, float* dw, float* db, bool alone) {
         run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter(g, x, dy, dw, db, y, act); },
-                   Pass::CONV_BACKWARD);
+                   alone ? Pass::OTHER : Pass::CONV_BACKWARD);
     }
     static void dense_forward(OpKernelContext* ctx, int64_t M, int64_t K, int64_t N, const float* x, const float* w,
                               const float* b, int act, float* y) {
@@ -647,6 +658,7 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
         OP_REQUIRES_OK(ctx, ctx->GetAttr("kernel_size", &ks));
         OP_REQUIRES_OK(ctx, check_list("kernel_size", ks, 2, 1));
         kh_ = ks[0], kw_ = ks[1];
+        OP_REQUIRES_OK(ctx, ctx->GetAttr("alone", &alone_));
     }
     void Compute(OpKernelContext* ctx) override {
         const char* K = "DlconvConv2DBackpropFilter";
@@ -667,11 +679,12 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
         const float *xp = fptr(x), *dyp = fptr(dy), *yp = attrs_.act != ACT_LINEAR ? fptr(y) : nullptr;
         float *dwp = fptr(dw), *dbp = fptr(db);
         const int act = attrs_.act;
-        Dev::conv2d_backward_filter(ctx, g, xp, dyp, yp, act, dwp, dbp);
+        Dev::conv2d_backward_filter(ctx, g, xp, dyp, yp, act, dwp, dbp, alone_);
     }
 
    private:
     int64_t kh_ = 1, kw_ = 1;
+    bool alone_ = false;
 };
 
 // ----------------------------------------------------------------------------- dense kernels
@@ -889,6 +902,46 @@ class MaxPool2DGradOp : public MaxPoolOpBase {
     bool relu_ = false;
 };
 
+// ----------------------------------------------------------------------------- dropout
+// DlconvDropout: cpu_dropout.cpp's kernel, OpenMP over 16384-element blocks (the mask does not
+// depend on the thread count).  seed is Keras' SeedGenerator draw, an int64 (or int32) vector
+// (seed, counter); each value is taken modulo 2^64 as the kernel's uint64 key.  The op is pure
+// (the same x and seed give the same y), so TensorFlow may prune or fold it like any stateless
+// op; a fresh mask per step comes from the seed generator's counter.  CPU only; below
+// SERIAL_POOL_ELEMENTS elements on one thread and unlocked, as any small call (run_kernel).
+class DropoutOp : public OpKernel {
+   public:
+    explicit DropoutOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+        float rate = 0.f;
+        OP_REQUIRES_OK(ctx, ctx->GetAttr("rate", &rate));
+        OP_REQUIRES(ctx, rate > 0.f && rate < 1.f,
+                    errors::InvalidArgument("dlconv DlconvDropout: attr rate must be in (0, 1), got ", rate));
+        rate_ = rate;
+    }
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvDropout";
+        const Tensor &x = ctx->input(0), &seed = ctx->input(1);
+        OP_REQUIRES(ctx, seed.dims() == 1 && seed.dim_size(0) == 2,
+                    errors::InvalidArgument(K, ": seed must have shape [2] (seed, counter), got ",
+                                            seed.shape().DebugString()));
+        uint64_t key[2];
+        for (int i = 0; i < 2; ++i)
+            key[i] = seed.dtype() == ::tensorflow::DT_INT64 ? uint64_t(seed.flat<int64_t>()(i))
+                                                            : uint64_t(int64_t(seed.flat<int32_t>()(i)));
+        Tensor* y = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, x.shape(), &y));
+        const int64_t n = x.NumElements();
+        if (n == 0) return;
+        const float* xp = fptr(x);
+        float* yp = fptr(y);  // may be x's buffer (forwarded): the kernel works in place
+        const double rate = rate_;
+        run_kernel(ctx, double(n), [&] { cpu::dropout_forward(n, xp, rate, key[0], key[1], yp); }, Pass::POOL);
+    }
+
+   private:
+    double rate_ = 0.5;
+};
+
 #if GOOGLE_CUDA
 // ----------------------------------------------------------------------------- GPU launchers
 // The CUDA C++ kernels of csrc/cuda_*.cu on the stream TensorFlow gives this op
@@ -938,7 +991,7 @@ struct GpuLaunch {
         gpu_run(ctx, [&](cudaStream_t st) { cuda::conv2d_backward_data(g, dz, w, dx, st); });
     }
     static void conv2d_backward_filter(OpKernelContext* ctx, const ConvGeometry& g, const float* x, const float* dy,
-                                       const float* y, int act, float* dw, float* db) {
+                                       const float* y, int act, float* dw, float* db, bool /*alone*/) {
         Tensor tmp;
         const float* dz;
         if (!dz_for(ctx, g.batch * g.out_h * g.out_w, g.filters, dy, y, act, &tmp, &dz)) return;
@@ -1018,8 +1071,10 @@ REGISTER_OP("DlconvConv2DBackpropFilter")
     .Output("db: float")
     .DLCONV_CONV_ATTRS
     .Attr("kernel_size: list(int)")
+    .Attr("alone: bool = false")
     .SetShapeFn(dlconv::tfops::conv_backprop_filter_shape)
-    .Doc("(dL/dw, dL/db) of DlconvConv2D from x, dy = dL/dy and y (read only when activation != linear).");
+    .Doc("(dL/dw, dL/db) of DlconvConv2D from x, dy = dL/dy and y (read only when activation != linear); alone: "
+         "no backward-data pass of the layer runs beside it (a threading hint, never a value change).");
 
 REGISTER_OP("DlconvDense")
     .Input("x: float")
@@ -1067,6 +1122,24 @@ REGISTER_OP("DlconvMaxPool2DGrad")
     .Doc("dL/dx of DlconvMaxPool2D from dy = dL/dy and its arg output (x: read for its shape only); relu: "
          "times relu'(x), 1 where x > 0 (x a relu's output: its dL/dz, the relu's derivative folded in).");
 
+REGISTER_OP("DlconvDropout")
+    .Input("x: float")
+    .Input("seed: Tseed")
+    .Output("y: float")
+    .Attr("rate: float")
+    .Attr("Tseed: {int32, int64} = DT_INT64")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext* c) {
+        ::tensorflow::shape_inference::ShapeHandle seed;
+        TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 1, &seed));
+        ::tensorflow::shape_inference::DimensionHandle two;
+        TF_RETURN_IF_ERROR(c->WithValue(c->Dim(seed, 0), 2, &two));
+        c->set_output(0, c->input(0));
+        return ::tensorflow::Status();
+    })
+    .Doc("Dropout of x (any shape): y = keep ? x / (1 - rate) : 0, keep a counter-based hash of (seed[0], "
+         "seed[1], element index) (cpu_dropout.h; dropped NaN/Inf become 0); 0 < rate < 1.  Pure: its gradient "
+         "is DlconvDropout(dy, seed).");
+
 using ::tensorflow::DEVICE_CPU;
 #define DLCONV_REGISTER(DEVICE, LAUNCH)                                                                         \
     REGISTER_KERNEL_BUILDER(Name("DlconvConv2D").Device(DEVICE), dlconv::tfops::Conv2DOp<LAUNCH>);             \
@@ -1080,6 +1153,7 @@ using ::tensorflow::DEVICE_CPU;
 DLCONV_REGISTER(DEVICE_CPU, dlconv::tfops::CpuLaunch);
 REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2D").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DOp);
 REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2DGrad").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DGradOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvDropout").Device(DEVICE_CPU).HostMemory("seed"), dlconv::tfops::DropoutOp);
 #if GOOGLE_CUDA
 using ::tensorflow::DEVICE_GPU;
 DLCONV_REGISTER(DEVICE_GPU, dlconv::tfops::GpuLaunch);

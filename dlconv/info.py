@@ -91,6 +91,19 @@ def _max_pool_paths(tf_ops_status: dict | None = None) -> dict:
     return out
 
 
+def _dropout_paths(tf_ops_status: dict | None = None) -> dict:
+    """Keras backend → the path dlconv.layers.Dropout takes there in training (no framework
+    imported): stock on TensorFlow without the op library, on torch without dlconv._C."""
+    from .ops import DROPOUT_PATHS
+    out = dict(DROPOUT_PATHS)
+    if tf_ops_status is not None and not tf_ops_status.get("native"):
+        out["tensorflow"] = ("stock keras Dropout: DlconvDropout needs the TensorFlow op library "
+                             f"({tf_ops_status.get('why', 'not available')})")
+    if _extension("dlconv._C").get("built") is False:
+        out["torch"] = "stock keras Dropout (dlconv._C not built)"
+    return out
+
+
 def cpu_description() -> str:
     """CPU model and core count, e.g. "Intel(R) Xeon(R) Processor, 2 cores" (py-cpuinfo)."""
     try:
@@ -127,6 +140,7 @@ def info() -> dict:
         "tensorflow_ops": tf_status,
         "openmp_spin": _omp_status(),
         "max_pool": _max_pool_paths(tf_status),
+        "dropout": _dropout_paths(tf_status),
         "backends": {name: {"cpu": {"usable": a["cpu"][0], "why": a["cpu"][1]},
                             "cuda": {"usable": a["cuda"][0], "why": a["cuda"][1]},
                             "variants": a.get("variants", []),
@@ -178,6 +192,9 @@ def format_info(d: dict) -> str:
     if d.get("max_pool"):
         lines += ["", "MaxPooling2D (dlconv.layers) per Keras backend (channels_first / GPU tensors: stock):"]
         lines += [f"  {name:<10} {path}" for name, path in d["max_pool"].items()]
+    if d.get("dropout"):
+        lines += ["", "Dropout (dlconv.layers, training) per Keras backend (GPU tensors, noise_shape: stock):"]
+        lines += [f"  {name:<10} {path}" for name, path in d["dropout"].items()]
     lines += ["", "backends:"]
     for name, b in d["backends"].items():
         for side in ("cpu", "cuda"):

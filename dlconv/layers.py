@@ -352,12 +352,15 @@ class MaxPooling2D(keras.layers.MaxPooling2D):
 @keras.saving.register_keras_serializable(package="dlconv")
 class Dropout(keras.layers.Dropout):
     """``keras.layers.Dropout`` that runs dlconv's C++ dropout (``csrc/cpu_dropout.cpp``) on the
-    torch Keras backend.
+    torch and TensorFlow Keras backends.
 
     Same arguments and config as the stock layer plus ``backend`` (accepted and saved as for
-    the other layers; there is one dropout kernel, the C++ one).  On torch, for a CPU float32
-    input, in training, with ``0 < rate < 1`` and ``noise_shape=None``: the ``dlconv::dropout``
-    custom op (:func:`dlconv.bridges.torch.dropout`), whose mask is a counter-based hash of
+    the other layers; there is one dropout kernel, the C++ one; on TensorFlow ``reference``
+    keeps the stock layer, as for MaxPooling2D).  For a CPU float32 input, in training, with ``0 < rate < 1`` and
+    ``noise_shape=None``: on torch the ``dlconv::dropout`` custom op
+    (:func:`dlconv.bridges.torch.dropout`), on TensorFlow the graph-native ``DlconvDropout`` op
+    (:func:`dlconv.bridges.tensorflow.dropout`; no XLA kernel, so ``supports_jit`` is False
+    there when the op library is loaded).  The mask is a counter-based hash of
     (seed, counter, element index) — no serial RNG, no mask stored for the backward (it is
     regenerated), the same mask for any thread count.  (seed, counter) is the layer's
     ``seed_generator`` state, advanced by one per call as the stock layer's: each call draws a
@@ -365,20 +368,30 @@ class Dropout(keras.layers.Dropout):
     masks: the random stream differs).  Kept values are ``x / (1 - rate)``, dropped ones 0
     (NaN included), as the stock layer on every backend.
 
-    The stock layer runs, unchanged, on TensorFlow and JAX, for GPU tensors, other dtypes,
-    ``noise_shape``, rate 1 and inference (where it returns the input).
+    The stock layer runs, unchanged, on JAX, for GPU tensors, other dtypes, ``noise_shape``,
+    rate 1, on TensorFlow without the op library, and in inference (where it returns the input).
     """
 
     def __init__(self, rate, noise_shape=None, seed=None, backend="auto", **kwargs):
         super().__init__(rate, noise_shape=noise_shape, seed=seed, **kwargs)
         self.backend = _check_backend(backend)
+        if keras.config.backend() == "tensorflow" and self._tf_native():
+            self.supports_jit = False   # DlconvDropout has no XLA kernel
+
+    def _tf_native(self) -> bool:
+        return self.backend != "reference" and _bridge().dropout_may_be_native(self.backend)
 
     def _use_dlconv(self, inputs, training) -> bool:
         if not training or self.noise_shape is not None or not 0.0 < self.rate < 1.0:
             return False
-        if keras.config.backend() != "torch":
+        if keras.backend.standardize_dtype(inputs.dtype) != "float32":
             return False
-        return inputs.device.type == "cpu" and keras.backend.standardize_dtype(inputs.dtype) == "float32"
+        kb = keras.config.backend()
+        if kb == "tensorflow":
+            return self._tf_native()
+        if kb == "torch":
+            return inputs.device.type == "cpu" and _backends.available()["cpp"]["cpu"][0]
+        return False
 
     def call(self, inputs, training=False):
         if not self._use_dlconv(inputs, training):

@@ -84,7 +84,7 @@ class _Factory:
         return self.dl.MaxPooling2D(pool_size=pool_size, backend=self.backend)
 
     def dropout(self, rate):
-        """A Dropout: dlconv's (its C++ kernel on the torch Keras backend) or stock."""
+        """A Dropout: dlconv's (its C++ kernel on the torch and TensorFlow Keras backends) or stock."""
         if self.stock:
             return keras.layers.Dropout(rate, seed=self._seed())
         return self.dl.Dropout(rate, seed=self._seed(), backend=self.backend)

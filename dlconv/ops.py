@@ -403,6 +403,15 @@ MAX_POOL_PATHS = {
 }
 
 
+#: Keras backend → what ``dlconv.layers.Dropout`` runs there in training (``dlconv info``).
+#: GPU tensors, other dtypes, ``noise_shape``, rate 0 or 1 take the stock layer everywhere.
+DROPOUT_PATHS = {
+    "tensorflow": "DlconvDropout native op (C++ counter-based mask, CPU; its gradient the same op on dy); "
+                  "the stock layer where TensorFlow sees a GPU or with backend='reference'",
+    "torch": "dlconv::dropout custom op: the C++ counter-based mask on CPU tensors",
+    "jax": "stock keras Dropout (jax.random inside the jitted step)",
+}
+
 @functools.lru_cache(maxsize=512)
 def _pool_geometry_cached(x_shape, pool_size, strides, padding):
     from .shapes import pool_geometry as _pg

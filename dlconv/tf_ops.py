@@ -23,7 +23,7 @@ How it is built and found
 The plain package does not need TensorFlow to build or import (``pip install`` builds with
 build isolation, where TensorFlow is absent).  So the op library is built *on first use*, the
 way PyTorch's C++ extension loader does it: :func:`load` compiles ``tf_ops.cpp`` with the
-CPU kernel sources (:data:`SOURCES`: conv, grouped conv, dense, pool; and the CUDA sources,
+CPU kernel sources (:data:`SOURCES`: conv, grouped conv, dense, pool, dropout; and the CUDA sources,
 above) against the installed TensorFlow's headers and flags
 (``tf.sysconfig.get_compile_flags()`` / ``get_link_flags()``) with ``g++`` into a cache folder
 keyed by the TensorFlow version and a hash of the sources, compiler, SIMD flags and CUDA
@@ -80,16 +80,17 @@ __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "s
 
 #: The ops the library registers (TensorFlow's Python wrappers are their snake_case names).
 OP_NAMES = ("DlconvConv2D", "DlconvConv2DBackpropInput", "DlconvConv2DBackpropFilter", "DlconvDense",
-            "DlconvDenseGrad", "DlconvMaxPool2D", "DlconvMaxPool2DGrad")
+            "DlconvDenseGrad", "DlconvMaxPool2D", "DlconvMaxPool2DGrad", "DlconvDropout")
 #: Registered for DEVICE_CPU only, also in a GOOGLE_CUDA build (the bridge takes
 #: tf.nn.max_pool2d where TensorFlow sees a GPU).
-CPU_ONLY_OPS = ("DlconvMaxPool2D", "DlconvMaxPool2DGrad")
+CPU_ONLY_OPS = ("DlconvMaxPool2D", "DlconvMaxPool2DGrad", "DlconvDropout")
 #: Compiled into the library (relative to csrc/).
-SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_conv_grouped.cpp", "cpu_dense.cpp", "cpu_pool.cpp")
+SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_conv_grouped.cpp", "cpu_dense.cpp", "cpu_pool.cpp",
+           "cpu_dropout.cpp")
 #: Hashed too: a change in any header rebuilds.
 HEADERS = ("geometry.h", "cpu_kernels.h", "cpu_gemm.h", "cpu_act.h", "cpu_conv_direct.h",
            "cpu_conv_winograd.h", "cpu_dense_backward.h", "cpu_conv_grouped.h",
-           "cpu_conv_subpixel.h", "cpu_pool.h")
+           "cpu_conv_subpixel.h", "cpu_pool.h", "cpu_dropout.h")
 # (tests/test_tf_ops_build.py checks that every project header these sources include is here.)
 #: The CUDA C++ kernels the DEVICE_GPU OpKernels call (compiled by nvcc when CUDA is used).
 CUDA_SOURCES = ("cuda_conv.cu", "cuda_dense.cu", "cuda_workspace.cu")

@@ -1,6 +1,6 @@
 """Dropout (issue 10): the C++ kernel (csrc/cpu_dropout.cpp), the torch bridge's
-``dlconv::dropout`` op, and dlconv.layers.Dropout on the torch Keras backend (and its stock
-fallback on TensorFlow), each Keras backend in its own process (this file run as a script,
+``dlconv::dropout`` op, and dlconv.layers.Dropout on the torch Keras backend (and on TensorFlow,
+its DlconvDropout op), each Keras backend in its own process (this file run as a script,
 below), as tests/test_keras_backends.py does for tests/keras_suite.
 
 Checked: the kept fraction within a binomial tolerance (6 sigma) for several rates and sizes;
@@ -9,7 +9,8 @@ tf.nn.dropout); the gradient dy * mask / (1 - rate) (exact) and torch.autograd.g
 mask independent of the OpenMP thread count; same (seed, counter) → same mask, another counter
 → another; torch.library.opcheck; bad rate / dtype / seed errors naming the parameter; the
 layer: training=False identity, a fixed seed reproducible and each call a new mask, get_config
-and .keras round trips, the stock layer where promised.
+and .keras round trips, the stock layer where promised; on TensorFlow the same mask as on torch
+(DlconvDropout, the same kernel: tests/test_tf_dropout.py for the op).
 """
 
 import os
@@ -220,12 +221,16 @@ def _layer_checks_torch():
 
 
 def _layer_checks_tensorflow():
+    """The TF layer runs DlconvDropout (tests/test_tf_dropout.py): the same C++ mask as the
+    torch layer's for the same seed — one dropout across the two backends."""
     import keras
     import dlconv.layers as dl
-    x = np.ones((4, 10), np.float32)
-    ours, stock = dl.Dropout(0.5, seed=3), keras.layers.Dropout(0.5, seed=3)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours(x, training=True)),
-                                  keras.ops.convert_to_numpy(stock(x, training=True)))
+    x = np.random.default_rng(0).standard_normal((16, 6, 6, 8)).astype(np.float32)
+    y = keras.ops.convert_to_numpy(dl.Dropout(0.5, seed=7)(x, training=True))
+    s, k = (int(v) for v in keras.ops.convert_to_numpy(dl.Dropout(0.5, seed=7).seed_generator.next()))
+    np.testing.assert_array_equal(y, C.dropout(x, 0.5, s, k))
+    y_torch = tb.dropout(torch.from_numpy(x), 0.5, _seed(s, k)).numpy()
+    np.testing.assert_array_equal(y, y_torch)
 
 
 @pytest.mark.parametrize("keras_backend", ["torch", "tensorflow"])

@@ -314,11 +314,15 @@ def test_keras_train_step_graph_holds_native_ops_and_no_pyfunc():
         ops = gr.get_operations() if hasattr(gr, "get_operations") else gr.graph.get_operations()
         types |= {op.type for op in ops}
     assert {"DlconvConv2D", "DlconvConv2DBackpropFilter", "DlconvDense", "DlconvDenseGrad",
-            "DlconvMaxPool2D", "DlconvMaxPool2DGrad"} <= types      # dlconv.layers.MaxPooling2D: native too
+            "DlconvMaxPool2D", "DlconvMaxPool2DGrad", "DlconvDropout"} <= types   # pool and dropout: native too
     assert not types & {"PyFunc", "PyFuncStateless", "EagerPyFunc", "MaxPool", "MaxPoolGrad"}, sorted(types)
 
 
-def test_keras_fit_matches_stock_model():
+def test_keras_fit_matches_stock_model(monkeypatch):
+    """Under identical dropout masks (dlconv.layers.Dropout sent to the stock draw: its own
+    kernel draws other masks, tests/test_tf_dropout.py) the trained models agree."""
+    import dlconv.layers as dl
+    monkeypatch.setattr(dl.Dropout, "_use_dlconv", lambda self, inputs, training: False)
     ours, stock = _cnn(), _cnn(stock=True)
     stock.set_weights(ours.get_weights())
     rng = np.random.default_rng(1)

@@ -24,7 +24,9 @@ graph is built (so its pads are not known) takes the callback path.
 ``DlconvMaxPool2DGrad`` the same way (CPU only; ``tf.nn.max_pool2d`` otherwise, never a
 callback).  In a graph, a native relu conv whose output is pooled takes its gradient from the
 pool's with the relu derivative folded in (``relu=True``) and runs its backward ops as linear
-(:func:`_fold_relu_into_pool_grad`).
+(:func:`_fold_relu_into_pool_grad`).  :func:`dropout` (``dlconv.layers.Dropout`` in training)
+runs ``DlconvDropout``, whose gradient is the same op on dy (CPU only; the stock layer
+otherwise).
 
 Callbacks (the fallback: numba/reference backends, a GPU, or no op library)
 ---------------------------------------------------------------------------
@@ -87,7 +89,7 @@ from .. import tf_ops as _tf_ops
 from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
 from ..shapes import normalize_padding
 
-__all__ = ["conv2d", "conv2d_transpose", "dense", "max_pool2d", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
+__all__ = ["conv2d", "conv2d_transpose", "dense", "max_pool2d", "dropout", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
            "FUSED_DENSE", "NATIVE_REASON"]
 
 #: Neither the native ops nor the callbacks have an XLA kernel.
@@ -257,8 +259,20 @@ def _conv2d_grad(op, dy):
     attrs = _conv_attrs(op)
     dy, attrs = _fold_relu_into_pool_grad(y, dy, attrs)
     dx = _LIB.dlconv_conv2d_backprop_input(dy, w, y, tf.shape(x, out_type=tf.int32), **attrs)
-    dw, db = _LIB.dlconv_conv2d_backprop_filter(x, dy, y, kernel_size=list(w.shape[:2]), **attrs)
+    dw, db = _LIB.dlconv_conv2d_backprop_filter(x, dy, y, kernel_size=list(w.shape[:2]),
+                                                alone=_is_graph_input(x), **attrs)
     return [dx, dw, db if b.shape[0] != 0 else None]
+
+
+def _is_graph_input(x) -> bool:
+    """Whether ``x`` is an argument of the graph being differentiated (a ``Placeholder``: the
+    model's input in ``fit`` and ``train_on_batch``), so that the layer's backward-data pass is
+    pruned and its backward-filter runs alone, not beside it (the op's ``alone`` attr: a
+    threading hint only).  False when eager (no graph to read)."""
+    try:
+        return x.op.type == "Placeholder"
+    except AttributeError:      # an eager tensor has no .op
+        return False
 
 
 @tf.RegisterGradient("DlconvDense")
@@ -575,3 +589,44 @@ def max_pool2d(x, *, pool_size=(2, 2), strides=None, padding="valid", backend="a
     y, _arg = _LIB.dlconv_max_pool2d(x, ksize=[g.k_h, g.k_w], strides=[g.stride_h, g.stride_w],
                                      pads=[g.pad_top, g.pad_bottom, g.pad_left, g.pad_right])
     return y
+
+
+# ----------------------------------------------------------------------------- dropout
+@tf.RegisterGradient("DlconvDropout")
+def _dropout_grad(op, dy):
+    """dx of ``DlconvDropout``: the same op on dy with the same seed (the mask regenerated, not
+    stored); the seed has no gradient."""
+    return [_LIB.dlconv_dropout(dy, op.inputs[1], rate=op.get_attr("rate")), None]
+
+
+def dropout_may_be_native(backend="auto") -> bool:
+    """Whether a dropout may run ``DlconvDropout`` (no XLA kernel: the layer then sets
+    ``supports_jit = False``): the op library is loaded, TensorFlow sees no GPU and ``backend``
+    is not ``reference`` (there is one dropout kernel, the C++ one)."""
+    return _LIB is not None and not tf_sees_gpu() and backend != "reference"
+
+
+@tf.autograph.experimental.do_not_convert   # plain Python: nothing for AutoGraph to convert
+def dropout(x, rate, seed):
+    """Dropout of a float32 tensor (any shape) as a differentiable TF op, ``DlconvDropout``:
+    kept elements ``x / (1 - rate)``, dropped ones 0 (NaN included, as ``tf.nn.dropout``), the
+    mask a hash of (seed, counter, element index) (``csrc/cpu_dropout.h``); its gradient is the
+    same op on dy.  ``seed``: an int32/int64 tensor of shape (2,) (Keras' ``SeedGenerator.next()``)
+    or a pair of ints.  Needs :func:`dropout_may_be_native`; ``rate`` in (0, 1), taken as the
+    op's float32 attr (TensorFlow has no double attrs: ``float32(rate)`` is what the kernel sees,
+    so at rates that float32 does not hold exactly a rare element's mask bit can differ from the
+    torch op's for the same seed)."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < float(rate) < 1.0:
+        raise ValueError(f"rate must be a float in (0, 1), got {rate!r}")
+    if _LIB is None:
+        raise RuntimeError(f"dlconv: the TensorFlow op library is not loaded ({NATIVE_REASON})")
+    x = tf.convert_to_tensor(x)
+    if x.dtype != tf.float32:
+        raise TypeError(f"x must be float32, got {x.dtype.name}")
+    if not isinstance(seed, tf.Tensor):
+        seed = tf.constant([int(v) & ((1 << 63) - 1) for v in seed], dtype=tf.int64)
+    if seed.dtype not in (tf.int32, tf.int64):
+        raise TypeError(f"seed must be an int32 or int64 tensor (seed, counter), got {seed.dtype.name}")
+    if seed.shape.rank is not None and tuple(seed.shape) != (2,):
+        raise ValueError(f"seed must have shape (2,) (seed, counter), got {tuple(seed.shape)}")
+    return _LIB.dlconv_dropout(x, seed, rate=float(rate))
