@@ -27,14 +27,12 @@ _dense = importlib.import_module("keras.src.layers.core.dense_test")
 _conv_transpose = importlib.import_module("keras.src.layers.convolutional.conv_transpose_test")
 _max_pooling = importlib.import_module("keras.src.layers.pooling.max_pooling_test")
 
-ConvBasicTest = _conv.ConvBasicTest
-ConvCorrectnessTest = _conv.ConvCorrectnessTest
 DenseTest = _dense.DenseTest
 
 
 def _only_2d(cls, skip=("test_conv1d", "test_conv3d")):
-    """``cls`` without its Conv1DTranspose / Conv3DTranspose tests (dlconv has no such layers:
-    they would run the stock classes twice), as a subclass of the same name."""
+    """``cls`` without its 1-D / 3-D tests (dlconv has no such layers: they would run the stock
+    classes twice), as a subclass of the same name."""
     sub = type(cls.__name__, (cls,), {"__module__": __name__})
     for name in dir(cls):
         if name.startswith(skip):
@@ -42,6 +40,10 @@ def _only_2d(cls, skip=("test_conv1d", "test_conv3d")):
     return sub
 
 
+# Conv1D / Conv3D are stock in both runs: comparing them compares the stock layer with itself,
+# where only a flake can differ (a stock Conv3D correctness test on JAX failed once in 2 runs).
+ConvBasicTest = _only_2d(_conv.ConvBasicTest)
+ConvCorrectnessTest = _only_2d(_conv.ConvCorrectnessTest)
 ConvTransposeBasicTest = _only_2d(_conv_transpose.ConvTransposeBasicTest)
 ConvTransposeCorrectnessTest = _only_2d(_conv_transpose.ConvTransposeCorrectnessTest)
 
