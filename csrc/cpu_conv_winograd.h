@@ -457,6 +457,13 @@ constexpr double F4_POSITION_COST = 4.0 / 3.0;  // F(4x4) time per position / F(
 // 2.6e-8 where the exact value is 0.  After relu and a max pool that is no longer a tie of zeros:
 // the pool's gradient moves to that pixel and relu' lets it through, and one such flip in a batch
 // gave conv2's dw and db 4e-3 relative error against the float64 reference (stock TF: 9e-6).
+// Keeping those exact zeros is not enough (tried 2026-12-03, Intel Xeon: F(4x4) forward with
+// every all-zero window set to exactly act(bias); 3.7 ms vs F(2x2)'s 5.0 ms for MNIST conv2 at
+// batch 128, 2 threads): the flip at the bench's seed 0 was an output whose exact value is
+// −1.1e-8 (Σ|x||w| = 0.63), which F(4x4) rounds to +2.6e-8 and F(2x2) to −1.8e-8.  F(4x4)'s
+// larger rounding puts more near-zero outputs on the wrong side of 0: against the float64
+// reference the train step's gradients differed by 4.0e-3 / 4.4e-3 at seeds 0 / 6, F(2x2)'s by
+// 6.8e-6 / 5.6e-6 (stock TF: 9e-6 / 4.8e-3).  So the forward keeps F(2x2).
 // The backward passes' outputs (dx, dw, db) meet no such discontinuity downstream: their F(4x4)
 // error stays ~2e-6 of the largest entry, so they take the rule below.
 inline int tile_3x3(const ConvGeometry& g, Pass p) {

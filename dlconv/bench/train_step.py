@@ -27,6 +27,12 @@ from .timing import Settings, rotating_round_robin
 #: float64 reference by 2.8e-3 relative, while dlconv(cpp) agrees with it to 1.2e-6 and TF with
 #: oneDNN off (TF_ENABLE_ONEDNN_OPTS=0, Eigen) to 1.6e-6.  So ours is held to the usual
 #: TOLERANCE against the reference, and stock's own error is reported beside it.
+#: The MNIST CNN too (2026-12-03, Intel Xeon, TF 2.21, batch 128, seeds 0-9): a max pool of
+#: relu outputs routes its gradient through a window's one positive member, so a conv2 output
+#: whose exact value is within rounding of 0 decides whether a dy reaches conv2's dw and db.
+#: At seed 6 stock Keras computes one such output on the wrong side of 0: its conv2 bias
+#: gradient differs from the float64 reference by 4.8e-3 relative, dlconv(cpp) by 5.6e-6; with
+#: stock as the oracle that seed reported dlconv as wrong.  (The reference run adds ~2 s.)
 ORACLES = ("stock", "reference")
 
 
@@ -57,7 +63,7 @@ class TrainModel:
 
 #: The models a train step can be timed for (rows' ``layer``), see :mod:`.suites`.
 TRAIN_MODELS = {m.name: m for m in (
-    TrainModel("mnist_cnn", "MNIST CNN", ("mnist_cnn", "cnn")),
+    TrainModel("mnist_cnn", "MNIST CNN", ("mnist_cnn", "cnn"), oracle="reference"),
     TrainModel("resnet_ecal", "ECAL ResNet", ("resnet_ecal",), batch=32, oracle="reference"),
 )}
 
