@@ -194,6 +194,28 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
     gemm_rowA(M, C, T * F, pack, wt.data, C, dx, C, nullptr, 0);
 }
 
+// The pool record of a 2x2 stride-2 valid max pool of g's output (cpu_pool.h).
+static ConvGeometry pool2x2_of(const ConvGeometry& g) {
+    ConvGeometry p{g.batch, g.out_h, g.out_w, g.filters, g.filters, 2, 2, 2, 2, 1, 1, 0, 0, 0, 0,
+                   g.out_h / 2, g.out_w / 2};
+    p.groups = g.filters;
+    return p;
+}
+
+void conv2d_forward_relu_maxpool2x2(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y,
+                                    uint8_t* arg) {
+    const ConvGeometry pg = pool2x2_of(g);
+    check_pool_geometry(pg, "conv2d_forward_relu_maxpool2x2");
+    if (g.batch == 0 || pg.out_h == 0 || pg.out_w == 0) return;
+#if defined(__AVX512F__)
+    if (g.groups == 1 && g.k_h == 3 && winograd::applicable(g) && winograd::conv_forward_relu_maxpool2x2(g, x, w, b, y, arg))
+        return;
+#endif
+    Buf conv(g.y_size());  // elsewhere (and after a non-finite result): the two kernels
+    conv2d_forward(g, x, w, b, ACT_RELU, conv.data, CPU_CONV_AUTO);
+    max_pool2d_forward_local(pg, conv.data, y, arg);
+}
+
 void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
                             const float* y, int act) {
     if (g.groups != 1) return grouped::conv_backward_filter(g, x, dz, dw, db, y, act);

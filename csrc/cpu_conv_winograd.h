@@ -92,9 +92,11 @@
 #if defined(__AVX512F__)
 
 #include <cstdlib>
+#include <limits>
 
 #include "cpu_act.h"
 #include "cpu_conv_direct.h"
+#include "cpu_pool.h"
 
 namespace dlconv {
 namespace cpu {
@@ -353,9 +355,15 @@ static inline bool all_finite(__m512 acc) { return _mm512_cmp_ps_mask(acc, acc, 
 // is gy (same shape as x), and the kernel reads x as act'(gy) · x while it loads the patches, so
 // dL/dz is never written out.  gact = ACT_LINEAR (gy unused) for a plain forward.
 // Returns false when a result was non-finite (y then holds Winograd's values: recompute).
+// pool_y / pool_arg (F(2x2) with relu only; y is then not written): the 2x2 stride-2 valid max
+// pool of the relu'd output instead, each 2x2 output tile being one pool window — pool_y
+// [N, OH/2, OW/2, F] and pool_arg the window tap (+ LOCAL_NOT_POSITIVE), by cpu_pool.h's rules
+// (max_pool2d_forward_local: first member, then a strictly greater one; the max skips NaN).
+// Tiles past an odd OH / OW are in no window: they only feed the non-finite watch.
 template <class T>
 inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
-                               float* y, const float* gy, int gact) {
+                               float* y, const float* gy, int gact, float* pool_y = nullptr,
+                               uint8_t* pool_arg = nullptr) {
     using direct::max_rows;
     using direct::Panel;
     using direct::panel_at;
@@ -366,7 +374,8 @@ inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const floa
     const i64 blocks = (tiles + TILE_BLOCK - 1) / TILE_BLOCK;
     // Non-temporal output stores when every vector store covers one whole 64-byte line of y.
     const bool stream = STREAM_OUTPUT && (reinterpret_cast<uintptr_t>(y) & 63) == 0 && F % VL == 0 &&
-                        (act == ACT_LINEAR || act == ACT_RELU);
+                        (act == ACT_LINEAR || act == ACT_RELU) && !pool_y;
+    const i64 PH = OH / 2, PW = OW / 2;  // pool_y's height and width
     Buf U(E * C * Fp), zrow(Cp);  // zrow: the zero "input pixel" every padding tap points at
     std::memset(zrow.data, 0, Cp * sizeof(float));
     const int nthreads = omp_get_max_threads();
@@ -407,6 +416,38 @@ inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const floa
                             for (int e = 0; e < E; ++e) mm[e] = _mm512_load_ps(mp + e * PANEL);
                             transform2<MatAT<T>>(mm, o);
                             const __m512 b = bias ? _mm512_maskz_loadu_ps(mk, bias + f0 + v * VL) : zero;
+                            if constexpr (m == 2) {
+                                if (pool_y) {
+                                    __m512 rl[4];
+                                    for (int k = 0; k < 4; ++k) {
+                                        const __m512 z = _mm512_add_ps(o[k], b);
+                                        if ((k >> 1) < nrow && (k & 1) < ncol) watch = _mm512_fmadd_ps(z, zero, watch);
+                                        rl[k] = _mm512_max_ps(zero, z);  // relu as TensorFlow (NaN stays)
+                                    }
+                                    if (nrow < 2 || ncol < 2) continue;  // past an odd OH / OW: no window
+                                    __m512 cur = rl[0], ymax = _mm512_max_ps(rl[0], _mm512_set1_ps(std::numeric_limits<float>::lowest()));
+                                    __m512i idx = _mm512_setzero_si512();
+                                    for (int k = 1; k < 4; ++k) {
+                                        const __mmask16 gt = _mm512_cmp_ps_mask(rl[k], cur, _CMP_GT_OQ);
+                                        cur = _mm512_mask_mov_ps(cur, gt, rl[k]);
+                                        idx = _mm512_mask_mov_epi32(idx, gt, _mm512_set1_epi32(k));
+                                        ymax = _mm512_max_ps(rl[k], ymax);  // a NaN member is skipped
+                                    }
+                                    const __mmask16 not_pos = _mm512_cmp_ps_mask(cur, zero, _CMP_NGT_UQ);
+                                    idx = _mm512_mask_or_epi32(idx, not_pos, idx, _mm512_set1_epi32(LOCAL_NOT_POSITIVE));
+                                    const i64 po = ((n * PH + oh0 / 2) * PW + ow0 / 2) * F + f0 + v * VL;
+                                    _mm512_mask_storeu_ps(pool_y + po, mk, ymax);
+                                    const __m128i ab = _mm512_cvtepi32_epi8(idx);
+                                    if (mk == __mmask16(0xFFFF)) {
+                                        _mm_storeu_si128(reinterpret_cast<__m128i*>(pool_arg + po), ab);
+                                    } else {  // the F tail (a masked byte store needs AVX-512 BW)
+                                        alignas(16) uint8_t tb[16];
+                                        _mm_store_si128(reinterpret_cast<__m128i*>(tb), ab);
+                                        for (int l = 0; l < 16 && ((mk >> l) & 1); ++l) pool_arg[po + l] = tb[l];
+                                    }
+                                    continue;
+                                }
+                            }
                             for (i64 a = 0; a < nrow; ++a) {
                                 float* yp = yt + a * OW * F + v * VL;
                                 for (i64 s = 0; s < ncol; ++s) {
@@ -492,6 +533,13 @@ inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, 
 }
 // Backward-data as the forward of dz (t: the transposed geometry, wf: the flipped, transposed
 // filter; cpu_conv.cpp), act'(y) applied to dz on the fly when act != linear.
+// relu, then the 2x2 stride-2 valid max pool (conv_forward_tiles' pool_y / pool_arg), with the
+// F(2x2) forward whatever tile_3x3 says (its tiles are the pool windows); 3x3 only.  False when
+// a result was non-finite (pool_y, pool_arg then hold Winograd's values: recompute).
+inline bool conv_forward_relu_maxpool2x2(const ConvGeometry& g, const float* x, const float* w, const float* bias,
+                                         float* pool_y, uint8_t* pool_arg) {
+    return conv_forward_tiles<F2x3>(g, x, w, bias, ACT_RELU, nullptr, nullptr, ACT_LINEAR, pool_y, pool_arg);
+}
 inline bool conv_backward_data(const ConvGeometry& t, const float* dz, const float* wf, float* dx, const float* y,
                                int act) {
     return forward_pass(t, dz, wf, nullptr, ACT_LINEAR, dx, y, act, Pass::backward_data);

@@ -22,6 +22,13 @@ enum CpuConvVariant : int { CPU_CONV_AUTO = 0, CPU_CONV_IGEMM = 1, CPU_CONV_DIRE
 bool conv2d_forward_applicable(const ConvGeometry& g, int variant);
 void conv2d_forward(const ConvGeometry& g, const float* x, const float* w, const float* b, int act, float* y,
                     int variant = CPU_CONV_AUTO);
+// relu(conv2d(x, w) + b) followed by the 2x2 stride-2 valid max pool, without writing the conv's
+// output: y[N, OH/2, OW/2, F] and arg (cpu_pool.h's uint8 "local" arg, bit 7 LOCAL_NOT_POSITIVE),
+// exactly what conv2d_forward(act = relu) then max_pool2d_forward_local give.  Winograd F(2x2)'s
+// tiles are the pool windows (3x3, stride 1, undilated, groups 1, winograd::applicable); any other
+// geometry, and a non-finite result there, takes those two kernels through a scratch buffer.
+void conv2d_forward_relu_maxpool2x2(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y,
+                                    uint8_t* arg);
 // dx[N,H,W,C] from dz[N,OH,OW,K] (gradient of the linear output) and w.
 // With act != ACT_LINEAR (element-wise activations only), `dz` holds dL/dy of the activation and
 // y[N,OH,OW,K] its output: the kernels use act'(y) · dz, formed as they read it (Winograd, and the

@@ -19,6 +19,10 @@
 //                                                   arg: uint8 window tap kh*k_w + kw per output
 //   DlconvMaxPool2DGrad(x, dy, arg) -> dx           dx from the stored arg (x: its shape only);
 //                                                   relu = true: dx * relu'(x) (the conv's fused relu)
+//   DlconvMaxPool2DGradFromShape(x_shape, dy, arg) -> dx   the same with x's shape (int32 [4]) for x
+//   DlconvConv2DMaxPool2x2(x, w, b) -> (y, arg)     DlconvConv2D (relu) then a 2x2 stride-2 DlconvMaxPool2D
+//                                                   in one kernel, the conv's output never written
+//                                                   (opt-in, dlconv.bridges.tensorflow._fusable_relu_conv)
 //   DlconvDropout(x, seed) -> y                     y = keep ? x / (1 - rate) : 0 (cpu_dropout.h), keep a
 //                                                   hash of (seed[0], seed[1], element index); its
 //                                                   gradient is the same op on dy (the mask regenerated)
@@ -592,6 +596,21 @@ class ConvOpBase : public OpKernel {
         if (!s.ok()) ctx->SetStatus(s);
         return s.ok();
     }
+    // A forward op's inputs x, w, b: the record and the bias pointer (null: no bias).
+    bool forward_inputs(OpKernelContext* ctx, const char* op, ConvGeometry* g, const float** bp) {
+        const Tensor &x = ctx->input(0), &w = ctx->input(1), &b = ctx->input(2);
+        Status s = check_rank(op, "x", x, 4);
+        if (s.ok()) s = check_rank(op, "w", w, 4);
+        if (!s.ok()) {
+            ctx->SetStatus(s);
+            return false;
+        }
+        const int64_t xs[4] = {x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3)};
+        if (!geometry(ctx, op, xs, w.dim_size(0), w.dim_size(1), w.dim_size(2), w.dim_size(3), g)) return false;
+        s = bias_ptr(op, b, g->filters, bp);
+        if (!s.ok()) ctx->SetStatus(s);
+        return s.ok();
+    }
     ConvAttrs attrs_;
 };
 
@@ -600,15 +619,10 @@ class Conv2DOp : public ConvOpBase {
    public:
     using ConvOpBase::ConvOpBase;
     void Compute(OpKernelContext* ctx) override {
-        const char* K = "DlconvConv2D";
-        const Tensor &x = ctx->input(0), &w = ctx->input(1), &b = ctx->input(2);
-        OP_REQUIRES_OK(ctx, check_rank(K, "x", x, 4));
-        OP_REQUIRES_OK(ctx, check_rank(K, "w", w, 4));
-        const int64_t xs[4] = {x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3)};
         ConvGeometry g;
-        if (!geometry(ctx, K, xs, w.dim_size(0), w.dim_size(1), w.dim_size(2), w.dim_size(3), &g)) return;
         const float* bp;
-        OP_REQUIRES_OK(ctx, bias_ptr(K, b, g.filters, &bp));
+        if (!forward_inputs(ctx, "DlconvConv2D", &g, &bp)) return;
+        const Tensor &x = ctx->input(0), &w = ctx->input(1);
         Tensor* y = nullptr;
         OP_REQUIRES_OK(ctx, ctx->allocate_output(0, y_shape(g), &y));
         if (g.batch == 0) return;
@@ -826,17 +840,22 @@ Status max_pool_shape(InferenceContext* c) {
     return Status();
 }
 
-Status max_pool_grad_shape(InferenceContext* c) {
+// from_shape: input 0 is x's shape (DlconvMaxPool2DGradFromShape), else x (DlconvMaxPool2DGrad).
+Status max_pool_grad_shape_of(InferenceContext* c, bool from_shape) {
     PoolAttrs a;
     TF_RETURN_IF_ERROR(read_pool_attrs(c, &a));
     ShapeHandle x, dy, arg;
-    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+    if (from_shape) TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(0, &x));
+    else x = c->input(0);
+    TF_RETURN_IF_ERROR(c->WithRank(x, 4, &x));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &dy));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &arg));
     TF_RETURN_IF_ERROR(c->Merge(dy, arg, &dy));
     c->set_output(0, x);
     return Status();
 }
+Status max_pool_grad_shape(InferenceContext* c) { return max_pool_grad_shape_of(c, false); }
+Status max_pool_grad_from_shape_shape(InferenceContext* c) { return max_pool_grad_shape_of(c, true); }
 
 class MaxPoolOpBase : public OpKernel {
    public:
@@ -873,16 +892,33 @@ class MaxPool2DOp : public MaxPoolOpBase {
     }
 };
 
+// FROM_SHAPE: DlconvMaxPool2DGradFromShape, whose first input is x's shape (int32 [4]), not x:
+// the gradient of DlconvConv2DMaxPool2x2, whose pool input (the conv's output) is never stored.
+template <bool FROM_SHAPE>
 class MaxPool2DGradOp : public MaxPoolOpBase {
    public:
     explicit MaxPool2DGradOp(OpKernelConstruction* ctx) : MaxPoolOpBase(ctx) {
         OP_REQUIRES_OK(ctx, ctx->GetAttr("relu", &relu_));
     }
     void Compute(OpKernelContext* ctx) override {
-        const char* K = "DlconvMaxPool2DGrad";
+        const char* K = FROM_SHAPE ? "DlconvMaxPool2DGradFromShape" : "DlconvMaxPool2DGrad";
         const Tensor &x = ctx->input(0), &dy = ctx->input(1), &arg = ctx->input(2);
         ConvGeometry g;
-        if (!geometry(ctx, K, x, &g)) return;
+        if (FROM_SHAPE) {
+            OP_REQUIRES(ctx, x.dims() == 1 && x.dim_size(0) == 4,
+                        errors::InvalidArgument("dlconv ", K, ": x_shape must be a vector of 4 ints, got shape ",
+                                                x.shape().DebugString()));
+            int64_t xs[4];
+            for (int i = 0; i < 4; ++i) {
+                xs[i] = x.vec<int32_t>()(i);
+                OP_REQUIRES(ctx, xs[i] >= 0,
+                            errors::InvalidArgument("dlconv ", K, ": x_shape[", i, "] = ", xs[i], " is negative"));
+            }
+            Status st = pool_geometry(K, xs, attrs_, &g);
+            OP_REQUIRES_OK(ctx, st);
+        } else if (!geometry(ctx, K, x, &g)) {
+            return;
+        }
         OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, y_shape(g)));
         OP_REQUIRES_OK(ctx, check_shape(K, "arg", arg, y_shape(g)));
         Tensor* dx = nullptr;
@@ -901,6 +937,53 @@ class MaxPool2DGradOp : public MaxPoolOpBase {
    private:
     bool relu_ = false;
 };
+
+// ----------------------------------------------------------------------------- conv + pool
+// DlconvConv2DMaxPool2x2: relu(conv2d(x, w) + b), then the 2x2 stride-2 valid max pool, in one
+// kernel call that never writes the conv's output (cpu::conv2d_forward_relu_maxpool2x2: for
+// MNIST conv2 at batch 128, 19 MB the conv would write and the pool read back).  Outputs y and
+// arg exactly as DlconvConv2D (activation relu) then DlconvMaxPool2D (2x2, strides 2, no pads).
+// The bridge emits it for a native max pool whose input is a native relu conv's output (the
+// MNIST CNN's conv2 -> MaxPooling2D); its gradient is DlconvMaxPool2DGradFromShape (relu folded)
+// and the conv's two backward ops, linear.  CPU only.
+class Conv2DMaxPoolOp : public ConvOpBase {
+   public:
+    explicit Conv2DMaxPoolOp(OpKernelConstruction* ctx) : ConvOpBase(ctx) {
+        OP_REQUIRES(ctx, attrs_.act == ACT_RELU,
+                    errors::InvalidArgument("dlconv DlconvConv2DMaxPool2x2: activation must be 'relu' (the pool's "
+                                            "arg marks members that are not > 0 for the relu's derivative)"));
+    }
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvConv2DMaxPool2x2";
+        ConvGeometry g;
+        const float* bp;
+        if (!forward_inputs(ctx, K, &g, &bp)) return;
+        const Tensor &x = ctx->input(0), &w = ctx->input(1);
+        OP_REQUIRES(ctx, g.out_h >= 2 && g.out_w >= 2,
+                    errors::InvalidArgument("dlconv ", K, ": the conv output ", g.out_h, "x", g.out_w,
+                                            " is smaller than the 2x2 pool"));
+        const TensorShape ps({g.batch, g.out_h / 2, g.out_w / 2, g.filters});
+        Tensor *y = nullptr, *arg = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ps, &y));
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ps, &arg));
+        if (g.batch == 0) return;
+        const float *xp = fptr(x), *wp = fptr(w);
+        float* yp = fptr(y);
+        uint8_t* ap = arg->flat<uint8_t>().data();
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_forward_relu_maxpool2x2(g, xp, wp, bp, yp, ap); });
+    }
+};
+
+Status conv_max_pool_shape(InferenceContext* c) {
+    TF_RETURN_IF_ERROR(conv_forward_shape(c));
+    ShapeHandle y = c->output(0);
+    auto half = [&](DimensionHandle d) { return c->ValueKnown(d) ? c->MakeDim(c->Value(d) / 2) : c->UnknownDim(); };
+    ShapeHandle p = c->MakeShape({c->Dim(y, 0), half(c->Dim(y, 1)), half(c->Dim(y, 2)), c->Dim(y, 3)});
+    c->set_output(0, p);
+    c->set_output(1, p);
+    return Status();
+}
+
 
 // ----------------------------------------------------------------------------- dropout
 // DlconvDropout: cpu_dropout.cpp's kernel, OpenMP over 16384-element blocks (the mask does not
@@ -1115,18 +1198,40 @@ REGISTER_OP("DlconvMaxPool2D")
          "(+128 when that member is not > 0; at most 128 taps); pads = (top, bottom, left, right), resolved by dlconv.shapes.pool_geometry, each < the "
          "pool size.");
 
+// The inputs after x (or x_shape), output and attrs of both max pool gradient ops.
+#define DLCONV_POOL_GRAD_SIGNATURE                                            \
+    Input("dy: float")                                                        \
+        .Input("arg: uint8")                                                  \
+        .Output("dx: float")                                                  \
+        .Attr("ksize: list(int)")                                             \
+        .Attr("strides: list(int)")                                           \
+        .Attr("pads: list(int) = [0, 0, 0, 0]")                               \
+        .Attr("relu: bool = false")
+
 REGISTER_OP("DlconvMaxPool2DGrad")
     .Input("x: float")
-    .Input("dy: float")
-    .Input("arg: uint8")
-    .Output("dx: float")
-    .Attr("ksize: list(int)")
-    .Attr("strides: list(int)")
-    .Attr("pads: list(int) = [0, 0, 0, 0]")
-    .Attr("relu: bool = false")
+    .DLCONV_POOL_GRAD_SIGNATURE
     .SetShapeFn(dlconv::tfops::max_pool_grad_shape)
     .Doc("dL/dx of DlconvMaxPool2D from dy = dL/dy and its arg output (x: read for its shape only); relu: "
          "times relu'(x), 1 where x > 0 (x a relu's output: its dL/dz, the relu's derivative folded in).");
+
+REGISTER_OP("DlconvMaxPool2DGradFromShape")
+    .Input("x_shape: int32")
+    .DLCONV_POOL_GRAD_SIGNATURE
+    .SetShapeFn(dlconv::tfops::max_pool_grad_from_shape_shape)
+    .Doc("DlconvMaxPool2DGrad with x's shape (int32 [4]) in place of x (the gradient of DlconvConv2DMaxPool2x2, "
+         "whose pool input is never stored).");
+
+REGISTER_OP("DlconvConv2DMaxPool2x2")
+    .Input("x: float")
+    .Input("w: float")
+    .Input("b: float")
+    .Output("y: float")
+    .Output("arg: uint8")
+    .DLCONV_CONV_ATTRS
+    .SetShapeFn(dlconv::tfops::conv_max_pool_shape)
+    .Doc("DlconvConv2D (activation must be relu) then DlconvMaxPool2D (ksize [2, 2], strides [2, 2], no pads) in "
+         "one kernel: the same y and arg, the conv's output never written.");
 
 REGISTER_OP("DlconvDropout")
     .Input("x: float")
@@ -1158,7 +1263,10 @@ using ::tensorflow::DEVICE_CPU;
 
 DLCONV_REGISTER(DEVICE_CPU, dlconv::tfops::CpuLaunch);
 REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2D").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DOp);
-REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2DGrad").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DGradOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2DGrad").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DGradOp<false>);
+REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2DGradFromShape").Device(DEVICE_CPU).HostMemory("x_shape"),
+                        dlconv::tfops::MaxPool2DGradOp<true>);
+REGISTER_KERNEL_BUILDER(Name("DlconvConv2DMaxPool2x2").Device(DEVICE_CPU), dlconv::tfops::Conv2DMaxPoolOp);
 REGISTER_KERNEL_BUILDER(Name("DlconvDropout").Device(DEVICE_CPU).HostMemory("seed"), dlconv::tfops::DropoutOp);
 #if GOOGLE_CUDA
 using ::tensorflow::DEVICE_GPU;

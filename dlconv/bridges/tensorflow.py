@@ -79,6 +79,7 @@ activation-backward callback forms dL/dz first.
 from __future__ import annotations
 
 import functools
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -586,9 +587,73 @@ def max_pool2d(x, *, pool_size=(2, 2), strides=None, padding="valid", backend="a
     n, h, w, c = tuple(x.shape)
     g = _ops.pool_geometry((1, h, w, c), tuple(pool_size), None if strides is None else tuple(strides),
                            padding.lower())
+    if (g.k_h, g.k_w, g.stride_h, g.stride_w, g.pad_top, g.pad_bottom, g.pad_left, g.pad_right) == \
+            (2, 2, 2, 2, 0, 0, 0, 0) and _fusable_relu_conv(x):
+        conv = x.op
+        y, _arg = _LIB.dlconv_conv2d_max_pool2x2(*conv.inputs, **_conv_attrs(conv))
+        y.set_shape((x.shape[0], g.out_h, g.out_w, c))
+        return y
     y, _arg = _LIB.dlconv_max_pool2d(x, ksize=[g.k_h, g.k_w], strides=[g.stride_h, g.stride_w],
                                      pads=[g.pad_top, g.pad_bottom, g.pad_left, g.pad_right])
     return y
+
+
+def _fusable_relu_conv(x) -> bool:
+    """Whether a 2x2 stride-2 valid native pool of ``x`` runs as ``DlconvConv2DMaxPool2x2``
+    with the conv that made it: opt-in (``DLCONV_TF_FUSE_CONV_POOL=1`` when the graph is
+    traced), and ``x`` is the output of an ungrouped native relu ``DlconvConv2D`` in a graph.
+    The fused op reads the conv's inputs, never x: TensorFlow prunes the conv op unless
+    something else reads x (which then gets the same values), and the conv's output is never
+    written (its kernel takes Winograd's F(2x2) tiles as the pool windows where they apply).
+
+    Opt-in because it changes what a tape over x sees inside a graph: the pool no longer reads
+    x, so dL/dx has no path through the pool (``tape.gradient(loss, x)`` is None for it;
+    Grad-CAM under ``tf.function`` asks exactly that).  Keras' ``fit``, ``evaluate`` and
+    ``predict`` (gradients for the variables only) and gradients for the model's input are
+    unchanged.  Deciding it by whether anyone asks would need the finished graph (a Grappler
+    pass), which a layer call does not see.  Measured: docs/layers.md."""
+    if os.environ.get("DLCONV_TF_FUSE_CONV_POOL", "0") != "1":
+        return False
+    try:
+        op = x.op
+    except AttributeError:      # eager: no graph to read
+        return False
+    if op.type != "DlconvConv2D" or op.get_attr("activation") != b"relu" or op.get_attr("groups") != 1:
+        return False
+    return None not in tuple(op.inputs[1].shape)   # the kernel size, for the gradient
+
+
+@tf.RegisterGradient("DlconvConv2DMaxPool2x2")
+def _conv_max_pool_grad(op, dy, _darg):
+    """dx, dw, db of ``DlconvConv2DMaxPool2x2``: the pool's gather with the relu's derivative
+    folded in (``DlconvMaxPool2DGradFromShape``, relu=True: entries whose pooled member was not
+    > 0 match nothing), then the conv's backward ops, linear (as
+    :func:`_fold_relu_into_pool_grad` gives the unfused pair).  arg has no gradient."""
+    x, w, b = op.inputs
+    attrs = dict(_conv_attrs(op), activation="linear")
+    conv_shape = tf.stack([tf.shape(x, out_type=tf.int32)[0], _conv_out(op, x, 1), _conv_out(op, x, 2),
+                           tf.constant(int(w.shape[3]), tf.int32)])
+    dz = _LIB.dlconv_max_pool2d_grad_from_shape(conv_shape, dy, op.outputs[1], ksize=[2, 2], strides=[2, 2],
+                                                relu=True)
+    dx = _LIB.dlconv_conv2d_backprop_input(dz, w, _no_y(), tf.shape(x, out_type=tf.int32), **attrs)
+    dw, db = _LIB.dlconv_conv2d_backprop_filter(x, dz, _no_y(), kernel_size=list(w.shape[:2]),
+                                                alone=_is_graph_input(x), **attrs)
+    return [dx, dw, db if b.shape[0] != 0 else None]
+
+
+def _conv_out(op, x, axis):
+    """The conv's output size along NHWC ``axis`` (1 or 2) of ``op``'s geometry, as an int32
+    scalar (static when x's size is, as in the layers)."""
+    k = int(op.inputs[1].shape[axis - 1])
+    s = op.get_attr("strides")[axis - 1]
+    d = op.get_attr("dilations")[axis - 1]
+    pads = op.get_attr("pads")
+    before, after = pads[2 * (axis - 1)], pads[2 * (axis - 1) + 1]
+    size = x.shape[axis]
+    if size is not None:
+        return tf.constant((int(size) + before + after - d * (k - 1) - 1) // s + 1, tf.int32)
+    size = tf.shape(x, out_type=tf.int32)[axis]
+    return (size + before + after - d * (k - 1) - 1) // s + 1
 
 
 # ----------------------------------------------------------------------------- dropout
