@@ -88,7 +88,7 @@ from .. import activations as _act
 from .. import ops as _ops
 from .. import tf_ops as _tf_ops
 from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
-from ..shapes import normalize_padding
+from ..shapes import conv_output_size, normalize_padding
 
 __all__ = ["conv2d", "conv2d_transpose", "dense", "max_pool2d", "dropout", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
            "FUSED_DENSE", "NATIVE_REASON"]
@@ -620,7 +620,8 @@ def _fusable_relu_conv(x) -> bool:
         return False
     if op.type != "DlconvConv2D" or op.get_attr("activation") != b"relu" or op.get_attr("groups") != 1:
         return False
-    return None not in tuple(op.inputs[1].shape)   # the kernel size, for the gradient
+    # the kernel size and the conv input's height and width, for the gradient's shapes
+    return None not in tuple(op.inputs[1].shape) + tuple(op.inputs[0].shape[1:3])
 
 
 @tf.RegisterGradient("DlconvConv2DMaxPool2x2")
@@ -642,18 +643,13 @@ def _conv_max_pool_grad(op, dy, _darg):
 
 
 def _conv_out(op, x, axis):
-    """The conv's output size along NHWC ``axis`` (1 or 2) of ``op``'s geometry, as an int32
-    scalar (static when x's size is, as in the layers)."""
-    k = int(op.inputs[1].shape[axis - 1])
-    s = op.get_attr("strides")[axis - 1]
-    d = op.get_attr("dilations")[axis - 1]
+    """The conv's output size along NHWC ``axis`` (1 or 2) of ``op``'s geometry
+    (:func:`dlconv.shapes.conv_output_size`; x's height and width are static, as
+    :func:`_fusable_relu_conv` requires), as an int32 scalar."""
     pads = op.get_attr("pads")
-    before, after = pads[2 * (axis - 1)], pads[2 * (axis - 1) + 1]
-    size = x.shape[axis]
-    if size is not None:
-        return tf.constant((int(size) + before + after - d * (k - 1) - 1) // s + 1, tf.int32)
-    size = tf.shape(x, out_type=tf.int32)[axis]
-    return (size + before + after - d * (k - 1) - 1) // s + 1
+    size = conv_output_size(int(x.shape[axis]), int(op.inputs[1].shape[axis - 1]), op.get_attr("strides")[axis - 1],
+                            (pads[2 * (axis - 1)], pads[2 * (axis - 1) + 1]), op.get_attr("dilations")[axis - 1])
+    return tf.constant(size, tf.int32)
 
 
 # ----------------------------------------------------------------------------- dropout
