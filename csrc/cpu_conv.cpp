@@ -202,6 +202,47 @@ static ConvGeometry pool2x2_of(const ConvGeometry& g) {
     return p;
 }
 
+// dz of conv2d_backward_*_pool2x2 formed (the gather of max_pool2d_backward_local, relu folded).
+static Buf pool2x2_dz(const ConvGeometry& g, const float* gp, const uint8_t* arg) {
+    Buf dz(g.y_size());
+    const ConvGeometry pg = pool2x2_of(g);
+    if (pg.out_h > 0 && pg.out_w > 0) {
+        max_pool2d_backward_local(pg, gp, arg, dz.data, true);
+    } else {  // no window (OH or OW < 2): dz is all zero
+        std::memset(dz.data, 0, g.y_size() * sizeof(float));
+    }
+    return dz;
+}
+
+void conv2d_backward_data_pool2x2(const ConvGeometry& g, const float* gp, const uint8_t* arg, const float* w,
+                                  float* dx) {
+#if defined(__AVX512F__)
+    const winograd::PoolDz pd{gp, arg, g.out_h / 2, g.out_w / 2};
+    if (g.groups == 1 && g.stride_h == 1 && g.stride_w == 1 && g.batch * pd.PH * pd.PW > 0) {
+        const TransposedGeometry t = transposed_geometry(g);
+        if (winograd::applicable(t.f)) {
+            Buf wf(g.k_h * g.k_w * g.filters * g.in_c);
+            subpixel::phase_weights(g, t, w, wf.data);
+            if (winograd::conv_backward_data_pool(t.f, pd, wf.data, dx)) return;
+        }
+    }
+#endif
+    const Buf dz = pool2x2_dz(g, gp, arg);  // elsewhere, and after a non-finite Winograd result
+    conv2d_backward_data(g, dz.data, w, dx);
+}
+
+void conv2d_backward_filter_pool2x2(const ConvGeometry& g, const float* x, const float* gp, const uint8_t* arg,
+                                    float* dw, float* db) {
+#if defined(__AVX512F__)
+    const winograd::PoolDz pd{gp, arg, g.out_h / 2, g.out_w / 2};
+    if (g.groups == 1 && winograd::applicable(g) && g.batch * pd.PH * pd.PW > 0 &&
+        winograd::conv_backward_filter_pool(g, x, pd, dw, db))
+        return;
+#endif
+    const Buf dz = pool2x2_dz(g, gp, arg);
+    conv2d_backward_filter(g, x, dz.data, dw, db);
+}
+
 void conv2d_forward_relu_maxpool2x2(const ConvGeometry& g, const float* x, const float* w, const float* b, float* y,
                                     uint8_t* arg) {
     const ConvGeometry pg = pool2x2_of(g);

@@ -268,27 +268,47 @@ inline void transform_weights(const ConvGeometry& g, const float* w, float* U, i
     }
 }
 
-// V[e·es + c] = (B^T d B)[e] for the α x α patch d at input (n, ih0.., iw0..), all C channels;
-// entries outside the input are zero.  With gact != linear x is dL/dy and gy the activation's
-// output: d = act'(gy) · x (the zero entries stay zero).  zpix: Cp zero floats.
-template <class T>
-static inline void transform_patch(const ConvGeometry& g, const float* x, const float* gy, int gact,
-                                   const float* zpix, i64 n, i64 ih0, i64 iw0, float* v, i64 es) {
-    constexpr int a = T::alpha, E = a * a;
-    const i64 C = g.in_c, H = g.in_h, W = g.in_w;
-    // Patch inside the input (most tiles): entry (r, s) at base + (r·W + s)·C, one pointer.
-    // Across the padding: one pointer per entry, the zero pixel where it falls outside.
-    const bool inside = ih0 >= 0 && ih0 + a <= H && iw0 >= 0 && iw0 + a <= W;
-    const i64 off = ((n * H + ih0) * W + iw0) * C;  // may be negative: only added to
-    const float* src[E];
-    const float* gsrc[E];  // gy at the same entries (the zero pixel stays zero: 0 · act' = 0)
-    for (int r = 0; r < a; ++r)
-        for (int s = 0; s < a; ++s) {
-            const i64 ih = ih0 + r, iw = iw0 + s;
-            const bool in = inside || (ih >= 0 && ih < H && iw >= 0 && iw < W);
-            src[r * a + s] = in ? x + off + (r * W + s) * C : zpix;
-            gsrc[r * a + s] = in && gact != ACT_LINEAR ? gy + off + (r * W + s) * C : zpix;
+// dz of a relu conv read from the gradient of its output's 2x2 stride-2 valid max pool, never
+// formed: dz[n, oh, ow, f] = gp[n, oh/2, ow/2, f] where arg there (cpu_pool.h's uint8 local arg)
+// equals the tap (oh % 2)·2 + ow % 2, else 0; 0 past 2·PH / 2·PW (pixels in no window).  A set
+// LOCAL_NOT_POSITIVE bit (the member was not > 0: relu' = 0) matches no tap.  Exactly the dz
+// that max_pool2d_backward_local(relu = true) writes, so every result is bit-identical to that
+// gather followed by the linear pass.  arg must hold at least C bytes (N·PH·PW >= 1): pixels in
+// no window read arg's first pixel with tap -1, which matches nothing.
+struct PoolDz {
+    const float* gp;     // [N, PH, PW, C] float32, dL/d(pool output)
+    const uint8_t* arg;  // [N, PH, PW, C] uint8
+    i64 PH, PW;
+    // The source of pixel (n, h, w) of dz ([N, 2·PH (+1), 2·PW (+1), C]).
+    void at(i64 n, i64 h, i64 w, i64 C, const float** p, const uint8_t** a, int* tap) const {
+        if (h < 2 * PH && w < 2 * PW) {
+            const i64 off = ((n * PH + h / 2) * PW + w / 2) * C;
+            *p = gp + off, *a = arg + off, *tap = int((h & 1) * 2 + (w & 1));
+        } else {
+            *p = gp, *a = arg, *tap = -1;
         }
+    }
+};
+// 16 channels of one dz pixel from its PoolDz source: a masked load of gp where arg == tap
+// (lanes past `left` channels neither compared nor loaded; their arg bytes are not read).
+static inline __m512 pool_dz_load(const float* p, const uint8_t* a, int tap, i64 left, __mmask16 m) {
+    __m128i ab;
+    if (left >= VL) {
+        ab = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+    } else {  // the channel tail: the 16-byte load could run past arg's end
+        alignas(16) uint8_t tb[16] = {};
+        std::memcpy(tb, a, size_t(left));
+        ab = _mm_load_si128(reinterpret_cast<const __m128i*>(tb));
+    }
+    const __mmask16 hit = _mm512_mask_cmpeq_epi32_mask(m, _mm512_cvtepu8_epi32(ab), _mm512_set1_epi32(tap));
+    return _mm512_maskz_loadu_ps(hit, p);
+}
+
+// V[e·es + c] = (B^T d B)[e] for the α x α patch d, all C channels, entry (r, s) of d given by
+// load(r·α + s, c0, mask) (16 channels from c0; transform_patch below says where from).
+template <class T, class Load>
+static inline void transform_patch_of(i64 C, const Load& load, float* v, i64 es) {
+    constexpr int a = T::alpha, E = a * a;
     using Rows = std::make_integer_sequence<int, a>;
     for (i64 c0 = 0; c0 < C; c0 += VL) {
         const __mmask16 m = tail_mask(C - c0);
@@ -300,10 +320,7 @@ static inline void transform_patch(const ConvGeometry& g, const float* x, const 
         for (int sc = 0; sc < a; ++sc) {
             __m512 col[a];
 #pragma GCC unroll 6
-            for (int r = 0; r < a; ++r) {
-                col[r] = _mm512_maskz_loadu_ps(m, src[r * a + sc] + c0);
-                if (gact != ACT_LINEAR) col[r] = act_grad(col[r], _mm512_maskz_loadu_ps(m, gsrc[r * a + sc] + c0), gact);
-            }
+            for (int r = 0; r < a; ++r) col[r] = load(r * a + sc, c0, m);
             apply_rows<MatBT<T>>(col, 1, t + sc, a, Rows{});
         }
 #pragma GCC unroll 6
@@ -314,6 +331,54 @@ static inline void transform_patch(const ConvGeometry& g, const float* x, const 
             for (int sc = 0; sc < a; ++sc) _mm512_store_ps(v + (r * a + sc) * es + c0, o[sc]);
         }
     }
+}
+
+// transform_patch_of for the α x α patch at input (n, ih0.., iw0..); entries outside the input
+// are zero.  With gact != linear x is dL/dy and gy the activation's output: d = act'(gy) · x
+// (the zero entries stay zero).  With pd (backward-data of a relu conv whose output is max
+// pooled) x is unused and d is read from the pool's gradient (PoolDz).  zpix: Cp zero floats.
+template <class T>
+static inline void transform_patch(const ConvGeometry& g, const float* x, const float* gy, int gact,
+                                   const float* zpix, i64 n, i64 ih0, i64 iw0, float* v, i64 es,
+                                   const PoolDz* pd = nullptr) {
+    constexpr int a = T::alpha, E = a * a;
+    const i64 C = g.in_c, H = g.in_h, W = g.in_w;
+    // Patch inside the input (most tiles): entry (r, s) at base + (r·W + s)·C, one pointer.
+    // Across the padding: one pointer per entry, the zero pixel where it falls outside.
+    const bool inside = ih0 >= 0 && ih0 + a <= H && iw0 >= 0 && iw0 + a <= W;
+    if (pd) {
+        const float* src[E];
+        const uint8_t* asrc[E];
+        int tap[E];
+        for (int r = 0; r < a; ++r)
+            for (int s = 0; s < a; ++s) {
+                const i64 ih = ih0 + r, iw = iw0 + s, e = r * a + s;
+                if (inside || (ih >= 0 && ih < H && iw >= 0 && iw < W)) pd->at(n, ih, iw, C, &src[e], &asrc[e], &tap[e]);
+                else src[e] = pd->gp, asrc[e] = pd->arg, tap[e] = -1;
+            }
+        transform_patch_of<T>(C, [&](int e, i64 c0, __mmask16 m) {
+            return pool_dz_load(src[e] + c0, asrc[e] + c0, tap[e], C - c0, m);
+        }, v, es);
+        return;
+    }
+    const i64 off = ((n * H + ih0) * W + iw0) * C;  // may be negative: only added to
+    const float* src[E];
+    const float* gsrc[E];  // gy at the same entries (the zero pixel stays zero: 0 · act' = 0)
+    for (int r = 0; r < a; ++r)
+        for (int s = 0; s < a; ++s) {
+            const i64 ih = ih0 + r, iw = iw0 + s;
+            const bool in = inside || (ih >= 0 && ih < H && iw >= 0 && iw < W);
+            src[r * a + s] = in ? x + off + (r * W + s) * C : zpix;
+            gsrc[r * a + s] = in && gact != ACT_LINEAR ? gy + off + (r * W + s) * C : zpix;
+        }
+    if (gact == ACT_LINEAR) {
+        transform_patch_of<T>(C, [&](int e, i64 c0, __mmask16 m) { return _mm512_maskz_loadu_ps(m, src[e] + c0); },
+                              v, es);
+        return;
+    }
+    transform_patch_of<T>(C, [&](int e, i64 c0, __mmask16 m) {
+        return act_grad(_mm512_maskz_loadu_ps(m, src[e] + c0), _mm512_maskz_loadu_ps(m, gsrc[e] + c0), gact);
+    }, v, es);
 }
 
 // ---------------------------------------------------------------------------- E GEMMs
@@ -384,7 +449,7 @@ static inline bool all_finite(__m512 acc) { return _mm512_cmp_ps_mask(acc, acc, 
 template <class T>
 inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
                                float* y, const float* gy, int gact, float* pool_y = nullptr,
-                               uint8_t* pool_arg = nullptr) {
+                               uint8_t* pool_arg = nullptr, const PoolDz* pd = nullptr) {
     using direct::max_rows;
     using direct::Panel;
     using direct::panel_at;
@@ -414,7 +479,7 @@ inline bool conv_forward_tiles(const ConvGeometry& g, const float* x, const floa
             for (i64 i = 0; i < nt; ++i) {
                 const i64 t = t0 + i, n = t / tile_img, r0 = t - n * tile_img, th = r0 / tw_n, tw = r0 - th * tw_n;
                 transform_patch<T>(g, x, gy, gact, zrow.data, n, m * th - g.pad_top, m * tw - g.pad_left,
-                                   V.data + i * Cp, TILE_BLOCK * Cp);
+                                   V.data + i * Cp, TILE_BLOCK * Cp, pd);
             }
             for (i64 f0 = 0; f0 < F; f0 += PANEL) {
                 const Panel pn = panel_at(f0, F);
@@ -543,10 +608,10 @@ inline int tile_3x3(const ConvGeometry& g, Pass p) {
 }
 
 inline bool forward_pass(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
-                         float* y, const float* gy, int gact, Pass p) {
-    if (g.k_h == F2x5::r) return conv_forward_tiles<F2x5>(g, x, w, bias, act, y, gy, gact);
-    return tile_3x3(g, p) == F4x3::m ? conv_forward_tiles<F4x3>(g, x, w, bias, act, y, gy, gact)
-                                     : conv_forward_tiles<F2x3>(g, x, w, bias, act, y, gy, gact);
+                         float* y, const float* gy, int gact, Pass p, const PoolDz* pd = nullptr) {
+    if (g.k_h == F2x5::r) return conv_forward_tiles<F2x5>(g, x, w, bias, act, y, gy, gact, nullptr, nullptr, pd);
+    return tile_3x3(g, p) == F4x3::m ? conv_forward_tiles<F4x3>(g, x, w, bias, act, y, gy, gact, nullptr, nullptr, pd)
+                                     : conv_forward_tiles<F2x3>(g, x, w, bias, act, y, gy, gact, nullptr, nullptr, pd);
 }
 inline bool conv_forward(const ConvGeometry& g, const float* x, const float* w, const float* bias, int act,
                          float* y) {
@@ -564,6 +629,11 @@ inline bool conv_forward_relu_maxpool2x2(const ConvGeometry& g, const float* x, 
 inline bool conv_backward_data(const ConvGeometry& t, const float* dz, const float* wf, float* dx, const float* y,
                                int act) {
     return forward_pass(t, dz, wf, nullptr, ACT_LINEAR, dx, y, act, Pass::backward_data);
+}
+// The same with dz read from a max pool's gradient (PoolDz; linear: the relu's derivative is in
+// the pool's arg).  t.in_h / in_w are the conv output's height and width.
+inline bool conv_backward_data_pool(const ConvGeometry& t, const PoolDz& pd, const float* wf, float* dx) {
+    return forward_pass(t, nullptr, wf, nullptr, ACT_LINEAR, dx, nullptr, ACT_LINEAR, Pass::backward_data, &pd);
 }
 
 // ---------------------------------------------------------------------------- backward-filter
@@ -592,7 +662,7 @@ constexpr i64 FILTER_PARTIAL_BUDGET = i64(8) << 20;
 // Returns false when a dw value was non-finite (dw, db then hold Winograd's values: recompute).
 template <class T>
 inline bool conv_backward_filter_tiles(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
-                                       const float* gy, int gact) {
+                                       const float* gy, int gact, const PoolDz* pd = nullptr) {
     using direct::filt_kernel;
     using direct::max_rows;
     using direct::Panel;
@@ -631,10 +701,14 @@ inline bool conv_backward_filter_tiles(const ConvGeometry& g, const float* x, co
                                        m * tw - g.pad_left, V.data + i * Cp, NT * Cp);
                     // ---- Z: A z A^T of the 2x2 dz tile (zero past OH / OW); db += Σ z
                     i64 zo[m * m];  // element offsets of the tile's dz pixels, -1 past OH / OW
+                    const float* zp[m * m];  // with pd: each pixel's PoolDz source
+                    const uint8_t* za[m * m];
+                    int ztap[m * m];
                     for (int a = 0; a < m; ++a)
                         for (int b = 0; b < m; ++b) {
                             const i64 oh = m * th + a, ow = m * tw + b;
                             zo[a * m + b] = (oh < OH && ow < OW) ? ((n * OH + oh) * OW + ow) * F : -1;
+                            if (pd && zo[a * m + b] >= 0) pd->at(n, oh, ow, F, &zp[a * m + b], &za[a * m + b], &ztap[a * m + b]);
                         }
                     const i64 fs = NT * Fp;
                     for (i64 f0 = 0; f0 < F; f0 += VL) {
@@ -643,6 +717,10 @@ inline bool conv_backward_filter_tiles(const ConvGeometry& g, const float* x, co
                         for (int k = 0; k < m * m; ++k) {
                             if (zo[k] < 0) {
                                 z[k] = _mm512_setzero_ps();
+                                continue;
+                            }
+                            if (pd) {
+                                z[k] = pool_dz_load(zp[k] + f0, za[k] + f0, ztap[k], F - f0, mk);
                                 continue;
                             }
                             z[k] = _mm512_maskz_loadu_ps(mk, dz + zo[k] + f0);
@@ -712,11 +790,15 @@ inline bool conv_backward_filter_tiles(const ConvGeometry& g, const float* x, co
 }
 
 inline bool conv_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
-                                 const float* gy = nullptr, int gact = ACT_LINEAR) {
-    if (g.k_h == F2x5::r) return conv_backward_filter_tiles<F2x5>(g, x, dz, dw, db, gy, gact);
+                                 const float* gy = nullptr, int gact = ACT_LINEAR, const PoolDz* pd = nullptr) {
+    if (g.k_h == F2x5::r) return conv_backward_filter_tiles<F2x5>(g, x, dz, dw, db, gy, gact, pd);
     return tile_3x3(g, Pass::backward_filter) == F4x3::m
-               ? conv_backward_filter_tiles<F4x3>(g, x, dz, dw, db, gy, gact)
-               : conv_backward_filter_tiles<F2x3>(g, x, dz, dw, db, gy, gact);
+               ? conv_backward_filter_tiles<F4x3>(g, x, dz, dw, db, gy, gact, pd)
+               : conv_backward_filter_tiles<F2x3>(g, x, dz, dw, db, gy, gact, pd);
+}
+// The same with dz read from a max pool's gradient (PoolDz; linear).
+inline bool conv_backward_filter_pool(const ConvGeometry& g, const float* x, const PoolDz& pd, float* dw, float* db) {
+    return conv_backward_filter(g, x, nullptr, dw, db, nullptr, ACT_LINEAR, &pd);
 }
 
 }  // namespace winograd

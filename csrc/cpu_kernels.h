@@ -39,6 +39,17 @@ void conv2d_backward_data(const ConvGeometry& g, const float* dz, const float* w
 void conv2d_backward_filter(const ConvGeometry& g, const float* x, const float* dz, float* dw, float* db,
                             const float* y = nullptr, int act = ACT_LINEAR);
 
+// The two backward passes of a relu conv whose output y feeds a 2x2 stride-2 valid max pool, with
+// dz read from that pool's gradient instead of a dz tensor: gp[N, OH/2, OW/2, F] = dL/d(pool
+// output) and arg its uint8 local arg (cpu_pool.h, LOCAL_NOT_POSITIVE marking members not > 0).
+// Exactly conv2d_backward_data / _filter (act = linear) of the dz that max_pool2d_backward_local
+// (relu = true) writes, bit for bit; that dz (19 MB for MNIST conv2 at batch 128) is formed only
+// where Winograd does not apply (or saw a non-finite value), as a temporary.
+void conv2d_backward_data_pool2x2(const ConvGeometry& g, const float* gp, const uint8_t* arg, const float* w,
+                                  float* dx);
+void conv2d_backward_filter_pool2x2(const ConvGeometry& g, const float* x, const float* gp, const uint8_t* arg,
+                                    float* dw, float* db);
+
 // y[M,N] = act(x[M,K] · w[K,N] + b[N]); b may be null.
 void dense_forward(int64_t M, int64_t K, int64_t N, const float* x, const float* w, const float* b, int act,
                    float* y);

@@ -19,10 +19,14 @@
 //                                                   arg: uint8 window tap kh*k_w + kw per output
 //   DlconvMaxPool2DGrad(x, dy, arg) -> dx           dx from the stored arg (x: its shape only);
 //                                                   relu = true: dx * relu'(x) (the conv's fused relu)
-//   DlconvMaxPool2DGradFromShape(x_shape, dy, arg) -> dx   the same with x's shape (int32 [4]) for x
 //   DlconvConv2DMaxPool2x2(x, w, b) -> (y, arg)     DlconvConv2D (relu) then a 2x2 stride-2 DlconvMaxPool2D
 //                                                   in one kernel, the conv's output never written
 //                                                   (opt-in, dlconv.bridges.tensorflow._fusable_relu_conv)
+//   DlconvConv2DBackpropInputFromPool(pool_dy, arg, w, x_shape) -> dx
+//   DlconvConv2DBackpropFilterFromPool(x, pool_dy, arg) -> (dw, db)
+//                                                   a relu conv's backward ops when its output feeds a 2x2
+//                                                   stride-2 DlconvMaxPool2D: dz read from that pool's
+//                                                   gradient in place, never formed
 //   DlconvDropout(x, seed) -> y                     y = keep ? x / (1 - rate) : 0 (cpu_dropout.h), keep a
 //                                                   hash of (seed[0], seed[1], element index); its
 //                                                   gradient is the same op on dy (the mask regenerated)
@@ -611,8 +615,55 @@ class ConvOpBase : public OpKernel {
         if (!s.ok()) ctx->SetStatus(s);
         return s.ok();
     }
+    // A backward-data op's record from w and the x_shape input (int32 [4], or int64).
+    bool backprop_input_geometry(OpKernelContext* ctx, const char* op, const Tensor& w, const Tensor& xs_t,
+                                 ConvGeometry* g) {
+        Status s = check_rank(op, "w", w, 4);
+        if (s.ok() && !(xs_t.dims() == 1 && xs_t.dim_size(0) == 4))
+            s = errors::InvalidArgument("dlconv ", op, ": x_shape must be a vector of 4 ints, got shape ",
+                                        xs_t.shape().DebugString());
+        int64_t xs[4] = {};
+        for (int i = 0; s.ok() && i < 4; ++i) {
+            xs[i] = xs_t.dtype() == ::tensorflow::DT_INT32 ? int64_t(xs_t.vec<int32_t>()(i)) : xs_t.vec<int64_t>()(i);
+            if (xs[i] < 0) s = errors::InvalidArgument("dlconv ", op, ": x_shape[", i, "] = ", xs[i], " is negative");
+        }
+        if (!s.ok()) {
+            ctx->SetStatus(s);
+            return false;
+        }
+        return geometry(ctx, op, xs, w.dim_size(0), w.dim_size(1), w.dim_size(2), w.dim_size(3), g);
+    }
+    // A backward-filter op's record from x, the kernel size and dy's channels (dy: the conv's dz
+    // or a pool's gradient, rank 4 either way).
+    bool backprop_filter_geometry(OpKernelContext* ctx, const char* op, const Tensor& x, const Tensor& dy,
+                                  const char* dy_name, int64_t kh, int64_t kw, ConvGeometry* g) {
+        Status s = check_rank(op, "x", x, 4);
+        if (s.ok()) s = check_rank(op, dy_name, dy, 4);
+        if (s.ok() && x.dim_size(3) % attrs_.groups != 0)
+            s = errors::InvalidArgument("dlconv ", op, ": groups = ", attrs_.groups, " must divide the ",
+                                        x.dim_size(3), " input channels");
+        if (!s.ok()) {
+            ctx->SetStatus(s);
+            return false;
+        }
+        const int64_t xs[4] = {x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3)};
+        return geometry(ctx, op, xs, kh, kw, xs[3] / attrs_.groups, dy.dim_size(3), g);
+    }
     ConvAttrs attrs_;
 };
+
+// kernel_size and alone of the backward-filter ops.
+struct FilterAttrs {
+    int64_t kh = 1, kw = 1;
+    bool alone = false;
+};
+Status read_filter_attrs(OpKernelConstruction* ctx, FilterAttrs* a) {
+    std::vector<int64_t> ks;
+    TF_RETURN_IF_ERROR(ctx->GetAttr("kernel_size", &ks));
+    TF_RETURN_IF_ERROR(check_list("kernel_size", ks, 2, 1));
+    a->kh = ks[0], a->kw = ks[1];
+    return ctx->GetAttr("alone", &a->alone);
+}
 
 template <class Dev>
 class Conv2DOp : public ConvOpBase {
@@ -640,18 +691,8 @@ class Conv2DBackpropInputOp : public ConvOpBase {
     void Compute(OpKernelContext* ctx) override {
         const char* K = "DlconvConv2DBackpropInput";
         const Tensor &dy = ctx->input(0), &w = ctx->input(1), &y = ctx->input(2), &xs_t = ctx->input(3);
-        OP_REQUIRES_OK(ctx, check_rank(K, "w", w, 4));
-        OP_REQUIRES(ctx, xs_t.dims() == 1 && xs_t.dim_size(0) == 4,
-                    errors::InvalidArgument("dlconv ", K, ": x_shape must be a vector of 4 ints, got shape ",
-                                            xs_t.shape().DebugString()));
-        int64_t xs[4];
-        for (int i = 0; i < 4; ++i) {
-            xs[i] = xs_t.dtype() == ::tensorflow::DT_INT32 ? int64_t(xs_t.vec<int32_t>()(i)) : xs_t.vec<int64_t>()(i);
-            OP_REQUIRES(ctx, xs[i] >= 0,
-                        errors::InvalidArgument("dlconv ", K, ": x_shape[", i, "] = ", xs[i], " is negative"));
-        }
         ConvGeometry g;
-        if (!geometry(ctx, K, xs, w.dim_size(0), w.dim_size(1), w.dim_size(2), w.dim_size(3), &g)) return;
+        if (!backprop_input_geometry(ctx, K, w, xs_t, &g)) return;
         OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, y_shape(g)));
         if (attrs_.act != ACT_LINEAR) OP_REQUIRES_OK(ctx, check_shape(K, "y", y, y_shape(g)));
         Tensor* dx = nullptr;
@@ -668,23 +709,13 @@ template <class Dev>
 class Conv2DBackpropFilterOp : public ConvOpBase {
    public:
     explicit Conv2DBackpropFilterOp(OpKernelConstruction* ctx) : ConvOpBase(ctx) {
-        std::vector<int64_t> ks;
-        OP_REQUIRES_OK(ctx, ctx->GetAttr("kernel_size", &ks));
-        OP_REQUIRES_OK(ctx, check_list("kernel_size", ks, 2, 1));
-        kh_ = ks[0], kw_ = ks[1];
-        OP_REQUIRES_OK(ctx, ctx->GetAttr("alone", &alone_));
+        OP_REQUIRES_OK(ctx, read_filter_attrs(ctx, &fa_));
     }
     void Compute(OpKernelContext* ctx) override {
         const char* K = "DlconvConv2DBackpropFilter";
         const Tensor &x = ctx->input(0), &dy = ctx->input(1), &y = ctx->input(2);
-        OP_REQUIRES_OK(ctx, check_rank(K, "x", x, 4));
-        OP_REQUIRES_OK(ctx, check_rank(K, "dy", dy, 4));
-        const int64_t xs[4] = {x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3)};
         ConvGeometry g;
-        OP_REQUIRES(ctx, xs[3] % attrs_.groups == 0,
-                    errors::InvalidArgument("dlconv ", K, ": groups = ", attrs_.groups, " must divide the ", xs[3],
-                                            " input channels"));
-        if (!geometry(ctx, K, xs, kh_, kw_, xs[3] / attrs_.groups, dy.dim_size(3), &g)) return;
+        if (!backprop_filter_geometry(ctx, K, x, dy, "dy", fa_.kh, fa_.kw, &g)) return;
         OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, y_shape(g)));
         if (attrs_.act != ACT_LINEAR) OP_REQUIRES_OK(ctx, check_shape(K, "y", y, y_shape(g)));
         Tensor *dw = nullptr, *db = nullptr;
@@ -693,12 +724,11 @@ class Conv2DBackpropFilterOp : public ConvOpBase {
         const float *xp = fptr(x), *dyp = fptr(dy), *yp = attrs_.act != ACT_LINEAR ? fptr(y) : nullptr;
         float *dwp = fptr(dw), *dbp = fptr(db);
         const int act = attrs_.act;
-        Dev::conv2d_backward_filter(ctx, g, xp, dyp, yp, act, dwp, dbp, alone_);
+        Dev::conv2d_backward_filter(ctx, g, xp, dyp, yp, act, dwp, dbp, fa_.alone);
     }
 
    private:
-    int64_t kh_ = 1, kw_ = 1;
-    bool alone_ = false;
+    FilterAttrs fa_;
 };
 
 // ----------------------------------------------------------------------------- dense kernels
@@ -840,22 +870,17 @@ Status max_pool_shape(InferenceContext* c) {
     return Status();
 }
 
-// from_shape: input 0 is x's shape (DlconvMaxPool2DGradFromShape), else x (DlconvMaxPool2DGrad).
-Status max_pool_grad_shape_of(InferenceContext* c, bool from_shape) {
+Status max_pool_grad_shape(InferenceContext* c) {
     PoolAttrs a;
     TF_RETURN_IF_ERROR(read_pool_attrs(c, &a));
     ShapeHandle x, dy, arg;
-    if (from_shape) TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(0, &x));
-    else x = c->input(0);
-    TF_RETURN_IF_ERROR(c->WithRank(x, 4, &x));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &dy));
     TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &arg));
     TF_RETURN_IF_ERROR(c->Merge(dy, arg, &dy));
     c->set_output(0, x);
     return Status();
 }
-Status max_pool_grad_shape(InferenceContext* c) { return max_pool_grad_shape_of(c, false); }
-Status max_pool_grad_from_shape_shape(InferenceContext* c) { return max_pool_grad_shape_of(c, true); }
 
 class MaxPoolOpBase : public OpKernel {
    public:
@@ -892,33 +917,16 @@ class MaxPool2DOp : public MaxPoolOpBase {
     }
 };
 
-// FROM_SHAPE: DlconvMaxPool2DGradFromShape, whose first input is x's shape (int32 [4]), not x:
-// the gradient of DlconvConv2DMaxPool2x2, whose pool input (the conv's output) is never stored.
-template <bool FROM_SHAPE>
 class MaxPool2DGradOp : public MaxPoolOpBase {
    public:
     explicit MaxPool2DGradOp(OpKernelConstruction* ctx) : MaxPoolOpBase(ctx) {
         OP_REQUIRES_OK(ctx, ctx->GetAttr("relu", &relu_));
     }
     void Compute(OpKernelContext* ctx) override {
-        const char* K = FROM_SHAPE ? "DlconvMaxPool2DGradFromShape" : "DlconvMaxPool2DGrad";
+        const char* K = "DlconvMaxPool2DGrad";
         const Tensor &x = ctx->input(0), &dy = ctx->input(1), &arg = ctx->input(2);
         ConvGeometry g;
-        if (FROM_SHAPE) {
-            OP_REQUIRES(ctx, x.dims() == 1 && x.dim_size(0) == 4,
-                        errors::InvalidArgument("dlconv ", K, ": x_shape must be a vector of 4 ints, got shape ",
-                                                x.shape().DebugString()));
-            int64_t xs[4];
-            for (int i = 0; i < 4; ++i) {
-                xs[i] = x.vec<int32_t>()(i);
-                OP_REQUIRES(ctx, xs[i] >= 0,
-                            errors::InvalidArgument("dlconv ", K, ": x_shape[", i, "] = ", xs[i], " is negative"));
-            }
-            Status st = pool_geometry(K, xs, attrs_, &g);
-            OP_REQUIRES_OK(ctx, st);
-        } else if (!geometry(ctx, K, x, &g)) {
-            return;
-        }
+        if (!geometry(ctx, K, x, &g)) return;
         OP_REQUIRES_OK(ctx, check_shape(K, "dy", dy, y_shape(g)));
         OP_REQUIRES_OK(ctx, check_shape(K, "arg", arg, y_shape(g)));
         Tensor* dx = nullptr;
@@ -944,8 +952,8 @@ class MaxPool2DGradOp : public MaxPoolOpBase {
 // MNIST conv2 at batch 128, 19 MB the conv would write and the pool read back).  Outputs y and
 // arg exactly as DlconvConv2D (activation relu) then DlconvMaxPool2D (2x2, strides 2, no pads).
 // The bridge emits it for a native max pool whose input is a native relu conv's output (the
-// MNIST CNN's conv2 -> MaxPooling2D); its gradient is DlconvMaxPool2DGradFromShape (relu folded)
-// and the conv's two backward ops, linear.  CPU only.
+// MNIST CNN's conv2 -> MaxPooling2D); its gradient is the conv's two backward ops reading the
+// pool's gradient and arg in place (DlconvConv2DBackprop{Input,Filter}FromPool).  CPU only.
 class Conv2DMaxPoolOp : public ConvOpBase {
    public:
     explicit Conv2DMaxPoolOp(OpKernelConstruction* ctx) : ConvOpBase(ctx) {
@@ -984,6 +992,107 @@ Status conv_max_pool_shape(InferenceContext* c) {
     return Status();
 }
 
+// ----------------------------------------------------------------------------- conv backward from a pool
+// DlconvConv2DBackpropInputFromPool / DlconvConv2DBackpropFilterFromPool: the two backward passes
+// of a relu DlconvConv2D whose output feeds a 2x2 stride-2 valid DlconvMaxPool2D, reading that
+// pool's gradient pool_dy and arg instead of the conv's dz (cpu::conv2d_backward_*_pool2x2).  The
+// same values, bit for bit, as DlconvMaxPool2DGrad (relu = true) followed by the linear backward
+// ops, without the gather's output (19 MB for MNIST conv2 at batch 128, written once and read
+// twice).  activation must be 'relu' (its derivative is in arg).  CPU only, like the pool.
+Status pool_dy_shapes(InferenceContext* c, int dy_index, ShapeHandle* dy) {
+    ShapeHandle arg;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(dy_index), 4, dy));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(dy_index + 1), 4, &arg));
+    return c->Merge(*dy, arg, dy);
+}
+Status conv_backprop_input_from_pool_shape(InferenceContext* c) {
+    ConvAttrs a;
+    TF_RETURN_IF_ERROR(read_conv_attrs(c, true, &a));
+    ShapeHandle dy, w, xs;
+    TF_RETURN_IF_ERROR(pool_dy_shapes(c, 0, &dy));
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(2), 4, &w));
+    TF_RETURN_IF_ERROR(c->MakeShapeFromShapeTensor(3, &xs));
+    TF_RETURN_IF_ERROR(c->WithRank(xs, 4, &xs));
+    c->set_output(0, xs);
+    return Status();
+}
+Status conv_backprop_filter_from_pool_shape(InferenceContext* c) {
+    ConvAttrs a;
+    TF_RETURN_IF_ERROR(read_conv_attrs(c, true, &a));
+    std::vector<int64_t> ks;
+    TF_RETURN_IF_ERROR(c->GetAttr("kernel_size", &ks));
+    TF_RETURN_IF_ERROR(check_list("kernel_size", ks, 2, 1));
+    ShapeHandle x, dy;
+    TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+    TF_RETURN_IF_ERROR(pool_dy_shapes(c, 1, &dy));
+    DimensionHandle wc = c->Dim(x, 3);
+    if (a.groups != 1) TF_RETURN_IF_ERROR(c->Divide(c->Dim(x, 3), a.groups, true, &wc));
+    c->set_output(0, c->MakeShape({c->MakeDim(ks[0]), c->MakeDim(ks[1]), wc, c->Dim(dy, 3)}));
+    c->set_output(1, c->Vector(c->Dim(dy, 3)));
+    return Status();
+}
+
+class ConvFromPoolOpBase : public ConvOpBase {
+   public:
+    explicit ConvFromPoolOpBase(OpKernelConstruction* ctx) : ConvOpBase(ctx) {
+        OP_REQUIRES(ctx, attrs_.act == ACT_RELU,
+                    errors::InvalidArgument("dlconv ", ctx->def().op(), ": activation must be 'relu' (its derivative "
+                                            "is read from the pool's arg)"));
+    }
+
+   protected:
+    // pool_dy and arg against the conv's output of record g: [N, OH/2, OW/2, F] each.
+    static Status check_pool_inputs(const char* op, const ConvGeometry& g, const Tensor& pool_dy, const Tensor& arg) {
+        const TensorShape ps({g.batch, g.out_h / 2, g.out_w / 2, g.filters});
+        TF_RETURN_IF_ERROR(check_shape(op, "pool_dy", pool_dy, ps));
+        return check_shape(op, "arg", arg, ps);
+    }
+};
+
+class Conv2DBackpropInputFromPoolOp : public ConvFromPoolOpBase {
+   public:
+    using ConvFromPoolOpBase::ConvFromPoolOpBase;
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvConv2DBackpropInputFromPool";
+        const Tensor &pdy = ctx->input(0), &arg = ctx->input(1), &w = ctx->input(2), &xs_t = ctx->input(3);
+        ConvGeometry g;
+        if (!backprop_input_geometry(ctx, K, w, xs_t, &g)) return;
+        OP_REQUIRES_OK(ctx, check_pool_inputs(K, g, pdy, arg));
+        Tensor* dx = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x_shape(g), &dx));
+        if (g.batch == 0) return;
+        const float *pp = fptr(pdy), *wp = fptr(w);
+        const uint8_t* ap = arg.flat<uint8_t>().data();
+        float* dxp = fptr(dx);
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_data_pool2x2(g, pp, ap, wp, dxp); },
+                   Pass::CONV_BACKWARD);
+    }
+};
+
+class Conv2DBackpropFilterFromPoolOp : public ConvFromPoolOpBase {
+   public:
+    explicit Conv2DBackpropFilterFromPoolOp(OpKernelConstruction* ctx) : ConvFromPoolOpBase(ctx) {
+        OP_REQUIRES_OK(ctx, read_filter_attrs(ctx, &fa_));
+    }
+    void Compute(OpKernelContext* ctx) override {
+        const char* K = "DlconvConv2DBackpropFilterFromPool";
+        const Tensor &x = ctx->input(0), &pdy = ctx->input(1), &arg = ctx->input(2);
+        ConvGeometry g;
+        if (!backprop_filter_geometry(ctx, K, x, pdy, "pool_dy", fa_.kh, fa_.kw, &g)) return;
+        OP_REQUIRES_OK(ctx, check_pool_inputs(K, g, pdy, arg));
+        Tensor *dw = nullptr, *db = nullptr;
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(0, w_shape(g), &dw));
+        OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({g.filters}), &db));
+        const float *xp = fptr(x), *pp = fptr(pdy);
+        const uint8_t* ap = arg.flat<uint8_t>().data();
+        float *dwp = fptr(dw), *dbp = fptr(db);
+        run_kernel(ctx, conv_flops(g), [&] { cpu::conv2d_backward_filter_pool2x2(g, xp, pp, ap, dwp, dbp); },
+                   fa_.alone ? Pass::OTHER : Pass::CONV_BACKWARD);
+    }
+
+   private:
+    FilterAttrs fa_;
+};
 
 // ----------------------------------------------------------------------------- dropout
 // DlconvDropout: cpu_dropout.cpp's kernel, OpenMP over 16384-element blocks (the mask does not
@@ -1198,29 +1307,18 @@ REGISTER_OP("DlconvMaxPool2D")
          "(+128 when that member is not > 0; at most 128 taps); pads = (top, bottom, left, right), resolved by dlconv.shapes.pool_geometry, each < the "
          "pool size.");
 
-// The inputs after x (or x_shape), output and attrs of both max pool gradient ops.
-#define DLCONV_POOL_GRAD_SIGNATURE                                            \
-    Input("dy: float")                                                        \
-        .Input("arg: uint8")                                                  \
-        .Output("dx: float")                                                  \
-        .Attr("ksize: list(int)")                                             \
-        .Attr("strides: list(int)")                                           \
-        .Attr("pads: list(int) = [0, 0, 0, 0]")                               \
-        .Attr("relu: bool = false")
-
 REGISTER_OP("DlconvMaxPool2DGrad")
     .Input("x: float")
-    .DLCONV_POOL_GRAD_SIGNATURE
+    .Input("dy: float")
+    .Input("arg: uint8")
+    .Output("dx: float")
+    .Attr("ksize: list(int)")
+    .Attr("strides: list(int)")
+    .Attr("pads: list(int) = [0, 0, 0, 0]")
+    .Attr("relu: bool = false")
     .SetShapeFn(dlconv::tfops::max_pool_grad_shape)
     .Doc("dL/dx of DlconvMaxPool2D from dy = dL/dy and its arg output (x: read for its shape only); relu: "
          "times relu'(x), 1 where x > 0 (x a relu's output: its dL/dz, the relu's derivative folded in).");
-
-REGISTER_OP("DlconvMaxPool2DGradFromShape")
-    .Input("x_shape: int32")
-    .DLCONV_POOL_GRAD_SIGNATURE
-    .SetShapeFn(dlconv::tfops::max_pool_grad_from_shape_shape)
-    .Doc("DlconvMaxPool2DGrad with x's shape (int32 [4]) in place of x (the gradient of DlconvConv2DMaxPool2x2, "
-         "whose pool input is never stored).");
 
 REGISTER_OP("DlconvConv2DMaxPool2x2")
     .Input("x: float")
@@ -1232,6 +1330,30 @@ REGISTER_OP("DlconvConv2DMaxPool2x2")
     .SetShapeFn(dlconv::tfops::conv_max_pool_shape)
     .Doc("DlconvConv2D (activation must be relu) then DlconvMaxPool2D (ksize [2, 2], strides [2, 2], no pads) in "
          "one kernel: the same y and arg, the conv's output never written.");
+
+REGISTER_OP("DlconvConv2DBackpropInputFromPool")
+    .Input("pool_dy: float")
+    .Input("arg: uint8")
+    .Input("w: float")
+    .Input("x_shape: int32")
+    .Output("dx: float")
+    .DLCONV_CONV_ATTRS
+    .SetShapeFn(dlconv::tfops::conv_backprop_input_from_pool_shape)
+    .Doc("dL/dx of a relu DlconvConv2D whose output y feeds DlconvMaxPool2D (ksize [2, 2], strides [2, 2], no "
+         "pads), from that pool's pool_dy = dL/d(pool output) and arg: DlconvConv2DBackpropInput (linear) of "
+         "DlconvMaxPool2DGrad(y, pool_dy, arg, relu=true), bit for bit, without forming it.  activation: 'relu'.");
+
+REGISTER_OP("DlconvConv2DBackpropFilterFromPool")
+    .Input("x: float")
+    .Input("pool_dy: float")
+    .Input("arg: uint8")
+    .Output("dw: float")
+    .Output("db: float")
+    .DLCONV_CONV_ATTRS
+    .Attr("kernel_size: list(int)")
+    .Attr("alone: bool = false")
+    .SetShapeFn(dlconv::tfops::conv_backprop_filter_from_pool_shape)
+    .Doc("(dL/dw, dL/db) of the same conv from x, pool_dy and arg, as DlconvConv2DBackpropInputFromPool.");
 
 REGISTER_OP("DlconvDropout")
     .Input("x: float")
@@ -1263,10 +1385,12 @@ using ::tensorflow::DEVICE_CPU;
 
 DLCONV_REGISTER(DEVICE_CPU, dlconv::tfops::CpuLaunch);
 REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2D").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DOp);
-REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2DGrad").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DGradOp<false>);
-REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2DGradFromShape").Device(DEVICE_CPU).HostMemory("x_shape"),
-                        dlconv::tfops::MaxPool2DGradOp<true>);
+REGISTER_KERNEL_BUILDER(Name("DlconvMaxPool2DGrad").Device(DEVICE_CPU), dlconv::tfops::MaxPool2DGradOp);
 REGISTER_KERNEL_BUILDER(Name("DlconvConv2DMaxPool2x2").Device(DEVICE_CPU), dlconv::tfops::Conv2DMaxPoolOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvConv2DBackpropInputFromPool").Device(DEVICE_CPU).HostMemory("x_shape"),
+                        dlconv::tfops::Conv2DBackpropInputFromPoolOp);
+REGISTER_KERNEL_BUILDER(Name("DlconvConv2DBackpropFilterFromPool").Device(DEVICE_CPU),
+                        dlconv::tfops::Conv2DBackpropFilterFromPoolOp);
 REGISTER_KERNEL_BUILDER(Name("DlconvDropout").Device(DEVICE_CPU).HostMemory("seed"), dlconv::tfops::DropoutOp);
 #if GOOGLE_CUDA
 using ::tensorflow::DEVICE_GPU;

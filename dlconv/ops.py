@@ -397,7 +397,7 @@ def activation_backward(dy, y, activation, backend=DEFAULT_BACKEND, stream=None)
 #: channels_first, GPU tensors and non-float32 inputs take the stock layer on every backend.
 MAX_POOL_PATHS = {
     "tensorflow": "DlconvMaxPool2D / DlconvMaxPool2DGrad native ops (C++ kernel, CPU; a conv's fused relu "
-                  "derivative folded into the gradient; with DLCONV_TF_FUSE_CONV_POOL=1 a relu conv's 2x2 "
+                  "derivative folded into the gradient, which a 2x2 pool's conv reads in place; with DLCONV_TF_FUSE_CONV_POOL=1 a relu conv's 2x2 "
                   "pool runs as DlconvConv2DMaxPool2x2, docs/layers.md); tf.nn.max_pool2d where "
                   "TensorFlow sees a GPU",
     "torch": "dlconv::max_pool2d custom op: the C++ NHWC kernel on CPU tensors, no transposes",

@@ -4,7 +4,8 @@
 call dlconv's C++ kernels directly — no Python callback, no GIL::
 
     DlconvConv2D, DlconvConv2DBackpropInput, DlconvConv2DBackpropFilter, DlconvDense, DlconvDenseGrad,
-    DlconvMaxPool2D, DlconvMaxPool2DGrad (CPU only)
+    DlconvMaxPool2D, DlconvMaxPool2DGrad, DlconvConv2DMaxPool2x2, DlconvConv2DBackpropInputFromPool,
+    DlconvConv2DBackpropFilterFromPool, DlconvDropout (the last six CPU only)
 
 GPU kernels: when ``nvcc`` is found and the installed TensorFlow is a CUDA build
 (``tf.sysconfig.get_build_info()['is_cuda_build']``, read without importing TensorFlow), the
@@ -80,10 +81,12 @@ __all__ = ["TFOpsUnavailable", "load", "reason", "library_path", "available", "s
 
 #: The ops the library registers (TensorFlow's Python wrappers are their snake_case names).
 OP_NAMES = ("DlconvConv2D", "DlconvConv2DBackpropInput", "DlconvConv2DBackpropFilter", "DlconvDense",
-            "DlconvDenseGrad", "DlconvMaxPool2D", "DlconvMaxPool2DGrad", "DlconvDropout")
+            "DlconvDenseGrad", "DlconvMaxPool2D", "DlconvMaxPool2DGrad", "DlconvConv2DMaxPool2x2",
+            "DlconvConv2DBackpropInputFromPool", "DlconvConv2DBackpropFilterFromPool", "DlconvDropout")
 #: Registered for DEVICE_CPU only, also in a GOOGLE_CUDA build (the bridge takes
-#: tf.nn.max_pool2d where TensorFlow sees a GPU).
-CPU_ONLY_OPS = ("DlconvMaxPool2D", "DlconvMaxPool2DGrad", "DlconvDropout")
+#: tf.nn.max_pool2d where TensorFlow sees a GPU, so the ops of a conv + pool pair stay on the CPU too).
+CPU_ONLY_OPS = ("DlconvMaxPool2D", "DlconvMaxPool2DGrad", "DlconvConv2DMaxPool2x2",
+                "DlconvConv2DBackpropInputFromPool", "DlconvConv2DBackpropFilterFromPool", "DlconvDropout")
 #: Compiled into the library (relative to csrc/).
 SOURCES = ("tf_ops.cpp", "cpu_conv.cpp", "cpu_conv_grouped.cpp", "cpu_dense.cpp", "cpu_pool.cpp",
            "cpu_dropout.cpp")

@@ -1,5 +1,6 @@
 """The opt-in fused relu conv + 2x2 max pool of the TensorFlow op library
-(DlconvConv2DMaxPool2x2 and its gradient DlconvMaxPool2DGradFromShape in csrc/tf_ops.cpp,
+(DlconvConv2DMaxPool2x2 in csrc/tf_ops.cpp, its gradient the conv's backward ops reading the pool's
+gradient in place (tests/test_tf_conv_from_pool.py),
 cpu::conv2d_forward_relu_maxpool2x2, emitted by dlconv.bridges.tensorflow.max_pool2d when
 DLCONV_TF_FUSE_CONV_POOL=1): y and arg bit-identical to DlconvConv2D (relu) followed by
 DlconvMaxPool2D over generated geometries (C and F tails, odd conv outputs, asymmetric pads, no
@@ -130,7 +131,7 @@ def test_gradients_in_a_graph_match_tensorflow(shape, filters):
     ph, pw = (shape[1] - 2) // 2, (shape[2] - 2) // 2
     dy = tf.constant(rng.standard_normal((shape[0], ph, pw, filters)).astype(np.float32))
     (p, *grads), types = _layers_graph(True, x, w, b, dy)
-    assert {"DlconvConv2DMaxPool2x2", "DlconvMaxPool2DGradFromShape"} <= types
+    assert {"DlconvConv2DMaxPool2x2", "DlconvConv2DBackpropInputFromPool", "DlconvConv2DBackpropFilterFromPool"} <= types
     assert not types & {"DlconvMaxPool2D", "DlconvMaxPool2DGrad", "MaxPool", "PyFunc", "EagerPyFunc"}, types
     (p0, *grads0), types0 = _layers_graph(False, x, w, b, dy)
     assert "DlconvMaxPool2D" in types0 and "DlconvConv2DMaxPool2x2" not in types0
@@ -188,12 +189,3 @@ def test_bad_attrs_and_shapes_are_invalid_argument():
         LIB.dlconv_conv2d_max_pool2x2(np.ones((1, 3, 8, 8), np.float32), w, np.zeros(16, np.float32), **_attrs())
     with pytest.raises(tf.errors.InvalidArgumentError, match="b must have 16 values"):
         LIB.dlconv_conv2d_max_pool2x2(x, w, np.zeros(5, np.float32), **_attrs())
-    with pytest.raises(tf.errors.InvalidArgumentError, match="x_shape"):
-        LIB.dlconv_max_pool2d_grad_from_shape(np.array([1, 4, 4], np.int32), np.ones((1, 2, 2, 16), np.float32),
-                                              np.zeros((1, 2, 2, 16), np.uint8), ksize=[2, 2], strides=[2, 2])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="negative"):
-        LIB.dlconv_max_pool2d_grad_from_shape(np.array([1, -4, 4, 16], np.int32), np.ones((1, 2, 2, 16), np.float32),
-                                              np.zeros((1, 2, 2, 16), np.uint8), ksize=[2, 2], strides=[2, 2])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="dy"):
-        LIB.dlconv_max_pool2d_grad_from_shape(np.array([1, 4, 4, 16], np.int32), np.ones((1, 3, 2, 16), np.float32),
-                                              np.zeros((1, 3, 2, 16), np.uint8), ksize=[2, 2], strides=[2, 2])

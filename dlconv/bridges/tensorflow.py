@@ -24,7 +24,7 @@ graph is built (so its pads are not known) takes the callback path.
 ``DlconvMaxPool2DGrad`` the same way (CPU only; ``tf.nn.max_pool2d`` otherwise, never a
 callback).  In a graph, a native relu conv whose output is pooled takes its gradient from the
 pool's with the relu derivative folded in (``relu=True``) and runs its backward ops as linear
-(:func:`_fold_relu_into_pool_grad`).  :func:`dropout` (``dlconv.layers.Dropout`` in training)
+(:func:`_conv2d_grad`).  :func:`dropout` (``dlconv.layers.Dropout`` in training)
 runs ``DlconvDropout``, whose gradient is the same op on dy (CPU only; the stock layer
 otherwise).
 
@@ -88,7 +88,7 @@ from .. import activations as _act
 from .. import ops as _ops
 from .. import tf_ops as _tf_ops
 from ..runtime import conv_geometry_cached, fuse_activation_grad, resolve_backend
-from ..shapes import conv_output_size, normalize_padding
+from ..shapes import normalize_padding
 
 __all__ = ["conv2d", "conv2d_transpose", "dense", "max_pool2d", "dropout", "tf_sees_gpu", "uses_native", "SUPPORTS_JIT", "FUSED_CONV",
            "FUSED_DENSE", "NATIVE_REASON"]
@@ -229,40 +229,73 @@ def _conv_attrs(op):
                 activation=op.get_attr("activation").decode())
 
 
-def _fold_relu_into_pool_grad(y, dy, attrs):
-    """(dy, attrs) for the backward ops of a conv whose output y has gradient dy.  When the conv
-    applies relu and dy is exactly the gradient of a native max pool of y (the MNIST CNN's
-    conv2 -> MaxPooling2D), the relu's derivative goes into that gradient instead: the same
-    gather with ``relu=True`` (entries whose pooled member was not > 0 match nothing, as
-    relu' = 1 where y > 0), and the backward ops run as linear, reading neither y nor a
-    derivative.  The unmasked pool gradient, then unread, is pruned by TensorFlow; anyone
-    else asking for dL/dy (a tape over y) still gets that one, unmasked.  Graphs only (an eager
-    tape hands over values, not the ops that made them)."""
+def _pool_of_relu_conv(y, dy, attrs):
+    """The native max pool op whose gradient ``dy`` is, when the conv applies relu, its output
+    ``y`` is that pool's input and dy is exactly that pool's gradient (the MNIST CNN's conv2 ->
+    MaxPooling2D); else None.  Graphs only (an eager tape hands over values, not the ops that
+    made them)."""
     if attrs["activation"] != "relu" or tf.executing_eagerly():
-        return dy, attrs
-    if dy.op.type != "DlconvMaxPool2DGrad" or dy.op.get_attr("relu"):
-        return dy, attrs
-    pool_x, pool_dy, arg = dy.op.inputs
-    if pool_x is not y:
-        return dy, attrs
-    dz = _LIB.dlconv_max_pool2d_grad(pool_x, pool_dy, arg, ksize=dy.op.get_attr("ksize"),
-                                     strides=dy.op.get_attr("strides"), pads=dy.op.get_attr("pads"), relu=True)
-    return dz, dict(attrs, activation="linear")
+        return None
+    if dy.op.type != "DlconvMaxPool2DGrad" or dy.op.get_attr("relu") or dy.op.inputs[0] is not y:
+        return None
+    return dy.op
+
+
+def _is_pool2x2(pool_grad) -> bool:
+    """Whether a ``DlconvMaxPool2DGrad`` op is of a 2x2, stride-2, unpadded pool (each conv
+    output in at most one window: what the ``...FromPool`` backward ops read)."""
+    return (list(pool_grad.get_attr("ksize")), list(pool_grad.get_attr("strides")),
+            list(pool_grad.get_attr("pads"))) == ([2, 2], [2, 2], [0, 0, 0, 0])
 
 
 @tf.RegisterGradient("DlconvConv2D")
 def _conv2d_grad(op, dy):
     """dx, dw, db of ``DlconvConv2D``: dy = dL/dy and y go to the backward kernels, which apply
     the activation's derivative themselves.  TensorFlow prunes dx where nobody reads it (the
-    first layer)."""
+    first layer).
+
+    A relu conv whose output feeds a native max pool (:func:`_pool_of_relu_conv`) folds the
+    relu's derivative into the pool's gradient instead, and its backward ops run as linear:
+    a 2x2 stride-2 valid pool's gradient is read in place by ``DlconvConv2DBackpropInputFromPool``
+    / ``...FilterFromPool`` (pool_dy and arg: the conv's dL/dz, 19 MB for MNIST conv2 at batch
+    128, is never formed); other pools take the same gather with ``relu=True`` (entries whose
+    pooled member was not > 0 match nothing, as relu' = 1 where y > 0).  The values are the
+    same bit for bit.  The unmasked pool gradient, then unread, is pruned by TensorFlow; anyone
+    else asking for dL/dy (a tape over y) still gets that one, unmasked."""
     x, w, b = op.inputs
     y = op.outputs[0]
     attrs = _conv_attrs(op)
-    dy, attrs = _fold_relu_into_pool_grad(y, dy, attrs)
+    pool = _pool_of_relu_conv(y, dy, attrs)
+    if pool is not None and _is_pool2x2(pool):
+        _, pool_dy, arg = pool.inputs
+        dx, dw, db = _conv2d_grad_from_pool(x, w, pool_dy, arg, attrs)
+        return [dx, dw, db if b.shape[0] != 0 else None]
+    if pool is not None:
+        pool_x, pool_dy, arg = pool.inputs
+        dy = _LIB.dlconv_max_pool2d_grad(pool_x, pool_dy, arg, ksize=pool.get_attr("ksize"),
+                                         strides=pool.get_attr("strides"), pads=pool.get_attr("pads"), relu=True)
+        attrs = dict(attrs, activation="linear")
     dx = _LIB.dlconv_conv2d_backprop_input(dy, w, y, tf.shape(x, out_type=tf.int32), **attrs)
     dw, db = _LIB.dlconv_conv2d_backprop_filter(x, dy, y, kernel_size=list(w.shape[:2]),
                                                 alone=_is_graph_input(x), **attrs)
     return [dx, dw, db if b.shape[0] != 0 else None]
+
+
+def _conv2d_grad_from_pool(x, w, pool_dy, arg, attrs):
+    """dx, dw, db of a relu conv (attrs) whose output's 2x2 stride-2 valid max pool has
+    gradient pool_dy and arg output arg."""
+    attrs = dict(attrs, activation="relu")
+    dx = _LIB.dlconv_conv2d_backprop_input_from_pool(pool_dy, arg, w, tf.shape(x, out_type=tf.int32), **attrs)
+    dw, db = _LIB.dlconv_conv2d_backprop_filter_from_pool(x, pool_dy, arg, kernel_size=list(w.shape[:2]),
+                                                          alone=_is_graph_input(x), **attrs)
+    return dx, dw, db
+
+
+@tf.RegisterGradient("DlconvConv2DBackpropInputFromPool")
+@tf.RegisterGradient("DlconvConv2DBackpropFilterFromPool")
+def _conv_from_pool_grad_grad(op, *grads):
+    raise NotImplementedError("dlconv: no second derivative through a max pool's gradient (" + op.type +
+                              "); use keras.layers.MaxPooling2D for a double backward")
 
 
 def _is_graph_input(x) -> bool:
@@ -620,36 +653,19 @@ def _fusable_relu_conv(x) -> bool:
         return False
     if op.type != "DlconvConv2D" or op.get_attr("activation") != b"relu" or op.get_attr("groups") != 1:
         return False
-    # the kernel size and the conv input's height and width, for the gradient's shapes
-    return None not in tuple(op.inputs[1].shape) + tuple(op.inputs[0].shape[1:3])
+    # the kernel size, for the gradient's backward-filter op
+    return None not in tuple(op.inputs[1].shape)
 
 
 @tf.RegisterGradient("DlconvConv2DMaxPool2x2")
 def _conv_max_pool_grad(op, dy, _darg):
-    """dx, dw, db of ``DlconvConv2DMaxPool2x2``: the pool's gather with the relu's derivative
-    folded in (``DlconvMaxPool2DGradFromShape``, relu=True: entries whose pooled member was not
-    > 0 match nothing), then the conv's backward ops, linear (as
-    :func:`_fold_relu_into_pool_grad` gives the unfused pair).  arg has no gradient."""
+    """dx, dw, db of ``DlconvConv2DMaxPool2x2``: the conv's backward ops reading the pool's
+    gradient dy and the op's arg output in place (``DlconvConv2DBackpropInputFromPool`` /
+    ``...FilterFromPool``, the relu's derivative in arg), as :func:`_conv2d_grad` gives the
+    unfused pair.  arg has no gradient."""
     x, w, b = op.inputs
-    attrs = dict(_conv_attrs(op), activation="linear")
-    conv_shape = tf.stack([tf.shape(x, out_type=tf.int32)[0], _conv_out(op, x, 1), _conv_out(op, x, 2),
-                           tf.constant(int(w.shape[3]), tf.int32)])
-    dz = _LIB.dlconv_max_pool2d_grad_from_shape(conv_shape, dy, op.outputs[1], ksize=[2, 2], strides=[2, 2],
-                                                relu=True)
-    dx = _LIB.dlconv_conv2d_backprop_input(dz, w, _no_y(), tf.shape(x, out_type=tf.int32), **attrs)
-    dw, db = _LIB.dlconv_conv2d_backprop_filter(x, dz, _no_y(), kernel_size=list(w.shape[:2]),
-                                                alone=_is_graph_input(x), **attrs)
+    dx, dw, db = _conv2d_grad_from_pool(x, w, dy, op.outputs[1], _conv_attrs(op))
     return [dx, dw, db if b.shape[0] != 0 else None]
-
-
-def _conv_out(op, x, axis):
-    """The conv's output size along NHWC ``axis`` (1 or 2) of ``op``'s geometry
-    (:func:`dlconv.shapes.conv_output_size`; x's height and width are static, as
-    :func:`_fusable_relu_conv` requires), as an int32 scalar."""
-    pads = op.get_attr("pads")
-    size = conv_output_size(int(x.shape[axis]), int(op.inputs[1].shape[axis - 1]), op.get_attr("strides")[axis - 1],
-                            (pads[2 * (axis - 1)], pads[2 * (axis - 1) + 1]), op.get_attr("dilations")[axis - 1])
-    return tf.constant(size, tf.int32)
 
 
 # ----------------------------------------------------------------------------- dropout
