@@ -78,6 +78,8 @@
 //   at a zero pixel (Cp zero floats), so the transform itself never tests bounds.
 // Backward-data runs this forward on dy; with gy / gact the patch loads apply the activation
 //   derivative act'(gy) on the fly (the padding entries stay zero: 0 · act' = 0).
+// Both backward passes of a relu conv whose output is 2x2 max pooled can instead read dy from the
+//   pool's gradient and arg (PoolDz below): each dy value formed as it is loaded, never stored.
 // Memory per call: U (E·C·Fp floats, E/r² of the weights), the zero pixel, per thread V
 //   (E·12·Cp) and M (E·12·64; F(4x4) at C = 64: 110 KB each, inside the 1 MB L2 per core):
 //   never proportional to the batch.
